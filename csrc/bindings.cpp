@@ -1,0 +1,179 @@
+// The one bindings file: numpy arrays and plain integers in, kernels called with the GIL released.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+
+#include "ops.h"
+
+namespace py = pybind11;
+using namespace bfp;
+
+namespace {
+
+using f32arr = py::array_t<float, py::array::c_style>;
+using i8arr = py::array_t<int8_t, py::array::c_style>;
+using i16arr = py::array_t<int16_t, py::array::c_style>;
+
+FmtParams to_params(const py::tuple& t) {
+    if (t.size() != 12) throw std::invalid_argument("format parameters must be a 12-tuple (Format.kernel_params())");
+    FmtParams f;
+    f.block = t[0].cast<int>();
+    f.kind = t[1].cast<int>();
+    f.mbits = t[2].cast<int>();
+    f.ebits = t[3].cast<int>();
+    f.bias = t[4].cast<int>();
+    f.specials = t[5].cast<int>();
+    f.unit_shift = t[6].cast<int>();
+    f.max_units = t[7].cast<int64_t>();
+    f.exp_min = t[8].cast<int>();
+    f.exp_max = t[9].cast<int>();
+    f.emax_elem = t[10].cast<int>();
+    f.rounding = t[11].cast<int>();
+    if (f.block < 1 || f.block > 4096) throw std::invalid_argument("block must be in [1, 4096]");
+    return f;
+}
+
+void check3(const py::array& a, const char* what, int64_t d0, int64_t d1, int64_t d2) {
+    if (a.ndim() != 3 || a.shape(0) != d0 || a.shape(1) != d1 || a.shape(2) != d2)
+        throw std::invalid_argument(std::string(what) + " has the wrong shape");
+}
+
+Isa isa_from_name(const std::string& s) {
+    if (s == "scalar") return kScalar;
+    if (s == "avx2") return kAvx2;
+    if (s == "avx512") return kAvx512;
+    throw std::invalid_argument("unknown kernel " + s);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+    m.doc() = "bfpaccel C++ core: block-floating-point quantization, GEMM and convolution";
+
+    m.def("set_num_threads", &set_num_threads, py::arg("n"));
+    m.def("get_num_threads", &num_threads);
+    m.def("available_kernels", &available_isas);
+    m.def("get_kernel", []() { return std::string(isa_name(current_isa())); });
+    m.def("set_kernel", [](const std::string& s) { set_isa(isa_from_name(s)); }, py::arg("name"));
+
+    m.def(
+        "quantize",
+        [](f32arr x, py::tuple params, uint64_t seed, i8arr codes, i16arr exps) {
+            const FmtParams f = to_params(params);
+            const int64_t o = x.shape(0), K = x.shape(1), in = x.shape(2);
+            check3(codes, "codes", o, K, in);
+            check3(exps, "exponents", o, (K + f.block - 1) / f.block, in);
+            const float* px = x.data();
+            int8_t* pc = codes.mutable_data();
+            int16_t* pe = exps.mutable_data();
+            py::gil_scoped_release nogil;
+            quantize_tensor(px, o, K, in, f, seed, pc, pe);
+        },
+        py::arg("x"), py::arg("params"), py::arg("seed"), py::arg("codes").noconvert(), py::arg("exps").noconvert());
+
+    m.def(
+        "fake_quantize",
+        [](f32arr x, py::tuple params, uint64_t seed, f32arr out) {
+            const FmtParams f = to_params(params);
+            const int64_t o = x.shape(0), K = x.shape(1), in = x.shape(2);
+            check3(out, "out", o, K, in);
+            const float* px = x.data();
+            float* po = out.mutable_data();
+            py::gil_scoped_release nogil;
+            fake_quantize_tensor(px, o, K, in, f, seed, po);
+        },
+        py::arg("x"), py::arg("params"), py::arg("seed"), py::arg("out").noconvert());
+
+    m.def(
+        "dequantize",
+        [](i8arr codes, i16arr exps, py::tuple params, f32arr out) {
+            const FmtParams f = to_params(params);
+            const int64_t o = codes.shape(0), K = codes.shape(1), in = codes.shape(2);
+            check3(exps, "exponents", o, (K + f.block - 1) / f.block, in);
+            check3(out, "out", o, K, in);
+            const int8_t* pc = codes.data();
+            const int16_t* pe = exps.data();
+            float* po = out.mutable_data();
+            py::gil_scoped_release nogil;
+            dequantize_tensor(pc, pe, o, K, in, f, po);
+        },
+        py::arg("codes"), py::arg("exps"), py::arg("params"), py::arg("out").noconvert());
+
+    py::class_<Operand, std::shared_ptr<Operand>>(m, "Operand", "A quantized operand packed for the kernels")
+        .def_readonly("role", &Operand::role)
+        .def_property_readonly("kernel", [](const Operand& o) { return std::string(isa_name(o.isa)); })
+        .def_readonly("rows", &Operand::R)
+        .def_readonly("K", &Operand::K)
+        .def_readonly("taps", &Operand::taps);
+
+    m.def(
+        "pack_operand",
+        [](i8arr codes, i16arr exps, py::tuple params, const std::string& role, int taps) {
+            const FmtParams f = to_params(params);
+            std::vector<int64_t> shape(codes.shape(), codes.shape() + codes.ndim());
+            const size_t want = role == "convw" ? 4 : 2;
+            if (shape.size() != want) throw std::invalid_argument("operand has the wrong rank for role " + role);
+            if (role == "convw" && shape[2] * shape[3] != taps) throw std::invalid_argument("taps != KH*KW");
+            const int8_t* pc = codes.data();
+            const int16_t* pe = exps.data();
+            py::gil_scoped_release nogil;
+            return make_operand(pc, pe, shape, f, role, taps);
+        },
+        py::arg("codes"), py::arg("exps"), py::arg("params"), py::arg("role"), py::arg("taps") = 1);
+
+    m.def(
+        "gemm",
+        [](Operand& a, Operand& b) {
+            if (a.role != "rows" || b.role != "cols") throw std::invalid_argument("gemm takes (rows, cols) operands");
+            if (a.K != b.K) throw std::invalid_argument("K mismatch");
+            f32arr out({a.R, b.R});
+            float* po = out.mutable_data();
+            {
+                py::gil_scoped_release nogil;
+                gemm(a, b, po);
+            }
+            return out;
+        },
+        py::arg("a"), py::arg("b"));
+
+    m.def(
+        "conv2d",
+        [](f32arr x, py::tuple params, uint64_t seed, Operand& w, int groups, std::pair<int, int> stride,
+           std::tuple<int, int, int, int> pads, std::pair<int, int> dil, std::optional<f32arr> bias) {
+            if (w.role != "convw") throw std::invalid_argument("conv2d takes a convw operand");
+            const FmtParams fx = to_params(params);
+            if (x.ndim() != 4) throw std::invalid_argument("x must be NCHW");
+            ConvGeom g{};
+            g.N = x.shape(0);
+            g.C = x.shape(1);
+            g.H = x.shape(2);
+            g.W = x.shape(3);
+            g.groups = groups;
+            g.sh = stride.first;
+            g.sw = stride.second;
+            std::tie(g.pt, g.pl, g.pb, g.pr) = pads;
+            g.dh = dil.first;
+            g.dw = dil.second;
+            if (g.C != w.K * groups) throw std::invalid_argument("channel mismatch");
+            g.OH = (g.H + g.pt + g.pb - int64_t(g.dh) * (w.kh - 1) - 1) / g.sh + 1;
+            g.OW = (g.W + g.pl + g.pr - int64_t(g.dw) * (w.kw - 1) - 1) / g.sw + 1;
+            if (g.OH < 1 || g.OW < 1) throw std::invalid_argument("empty output");
+            f32arr out({g.N, w.R, g.OH, g.OW});
+            const float* pb = nullptr;
+            if (bias) {
+                if (bias->size() != w.R) throw std::invalid_argument("bias size");
+                pb = bias->data();
+            }
+            const float* px = x.data();
+            float* po = out.mutable_data();
+            {
+                py::gil_scoped_release nogil;
+                conv2d(px, fx, seed, w, g, pb, po);
+            }
+            return out;
+        },
+        py::arg("x"), py::arg("params"), py::arg("seed"), py::arg("w"), py::arg("groups"), py::arg("stride"),
+        py::arg("pads"), py::arg("dilation"), py::arg("bias"));
+}

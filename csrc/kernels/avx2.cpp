@@ -1,0 +1,101 @@
+// AVX2 kernel: int16 units, vpmaddwd (exact: |units| <= 127 so pair sums never saturate).
+// Compiled with -mavx2 -mfma. Rows are broadcast 2 units (int16) at a time; columns are
+// packed into panels of NR=8. Per block: t = float(S) * col_scale, acc = fma(t, row_scale, acc)
+// -- exact under the driver's per-tile range check, as in the AVX-512 kernel.
+#include <immintrin.h>
+
+#include <climits>
+#include <cstdlib>
+#include <cstring>
+
+#include "../bfp.h"
+
+namespace bfp {
+namespace avx2 {
+
+#define MR_MAX 4
+static constexpr int MR = 4;
+
+// Panel layout, per block b: [Bp/2][NR] int32 (2 int16 units of one column), then [NR] float scales.
+size_t panel_bytes(int nb, int Bp) { return size_t(nb) * (size_t(Bp) * NR * 2 + NR * 4); }
+
+void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax) {
+    const int Bp = c.Bp, B2 = Bp / 2;
+    const size_t bstride = size_t(Bp) * NR * 2 + NR * 4;
+    int32_t mn = INT32_MAX, mx = INT32_MIN;
+    for (int t = 0; t < c.taps; ++t) {
+        for (int bt = 0; bt < c.nbt; ++bt) {
+            const int b = t * c.nbt + bt;
+            int16_t* q = reinterpret_cast<int16_t*>(dst + b * bstride);
+            float* sc = reinterpret_cast<float*>(dst + b * bstride + size_t(Bp) * NR * 2);
+            for (int j = 0; j < NR; ++j) {
+                if (j >= ncols) {
+                    for (int k2 = 0; k2 < B2; ++k2) q[(k2 * NR + j) * 2] = q[(k2 * NR + j) * 2 + 1] = 0;
+                    sc[j] = 1.0f;
+                    continue;
+                }
+                const int8_t* src = c.u[(col0 + j) * c.taps + t] + bt * Bp;
+                int any = 0;
+                for (int k2 = 0; k2 < B2; ++k2) {
+                    q[(k2 * NR + j) * 2] = src[2 * k2];
+                    q[(k2 * NR + j) * 2 + 1] = src[2 * k2 + 1];
+                    any |= src[2 * k2] | src[2 * k2 + 1];
+                }
+                const int16_t e = c.e[(col0 + j) * c.taps + t][bt];
+                sc[j] = block_scale(e, c.unit_shift, any == 0);
+                if (e != kNanExp && any != 0) {
+                    const int32_t ee = int32_t(e) - c.unit_shift;
+                    if (ee < mn) mn = ee;
+                    if (ee > mx) mx = ee;
+                }
+            }
+        }
+    }
+    *emin = mn;
+    *emax = mx;
+}
+
+template <int mr>
+static inline void run_tile(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
+                            int nc) {
+    const int nb = R.nb, Bp = R.Bp, B2 = Bp / 2;
+    const int64_t rstride = int64_t(nb) * Bp;
+    const size_t bstride = size_t(Bp) * NR * 2 + NR * 4;
+    __m256 acc[mr];
+    for (int i = 0; i < mr; ++i) acc[i] = _mm256_setzero_ps();
+    const int16_t* arow = R.u16 + r0 * rstride;
+    const float* sa = R.scale + r0 * nb;
+    for (int b = 0; b < nb; ++b) {
+        const uint8_t* pb = panel + b * bstride;
+        __m256i s[mr];
+        for (int i = 0; i < mr; ++i) s[i] = _mm256_setzero_si256();
+        const int16_t* ab = arow + b * Bp;
+        for (int k2 = 0; k2 < B2; ++k2) {
+            const __m256i bv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + k2 * 32));
+            for (int i = 0; i < mr; ++i) {
+                int32_t w;
+                std::memcpy(&w, ab + i * rstride + 2 * k2, 4);
+                s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(bv, _mm256_set1_epi32(w)));
+            }
+        }
+        const __m256 cs = _mm256_loadu_ps(reinterpret_cast<const float*>(pb + size_t(Bp) * NR * 2));
+        for (int i = 0; i < mr; ++i) {
+            const __m256 ra = _mm256_set1_ps(sa[i * nb + b]);
+            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s[i]), cs), ra, acc[i]);
+        }
+    }
+    if (nc == NR) {
+        for (int i = 0; i < mr; ++i) _mm256_storeu_ps(out + i * ldo, acc[i]);
+    } else {
+        alignas(32) float tmp[NR];
+        for (int i = 0; i < mr; ++i) {
+            _mm256_store_ps(tmp, acc[i]);
+            for (int j = 0; j < nc; ++j) out[i * ldo + j] = tmp[j];
+        }
+    }
+}
+
+#include "driver.inc"
+
+}  // namespace avx2
+}  // namespace bfp

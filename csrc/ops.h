@@ -1,0 +1,81 @@
+// Operators over the kernels: quantize, pre-packed operands, GEMM and convolution drivers.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bfp.h"
+
+namespace bfp {
+
+void set_num_threads(int n);
+void set_isa(Isa isa);
+std::vector<std::string> available_isas();
+const char* isa_name(Isa isa);
+
+// 64-byte aligned buffer
+struct AlignedBuf {
+    uint8_t* p = nullptr;
+    size_t n = 0;
+    AlignedBuf() = default;
+    explicit AlignedBuf(size_t bytes);
+    ~AlignedBuf();
+    AlignedBuf(const AlignedBuf&) = delete;
+    AlignedBuf& operator=(const AlignedBuf&) = delete;
+};
+
+// Tensor views (outer, K, inner), contiguous.
+void quantize_tensor(const float* x, int64_t outer, int64_t K, int64_t inner, const FmtParams& f, uint64_t seed,
+                     int8_t* codes, int16_t* exps);
+void fake_quantize_tensor(const float* x, int64_t outer, int64_t K, int64_t inner, const FmtParams& f,
+                          uint64_t seed, float* out);
+void dequantize_tensor(const int8_t* codes, const int16_t* exps, int64_t outer, int64_t K, int64_t inner,
+                       const FmtParams& f, float* out);
+
+// A quantized GEMM operand in canonical block-row form [R][taps*nbt*Bp] units, built once from
+// codes and exponents; "rows" and "convw" roles also carry per-row scales for the kernels,
+// "cols" carries panels packed for the ISA that was current when it was made.
+class Operand {
+  public:
+    FmtParams f{};
+    std::string role;
+    Isa isa = kScalar;
+    int64_t R = 0, K = 0;
+    int taps = 1, nbt = 0, Bp = 4, kh = 1, kw = 1;
+    std::vector<int8_t> u8;     // int8 units (formats whose units fit a byte)
+    std::vector<int16_t> u16;   // int16 copy of rows for the AVX2 kernel
+    std::vector<int64_t> u64;   // wide units (FP8 / E3M2, or mixed with them), made on demand
+    std::vector<int16_t> exp;   // [R][nb] raw shared exponents
+    std::vector<float> scale;   // [R][nb]
+    std::vector<int32_t> corr, emin, emax;
+    std::unique_ptr<AlignedBuf> panels;
+    std::vector<int32_t> pmin, pmax;
+    std::vector<const int8_t*> cu8;
+    std::vector<const int64_t*> cu64;
+    std::vector<const int16_t*> ce;
+
+    int nb() const { return taps * nbt; }
+    bool int8() const { return f.int8_units(); }
+    void build(const int8_t* codes, const int16_t* exps, int64_t outer, int64_t Kdim, int64_t inner, bool transpose);
+    void ensure_u64();
+    RowsView rows_view() const;
+    ColsView cols_view() const;
+};
+
+std::shared_ptr<Operand> make_operand(const int8_t* codes, const int16_t* exps, const std::vector<int64_t>& shape,
+                                      const FmtParams& f, const std::string& role, int taps);
+
+// out[M][N] = rows (A[M,K]) x cols (B[K,N]) on the BFP datapath.
+void gemm(Operand& a, Operand& b, float* out);
+
+struct ConvGeom {
+    int64_t N, C, H, W;
+    int groups, sh, sw, pt, pl, pb, pr, dh, dw;
+    int64_t OH, OW;
+};
+// out[N][O][OH][OW] = conv(x, weights) (+ bias if not null).
+void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g, const float* bias,
+            float* out);
+
+}  // namespace bfp
