@@ -90,10 +90,13 @@ void gemm(const GemmArgs& a);
 }  // namespace avx512
 
 namespace avx2 {
-constexpr int NR = 8;
+constexpr int NR = 16;
 size_t panel_bytes(int nb, int Bp);
 void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
 void gemm(const GemmArgs& a);
+// Quantizes n contiguous floats into int8 units (formats with max_units <= 127, rounding
+// other than stochastic); returns the block exponent. Same results as quantize_block.
+int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* units);
 }  // namespace avx2
 
 // Scale of a block for the fast kernels (see RowsView).

@@ -124,6 +124,18 @@ PYBIND11_MODULE(_core, m) {
         py::arg("codes"), py::arg("exps"), py::arg("params"), py::arg("role"), py::arg("taps") = 1);
 
     m.def(
+        "quantize_rows",
+        [](f32arr x, py::tuple params, uint64_t seed) {
+            const FmtParams f = to_params(params);
+            if (x.ndim() != 2) throw std::invalid_argument("x must be 2-D");
+            const float* px = x.data();
+            const int64_t R = x.shape(0), K = x.shape(1);
+            py::gil_scoped_release nogil;
+            return quantize_rows(px, R, K, f, seed);
+        },
+        py::arg("x"), py::arg("params"), py::arg("seed"));
+
+    m.def(
         "gemm",
         [](Operand& a, Operand& b) {
             if (a.role != "rows" || b.role != "cols") throw std::invalid_argument("gemm takes (rows, cols) operands");

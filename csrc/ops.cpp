@@ -74,6 +74,23 @@ AlignedBuf::AlignedBuf(size_t bytes) : n(bytes) {
 AlignedBuf::~AlignedBuf() { std::free(p); }
 
 // ---------------------------------------------------------------- tensors
+// The AVX2 block quantizer serves int8-unit formats with deterministic rounding whenever a
+// SIMD kernel is selected ("scalar" keeps everything on the exact scalar code).
+static bool fast_quant_ok(const FmtParams& f) {
+    return current_isa() != kScalar && f.int8_units() && f.rounding != kStochastic &&
+           (f.kind == kInt || f.exp_max >= 127 - f.emax_elem);
+}
+
+// n contiguous floats (flat index idx0 + k) -> int8 units; returns the block exponent.
+static int16_t quantize_units_i8(const float* x, int n, uint64_t idx0, const FmtParams& f, uint64_t seed,
+                                 int8_t* out, bool fast) {
+    if (fast) return avx2::quantize_block_i8(x, n, f, out);
+    int64_t u[4096];
+    const int16_t e = quantize_block(x, 1, n, idx0, 1, f, seed, u);
+    for (int k = 0; k < n; ++k) out[k] = int8_t(u[k]);
+    return e;
+}
+
 template <class Fn>
 static void for_each_block(int64_t outer, int64_t K, int64_t inner, int block, Fn fn) {
     const int64_t nb = (K + block - 1) / block;
@@ -90,6 +107,12 @@ static void for_each_block(int64_t outer, int64_t K, int64_t inner, int block, F
 void quantize_tensor(const float* x, int64_t outer, int64_t K, int64_t inner, const FmtParams& f, uint64_t seed,
                      int8_t* codes, int16_t* exps) {
     const int64_t nb = (K + f.block - 1) / f.block;
+    if (inner == 1 && f.kind == kInt && fast_quant_ok(f)) {
+        for_each_block(outer, K, inner, f.block, [&](int64_t o, int64_t b, int64_t, int64_t off, int n) {
+            exps[o * nb + b] = avx2::quantize_block_i8(x + off, n, f, codes + off);
+        });
+        return;
+    }
     for_each_block(outer, K, inner, f.block, [&](int64_t o, int64_t b, int64_t in, int64_t off, int n) {
         int64_t units[4096];
         exps[(o * nb + b) * inner + in] = quantize_block(x + off, inner, n, uint64_t(off), inner, f, seed, units);
@@ -123,6 +146,8 @@ void dequantize_tensor(const int8_t* codes, const int16_t* exps, int64_t outer, 
 }
 
 // ---------------------------------------------------------------- operands
+static void prepare_rows(Operand& op, Isa isa);
+
 void Operand::build(const int8_t* codes, const int16_t* exps, int64_t outer, int64_t Kdim, int64_t inner,
                     bool transpose) {
     // rows r and taps t: (o, i) = transpose ? (t, r) : (r, t); element k of (r, t) at codes[(o*K + k)*inner + i]
@@ -152,6 +177,41 @@ void Operand::build(const int8_t* codes, const int16_t* exps, int64_t outer, int
                 }
             }
         }
+}
+
+void Operand::build_rows_from_float(const float* x, int64_t rows, int64_t Kdim, uint64_t seed) {
+    K = Kdim;
+    R = rows;
+    taps = 1;
+    nbt = int((K + f.block - 1) / f.block);
+    Bp = (f.block + 3) / 4 * 4;
+    const int64_t rlen = int64_t(nbt) * Bp;
+    exp.assign(size_t(R * nbt), 0);
+    const bool i8 = int8(), fast = fast_quant_ok(f);
+    if (i8) u8.assign(size_t(R * rlen), 0);
+    else u64.assign(size_t(R * rlen), 0);
+    const int64_t total = R * nbt;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (total * f.block > 32768)
+    for (int64_t i = 0; i < total; ++i) {
+        const int64_t r = i / nbt, bt = i % nbt, k0 = bt * f.block;
+        const int n = int(K - k0 < f.block ? K - k0 : f.block);
+        const uint64_t idx0 = uint64_t(r * K + k0);
+        if (i8) {
+            exp[i] = quantize_units_i8(x + r * K + k0, n, idx0, f, seed, u8.data() + r * rlen + bt * Bp, fast);
+        } else {
+            exp[i] = quantize_block(x + r * K + k0, 1, n, idx0, 1, f, seed, u64.data() + r * rlen + bt * Bp);
+        }
+    }
+}
+
+std::shared_ptr<Operand> quantize_rows(const float* x, int64_t rows, int64_t K, const FmtParams& f, uint64_t seed) {
+    auto op = std::make_shared<Operand>();
+    op->f = f;
+    op->role = "rows";
+    op->isa = current_isa();
+    op->build_rows_from_float(x, rows, K, seed);
+    if (op->int8()) prepare_rows(*op, op->isa);
+    return op;
 }
 
 void Operand::ensure_u64() {
@@ -403,6 +463,28 @@ void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, cons
     else a64.assign(size_t(g.N * G * npix * plen), 0);
     std::vector<int16_t> ae(size_t(g.N * G * npix * nbc), int16_t(fx.exp_min));
     const int64_t nblk = g.N * G * H * W * nbc;
+    if (int8 && fast_quant_ok(fx)) {
+        // channels-last copy of each (image, group), then contiguous blocks per pixel
+        std::vector<float> xt(size_t(H * W * Cg));
+        for (int64_t ng = 0; ng < g.N * G; ++ng) {
+            const float* src = x + ng * Cg * H * W;  // (n, g) channels are contiguous in NCHW
+            const int64_t HW = H * W;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (HW * Cg > 32768)
+            for (int64_t p0 = 0; p0 < HW; p0 += 64) {
+                const int64_t p1 = std::min(HW, p0 + 64);
+                for (int64_t c = 0; c < Cg; ++c)
+                    for (int64_t p = p0; p < p1; ++p) xt[p * Cg + c] = src[c * HW + p];
+                for (int64_t p = p0; p < p1; ++p) {
+                    const int64_t ppix = ng * npix + (p / W + g.pt) * Wp + (p % W + g.pl);
+                    for (int cb = 0; cb < nbc; ++cb) {
+                        const int len = int(std::min<int64_t>(B, Cg - int64_t(cb) * B));
+                        ae[ppix * nbc + cb] = avx2::quantize_block_i8(xt.data() + p * Cg + int64_t(cb) * B, len, fx,
+                                                                       a8.data() + ppix * plen + int64_t(cb) * Bp);
+                    }
+                }
+            }
+        }
+    } else {
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
     for (int64_t i = 0; i < nblk; ++i) {
         const int cb = int(i % nbc);
@@ -419,6 +501,7 @@ void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, cons
             if (int8) a8[dst + k] = int8_t(units[k]);
             else a64[dst + k] = units[k];
         }
+    }
     }
 
     std::vector<const void*> cptr(size_t(P * taps));

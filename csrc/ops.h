@@ -58,6 +58,7 @@ class Operand {
     int nb() const { return taps * nbt; }
     bool int8() const { return f.int8_units(); }
     void build(const int8_t* codes, const int16_t* exps, int64_t outer, int64_t Kdim, int64_t inner, bool transpose);
+    void build_rows_from_float(const float* x, int64_t rows, int64_t Kdim, uint64_t seed);
     void ensure_u64();
     RowsView rows_view() const;
     ColsView cols_view() const;
@@ -65,6 +66,9 @@ class Operand {
 
 std::shared_ptr<Operand> make_operand(const int8_t* codes, const int16_t* exps, const std::vector<int64_t>& shape,
                                       const FmtParams& f, const std::string& role, int taps);
+
+// A [rows, K] float quantized straight into a "rows" operand (blocks along K).
+std::shared_ptr<Operand> quantize_rows(const float* x, int64_t rows, int64_t K, const FmtParams& f, uint64_t seed);
 
 // out[M][N] = rows (A[M,K]) x cols (B[K,N]) on the BFP datapath.
 void gemm(Operand& a, Operand& b, float* out);

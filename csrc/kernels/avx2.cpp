@@ -14,7 +14,7 @@ namespace bfp {
 namespace avx2 {
 
 #define MR_MAX 4
-static constexpr int MR = 4;
+static constexpr int MR = 3;
 
 // Panel layout, per block b: [Bp/2][NR] int32 (2 int16 units of one column), then [NR] float scales.
 size_t panel_bytes(int nb, int Bp) { return size_t(nb) * (size_t(Bp) * NR * 2 + NR * 4); }
@@ -61,35 +61,44 @@ static inline void run_tile(const RowsView& R, int64_t r0, const uint8_t* panel,
     const int nb = R.nb, Bp = R.Bp, B2 = Bp / 2;
     const int64_t rstride = int64_t(nb) * Bp;
     const size_t bstride = size_t(Bp) * NR * 2 + NR * 4;
-    __m256 acc[mr];
-    for (int i = 0; i < mr; ++i) acc[i] = _mm256_setzero_ps();
+    __m256 acc0[mr], acc1[mr];
+    for (int i = 0; i < mr; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
     const int16_t* arow = R.u16 + r0 * rstride;
     const float* sa = R.scale + r0 * nb;
     for (int b = 0; b < nb; ++b) {
         const uint8_t* pb = panel + b * bstride;
-        __m256i s[mr];
-        for (int i = 0; i < mr; ++i) s[i] = _mm256_setzero_si256();
+        __m256i s0[mr], s1[mr];
+        for (int i = 0; i < mr; ++i) s0[i] = s1[i] = _mm256_setzero_si256();
         const int16_t* ab = arow + b * Bp;
         for (int k2 = 0; k2 < B2; ++k2) {
-            const __m256i bv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pb + k2 * 32));
+            const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb + k2 * 64));
+            const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb + k2 * 64 + 32));
             for (int i = 0; i < mr; ++i) {
                 int32_t w;
                 std::memcpy(&w, ab + i * rstride + 2 * k2, 4);
-                s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(bv, _mm256_set1_epi32(w)));
+                const __m256i av = _mm256_set1_epi32(w);
+                s0[i] = _mm256_add_epi32(s0[i], _mm256_madd_epi16(b0, av));
+                s1[i] = _mm256_add_epi32(s1[i], _mm256_madd_epi16(b1, av));
             }
         }
-        const __m256 cs = _mm256_loadu_ps(reinterpret_cast<const float*>(pb + size_t(Bp) * NR * 2));
+        const float* cs = reinterpret_cast<const float*>(pb + size_t(Bp) * NR * 2);
+        const __m256 c0 = _mm256_load_ps(cs), c1 = _mm256_load_ps(cs + 8);
         for (int i = 0; i < mr; ++i) {
             const __m256 ra = _mm256_set1_ps(sa[i * nb + b]);
-            acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s[i]), cs), ra, acc[i]);
+            acc0[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s0[i]), c0), ra, acc0[i]);
+            acc1[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s1[i]), c1), ra, acc1[i]);
         }
     }
     if (nc == NR) {
-        for (int i = 0; i < mr; ++i) _mm256_storeu_ps(out + i * ldo, acc[i]);
+        for (int i = 0; i < mr; ++i) {
+            _mm256_storeu_ps(out + i * ldo, acc0[i]);
+            _mm256_storeu_ps(out + i * ldo + 8, acc1[i]);
+        }
     } else {
         alignas(32) float tmp[NR];
         for (int i = 0; i < mr; ++i) {
-            _mm256_store_ps(tmp, acc[i]);
+            _mm256_store_ps(tmp, acc0[i]);
+            _mm256_store_ps(tmp + 8, acc1[i]);
             for (int j = 0; j < nc; ++j) out[i * ldo + j] = tmp[j];
         }
     }

@@ -316,7 +316,6 @@ def matmul(
         a = _as_float32(a, "a")
         if a.ndim != 2:
             raise ValueError(f"a must be 2-D [M, K], got shape {a.shape}")
-        a = quantize(a, fa, axis=1, seed=seed)
     if not isinstance(b, BfpTensor):
         b = _as_float32(b, "b")
         if b.ndim != 2:
@@ -324,7 +323,9 @@ def matmul(
         b = quantize(b, fb, axis=0, seed=seed)
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"K mismatch: a is {a.shape}, b is {b.shape}")
-    return _core.gemm(_packed(a, "rows"), _packed(b, "cols"))
+    # activations: quantized straight into the kernel's row form (no intermediate BfpTensor)
+    rows = _packed(a, "rows") if isinstance(a, BfpTensor) else _core.quantize_rows(a, fa.kernel_params(), seed)
+    return _core.gemm(rows, _packed(b, "cols"))
 
 
 # ----------------------------------------------------------------------------- convolution

@@ -1,0 +1,108 @@
+// AVX2 block quantizer for formats whose units fit a byte (int(p<=7), E2M1, E2M3) and the
+// deterministic rounding modes. The same arithmetic as quantize_block (quantize.cpp), in
+// float: every scaling is by a power of two and exact wherever it can change the result
+// (a scaled magnitude below 2^-126 rounds to 0 in every one of these modes either way).
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "../bfp.h"
+
+namespace bfp {
+namespace avx2 {
+
+static inline __m256 pow2(int e) {  // 2^e for e in [-126, 127]
+    return _mm256_castsi256_ps(_mm256_set1_epi32((e + 127) << 23));
+}
+
+static inline __m256i tail_mask(int n) {  // first n lanes (n < 8)
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx);
+}
+
+static inline __m256 round_mode(__m256 a, int mode) {
+    if (mode == kNearestEven) return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    if (mode == kTowardZero) return _mm256_round_ps(a, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC);
+    const __m256 fl = _mm256_round_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m256 up = _mm256_cmp_ps(_mm256_sub_ps(a, fl), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+    return _mm256_add_ps(fl, _mm256_and_ps(up, _mm256_set1_ps(1.0f)));
+}
+
+int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* out) {
+    const __m256i absm = _mm256_set1_epi32(0x7fffffff), expm = _mm256_set1_epi32(0x7f800000);
+    __m256i vmax = _mm256_setzero_si256(), bad = _mm256_setzero_si256();
+    for (int k = 0; k < n; k += 8) {
+        const __m256i bits = k + 8 <= n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k))
+                                        : _mm256_maskload_epi32(reinterpret_cast<const int*>(x + k), tail_mask(n - k));
+        const __m256i a = _mm256_and_si256(bits, absm);
+        bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(a, expm), expm));
+        vmax = _mm256_max_epi32(vmax, a);  // |x| bit patterns order like the values
+    }
+    if (_mm256_movemask_epi8(bad)) {
+        std::memset(out, 0, size_t(n));
+        return kNanExp;
+    }
+    __m128i m4 = _mm_max_epi32(_mm256_castsi256_si128(vmax), _mm256_extracti128_si256(vmax, 1));
+    m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0x4E));
+    m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0xB1));
+    const int32_t amax_bits = _mm_cvtsi128_si32(m4);
+    int E = f.exp_min;
+    if (amax_bits != 0) {
+        float amax;
+        std::memcpy(&amax, &amax_bits, 4);
+        int e2;
+        std::frexp(amax, &e2);
+        E = e2 - 1 - f.emax_elem;
+        if (E < f.exp_min) E = f.exp_min;
+        if (E > f.exp_max) E = f.exp_max;
+    }
+    const __m256 maxu = _mm256_set1_ps(float(f.max_units));
+    const __m256 fabsm = _mm256_castsi256_ps(absm);
+    // int(p): v = |x| * 2^(unit_shift - E), in up to two exact steps; fp: v = |x| * 2^-E
+    int k1 = f.kind == kInt ? f.unit_shift - E : -E, k2 = 0;
+    if (k1 > 127) {
+        k2 = k1 - 127;
+        k1 = 127;
+    }
+    const __m256 s1 = k1 >= -126 ? pow2(k1) : _mm256_set1_ps(std::ldexp(1.0f, k1));
+    const __m256 s2 = pow2(k2);
+    const int m = f.mbits, emin_el = 1 - f.bias, unit_exp = 1 - f.bias - m;
+    for (int k = 0; k < n; k += 8) {
+        const bool full = k + 8 <= n;
+        const __m256 xv = full ? _mm256_loadu_ps(x + k) : _mm256_maskload_ps(x + k, tail_mask(n - k));
+        __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_and_ps(xv, fabsm), s1), s2);
+        __m256 q;
+        if (f.kind == kInt) {
+            q = round_mode(v, f.rounding);
+        } else {
+            __m256i binade = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(v), 23), _mm256_set1_epi32(127));
+            binade = _mm256_max_epi32(binade, _mm256_set1_epi32(emin_el));
+            const __m256i qexp = _mm256_sub_epi32(binade, _mm256_set1_epi32(m));
+            // 2^-qexp and 2^(qexp - unit_exp), built from exponent bits (both in normal range)
+            const __m256 down = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(127), qexp), 23));
+            const __m256 up = _mm256_castsi256_ps(
+                _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(qexp, _mm256_set1_epi32(unit_exp)), _mm256_set1_epi32(127)), 23));
+            q = _mm256_mul_ps(round_mode(_mm256_mul_ps(v, down), f.rounding), up);
+        }
+        q = _mm256_min_ps(q, maxu);
+        __m256i qi = _mm256_cvttps_epi32(q);
+        const __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(xv, _mm256_setzero_ps(), _CMP_LT_OQ));
+        qi = _mm256_sub_epi32(_mm256_xor_si256(qi, neg), neg);
+        const __m256i w16 = _mm256_packs_epi32(qi, qi);
+        const __m256i w8 = _mm256_packs_epi16(w16, w16);
+        const __m128i lo = _mm256_castsi256_si128(w8), hi = _mm256_extracti128_si256(w8, 1);
+        const __m128i b8 = _mm_unpacklo_epi32(lo, hi);
+        if (full) {
+            _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), b8);
+        } else {
+            alignas(16) int8_t tmp[16];
+            _mm_store_si128(reinterpret_cast<__m128i*>(tmp), b8);
+            std::memcpy(out + k, tmp, size_t(n - k));
+        }
+    }
+    return int16_t(E);
+}
+
+}  // namespace avx2
+}  // namespace bfp
