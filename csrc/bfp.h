@@ -36,24 +36,29 @@ enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 Isa current_isa();
 int num_threads();
 
-// The rows operand of a GEMM: canonical dense rows [R][nb*Bp] of int8 units (Bp = block
-// rounded up to a multiple of 4, zero padded), with per-(row, block) float scales
-// 2^(E - unit_shift) (NaN for a NaN block, 1.0 for an all-zero block), the VNNI
-// correction -128 * sum(units) and the range of the exponents of the non-zero blocks.
+// The rows operand of a GEMM (broadcast by the kernels). Row r's units for tap t are nbt
+// blocks of Bp units (block rounded up to a multiple of 4, zero padded) starting at
+// u + (roff[r] + toff[t]) * nbt * Bp -- int8 for the AVX-512 kernel, int16 for AVX2; its
+// per-block scales and corrections at scale/corr + (roff[r] + toff[t]) * nbt. matmul: taps = 1,
+// roff[r] = r; conv: rows are output pixels and (roff + toff) the padded input pixel under
+// each kernel tap -- an implicit GEMM, nothing is copied. scale = 2^(E - unit_shift) (NaN for a
+// NaN block, 1.0 for an all-zero block), corr = -128 * sum(units); emin/emax: per row, the
+// range of (E - unit_shift) over its non-zero, non-NaN blocks.
 struct RowsView {
     int64_t R;
-    int nb, Bp;
-    const int8_t* u;        // [R][nb*Bp]
-    const int16_t* u16;     // [R][nb*Bp] (AVX2 kernel) or null
-    const float* scale;     // [R][nb]
-    const int32_t* corr;    // [R][nb]
-    const int32_t* emin;    // [R] min over non-zero, non-NaN blocks of (E - unit_shift)
-    const int32_t* emax;    // [R]
+    int taps, nbt, Bp;
+    const void* u;
+    const float* scale;
+    const int32_t* corr;  // AVX-512 only
+    const int64_t* roff;  // [R]
+    const int64_t* toff;  // [taps]
+    const int32_t* emin;  // [R]
+    const int32_t* emax;  // [R]
 };
 
-// The columns operand: column c's units for tap t are nbt*Bp contiguous bytes at ptr[c*taps+t]
-// (matmul: taps = 1 and the pointers are the canonical rows of B^T; conv: one pointer per
-// kernel tap into the quantized, padded NHWC activation). Exponents alike.
+// The columns operand (vectorised by the kernels, packed into panels of NR columns): column
+// c's units for tap t are nbt*Bp int8 at u[c*taps + t]; exponents alike. matmul: the rows of
+// B^T; conv: the output channels of the weights (taps = 1, nbt = kernel taps x channel blocks).
 struct ColsView {
     int64_t N;
     int taps, nbt, Bp;
@@ -65,8 +70,9 @@ struct ColsView {
     const int32_t* pmax;
 };
 
-// Computes out[r*ldo + c] for rows [r0, r0+nr), cols [c0, c0+nc) exactly (FORMATS.md §6):
-// used by every kernel for tiles whose exponents leave the fast path's exact range.
+// Computes the tile rows [r0, r0+nr) x cols [c0, c0+nc) exactly (FORMATS.md §6) into `out`
+// (tile origin; element (i, j) at out[i*ldo + j], or out[j*ldo + i] when the GEMM is
+// transposed): used by every kernel for tiles whose exponents leave the fast path's range.
 struct ExactTile {
     const void* ctx;
     void (*fn)(const void* ctx, int64_t r0, int nr, int64_t c0, int nc, float* out, int64_t ldo);
@@ -76,8 +82,9 @@ struct GemmArgs {
     RowsView rows;
     ColsView cols;
     int bits_s;  // |S_b| < 2^bits_s for every block sum
-    float* out;
+    float* out;   // out[r*ldo + c], or out[c*ldo + r] when trans (conv: NCHW from pixel rows)
     int64_t ldo;
+    bool trans;
     ExactTile exact;
     int nthreads;
 };

@@ -110,18 +110,20 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "pack_operand",
-        [](i8arr codes, i16arr exps, py::tuple params, const std::string& role, int taps) {
+        [](i8arr codes, i16arr exps, py::tuple params, const std::string& role, int taps, int groups) {
             const FmtParams f = to_params(params);
             std::vector<int64_t> shape(codes.shape(), codes.shape() + codes.ndim());
             const size_t want = role == "convw" ? 4 : 2;
             if (shape.size() != want) throw std::invalid_argument("operand has the wrong rank for role " + role);
             if (role == "convw" && shape[2] * shape[3] != taps) throw std::invalid_argument("taps != KH*KW");
+            if (groups < 1 || shape[0] % groups) throw std::invalid_argument("groups must divide the output channels");
             const int8_t* pc = codes.data();
             const int16_t* pe = exps.data();
             py::gil_scoped_release nogil;
-            return make_operand(pc, pe, shape, f, role, taps);
+            return make_operand(pc, pe, shape, f, role, taps, groups);
         },
-        py::arg("codes"), py::arg("exps"), py::arg("params"), py::arg("role"), py::arg("taps") = 1);
+        py::arg("codes"), py::arg("exps"), py::arg("params"), py::arg("role"), py::arg("taps") = 1,
+        py::arg("groups") = 1);
 
     m.def(
         "quantize_rows",
@@ -155,6 +157,7 @@ PYBIND11_MODULE(_core, m) {
         [](f32arr x, py::tuple params, uint64_t seed, Operand& w, int groups, std::pair<int, int> stride,
            std::tuple<int, int, int, int> pads, std::pair<int, int> dil, std::optional<f32arr> bias) {
             if (w.role != "convw") throw std::invalid_argument("conv2d takes a convw operand");
+            if (w.groups != groups) throw std::invalid_argument("the weight was packed for other groups");
             const FmtParams fx = to_params(params);
             if (x.ndim() != 4) throw std::invalid_argument("x must be NCHW");
             ConvGeom g{};

@@ -146,7 +146,16 @@ void dequantize_tensor(const int8_t* codes, const int16_t* exps, int64_t outer, 
 }
 
 // ---------------------------------------------------------------- operands
+// Units stored per block: the block, or the whole axis when that is shorter (a 3-channel
+// input keeps 4 units per tap, not 16), rounded up to the kernels' multiple of 4. The
+// padding holds zeros, which add nothing to any block sum.
+static int padded_block(int block, int64_t K) {
+    const int64_t n = K < block ? (K > 0 ? K : 1) : block;
+    return int((n + 3) / 4 * 4);
+}
+
 static void prepare_rows(Operand& op, Isa isa);
+static void index_rows(Operand& op);
 
 void Operand::build(const int8_t* codes, const int16_t* exps, int64_t outer, int64_t Kdim, int64_t inner,
                     bool transpose) {
@@ -155,7 +164,7 @@ void Operand::build(const int8_t* codes, const int16_t* exps, int64_t outer, int
     R = transpose ? inner : outer;
     taps = int(transpose ? outer : inner);
     nbt = int((K + f.block - 1) / f.block);
-    Bp = (f.block + 3) / 4 * 4;
+    Bp = padded_block(f.block, K);
     const int nbk = nb();
     const int64_t rlen = int64_t(nbk) * Bp;
     const UnitsLut lut(f);
@@ -184,7 +193,7 @@ void Operand::build_rows_from_float(const float* x, int64_t rows, int64_t Kdim, 
     R = rows;
     taps = 1;
     nbt = int((K + f.block - 1) / f.block);
-    Bp = (f.block + 3) / 4 * 4;
+    Bp = padded_block(f.block, K);
     const int64_t rlen = int64_t(nbt) * Bp;
     exp.assign(size_t(R * nbt), 0);
     const bool i8 = int8(), fast = fast_quant_ok(f);
@@ -219,17 +228,31 @@ void Operand::ensure_u64() {
     u64.assign(u8.begin(), u8.end());
 }
 
-RowsView Operand::rows_view() const {
-    return RowsView{R, nb(), Bp, u8.data(), u16.empty() ? nullptr : u16.data(), scale.data(), corr.data(),
-                    emin.data(), emax.data()};
+// Row offsets of a canonical rows operand [R][nb*Bp] (taps = 1, row r at r * nb*Bp).
+static void index_rows(Operand& op) {
+    op.roff.resize(size_t(op.R));
+    for (int64_t r = 0; r < op.R; ++r) op.roff[r] = r;
+    op.toff.assign(1, 0);
 }
 
-ColsView Operand::cols_view() const {
-    return ColsView{R,  taps, nbt, Bp, cu8.data(), ce.data(), f.unit_shift, panels ? panels->p : nullptr,
-                    pmin.data(), pmax.data()};
+// Scale, VNNI correction and the exponent range of one block of int8 units (see RowsView).
+static inline void block_extras(const int8_t* u, int Bp, int16_t e, int unit_shift, float* scale, int32_t* corr,
+                                int32_t* emin, int32_t* emax) {
+    int32_t sum = 0;
+    bool any = false;
+    for (int k = 0; k < Bp; ++k) {
+        sum += u[k];
+        any |= u[k] != 0;
+    }
+    *corr = -128 * sum;
+    *scale = block_scale(e, unit_shift, !any);
+    if (e != kNanExp && any) {
+        const int32_t ee = int32_t(e) - unit_shift;
+        if (ee < *emin) *emin = ee;
+        if (ee > *emax) *emax = ee;
+    }
 }
 
-// Scales, VNNI corrections and exponent ranges of rows (see RowsView).
 static void prepare_rows(Operand& op, Isa isa) {
     const int nbk = op.nb();
     const int64_t R = op.R;
@@ -238,54 +261,56 @@ static void prepare_rows(Operand& op, Isa isa) {
     op.emin.assign(size_t(R), INT32_MAX);
     op.emax.assign(size_t(R), INT32_MIN);
     for (int64_t r = 0; r < R; ++r)
-        for (int b = 0; b < nbk; ++b) {
-            const int8_t* u = op.u8.data() + (r * nbk + b) * op.Bp;
-            int32_t sum = 0;
-            bool any = false;
-            for (int k = 0; k < op.Bp; ++k) {
-                sum += u[k];
-                any |= u[k] != 0;
-            }
-            const int16_t e = op.exp[r * nbk + b];
-            op.corr[r * nbk + b] = -128 * sum;
-            op.scale[r * nbk + b] = block_scale(e, op.f.unit_shift, !any);
-            if (e != kNanExp && any) {
-                const int32_t ee = int32_t(e) - op.f.unit_shift;
-                op.emin[r] = std::min(op.emin[r], ee);
-                op.emax[r] = std::max(op.emax[r], ee);
-            }
-        }
+        for (int b = 0; b < nbk; ++b)
+            block_extras(op.u8.data() + (r * nbk + b) * op.Bp, op.Bp, op.exp[r * nbk + b], op.f.unit_shift,
+                         &op.scale[r * nbk + b], &op.corr[r * nbk + b], &op.emin[r], &op.emax[r]);
     if (isa == kAvx2) op.u16.assign(op.u8.begin(), op.u8.end());
+    index_rows(op);
 }
 
-static void prepare_cols(Operand& op, Isa isa) {
+// Column pointers, and (SIMD kernels) panels packed once, per group of columns.
+static void prepare_cols(Operand& op, Isa isa, int groups) {
+    const int64_t rlen = int64_t(op.nb()) * op.Bp;
+    op.groups = groups;
     op.cu8.resize(size_t(op.R));
     op.ce.resize(size_t(op.R));
-    const int64_t rlen = int64_t(op.nb()) * op.Bp;
     for (int64_t r = 0; r < op.R; ++r) {
         op.cu8[r] = op.u8.data() + r * rlen;
         op.ce[r] = op.exp.data() + r * op.nb();
     }
     if (isa == kScalar) return;
     const int NR = isa == kAvx512 ? avx512::NR : avx2::NR;
-    const int64_t np = (op.R + NR - 1) / NR;
+    const int64_t per = op.R / groups, npg = (per + NR - 1) / NR, np = npg * groups;
     const size_t pb = isa == kAvx512 ? avx512::panel_bytes(op.nb(), op.Bp) : avx2::panel_bytes(op.nb(), op.Bp);
     op.panels = std::make_unique<AlignedBuf>(size_t(np) * pb);
     op.pmin.assign(size_t(np), 0);
     op.pmax.assign(size_t(np), 0);
-    const ColsView cv = op.cols_view();
+    ColsView cv = op.cols_view();
+    cv.taps = 1;
+    cv.nbt = op.nb();
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
     for (int64_t p = 0; p < np; ++p) {
-        const int nc = int(std::min<int64_t>(NR, op.R - p * NR));
+        const int64_t g = p / npg, q = p % npg, c0 = g * per + q * NR;
+        const int nc = int(std::min<int64_t>(NR, per - q * NR));
         if (isa == kAvx512)
-            avx512::pack_panel(cv, p * NR, nc, op.panels->p + p * pb, &op.pmin[p], &op.pmax[p]);
+            avx512::pack_panel(cv, c0, nc, op.panels->p + p * pb, &op.pmin[p], &op.pmax[p]);
         else
-            avx2::pack_panel(cv, p * NR, nc, op.panels->p + p * pb, &op.pmin[p], &op.pmax[p]);
+            avx2::pack_panel(cv, c0, nc, op.panels->p + p * pb, &op.pmin[p], &op.pmax[p]);
     }
 }
 
+RowsView Operand::rows_view() const {
+    const void* u = u16.empty() ? static_cast<const void*>(u8.data()) : static_cast<const void*>(u16.data());
+    return RowsView{R, 1, nb(), Bp, u, scale.data(), corr.data(), roff.data(), toff.data(), emin.data(), emax.data()};
+}
+
+ColsView Operand::cols_view() const {
+    return ColsView{R, 1, nb(), Bp, cu8.data(), ce.data(), f.unit_shift, panels ? panels->p : nullptr,
+                    pmin.data(), pmax.data()};
+}
+
 std::shared_ptr<Operand> make_operand(const int8_t* codes, const int16_t* exps, const std::vector<int64_t>& shape,
-                                      const FmtParams& f, const std::string& role, int taps) {
+                                      const FmtParams& f, const std::string& role, int taps, int groups) {
     auto op = std::make_shared<Operand>();
     op->f = f;
     op->role = role;
@@ -294,7 +319,7 @@ std::shared_ptr<Operand> make_operand(const int8_t* codes, const int16_t* exps, 
         op->build(codes, exps, shape[0], shape[1], 1, false);
     } else if (role == "cols") {  // B [K, N], blocked on axis 0
         op->build(codes, exps, 1, shape[0], shape[1], true);
-    } else if (role == "convw") {  // W [O, Cg, KH, KW], blocked on axis 1, taps = KH*KW
+    } else if (role == "convw") {  // W [O, Cg, KH, KW], blocked on axis 1, K order tap-major
         op->kh = int(shape[2]);
         op->kw = int(shape[3]);
         op->build(codes, exps, shape[0], shape[1], int64_t(taps), false);
@@ -302,8 +327,10 @@ std::shared_ptr<Operand> make_operand(const int8_t* codes, const int16_t* exps, 
         throw std::invalid_argument("unknown operand role " + role);
     }
     if (op->int8()) {
-        if (role == "cols") prepare_cols(*op, op->isa);
-        else prepare_rows(*op, op->isa);
+        if (role == "rows") prepare_rows(*op, op->isa);
+        else prepare_cols(*op, op->isa, role == "convw" ? groups : 1);
+    } else if (role != "rows") {
+        prepare_cols(*op, kScalar, role == "convw" ? groups : 1);
     }
     return op;
 }
@@ -331,53 +358,61 @@ static inline float sum_to_f32(S s) {
     else return float(s);  // int64 -> float: one RNE rounding
 }
 
+// Rows at ru + (roff[r] + toff[t]) * nbt*Bp (exponents at re + (...) * nbt), as in RowsView;
+// columns: one pointer per column to its taps*nbt blocks.
 struct ExactCtx {
-    const void* ru;  // rows units: int8 or int64 [R][nb*Bp]
+    const void* ru;
     const int16_t* re;
-    const void* const* cu;  // column pointers (per col*taps) to int8 or int64 units
+    const int64_t* roff;
+    const int64_t* toff;
+    const void* const* cu;
     const int16_t* const* ce;
-    int nb, Bp, taps, nbt, rshift, cshift;
-    int wide;  // 0: int8 units, 1: int64 units with int64 sums, 2: int64 units with int128 sums
+    int taps, nbt, Bp, rshift, cshift;
+    int kind;  // 0: int8 x int8, 1: int16 x int8, 2: int64 x int64 (int64 sums), 3: int64 x int64 (int128 sums)
+    bool trans;
 };
 
-template <class U, class S>
+template <class UA, class UB, class S>
 static void exact_tile_t(const ExactCtx& c, int64_t r0, int nr, int64_t c0, int nc, float* out, int64_t ldo) {
-    const U* ru = static_cast<const U*>(c.ru);
-    const int64_t rlen = int64_t(c.nb) * c.Bp;
+    const int64_t plen = int64_t(c.nbt) * c.Bp;
     for (int i = 0; i < nr; ++i) {
-        const U* a = ru + (r0 + i) * rlen;
-        const int16_t* ea = c.re + (r0 + i) * c.nb;
         for (int j = 0; j < nc; ++j) {
+            const UB* bcol = static_cast<const UB*>(c.cu[c0 + j]);
+            const int16_t* eb = c.ce[c0 + j];
             float acc = 0.0f;
             for (int t = 0; t < c.taps; ++t) {
-                const U* bcol = static_cast<const U*>(c.cu[(c0 + j) * c.taps + t]);
-                const int16_t* eb = c.ce[(c0 + j) * c.taps + t];
+                const int64_t pix = c.roff[r0 + i] + c.toff[t];
+                const UA* a = static_cast<const UA*>(c.ru) + pix * plen;
+                const int16_t* ea = c.re + pix * c.nbt;
                 for (int bt = 0; bt < c.nbt; ++bt) {
                     const int b = t * c.nbt + bt;
-                    const U* x = a + int64_t(b) * c.Bp;
-                    const U* y = bcol + int64_t(bt) * c.Bp;
+                    const UA* x = a + int64_t(bt) * c.Bp;
+                    const UB* y = bcol + int64_t(b) * c.Bp;
                     S s = 0;
                     for (int k = 0; k < c.Bp; ++k) s += S(x[k]) * S(y[k]);
                     float tb;
-                    if (ea[b] == kNanExp || eb[bt] == kNanExp) {
+                    if (ea[bt] == kNanExp || eb[b] == kNanExp) {
                         tb = std::nanf("");
                     } else {
-                        const int e = int(ea[b]) - c.rshift + int(eb[bt]) - c.cshift;
+                        const int e = int(ea[bt]) - c.rshift + int(eb[b]) - c.cshift;
                         tb = float(std::ldexp(double(sum_to_f32(s)), e));  // exact scaling, one rounding
                     }
                     acc = acc + tb;
                 }
             }
-            out[i * ldo + j] = acc;
+            out[c.trans ? j * ldo + i : i * ldo + j] = acc;
         }
     }
 }
 
 static void exact_tile(const void* ctx, int64_t r0, int nr, int64_t c0, int nc, float* out, int64_t ldo) {
     const ExactCtx& c = *static_cast<const ExactCtx*>(ctx);
-    if (c.wide == 0) exact_tile_t<int8_t, int64_t>(c, r0, nr, c0, nc, out, ldo);
-    else if (c.wide == 1) exact_tile_t<int64_t, int64_t>(c, r0, nr, c0, nc, out, ldo);
-    else exact_tile_t<int64_t, __int128>(c, r0, nr, c0, nc, out, ldo);
+    switch (c.kind) {
+        case 0: exact_tile_t<int8_t, int8_t, int64_t>(c, r0, nr, c0, nc, out, ldo); break;
+        case 1: exact_tile_t<int16_t, int8_t, int64_t>(c, r0, nr, c0, nc, out, ldo); break;
+        case 2: exact_tile_t<int64_t, int64_t, int64_t>(c, r0, nr, c0, nc, out, ldo); break;
+        default: exact_tile_t<int64_t, int64_t, __int128>(c, r0, nr, c0, nc, out, ldo);
+    }
 }
 
 static int sum_bits(const FmtParams& a, const FmtParams& b) {
@@ -393,160 +428,197 @@ static void exact_gemm(const ExactCtx& c, int64_t R, int64_t N, float* out, int6
 #pragma omp parallel for num_threads(num_threads()) schedule(dynamic)
     for (int64_t it = 0; it < nrt * nct; ++it) {
         const int64_t r0 = (it / nct) * RT, c0 = (it % nct) * CT;
-        exact_tile(&c, r0, int(std::min(RT, R - r0)), c0, int(std::min(CT, N - c0)), out + r0 * ldo + c0, ldo);
+        float* o = c.trans ? out + c0 * ldo + r0 : out + r0 * ldo + c0;
+        exact_tile(&c, r0, int(std::min(RT, R - r0)), c0, int(std::min(CT, N - c0)), o, ldo);
     }
 }
 
-// Runs rows x cols into out (ldo), choosing the SIMD kernel when both operands have int8 units.
-static void run_gemm(const RowsView& rv, const void* rows_units, const int16_t* rows_exp, const FmtParams& fa,
-                     const ColsView& cv, const void* const* col_units, const FmtParams& fb, bool int8, Isa isa,
-                     float* out, int64_t ldo) {
-    const int bits = sum_bits(fa, fb);
-    ExactCtx ctx{rows_units, rows_exp, col_units, cv.e, rv.nb, rv.Bp, cv.taps, cv.nbt, fa.unit_shift, fb.unit_shift,
-                 int8 ? 0 : (bits <= 62 ? 1 : 2)};
-    if (!int8 || isa == kScalar) {
-        exact_gemm(ctx, rv.R, cv.N, out, ldo);
+// rows x cols -> out (ldo). `simd`: both sides hold int8 units packed for `isa` (then the
+// exact path only serves tiles outside the fast path's range); otherwise all of it is exact.
+static void run_gemm(const RowsView& rv, const ExactCtx& ex, const ColsView& cv, const FmtParams& fa,
+                     const FmtParams& fb, Isa isa, float* out, int64_t ldo) {
+    if (isa == kScalar) {
+        exact_gemm(ex, rv.R, cv.N, out, ldo);
         return;
     }
-    GemmArgs g{rv, cv, bits, out, ldo, ExactTile{&ctx, exact_tile}, num_threads()};
+    GemmArgs g{rv, cv, sum_bits(fa, fb), out, ldo, ex.trans, ExactTile{&ex, exact_tile}, num_threads()};
     if (isa == kAvx512) avx512::gemm(g);
     else avx2::gemm(g);
 }
 
+static int exact_kind(bool int8, bool rows16, const FmtParams& fa, const FmtParams& fb) {
+    if (int8) return rows16 ? 1 : 0;
+    return sum_bits(fa, fb) <= 62 ? 2 : 3;
+}
+
 void gemm(Operand& a, Operand& b, float* out) {
     if (a.K != b.K || a.f.block != b.f.block) throw std::invalid_argument("operands do not match");
-    const bool int8 = a.int8() && b.int8();
     const int64_t M = a.R, N = b.R;
     if (M == 0 || N == 0) return;
     if (a.nb() == 0) {
         std::memset(out, 0, sizeof(float) * size_t(M * N));
         return;
     }
+    const bool int8 = a.int8() && b.int8();
     Isa isa = int8 ? b.isa : kScalar;
     if (int8 && a.isa != b.isa) isa = kScalar;  // packed for different kernels: use the exact path
-    std::vector<const void*> cptr(static_cast<size_t>(N));
-    std::vector<const int16_t*> eptr(static_cast<size_t>(N));
+    const int64_t clen = int64_t(b.nb()) * b.Bp;
     if (!int8) {
         a.ensure_u64();
         b.ensure_u64();
     }
-    const int64_t rlen = int64_t(b.nb()) * b.Bp;
+    std::vector<const void*> cu(static_cast<size_t>(N));
+    std::vector<const int16_t*> ce(static_cast<size_t>(N));
     for (int64_t n = 0; n < N; ++n) {
-        cptr[n] = int8 ? static_cast<const void*>(b.u8.data() + n * rlen) : static_cast<const void*>(b.u64.data() + n * rlen);
-        eptr[n] = b.exp.data() + n * b.nb();
+        cu[n] = int8 ? static_cast<const void*>(b.u8.data() + n * clen) : static_cast<const void*>(b.u64.data() + n * clen);
+        ce[n] = b.exp.data() + n * b.nb();
     }
-    ColsView cv = b.cols_view();
-    cv.e = eptr.data();
-    RowsView rv = a.rows_view();
-    run_gemm(rv, int8 ? static_cast<const void*>(a.u8.data()) : static_cast<const void*>(a.u64.data()), a.exp.data(),
-             a.f, cv, cptr.data(), b.f, int8, isa, out, N);
+    if (a.roff.empty()) index_rows(a);
+    const void* ru = int8 ? static_cast<const void*>(a.u8.data()) : static_cast<const void*>(a.u64.data());
+    const ExactCtx ex{ru, a.exp.data(), a.roff.data(), a.toff.data(), cu.data(), ce.data(), 1, a.nb(), a.Bp,
+                      a.f.unit_shift, b.f.unit_shift, exact_kind(int8, false, a.f, b.f), false};
+    run_gemm(a.rows_view(), ex, b.cols_view(), a.f, b.f, isa, out, N);
 }
 
 // ---------------------------------------------------------------- convolution
+// Implicit GEMM per (image, group): rows = output pixels (one pointer per kernel tap into the
+// quantized, zero-padded channels-last activation), columns = output channels (the weights,
+// packed once). Result [pixels][channels] is transposed into NCHW with the bias added.
 void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g, const float* bias,
             float* out) {
     const int G = g.groups;
     const int64_t C = g.C, H = g.H, W = g.W, Cg = C / G, O = w.R, Og = O / G;
-    const int64_t Hp = H + g.pt + g.pb, Wp = W + g.pl + g.pr, P = g.OH * g.OW;
+    const int64_t Hp = H + g.pt + g.pb, Wp = W + g.pl + g.pr, P = g.OH * g.OW, NG = g.N * G;
     const int nbc = w.nbt, Bp = w.Bp, B = fx.block, taps = w.taps;
     const bool int8 = fx.int8_units() && w.int8();
     Isa isa = int8 ? current_isa() : kScalar;
     if (int8 && w.isa != isa) isa = kScalar;  // weights were packed for another kernel
     if (!int8) w.ensure_u64();
     if (P == 0 || O == 0 || g.N == 0) return;
+    const bool rows16 = isa == kAvx2;  // the AVX2 kernel broadcasts int16 units
+    const bool simd = isa != kScalar;
 
     // activations: per (image, group, padded pixel) nbc blocks of Bp units; padding = zero blocks
     const int64_t npix = Hp * Wp, plen = int64_t(nbc) * Bp;
+    const size_t nunits = size_t(NG * npix * plen), nblocks = size_t(NG * npix * nbc);
     std::vector<int8_t> a8;
+    std::vector<int16_t> a16;
     std::vector<int64_t> a64;
-    if (int8) a8.assign(size_t(g.N * G * npix * plen), 0);
-    else a64.assign(size_t(g.N * G * npix * plen), 0);
-    std::vector<int16_t> ae(size_t(g.N * G * npix * nbc), int16_t(fx.exp_min));
-    const int64_t nblk = g.N * G * H * W * nbc;
-    if (int8 && fast_quant_ok(fx)) {
+    if (!int8) a64.assign(nunits, 0);
+    else if (rows16) a16.assign(nunits, 0);
+    else a8.assign(nunits, 0);
+    std::vector<int16_t> ae(nblocks, int16_t(fx.exp_min));
+    std::vector<float> as;
+    std::vector<int32_t> ac, amin, amax;
+    if (simd) {
+        as.assign(nblocks, 1.0f);
+        ac.assign(nblocks, 0);
+        amin.assign(size_t(NG * npix), INT32_MAX);
+        amax.assign(size_t(NG * npix), INT32_MIN);
+    }
+    const bool fast = int8 && fast_quant_ok(fx);
+    // one pixel's blocks: units (int8 scratch) -> buffer, plus the kernels' per-block extras
+    auto store_pixel = [&](int64_t ppix, int cb, const int8_t* u8, int16_t e) {
+        const int64_t blk = ppix * nbc + cb, dst = ppix * plen + int64_t(cb) * Bp;
+        ae[blk] = e;
+        if (rows16) for (int k = 0; k < Bp; ++k) a16[dst + k] = u8[k];
+        else for (int k = 0; k < Bp; ++k) a8[dst + k] = u8[k];
+        if (simd) block_extras(u8, Bp, e, fx.unit_shift, &as[blk], &ac[blk], &amin[ppix], &amax[ppix]);
+    };
+    const int64_t HW = H * W;
+    if (fast) {
         // channels-last copy of each (image, group), then contiguous blocks per pixel
-        std::vector<float> xt(size_t(H * W * Cg));
-        for (int64_t ng = 0; ng < g.N * G; ++ng) {
-            const float* src = x + ng * Cg * H * W;  // (n, g) channels are contiguous in NCHW
-            const int64_t HW = H * W;
+        std::vector<float> xt(size_t(HW * Cg));
+        for (int64_t ng = 0; ng < NG; ++ng) {
+            const float* src = x + ng * Cg * HW;  // the (n, g) channels are contiguous in NCHW
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (HW * Cg > 32768)
             for (int64_t p0 = 0; p0 < HW; p0 += 64) {
                 const int64_t p1 = std::min(HW, p0 + 64);
                 for (int64_t c = 0; c < Cg; ++c)
                     for (int64_t p = p0; p < p1; ++p) xt[p * Cg + c] = src[c * HW + p];
+                alignas(64) int8_t u8[4096 + 64];
                 for (int64_t p = p0; p < p1; ++p) {
                     const int64_t ppix = ng * npix + (p / W + g.pt) * Wp + (p % W + g.pl);
                     for (int cb = 0; cb < nbc; ++cb) {
                         const int len = int(std::min<int64_t>(B, Cg - int64_t(cb) * B));
-                        ae[ppix * nbc + cb] = avx2::quantize_block_i8(xt.data() + p * Cg + int64_t(cb) * B, len, fx,
-                                                                       a8.data() + ppix * plen + int64_t(cb) * Bp);
+                        std::memset(u8, 0, size_t(Bp));
+                        const int16_t e = avx2::quantize_block_i8(xt.data() + p * Cg + int64_t(cb) * B, len, fx, u8);
+                        store_pixel(ppix, cb, u8, e);
                     }
                 }
             }
         }
     } else {
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
-    for (int64_t i = 0; i < nblk; ++i) {
-        const int cb = int(i % nbc);
-        const int64_t pix = i / nbc, xw = pix % W, xh = (pix / W) % H, ng = pix / (H * W);
-        const int64_t n = ng / G, gi = ng % G;
-        const int64_t c0 = gi * Cg + int64_t(cb) * B;
-        const int len = int(std::min<int64_t>(B, Cg - int64_t(cb) * B));
-        const int64_t off = ((n * C + c0) * H + xh) * W + xw;
-        int64_t units[4096];
-        const int64_t ppix = ng * npix + (xh + g.pt) * Wp + (xw + g.pl);
-        ae[ppix * nbc + cb] = quantize_block(x + off, H * W, len, uint64_t(off), H * W, fx, seed, units);
-        const int64_t dst = ppix * plen + int64_t(cb) * Bp;
-        for (int k = 0; k < len; ++k) {
-            if (int8) a8[dst + k] = int8_t(units[k]);
-            else a64[dst + k] = units[k];
+        for (int64_t pix = 0; pix < NG * HW; ++pix) {
+            const int64_t xw = pix % W, xh = (pix / W) % H, ng = pix / HW, n = ng / G, gi = ng % G;
+            const int64_t ppix = ng * npix + (xh + g.pt) * Wp + (xw + g.pl);
+            int64_t units[4096];
+            alignas(64) int8_t u8[4096 + 64];
+            for (int cb = 0; cb < nbc; ++cb) {
+                const int64_t c0 = gi * Cg + int64_t(cb) * B;
+                const int len = int(std::min<int64_t>(B, Cg - int64_t(cb) * B));
+                const int64_t off = ((n * C + c0) * H + xh) * W + xw;
+                const int16_t e = quantize_block(x + off, HW, len, uint64_t(off), HW, fx, seed, units);
+                if (int8) {
+                    std::memset(u8, 0, size_t(Bp));
+                    for (int k = 0; k < len; ++k) u8[k] = int8_t(units[k]);
+                    store_pixel(ppix, cb, u8, e);
+                } else {
+                    ae[ppix * nbc + cb] = e;
+                    for (int k = 0; k < len; ++k) a64[ppix * plen + int64_t(cb) * Bp + k] = units[k];
+                }
+            }
         }
-    }
     }
 
-    std::vector<const void*> cptr(size_t(P * taps));
-    std::vector<const int16_t*> eptr(size_t(P * taps));
-    for (int64_t n = 0; n < g.N; ++n)
-        for (int gi = 0; gi < G; ++gi) {
-            const int64_t ng = n * G + gi;
-            for (int64_t oh = 0; oh < g.OH; ++oh)
-                for (int64_t ow = 0; ow < g.OW; ++ow)
-                    for (int t = 0; t < taps; ++t) {
-                        const int64_t ih = oh * g.sh + (t / w.kw) * g.dh, iw = ow * g.sw + (t % w.kw) * g.dw;
-                        const int64_t ppix = ng * npix + ih * Wp + iw;
-                        const int64_t k = (oh * g.OW + ow) * taps + t;
-                        cptr[k] = int8 ? static_cast<const void*>(a8.data() + ppix * plen)
-                                       : static_cast<const void*>(a64.data() + ppix * plen);
-                        eptr[k] = ae.data() + ppix * nbc;
-                    }
-            ColsView cv{P, taps, nbc, Bp, reinterpret_cast<const int8_t* const*>(cptr.data()), eptr.data(),
-                        fx.unit_shift, nullptr, nullptr, nullptr};
-            RowsView rv{};
-            const int64_t wlen = int64_t(w.nb()) * Bp, r0 = gi * Og;
-            rv.R = Og;
-            rv.nb = w.nb();
-            rv.Bp = Bp;
-            const void* ru;
-            if (int8) {
-                rv.u = w.u8.data() + r0 * wlen;
-                rv.u16 = w.u16.empty() ? nullptr : w.u16.data() + r0 * wlen;
-                rv.scale = w.scale.data() + r0 * w.nb();
-                rv.corr = w.corr.data() + r0 * w.nb();
-                rv.emin = w.emin.data() + r0;
-                rv.emax = w.emax.data() + r0;
-                ru = rv.u;
-            } else {
-                ru = w.u64.data() + r0 * wlen;
+    // rows: output pixel p's tap t reads padded pixel roff[p] + toff[t]
+    std::vector<int64_t> roff(static_cast<size_t>(P)), toff(static_cast<size_t>(taps));
+    for (int t = 0; t < taps; ++t) toff[t] = (t / w.kw) * g.dh * Wp + (t % w.kw) * g.dw;
+    std::vector<int32_t> rmin(simd ? size_t(P) : 0), rmax(simd ? size_t(P) : 0);
+    std::vector<const void*> cu(static_cast<size_t>(Og));
+    std::vector<const int16_t*> ce(static_cast<size_t>(Og));
+    const int64_t clen = int64_t(w.nb()) * Bp;
+    const int NR = isa == kAvx512 ? avx512::NR : avx2::NR;
+    const int64_t npg = (Og + NR - 1) / NR;
+    const size_t pbytes = isa == kAvx512 ? avx512::panel_bytes(w.nb(), Bp) : isa == kAvx2 ? avx2::panel_bytes(w.nb(), Bp) : 0;
+    const void* ubase = !int8 ? static_cast<const void*>(a64.data())
+                        : rows16 ? static_cast<const void*>(a16.data()) : static_cast<const void*>(a8.data());
+    for (int64_t ng = 0; ng < NG; ++ng) {
+        const int64_t n = ng / G, gi = ng % G;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (P * taps > 65536)
+        for (int64_t p = 0; p < P; ++p) {
+            roff[p] = ng * npix + (p / g.OW) * g.sh * Wp + (p % g.OW) * g.sw;
+            if (simd) {
+                int32_t mn = INT32_MAX, mx = INT32_MIN;
+                for (int t = 0; t < taps; ++t) {
+                    mn = std::min(mn, amin[roff[p] + toff[t]]);
+                    mx = std::max(mx, amax[roff[p] + toff[t]]);
+                }
+                rmin[p] = mn;
+                rmax[p] = mx;
             }
-            run_gemm(rv, ru, w.exp.data() + r0 * w.nb(), w.f, cv, cptr.data(), fx, int8, isa,
-                     out + (n * O + r0) * P, P);
         }
-    if (bias) {
-        for (int64_t n = 0; n < g.N; ++n)
-            for (int64_t o = 0; o < O; ++o) {
-                float* po = out + (n * O + o) * P;
-                for (int64_t p = 0; p < P; ++p) po[p] = po[p] + bias[o];
+        for (int64_t o = 0; o < Og; ++o) {
+            const int64_t oo = gi * Og + o;
+            cu[o] = int8 ? static_cast<const void*>(w.u8.data() + oo * clen) : static_cast<const void*>(w.u64.data() + oo * clen);
+            ce[o] = w.exp.data() + oo * w.nb();
+        }
+        const ExactCtx ex{ubase, ae.data(), roff.data(), toff.data(), cu.data(), ce.data(), taps, nbc, Bp,
+                          fx.unit_shift, w.f.unit_shift, exact_kind(int8, rows16, fx, w.f), true};
+        const RowsView rv{P, taps, nbc, Bp, ubase, as.data(), ac.data(), roff.data(), toff.data(), rmin.data(), rmax.data()};
+        const ColsView cv{Og, 1, w.nb(), Bp, reinterpret_cast<const int8_t* const*>(cu.data()), ce.data(), w.f.unit_shift,
+                          simd ? w.panels->p + gi * npg * pbytes : nullptr, simd ? w.pmin.data() + gi * npg : nullptr,
+                          simd ? w.pmax.data() + gi * npg : nullptr};
+        float* dst = out + (n * O + gi * Og) * P;  // NCHW slice [Og][P]: the GEMM writes it transposed
+        run_gemm(rv, ex, cv, fx, w.f, isa, dst, P);
+        if (bias) {
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (P * Og > 65536)
+            for (int64_t o = 0; o < Og; ++o) {
+                const float bo = bias[gi * Og + o];
+                for (int64_t p = 0; p < P; ++p) dst[o * P + p] = dst[o * P + p] + bo;
             }
+        }
     }
 }
 

@@ -49,6 +49,8 @@ class Operand {
     std::vector<int16_t> exp;   // [R][nb] raw shared exponents
     std::vector<float> scale;   // [R][nb]
     std::vector<int32_t> corr, emin, emax;
+    std::vector<int64_t> roff, toff;          // rows: offsets for RowsView
+    int groups = 1;                          // cols/convw: panels are packed per group
     std::unique_ptr<AlignedBuf> panels;
     std::vector<int32_t> pmin, pmax;
     std::vector<const int8_t*> cu8;
@@ -65,7 +67,7 @@ class Operand {
 };
 
 std::shared_ptr<Operand> make_operand(const int8_t* codes, const int16_t* exps, const std::vector<int64_t>& shape,
-                                      const FmtParams& f, const std::string& role, int taps);
+                                      const FmtParams& f, const std::string& role, int taps, int groups);
 
 // A [rows, K] float quantized straight into a "rows" operand (blocks along K).
 std::shared_ptr<Operand> quantize_rows(const float* x, int64_t rows, int64_t K, const FmtParams& f, uint64_t seed);

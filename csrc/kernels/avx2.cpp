@@ -36,7 +36,8 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
                 }
                 const int8_t* src = c.u[(col0 + j) * c.taps + t] + bt * Bp;
                 int any = 0;
-                for (int k2 = 0; k2 < B2; ++k2) {
+    #pragma GCC unroll 16
+            for (int k2 = 0; k2 < B2; ++k2) {
                     q[(k2 * NR + j) * 2] = src[2 * k2];
                     q[(k2 * NR + j) * 2 + 1] = src[2 * k2 + 1];
                     any |= src[2 * k2] | src[2 * k2 + 1];
@@ -55,52 +56,78 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
     *emax = mx;
 }
 
-template <int mr>
-static inline void run_tile(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
-                            int nc) {
-    const int nb = R.nb, Bp = R.Bp, B2 = Bp / 2;
-    const int64_t rstride = int64_t(nb) * Bp;
+// KS > 0: the block's k-steps known at compile time (fully unrolled); 0: any block.
+template <int mr, int KS>
+static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
+                            int nc, bool trans) {
+    const int Bp = R.Bp, B2 = KS > 0 ? KS : Bp / 2, nbt = R.nbt;
     const size_t bstride = size_t(Bp) * NR * 2 + NR * 4;
     __m256 acc0[mr], acc1[mr];
     for (int i = 0; i < mr; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
-    const int16_t* arow = R.u16 + r0 * rstride;
-    const float* sa = R.scale + r0 * nb;
-    for (int b = 0; b < nb; ++b) {
-        const uint8_t* pb = panel + b * bstride;
-        __m256i s0[mr], s1[mr];
-        for (int i = 0; i < mr; ++i) s0[i] = s1[i] = _mm256_setzero_si256();
-        const int16_t* ab = arow + b * Bp;
-        for (int k2 = 0; k2 < B2; ++k2) {
-            const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb + k2 * 64));
-            const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb + k2 * 64 + 32));
+    for (int t = 0; t < R.taps; ++t) {
+        const int16_t* ap[mr];
+        const float* sp[mr];
+        for (int i = 0; i < mr; ++i) {
+            const int64_t pix = R.roff[r0 + i] + R.toff[t];
+            ap[i] = static_cast<const int16_t*>(R.u) + pix * nbt * Bp;
+            sp[i] = R.scale + pix * nbt;
+        }
+        for (int bt = 0; bt < nbt; ++bt) {
+            const uint8_t* pb = panel + size_t(t * nbt + bt) * bstride;
+            __m256i s0[mr], s1[mr];
+            for (int i = 0; i < mr; ++i) s0[i] = s1[i] = _mm256_setzero_si256();
+#pragma GCC unroll 16
+            for (int k2 = 0; k2 < B2; ++k2) {
+                const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb + k2 * 64));
+                const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb + k2 * 64 + 32));
+                for (int i = 0; i < mr; ++i) {
+                    int32_t w;
+                    std::memcpy(&w, ap[i] + bt * Bp + 2 * k2, 4);
+                    const __m256i av = _mm256_set1_epi32(w);
+                    s0[i] = _mm256_add_epi32(s0[i], _mm256_madd_epi16(b0, av));
+                    s1[i] = _mm256_add_epi32(s1[i], _mm256_madd_epi16(b1, av));
+                }
+            }
+            const float* cs = reinterpret_cast<const float*>(pb + size_t(Bp) * NR * 2);
+            const __m256 c0 = _mm256_load_ps(cs), c1 = _mm256_load_ps(cs + 8);
             for (int i = 0; i < mr; ++i) {
-                int32_t w;
-                std::memcpy(&w, ab + i * rstride + 2 * k2, 4);
-                const __m256i av = _mm256_set1_epi32(w);
-                s0[i] = _mm256_add_epi32(s0[i], _mm256_madd_epi16(b0, av));
-                s1[i] = _mm256_add_epi32(s1[i], _mm256_madd_epi16(b1, av));
+                const __m256 ra = _mm256_set1_ps(sp[i][bt]);
+                acc0[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s0[i]), c0), ra, acc0[i]);
+                acc1[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s1[i]), c1), ra, acc1[i]);
             }
         }
-        const float* cs = reinterpret_cast<const float*>(pb + size_t(Bp) * NR * 2);
-        const __m256 c0 = _mm256_load_ps(cs), c1 = _mm256_load_ps(cs + 8);
-        for (int i = 0; i < mr; ++i) {
-            const __m256 ra = _mm256_set1_ps(sa[i * nb + b]);
-            acc0[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s0[i]), c0), ra, acc0[i]);
-            acc1[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s1[i]), c1), ra, acc1[i]);
-        }
     }
-    if (nc == NR) {
+    if (nc == NR && !trans) {
         for (int i = 0; i < mr; ++i) {
             _mm256_storeu_ps(out + i * ldo, acc0[i]);
             _mm256_storeu_ps(out + i * ldo + 8, acc1[i]);
         }
+        return;
+    }
+    alignas(32) float tmp[mr][NR];
+    for (int i = 0; i < mr; ++i) {
+        _mm256_store_ps(tmp[i], acc0[i]);
+        _mm256_store_ps(tmp[i] + 8, acc1[i]);
+    }
+    if (trans) {
+        for (int j = 0; j < nc; ++j)
+            for (int i = 0; i < mr; ++i) out[j * ldo + i] = tmp[i][j];
     } else {
-        alignas(32) float tmp[NR];
-        for (int i = 0; i < mr; ++i) {
-            _mm256_store_ps(tmp, acc0[i]);
-            _mm256_store_ps(tmp + 8, acc1[i]);
-            for (int j = 0; j < nc; ++j) out[i * ldo + j] = tmp[j];
-        }
+        for (int i = 0; i < mr; ++i)
+            for (int j = 0; j < nc; ++j) out[i * ldo + j] = tmp[i][j];
+    }
+}
+
+
+template <int mr>
+static inline void run_tile(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo, int nc,
+                            bool trans) {
+    switch (R.Bp / 2) {
+        case 2: run_tile_k<mr, 2>(R, r0, panel, out, ldo, nc, trans); break;
+        case 4: run_tile_k<mr, 4>(R, r0, panel, out, ldo, nc, trans); break;
+        case 8: run_tile_k<mr, 8>(R, r0, panel, out, ldo, nc, trans); break;
+        case 16: run_tile_k<mr, 16>(R, r0, panel, out, ldo, nc, trans); break;
+        default: run_tile_k<mr, 0>(R, r0, panel, out, ldo, nc, trans);
     }
 }
 

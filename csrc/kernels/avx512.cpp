@@ -40,7 +40,8 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
                 }
                 const int8_t* src = c.u[(col0 + j) * c.taps + t] + bt * Bp;
                 uint32_t any = 0;
-                for (int k4 = 0; k4 < B4; ++k4) {
+    #pragma GCC unroll 16
+            for (int k4 = 0; k4 < B4; ++k4) {
                     uint32_t w;
                     std::memcpy(&w, src + 4 * k4, 4);
                     any |= w;
@@ -61,46 +62,77 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
     *emax = mx;
 }
 
-template <int mr>
-static inline void run_tile(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
-                            int nc) {
-    const int nb = R.nb, Bp = R.Bp, B4 = Bp / 4;
-    const int64_t rstride = int64_t(nb) * Bp;
+// KS > 0: the block's k-steps known at compile time (fully unrolled); 0: any block.
+template <int mr, int KS>
+static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
+                            int nc, bool trans) {
+    const int Bp = R.Bp, B4 = KS > 0 ? KS : Bp / 4, nbt = R.nbt;
     const size_t bstride = size_t(Bp) * NR + NR * 4;
     __m512 acc0[mr], acc1[mr];
     for (int i = 0; i < mr; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
-    const int8_t* arow = R.u + r0 * rstride;
-    const float* sa = R.scale + r0 * nb;
-    const int32_t* corr = R.corr + r0 * nb;
-    for (int b = 0; b < nb; ++b) {
-        const uint8_t* pb = panel + b * bstride;
-        __m512i s0[mr], s1[mr];
-        for (int i = 0; i < mr; ++i) s0[i] = s1[i] = _mm512_set1_epi32(corr[i * nb + b]);
-        const int8_t* ab = arow + b * Bp;
-        for (int k4 = 0; k4 < B4; ++k4) {
-            const __m512i b0 = _mm512_load_si512(pb + k4 * 128);
-            const __m512i b1 = _mm512_load_si512(pb + k4 * 128 + 64);
-            for (int i = 0; i < mr; ++i) {
-                int32_t w;
-                std::memcpy(&w, ab + i * rstride + 4 * k4, 4);
-                const __m512i av = _mm512_set1_epi32(w);
-                s0[i] = _mm512_dpbusd_epi32(s0[i], b0, av);
-                s1[i] = _mm512_dpbusd_epi32(s1[i], b1, av);
-            }
-        }
-        const __m512 c0 = _mm512_load_ps(reinterpret_cast<const float*>(pb + size_t(Bp) * NR));
-        const __m512 c1 = _mm512_load_ps(reinterpret_cast<const float*>(pb + size_t(Bp) * NR + 64));
+    for (int t = 0; t < R.taps; ++t) {
+        const int8_t* ap[mr];
+        const float* sp[mr];
+        const int32_t* cp[mr];
         for (int i = 0; i < mr; ++i) {
-            const __m512 ra = _mm512_set1_ps(sa[i * nb + b]);
-            acc0[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s0[i]), c0), ra, acc0[i]);
-            acc1[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s1[i]), c1), ra, acc1[i]);
+            const int64_t pix = R.roff[r0 + i] + R.toff[t];
+            ap[i] = static_cast<const int8_t*>(R.u) + pix * nbt * Bp;
+            sp[i] = R.scale + pix * nbt;
+            cp[i] = R.corr + pix * nbt;
+        }
+        for (int bt = 0; bt < nbt; ++bt) {
+            const uint8_t* pb = panel + size_t(t * nbt + bt) * bstride;
+            __m512i s0[mr], s1[mr];
+            for (int i = 0; i < mr; ++i) s0[i] = s1[i] = _mm512_set1_epi32(cp[i][bt]);
+#pragma GCC unroll 16
+            for (int k4 = 0; k4 < B4; ++k4) {
+                const __m512i b0 = _mm512_load_si512(pb + k4 * 128);
+                const __m512i b1 = _mm512_load_si512(pb + k4 * 128 + 64);
+                for (int i = 0; i < mr; ++i) {
+                    int32_t w;
+                    std::memcpy(&w, ap[i] + bt * Bp + 4 * k4, 4);
+                    const __m512i av = _mm512_set1_epi32(w);
+                    s0[i] = _mm512_dpbusd_epi32(s0[i], b0, av);
+                    s1[i] = _mm512_dpbusd_epi32(s1[i], b1, av);
+                }
+            }
+            const __m512 c0 = _mm512_load_ps(reinterpret_cast<const float*>(pb + size_t(Bp) * NR));
+            const __m512 c1 = _mm512_load_ps(reinterpret_cast<const float*>(pb + size_t(Bp) * NR + 64));
+            for (int i = 0; i < mr; ++i) {
+                const __m512 ra = _mm512_set1_ps(sp[i][bt]);
+                acc0[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s0[i]), c0), ra, acc0[i]);
+                acc1[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s1[i]), c1), ra, acc1[i]);
+            }
         }
     }
     const __mmask16 m0 = nc >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nc) - 1);
     const __mmask16 m1 = nc >= 32 ? __mmask16(0xFFFF) : nc <= 16 ? __mmask16(0) : __mmask16((1u << (nc - 16)) - 1);
+    if (!trans) {
+        for (int i = 0; i < mr; ++i) {
+            _mm512_mask_storeu_ps(out + i * ldo, m0, acc0[i]);
+            _mm512_mask_storeu_ps(out + i * ldo + 16, m1, acc1[i]);
+        }
+        return;
+    }
+    alignas(64) float tmp[mr][NR];
     for (int i = 0; i < mr; ++i) {
-        _mm512_mask_storeu_ps(out + i * ldo, m0, acc0[i]);
-        _mm512_mask_storeu_ps(out + i * ldo + 16, m1, acc1[i]);
+        _mm512_store_ps(tmp[i], acc0[i]);
+        _mm512_store_ps(tmp[i] + 16, acc1[i]);
+    }
+    for (int j = 0; j < nc; ++j)
+        for (int i = 0; i < mr; ++i) out[j * ldo + i] = tmp[i][j];
+}
+
+
+template <int mr>
+static inline void run_tile(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo, int nc,
+                            bool trans) {
+    switch (R.Bp / 4) {
+        case 1: run_tile_k<mr, 1>(R, r0, panel, out, ldo, nc, trans); break;
+        case 2: run_tile_k<mr, 2>(R, r0, panel, out, ldo, nc, trans); break;
+        case 4: run_tile_k<mr, 4>(R, r0, panel, out, ldo, nc, trans); break;
+        case 8: run_tile_k<mr, 8>(R, r0, panel, out, ldo, nc, trans); break;
+        default: run_tile_k<mr, 0>(R, r0, panel, out, ldo, nc, trans);
     }
 }
 

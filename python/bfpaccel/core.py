@@ -103,7 +103,7 @@ def _as_float32(x, what: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.dtype.kind not in "fiub":
         raise TypeError(f"{what} must be a real numeric array (float or int), got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return arr.astype(np.float32, order="C", copy=False)  # (ascontiguousarray would make 0-d arrays 1-d)
 
 
 def _block_format(fmt: FormatLike, rounding: Optional[str] = None) -> Format:
@@ -136,13 +136,14 @@ class BfpTensor:
     """
 
     __slots__ = ("format", "axis", "elements", "exponents", "_packed")
+    _packed: Dict[Tuple[str, int, int], object]
 
     def __init__(self, format: Format, axis: int, elements: np.ndarray, exponents: np.ndarray):
         self.format = format
         self.axis = axis
         self.elements = elements
         self.exponents = exponents
-        self._packed: Dict[Tuple[str, bool], object] = {}
+        self._packed = {}
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -174,7 +175,7 @@ class BfpTensor:
         out = np.empty(self.shape, dtype=np.float32)
         _core.dequantize(
             self.elements.reshape(outer, K, inner).view(np.int8),
-            self.exponents.reshape(outer, -1, inner),
+            self.exponents.reshape(outer, self.exponents.shape[self.axis], inner),
             self.format.kernel_params(),
             out.reshape(outer, K, inner),
         )
@@ -256,12 +257,12 @@ def fake_quantize(
 
 
 # ----------------------------------------------------------------------------- GEMM
-def _packed(t: BfpTensor, role: str, taps: int = 1) -> object:
+def _packed(t: BfpTensor, role: str, taps: int = 1, groups: int = 1) -> object:
     """The kernel-ready form of a pre-quantized operand, built once per kernel and cached."""
-    key = (role + _core.get_kernel(), taps)
+    key = (role + _core.get_kernel(), taps, groups)
     p = t._packed.get(key)
     if p is None:
-        p = _core.pack_operand(t.elements.view(np.int8), t.exponents, t.format.kernel_params(), role, taps)
+        p = _core.pack_operand(t.elements.view(np.int8), t.exponents, t.format.kernel_params(), role, taps, groups)
         t._packed[key] = p
     return p
 
@@ -443,7 +444,7 @@ def conv2d(
         b = _as_float32(bias, "bias").reshape(-1)
         if b.shape[0] != O:
             raise ValueError(f"bias has {b.shape[0]} values for {O} output channels")
-    packed_w = _packed(cw.tensor, "convw", KH * KW)
+    packed_w = _packed(cw.tensor, "convw", KH * KW, g)
     return _core.conv2d(
         x, fx.kernel_params(), seed, packed_w, g, (sh, sw), (pt, pl, pb, pr), (dh, dw), b
     )

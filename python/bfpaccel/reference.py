@@ -113,7 +113,7 @@ def _as_float32(x) -> np.ndarray:
     arr = np.asarray(x)
     if arr.dtype.kind not in "fiub":
         raise TypeError(f"expected a real numeric array, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return arr.astype(np.float32, order="C", copy=False)  # keeps 0-d arrays 0-d
 
 
 def quantize_blocks(
@@ -274,8 +274,10 @@ def block_dot(
 
 
 def _unit_dtype(fa: Format, fb: Format) -> type:
+    # int64 sums are converted through float64, which is exact (one rounding to float32)
+    # only below 2^53; larger sums (FP8 x FP8 of E5M2) use Python integers.
     bound = fa.max_units * fb.max_units * max(fa.block, 1)
-    return np.int64 if bound < (1 << 62) else object
+    return np.int64 if bound < (1 << 53) else object
 
 
 def _blocked(units: np.ndarray, exps: np.ndarray, block: int) -> Tuple[np.ndarray, np.ndarray]:

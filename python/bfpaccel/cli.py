@@ -1,0 +1,164 @@
+"""The ``bfpaccel`` command (thin: every subcommand calls the public API).
+
+Subcommands:
+  demo     quantize, GEMM and convolution on the C++ core: checked bit for bit against the
+           numpy reference, then timed against numpy / onnxruntime float32
+  formats  the table of number formats
+  info     kernels this CPU can run, threads, versions
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from typing import Callable, List, Optional
+
+import numpy as np
+
+from . import __version__, core, reference
+from .formats import PRESETS, get_format
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _best_ms(fn: Callable[[], object], runs: int) -> float:
+    fn()  # warm-up (packs weights, faults pages)
+    best = float("inf")
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best * 1e3
+
+
+def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    same = (a.view(np.uint32) == b.view(np.uint32)) | (np.isnan(a) & np.isnan(b))
+    return bool(same.all())
+
+
+def cmd_formats(args: argparse.Namespace) -> int:
+    print(f"{'name':<12} {'block':>5} {'exp bits':>8} {'element':>8} {'bits/elem':>9} {'max value':>12}")
+    for name, f in PRESETS.items():
+        if f.is_block:
+            print(f"{name:<12} {f.block:>5} {f.shared_exp_bits:>8} {f.element:>8} {f.bits_per_element:>9.3f} {f.max_value:>12.4g}")
+        else:
+            print(f"{name:<12} {'-':>5} {'-':>8} {f.element:>8} {f.bits_per_element:>9.0f} {f.max_value:>12.4g}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    print(f"bfpaccel {__version__}, numpy {np.__version__}, Python {platform.python_version()}")
+    print(f"CPU: {_cpu_model()}")
+    print(f"kernels available: {', '.join(core.available_kernels())}; in use: {core.get_kernel()}")
+    print(f"threads: {core.get_num_threads()}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    fmt = get_format(args.format)
+    if args.threads:
+        core.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    print(f"bfpaccel {__version__} on {_cpu_model()}: kernel {core.get_kernel()}, {core.get_num_threads()} threads")
+    print(f"format: {fmt}\n")
+
+    x = np.array([1.0, 0.3, -0.77, 0.01], np.float32)
+    t = core.quantize(x, fmt if fmt.block >= 4 else "msfp16")
+    print(f"quantize {x.tolist()} -> codes {t.elements.tolist()}, exponent {t.exponents.tolist()}, "
+          f"values {t.dequantize().tolist()}")
+
+    # bit-exactness against the numpy reference, on every kernel this CPU runs
+    a = (rng.standard_normal((33, 200)) * 4).astype(np.float32)
+    b = rng.standard_normal((200, 47)).astype(np.float32)
+    xc = rng.standard_normal((1, 24, 12, 12)).astype(np.float32)
+    wc = rng.standard_normal((16, 24, 3, 3)).astype(np.float32)
+    ref_mm = reference.matmul(a, b, fmt)
+    ref_cv = reference.conv2d(xc, wc, fmt, padding=1, stride=2)
+    ok = True
+    for k in core.available_kernels():
+        core.set_kernel(k)
+        same = _bits_equal(core.matmul(a, b, fmt), ref_mm) and _bits_equal(
+            core.conv2d(xc, wc, fmt, padding=1, stride=2), ref_cv
+        )
+        ok &= same
+        print(f"kernel {k:<7} matmul 33x200x47 and conv 24->16 3x3/2: {'bit-exact' if same else 'MISMATCH'} vs reference")
+    core.set_kernel(None)
+
+    print(f"\nspeed, {core.get_num_threads()} threads (best of {args.runs}):")
+    n = args.size
+    a = rng.standard_normal((n, n)).astype(np.float32)
+    b = rng.standard_normal((n, n)).astype(np.float32)
+    wq = core.quantize(b, fmt, axis=0)
+    gop = 2 * n**3 / 1e9
+    t_bfp = _best_ms(lambda: core.matmul(a, wq, fmt), args.runs)
+    t_np = _best_ms(lambda: a @ b, args.runs)
+    print(f"  GEMM {n}x{n}x{n}: {fmt.name or 'bfp'} {gop / t_bfp * 1e3:7.1f} GOP/s   "
+          f"numpy fp32 {gop / t_np * 1e3:7.1f} GFLOP/s   ratio {t_np / t_bfp:.2f}x")
+    try:
+        import onnxruntime  # noqa: F401
+
+        from .baselines import ort_conv_session
+    except ImportError:
+        print("  conv: onnxruntime is not installed (pip install onnxruntime onnx) -- no float32 baseline")
+        return 0 if ok else 1
+    for C, H, O in ((64, 56, 64), (128, 28, 128), (256, 14, 256), (512, 7, 512)):
+        x = rng.standard_normal((1, C, H, H)).astype(np.float32)
+        w = (rng.standard_normal((O, C, 3, 3)) * 0.05).astype(np.float32)
+        bias = np.zeros(O, np.float32)
+        cw = core.quantize_conv_weight(w, fmt)
+        sess = ort_conv_session(w, bias, stride=1, pads=(1, 1, 1, 1), threads=core.get_num_threads())
+        t_ort = _best_ms(lambda: sess.run(None, {"x": x}), args.runs)
+        t_b = _best_ms(lambda: core.conv2d(x, cw, fmt, bias=bias, padding=1), args.runs)
+        g = 2 * O * C * 9 * H * H / 1e9
+        print(f"  ResNet-50 conv 3x3 {C}->{O} @{H}x{H}: {fmt.name or 'bfp'} {g / t_b * 1e3:6.1f} GOP/s  "
+              f"onnxruntime fp32 {g / t_ort * 1e3:6.1f} GFLOP/s  ratio {t_ort / t_b:.2f}x")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bfpaccel",
+        description="Block-floating-point (MSFP, Brainwave ms-fp8/9, OCP MX) inference the way a Brainwave-style "
+        "FPGA NPU runs it: bit-exact and fast on a CPU.",
+    )
+    p.add_argument("--version", action="version", version=f"bfpaccel {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    d = sub.add_parser("demo", help="check the kernels bit for bit against the reference and time them")
+    d.add_argument("--format", default="msfp16", help="number format (see `bfpaccel formats`; default msfp16)")
+    d.add_argument("--threads", type=int, default=None, help="kernel threads (default: all CPUs)")
+    d.add_argument("--size", type=int, default=1024, help="GEMM size n for n x n x n (default 1024)")
+    d.add_argument("--runs", type=int, default=5, help="timed runs per measurement, best taken (default 5)")
+    d.set_defaults(fn=cmd_demo)
+    f = sub.add_parser("formats", help="list the number formats")
+    f.set_defaults(fn=cmd_formats)
+    i = sub.add_parser("info", help="kernels, threads and versions")
+    i.set_defaults(fn=cmd_info)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if getattr(args, "threads", None) is not None and args.threads < 1:
+            raise ValueError("--threads must be >= 1")
+        if getattr(args, "size", 1) < 1 or getattr(args, "runs", 1) < 1:
+            raise ValueError("--size and --runs must be >= 1")
+        return int(args.fn(args))
+    except (ValueError, TypeError) as exc:
+        print(f"bfpaccel: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

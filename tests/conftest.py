@@ -1,0 +1,97 @@
+"""Shared helpers and fixtures for the bfpaccel test suite.
+
+The package is imported as installed (``import bfpaccel``): no ``sys.path`` tricks.  Every
+C++ kernel is compared bit for bit against ``bfpaccel.reference`` (the numpy oracle of
+FORMATS.md) with ``assert_bits_equal``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, List
+
+import numpy as np
+import pytest
+
+import bfpaccel
+
+#: Every block preset (the IEEE presets fp32/bf16/fp16 are not block formats).
+BLOCK_FORMATS: List[str] = [n for n in bfpaccel.list_formats() if bfpaccel.get_format(n).is_block]
+
+#: The rounding modes of FORMATS.md section 3.
+ROUNDING_MODES: List[str] = list(bfpaccel.ROUNDING_MODES)
+
+#: Kernels this CPU can run ("scalar" always, "avx2"/"avx512" where supported).
+KERNELS: List[str] = bfpaccel.available_kernels()
+
+
+def _first_mismatches(mask: np.ndarray, limit: int = 5) -> np.ndarray:
+    return np.argwhere(mask)[:limit]
+
+
+def assert_bits_equal(actual, expected, what: str = "result") -> None:
+    """Assert two float32 arrays are bit-identical (same shape, same uint32 patterns),
+    treating any NaN as equal to any NaN.  ``-0.0`` and ``+0.0`` are *different*."""
+    a = np.asarray(actual)
+    b = np.asarray(expected)
+    assert a.dtype == np.float32, f"{what}: actual dtype is {a.dtype}, expected float32"
+    assert b.dtype == np.float32, f"{what}: expected array has dtype {b.dtype}, not float32"
+    assert a.shape == b.shape, f"{what}: shape {a.shape} != expected shape {b.shape}"
+    a = np.ascontiguousarray(a)
+    b = np.ascontiguousarray(b)
+    both_nan = np.isnan(a) & np.isnan(b)
+    bad = (a.view(np.uint32) != b.view(np.uint32)) & ~both_nan
+    if bad.any():
+        lines = []
+        for idx in _first_mismatches(bad):
+            t = tuple(int(i) for i in idx)
+            lines.append(
+                f"  at {t}: actual {a[t]!r} (0x{int(a.view(np.uint32)[t]):08x}) "
+                f"expected {b[t]!r} (0x{int(b.view(np.uint32)[t]):08x})"
+            )
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.size} values differ in their bits; first mismatches:\n"
+            + "\n".join(lines)
+        )
+
+
+def assert_array_exact(actual, expected, what: str = "array") -> None:
+    """Integer arrays (codes, exponents): same dtype, shape and values."""
+    a = np.asarray(actual)
+    b = np.asarray(expected)
+    assert a.shape == b.shape, f"{what}: shape {a.shape} != expected shape {b.shape}"
+    assert a.dtype == b.dtype, f"{what}: dtype {a.dtype} != expected dtype {b.dtype}"
+    bad = a != b
+    if bad.any():
+        lines = [
+            f"  at {tuple(int(i) for i in idx)}: actual {a[tuple(idx)]!r} expected {b[tuple(idx)]!r}"
+            for idx in _first_mismatches(bad)
+        ]
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.size} entries differ; first mismatches:\n" + "\n".join(lines)
+        )
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request) -> Iterator[str]:
+    """Run the test once per kernel this CPU can run; restore the default afterwards."""
+    bfpaccel.set_kernel(request.param)
+    assert bfpaccel.get_kernel() == request.param
+    try:
+        yield request.param
+    finally:
+        bfpaccel.set_kernel(None)
+
+
+@pytest.fixture
+def restore_threads() -> Iterator[int]:
+    """Give back the thread count a test changed."""
+    n = bfpaccel.get_num_threads()
+    try:
+        yield n
+    finally:
+        bfpaccel.set_num_threads(n)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20261124)
