@@ -32,7 +32,7 @@ struct FmtParams {
 };
 
 // ---------------------------------------------------------------- kernels & dispatch
-enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Emu = 3 };
 Isa current_isa();
 int num_threads();
 
@@ -95,6 +95,13 @@ size_t panel_bytes(int nb, int Bp);
 void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
 void gemm(const GemmArgs& a);
 }  // namespace avx512
+
+namespace avx512emu {  // the same kernel on SIMDe, built only with BFPACCEL_AVX512_EMULATION
+constexpr int NR = 32;
+size_t panel_bytes(int nb, int Bp);
+void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
+void gemm(const GemmArgs& a);
+}  // namespace avx512emu
 
 namespace avx2 {
 constexpr int NR = 16;

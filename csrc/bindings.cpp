@@ -44,6 +44,7 @@ Isa isa_from_name(const std::string& s) {
     if (s == "scalar") return kScalar;
     if (s == "avx2") return kAvx2;
     if (s == "avx512") return kAvx512;
+    if (s == "avx512-emu") return kAvx512Emu;
     throw std::invalid_argument("unknown kernel " + s);
 }
 

@@ -23,17 +23,56 @@ static std::atomic<int> g_isa{-1};
 static bool cpu_has(Isa isa) {
     if (isa == kScalar) return true;
     __builtin_cpu_init();
+#ifdef BFPACCEL_HAVE_AVX512_EMU
+    if (isa == kAvx512Emu) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    if (isa == kAvx512Emu) return false;
+#endif
     if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
            __builtin_cpu_supports("fma");
 }
 
-const char* isa_name(Isa isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "scalar"; }
+const char* isa_name(Isa isa) {
+    switch (isa) {
+        case kAvx512: return "avx512";
+        case kAvx512Emu: return "avx512-emu";
+        case kAvx2: return "avx2";
+        default: return "scalar";
+    }
+}
+
+// Panel width, panel size, packing and GEMM entry of a SIMD kernel.
+static int isa_nr(Isa isa) { return isa == kAvx2 ? avx2::NR : avx512::NR; }
+
+static size_t isa_panel_bytes(Isa isa, int nb, int Bp) {
+    if (isa == kAvx2) return avx2::panel_bytes(nb, Bp);
+#ifdef BFPACCEL_HAVE_AVX512_EMU
+    if (isa == kAvx512Emu) return avx512emu::panel_bytes(nb, Bp);
+#endif
+    return avx512::panel_bytes(nb, Bp);
+}
+
+static void isa_pack_panel(Isa isa, const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* mn, int32_t* mx) {
+    if (isa == kAvx2) return avx2::pack_panel(c, col0, ncols, dst, mn, mx);
+#ifdef BFPACCEL_HAVE_AVX512_EMU
+    if (isa == kAvx512Emu) return avx512emu::pack_panel(c, col0, ncols, dst, mn, mx);
+#endif
+    avx512::pack_panel(c, col0, ncols, dst, mn, mx);
+}
+
+static void isa_gemm(Isa isa, const GemmArgs& g) {
+    if (isa == kAvx2) return avx2::gemm(g);
+#ifdef BFPACCEL_HAVE_AVX512_EMU
+    if (isa == kAvx512Emu) return avx512emu::gemm(g);
+#endif
+    avx512::gemm(g);
+}
 
 std::vector<std::string> available_isas() {
     std::vector<std::string> out;
-    for (Isa i : {kScalar, kAvx2, kAvx512})
+    for (Isa i : {kScalar, kAvx512Emu, kAvx2, kAvx512})  // slowest first; the last is the default
         if (cpu_has(i)) out.push_back(isa_name(i));
     return out;
 }
@@ -41,7 +80,7 @@ std::vector<std::string> available_isas() {
 Isa current_isa() {
     int v = g_isa.load();
     if (v < 0) {
-        v = cpu_has(kAvx512) ? kAvx512 : cpu_has(kAvx2) ? kAvx2 : kScalar;
+        v = cpu_has(kAvx512) ? kAvx512 : cpu_has(kAvx2) ? kAvx2 : kScalar;  // never the emulation by default
         g_isa.store(v);
     }
     return Isa(v);
@@ -279,9 +318,9 @@ static void prepare_cols(Operand& op, Isa isa, int groups) {
         op.ce[r] = op.exp.data() + r * op.nb();
     }
     if (isa == kScalar) return;
-    const int NR = isa == kAvx512 ? avx512::NR : avx2::NR;
+    const int NR = isa_nr(isa);
     const int64_t per = op.R / groups, npg = (per + NR - 1) / NR, np = npg * groups;
-    const size_t pb = isa == kAvx512 ? avx512::panel_bytes(op.nb(), op.Bp) : avx2::panel_bytes(op.nb(), op.Bp);
+    const size_t pb = isa_panel_bytes(isa, op.nb(), op.Bp);
     op.panels = std::make_unique<AlignedBuf>(size_t(np) * pb);
     op.pmin.assign(size_t(np), 0);
     op.pmax.assign(size_t(np), 0);
@@ -292,10 +331,7 @@ static void prepare_cols(Operand& op, Isa isa, int groups) {
     for (int64_t p = 0; p < np; ++p) {
         const int64_t g = p / npg, q = p % npg, c0 = g * per + q * NR;
         const int nc = int(std::min<int64_t>(NR, per - q * NR));
-        if (isa == kAvx512)
-            avx512::pack_panel(cv, c0, nc, op.panels->p + p * pb, &op.pmin[p], &op.pmax[p]);
-        else
-            avx2::pack_panel(cv, c0, nc, op.panels->p + p * pb, &op.pmin[p], &op.pmax[p]);
+        isa_pack_panel(isa, cv, c0, nc, op.panels->p + p * pb, &op.pmin[p], &op.pmax[p]);
     }
 }
 
@@ -442,8 +478,7 @@ static void run_gemm(const RowsView& rv, const ExactCtx& ex, const ColsView& cv,
         return;
     }
     GemmArgs g{rv, cv, sum_bits(fa, fb), out, ldo, ex.trans, ExactTile{&ex, exact_tile}, num_threads()};
-    if (isa == kAvx512) avx512::gemm(g);
-    else avx2::gemm(g);
+    isa_gemm(isa, g);
 }
 
 static int exact_kind(bool int8, bool rows16, const FmtParams& fa, const FmtParams& fb) {
@@ -579,9 +614,9 @@ void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, cons
     std::vector<const void*> cu(static_cast<size_t>(Og));
     std::vector<const int16_t*> ce(static_cast<size_t>(Og));
     const int64_t clen = int64_t(w.nb()) * Bp;
-    const int NR = isa == kAvx512 ? avx512::NR : avx2::NR;
+    const int NR = isa_nr(isa);
     const int64_t npg = (Og + NR - 1) / NR;
-    const size_t pbytes = isa == kAvx512 ? avx512::panel_bytes(w.nb(), Bp) : isa == kAvx2 ? avx2::panel_bytes(w.nb(), Bp) : 0;
+    const size_t pbytes = simd ? isa_panel_bytes(isa, w.nb(), Bp) : 0;
     const void* ubase = !int8 ? static_cast<const void*>(a64.data())
                         : rows16 ? static_cast<const void*>(a16.data()) : static_cast<const void*>(a8.data());
     for (int64_t ng = 0; ng < NG; ++ng) {

@@ -42,11 +42,15 @@ def test_bad_num_threads_raise(bad, restore_threads):
 def test_available_kernels():
     ks = bfpaccel.available_kernels()
     assert ks[0] == "scalar"
-    assert set(ks) <= {"scalar", "avx2", "avx512"}
+    assert set(ks) <= {"scalar", "avx2", "avx512", "avx512-emu"}
     assert len(set(ks)) == len(ks)
     # slowest first: avx512 only ever after avx2
     if "avx512" in ks:
         assert "avx2" in ks and ks.index("avx2") < ks.index("avx512")
+    # the SIMDe build of the AVX-512 kernel is for tests only: never the default
+    if "avx512-emu" in ks:
+        bfpaccel.set_kernel(None)
+        assert bfpaccel.get_kernel() != "avx512-emu"
 
 
 def test_set_kernel_and_default():

@@ -6,7 +6,16 @@
 // Per block and output: t = float(S) * col_scale, acc = fma(t, row_scale, acc): the same bits
 // as fp32(acc + fp32(S) * 2^(Ea+Eb-shifts)) whenever that product is exact, which the driver
 // checks per tile (else it calls the exact fallback).
+#ifdef BFP_AVX512_EMULATED
+// Test-only build of this same file on SIMDe's portable AVX-512 (see CMake option
+// BFPACCEL_AVX512_EMULATION): checks the kernel's logic bit for bit on CPUs without AVX-512.
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#define BFP_AVX512_NS avx512emu
+#else
 #include <immintrin.h>
+#define BFP_AVX512_NS avx512
+#endif
 
 #include <climits>
 #include <cstdlib>
@@ -15,7 +24,7 @@
 #include "../bfp.h"
 
 namespace bfp {
-namespace avx512 {
+namespace BFP_AVX512_NS {
 
 #define MR_MAX 6
 static constexpr int MR = 6;
@@ -105,19 +114,24 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
             }
         }
     }
-    const __mmask16 m0 = nc >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nc) - 1);
-    const __mmask16 m1 = nc >= 32 ? __mmask16(0xFFFF) : nc <= 16 ? __mmask16(0) : __mmask16((1u << (nc - 16)) - 1);
-    if (!trans) {
+    if (nc == NR && !trans) {
         for (int i = 0; i < mr; ++i) {
-            _mm512_mask_storeu_ps(out + i * ldo, m0, acc0[i]);
-            _mm512_mask_storeu_ps(out + i * ldo + 16, m1, acc1[i]);
+            _mm512_storeu_ps(out + i * ldo, acc0[i]);
+            _mm512_storeu_ps(out + i * ldo + 16, acc1[i]);
         }
         return;
     }
+    // edge and transposed tiles go through the stack (plain stores: no masked store, whose
+    // emulation on other ISAs reads and rewrites the masked-off lanes)
     alignas(64) float tmp[mr][NR];
     for (int i = 0; i < mr; ++i) {
         _mm512_store_ps(tmp[i], acc0[i]);
         _mm512_store_ps(tmp[i] + 16, acc1[i]);
+    }
+    if (!trans) {
+        for (int i = 0; i < mr; ++i)
+            for (int j = 0; j < nc; ++j) out[i * ldo + j] = tmp[i][j];
+        return;
     }
     for (int j = 0; j < nc; ++j)
         for (int i = 0; i < mr; ++i) out[j * ldo + i] = tmp[i][j];
@@ -138,5 +152,5 @@ static inline void run_tile(const RowsView& R, int64_t r0, const uint8_t* panel,
 
 #include "driver.inc"
 
-}  // namespace avx512
+}  // namespace BFP_AVX512_NS
 }  // namespace bfp

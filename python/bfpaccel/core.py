@@ -53,7 +53,10 @@ def get_num_threads() -> int:
 
 
 def available_kernels() -> List[str]:
-    """Kernels this CPU can run, slowest first, e.g. ``["scalar", "avx2", "avx512"]``."""
+    """Kernels this CPU can run, slowest first, e.g. ``["scalar", "avx2", "avx512"]``; the last
+    is the default. Test builds (CMake option ``BFPACCEL_AVX512_EMULATION``) add
+    ``"avx512-emu"`` after ``"scalar"``: the AVX-512 kernel's source on portable SIMDe
+    intrinsics, to check it bit for bit where the CPU lacks AVX-512."""
     return list(_core.available_kernels())
 
 
@@ -76,8 +79,8 @@ def set_kernel(name: Optional[str]) -> None:
     if not isinstance(name, str):
         raise TypeError(f"kernel name must be a str or None, got {type(name).__name__}")
     name = name.strip().lower()
-    if name not in ("scalar", "avx2", "avx512"):
-        raise ValueError(f"unknown kernel {name!r}; expected scalar, avx2 or avx512")
+    if name not in ("scalar", "avx2", "avx512", "avx512-emu"):
+        raise ValueError(f"unknown kernel {name!r}; expected scalar, avx2 or avx512 (or avx512-emu in test builds)")
     if name not in available_kernels():
         raise ValueError(f"this CPU cannot run the {name} kernel; available: {', '.join(available_kernels())}")
     _core.set_kernel(name)
