@@ -562,24 +562,33 @@ void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, cons
     };
     const int64_t HW = H * W;
     if (fast) {
-        // channels-last copy of each (image, group), then contiguous blocks per pixel
-        std::vector<float> xt(size_t(HW * Cg));
-        for (int64_t ng = 0; ng < NG; ++ng) {
-            const float* src = x + ng * Cg * HW;  // the (n, g) channels are contiguous in NCHW
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (HW * Cg > 32768)
-            for (int64_t p0 = 0; p0 < HW; p0 += 64) {
-                const int64_t p1 = std::min(HW, p0 + 64);
-                for (int64_t c = 0; c < Cg; ++c)
-                    for (int64_t p = p0; p < p1; ++p) xt[p * Cg + c] = src[c * HW + p];
-                alignas(64) int8_t u8[4096 + 64];
-                for (int64_t p = p0; p < p1; ++p) {
+        // 8 pixels at a time straight from NCHW (SIMD lanes = pixels, contiguous loads); the
+        // exact scalar path takes the rare group with NaN/Inf or extreme exponents
+        const int64_t nchunk = (HW + 7) / 8;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (NG * HW * Cg > 32768)
+        for (int64_t it = 0; it < NG * nchunk; ++it) {
+            const int64_t ng = it / nchunk, p0 = (it % nchunk) * 8, n = ng / G, gi = ng % G;
+            const int np = int(std::min<int64_t>(8, HW - p0));
+            alignas(64) int8_t u8[8 * 128];
+            int16_t E[8];
+            int32_t sum[8];
+            int64_t units[4096];
+            for (int cb = 0; cb < nbc; ++cb) {
+                const int len = int(std::min<int64_t>(B, Cg - int64_t(cb) * B));
+                const int64_t off0 = ((n * C + gi * Cg + int64_t(cb) * B) * H) * W + p0;
+                if (len < Bp || Bp > 128) std::memset(u8, 0, sizeof(u8));
+                const bool ok = Bp <= 128 && avx2::quantize_pixels8(x + off0, HW, np, len, fx, u8, 128, E, sum);
+                for (int j = 0; j < np; ++j) {
+                    const int64_t p = p0 + j;
                     const int64_t ppix = ng * npix + (p / W + g.pt) * Wp + (p % W + g.pl);
-                    for (int cb = 0; cb < nbc; ++cb) {
-                        const int len = int(std::min<int64_t>(B, Cg - int64_t(cb) * B));
-                        std::memset(u8, 0, size_t(Bp));
-                        const int16_t e = avx2::quantize_block_i8(xt.data() + p * Cg + int64_t(cb) * B, len, fx, u8);
-                        store_pixel(ppix, cb, u8, e);
+                    if (ok) {
+                        store_pixel(ppix, cb, u8 + j * 128, E[j]);
+                        continue;
                     }
+                    alignas(64) int8_t one[4096 + 64] = {};
+                    const int16_t e = quantize_block(x + off0 + j, HW, len, uint64_t(off0 + j), HW, fx, seed, units);
+                    for (int k = 0; k < len; ++k) one[k] = int8_t(units[k]);
+                    store_pixel(ppix, cb, one, e);
                 }
             }
         }

@@ -86,6 +86,9 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
                     const __m256i av = _mm256_set1_epi32(w);
                     s0[i] = _mm256_add_epi32(s0[i], _mm256_madd_epi16(b0, av));
                     s1[i] = _mm256_add_epi32(s1[i], _mm256_madd_epi16(b1, av));
+                    // keep each accumulator a running sum in one register: without this GCC
+                    // reassociates the unrolled adds into a tree and spills every product
+                    __asm__("" : "+x"(s0[i]), "+x"(s1[i]));
                 }
             }
             const float* cs = reinterpret_cast<const float*>(pb + size_t(Bp) * NR * 2);

@@ -12,7 +12,10 @@
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 #define BFP_AVX512_NS avx512emu
+#define BFP_PIN(a, b) ((void)0)
 #else
+// keep each accumulator a running sum in one register (no reassociation into a spilled tree)
+#define BFP_PIN(a, b) __asm__("" : "+v"(a), "+v"(b))
 #include <immintrin.h>
 #define BFP_AVX512_NS avx512
 #endif
@@ -103,6 +106,7 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
                     const __m512i av = _mm512_set1_epi32(w);
                     s0[i] = _mm512_dpbusd_epi32(s0[i], b0, av);
                     s1[i] = _mm512_dpbusd_epi32(s1[i], b1, av);
+                    BFP_PIN(s0[i], s1[i]);
                 }
             }
             const __m512 c0 = _mm512_load_ps(reinterpret_cast<const float*>(pb + size_t(Bp) * NR));

@@ -104,5 +104,77 @@ int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* out
     return int16_t(E);
 }
 
+// Quantizes one channel block (len <= 128 channels) of np <= 8 consecutive pixels of a
+// channels-first plane: channel c of pixel j is x[c*HW + j]. Lanes are pixels, so every load
+// is contiguous. Writes units[j*ustride + c] (int8), E[j] and sum[j] = sum of pixel j's units.
+// Returns false, writing nothing, when a pixel needs the exact scalar path (NaN/Inf, a
+// subnormal or zero-free tiny block outside the direct exponent range).
+bool quantize_pixels8(const float* x, int64_t HW, int np, int len, const FmtParams& f, int8_t* units,
+                      int ustride, int16_t* E, int32_t* sum) {
+    const __m256i absm = _mm256_set1_epi32(0x7fffffff), expm = _mm256_set1_epi32(0x7f800000);
+    const __m256i lanes = tail_mask(np < 8 ? np : 7);
+    const __m256i lmask = np >= 8 ? _mm256_set1_epi32(-1) : lanes;
+    __m256 v[128];
+    __m256i amax = _mm256_setzero_si256(), bad = _mm256_setzero_si256();
+    for (int c = 0; c < len; ++c) {
+        const __m256 xv = np >= 8 ? _mm256_loadu_ps(x + c * HW) : _mm256_maskload_ps(x + c * HW, lmask);
+        v[c] = xv;
+        const __m256i a = _mm256_and_si256(_mm256_castps_si256(xv), absm);
+        bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(a, expm), expm));
+        amax = _mm256_max_epi32(amax, a);
+    }
+    if (_mm256_movemask_epi8(bad)) return false;
+    // floor(log2(amax)) from the exponent field; amax == 0 gives the minimum exponent
+    const __m256i zero_blk = _mm256_cmpeq_epi32(amax, _mm256_setzero_si256());
+    const __m256i subn = _mm256_andnot_si256(zero_blk, _mm256_cmpgt_epi32(_mm256_set1_epi32(0x00800000), amax));
+    if (_mm256_movemask_epi8(_mm256_and_si256(subn, lmask))) return false;
+    __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(amax, 23), _mm256_set1_epi32(127 + f.emax_elem));
+    e = _mm256_max_epi32(e, _mm256_set1_epi32(f.exp_min));
+    e = _mm256_min_epi32(e, _mm256_set1_epi32(f.exp_max));
+    e = _mm256_blendv_epi8(e, _mm256_set1_epi32(f.exp_min), zero_blk);
+    // scale 2^k per lane (int: k = unit_shift - E; fp: k = -E) must be a normal float
+    const __m256i k = _mm256_sub_epi32(_mm256_set1_epi32(f.kind == kInt ? f.unit_shift : 0), e);
+    const __m256i kout = _mm256_or_si256(_mm256_cmpgt_epi32(k, _mm256_set1_epi32(127)),
+                                         _mm256_cmpgt_epi32(_mm256_set1_epi32(-126), k));
+    if (_mm256_movemask_epi8(_mm256_andnot_si256(zero_blk, _mm256_and_si256(kout, lmask)))) return false;
+    const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_blendv_epi8(k, _mm256_setzero_si256(), zero_blk), _mm256_set1_epi32(127)), 23));
+    const __m256 maxu = _mm256_set1_ps(float(f.max_units));
+    const __m256 fabsm = _mm256_castsi256_ps(absm);
+    const int m = f.mbits, emin_el = 1 - f.bias, unit_exp = 1 - f.bias - m;
+    __m256i s = _mm256_setzero_si256();
+    alignas(32) int32_t q[128][8];
+    for (int c = 0; c < len; ++c) {
+        const __m256 vv = _mm256_mul_ps(_mm256_and_ps(v[c], fabsm), scale);
+        __m256 r;
+        if (f.kind == kInt) {
+            r = round_mode(vv, f.rounding);
+        } else {
+            __m256i binade = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(vv), 23), _mm256_set1_epi32(127));
+            binade = _mm256_max_epi32(binade, _mm256_set1_epi32(emin_el));
+            const __m256i qexp = _mm256_sub_epi32(binade, _mm256_set1_epi32(m));
+            const __m256 down = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(127), qexp), 23));
+            const __m256 up = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_add_epi32(_mm256_sub_epi32(qexp, _mm256_set1_epi32(unit_exp)), _mm256_set1_epi32(127)), 23));
+            r = _mm256_mul_ps(round_mode(_mm256_mul_ps(vv, down), f.rounding), up);
+        }
+        __m256i qi = _mm256_cvttps_epi32(_mm256_min_ps(r, maxu));
+        const __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(v[c], _mm256_setzero_ps(), _CMP_LT_OQ));
+        qi = _mm256_sub_epi32(_mm256_xor_si256(qi, neg), neg);
+        s = _mm256_add_epi32(s, qi);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q[c]), qi);
+    }
+    alignas(32) int32_t ee[8], ss[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ee), e);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(ss), s);
+    for (int j = 0; j < np; ++j) {
+        E[j] = int16_t(ee[j]);
+        sum[j] = ss[j];
+        int8_t* u = units + j * ustride;
+        for (int c = 0; c < len; ++c) u[c] = int8_t(q[c][j]);
+    }
+    return true;
+}
+
 }  // namespace avx2
 }  // namespace bfp
