@@ -13,8 +13,11 @@
 namespace bfp {
 namespace avx2 {
 
+#include "tile.inc"
+
 #define MR_MAX 4
 static constexpr int MR = 3;
+static constexpr int KSTEP = 2;  // k values per int32 lane of a panel
 
 // Panel layout, per block b: [Bp/2][NR] int32 (2 int16 units of one column), then [NR] float scales.
 size_t panel_bytes(int nb, int Bp) { return size_t(nb) * (size_t(Bp) * NR * 2 + NR * 4); }
@@ -112,27 +115,9 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
         _mm256_store_ps(tmp[i], acc0[i]);
         _mm256_store_ps(tmp[i] + 8, acc1[i]);
     }
-    if (trans) {
-        for (int j = 0; j < nc; ++j)
-            for (int i = 0; i < mr; ++i) out[j * ldo + i] = tmp[i][j];
-    } else {
-        for (int i = 0; i < mr; ++i)
-            for (int j = 0; j < nc; ++j) out[i * ldo + j] = tmp[i][j];
-    }
+    store_tile(tmp, nc, out, ldo, trans);
 }
 
-
-template <int mr>
-static inline void run_tile(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo, int nc,
-                            bool trans) {
-    switch (R.Bp / 2) {
-        case 2: run_tile_k<mr, 2>(R, r0, panel, out, ldo, nc, trans); break;
-        case 4: run_tile_k<mr, 4>(R, r0, panel, out, ldo, nc, trans); break;
-        case 8: run_tile_k<mr, 8>(R, r0, panel, out, ldo, nc, trans); break;
-        case 16: run_tile_k<mr, 16>(R, r0, panel, out, ldo, nc, trans); break;
-        default: run_tile_k<mr, 0>(R, r0, panel, out, ldo, nc, trans);
-    }
-}
 
 #include "driver.inc"
 

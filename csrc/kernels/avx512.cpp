@@ -29,8 +29,11 @@
 namespace bfp {
 namespace BFP_AVX512_NS {
 
+#include "tile.inc"
+
 #define MR_MAX 6
 static constexpr int MR = 6;
+static constexpr int KSTEP = 4;  // k values per int32 lane of a panel
 
 // Panel layout, per block b: [Bp/4][NR] uint32 (4 biased bytes of one column), then [NR] float scales.
 size_t panel_bytes(int nb, int Bp) { return size_t(nb) * (size_t(Bp) * NR + NR * 4); }
@@ -132,27 +135,9 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
         _mm512_store_ps(tmp[i], acc0[i]);
         _mm512_store_ps(tmp[i] + 16, acc1[i]);
     }
-    if (!trans) {
-        for (int i = 0; i < mr; ++i)
-            for (int j = 0; j < nc; ++j) out[i * ldo + j] = tmp[i][j];
-        return;
-    }
-    for (int j = 0; j < nc; ++j)
-        for (int i = 0; i < mr; ++i) out[j * ldo + i] = tmp[i][j];
+    store_tile(tmp, nc, out, ldo, trans);
 }
 
-
-template <int mr>
-static inline void run_tile(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo, int nc,
-                            bool trans) {
-    switch (R.Bp / 4) {
-        case 1: run_tile_k<mr, 1>(R, r0, panel, out, ldo, nc, trans); break;
-        case 2: run_tile_k<mr, 2>(R, r0, panel, out, ldo, nc, trans); break;
-        case 4: run_tile_k<mr, 4>(R, r0, panel, out, ldo, nc, trans); break;
-        case 8: run_tile_k<mr, 8>(R, r0, panel, out, ldo, nc, trans); break;
-        default: run_tile_k<mr, 0>(R, r0, panel, out, ldo, nc, trans);
-    }
-}
 
 #include "driver.inc"
 

@@ -29,6 +29,21 @@ static inline __m256 round_mode(__m256 a, int mode) {
     return _mm256_add_ps(fl, _mm256_and_ps(up, _mm256_set1_ps(1.0f)));
 }
 
+// |x| already scaled by 2^(unit_shift - E) (int) or 2^-E (fp) -> rounded units (float).
+// fp elements round at the quantum of their own binade (subnormals at the smallest one).
+static inline __m256 round_units(__m256 v, const FmtParams& f) {
+    if (f.kind == kInt) return round_mode(v, f.rounding);
+    const int m = f.mbits, emin_el = 1 - f.bias, unit_exp = 1 - f.bias - m;
+    __m256i binade = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(v), 23), _mm256_set1_epi32(127));
+    binade = _mm256_max_epi32(binade, _mm256_set1_epi32(emin_el));
+    const __m256i qexp = _mm256_sub_epi32(binade, _mm256_set1_epi32(m));
+    // 2^-qexp and 2^(qexp - unit_exp), built from exponent bits (both in normal range)
+    const __m256 down = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(127), qexp), 23));
+    const __m256 up = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(qexp, _mm256_set1_epi32(unit_exp)), _mm256_set1_epi32(127)), 23));
+    return _mm256_mul_ps(round_mode(_mm256_mul_ps(v, down), f.rounding), up);
+}
+
 int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* out) {
     const __m256i absm = _mm256_set1_epi32(0x7fffffff), expm = _mm256_set1_epi32(0x7f800000);
     __m256i vmax = _mm256_setzero_si256(), bad = _mm256_setzero_si256();
@@ -67,24 +82,11 @@ int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* out
     }
     const __m256 s1 = k1 >= -126 ? pow2(k1) : _mm256_set1_ps(std::ldexp(1.0f, k1));
     const __m256 s2 = pow2(k2);
-    const int m = f.mbits, emin_el = 1 - f.bias, unit_exp = 1 - f.bias - m;
     for (int k = 0; k < n; k += 8) {
         const bool full = k + 8 <= n;
         const __m256 xv = full ? _mm256_loadu_ps(x + k) : _mm256_maskload_ps(x + k, tail_mask(n - k));
-        __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_and_ps(xv, fabsm), s1), s2);
-        __m256 q;
-        if (f.kind == kInt) {
-            q = round_mode(v, f.rounding);
-        } else {
-            __m256i binade = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(v), 23), _mm256_set1_epi32(127));
-            binade = _mm256_max_epi32(binade, _mm256_set1_epi32(emin_el));
-            const __m256i qexp = _mm256_sub_epi32(binade, _mm256_set1_epi32(m));
-            // 2^-qexp and 2^(qexp - unit_exp), built from exponent bits (both in normal range)
-            const __m256 down = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(127), qexp), 23));
-            const __m256 up = _mm256_castsi256_ps(
-                _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(qexp, _mm256_set1_epi32(unit_exp)), _mm256_set1_epi32(127)), 23));
-            q = _mm256_mul_ps(round_mode(_mm256_mul_ps(v, down), f.rounding), up);
-        }
+        const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_and_ps(xv, fabsm), s1), s2);
+        __m256 q = round_units(v, f);
         q = _mm256_min_ps(q, maxu);
         __m256i qi = _mm256_cvttps_epi32(q);
         const __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(xv, _mm256_setzero_ps(), _CMP_LT_OQ));
@@ -141,23 +143,10 @@ bool quantize_pixels8(const float* x, int64_t HW, int np, int len, const FmtPara
         _mm256_add_epi32(_mm256_blendv_epi8(k, _mm256_setzero_si256(), zero_blk), _mm256_set1_epi32(127)), 23));
     const __m256 maxu = _mm256_set1_ps(float(f.max_units));
     const __m256 fabsm = _mm256_castsi256_ps(absm);
-    const int m = f.mbits, emin_el = 1 - f.bias, unit_exp = 1 - f.bias - m;
     __m256i s = _mm256_setzero_si256();
     alignas(32) int32_t q[128][8];
     for (int c = 0; c < len; ++c) {
-        const __m256 vv = _mm256_mul_ps(_mm256_and_ps(v[c], fabsm), scale);
-        __m256 r;
-        if (f.kind == kInt) {
-            r = round_mode(vv, f.rounding);
-        } else {
-            __m256i binade = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(vv), 23), _mm256_set1_epi32(127));
-            binade = _mm256_max_epi32(binade, _mm256_set1_epi32(emin_el));
-            const __m256i qexp = _mm256_sub_epi32(binade, _mm256_set1_epi32(m));
-            const __m256 down = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(_mm256_set1_epi32(127), qexp), 23));
-            const __m256 up = _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_add_epi32(_mm256_sub_epi32(qexp, _mm256_set1_epi32(unit_exp)), _mm256_set1_epi32(127)), 23));
-            r = _mm256_mul_ps(round_mode(_mm256_mul_ps(vv, down), f.rounding), up);
-        }
+        const __m256 r = round_units(_mm256_mul_ps(_mm256_and_ps(v[c], fabsm), scale), f);
         __m256i qi = _mm256_cvttps_epi32(_mm256_min_ps(r, maxu));
         const __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(v[c], _mm256_setzero_ps(), _CMP_LT_OQ));
         qi = _mm256_sub_epi32(_mm256_xor_si256(qi, neg), neg);
