@@ -54,7 +54,6 @@ class Operand {
     std::unique_ptr<AlignedBuf> panels;
     std::vector<int32_t> pmin, pmax;
     std::vector<const int8_t*> cu8;
-    std::vector<const int64_t*> cu64;
     std::vector<const int16_t*> ce;
 
     int nb() const { return taps * nbt; }

@@ -39,7 +39,7 @@ static constexpr int KSTEP = 4;  // k values per int32 lane of a panel
 size_t panel_bytes(int nb, int Bp) { return size_t(nb) * (size_t(Bp) * NR + NR * 4); }
 
 void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax) {
-    const int Bp = c.Bp, B4 = Bp / 4, nb = c.taps * c.nbt;
+    const int Bp = c.Bp, B4 = Bp / 4;
     const size_t bstride = size_t(Bp) * NR + NR * 4;
     int32_t mn = INT32_MAX, mx = INT32_MIN;
     for (int t = 0; t < c.taps; ++t) {
@@ -72,7 +72,6 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
             }
         }
     }
-    (void)nb;
     *emin = mn;
     *emax = mx;
 }

@@ -45,5 +45,5 @@ def ort_conv_session(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
+    opts.inter_op_num_threads = 1  # onnxruntime's defaults otherwise (its thread pool spins: its best speed)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
