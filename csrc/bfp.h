@@ -112,10 +112,10 @@ void gemm(const GemmArgs& a);
 // other than stochastic); returns the block exponent. Same results as quantize_block.
 int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* units);
 // One block (len <= 128 channels) of np <= 8 consecutive pixels of a channels-first plane
-// (channel c of pixel j at x[c*HW + j]): units[j*ustride + c], E[j], sum[j] of units.
+// (channel c of pixel j at x[c*HW + j]): units[j*ustride + c] and E[j].
 // False (nothing written) when a pixel needs the exact scalar path.
 bool quantize_pixels8(const float* x, int64_t HW, int np, int len, const FmtParams& f, int8_t* units,
-                      int ustride, int16_t* E, int32_t* sum);
+                      int ustride, int16_t* E);
 }  // namespace avx2
 
 // Scale of a block for the fast kernels (see RowsView).

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <mutex>
 #include <thread>
 
 #include "quantize.h"
@@ -258,13 +259,16 @@ std::shared_ptr<Operand> quantize_rows(const float* x, int64_t rows, int64_t K, 
     op->role = "rows";
     op->isa = current_isa();
     op->build_rows_from_float(x, rows, K, seed);
+    index_rows(*op);
     if (op->int8()) prepare_rows(*op, op->isa);
     return op;
 }
 
 void Operand::ensure_u64() {
-    if (!u64.empty() || R * nb() == 0) return;
-    u64.assign(u8.begin(), u8.end());
+    // made on first use by a GEMM with a wide-unit partner; callers run without the GIL
+    std::call_once(u64_once, [this] {
+        if (u64.empty() && R * nb() > 0) u64.assign(u8.begin(), u8.end());
+    });
 }
 
 // Row offsets of a canonical rows operand [R][nb*Bp] (taps = 1, row r at r * nb*Bp).
@@ -304,7 +308,6 @@ static void prepare_rows(Operand& op, Isa isa) {
             block_extras(op.u8.data() + (r * nbk + b) * op.Bp, op.Bp, op.exp[r * nbk + b], op.f.unit_shift,
                          &op.scale[r * nbk + b], &op.corr[r * nbk + b], &op.emin[r], &op.emax[r]);
     if (isa == kAvx2) op.u16.assign(op.u8.begin(), op.u8.end());
-    index_rows(op);
 }
 
 // Column pointers, and (SIMD kernels) panels packed once, per group of columns.
@@ -362,6 +365,7 @@ std::shared_ptr<Operand> make_operand(const int8_t* codes, const int16_t* exps, 
     } else {
         throw std::invalid_argument("unknown operand role " + role);
     }
+    if (role == "rows") index_rows(*op);
     if (op->int8()) {
         if (role == "rows") prepare_rows(*op, op->isa);
         else prepare_cols(*op, op->isa, role == "convw" ? groups : 1);
@@ -508,7 +512,6 @@ void gemm(Operand& a, Operand& b, float* out) {
         cu[n] = int8 ? static_cast<const void*>(b.u8.data() + n * clen) : static_cast<const void*>(b.u64.data() + n * clen);
         ce[n] = b.exp.data() + n * b.nb();
     }
-    if (a.roff.empty()) index_rows(a);
     const void* ru = int8 ? static_cast<const void*>(a.u8.data()) : static_cast<const void*>(a.u64.data());
     const ExactCtx ex{ru, a.exp.data(), a.roff.data(), a.toff.data(), cu.data(), ce.data(), 1, a.nb(), a.Bp,
                       a.f.unit_shift, b.f.unit_shift, exact_kind(int8, false, a.f, b.f), false};
@@ -571,13 +574,13 @@ void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, cons
             const int np = int(std::min<int64_t>(8, HW - p0));
             alignas(64) int8_t u8[8 * 128];
             int16_t E[8];
-            int32_t sum[8];
             int64_t units[4096];
             for (int cb = 0; cb < nbc; ++cb) {
                 const int len = int(std::min<int64_t>(B, Cg - int64_t(cb) * B));
                 const int64_t off0 = ((n * C + gi * Cg + int64_t(cb) * B) * H) * W + p0;
-                if (len < Bp || Bp > 128) std::memset(u8, 0, sizeof(u8));
-                const bool ok = Bp <= 128 && avx2::quantize_pixels8(x + off0, HW, np, len, fx, u8, 128, E, sum);
+                const bool vec = Bp <= 128;  // lanes hold up to 128 channels
+                if (vec && len < Bp) std::memset(u8, 0, sizeof(u8));
+                const bool ok = vec && avx2::quantize_pixels8(x + off0, HW, np, len, fx, u8, 128, E);
                 for (int j = 0; j < np; ++j) {
                     const int64_t p = p0 + j;
                     const int64_t ppix = ng * npix + (p / W + g.pt) * Wp + (p % W + g.pl);

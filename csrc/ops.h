@@ -2,6 +2,7 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,7 @@ class Operand {
     std::vector<int8_t> u8;     // int8 units (formats whose units fit a byte)
     std::vector<int16_t> u16;   // int16 copy of rows for the AVX2 kernel
     std::vector<int64_t> u64;   // wide units (FP8 / E3M2, or mixed with them), made on demand
+    std::once_flag u64_once;
     std::vector<int16_t> exp;   // [R][nb] raw shared exponents
     std::vector<float> scale;   // [R][nb]
     std::vector<int32_t> corr, emin, emax;

@@ -191,3 +191,30 @@ def test_gil_is_released_during_matmul(restore_threads):
     for r in state["results"]:
         assert_bits_equal(r, first)
     assert counter >= 1, "the main thread never ran while the worker was inside matmul: the GIL is held"
+
+
+def test_shared_weight_used_from_many_threads():
+    """A pre-quantized int8-unit weight first used with FP8 activations is widened lazily,
+    inside a kernel call that runs without the GIL: concurrent first uses must agree."""
+    import threading
+
+    rng = np.random.default_rng(7)
+    b = rng.normal(size=(96, 40)).astype(f32)
+    acts = [rng.normal(size=(5, 96)).astype(f32) for _ in range(8)]
+    expected = [ref.matmul(a, b, "mxfp8_e4m3", fmt_b="mxint8") for a in acts]
+    for _ in range(3):
+        w = bfpaccel.quantize(b, "mxint8", axis=0)  # fresh: nothing widened yet
+        results = [None] * len(acts)
+        barrier = threading.Barrier(len(acts))
+
+        def work(i):
+            barrier.wait()
+            results[i] = bfpaccel.matmul(acts[i], w, "mxfp8_e4m3")
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(acts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for got, exp in zip(results, expected):
+            assert_bits_equal(got, exp)

@@ -108,11 +108,11 @@ int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* out
 
 // Quantizes one channel block (len <= 128 channels) of np <= 8 consecutive pixels of a
 // channels-first plane: channel c of pixel j is x[c*HW + j]. Lanes are pixels, so every load
-// is contiguous. Writes units[j*ustride + c] (int8), E[j] and sum[j] = sum of pixel j's units.
+// is contiguous. Writes units[j*ustride + c] (int8) and E[j].
 // Returns false, writing nothing, when a pixel needs the exact scalar path (NaN/Inf, a
 // subnormal or zero-free tiny block outside the direct exponent range).
 bool quantize_pixels8(const float* x, int64_t HW, int np, int len, const FmtParams& f, int8_t* units,
-                      int ustride, int16_t* E, int32_t* sum) {
+                      int ustride, int16_t* E) {
     const __m256i absm = _mm256_set1_epi32(0x7fffffff), expm = _mm256_set1_epi32(0x7f800000);
     const __m256i lanes = tail_mask(np < 8 ? np : 7);
     const __m256i lmask = np >= 8 ? _mm256_set1_epi32(-1) : lanes;
@@ -143,22 +143,18 @@ bool quantize_pixels8(const float* x, int64_t HW, int np, int len, const FmtPara
         _mm256_add_epi32(_mm256_blendv_epi8(k, _mm256_setzero_si256(), zero_blk), _mm256_set1_epi32(127)), 23));
     const __m256 maxu = _mm256_set1_ps(float(f.max_units));
     const __m256 fabsm = _mm256_castsi256_ps(absm);
-    __m256i s = _mm256_setzero_si256();
     alignas(32) int32_t q[128][8];
     for (int c = 0; c < len; ++c) {
         const __m256 r = round_units(_mm256_mul_ps(_mm256_and_ps(v[c], fabsm), scale), f);
         __m256i qi = _mm256_cvttps_epi32(_mm256_min_ps(r, maxu));
         const __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(v[c], _mm256_setzero_ps(), _CMP_LT_OQ));
         qi = _mm256_sub_epi32(_mm256_xor_si256(qi, neg), neg);
-        s = _mm256_add_epi32(s, qi);
         _mm256_store_si256(reinterpret_cast<__m256i*>(q[c]), qi);
     }
-    alignas(32) int32_t ee[8], ss[8];
+    alignas(32) int32_t ee[8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(ee), e);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(ss), s);
     for (int j = 0; j < np; ++j) {
         E[j] = int16_t(ee[j]);
-        sum[j] = ss[j];
         int8_t* u = units + j * ustride;
         for (int c = 0; c < len; ++c) u[c] = int8_t(q[c][j]);
     }
