@@ -19,18 +19,19 @@ namespace avx2 {
 static constexpr int MR = 3;
 static constexpr int KSTEP = 2;  // k values per int32 lane of a panel
 
-// Panel layout, per block b: [Bp/2][NR] int32 (2 int16 units of one column), then [NR] float scales.
-size_t panel_bytes(int nb, int Bp) { return size_t(nb) * (size_t(Bp) * NR * 2 + NR * 4); }
+// Panel layout, per block b: [Bp/2][NR][2] int8 (2 units of one column; sign-extended to int16
+// on load, which halves the bytes a memory-bound batch-1 layer streams), then [NR] float scales.
+size_t panel_bytes(int nb, int Bp) { return size_t(nb) * (size_t(Bp) * NR + NR * 4); }
 
 void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax) {
     const int Bp = c.Bp, B2 = Bp / 2;
-    const size_t bstride = size_t(Bp) * NR * 2 + NR * 4;
+    const size_t bstride = size_t(Bp) * NR + NR * 4;
     int32_t mn = INT32_MAX, mx = INT32_MIN;
     for (int t = 0; t < c.taps; ++t) {
         for (int bt = 0; bt < c.nbt; ++bt) {
             const int b = t * c.nbt + bt;
-            int16_t* q = reinterpret_cast<int16_t*>(dst + b * bstride);
-            float* sc = reinterpret_cast<float*>(dst + b * bstride + size_t(Bp) * NR * 2);
+            int8_t* q = reinterpret_cast<int8_t*>(dst + b * bstride);
+            float* sc = reinterpret_cast<float*>(dst + b * bstride + size_t(Bp) * NR);
             for (int j = 0; j < NR; ++j) {
                 if (j >= ncols) {
                     for (int k2 = 0; k2 < B2; ++k2) q[(k2 * NR + j) * 2] = q[(k2 * NR + j) * 2 + 1] = 0;
@@ -64,7 +65,7 @@ template <int mr, int KS>
 static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
                             int nc, bool trans) {
     const int Bp = R.Bp, B2 = KS > 0 ? KS : Bp / 2, nbt = R.nbt;
-    const size_t bstride = size_t(Bp) * NR * 2 + NR * 4;
+    const size_t bstride = size_t(Bp) * NR + NR * 4;
     __m256 acc0[mr], acc1[mr];
     for (int i = 0; i < mr; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
     for (int t = 0; t < R.taps; ++t) {
@@ -81,8 +82,8 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
             for (int i = 0; i < mr; ++i) s0[i] = s1[i] = _mm256_setzero_si256();
 #pragma GCC unroll 16
             for (int k2 = 0; k2 < B2; ++k2) {
-                const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb + k2 * 64));
-                const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb + k2 * 64 + 32));
+                const __m256i b0 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(pb + k2 * 32)));
+                const __m256i b1 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(pb + k2 * 32 + 16)));
                 for (int i = 0; i < mr; ++i) {
                     int32_t w;
                     std::memcpy(&w, ap[i] + bt * Bp + 2 * k2, 4);
@@ -94,7 +95,7 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
                     __asm__("" : "+x"(s0[i]), "+x"(s1[i]));
                 }
             }
-            const float* cs = reinterpret_cast<const float*>(pb + size_t(Bp) * NR * 2);
+            const float* cs = reinterpret_cast<const float*>(pb + size_t(Bp) * NR);
             const __m256 c0 = _mm256_load_ps(cs), c1 = _mm256_load_ps(cs + 8);
             for (int i = 0; i < mr; ++i) {
                 const __m256 ra = _mm256_set1_ps(sp[i][bt]);
