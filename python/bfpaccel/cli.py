@@ -80,7 +80,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"format: {fmt}\n")
 
     x = np.array([1.0, 0.3, -0.77, 0.01], np.float32)
-    t = core.quantize(x, fmt if fmt.block >= 4 else "msfp16")
+    t = core.quantize(x, fmt if fmt.block_size >= 4 else "msfp16")
     print(f"quantize {[float(f'{v:.6g}') for v in x]} -> codes {t.elements.tolist()}, exponent {t.exponents.tolist()}, "
           f"values {t.dequantize().tolist()}")
 

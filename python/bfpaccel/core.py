@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import _core
+from . import _core  # type: ignore[attr-defined]  # the C++ extension
 from .formats import NAN_EXPONENT, Format, get_format
 from .reference import _pair, normalize_padding
 
@@ -134,7 +134,7 @@ class BfpTensor:
 
     Example:
         >>> t = quantize(np.ones((4, 32), np.float32), "msfp16", axis=1)
-        >>> t.exponents.shape, t.dequantize().sum()
+        >>> t.exponents.shape, float(t.dequantize().sum())
         ((4, 2), 128.0)
     """
 
@@ -165,7 +165,7 @@ class BfpTensor:
     @property
     def storage_bits(self) -> int:
         """Bits the format needs on the wire/FPGA: element bits plus one exponent per block."""
-        return int(self.elements.size * self.format.element_bits + self.exponents.size * self.format.shared_exp_bits)
+        return int(self.elements.size * self.format.element_bits + self.exponents.size * self.format.exp_field_bits)
 
     @property
     def has_nan(self) -> bool:
@@ -220,7 +220,7 @@ def quantize(
         raise ValueError("cannot quantize a 0-d array: there is no axis to block")
     ax = _norm_axis(axis, x.ndim)
     outer, K, inner = _split3(x.shape, ax)
-    nb = -(-K // f.block)
+    nb = -(-K // f.block_size)
     codes = np.empty(x.shape, dtype=np.int8 if f.kind == "int" else np.uint8)
     exp_shape = x.shape[:ax] + (nb,) + x.shape[ax + 1 :]
     exps = np.empty(exp_shape, dtype=np.int16)
@@ -312,9 +312,9 @@ def matmul(
         fb = fa
     if fa is None or fb is None:
         raise ValueError("give fmt (a format name such as 'msfp16') to quantize float operands")
-    if fa.block != fb.block:
+    if fa.block_size != fb.block_size:
         raise ValueError(
-            f"block sizes differ: a uses {fa.block}, b uses {fb.block}; quantize both operands with the same block"
+            f"block sizes differ: a uses {fa.block_size}, b uses {fb.block_size}; quantize both operands with the same block"
         )
     if not isinstance(a, BfpTensor):
         a = _as_float32(a, "a")
@@ -416,15 +416,16 @@ def conv2d(
             raise ValueError(f"w was quantized as {fw}, but fmt_w={fmt_w} was given")
         cw = w
     else:
-        fw = _block_format(fmt_w) if fmt_w is not None else fx
-        if fw is None:
+        fw_or_none = _block_format(fmt_w) if fmt_w is not None else fx
+        if fw_or_none is None:
             raise ValueError("give fmt (a format name such as 'msfp16') to quantize float operands")
+        fw = fw_or_none
         cw = quantize_conv_weight(w, fw, g, seed)
     if fx is None:
         fx = fw
-    if fx.block != fw.block:
+    if fx.block_size != fw.block_size:
         raise ValueError(
-            f"block sizes differ: x uses {fx.block}, the weight was built with block {fw.block}; "
+            f"block sizes differ: x uses {fx.block_size}, the weight was built with block {fw.block_size}; "
             "re-quantize the weight with the activation's block"
         )
     x = _as_float32(x, "x")

@@ -104,6 +104,21 @@ class Format:
         ):
             raise ValueError(f"shared_exp_bits must be an int in [3, 8], got {self.shared_exp_bits!r}")
 
+    # ---- typed views of the block fields (block formats only) --------------------
+    @property
+    def block_size(self) -> int:
+        """``block`` as an int; ValueError for the plain IEEE types, which have no block."""
+        if self.block is None:
+            raise ValueError(f"{self.name or self.element} is a plain IEEE type: it has no block")
+        return self.block
+
+    @property
+    def exp_field_bits(self) -> int:
+        """``shared_exp_bits`` as an int; ValueError for the plain IEEE types."""
+        if self.shared_exp_bits is None:
+            raise ValueError(f"{self.name or self.element} is a plain IEEE type: it has no shared exponent")
+        return self.shared_exp_bits
+
     # ---- what kind of element -------------------------------------------------
     @property
     def is_block(self) -> bool:
@@ -185,19 +200,19 @@ class Format:
     @property
     def exp_min(self) -> int:
         """Smallest shared exponent (also the exponent of an all-zero block)."""
-        return _shared_exp_range(self.shared_exp_bits)[0]
+        return _shared_exp_range(self.exp_field_bits)[0]
 
     @property
     def exp_max(self) -> int:
         """Largest shared exponent; larger values saturate."""
-        return _shared_exp_range(self.shared_exp_bits)[1]
+        return _shared_exp_range(self.exp_field_bits)[1]
 
     @property
     def bits_per_element(self) -> float:
         """Storage bits per element, the shared exponent spread over its block."""
         if not self.is_block:
             return float(self.element_bits)
-        return self.element_bits + self.shared_exp_bits / self.block
+        return self.element_bits + self.exp_field_bits / self.block_size
 
     @property
     def max_value(self) -> float:
@@ -230,7 +245,7 @@ class Format:
         if not self.is_block:
             raise ValueError(f"{self} is not a block format")
         return (
-            self.block,
+            self.block_size,
             0 if self.kind == "int" else 1,
             self.mantissa_bits,
             self.exponent_bits,

@@ -161,7 +161,7 @@ def preprocess_jpeg(
         (2, 224, 224, 3)
     """
     if isinstance(images, (bytes, bytearray, memoryview)):
-        images = [images]
+        images = [bytes(images)]
     out = [
         preprocess_image(b, order, scaling_factor, output_height, output_width, preserve_aspect_ratio, seed_compatible)
         for b in images

@@ -136,7 +136,7 @@ def quantize_blocks(
     outer = int(np.prod(x.shape[:axis], dtype=np.int64))
     K = x.shape[axis]
     inner = int(np.prod(x.shape[axis + 1 :], dtype=np.int64))
-    B = fmt.block
+    B = fmt.block_size
     nb = -(-K // B)
 
     # (outer, K, inner) -> (outer, inner, nb, B), zero padded; flat indices ride along.
@@ -149,7 +149,7 @@ def quantize_blocks(
     xb = xb.reshape(outer, inner, nb, B)
     ib = ib.reshape(outer, inner, nb, B)
 
-    finite = np.isfinite(xb).all(axis=-1)  # (outer, inner, nb)
+    finite = np.asarray(np.isfinite(xb).all(axis=-1))  # (outer, inner, nb)
     mag = np.where(np.isfinite(xb), np.abs(xb), 0.0)
     amax = mag.max(axis=-1)
     E = np.full(amax.shape, fmt.exp_min, dtype=np.int64)
@@ -189,7 +189,7 @@ def dequantize_blocks(codes: np.ndarray, exps: np.ndarray, fmt: FormatLike, axis
     fmt = get_format(fmt)
     codes = np.asarray(codes)
     axis = axis % codes.ndim
-    E = np.repeat(np.asarray(exps).astype(np.int64), fmt.block, axis=axis)
+    E = np.repeat(np.asarray(exps).astype(np.int64), fmt.block_size, axis=axis)
     E = np.take(E, np.arange(codes.shape[axis]), axis=axis)
     units = codes_to_units(codes, fmt).astype(np.float64)
     vals = units * np.exp2((E - fmt.unit_shift).astype(np.float64))  # exact in float32 range
@@ -276,7 +276,7 @@ def block_dot(
 def _unit_dtype(fa: Format, fb: Format) -> type:
     # int64 sums are converted through float64, which is exact (one rounding to float32)
     # only below 2^53; larger sums (FP8 x FP8 of E5M2) use Python integers.
-    bound = fa.max_units * fb.max_units * max(fa.block, 1)
+    bound = fa.max_units * fb.max_units * max(fa.block_size, 1)
     return np.int64 if bound < (1 << 53) else object
 
 
@@ -300,8 +300,8 @@ def matmul_quantized(
     """``A[M,K] @ B[K,N]`` from codes: A blocked along axis 1, B along axis 0."""
     fa, fb = get_format(fmt_a), get_format(fmt_b)
     dt = _unit_dtype(fa, fb)
-    au, ae = _blocked(codes_to_units(a_codes, fa).astype(dt), np.asarray(a_exps), fa.block)
-    bu, be = _blocked(codes_to_units(b_codes, fb).T.astype(dt), np.asarray(b_exps).T, fb.block)
+    au, ae = _blocked(codes_to_units(a_codes, fa).astype(dt), np.asarray(a_exps), fa.block_size)
+    bu, be = _blocked(codes_to_units(b_codes, fb).T.astype(dt), np.asarray(b_exps).T, fb.block_size)
     return block_dot(au, ae, fa.unit_shift, bu, be, fb.unit_shift)
 
 
@@ -314,8 +314,8 @@ def matmul(a, b, fmt: FormatLike, fmt_b: Optional[FormatLike] = None, seed: int 
     """
     fa = get_format(fmt)
     fb = get_format(fmt_b) if fmt_b is not None else fa
-    if fa.block != fb.block:
-        raise ValueError(f"block sizes differ: {fa.block} vs {fb.block}")
+    if fa.block_size != fb.block_size:
+        raise ValueError(f"block sizes differ: {fa.block_size} vs {fb.block_size}")
     a, b = _as_float32(a), _as_float32(b)
     ac, ae = quantize_blocks(a, fa, axis=1, seed=seed)
     bc, be = quantize_blocks(b, fb, axis=0, seed=seed)
@@ -325,7 +325,7 @@ def matmul(a, b, fmt: FormatLike, fmt_b: Optional[FormatLike] = None, seed: int 
 def normalize_padding(padding) -> Tuple[int, int, int, int]:
     """int | (ph, pw) | (top, left, bottom, right) [ONNX order] -> (top, left, bottom, right)."""
     if isinstance(padding, (int, np.integer)):
-        p = (int(padding),) * 4
+        p: Tuple[int, ...] = (int(padding),) * 4
     else:
         p = tuple(int(v) for v in padding)
         if len(p) == 2:
@@ -371,7 +371,7 @@ def conv2d(
     OH = (H + pt + pb - dh * (KH - 1) - 1) // sh + 1
     OW = (W + pl + pr - dw * (KW - 1) - 1) // sw + 1
     Og = O // G
-    B = fx.block
+    B = fx.block_size
     nbc = -(-Cg // B)
     dt = _unit_dtype(fx, fw)
 
