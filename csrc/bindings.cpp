@@ -3,9 +3,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
+#include <optional>
 #include <stdexcept>
 
 #include "ops.h"
+#include "runtime.h"
 
 namespace py = pybind11;
 using namespace bfp;
@@ -192,4 +195,76 @@ PYBIND11_MODULE(_core, m) {
         },
         py::arg("x"), py::arg("params"), py::arg("seed"), py::arg("w"), py::arg("groups"), py::arg("stride"),
         py::arg("pads"), py::arg("dilation"), py::arg("bias"));
+
+    m.def("round_vector", [](f32arr x, int vp) {
+        f32arr y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
+        std::memcpy(y.mutable_data(), x.data(), sizeof(float) * size_t(x.size()));
+        round_vec(y.mutable_data(), x.size(), vp);
+        return y;
+    }, py::arg("x"), py::arg("vector_precision"));
+
+    py::class_<Program, std::shared_ptr<Program>>(m, "Program", "A lowered plan: ops over planned buffers")
+        .def(py::init([](int vp, std::optional<py::tuple> params, uint64_t seed) {
+                 FmtParams f{};
+                 if (params) f = to_params(*params);
+                 return std::make_shared<Program>(vp, bool(params), f, seed);
+             }),
+             py::arg("vector_precision"), py::arg("params"), py::arg("seed") = 0)
+        .def("add_buffer", &Program::add_buffer, py::arg("n"))
+        .def("add_const", [](Program& p, f32arr a) { return p.add_const(a.data(), a.size()); }, py::arg("data"))
+        .def("alias", &Program::alias, py::arg("id"))
+        .def(
+            "add_op",
+            [](Program& p, int kind, int sub, std::vector<int> in, std::vector<int> out, std::vector<int64_t> ip,
+               std::vector<float> fp, std::shared_ptr<Operand> w, int wf, int bias, int res, int act,
+               std::string name) {
+                if (w && w->role != "convw") throw std::invalid_argument("conv weights must be a convw operand");
+                Op op;
+                op.kind = kind;
+                op.sub = sub;
+                op.in = std::move(in);
+                op.out = std::move(out);
+                op.ip = std::move(ip);
+                op.fp = std::move(fp);
+                op.w = std::move(w);
+                op.wf = wf;
+                op.bias = bias;
+                op.res = res;
+                op.act = act;
+                op.name = std::move(name);
+                p.add_op(std::move(op));
+            },
+            py::arg("kind"), py::arg("sub"), py::arg("inputs"), py::arg("outputs"), py::arg("ip"), py::arg("fp"),
+            py::arg("w") = nullptr, py::arg("wf") = -1, py::arg("bias") = -1, py::arg("res") = -1, py::arg("act") = 0,
+            py::arg("name") = "")
+        .def("size", &Program::size, py::arg("id"))
+        .def_property_readonly("num_ops", &Program::num_ops)
+        .def_property_readonly("op_names", &Program::op_names)
+        .def_property_readonly("last_times", &Program::last_times)
+        .def("set_profile", &Program::set_profile, py::arg("on"))
+        .def(
+            "run",
+            [](Program& p, const std::vector<std::pair<int, f32arr>>& inputs, const std::vector<int>& outs) {
+                std::vector<std::pair<int, const float*>> in;
+                for (const auto& kv : inputs) {
+                    if (kv.second.size() != p.size(kv.first))
+                        throw std::invalid_argument("input buffer " + std::to_string(kv.first) + " holds " +
+                                                    std::to_string(p.size(kv.first)) + " floats, got " +
+                                                    std::to_string(kv.second.size()));
+                    in.emplace_back(kv.first, kv.second.data());
+                }
+                std::vector<f32arr> res;
+                for (int id : outs) res.emplace_back(f32arr(p.size(id)));
+                std::vector<float*> dst;
+                for (auto& a : res) dst.push_back(a.mutable_data());
+                {
+                    py::gil_scoped_release nogil;
+                    std::lock_guard<std::mutex> lock(p.mu);
+                    p.run(in);
+                    for (size_t i = 0; i < outs.size(); ++i)
+                        std::memcpy(dst[i], p.data(outs[i]), sizeof(float) * size_t(p.size(outs[i])));
+                }
+                return res;
+            },
+            py::arg("inputs"), py::arg("outputs"));
 }

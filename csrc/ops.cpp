@@ -524,6 +524,13 @@ void gemm(Operand& a, Operand& b, float* out) {
 // packed once). Result [pixels][channels] is transposed into NCHW with the bias added.
 void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g, const float* bias,
             float* out) {
+    conv2d_impl(x, fx, seed, w, g, bias, out, false);
+}
+
+// nhwc: x is [N][H][W][C] and out [N][OH][OW][O] (the runtime's layout: the GEMM's pixel rows
+// are stored as they come); otherwise NCHW in and out.
+void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
+                 const float* bias, float* out, bool nhwc) {
     const int G = g.groups;
     const int64_t C = g.C, H = g.H, W = g.W, Cg = C / G, O = w.R, Og = O / G;
     const int64_t Hp = H + g.pt + g.pb, Wp = W + g.pl + g.pr, P = g.OH * g.OW, NG = g.N * G;
@@ -555,6 +562,7 @@ void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, cons
         amax.assign(size_t(NG * npix), INT32_MIN);
     }
     const bool fast = int8 && fast_quant_ok(fx);
+    const bool fast_nchw = fast && !nhwc;
     // one pixel's blocks: units (int8 scratch) -> buffer, plus the kernels' per-block extras
     auto store_pixel = [&](int64_t ppix, int cb, const int8_t* u8, int16_t e) {
         const int64_t blk = ppix * nbc + cb, dst = ppix * plen + int64_t(cb) * Bp;
@@ -564,7 +572,7 @@ void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, cons
         if (simd) block_extras(u8, Bp, e, fx.unit_shift, &as[blk], &ac[blk], &amin[ppix], &amax[ppix]);
     };
     const int64_t HW = H * W;
-    if (fast) {
+    if (fast_nchw) {
         // 8 pixels at a time straight from NCHW (SIMD lanes = pixels, contiguous loads); the
         // exact scalar path takes the rare group with NaN/Inf or extreme exponents
         const int64_t nchunk = (HW + 7) / 8;
@@ -605,8 +613,15 @@ void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, cons
             for (int cb = 0; cb < nbc; ++cb) {
                 const int64_t c0 = gi * Cg + int64_t(cb) * B;
                 const int len = int(std::min<int64_t>(B, Cg - int64_t(cb) * B));
-                const int64_t off = ((n * C + c0) * H + xh) * W + xw;
-                const int16_t e = quantize_block(x + off, HW, len, uint64_t(off), HW, fx, seed, units);
+                const int64_t off = nhwc ? ((n * H + xh) * W + xw) * C + c0 : ((n * C + c0) * H + xh) * W + xw;
+                const int64_t xs = nhwc ? 1 : HW;
+                if (fast) {  // NHWC: the block's channels are contiguous
+                    std::memset(u8, 0, size_t(Bp));
+                    const int16_t e = avx2::quantize_block_i8(x + off, len, fx, u8);
+                    store_pixel(ppix, cb, u8, e);
+                    continue;
+                }
+                const int16_t e = quantize_block(x + off, xs, len, uint64_t(off), xs, fx, seed, units);
                 if (int8) {
                     std::memset(u8, 0, size_t(Bp));
                     for (int k = 0; k < len; ++k) u8[k] = int8_t(units[k]);
@@ -652,11 +667,22 @@ void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, cons
             ce[o] = w.exp.data() + oo * w.nb();
         }
         const ExactCtx ex{ubase, ae.data(), roff.data(), toff.data(), cu.data(), ce.data(), taps, nbc, Bp,
-                          fx.unit_shift, w.f.unit_shift, exact_kind(int8, rows16, fx, w.f), true};
+                          fx.unit_shift, w.f.unit_shift, exact_kind(int8, rows16, fx, w.f), !nhwc};
         const RowsView rv{P, taps, nbc, Bp, ubase, as.data(), ac.data(), roff.data(), toff.data(), rmin.data(), rmax.data()};
         const ColsView cv{Og, 1, w.nb(), Bp, reinterpret_cast<const int8_t* const*>(cu.data()), ce.data(), w.f.unit_shift,
                           simd ? w.panels->p + gi * npg * pbytes : nullptr, simd ? w.pmin.data() + gi * npg : nullptr,
                           simd ? w.pmax.data() + gi * npg : nullptr};
+        if (nhwc) {  // rows [P] of O channels: this group's Og columns
+            run_gemm(rv, ex, cv, fx, w.f, isa, out + n * P * O + gi * Og, O);
+            if (bias) {
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (P * Og > 65536)
+                for (int64_t p = 0; p < P; ++p) {
+                    float* d = out + (n * P + p) * O + gi * Og;
+                    for (int64_t o = 0; o < Og; ++o) d[o] = d[o] + bias[gi * Og + o];
+                }
+            }
+            continue;
+        }
         float* dst = out + (n * O + gi * Og) * P;  // NCHW slice [Og][P]: the GEMM writes it transposed
         run_gemm(rv, ex, cv, fx, w.f, isa, dst, P);
         if (bias) {

@@ -84,5 +84,8 @@ struct ConvGeom {
 // out[N][O][OH][OW] = conv(x, weights) (+ bias if not null).
 void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g, const float* bias,
             float* out);
+// The same with nhwc = true: x [N][H][W][C] -> out [N][OH][OW][O].
+void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
+                 const float* bias, float* out, bool nhwc);
 
 }  // namespace bfp

@@ -24,6 +24,7 @@ from .core import (
     set_num_threads,
 )
 from .core import _init_from_env
+from .runtime import Plan, PlanError, Session, UnsupportedOpError, compile, load_plan
 from .formats import NAN_EXPONENT, PRESETS, ROUNDING_MODES, Format, get_format, list_formats
 
 __version__ = "0.1.0"
@@ -48,6 +49,12 @@ __all__ = [
     "get_kernel",
     "set_kernel",
     "reference",
+    "compile",
+    "Plan",
+    "PlanError",
+    "load_plan",
+    "Session",
+    "UnsupportedOpError",
 ]
 
 _init_from_env()

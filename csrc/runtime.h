@@ -1,0 +1,98 @@
+// The plan executor: a whole network as a flat list of ops over planned float buffers, run in
+// C++ (no per-node Python). The Python side (bfpaccel.runtime) lowers a compiled plan for one
+// set of input shapes into this list: layouts, shapes and buffers are all decided there, so
+// every op here is a plain loop nest over physical (contiguous) memory.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "ops.h"
+
+namespace bfp {
+
+// Vector precision of FORMATS.md §7: every vector op rounds its result (RNE, IEEE overflow).
+enum VecPrec : int { kVecFp32 = 0, kVecFp16 = 1, kVecBf16 = 2 };
+
+float round_fp16(float x);
+float round_bf16(float x);
+void round_vec(float* x, int64_t n, int vp);
+
+enum OpKind : int {
+    kOpConv = 0,       // NHWC conv / dense on the BFP core (or fp32), fused epilogue
+    kOpBinary = 1,     // broadcasting elementwise
+    kOpUnary = 2,
+    kOpAffine = 3,     // per-channel x * s + t (batch-norm not folded)
+    kOpPool = 4,       // NHWC max / average pooling
+    kOpReduce = 5,     // (outer, R, inner) -> (outer, inner)
+    kOpSoftmax = 6,    // (outer, L, inner) along L
+    kOpConcat = 7,     // (outer, L_i, inner) -> (outer, sum L_i, inner)
+    kOpStrided = 8,    // out[idx] = in[off + sum idx_a * stride_a] (transpose, slice)
+    kOpPad = 9,        // constant padding
+    kOpCopy = 10,
+};
+
+enum BinaryKind : int { kAdd = 0, kSub, kMul, kDiv, kMax, kMin, kPow };
+enum UnaryKind : int {
+    kRelu = 0, kClip, kSqrt, kRecip, kExp, kSigmoid, kTanh, kNeg, kAbs, kLeakyRelu, kIdentity, kLog, kErf,
+    kHardSigmoid, kHardSwish, kSwish, kRsqrt, kFloor, kCeil
+};
+enum PoolKind : int { kPoolMax = 0, kPoolAvg = 1 };
+enum ReduceKind : int { kRedSum = 0, kRedMean, kRedMax, kRedMin, kRedSumSquare, kRedL2 };
+
+struct Op {
+    int kind = 0;
+    int sub = 0;                 // BinaryKind / UnaryKind / PoolKind / ReduceKind / log-softmax
+    std::vector<int> in, out;    // buffer ids
+    std::vector<int64_t> ip;     // integer parameters (shapes, strides, ...)
+    std::vector<float> fp;       // float parameters
+    std::shared_ptr<Operand> w;  // conv: BFP weights (packed once)
+    int wf = -1;                 // conv (fp32 format): constant buffer of weights [G][taps][Cg][Og]
+    int bias = -1, res = -1;     // conv: bias constant, residual input buffer
+    int act = 0;                 // conv epilogue: 0 none, 1 relu, 2 clip(fp[0], fp[1])
+    std::string name;            // the ONNX node, for errors and profiles
+};
+
+class Program {
+  public:
+    Program(int vec_prec, bool has_fmt, const FmtParams& fx, uint64_t seed)
+        : vp_(vec_prec), has_fmt_(has_fmt), fx_(fx), seed_(seed) {}
+
+    int add_buffer(int64_t n);                              // zero-filled scratch / output
+    int add_const(const float* data, int64_t n);            // copied
+    int alias(int id);                                      // the same memory under another id
+    void add_op(Op op);
+
+    // inputs are copied into their buffers; returns copies of the output buffers
+    void run(const std::vector<std::pair<int, const float*>>& inputs);
+    const float* data(int id) const { return bufs_[size_t(slot_[size_t(id)])].data(); }
+    int64_t size(int id) const { return int64_t(bufs_[size_t(slot_[size_t(id)])].size()); }
+    size_t num_ops() const { return ops_.size(); }
+    std::vector<double> last_times() const { return times_; }
+    std::vector<std::string> op_names() const;
+    void set_profile(bool on) { profile_ = on; }
+    std::mutex mu;  // one run at a time per program
+
+  private:
+    float* ptr(int id) { return bufs_[size_t(slot_[size_t(id)])].data(); }
+    void exec(const Op& op);
+    void conv(const Op& op);
+    int vp_;
+    bool has_fmt_;
+    FmtParams fx_;
+    uint64_t seed_;
+    bool profile_ = false;
+    std::vector<std::vector<float>> bufs_;
+    std::vector<int> slot_;
+    std::vector<Op> ops_;
+    std::vector<double> times_;
+};
+
+// fp32 reference conv (format "fp32"): NHWC, weights [G][taps][Cg][Og], sequential sums over
+// (tap, channel) per output.
+void conv2d_fp32_nhwc(const float* x, const float* w, const ConvGeom& g, int64_t O, int kh, int kw, float* out);
+
+}  // namespace bfp

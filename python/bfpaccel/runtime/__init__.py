@@ -1,0 +1,9 @@
+"""Compile ONNX models into BFP plans and run them (``bfpaccel.compile``, ``bfpaccel.Session``)."""
+
+from .compiler import SUPPORTED_OPS, VECTOR_PRECISIONS, UnsupportedOpError, compile
+from .lower import LoweringError
+from .plan import PLAN_FORMAT_VERSION, Plan, PlanError, load_plan
+from .session import Session
+
+__all__ = ["compile", "Plan", "PlanError", "load_plan", "Session", "UnsupportedOpError", "LoweringError",
+           "SUPPORTED_OPS", "VECTOR_PRECISIONS", "PLAN_FORMAT_VERSION"]

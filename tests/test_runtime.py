@@ -1,0 +1,250 @@
+"""The compiler and runtime (bfpaccel.compile / Session / plan files) on small ONNX graphs.
+
+With ``format="fp32"`` and ``vector_precision="fp32"`` the runtime computes the ONNX graph in
+float32, so it must match onnxruntime closely; with a block format the matrix ops must match
+the numpy oracle (``reference.conv2d`` / ``reference.matmul``) bit for bit, and vector ops
+must round to the vector precision.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import pytest
+
+import bfpaccel
+from bfpaccel import reference
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+
+def _model(nodes, inputs, outputs, inits: Dict[str, np.ndarray], opset: int = 15):
+    g = helper.make_graph(
+        nodes, "t",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, []) if False else helper.make_empty_tensor_value_info(n) for n in outputs],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    return m
+
+
+def _ort(m, feeds):
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
+
+
+def _close(a, b, rtol=1e-4, atol=1e-5):
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
+
+
+RNG = np.random.default_rng(1)
+
+
+def _w(*shape, scale=0.2):
+    return (RNG.standard_normal(shape) * scale).astype(np.float32)
+
+
+def _cnn(nchw_input: bool = True):
+    """A small CNN touching most ops the seed models need, tf2onnx-style transposes included."""
+    inits = {
+        "w1": _w(8, 3, 3, 3), "b1": _w(8),
+        "g": np.abs(_w(8)) + 0.5, "be": _w(8), "mu": _w(8), "var": np.abs(_w(8)) + 0.5,
+        "w2": _w(8, 8, 1, 1), "w3": _w(8, 1, 3, 3), "b3": _w(8),
+        "w4": _w(16, 16, 3, 3), "fc": _w(16, 10), "fcb": _w(10),
+        "scale": _w(1, 16, 1, 1), "pads": np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64),
+        "shape2": np.array([0, -1], np.int64), "axes": np.array([2, 3], np.int64),
+        "six": np.array(6.0, np.float32), "zero": np.array(0.0, np.float32),
+    }
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2]),  # NHWC input like tf2onnx
+        helper.make_node("Conv", ["xt", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("BatchNormalization", ["c1", "g", "be", "mu", "var"], ["bn1"], epsilon=1e-3),
+        helper.make_node("Relu", ["bn1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"]),
+        helper.make_node("Add", ["c2", "r1"], ["a2"]),
+        helper.make_node("Clip", ["a2", "zero", "six"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], group=8, pads=[1, 1, 1, 1]),  # depthwise
+        helper.make_node("MaxPool", ["c3"], ["p3"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["p3", "p3"], ["cc"], axis=1),
+        helper.make_node("Mul", ["cc", "scale"], ["m4"]),
+        helper.make_node("Pad", ["m4", "pads"], ["pd"]),
+        helper.make_node("Conv", ["pd", "w4"], ["c4"], dilations=[1, 1]),
+        helper.make_node("AveragePool", ["c4"], ["ap"], kernel_shape=[2, 2], strides=[1, 1]),
+        helper.make_node("BatchNormalization", ["ap", "g2", "be2", "mu2", "var2"], ["bn4"]),
+        helper.make_node("Sigmoid", ["bn4"], ["sg"]),
+        helper.make_node("Mul", ["bn4", "sg"], ["sw"]),  # swish
+        helper.make_node("ReduceMean", ["sw"], ["gap"], axes=[2, 3], keepdims=1),
+        helper.make_node("Reshape", ["gap", "shape2"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc", "fcb"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["prob"], axis=-1),
+    ]
+    inits.update({"g2": np.abs(_w(16)) + 0.5, "be2": _w(16), "mu2": _w(16), "var2": np.abs(_w(16)) + 0.5})
+    return _model(nodes, [("x", ["N", 17, 19, 3])], ["logits", "prob"], inits)
+
+
+def test_fp32_matches_onnxruntime():
+    m = _cnn()
+    x = RNG.standard_normal((2, 17, 19, 3)).astype(np.float32)
+    want = _ort(m, {"x": x})
+    plan = bfpaccel.compile(m, format="fp32")
+    assert plan.vector_precision == "fp32"
+    got = bfpaccel.Session(plan).run(None, {"x": x})
+    assert set(got) == {"logits", "prob"}
+    _close(got["logits"], want["logits"])
+    _close(got["prob"], want["prob"])
+    # batch 1 and batch 3 reuse the plan with new programs
+    for n in (1, 3):
+        xb = RNG.standard_normal((n, 17, 19, 3)).astype(np.float32)
+        _close(bfpaccel.Session(plan).run(["prob"], {"x": xb})["prob"], _ort(m, {"x": xb})["prob"])
+
+
+def test_batchnorm_folded_and_transposes_gone():
+    plan = bfpaccel.compile(_cnn(), format="msfp16")
+    ops = plan.ops
+    assert ops.get("BatchNormalization", 0) == 1  # the one after AveragePool cannot fold
+    assert "Gemm" not in ops and ops["BfpDense"] == 1
+    # the conv after Mul(scale) through Concat stays a Mul (not foldable across Concat)
+    assert ops["Mul"] == 2
+
+
+@pytest.mark.parametrize("fmt", ["msfp16", "msfp12", "mxfp4_e2m1", "mxint8"])
+def test_bfp_close_to_fp32(fmt):
+    m = _cnn()
+    x = RNG.standard_normal((1, 17, 19, 3)).astype(np.float32)
+    want = _ort(m, {"x": x})["logits"]
+    got = bfpaccel.Session(bfpaccel.compile(m, format=fmt)).run(["logits"], {"x": x})["logits"]
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert rel < {"msfp16": 0.02, "mxint8": 0.02, "msfp12": 0.15, "mxfp4_e2m1": 0.4}[fmt], rel
+
+
+def test_conv_bit_exact_against_reference():
+    """One conv + bias + relu: the BFP runtime equals reference.conv2d + fp16 vector ops."""
+    w, b = _w(24, 20, 3, 3), _w(24)
+    m = _model([helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 0, 1, 2], strides=[1, 2]),
+                helper.make_node("Relu", ["c"], ["y"])], [("x", [2, 20, 9, 11])], ["y"], {"w": w, "b": b})
+    x = (RNG.standard_normal((2, 20, 9, 11)) * np.exp(RNG.uniform(-8, 8, (2, 20, 9, 11)))).astype(np.float32)
+    x[0, :, 0, 0] = 0.0
+    x[1, 3, 2, 2] = 1e-40  # a subnormal
+    for fmt in ["msfp16", "mxfp6_e3m2", "msfp9"]:
+        plan = bfpaccel.compile(m, format=fmt, vector_precision="fp16")
+        got = bfpaccel.Session(plan).run(None, {"x": x})["y"]
+        f = bfpaccel.get_format(fmt)
+        acc = reference.conv2d(x, w, f, stride=(1, 2), padding=(1, 0, 1, 2))
+        want = np.maximum((acc + b.reshape(1, -1, 1, 1)).astype(np.float16).astype(np.float32), 0)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=fmt)
+
+
+def test_dense_bit_exact_against_reference():
+    w = _w(40, 7)
+    m = _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [("x", [3, 40])], ["y"], {"w": w})
+    x = RNG.standard_normal((3, 40)).astype(np.float32)
+    got = bfpaccel.Session(bfpaccel.compile(m, format="msfp14")).run(None, {"x": x})["y"]
+    want = reference.matmul(x, w, bfpaccel.get_format("msfp14"))  # no vector op: the fp32 result
+    np.testing.assert_array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("vp,dtype", [("fp16", np.float16), ("bf16", None)])
+def test_vector_precision_rounding(vp, dtype):
+    m = _model([helper.make_node("Add", ["x", "c"], ["y"])], [("x", [4, 1000])], ["y"],
+               {"c": np.float32(1e-3).reshape(())})
+    x = (RNG.standard_normal((4, 1000)) * np.exp(RNG.uniform(-20, 12, (4, 1000)))).astype(np.float32)
+    x[0, :4] = [65519.0, 65520.0, -1e6, np.nan]
+    got = bfpaccel.Session(bfpaccel.compile(m, format="msfp16", vector_precision=vp)).run(None, {"x": x})["y"]
+    s = (x + np.float32(1e-3)).astype(np.float32)
+    if dtype is not None:
+        with np.errstate(over="ignore"):
+            want = s.astype(dtype).astype(np.float32)
+    else:
+        u = s.view(np.uint32).astype(np.uint64)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+        want = r.view(np.float32).copy()
+        want[np.isnan(s)] = np.nan
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    ok = ~np.isnan(want)
+    np.testing.assert_array_equal(got[ok].view(np.uint32), want[ok].view(np.uint32))
+
+
+def test_plan_save_load_roundtrip(tmp_path):
+    m = _cnn()
+    plan = bfpaccel.compile(m, format="msfp16", metadata={"hello": "world"})
+    p = plan.save(tmp_path / "m.bfpplan")
+    plan2 = bfpaccel.load_plan(p)
+    assert plan2.metadata["hello"] == "world"
+    assert plan2.format == plan.format and plan2.input_names == plan.input_names
+    x = RNG.standard_normal((1, 17, 19, 3)).astype(np.float32)
+    a = bfpaccel.Session(plan).run(None, {"x": x})
+    b = bfpaccel.Session(str(p)).run(None, {"x": x})
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_plan_file_errors(tmp_path):
+    plan = bfpaccel.compile(_cnn(), format="msfp16")
+    p = tmp_path / "m.bfpplan"
+    plan.save(p)
+    data = p.read_bytes()
+    (tmp_path / "trunc.bfpplan").write_bytes(data[: len(data) // 2])
+    with pytest.raises(bfpaccel.PlanError, match="truncated|not a bfpaccel plan"):
+        bfpaccel.load_plan(tmp_path / "trunc.bfpplan")
+    (tmp_path / "junk.bfpplan").write_bytes(b"hello")
+    with pytest.raises(bfpaccel.PlanError):
+        bfpaccel.load_plan(tmp_path / "junk.bfpplan")
+    with pytest.raises(FileNotFoundError):
+        bfpaccel.load_plan(tmp_path / "nope.bfpplan")
+    # a newer plan format
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(p) as z:
+        man = json.loads(z.read("plan.json"))
+        blob = z.read("consts.npz")
+    man["bfpaccel_plan"] = 99
+    man["bfpaccel_version"] = "9.0"
+    with zipfile.ZipFile(tmp_path / "new.bfpplan", "w") as z:
+        z.writestr("plan.json", json.dumps(man))
+        z.writestr("consts.npz", blob)
+    with pytest.raises(bfpaccel.PlanError, match="newer|upgrade"):
+        bfpaccel.load_plan(tmp_path / "new.bfpplan")
+    # a corrupted constant (flip one byte inside consts.npz)
+    raw = bytearray(data)
+    i = raw.find(b"consts.npz")
+    j = len(raw) - 2000
+    raw[j] ^= 0xFF
+    (tmp_path / "bad.bfpplan").write_bytes(bytes(raw))
+    with pytest.raises(bfpaccel.PlanError):
+        bfpaccel.load_plan(tmp_path / "bad.bfpplan")
+
+
+def test_unsupported_op_named_at_compile_time():
+    m = _model([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("LpNormalization", ["c"], ["y"]),
+                helper.make_node("Hardmax", ["y"], ["z"])],
+               [("x", [1, 2, 4, 4])], ["z"], {"w": _w(2, 2, 1, 1)})
+    with pytest.raises(bfpaccel.UnsupportedOpError) as e:
+        bfpaccel.compile(m)
+    assert "LpNormalization" in str(e.value) and "Hardmax" in str(e.value)
+    assert "node" in str(e.value)
+
+
+def test_bad_inputs_clear_errors():
+    plan = bfpaccel.compile(_cnn(), format="msfp16")
+    s = bfpaccel.Session(plan)
+    with pytest.raises(ValueError, match="unknown input"):
+        s.run(None, {"y": np.zeros((1, 17, 19, 3), np.float32)})
+    with pytest.raises(ValueError, match="shape"):
+        s.run(None, {"x": np.zeros((1, 17, 19), np.float32)})
+    with pytest.raises(ValueError, match="unknown output"):
+        s.run(["nope"], {"x": np.zeros((1, 17, 19, 3), np.float32)})
+    with pytest.raises(ValueError, match="missing"):
+        s.run(None, {})
+    with pytest.raises(ValueError, match="format"):
+        bfpaccel.compile(_cnn(), format="msfp16", weight_format="mxfp8_e4m3")
+    with pytest.raises(ValueError, match="vector_precision"):
+        bfpaccel.compile(_cnn(), vector_precision="fp8")
+    with pytest.raises(FileNotFoundError):
+        bfpaccel.compile("/nonexistent/model.onnx")
