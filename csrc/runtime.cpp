@@ -23,27 +23,26 @@ static inline float u2f(uint32_t u) {
     return x;
 }
 
-// fp32 -> nearest fp16 (ties to even, overflow to Inf, subnormals kept) -> fp32
-static inline float rnd16(float x) {
+// fp32 -> nearest fp16 (ties to even, overflow to Inf, subnormals kept) -> fp32; branch-free
+// so the loops that call it vectorise
+__attribute__((always_inline)) static inline float rnd16(float x) {
     const uint32_t b = f2u(x), s = b & 0x80000000u, a = b & 0x7fffffffu;
-    if (a >= 0x7f800000u) return x;                     // Inf / NaN
-    if (a >= 0x477ff000u) return u2f(s | 0x7f800000u);  // >= 65520 rounds to Inf
-    if (a < 0x38800000u) {                              // below 2^-14: multiples of 2^-24
-        const float m = (u2f(a) + 0.5f) - 0.5f;         // RNE at 2^-24 (ulp of 0.5)
-        return u2f(s | f2u(m));
-    }
-    const uint32_t r = (a + 0xfffu + ((a >> 13) & 1u)) & ~0x1fffu;
+    uint32_t r = (a + 0xfffu + ((a >> 13) & 1u)) & ~0x1fffu;  // normal: keep 10 fraction bits
+    const uint32_t sub = f2u((u2f(a) + 0.5f) - 0.5f);          // below 2^-14: multiples of 2^-24
+    r = a < 0x38800000u ? sub : r;
+    r = a >= 0x477ff000u ? 0x7f800000u : r;                     // >= 65520 rounds to Inf
+    r = a >= 0x7f800000u ? a : r;                               // Inf / NaN stay
     return u2f(s | r);
 }
 
-static inline float rnd_bf(float x) {
+__attribute__((always_inline)) static inline float rnd_bf(float x) {
     const uint32_t b = f2u(x);
     if ((b & 0x7fffffffu) > 0x7f800000u) return u2f(b | 0x00400000u);  // NaN stays (quiet) NaN
     return u2f((b + 0x7fffu + ((b >> 16) & 1u)) & 0xffff0000u);
 }
 
 template <int VP>
-static inline float R(float x) {
+__attribute__((always_inline)) static inline float R(float x) {
     if constexpr (VP == kVecFp16) return rnd16(x);
     else if constexpr (VP == kVecBf16) return rnd_bf(x);
     else return x;
@@ -177,6 +176,31 @@ void Program::run(const std::vector<std::pair<int, const float*>>& inputs) {
 }
 
 // ---------------------------------------------------------------- ops
+template <int VP>
+__attribute__((always_inline)) static inline void epi_t(float* d, const float* b, const float* r, int64_t n, int act,
+                                                        float lo, float hi) {
+    if (b) for (int64_t o = 0; o < n; ++o) d[o] = R<VP>(d[o] + b[o]);
+    if (r) for (int64_t o = 0; o < n; ++o) d[o] = R<VP>(d[o] + r[o]);
+    if (act == 1) {
+        for (int64_t o = 0; o < n; ++o) d[o] = R<VP>(d[o] > 0.0f ? d[o] : (d[o] != d[o] ? d[o] : 0.0f));
+    } else if (act == 2) {
+        for (int64_t o = 0; o < n; ++o) {
+            const float v = d[o];
+            d[o] = v != v ? v : R<VP>(v < lo ? lo : (v > hi ? hi : v));
+        }
+    }
+}
+
+// bias, residual and activation of one row of a conv's output, each rounded to the vector
+// precision as the separate ops would be
+__attribute__((target_clones("avx2", "default"))) static void epilogue_row(float* d, const float* b, const float* r,
+                                                                          int64_t n, int vp, int act, float lo,
+                                                                          float hi) {
+    if (vp == kVecFp16) epi_t<kVecFp16>(d, b, r, n, act, lo, hi);
+    else if (vp == kVecBf16) epi_t<kVecBf16>(d, b, r, n, act, lo, hi);
+    else epi_t<kVecFp32>(d, b, r, n, act, lo, hi);
+}
+
 void Program::conv(const Op& op) {
     const auto& q = op.ip;
     const ConvGeom g{q[0], q[3], q[1], q[2], int(q[15]), int(q[7]), int(q[8]), int(q[9]), int(q[10]),
@@ -192,22 +216,9 @@ void Program::conv(const Op& op) {
     if (!b && !r && op.act == 0) return;  // the matrix unit's fp32 output goes on as it is
     const int act = op.act;
     const float lo = op.fp.size() > 0 ? op.fp[0] : 0.0f, hi = op.fp.size() > 1 ? op.fp[1] : 0.0f;
-    with_vp(vp_, [&](auto V) {
-        constexpr int vp = decltype(V)::value;
+    const int vp = vp_;
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(rows * O))
-        for (int64_t i = 0; i < rows; ++i) {
-            float* d = y + i * O;
-            const float* rr = r ? r + i * O : nullptr;
-            for (int64_t o = 0; o < O; ++o) {
-                float v = d[o];
-                if (b) v = R<vp>(v + b[o]);
-                if (rr) v = R<vp>(v + rr[o]);
-                if (act == 1) v = R<vp>(v > 0.0f ? v : (v != v ? v : 0.0f));
-                else if (act == 2) v = R<vp>(std::min(std::max(v, lo), hi));
-                d[o] = v;
-            }
-        }
-    });
+    for (int64_t i = 0; i < rows; ++i) epilogue_row(y + i * O, b, r ? r + i * O : nullptr, O, vp, act, lo, hi);
 }
 
 template <int K>

@@ -64,11 +64,17 @@ int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* out
     const int32_t amax_bits = _mm_cvtsi128_si32(m4);
     int E = f.exp_min;
     if (amax_bits != 0) {
-        float amax;
-        std::memcpy(&amax, &amax_bits, 4);
-        int e2;
-        std::frexp(amax, &e2);
-        E = e2 - 1 - f.emax_elem;
+        int fl;  // floor(log2(amax)), exact: from the exponent bits (frexp for subnormals)
+        if (amax_bits >= 0x00800000) {
+            fl = (amax_bits >> 23) - 127;
+        } else {
+            float amax;
+            std::memcpy(&amax, &amax_bits, 4);
+            int e2;
+            std::frexp(amax, &e2);
+            fl = e2 - 1;
+        }
+        E = fl - f.emax_elem;
         if (E < f.exp_min) E = f.exp_min;
         if (E > f.exp_max) E = f.exp_max;
     }

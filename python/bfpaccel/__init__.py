@@ -24,7 +24,8 @@ from .core import (
     set_num_threads,
 )
 from .core import _init_from_env
-from .runtime import Plan, PlanError, Session, UnsupportedOpError, compile, load_plan
+from . import labels
+from .runtime import Plan, PlanError, Predictor, Session, top_k, UnsupportedOpError, compile, load_plan
 from .formats import NAN_EXPONENT, PRESETS, ROUNDING_MODES, Format, get_format, list_formats
 
 __version__ = "0.1.0"
@@ -54,6 +55,9 @@ __all__ = [
     "PlanError",
     "load_plan",
     "Session",
+    "Predictor",
+    "top_k",
+    "labels",
     "UnsupportedOpError",
 ]
 

@@ -5,6 +5,8 @@ Subcommands:
            numpy reference, then timed against numpy / onnxruntime float32
   formats  the table of number formats
   info     kernels this CPU can run, threads, versions
+  classify the seed workflow on your images: zoo model (or ONNX / plan) -> BFP plan -> top-5
+  accuracy per-format agreement with float32 on a folder of images
 """
 
 from __future__ import annotations
@@ -143,6 +145,67 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_classify(args: argparse.Namespace) -> int:
+    """Seed workflow in one command: model -> ONNX (zoo: TF graph + tf2onnx, cached) -> BFP
+    plan -> preprocess each image the model's way -> top-5 (SSD: detections)."""
+    import os
+
+    from .labels import imagenet_labels
+    from .runtime import Plan, Predictor, compile, load_plan, top_k
+
+    if args.threads is not None:
+        core.set_num_threads(args.threads)
+    for path in args.images:
+        if not os.path.isfile(path):
+            raise ValueError(f"image not found: {path}")
+    log = (lambda m: None) if args.quiet else (lambda m: print(f"[bfpaccel] {m}", file=sys.stderr))
+    t0 = time.perf_counter()
+    plan: Plan
+    if args.model.endswith(".bfpplan"):
+        plan = load_plan(args.model)
+        note = f"plan {args.model}"
+    else:
+        from .accuracy import resolve_model
+
+        onnx_path, note = resolve_model(args.model, weights=args.weights, cache_dir=args.cache_dir, log=log)
+        log(f"compiling {os.path.basename(onnx_path)} to {args.format} (vector precision {args.vector_precision})")
+        plan = compile(onnx_path, format=args.format, vector_precision=args.vector_precision)
+        if args.save_plan:
+            plan.save(args.save_plan)
+            log(f"plan written to {args.save_plan}")
+    pred = Predictor(plan)
+    log(f"ready in {time.perf_counter() - t0:.1f} s ({note})")
+    labels = imagenet_labels()
+    for path in args.images:
+        with open(path, "rb") as f:
+            data = f.read()
+        x = pred.preprocess([data])
+        pred.predict(x)  # first call builds the program for this shape
+        t = time.perf_counter()
+        out = pred.predict(x)
+        ms = (time.perf_counter() - t) * 1e3
+        print(f"{path}  ({plan.format}, {ms:.1f} ms)")
+        if len(out) == 12 and all("ssd_300_vgg" in k for k in out):
+            from .models.ssdvgg_utils import postprocess
+
+            classes, scores, boxes = postprocess([out[k] for k in pred.output_names])
+            if len(classes) == 0:
+                print("  no detections above 0.5")
+            for c, sc, b in list(zip(classes, scores, boxes))[:10]:
+                print(f"  class {int(c):2d}  score {float(sc):.3f}  box [ymin xmin ymax xmax] {np.round(b, 3).tolist()}")
+            continue
+        for name, y in out.items():
+            v = y.reshape(y.shape[0], -1)[0]
+            if v.size != 1000:
+                print(f"  {name}: shape {tuple(y.shape)}")
+                continue
+            kind = "prob" if abs(float(v.sum()) - 1.0) < 1e-2 and float(v.min()) >= 0 else "logit"
+            print(f"  {name}")
+            for rank, (i, sc, lab) in enumerate(top_k(v, 5, labels), 1):
+                print(f"    {rank}. {lab:<32s} {kind} {sc:.4f}  (class {i})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bfpaccel",
@@ -161,6 +224,26 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(fn=cmd_formats)
     i = sub.add_parser("info", help="kernels, threads and versions")
     i.set_defaults(fn=cmd_info)
+    c = sub.add_parser("classify", help="model -> BFP plan -> top-5 labels of your images (the seed workflow)",
+                       description="Builds the model the seed's way (zoo: TF graph with preprocess_array, random "
+                       "seeded weights unless --weights says otherwise; converted with tf2onnx and cached), compiles "
+                       "it to a BFP plan and prints the top-5 ImageNet labels (SSD: detections) per image.")
+    c.add_argument("images", nargs="+", help="JPEG/PNG/GIF files")
+    c.add_argument("--model", default="resnet50",
+                   help="resnet50 (default), resnet152, vgg16, densenet121, ssdvgg, efficientnet-lite0 (real "
+                   "ImageNet weights; needs torch), PATH.onnx or PATH.bfpplan")
+    c.add_argument("--format", default="msfp16", help="BFP format of the matrix ops (default msfp16)")
+    c.add_argument("--vector-precision", default=None, help="fp16 (default for BFP), bf16 or fp32")
+    c.add_argument("--weights", default="random", help="zoo models: random (default), store, or a Keras .h5 file")
+    c.add_argument("--cache-dir", default=None, help="where converted models are kept (~/.cache/bfpaccel/models)")
+    c.add_argument("--save-plan", default=None, help="also write the compiled plan to this file")
+    c.add_argument("--threads", type=int, default=None, help="kernel threads (default: all CPUs)")
+    c.add_argument("--quiet", action="store_true", help="no progress messages")
+    c.set_defaults(fn=cmd_classify)
+    from .accuracy import add_accuracy_parser
+
+    a = add_accuracy_parser(sub)
+    a.set_defaults(fn=lambda args: args.func(args))
     return p
 
 
@@ -172,7 +255,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if getattr(args, "size", 1) < 1 or getattr(args, "runs", 1) < 1:
             raise ValueError("--size and --runs must be >= 1")
         return int(args.fn(args))
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as exc:
         print(f"bfpaccel: error: {exc}", file=sys.stderr)
         return 2
 

@@ -10,7 +10,13 @@ from typing import Any
 
 from ..preprocess import IMAGENET_MEAN_RGB
 
-__all__ = ["preprocess_array"]
+__all__ = ["preprocess_array", "PREPROCESS_COLLECTION"]
+
+#: Graph collection where ``preprocess_array`` records its arguments (one JSON string per
+#: call). Collections are saved in the SavedModel's MetaGraphDef, so the converter
+#: (``bfpaccel.convert``) can cut the graph at the float tensor and hand the same
+#: preprocessing to the runtime and the server.
+PREPROCESS_COLLECTION = "bfpaccel_preprocess"
 
 
 def preprocess_array(
@@ -70,4 +76,25 @@ def preprocess_array(
 
     out = tf.map_fn(one, in_images, fn_output_signature=tf.float32, name="map_normalize_jpeg")
     out.set_shape([None, crop_h, crop_w, 3])
+    _record(tf, in_images, out, order, scaling_factor, output_height, output_width, preserve_aspect_ratio)
     return out
+
+
+def _record(tf: Any, in_images: Any, out: Any, order: str, scaling_factor: float, output_height: int,
+            output_width: int, preserve_aspect_ratio: bool) -> None:
+    """Add the call's arguments to the graph collection ``PREPROCESS_COLLECTION`` (adds no node)."""
+    import json
+
+    if tf.executing_eagerly():
+        return
+    record = {
+        "kind": "image",
+        "order": order,
+        "scaling_factor": float(scaling_factor),
+        "output_height": int(output_height),
+        "output_width": int(output_width),
+        "preserve_aspect_ratio": bool(preserve_aspect_ratio),
+        "string_input": getattr(in_images, "name", None),
+        "float_output": out.name,
+    }
+    tf.add_to_collection(PREPROCESS_COLLECTION, json.dumps(record, sort_keys=True))

@@ -1,0 +1,135 @@
+"""``Predictor``: encoded images in, named outputs out -- the serving path of a plan.
+
+The converter records the model's image front (decoding, resize/crop, mean subtraction: the
+seed's ``preprocess_array``) in the ONNX metadata (``bfpaccel.preprocess``), and the seed's
+tensor names and aliases of the outputs (``bfpaccel.outputs``); the plan keeps both.  A
+``Predictor`` applies exactly that preprocessing with numpy (bit-exact with the TF graph op)
+and answers with the seed's output names, so the server, the CLI and user code all run the
+same pipeline without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .plan import Plan, load_plan
+from .session import Session
+
+__all__ = ["Predictor", "top_k"]
+
+
+def top_k(probs: np.ndarray, k: int = 5, labels: Optional[Sequence[str]] = None) -> List[tuple]:
+    """The ``k`` largest entries of a 1-D score vector as ``(index, score[, label])``."""
+    p = np.asarray(probs).reshape(-1)
+    idx = np.argsort(-p, kind="stable")[:k]
+    if labels is None:
+        return [(int(i), float(p[i])) for i in idx]
+    return [(int(i), float(p[i]), labels[i] if i < len(labels) else str(i)) for i in idx]
+
+
+class Predictor:
+    """Runs a plan on encoded images (JPEG/PNG/GIF bytes) or on float tensors.
+
+    Args:
+        plan: a :class:`Plan` or a plan file path.
+        num_threads: threads of the C++ core.
+
+    Example:
+        >>> p = bfpaccel.Predictor("resnet50.bfpplan")  # doctest: +SKIP
+        >>> out = p.predict_images([open("cat.jpg", "rb").read()])  # doctest: +SKIP
+        >>> top_k(out["classifier/resnet_v1_50/predictions/Softmax:0"][0])  # doctest: +SKIP
+    """
+
+    def __init__(self, plan: Union[Plan, str, "os.PathLike[str]"], num_threads: Optional[int] = None):
+        self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
+        self.session = Session(self.plan, num_threads=num_threads)
+        meta = self.plan.metadata
+        self.preprocess_spec: Optional[Dict[str, Any]] = (
+            json.loads(meta["bfpaccel.preprocess"]) if "bfpaccel.preprocess" in meta else None)
+        outs = json.loads(meta["bfpaccel.outputs"]) if "bfpaccel.outputs" in meta else None
+        #: seed/TF tensor name -> plan output name
+        self.output_map: Dict[str, str] = {}
+        #: alias (e.g. "output_alias") -> seed/TF tensor name
+        self.aliases: Dict[str, str] = {}
+        if outs:
+            for o in outs:
+                name = o.get("name") or o.get("onnx_output")
+                onnx_name = o.get("onnx_output") or name
+                self.output_map[name] = onnx_name
+                if o.get("alias"):
+                    self.aliases[o["alias"]] = name
+        else:
+            self.output_map = {n: n for n in self.plan.output_names}
+        spec = self.preprocess_spec or {}
+        self.input_name: str = spec.get("onnx_input") or self.plan.input_names[0]
+        #: names a client may use for the image input (tensor name, alias, ONNX input)
+        self.input_aliases = {self.input_name}
+        for k in ("string_input", "input_alias"):
+            if spec.get(k):
+                self.input_aliases.add(spec[k])
+
+    @property
+    def output_names(self) -> List[str]:
+        """Output names in the seed's naming (TF tensor names where recorded)."""
+        return list(self.output_map)
+
+    @property
+    def takes_images(self) -> bool:
+        """True when the plan records an image front (encoded images are accepted)."""
+        return bool(self.preprocess_spec) and self.preprocess_spec.get("kind", "").startswith("image")
+
+    def resolve_output(self, name: str) -> str:
+        """Seed tensor name for ``name`` (a tensor name, an alias or an ONNX output name)."""
+        if name in self.output_map:
+            return name
+        if name in self.aliases:
+            return self.aliases[name]
+        for k, v in self.output_map.items():
+            if v == name:
+                return k
+        raise KeyError(f"unknown output {name!r}; the model's outputs are {self.output_names}"
+                       + (f" (aliases {list(self.aliases)})" if self.aliases else ""))
+
+    def preprocess(self, images: Sequence[bytes]) -> np.ndarray:
+        """Decodes and preprocesses encoded images into the model's float input batch."""
+        if not self.takes_images:
+            raise ValueError("this model records no image preprocessing: feed float tensors")
+        if isinstance(images, (bytes, bytearray)):
+            images = [bytes(images)]
+        if len(images) == 0:
+            raise ValueError("no images given")
+        fn = _preprocessor(self.preprocess_spec or {})
+        arrs = [fn(bytes(b)) for b in images]
+        return np.stack(arrs).astype(np.float32, copy=False)
+
+    def predict(self, x: np.ndarray, outputs: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
+        """Runs the plan on a float input batch; returns seed-named outputs."""
+        names = [self.resolve_output(o) for o in outputs] if outputs is not None else self.output_names
+        res = self.session.run([self.output_map[n] for n in names], {self.input_name: x})
+        return {n: res[self.output_map[n]] for n in names}
+
+    def predict_images(self, images: Sequence[bytes], outputs: Optional[Sequence[str]] = None
+                       ) -> Dict[str, np.ndarray]:
+        """Preprocesses encoded images the model's way and runs the plan."""
+        return self.predict(self.preprocess(images), outputs)
+
+
+def _preprocessor(spec: Dict[str, Any]) -> Callable[[bytes], np.ndarray]:
+    kind = spec.get("kind")
+    if kind == "image":
+        from ..preprocess import preprocess_image
+
+        kw = dict(order=spec.get("order", "RGB"), scaling_factor=float(spec.get("scaling_factor", 1.0)),
+                  output_height=int(spec.get("output_height", 224)), output_width=int(spec.get("output_width", 224)),
+                  preserve_aspect_ratio=bool(spec.get("preserve_aspect_ratio", True)))
+        return lambda b: preprocess_image(b, **kw)
+    if kind == "image-nchw":
+        from ..models.efficientnet import preprocess_efficientnet
+
+        size, shorter = int(spec.get("size", 224)), int(spec.get("resize_shorter", 256))
+        return lambda b: preprocess_efficientnet(b, size=size, resize_shorter=shorter)
+    raise ValueError(f"unknown preprocessing kind {kind!r} in the plan's metadata")
