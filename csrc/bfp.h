@@ -122,7 +122,14 @@ bool quantize_pixels8(const float* x, int64_t HW, int np, int len, const FmtPara
 inline float block_scale(int16_t e, int unit_shift, bool all_zero) {
     if (e == kNanExp) return __builtin_nanf("");
     if (all_zero) return 1.0f;
-    return __builtin_ldexpf(1.0f, int(e) - unit_shift);  // exact: E - unit_shift in [-143, 127]
+    const int k = int(e) - unit_shift;  // in [-143, 127]: exact either way
+    if (k >= -126) {                    // normal: build the power of two from its exponent bits
+        const uint32_t bits = uint32_t(k + 127) << 23;
+        float f;
+        __builtin_memcpy(&f, &bits, 4);
+        return f;
+    }
+    return __builtin_ldexpf(1.0f, k);
 }
 
 }  // namespace bfp

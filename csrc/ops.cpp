@@ -116,6 +116,17 @@ AlignedBuf::~AlignedBuf() { std::free(p); }
 // ---------------------------------------------------------------- tensors
 // The AVX2 block quantizer serves int8-unit formats with deterministic rounding whenever a
 // SIMD kernel is selected ("scalar" keeps everything on the exact scalar code).
+// An uninitialized array (std::vector would zero MBs that are about to be overwritten).
+template <class T>
+struct RawBuf {
+    std::unique_ptr<T[]> p;
+    explicit RawBuf(size_t n) : p(n ? new T[n] : nullptr) {}
+    T& operator[](size_t i) { return p[i]; }
+    const T& operator[](size_t i) const { return p[i]; }
+    T* data() { return p.get(); }
+    const T* data() const { return p.get(); }
+};
+
 static bool fast_quant_ok(const FmtParams& f) {
     return current_isa() != kScalar && f.int8_units() && f.rounding != kStochastic &&
            (f.kind == kInt || f.exp_max >= 127 - f.emax_elem);
@@ -546,20 +557,41 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
     // activations: per (image, group, padded pixel) nbc blocks of Bp units; padding = zero blocks
     const int64_t npix = Hp * Wp, plen = int64_t(nbc) * Bp;
     const size_t nunits = size_t(NG * npix * plen), nblocks = size_t(NG * npix * nbc);
-    std::vector<int8_t> a8;
-    std::vector<int16_t> a16;
+    // Interior pixels are written in full by the quantization below; only the zero padding
+    // ring needs filling (the buffers are not value-initialized: they are MBs per conv).
+    RawBuf<int8_t> a8(int8 && !rows16 ? nunits : 0);
+    RawBuf<int16_t> a16(int8 && rows16 ? nunits : 0);
     std::vector<int64_t> a64;
     if (!int8) a64.assign(nunits, 0);
-    else if (rows16) a16.assign(nunits, 0);
-    else a8.assign(nunits, 0);
-    std::vector<int16_t> ae(nblocks, int16_t(fx.exp_min));
-    std::vector<float> as;
-    std::vector<int32_t> ac, amin, amax;
+    RawBuf<int16_t> ae(nblocks);
+    RawBuf<float> as(simd ? nblocks : 0);
+    RawBuf<int32_t> ac(simd ? nblocks : 0);
+    std::vector<int32_t> amin, amax;
     if (simd) {
-        as.assign(nblocks, 1.0f);
-        ac.assign(nblocks, 0);
         amin.assign(size_t(NG * npix), INT32_MAX);
         amax.assign(size_t(NG * npix), INT32_MIN);
+    }
+    {
+        const bool padded = g.pt || g.pl || g.pb || g.pr;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (NG * npix > 4096)
+        for (int64_t pp = 0; pp < NG * npix; ++pp) {
+            const int64_t py = (pp % npix) / Wp, px = pp % Wp;
+            const bool border = py < g.pt || py >= g.pt + H || px < g.pl || px >= g.pl + W;
+            if (!int8 || (padded && !border)) {
+                if (!int8) for (int b = 0; b < nbc; ++b) ae[pp * nbc + b] = int16_t(fx.exp_min);
+                continue;
+            }
+            if (!border) continue;
+            for (int b = 0; b < nbc; ++b) {
+                ae[pp * nbc + b] = int16_t(fx.exp_min);
+                if (simd) {
+                    as[pp * nbc + b] = 1.0f;
+                    ac[pp * nbc + b] = 0;
+                }
+            }
+            if (rows16) std::memset(&a16[pp * plen], 0, sizeof(int16_t) * size_t(plen));
+            else std::memset(&a8[pp * plen], 0, size_t(plen));
+        }
     }
     const bool fast = int8 && fast_quant_ok(fx);
     const bool fast_nchw = fast && !nhwc;

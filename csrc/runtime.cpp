@@ -119,6 +119,40 @@ void conv2d_fp32_nhwc(const float* x, const float* w, const ConvGeom& g, int64_t
     }
 }
 
+// Depthwise (one input channel per group, multiplier 1), NHWC, weights [taps][C]. On the BFP
+// datapath every block holds one element, so each product fq(x) * fq(w) is exact in fp32 (or
+// rounds once, like the datapath's scaling, when it underflows) and the sum runs over the taps
+// in order: fp32 arithmetic on the fake-quantized operands is the datapath, bit for bit.
+// Padded taps add 0 * w (a NaN weight block stays NaN, as in the reference).
+__attribute__((target_clones("avx2", "default"))) static void dw_row(const float* x, const float* w,
+                                                                    const ConvGeom& g, int kh, int kw, int64_t n,
+                                                                    int64_t oy, int64_t ox, float* out) {
+    const int64_t C = g.C;
+    for (int64_t c = 0; c < C; ++c) out[c] = 0.0f;
+    for (int ky = 0; ky < kh; ++ky) {
+        const int64_t iy = oy * g.sh - g.pt + int64_t(ky) * g.dh;
+        for (int kx = 0; kx < kw; ++kx) {
+            const int64_t ix = ox * g.sw - g.pl + int64_t(kx) * g.dw;
+            const float* wt = w + int64_t(ky * kw + kx) * C;
+            if (iy >= 0 && iy < g.H && ix >= 0 && ix < g.W) {
+                const float* xr = x + ((n * g.H + iy) * g.W + ix) * C;
+                for (int64_t c = 0; c < C; ++c) out[c] = out[c] + xr[c] * wt[c];
+            } else {
+                for (int64_t c = 0; c < C; ++c) out[c] = out[c] + 0.0f * wt[c];
+            }
+        }
+    }
+}
+
+void dwconv_nhwc(const float* x, const float* w, const ConvGeom& g, int kh, int kw, float* out) {
+    const int64_t P = g.N * g.OH * g.OW;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (P * g.C * kh * kw > 32768)
+    for (int64_t p = 0; p < P; ++p) {
+        const int64_t n = p / (g.OH * g.OW), oy = (p / g.OW) % g.OH, ox = p % g.OW;
+        dw_row(x, w, g, kh, kw, n, oy, ox, out + p * g.C);
+    }
+}
+
 // ---------------------------------------------------------------- program
 int Program::add_buffer(int64_t n) {
     bufs_.emplace_back(size_t(std::max<int64_t>(n, 1)), 0.0f);
@@ -208,8 +242,21 @@ void Program::conv(const Op& op) {
     const int64_t O = q[4];
     float* y = ptr(op.out[0]);
     const float* x = ptr(op.in[0]);
-    if (op.w) conv2d_impl(x, fx_, seed_, *op.w, g, nullptr, y, true);
-    else conv2d_fp32_nhwc(x, ptr(op.wf), g, O, int(q[5]), int(q[6]), y);
+    if (op.sub == 1) {  // depthwise: one-element blocks (see dwconv_nhwc)
+        const float* xin = x;
+        std::vector<float> fq;
+        if (has_fmt_ && op.ip.size() > 18 && op.ip[18]) {
+            const int64_t n = g.N * g.H * g.W * g.C;
+            fq.resize(size_t(n));
+            fake_quantize_tensor(x, n, 1, 1, fx_, seed_, fq.data());
+            xin = fq.data();
+        }
+        dwconv_nhwc(xin, ptr(op.wf), g, int(q[5]), int(q[6]), y);
+    } else if (op.w) {
+        conv2d_impl(x, fx_, seed_, *op.w, g, nullptr, y, true);
+    } else {
+        conv2d_fp32_nhwc(x, ptr(op.wf), g, O, int(q[5]), int(q[6]), y);
+    }
     const int64_t rows = g.N * g.OH * g.OW;
     const float* b = op.bias >= 0 ? ptr(op.bias) : nullptr;
     const float* r = op.res >= 0 ? ptr(op.res) : nullptr;

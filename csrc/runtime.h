@@ -93,6 +93,9 @@ class Program {
 
 // fp32 reference conv (format "fp32"): NHWC, weights [G][taps][Cg][Og], sequential sums over
 // (tap, channel) per output.
+// depthwise conv (C groups of one channel, multiplier 1), NHWC, weights [taps][C]
+void dwconv_nhwc(const float* x, const float* w, const ConvGeom& g, int kh, int kw, float* out);
+
 void conv2d_fp32_nhwc(const float* x, const float* w, const ConvGeom& g, int64_t O, int kh, int kw, float* out);
 
 }  // namespace bfp

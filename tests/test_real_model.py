@@ -98,3 +98,27 @@ def test_real_accuracy_on_labelled_photos(lite0, batch):
     # ground beetle), 19/20 top-5
     assert top1_hits >= 16, top1_hits
     assert top5_hits >= 18, top5_hits
+
+
+def test_bfp_plan_agrees_with_float32_on_real_photos(lite0, batch):
+    """The compiled BFP plan of the real ImageNet model: fp32 plan == onnxruntime (1e-4), and
+    msfp16 picks float32's top-1 class on the 20 photos (measured: 20/20) and keeps the
+    true-label accuracy; through the Predictor the JPEGs are preprocessed the recorded way."""
+    import onnxruntime as ort
+
+    import bfpaccel
+
+    x, labels = batch
+    ref = ort.InferenceSession(lite0).run(None, {"images": x})[0]
+    fp32 = bfpaccel.Session(bfpaccel.compile(lite0, format="fp32")).run(None, {"images": x})["logits"]
+    assert np.linalg.norm(fp32 - ref) / np.linalg.norm(ref) < 1e-4
+    pred = bfpaccel.Predictor(bfpaccel.compile(lite0, format="msfp16"))
+    assert pred.preprocess_spec["kind"] == "image-nchw"
+    y = pred.predict(x)["logits"]
+    assert (y.argmax(1) == ref.argmax(1)).sum() >= 19
+    assert (y.argmax(1) == labels).sum() >= 16
+    # the Predictor's own JPEG path gives the same batch
+    from bfpaccel.labels import foolbox_imagenet_photos
+
+    raw = [open(p, "rb").read() for p, _ in foolbox_imagenet_photos()[:3]]
+    np.testing.assert_array_equal(pred.preprocess(raw), x[:3])

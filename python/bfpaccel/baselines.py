@@ -47,3 +47,52 @@ def ort_conv_session(
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1  # onnxruntime's defaults otherwise (its thread pool spins: its best speed)
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_session(onnx_path: str, threads: Optional[int] = None):
+    """An onnxruntime CPU session of a model file with ``threads`` intra-op threads."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("the onnxruntime baseline needs `pip install onnxruntime`") from exc
+    opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+
+
+def ort_int8_model(onnx_path: str, out_path: str, calibration: Sequence[np.ndarray]) -> str:
+    """onnxruntime's own static int8 quantization of ``onnx_path`` (QDQ, activations QUInt8,
+    weights QInt8 per channel: the fastest int8 setting on x86 CPUs without AMX), calibrated
+    on ``calibration`` input batches (MinMax).  Writes ``out_path`` and returns it.
+
+    The model is first run through ``quant_pre_process`` (shape inference and onnxruntime's
+    graph optimisation; needs ``sympy``), as onnxruntime recommends.
+    """
+    import os
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    name = onnx.load(onnx_path, load_external_data=False).graph.input[0].name
+    batches = [np.asarray(b, np.float32) for b in calibration]
+    if not batches:
+        raise ValueError("calibration needs at least one input batch")
+
+    class _Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.it = iter(batches)
+
+        def get_next(self):  # type: ignore[no-untyped-def]
+            b = next(self.it, None)
+            return None if b is None else {name: b}
+
+    with tempfile.TemporaryDirectory() as d:
+        pre = os.path.join(d, "pre.onnx")
+        quant_pre_process(onnx_path, pre, skip_symbolic_shape=True)
+        quantize_static(pre, out_path, _Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+    return out_path

@@ -383,6 +383,15 @@ class _Lowerer:
         if Wshape[1] * groups != C:
             raise self.err(f"input has {C} channels, the weight expects {Wshape[1] * groups}")
         kw_ = {}
+        if groups == C and Wshape[1] == 1 and O == C:  # depthwise: one-element blocks, see runtime.cpp
+            kw_["wf"] = self.const_vid(self.depthwise_weights(n, O, kh, kw))
+            kw_["sub"] = 1
+            quant = 1 if "qweight" in n.attrs else 0
+            if len(n.inputs) > 2 and n.inputs[2]:
+                kw_["bias"] = self.const_vid(np.asarray(self.cv[n.inputs[2]], np.float32).reshape(-1))
+            ip = [N, H, W, C, O, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, groups, OH, OW, quant]
+            self.emit(K_CONV, [xn.vid], [out.vid], ip, **kw_)
+            return out
         if "qweight" in n.attrs:
             kw_["w"] = self.packed(n, groups, kh * kw)
         else:
@@ -395,6 +404,18 @@ class _Lowerer:
         ip = [N, H, W, C, O, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, groups, OH, OW]
         self.emit(K_CONV, [xn.vid], [out.vid], ip, **kw_)
         return out
+
+    def depthwise_weights(self, n: Node, O: int, kh: int, kw: int) -> np.ndarray:
+        """[taps][O] float weights: the dequantized BFP weights (one-element blocks) or fp32."""
+        if "qweight" in n.attrs:
+            from ..core import BfpTensor
+
+            codes = np.asarray(self.cv[n.attrs["qweight"] + ".codes"])
+            exps = np.asarray(self.cv[n.attrs["qweight"] + ".exps"])
+            W = BfpTensor(self.plan.weight_format, 1, codes, exps).dequantize()
+        else:
+            W = np.asarray(self.cv[n.attrs["fweight"]], np.float32)
+        return np.ascontiguousarray(W.reshape(O, kh * kw).T)
 
     def packed(self, n: Node, groups: int, taps: int) -> Any:
         cache = self.plan.__dict__.setdefault("_packed", {})
