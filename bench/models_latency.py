@@ -58,10 +58,10 @@ def main() -> int:
     for fn in backends.values():
         for _ in range(3):
             fn()
-    rounds = max(1, args.runs // 5)
+    rounds = max(1, args.runs // 5)  # rounds of 5 runs per backend, backends interleaved
     for _ in range(rounds):
         for k, fn in backends.items():
-            time.sleep(0.2)  # let the other runtime's spinning threads go idle
+            time.sleep(1.0)  # let the other runtime's spinning thread pool go idle first
             for _ in range(5):
                 t = time.perf_counter()
                 fn()

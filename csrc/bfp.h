@@ -114,6 +114,12 @@ int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* uni
 // One block (len <= 128 channels) of np <= 8 consecutive pixels of a channels-first plane
 // (channel c of pixel j at x[c*HW + j]): units[j*ustride + c] and E[j].
 // False (nothing written) when a pixel needs the exact scalar path.
+// One row of a conv's output in the runtime: + bias, rounded; + residual, rounded;
+// activation (1 ReLU, 2 clip to [lo, hi]), rounded -- vp: 0 fp32, 1 fp16, 2 bf16 (F16C).
+void epilogue_row(float* d, const float* b, const float* r, int64_t n, int vp, int act, float lo, float hi);
+// Eight one-element blocks of an int(p) format (deterministic rounding) -> their values;
+// returns the mask of lanes written (others need the scalar path).
+int fake_quantize8_i(const float* x, const FmtParams& f, float* out);
 bool quantize_pixels8(const float* x, int64_t HW, int np, int len, const FmtParams& f, int8_t* units,
                       int ustride, int16_t* E);
 }  // namespace avx2

@@ -25,11 +25,12 @@ static bool cpu_has(Isa isa) {
     if (isa == kScalar) return true;
     __builtin_cpu_init();
 #ifdef BFPACCEL_HAVE_AVX512_EMU
-    if (isa == kAvx512Emu) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (isa == kAvx512Emu) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
     if (isa == kAvx512Emu) return false;
 #endif
-    if (isa == kAvx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (isa == kAvx2)
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
            __builtin_cpu_supports("fma");
@@ -184,6 +185,28 @@ void fake_quantize_tensor(const float* x, int64_t outer, int64_t K, int64_t inne
         const int E = quantize_block(x + off, inner, n, uint64_t(off), inner, f, seed, units);
         for (int k = 0; k < n; ++k) out[off + k * inner] = unit_value(units[k], E, f);
     });
+}
+
+void fake_quantize_elements(const float* x, int64_t n, const FmtParams& f, uint64_t seed, float* out) {
+    const bool fast = current_isa() != kScalar && f.kind == kInt && f.rounding != kStochastic && f.emax_elem == 0;
+    if (!fast) {
+        fake_quantize_tensor(x, n, 1, 1, f, seed, out);
+        return;
+    }
+    const int64_t n8 = n / 8;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (n > 32768)
+    for (int64_t c = 0; c < n8 + 1; ++c) {
+        const int64_t i0 = c * 8, len = std::min<int64_t>(8, n - i0);
+        if (len <= 0) continue;
+        int m = 0;
+        if (len == 8) m = avx2::fake_quantize8_i(x + i0, f, out + i0);
+        for (int j = 0; j < len; ++j) {
+            if (m >> j & 1) continue;
+            int64_t u;
+            const int16_t e = quantize_block(x + i0 + j, 1, 1, uint64_t(i0 + j), 1, f, seed, &u);
+            out[i0 + j] = unit_value(u, e, f);
+        }
+    }
 }
 
 void dequantize_tensor(const int8_t* codes, const int16_t* exps, int64_t outer, int64_t K, int64_t inner,
@@ -571,7 +594,7 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
         amin.assign(size_t(NG * npix), INT32_MAX);
         amax.assign(size_t(NG * npix), INT32_MIN);
     }
-    {
+    if (!int8 || g.pt || g.pl || g.pb || g.pr) {
         const bool padded = g.pt || g.pl || g.pb || g.pr;
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (NG * npix > 4096)
         for (int64_t pp = 0; pp < NG * npix; ++pp) {

@@ -31,6 +31,8 @@ void quantize_tensor(const float* x, int64_t outer, int64_t K, int64_t inner, co
                      int8_t* codes, int16_t* exps);
 void fake_quantize_tensor(const float* x, int64_t outer, int64_t K, int64_t inner, const FmtParams& f,
                           uint64_t seed, float* out);
+// Every element its own block (depthwise convs): values, SIMD where the format allows.
+void fake_quantize_elements(const float* x, int64_t n, const FmtParams& f, uint64_t seed, float* out);
 void dequantize_tensor(const int8_t* codes, const int16_t* exps, int64_t outer, int64_t K, int64_t inner,
                        const FmtParams& f, float* out);
 

@@ -227,7 +227,7 @@ __attribute__((always_inline)) static inline void epi_t(float* d, const float* b
 
 // bias, residual and activation of one row of a conv's output, each rounded to the vector
 // precision as the separate ops would be
-__attribute__((target_clones("avx2", "default"))) static void epilogue_row(float* d, const float* b, const float* r,
+static void epilogue_row(float* d, const float* b, const float* r,
                                                                           int64_t n, int vp, int act, float lo,
                                                                           float hi) {
     if (vp == kVecFp16) epi_t<kVecFp16>(d, b, r, n, act, lo, hi);
@@ -248,7 +248,7 @@ void Program::conv(const Op& op) {
         if (has_fmt_ && op.ip.size() > 18 && op.ip[18]) {
             const int64_t n = g.N * g.H * g.W * g.C;
             fq.resize(size_t(n));
-            fake_quantize_tensor(x, n, 1, 1, fx_, seed_, fq.data());
+            fake_quantize_elements(x, n, fx_, seed_, fq.data());
             xin = fq.data();
         }
         dwconv_nhwc(xin, ptr(op.wf), g, int(q[5]), int(q[6]), y);
@@ -264,8 +264,12 @@ void Program::conv(const Op& op) {
     const int act = op.act;
     const float lo = op.fp.size() > 0 ? op.fp[0] : 0.0f, hi = op.fp.size() > 1 ? op.fp[1] : 0.0f;
     const int vp = vp_;
+    const bool simd = current_isa() != kScalar;  // every SIMD kernel's CPU has AVX2 + F16C
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(rows * O))
-    for (int64_t i = 0; i < rows; ++i) epilogue_row(y + i * O, b, r ? r + i * O : nullptr, O, vp, act, lo, hi);
+    for (int64_t i = 0; i < rows; ++i) {
+        if (simd) avx2::epilogue_row(y + i * O, b, r ? r + i * O : nullptr, O, vp, act, lo, hi);
+        else epilogue_row(y + i * O, b, r ? r + i * O : nullptr, O, vp, act, lo, hi);
+    }
 }
 
 template <int K>

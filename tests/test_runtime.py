@@ -250,8 +250,10 @@ def test_bad_inputs_clear_errors():
         bfpaccel.compile("/nonexistent/model.onnx")
 
 
-@pytest.mark.parametrize("fmt", ["msfp16", "msfp12", "mxfp8_e4m3", "mxfp4_e2m1", "msfp9"])
-def test_depthwise_bit_exact_against_reference(fmt):
+@pytest.mark.parametrize("fmt", ["msfp16", "msfp12", "mxfp8_e4m3", "mxfp4_e2m1", "msfp9", "mxint8",
+                                 bfpaccel.get_format("msfp14", rounding="toward_zero"),
+                                 bfpaccel.get_format("msfp13", rounding="nearest_away")])
+def test_depthwise_bit_exact_against_reference(kernel, fmt):
     """Depthwise convs run on a dedicated path (one-element blocks: fp32 on fake-quantized
     operands); it must equal the datapath of reference.conv2d bit for bit, NaN weights,
     subnormals and huge ranges included."""
@@ -269,4 +271,48 @@ def test_depthwise_bit_exact_against_reference(fmt):
     want = (reference.conv2d(x, w, bfpaccel.get_format(fmt), stride=(2, 1), padding=1, groups=C)
             + b.reshape(1, -1, 1, 1)).astype(np.float32)
     same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), int((~same).sum())
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    u = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32).copy()
+    r[np.isnan(a)] = np.nan
+    return r
+
+
+def _fp16(a: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return a.astype(np.float16).astype(np.float32)
+
+
+@pytest.mark.parametrize("vp", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("act", ["Relu", "Clip"])
+def test_fused_epilogue_bit_exact(kernel, vp, act):
+    """conv + bias + residual Add + Relu/Clip fused into one epilogue (SIMD or portable, per
+    kernel) rounds after each op exactly as the separate vector ops do."""
+    rng = np.random.default_rng(11)
+    w, b = _w(37, 24, 1, 1), (rng.standard_normal(37) * 1e3).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"]), helper.make_node("Add", ["c", "r"], ["a"])]
+    if act == "Relu":
+        nodes.append(helper.make_node("Relu", ["a"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Clip", ["a", "lo", "hi"], ["y"]))
+    m = _model(nodes, [("x", [1, 24, 5, 7]), ("r", [1, 37, 5, 7])], ["y"],
+               {"w": w, "b": b, "lo": np.float32(-3.0), "hi": np.float32(6.0)})
+    x = (rng.standard_normal((1, 24, 5, 7)) * np.exp(rng.uniform(-4, 12, (1, 24, 5, 7)))).astype(np.float32)
+    r = (rng.standard_normal((1, 37, 5, 7)) * np.exp(rng.uniform(-20, 12, (1, 37, 5, 7)))).astype(np.float32)
+    r[0, 0, 0, :3] = [np.nan, np.inf, -np.inf]
+    plan = bfpaccel.compile(m, format="msfp16", vector_precision=vp)
+    assert "Conv+Add" in " ".join(bfpaccel.Session(plan).program({"x": x.shape, "r": r.shape}).op_names).replace(
+        "Conv_0+Add_1", "Conv+Add")
+    got = bfpaccel.Session(plan).run(None, {"x": x, "r": r})["y"]
+    R = {"fp16": _fp16, "bf16": _bf16, "fp32": lambda a: a.astype(np.float32)}[vp]
+    acc = reference.conv2d(x, w, bfpaccel.get_format("msfp16")).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = R(acc + b.reshape(1, -1, 1, 1))
+        v = R(v + r)
+        v = R(np.where(v > 0, v, np.where(np.isnan(v), v, 0))) if act == "Relu" else \
+            np.where(np.isnan(v), v, R(np.clip(v, -3.0, 6.0)))
+    same = (got.view(np.uint32) == v.view(np.uint32)) | (np.isnan(got) & np.isnan(v))
     assert same.all(), int((~same).sum())

@@ -112,6 +112,46 @@ int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* out
     return int16_t(E);
 }
 
+// Eight one-element blocks (int(p) elements, deterministic rounding): each x is quantized on
+// its own and written back as its value. Lanes whose exponent leaves the format's range
+// (or zero-free subnormals, NaN/Inf) are left out of the returned mask (bit j set: lane j
+// written) for the caller's scalar path. Same arithmetic as quantize_block: the element's
+// mantissa is moved to the binade [2^us, 2^(us+1)) by replacing its exponent bits (exact),
+// rounded, saturated, and scaled back by two exact power-of-two multiplies.
+int fake_quantize8_i(const float* x, const FmtParams& f, float* out) {
+    const __m256 xv = _mm256_loadu_ps(x);
+    const __m256i bits = _mm256_castps_si256(xv);
+    const __m256i a = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
+    const __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(a, 23), _mm256_set1_epi32(127));
+    const __m256i E = _mm256_sub_epi32(e, _mm256_set1_epi32(f.emax_elem));
+    const __m256i zero = _mm256_cmpeq_epi32(a, _mm256_setzero_si256());
+    const __m256i normal = _mm256_and_si256(_mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x007fffff)),
+                                            _mm256_cmpgt_epi32(_mm256_set1_epi32(0x7f800000), a));
+    const __m256i inrange = _mm256_and_si256(_mm256_cmpgt_epi32(E, _mm256_set1_epi32(f.exp_min - 1)),
+                                             _mm256_cmpgt_epi32(_mm256_set1_epi32(f.exp_max + 1), E));
+    const __m256i ok = _mm256_or_si256(zero, _mm256_and_si256(normal, inrange));
+    // v = |x| * 2^(unit_shift - E): the mantissa bits under exponent (unit_shift + emax_elem)
+    const int ve = f.unit_shift + f.emax_elem;
+    const __m256 v = _mm256_castsi256_ps(
+        _mm256_or_si256(_mm256_and_si256(a, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32((ve + 127) << 23)));
+    __m256 q = _mm256_min_ps(round_units(v, f), _mm256_set1_ps(float(f.max_units)));
+    // value = q * 2^(E - unit_shift) = (q * 2^-unit_shift) * 2^E  (both exact; 2^E from bits)
+    const __m256 pE = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(E, _mm256_set1_epi32(127)), 23));
+    __m256 val = _mm256_mul_ps(_mm256_mul_ps(q, pow2(-f.unit_shift)), pE);
+    val = _mm256_or_ps(val, _mm256_and_ps(xv, _mm256_castsi256_ps(_mm256_set1_epi32(int(0x80000000u)))));
+    val = _mm256_andnot_ps(_mm256_castsi256_ps(zero), val);  // zero block: +0
+    const int m = _mm256_movemask_ps(_mm256_castsi256_ps(ok));
+    if (m == 0xff) {
+        _mm256_storeu_ps(out, val);
+    } else {
+        alignas(32) float tmp[8];
+        _mm256_store_ps(tmp, val);
+        for (int j = 0; j < 8; ++j)
+            if (m >> j & 1) out[j] = tmp[j];
+    }
+    return m;
+}
+
 // Quantizes one channel block (len <= 128 channels) of np <= 8 consecutive pixels of a
 // channels-first plane: channel c of pixel j is x[c*HW + j]. Lanes are pixels, so every load
 // is contiguous. Writes units[j*ustride + c] (int8) and E[j].
