@@ -259,7 +259,7 @@ def accuracy_report(model: str, formats: Sequence[str], images: str, *, vector_p
     ref = outputs_of(ref_run, "float32")
     postprocess = None
     if detection:
-        from .models.ssdvgg_utils import postprocess
+        from .models.ssdvgg_utils import postprocess  # type: ignore[assignment]
     ref_dets = [postprocess([o[k] for k in out_names]) for o in ref] if postprocess else None
     report: Dict[str, Any] = {"model": model, "onnx": onnx_path, "weights": weights_note, "images": images,
                               "num_images": len(files), "labelled_images": sum(x is not None for x in labels),

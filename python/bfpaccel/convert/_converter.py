@@ -312,7 +312,7 @@ class AccelOnnxConverter:
             "log_path": output_path + ".log",
             "result_path": output_path + ".result.json",
         }
-        for stale in (spec["log_path"], spec["result_path"]):
+        for stale in (str(spec["log_path"]), str(spec["result_path"])):
             if os.path.exists(stale):
                 os.remove(stale)
         if _test_env:  # test seams: {"fail_for_test": msg} / {"sleep_for_test": s} go in the spec

@@ -56,7 +56,7 @@ def convert_keras(model: Any, path: str, *, opset: int = 15, optimize: bool = Tr
             raise ValueError("the Keras model has no known inputs: build it (call it once) or pass input_signature")
         input_signature = [tf.TensorSpec(t.shape, t.dtype, name=(getattr(t, "name", None) or f"input_{i}").split(":")[0])
                            for i, t in enumerate(inputs)]
-    optimizers = None if optimize else {}
+    optimizers: Optional[dict] = None if optimize else {}
     try:
         # from_keras keeps the Keras output names; it fails on Keras-3 Sequential models.
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=input_signature, opset=opset,

@@ -281,7 +281,7 @@ def convert(spec: dict) -> dict:
     with tf.Graph().as_default():
         frozen = tf_loader.tf_optimize([onnx_input], out_names, frozen)
     frozen = _fold_const_switches(tf, frozen)
-    optimizers = None if spec.get("optimize", True) else {}
+    optimizers: Optional[dict] = None if spec.get("optimize", True) else {}
     _log(f"tf2onnx {tf2onnx.__version__}: opset {spec['opset']}, "
          f"optimizers {'tf2onnx defaults' if optimizers is None else 'none'}"
          f"{', catch_errors' if spec.get('catch_errors') else ''}")

@@ -64,7 +64,7 @@ def preprocess_efficientnet(image: Union[bytes, np.ndarray], size: int = 224, re
     h, w = rgb.shape[:2]
     scale = resize_shorter / min(h, w)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    img = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.BILINEAR), dtype=np.float32)
+    img = np.asarray(Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BILINEAR), dtype=np.float32)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     img = img[top:top + size, left:left + size]
     img = (img - np.float32(127.0)) / np.float32(128.0)

@@ -1,3 +1,4 @@
+# mypy: disable-error-code="assignment,operator"
 """Constant folding with numpy: ops whose inputs are all known when a program is lowered
 (shape arithmetic, constant reshapes, ...).  Follows the ONNX operator specs."""
 
@@ -15,7 +16,7 @@ _NP_TYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7
              10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
 
 
-def _axes(n: Node, ins: Sequence[Optional[np.ndarray]], idx: int) -> Optional[List[int]]:
+def _axes(n: Node, ins: Sequence[Any], idx: int) -> Optional[List[int]]:
     if "axes" in n.attrs:
         return [int(a) for a in n.attrs["axes"]]
     if len(ins) > idx and ins[idx] is not None:
@@ -25,9 +26,9 @@ def _axes(n: Node, ins: Sequence[Optional[np.ndarray]], idx: int) -> Optional[Li
 
 def fold_node(n: Node, ins: Sequence[Optional[np.ndarray]], opset: int) -> List[np.ndarray]:
     """Evaluates ``n`` on constant inputs; raises NotImplementedError for ops it cannot."""
-    a = [np.asarray(x) if x is not None else None for x in ins]
+    a: List[Any] = [np.asarray(x) if x is not None else None for x in ins]
     op = n.op
-    x = a[0] if a else None
+    x: Any = a[0] if a else None
     if op in ("Identity", "Dropout"):
         return [x]
     if op == "Constant":

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import _core
+from .. import _core  # type: ignore[attr-defined]
 from .graph import Graph, Node, broadcast_shape
 from .plan import Plan
 
@@ -116,6 +116,7 @@ class _Lowerer:
         self.vconst: Dict[int, np.ndarray] = {}
         self.vinput: set = set()
         self.node: Optional[Node] = None
+        self._final_roots: set = set()
 
     # ------------------------------------------------------------ buffers
     def new_vid(self, n: int) -> int:
@@ -135,7 +136,7 @@ class _Lowerer:
         return vid
 
     def emit(self, kind: int, ins: List[int], outs: List[int], ip: Sequence[int] = (), fp: Sequence[float] = (),
-             sub: int = 0, **kw: Any) -> None:
+             sub: int = 0, **kw: Any) -> None:  # kw: w, wf, bias, res, act
         op = dict(kind=kind, sub=sub, ins=list(ins), outs=list(outs), ip=[int(v) for v in ip],
                   fp=[float(v) for v in fp], name=self.node.name if self.node else "", w=None, wf=-1, bias=-1,
                   res=-1, act=0)
@@ -224,7 +225,7 @@ class _Lowerer:
     # ------------------------------------------------------------ fusion
     def fuse(self) -> None:
         ops = self.ops
-        protected = set()
+        protected: set = set()
         readers: Dict[int, List[int]] = {}
 
         def index() -> None:
@@ -382,7 +383,7 @@ class _Lowerer:
         Wshape = n.attrs["weight_shape"]
         if Wshape[1] * groups != C:
             raise self.err(f"input has {C} channels, the weight expects {Wshape[1] * groups}")
-        kw_ = {}
+        kw_: Dict[str, Any] = {}
         if groups == C and Wshape[1] == 1 and O == C:  # depthwise: one-element blocks, see runtime.cpp
             kw_["wf"] = self.const_vid(self.depthwise_weights(n, O, kh, kw))
             kw_["sub"] = 1

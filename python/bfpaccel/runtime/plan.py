@@ -131,7 +131,8 @@ class Plan:
         path = os.fspath(path)
         manifest = json.dumps(self.to_json(), default=_json_default).encode()
         buf = io.BytesIO()
-        np.savez(buf, **{f"c{i}": np.asarray(v) for i, v in enumerate(self.graph.consts.values())})
+        arrays: Dict[str, Any] = {f"c{i}": np.asarray(v) for i, v in enumerate(self.graph.consts.values())}
+        np.savez(buf, **arrays)
         tmp = f"{path}.tmp{os.getpid()}"
         try:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:

@@ -80,7 +80,8 @@ class Predictor:
     @property
     def takes_images(self) -> bool:
         """True when the plan records an image front (encoded images are accepted)."""
-        return bool(self.preprocess_spec) and self.preprocess_spec.get("kind", "").startswith("image")
+        spec = self.preprocess_spec or {}
+        return str(spec.get("kind", "")).startswith("image")
 
     def resolve_output(self, name: str) -> str:
         """Seed tensor name for ``name`` (a tensor name, an alias or an ONNX output name)."""
