@@ -25,6 +25,8 @@ from .core import (
 )
 from .core import _init_from_env
 from . import labels
+from .registry import Model, Registry
+from .serve.client import PredictionClient, client_from_service
 from .runtime import Plan, PlanError, Predictor, Session, top_k, UnsupportedOpError, compile, load_plan
 from .formats import NAN_EXPONENT, PRESETS, ROUNDING_MODES, Format, get_format, list_formats
 
@@ -58,6 +60,10 @@ __all__ = [
     "Predictor",
     "top_k",
     "labels",
+    "Registry",
+    "PredictionClient",
+    "client_from_service",
+    "Model",
     "UnsupportedOpError",
 ]
 

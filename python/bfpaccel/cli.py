@@ -240,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None, help="kernel threads (default: all CPUs)")
     c.add_argument("--quiet", action="store_true", help="no progress messages")
     c.set_defaults(fn=cmd_classify)
+    from .deploy.cli import add_registry_parsers
+    from .serve.cli import add_predict_parser, add_serve_parser
+    from .serve.loadtest import add_loadtest_parser
+
+    add_registry_parsers(sub)
+    for add in (add_serve_parser, add_predict_parser, add_loadtest_parser):
+        add(sub).set_defaults(fn=lambda args: args.func(args))
     from .accuracy import add_accuracy_parser
 
     a = add_accuracy_parser(sub)

@@ -1,0 +1,7 @@
+"""``python -m bfpaccel.serve --plan PATH [--port P] ...``"""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,130 @@
+"""Prometheus text-format metrics for the server, with the standard library only.
+
+``Metrics`` keeps request counts by method/route/code, a latency histogram and the queue
+depth; ``MetricsServer`` exposes them at ``http://HOST:PORT/metrics`` (``http.server`` in a
+daemon thread), so ``prometheus_client`` is not needed.
+
+Example:
+    >>> m = Metrics(); m.observe("Predict", "resnet50", "OK", 0.004)
+    >>> "bfpaccel_requests_total" in m.render()
+    True
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Dict, Optional, Tuple
+
+__all__ = ["Metrics", "MetricsServer", "LATENCY_BUCKETS"]
+
+#: Histogram bucket upper bounds in seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _esc(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+class Metrics:
+    """Thread-safe counters, latency histogram and gauges of one server."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count: Dict[Tuple[str, str, str], int] = {}
+        self._hist: Dict[Tuple[str, str], list] = {}  # (method, route) -> [bucket counts..., sum, count]
+        self._gauges: Dict[str, Callable[[], float]] = {}
+        self._images = 0
+
+    def gauge(self, name: str, fn: Callable[[], float]) -> None:
+        """Registers a gauge read at render time (e.g. the queue depth)."""
+        self._gauges[name] = fn
+
+    def observe(self, method: str, route: str, code: str, seconds: float, images: int = 0) -> None:
+        """Counts one finished request."""
+        with self._lock:
+            k = (method, route, code)
+            self._count[k] = self._count.get(k, 0) + 1
+            h = self._hist.get((method, route))
+            if h is None:
+                h = self._hist[(method, route)] = [0] * (len(LATENCY_BUCKETS) + 2)
+            i = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+            if i < len(LATENCY_BUCKETS):
+                h[i] += 1
+            h[-2] += seconds
+            h[-1] += 1
+            self._images += images
+
+    def count(self, method: Optional[str] = None, code: Optional[str] = None) -> int:
+        """Requests counted so far, optionally of one method and/or status code."""
+        with self._lock:
+            return sum(v for (m, _, c), v in self._count.items()
+                       if (method is None or m == method) and (code is None or c == code))
+
+    def render(self) -> str:
+        """The Prometheus text exposition (version 0.0.4)."""
+        out = ["# HELP bfpaccel_requests_total gRPC requests by method, route and status code.",
+               "# TYPE bfpaccel_requests_total counter"]
+        with self._lock:
+            for (m, r, c), v in sorted(self._count.items()):
+                out.append(f'bfpaccel_requests_total{{method="{_esc(m)}",route="{_esc(r)}",code="{_esc(c)}"}} {v}')
+            out += ["# HELP bfpaccel_request_latency_seconds Server-side request latency.",
+                    "# TYPE bfpaccel_request_latency_seconds histogram"]
+            for (m, r), h in sorted(self._hist.items()):
+                lab = f'method="{_esc(m)}",route="{_esc(r)}"'
+                cum = 0
+                for b, n in zip(LATENCY_BUCKETS, h):
+                    cum += n
+                    out.append(f'bfpaccel_request_latency_seconds_bucket{{{lab},le="{b}"}} {cum}')
+                out.append(f'bfpaccel_request_latency_seconds_bucket{{{lab},le="+Inf"}} {h[-1]}')
+                out.append(f"bfpaccel_request_latency_seconds_sum{{{lab}}} {h[-2]:.6f}")
+                out.append(f"bfpaccel_request_latency_seconds_count{{{lab}}} {h[-1]}")
+            out += ["# HELP bfpaccel_images_total Images scored.", "# TYPE bfpaccel_images_total counter",
+                    f"bfpaccel_images_total {self._images}"]
+        for name, fn in sorted(self._gauges.items()):
+            try:
+                val = float(fn())
+            except Exception:  # a gauge must never break the scrape
+                continue
+            out += [f"# TYPE {name} gauge", f"{name} {val:g}"]
+        return "\n".join(out) + "\n"
+
+
+class MetricsServer:
+    """Serves ``Metrics.render()`` at ``/metrics`` over HTTP in a daemon thread.
+
+    Example:
+        >>> srv = MetricsServer(Metrics(), port=0); srv.port > 0
+        True
+        >>> srv.stop()
+    """
+
+    def __init__(self, metrics: Metrics, port: int = 0, host: str = "127.0.0.1") -> None:
+        m = metrics
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server API
+                if self.path.split("?")[0] not in ("/metrics", "/"):
+                    self.send_error(404)
+                    return
+                body = m.render().encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt: str, *args: object) -> None:  # keep scrapes out of stderr
+                pass
+
+        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        self._httpd.daemon_threads = True
+        self.port: int = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="bfpaccel-metrics", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stops serving."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
