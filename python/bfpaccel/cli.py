@@ -74,6 +74,17 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    rc = _kernel_demo(args)
+    if rc != 0 or args.kernels_only:
+        return rc
+    from .story import run_story
+
+    print("\n== the seed's story: build, register, convert, image, deploy, score, clean up ==")
+    return run_story(image=args.image, fmt=args.format, runs=args.runs * 2, threads=args.threads,
+                     workdir=args.workdir)
+
+
+def _kernel_demo(args: argparse.Namespace) -> int:
     fmt = get_format(args.format)
     if args.threads:
         core.set_num_threads(args.threads)
@@ -214,11 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"bfpaccel {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    d = sub.add_parser("demo", help="check the kernels bit for bit against the reference and time them")
+    d = sub.add_parser("demo", help="kernel check, then the seed's whole story (build, convert, compile, serve, "
+                       "score a JPEG, top-5, latency vs onnxruntime)",
+                       description="Checks the kernels bit for bit against the numpy reference and times them; "
+                       "then (with the tf extra) runs the seed workflow end to end: QuantizedResnet50 TF graph "
+                       "-> register -> convert -> image (BFP plan) -> local gRPC deployment -> "
+                       "PredictionClient.score_file -> top-5 -> latency table -> clean up.")
     d.add_argument("--format", default="msfp16", help="number format (see `bfpaccel formats`; default msfp16)")
     d.add_argument("--threads", type=int, default=None, help="kernel threads (default: all CPUs)")
     d.add_argument("--size", type=int, default=1024, help="GEMM size n for n x n x n (default 1024)")
     d.add_argument("--runs", type=int, default=5, help="timed calls per block; 3 blocks each side, best taken (default 5)")
+    d.add_argument("--kernels-only", action="store_true", help="only the kernel check, not the seed story")
+    d.add_argument("--image", default=None, help="JPEG/PNG to score in the story (default: a generated picture)")
+    d.add_argument("--workdir", default=None, help="keep the story's SavedModel/registry/plans here (default: temp)")
     d.set_defaults(fn=cmd_demo)
     f = sub.add_parser("formats", help="list the number formats")
     f.set_defaults(fn=cmd_formats)
