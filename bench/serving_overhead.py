@@ -27,6 +27,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--duration", type=float, default=60.0)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2, help="server model instances (default 2)")
     args = ap.parse_args()
 
     import bfpaccel
@@ -42,7 +43,7 @@ def main() -> int:
     data = open(jpeg, "rb").read()
     pred = bfpaccel.Predictor(plan)
     out = pred.output_names[0]
-    with serve(plan, port=0, block=False) as handle:
+    with serve(plan, port=0, block=False, workers=args.workers) as handle:
         handle.wait_ready(120)
         client = bfpaccel.PredictionClient("127.0.0.1", handle.port)
         local, remote = [], []
