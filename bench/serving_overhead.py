@@ -41,9 +41,10 @@ def main() -> int:
     with open(jpeg, "wb") as f:
         f.write(make_image("jpeg", (320, 240)))
     data = open(jpeg, "rb").read()
-    pred = bfpaccel.Predictor(plan)
+    plan_obj = bfpaccel.load_plan(plan)  # one Plan: in-process and server share the packed weights
+    pred = bfpaccel.Predictor(plan_obj)
     out = pred.output_names[0]
-    with serve(plan, port=0, block=False, workers=args.workers) as handle:
+    with serve({"model": plan_obj}, port=0, block=False, workers=args.workers) as handle:
         handle.wait_ready(120)
         client = bfpaccel.PredictionClient("127.0.0.1", handle.port)
         local, remote = [], []

@@ -70,6 +70,7 @@ class _Model:
     predictors: "queue.Queue[Any]" = field(default_factory=queue.Queue)
     first: Any = None  # a Predictor, for names and shapes
     error: Optional[str] = None
+    plan: Any = None  # an in-memory Plan given to serve() (shares its packed weights)
 
 
 class ServerHandle:
@@ -414,7 +415,7 @@ class _PredictionService:
         t0 = time.perf_counter()
         for m in self.models.values():
             try:
-                plan = load_plan(m.path)
+                plan = m.plan if m.plan is not None else load_plan(m.path)
                 for _ in range(self.workers):
                     pred = Predictor(plan, num_threads=num_threads)
                     if warmup:
@@ -464,7 +465,7 @@ def _add_to_pool(file_descriptor: Any) -> None:
     pb.POOL.Add(fdp)
 
 
-def serve(plans: Union[Mapping[str, PathLike], PathLike], port: int = 50051, host: str = "127.0.0.1",
+def serve(plans: Union[Mapping[str, Any], PathLike, Any], port: int = 50051, host: str = "127.0.0.1",
           tls_cert: Optional[Union[bytes, PathLike]] = None, tls_key: Optional[Union[bytes, PathLike]] = None,
           auth_keys: Optional[Sequence[str]] = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
           workers: int = 2, queue_size: int = 64, metrics_port: Optional[int] = None, warmup: bool = True, *,
@@ -500,8 +501,12 @@ def serve(plans: Union[Mapping[str, PathLike], PathLike], port: int = 50051, hos
         >>> h.port, h.routes  # doctest: +SKIP
         (40123, ['a', 'b'])
     """
+    from ..runtime.plan import Plan
+
     if isinstance(plans, Mapping):
         items = dict(plans)
+    elif isinstance(plans, Plan):
+        items = {"model": plans}
     else:
         stem = os.path.basename(os.fspath(plans)).split(".")[0] or "model"
         items = {stem: plans}
@@ -510,14 +515,15 @@ def serve(plans: Union[Mapping[str, PathLike], PathLike], port: int = 50051, hos
     for name, path in items.items():
         if not name or "/" in name:
             raise ValueError(f"route name {name!r} must be non-empty and contain no '/'")
-        if not os.path.exists(os.fspath(path)):
+        if not isinstance(path, Plan) and not os.path.exists(os.fspath(path)):
             raise FileNotFoundError(f"plan {os.fspath(path)!r} (route {name!r}) does not exist")
     if workers < 1 or queue_size < 0 or max_batch < 1:
         raise ValueError("workers and max_batch must be >= 1, queue_size >= 0")
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both tls_cert and tls_key")
     versions = dict(versions or {})
-    models = {n: _Model(n, int(versions.get(n, 1)), os.fspath(p)) for n, p in items.items()}
+    models = {n: _Model(n, int(versions.get(n, 1)), "<in-memory plan>" if isinstance(p, Plan) else os.fspath(p),
+                        plan=p if isinstance(p, Plan) else None) for n, p in items.items()}
     service = _PredictionService(models, list(auth_keys or []), workers, queue_size, max_batch,
                                  simulated_latency_ms / 1000.0)
     threads = workers + queue_size + 8
