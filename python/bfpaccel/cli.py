@@ -217,6 +217,36 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+_KERAS_APPS = {"resnet50": "ResNet50", "resnet152": "ResNet152", "vgg16": "VGG16", "densenet121": "DenseNet121"}
+
+
+def cmd_fetch_weights(args: argparse.Namespace) -> int:
+    """Downloads the public Keras-applications ImageNet weights (needs the internet and the tf
+    extra) and writes them as a Keras ``.weights.h5`` file the zoo loads with ``weights=PATH``."""
+    import os
+
+    name = args.model.lower()
+    if name not in _KERAS_APPS:
+        raise ValueError(f"no public Keras ImageNet weights for {args.model!r}; choose one of {', '.join(_KERAS_APPS)} "
+                         "(SSD-VGG has none)")
+    os.makedirs(args.dest, exist_ok=True)
+    path = os.path.join(args.dest, f"{name}_imagenet.weights.h5")
+    try:
+        import keras
+    except ImportError as e:
+        raise ImportError("fetching Keras weights needs TensorFlow/Keras: pip install 'bfpaccel[tf]'") from e
+    print(f"downloading the Keras {_KERAS_APPS[name]} ImageNet weights (keras caches them in ~/.keras/models) ...")
+    try:
+        model = getattr(keras.applications, _KERAS_APPS[name])(weights="imagenet")
+    except Exception as e:  # keras raises plain Exceptions on network errors
+        raise RuntimeError(f"could not download the weights (is this machine online?): {e}") from e
+    model.save_weights(path)
+    print(f"wrote {path}\nuse it with: bfpaccel classify --model {name} --weights {path} IMAGE, or "
+          f"models.{'Quantized' + {'resnet50': 'Resnet50', 'resnet152': 'Resnet152', 'vgg16': 'Vgg16', 'densenet121': 'Densenet121'}[name]}"
+          f"(base, weights={path!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bfpaccel",
@@ -259,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None, help="kernel threads (default: all CPUs)")
     c.add_argument("--quiet", action="store_true", help="no progress messages")
     c.set_defaults(fn=cmd_classify)
+    fw = sub.add_parser("fetch-weights", help="download the public Keras ImageNet weights of a zoo model (online)",
+                        description="Downloads the Keras-applications ImageNet weights (ResNet50/152, VGG16, "
+                        "DenseNet121; needs the internet and the tf extra) into a .weights.h5 file that the model "
+                        "zoo loads with weights=PATH. Nothing else in bfpaccel touches the network.")
+    fw.add_argument("--model", required=True, help=", ".join(_KERAS_APPS))
+    fw.add_argument("--dest", default=".", help="folder for the .weights.h5 file (default: current folder)")
+    fw.set_defaults(fn=cmd_fetch_weights)
     from .deploy.cli import add_registry_parsers
     from .serve.cli import add_predict_parser, add_serve_parser
     from .serve.loadtest import add_loadtest_parser
