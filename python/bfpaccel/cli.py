@@ -296,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     fw.add_argument("--model", required=True, help=", ".join(_KERAS_APPS))
     fw.add_argument("--dest", default=".", help="folder for the .weights.h5 file (default: current folder)")
     fw.set_defaults(fn=cmd_fetch_weights)
+    from .bench.cli import add_bench_parser
     from .perfmodel.cli import add_estimate_parser
+
+    add_bench_parser(sub).set_defaults(fn=lambda args: args.func(args))
 
     add_estimate_parser(sub).set_defaults(fn=lambda args: args.func(args))
     from .deploy.cli import add_registry_parsers
