@@ -17,7 +17,7 @@ batch-norm as a separate vector op only by where the roundings fall.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional, Sequence, Set, Union
+from typing import Any, Dict, List, Optional, Set, Union
 
 import numpy as np
 
@@ -111,7 +111,6 @@ def _perm_of(n: Node, rank: Optional[int] = None) -> Optional[List[int]]:
 def _cancel_transposes(g: Graph) -> bool:
     """Transpose(Transpose(x, p1), p2) with p1∘p2 = identity -> x."""
     changed = False
-    cons = g.consumers()
     prod = g.producer()
     outs = set(g.output_names())
     for n in list(g.nodes):
@@ -127,7 +126,6 @@ def _cancel_transposes(g: Graph) -> bool:
             _rename_uses(g, n.outputs[0], src.inputs[0])
             g.nodes.remove(n)
             changed = True
-            cons = g.consumers()
             prod = g.producer()
     if changed:
         g.prune()
@@ -374,7 +372,6 @@ def compile(
     _dense_from_matmul(g)
     while _fold_into_matrix_ops(g):
         pass
-    qweights: Dict[str, Dict[str, Any]] = {}
     for n in g.nodes:
         if n.op not in ("Conv", "BfpDense"):
             continue

@@ -18,7 +18,6 @@ Done once per input signature (``Session`` caches it), never per inference.  It 
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -219,13 +218,14 @@ class _Lowerer:
                 v = out
             out_vids.append(v.vid)
             outputs[name] = (v.vid, v.shape, None)
+        # a graph output's buffer must stay where the output is read: never fused away
+        self._final_roots = {self.vroot[self.vals[vo.name].vid] for vo in g.outputs if vo.name in self.vals}
         self.fuse()
         return self.build(outputs, out_vids)
 
     # ------------------------------------------------------------ fusion
     def fuse(self) -> None:
         ops = self.ops
-        protected: set = set()
         readers: Dict[int, List[int]] = {}
 
         def index() -> None:
@@ -234,7 +234,6 @@ class _Lowerer:
                 for v in op["ins"] + ([op["res"]] if op["res"] >= 0 else []):
                     readers.setdefault(self.vroot[v], []).append(i)
 
-        self._outputs_roots = protected
         index()
         i = 0
         while i < len(ops):
@@ -869,22 +868,4 @@ class _Lowerer:
 
 def lower(plan: Plan, shapes: Dict[str, Tuple[int, ...]]) -> Lowered:
     """Builds the C++ program of ``plan`` for these input shapes."""
-    lw = _Lowerer(plan, shapes)
-    lw._final_roots = set()
-    # graph outputs must not be fused away: find their producers' buffers after lowering
-    res = _lower_with_outputs(lw)
-    return res
-
-
-def _lower_with_outputs(lw: _Lowerer) -> Lowered:
-    orig_fuse = lw.fuse
-
-    def fuse() -> None:
-        lw._final_roots = set()
-        for vo in lw.g.outputs:
-            if vo.name in lw.vals:
-                lw._final_roots.add(lw.vroot[lw.vals[vo.name].vid])
-        orig_fuse()
-
-    lw.fuse = fuse  # type: ignore[method-assign]
-    return lw.run()
+    return _Lowerer(plan, shapes).run()
