@@ -16,7 +16,6 @@ import simplejpeg
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-import bfpaccel  # noqa: E402
 from bfpaccel import accuracy  # noqa: E402
 
 H = W = 32
@@ -106,7 +105,6 @@ def test_bad_inputs_are_clear(setup, tmp_path):
     assert accuracy.load_images(imgs)[0][1] == 0
 
 
-@pytest.mark.skipif(not hasattr(bfpaccel, "compile"), reason="bfpaccel.compile/Session not in this build yet")
 def test_cli_real_bfp_path(setup, tmp_path, capsys):
     model, imgs = setup
     parser = argparse.ArgumentParser()

@@ -3,7 +3,6 @@ keys, TLS, dead pids) and Kubernetes manifests (validated against the OpenAPI sc
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -287,15 +286,6 @@ def test_failed_start_and_slow_start(reg, image, stand_in, monkeypatch):
     slow.delete()
 
 
-def _serve_available() -> bool:
-    if importlib.util.find_spec("bfpaccel.serve") is None:
-        return False
-    r = subprocess.run([sys.executable, "-m", "bfpaccel.serve", "--help"], capture_output=True, timeout=60)
-    return r.returncode == 0
-
-
-@pytest.mark.skipif(not _serve_available(), reason="bfpaccel.serve (the gRPC server) is not there yet, "
-                                                   "or `python -m bfpaccel.serve --help` fails")
 def test_local_deploy_end_to_end_with_real_server(reg, image):
     from bfpaccel.serve.client import client_from_service
 
@@ -373,7 +363,6 @@ def test_kubernetes_config_validation():
         LocalWebservice.deploy_configuration(ssl_enabled=True, ssl_cert_pem_file="c.pem")
 
 
-@pytest.mark.skipif(not _serve_available(), reason="bfpaccel.serve is not there yet")
 def test_local_deploy_tls_with_real_server(reg, image):
     cfg = LocalWebservice.deploy_configuration(ssl_enabled=True, auth_enabled=True)
     svc = Webservice.deploy_from_image(reg, "real-tls", image, cfg)
