@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
+from ..preprocess import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_RESIZE_PIXELS, _check_limit
 from .plan import Plan, load_plan
 from .session import Session
 
@@ -37,6 +38,13 @@ class Predictor:
     Args:
         plan: a :class:`Plan` or a plan file path.
         num_threads: threads of the C++ core.
+        max_image_pixels: largest declared width x height of an encoded image (checked from the
+            header before decoding; default ``bfpaccel.preprocess.DEFAULT_MAX_IMAGE_PIXELS``,
+            8192 x 8192); ``None``: no limit.
+        max_resize_pixels: largest full (pre-crop) size of the resize an image goes through
+            (default ``DEFAULT_MAX_RESIZE_PIXELS``, 16 Mi pixels: aspect ratios up to 256:1 at
+            the seed's 256 shorter side); ``None``: no limit.  Both raise
+            ``bfpaccel.preprocess.ImageTooLargeError`` (a ``ValueError``).
 
     Example:
         >>> p = bfpaccel.Predictor("resnet50.bfpplan")  # doctest: +SKIP
@@ -44,7 +52,11 @@ class Predictor:
         >>> top_k(out["classifier/resnet_v1_50/predictions/Softmax:0"][0])  # doctest: +SKIP
     """
 
-    def __init__(self, plan: Union[Plan, str, "os.PathLike[str]"], num_threads: Optional[int] = None):
+    def __init__(self, plan: Union[Plan, str, "os.PathLike[str]"], num_threads: Optional[int] = None, *,
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                 max_resize_pixels: Optional[int] = DEFAULT_MAX_RESIZE_PIXELS):
+        self.max_image_pixels = _check_limit("max_image_pixels", max_image_pixels)
+        self.max_resize_pixels = _check_limit("max_resize_pixels", max_resize_pixels)
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         self.session = Session(self.plan, num_threads=num_threads)
         meta = self.plan.metadata
@@ -71,6 +83,7 @@ class Predictor:
         for k in ("string_input", "input_alias"):
             if spec.get(k):
                 self.input_aliases.add(spec[k])
+        self._preprocess_fn: Optional[Callable[[bytes], np.ndarray]] = None
 
     @property
     def output_names(self) -> List[str]:
@@ -103,8 +116,10 @@ class Predictor:
             images = [bytes(images)]
         if len(images) == 0:
             raise ValueError("no images given")
-        fn = _preprocessor(self.preprocess_spec or {})
-        arrs = [fn(bytes(b)) for b in images]
+        if self._preprocess_fn is None:
+            self._preprocess_fn = _preprocessor(self.preprocess_spec or {}, self.max_image_pixels,
+                                                self.max_resize_pixels)
+        arrs = [self._preprocess_fn(b) for b in images]
         return np.stack(arrs).astype(np.float32, copy=False)
 
     def predict(self, x: np.ndarray, outputs: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
@@ -119,18 +134,34 @@ class Predictor:
         return self.predict(self.preprocess(images), outputs)
 
 
-def _preprocessor(spec: Dict[str, Any]) -> Callable[[bytes], np.ndarray]:
+def _preprocessor(spec: Dict[str, Any], max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                  max_resize_pixels: Optional[int] = DEFAULT_MAX_RESIZE_PIXELS) -> Callable[[bytes], np.ndarray]:
     kind = spec.get("kind")
     if kind == "image":
         from ..preprocess import preprocess_image
 
         kw = dict(order=spec.get("order", "RGB"), scaling_factor=float(spec.get("scaling_factor", 1.0)),
                   output_height=int(spec.get("output_height", 224)), output_width=int(spec.get("output_width", 224)),
-                  preserve_aspect_ratio=bool(spec.get("preserve_aspect_ratio", True)))
+                  preserve_aspect_ratio=bool(spec.get("preserve_aspect_ratio", True)),
+                  max_pixels=max_pixels, max_resize_pixels=max_resize_pixels)
         return lambda b: preprocess_image(b, **kw)
     if kind == "image-nchw":
         from ..models.efficientnet import preprocess_efficientnet
+        from ..preprocess import ImageTooLargeError, _open
 
         size, shorter = int(spec.get("size", 224)), int(spec.get("resize_shorter", 256))
-        return lambda b: preprocess_efficientnet(b, size=size, resize_shorter=shorter)
+
+        def efficientnet(b: bytes) -> np.ndarray:
+            h, w, decode = _open(b, max_pixels)  # the header only; max_pixels checked
+            if max_resize_pixels is not None and min(h, w) >= 1:
+                scale = shorter / min(h, w)  # preprocess_efficientnet's resize (Pillow, full size)
+                new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+                if new_w * new_h > max_resize_pixels:
+                    raise ImageTooLargeError(
+                        f"image of {w}x{h} pixels would be resized to {new_w}x{new_h} = {new_w * new_h} pixels "
+                        f"before the crop, over the limit max_resize_pixels={max_resize_pixels}",
+                        "max_resize_pixels", max_resize_pixels, new_w * new_h, (w, h))
+            return preprocess_efficientnet(decode(), size=size, resize_shorter=shorter)
+
+        return efficientnet
     raise ValueError(f"unknown preprocessing kind {kind!r} in the plan's metadata")

@@ -51,6 +51,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up call")
     p.add_argument("--warmup-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--simulated-latency-ms", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                   help="largest declared width x height of an encoded image, checked from its header before "
+                   "decoding (default 67108864 = 8192x8192; 0: no limit); over it: INVALID_ARGUMENT")
+    p.add_argument("--max-resize-pixels", type=int, default=None, metavar="N",
+                   help="largest full size of the seed's resize before its crop (default 16777216: aspect "
+                   "ratios up to 256:1; 0: no limit)")
     p.add_argument("--quiet", action="store_true", help="no access log")
 
 
@@ -86,6 +92,17 @@ def _registry_plans(args: argparse.Namespace) -> Dict[str, str]:
     return out
 
 
+def _image_limits(args: argparse.Namespace) -> Dict[str, Any]:
+    """``--max-image-pixels`` / ``--max-resize-pixels`` as serve() keywords (absent: the
+    defaults; 0 or less: no limit)."""
+    out: Dict[str, Any] = {}
+    for flag in ("max_image_pixels", "max_resize_pixels"):
+        v = getattr(args, flag, None)
+        if v is not None:
+            out[flag] = v if v > 0 else None
+    return out
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Runs the server until SIGTERM/SIGINT; returns the exit code."""
     from .server import serve
@@ -113,7 +130,8 @@ def run_serve(args: argparse.Namespace) -> int:
                    auth_keys=args.auth_key or None, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
                    workers=args.workers, queue_size=args.queue_size, metrics_port=args.metrics_port,
                    warmup=not args.no_warmup, num_threads=args.threads, block=False,
-                   warmup_delay_s=args.warmup_delay, simulated_latency_ms=args.simulated_latency_ms)
+                   warmup_delay_s=args.warmup_delay, simulated_latency_ms=args.simulated_latency_ms,
+                   **_image_limits(args))
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

@@ -5,6 +5,12 @@ Supported: float32 (DT_FLOAT), float64, float16 (DT_HALF), int8/16/32/64, uint8/
 strings/bytes (DT_STRING).  Decoding accepts packed ``tensor_content`` (little-endian) or the
 typed ``*_val`` field; a single typed value is broadcast to the whole shape, as TensorFlow does.
 
+Hostile input: shapes are checked with Python integers (rank at most :data:`MAX_RANK`, no
+negative dimension, the element count never overflows), value counts are checked against the
+shape before anything is allocated (:func:`check_tensor`), and ``make_ndarray(tp,
+max_elements=...)`` refuses a shape over a limit before a single value is broadcast; every
+such problem is a :class:`CodecError` (a ``ValueError``).
+
 Example:
     >>> import numpy as np
     >>> from bfpaccel.serve.codec import make_tensor_proto, make_ndarray
@@ -14,13 +20,19 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Union
+import math
+import sys
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import _protos as pb
 
-__all__ = ["make_tensor_proto", "make_ndarray", "numpy_dtype", "tf_dtype", "tensor_shape", "CodecError"]
+__all__ = ["make_tensor_proto", "make_ndarray", "numpy_dtype", "tf_dtype", "tensor_shape", "check_tensor",
+           "CodecError", "MAX_RANK"]
+
+#: Largest tensor rank accepted (numpy 1.x's limit; TensorFlow allows 254 but no model here needs it).
+MAX_RANK = 32
 
 
 class CodecError(ValueError):
@@ -69,14 +81,55 @@ def numpy_dtype(dtype: int) -> np.dtype:
     return _TYPES[dtype][0]
 
 
-def tensor_shape(tp: Any) -> List[int]:
-    """The shape of a TensorProto as a list of ints (``[]`` for a scalar)."""
+def tensor_shape(tp: Any, max_rank: int = MAX_RANK) -> List[int]:
+    """The shape of a TensorProto as a list of ints (``[]`` for a scalar); at most ``max_rank``
+    dimensions, none negative."""
     if tp.tensor_shape.unknown_rank:
         raise CodecError("tensor has unknown rank")
+    rank = len(tp.tensor_shape.dim)
+    if rank > max_rank:
+        raise CodecError(f"tensor has rank {rank}; at most {max_rank} dimensions are supported")
     dims = [int(d.size) for d in tp.tensor_shape.dim]
     if any(d < 0 for d in dims):
         raise CodecError(f"tensor shape {dims} has a negative dimension")
     return dims
+
+
+def check_tensor(tp: Any, max_elements: Optional[int] = None) -> Tuple[np.dtype, List[int], int]:
+    """Validates a TensorProto without allocating its values: ``(numpy dtype, shape, element
+    count)``.  Checks the dtype, the shape (:func:`tensor_shape`), the element count (a Python
+    int: no overflow; at most ``max_elements`` when given) and that the values present fit the
+    shape (``tensor_content`` bytes, or ``*_val`` count equal to it or 1 to broadcast).
+
+    Example:
+        >>> t = pb.TensorProto(dtype=pb.DT_FLOAT); t.tensor_shape.dim.add().size = 3
+        >>> t.float_val.append(0.5); check_tensor(t)[1:]
+        ([3], 3)
+    """
+    if tp.dtype == pb.DT_INVALID:
+        raise CodecError("tensor has no dtype (DT_INVALID): an empty or missing TensorProto")
+    npdt = numpy_dtype(tp.dtype)
+    shape = tensor_shape(tp)
+    n = math.prod(shape)
+    if max_elements is not None and n > max_elements:
+        raise CodecError(f"tensor shape {shape} has {n} elements, over the limit of {max_elements}")
+    if tp.dtype == pb.DT_STRING:
+        k = len(tp.string_val)
+        if k != n and k != 1:
+            raise CodecError(f"DT_STRING tensor of shape {shape} has {k} values")
+        return npdt, shape, n
+    if n * npdt.itemsize > sys.maxsize:
+        raise CodecError(f"tensor shape {shape} has {n} elements: too large to represent")
+    if tp.tensor_content:
+        if len(tp.tensor_content) != n * npdt.itemsize:
+            raise CodecError(f"tensor_content has {len(tp.tensor_content)} bytes; shape {shape} of "
+                             f"{pb.DataTypeName[tp.dtype]} needs {n * npdt.itemsize}")
+        return npdt, shape, n
+    k = len(getattr(tp, _TYPES[tp.dtype][1]))
+    if k != n and k != 1:
+        raise CodecError(f"{pb.DataTypeName[tp.dtype]} tensor of shape {shape} has {k} values in "
+                         f"{_TYPES[tp.dtype][1]} and no tensor_content")
+    return npdt, shape, n
 
 
 def make_tensor_proto(values: Any, dtype: Optional[Union[int, Any]] = None, shape: Optional[Sequence[int]] = None,
@@ -114,7 +167,7 @@ def make_tensor_proto(values: Any, dtype: Optional[Union[int, Any]] = None, shap
         npdt = numpy_dtype(want)
         arr = np.asarray(arr, dtype=npdt)
         dims = list(arr.shape) if shape is None else list(shape)
-        n = int(np.prod(dims)) if dims else 1
+        n = math.prod(int(d) for d in dims)
         if arr.size not in (n, 1):
             raise CodecError(f"{arr.size} values cannot fill shape {dims}")
         tp = pb.TensorProto(dtype=want)
@@ -145,49 +198,45 @@ def _is_stringy(values: Any) -> bool:
     return False
 
 
-def make_ndarray(tp: Any) -> np.ndarray:
+def make_ndarray(tp: Any, max_elements: Optional[int] = None) -> np.ndarray:
     """Decodes a TensorProto into a numpy array (``tf.make_ndarray`` semantics).
 
     DT_STRING gives an object array of ``bytes``.  Raises :class:`CodecError` for an
-    unsupported dtype or when the value count does not fit the shape.
+    unsupported dtype, a bad shape, a shape of more than ``max_elements`` elements (checked
+    before a single value is broadcast; pass it for untrusted input) or when the value count
+    does not fit the shape.  Integer ``*_val`` values out of the dtype's range wrap, as
+    TensorFlow's C++ cast does.
 
     Example:
         >>> t = pb.TensorProto(dtype=pb.DT_FLOAT); t.tensor_shape.dim.add().size = 3
         >>> t.float_val.append(0.5); make_ndarray(t).tolist()   # one value: broadcast
         [0.5, 0.5, 0.5]
     """
-    if tp.dtype == pb.DT_INVALID:
-        raise CodecError("tensor has no dtype (DT_INVALID): an empty or missing TensorProto")
-    npdt = numpy_dtype(tp.dtype)
-    shape = tensor_shape(tp)
-    n = int(np.prod(shape)) if shape else 1
+    npdt, shape, n = check_tensor(tp, max_elements)
     if tp.dtype == pb.DT_STRING:
         vals = list(tp.string_val)
         if len(vals) == 1 and n != 1:
             vals = vals * n
-        if len(vals) != n:
-            raise CodecError(f"DT_STRING tensor of shape {shape} has {len(vals)} values")
         out = np.empty(len(vals), dtype=object)
         out[:] = vals
         return out.reshape(shape)
     if tp.tensor_content:
-        if len(tp.tensor_content) != n * npdt.itemsize:
-            raise CodecError(f"tensor_content has {len(tp.tensor_content)} bytes; shape {shape} of "
-                             f"{pb.DataTypeName[tp.dtype]} needs {n * npdt.itemsize}")
         return np.frombuffer(tp.tensor_content, dtype=npdt).reshape(shape).astype(npdt.newbyteorder("="))
-    field = getattr(tp, _TYPES[tp.dtype][1])
+    field_name = _TYPES[tp.dtype][1]
+    field = getattr(tp, field_name)
     if tp.dtype == pb.DT_HALF:
         vals = np.array(field, dtype=np.int32).astype(np.uint16).view(np.float16)
+    elif field_name in _FIELD_DTYPES:  # the field's own integer type, then a wrapping cast
+        vals = np.array(field, dtype=_FIELD_DTYPES[field_name]).astype(npdt.newbyteorder("="))
     else:
         vals = np.array(field, dtype=npdt.newbyteorder("="))
     if vals.size == n:
         return vals.reshape(shape)
-    if vals.size == 1:
-        return np.repeat(vals, n).reshape(shape)
-    if vals.size == 0 and n == 0:
-        return vals.reshape(shape)
-    raise CodecError(f"{pb.DataTypeName[tp.dtype]} tensor of shape {shape} has {vals.size} values in "
-                     f"{_TYPES[tp.dtype][1]} and no tensor_content")
+    return np.repeat(vals, n).reshape(shape)  # one value (checked): broadcast
+
+
+#: integer *_val fields -> their protobuf type
+_FIELD_DTYPES = {"int_val": np.int32, "int64_val": np.int64, "uint32_val": np.uint32, "uint64_val": np.uint64}
 
 
 def float_tensor_proto(arr: np.ndarray) -> Any:

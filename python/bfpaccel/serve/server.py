@@ -8,11 +8,18 @@ served, as on the edge box.  Inputs are a DT_STRING batch of encoded images keye
 name; outputs are float32 in ``float_val`` keyed by tensor name and by alias.  Only the wire
 messages are needed (``bfpaccel.serve._protos``), never TensorFlow.
 
-Status codes: INVALID_ARGUMENT (bad image, dtype, shape, input/output/signature name),
-NOT_FOUND (unknown model name, version or route), UNAUTHENTICATED (auth on and the key missing
-or wrong), RESOURCE_EXHAUSTED (message over ``max_message_bytes``, queue full), UNAVAILABLE
-(warming up, shutting down), DEADLINE_EXCEEDED (deadline passed in the queue), UNIMPLEMENTED
-(Classify, Regress, MultiInference), INTERNAL (a bug: logged with its traceback).
+Status codes: INVALID_ARGUMENT (bad image, image over a size limit, dtype, shape,
+input/output/signature name), NOT_FOUND (unknown model name, version or route), UNAUTHENTICATED
+(auth on and the key missing or wrong), RESOURCE_EXHAUSTED (message over
+``max_message_bytes``, queue full, out of memory), UNAVAILABLE (warming up, shutting down),
+DEADLINE_EXCEEDED (deadline passed in the queue), UNIMPLEMENTED (Classify, Regress,
+MultiInference), INTERNAL (a bug: logged with its traceback).
+
+Hostile input: an input tensor's dtype, rank, shape and value count are checked with Python
+integers against the model's input (and ``max_batch``) before any value is decoded or a
+broadcast value expanded (:func:`decode_input`).  Encoded images are checked from their header
+against ``max_image_pixels`` and ``max_resize_pixels`` before decoding, and are decoded inside a
+worker slot, so at most ``workers`` images per plan are decoded at once.
 
 Example:
     >>> h = serve({"resnet50": "resnet50.bfpplan"}, port=0)  # doctest: +SKIP
@@ -24,6 +31,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import os
 import queue
 import threading
@@ -36,10 +44,11 @@ import grpc
 import numpy as np
 
 from . import _protos as pb
-from .codec import CodecError, float_tensor_proto, make_ndarray, tensor_shape
+from ..preprocess import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_RESIZE_PIXELS, ImageTooLargeError
+from .codec import CodecError, check_tensor, float_tensor_proto, make_ndarray, numpy_dtype, tensor_shape
 from .metrics import Metrics, MetricsServer
 
-__all__ = ["serve", "ServerHandle", "ROUTE_HEADER", "ROUTE_PREFIX", "DEFAULT_MAX_MESSAGE_BYTES"]
+__all__ = ["serve", "ServerHandle", "decode_input", "ROUTE_HEADER", "ROUTE_PREFIX", "DEFAULT_MAX_MESSAGE_BYTES"]
 
 log = logging.getLogger("bfpaccel.serve")
 access_log = logging.getLogger("bfpaccel.serve.access")
@@ -60,6 +69,80 @@ class _Abort(Exception):
 
 def _invalid(msg: str) -> _Abort:
     return _Abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
+
+
+def _shape_text(want: Sequence[Optional[int]]) -> List[Any]:
+    return ['N' if w is None else w for w in want]
+
+
+def element_limit(input_shape: Optional[Sequence[Optional[int]]], max_batch: int, fallback: int) -> int:
+    """Most elements a float input may have: ``max_batch`` x the fixed dimensions when only the
+    batch dimension is free, else ``fallback``."""
+    if input_shape is None or any(d is None for d in list(input_shape)[1:]):
+        return fallback
+    dims = list(input_shape)
+    if dims and dims[0] is None:
+        dims[0] = max_batch
+    return min(fallback, math.prod(int(d) for d in dims)) if dims else 1
+
+
+def decode_input(tp: Any, key: str, *, takes_images: bool, input_shape: Optional[Sequence[Optional[int]]],
+                 max_batch: int, max_elements: int) -> Tuple[Optional[List[bytes]], Optional[np.ndarray]]:
+    """One Predict input -> ``(images, None)`` for a DT_STRING batch of encoded images or
+    ``(None, float32 array)``; raises ``_Abort(INVALID_ARGUMENT)`` for every client mistake.
+
+    Everything is checked before values are materialised: dtype, rank (codec ``MAX_RANK``),
+    dimensions and element count as Python ints (no overflow), value counts against the shape,
+    the shape against the model's ``input_shape`` and ``max_batch``, and at most
+    ``max_elements`` elements -- so a single broadcast value is expanded only once the shape is
+    known to be the model's.
+    """
+    if tp.dtype == pb.DT_STRING:
+        if not takes_images:
+            raise _invalid(f"input {key!r} is DT_STRING but this model takes float tensors of shape "
+                           f"{None if input_shape is None else _shape_text(input_shape)}")
+        try:
+            shape = tensor_shape(tp)
+        except CodecError as e:
+            raise _invalid(f"input {key!r}: {e}") from None
+        if len(shape) > 1:
+            raise _invalid(f"input {key!r}: a batch of encoded images has shape [N], got {shape}")
+        n = math.prod(shape)
+        if n == 0:
+            raise _invalid(f"input {key!r} holds no images")
+        if n > max_batch:
+            raise _invalid(f"input {key!r}: {n} images in one request; the limit is {max_batch}")
+        if len(tp.string_val) != n:
+            raise _invalid(f"input {key!r}: shape {shape} but {len(tp.string_val)} values in string_val")
+        return list(tp.string_val), None
+    try:
+        if tp.dtype == pb.DT_INVALID:
+            raise CodecError("tensor has no dtype (DT_INVALID): an empty or missing TensorProto")
+        npdt = numpy_dtype(tp.dtype)
+    except CodecError as e:
+        raise _invalid(f"input {key!r}: {e}") from None
+    if npdt.kind not in "fiu":
+        raise _invalid(f"input {key!r} has dtype {pb.DataTypeName.get(tp.dtype)}; send DT_STRING images "
+                       "or a numeric tensor (DT_FLOAT preferred)")
+    try:
+        _, shape, n = check_tensor(tp)  # shape, element count and value count; nothing allocated
+    except CodecError as e:
+        raise _invalid(f"input {key!r}: {e}") from None
+    if input_shape is not None and (len(shape) != len(input_shape) or
+                                    any(w is not None and w != d for w, d in zip(input_shape, shape))):
+        raise _invalid(f"input {key!r} has shape {shape}; this model expects {_shape_text(input_shape)}")
+    if n == 0:
+        raise _invalid(f"input {key!r} is empty")
+    if shape and shape[0] > max_batch:
+        raise _invalid(f"input {key!r}: batch {shape[0]} over the limit {max_batch}")
+    if n > max_elements:
+        raise _invalid(f"input {key!r} has shape {shape} = {n} elements, over this server's limit of "
+                       f"{max_elements}")
+    try:
+        arr = make_ndarray(tp, max_elements=max_elements)
+    except CodecError as e:
+        raise _invalid(f"input {key!r}: {e}") from None
+    return None, np.ascontiguousarray(arr, dtype=np.float32)
 
 
 @dataclass
@@ -137,8 +220,13 @@ class ServerHandle:
 
 class _PredictionService:
     def __init__(self, models: Dict[str, _Model], auth_keys: Sequence[str], workers: int, queue_size: int,
-                 max_batch: int, simulated_latency_s: float) -> None:
+                 max_batch: int, simulated_latency_s: float, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                 max_resize_pixels: Optional[int] = DEFAULT_MAX_RESIZE_PIXELS,
+                 max_input_elements: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         self.models = models
+        self.max_image_pixels = max_image_pixels
+        self.max_resize_pixels = max_resize_pixels
+        self.max_input_elements = max_input_elements
         self.auth_keys = [k for k in auth_keys if k]
         self.workers = workers
         self.queue_size = queue_size
@@ -218,6 +306,9 @@ class _PredictionService:
             response = fn(request, context, md, info)
         except _Abort as e:
             code, message = e.code, e.message
+        except MemoryError:
+            log.warning("%s ran out of memory", method)
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of memory for this request"
         except Exception as e:  # the server never dies on input; a bug is logged and answered INTERNAL
             log.exception("%s failed", method)
             code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
@@ -250,60 +341,16 @@ class _PredictionService:
         if key not in p.input_aliases:
             raise _invalid(f"unknown input {key!r}; this model takes one of {sorted(p.input_aliases)}")
         outputs = self._resolve_outputs(p, list(request.output_filter))
-        images: Optional[List[bytes]] = None
-        x: Optional[np.ndarray] = None
-        if tp.dtype == pb.DT_STRING:
-            if not p.takes_images:
-                raise _invalid(f"input {key!r} is DT_STRING but this model takes float tensors of shape "
-                               f"{self._input_shape(p)}")
-            try:
-                shape = tensor_shape(tp)
-            except CodecError as e:
-                raise _invalid(f"input {key!r}: {e}") from None
-            n = int(np.prod(shape)) if shape else 1
-            if len(shape) > 1:
-                raise _invalid(f"input {key!r}: a batch of encoded images has shape [N], got {shape}")
-            if len(tp.string_val) != n:
-                raise _invalid(f"input {key!r}: shape {shape} but {len(tp.string_val)} values in string_val")
-            if n == 0:
-                raise _invalid(f"input {key!r} holds no images")
-            if n > self.max_batch:
-                raise _invalid(f"input {key!r}: {n} images in one request; the limit is {self.max_batch}")
-            images = list(tp.string_val)
-            info["images"] = n
-        else:
-            try:
-                arr = make_ndarray(tp)
-            except CodecError as e:
-                raise _invalid(f"input {key!r}: {e}") from None
-            if arr.dtype.kind not in "fiu":
-                raise _invalid(f"input {key!r} has dtype {pb.DataTypeName.get(tp.dtype)}; send DT_STRING images "
-                               "or a numeric tensor (DT_FLOAT preferred)")
-            want = self._input_shape(p)
-            if want is not None and (arr.ndim != len(want) or
-                                     any(w is not None and w != d for w, d in zip(want, arr.shape))):
-                raise _invalid(f"input {key!r} has shape {list(arr.shape)}; this model expects "
-                               f"{['N' if w is None else w for w in want]}")
-            if arr.size == 0:
-                raise _invalid(f"input {key!r} is empty")
-            if arr.ndim and arr.shape[0] > self.max_batch:
-                raise _invalid(f"input {key!r}: batch {arr.shape[0]} over the limit {self.max_batch}")
-            x = np.ascontiguousarray(arr, dtype=np.float32)
-        # preprocessing runs outside the worker slot: it is per-request CPU work, not the model's
-        if images is not None:
-            arrs = []
-            for i, b in enumerate(images):
-                try:
-                    arrs.append(p.preprocess([b]))
-                except Exception as e:
-                    which = f"image {i}" if len(images) > 1 else "the image"
-                    raise _invalid(f"input {key!r}: {which} ({len(b)} bytes) could not be decoded as "
-                                   f"JPEG/PNG/GIF/BMP: {e}") from None
-            x = arrs[0] if len(arrs) == 1 else np.concatenate(arrs)
-        assert x is not None
-        info["batch"] = int(x.shape[0]) if x.ndim else 1
+        want = self._input_shape(p)
+        images, x = decode_input(tp, key, takes_images=p.takes_images, input_shape=want, max_batch=self.max_batch,
+                                 max_elements=element_limit(want, self.max_batch, self.max_input_elements))
+        info["images"] = len(images) if images is not None else 0
+        if x is not None:
+            info["batch"] = int(x.shape[0]) if x.ndim else 1
         wanted = list(dict.fromkeys(name for _, name in outputs))
-        result = self._run(model, x, wanted, context)
+        result = self._run(model, x, images, key, wanted, context)
+        if images is not None:
+            info["batch"] = len(images)
         resp = pb.PredictResponse()
         resp.model_spec.name = model.name
         resp.model_spec.version.value = model.version
@@ -335,8 +382,8 @@ class _PredictionService:
                                f"{p.output_names}" + (f", aliases {sorted(p.aliases)}" if p.aliases else "")) from None
         return pairs
 
-    def _run(self, model: _Model, x: np.ndarray, outputs: List[str], context: grpc.ServicerContext
-             ) -> Dict[str, np.ndarray]:
+    def _run(self, model: _Model, x: Optional[np.ndarray], images: Optional[List[bytes]], key: str,
+             outputs: List[str], context: grpc.ServicerContext) -> Dict[str, np.ndarray]:
         with self._lock:
             if self.waiting >= self.queue_size:
                 raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request queue is full ({self.queue_size} "
@@ -354,6 +401,9 @@ class _PredictionService:
         with self._lock:
             self.running += 1
         try:
+            if images is not None:  # decoded inside the slot: at most `workers` images in memory at once
+                x = self._preprocess(pred, images, key)
+            assert x is not None
             if self.simulated_latency_s:
                 time.sleep(self.simulated_latency_s)
             try:
@@ -364,6 +414,25 @@ class _PredictionService:
             with self._lock:
                 self.running -= 1
             model.predictors.put(pred)
+
+    @staticmethod
+    def _preprocess(pred: Any, images: List[bytes], key: str) -> np.ndarray:
+        arrs = []
+        for i, b in enumerate(images):
+            which = f"image {i}" if len(images) > 1 else "the image"
+            try:
+                arrs.append(pred.preprocess([b]))
+            except ImageTooLargeError as e:
+                flag = {"max_pixels": "max_image_pixels"}.get(e.limit_name, e.limit_name)
+                raise _invalid(f"input {key!r}: {which} ({len(b)} bytes) is too large: {e} (server option "
+                               f"{flag} / --{flag.replace('_', '-')})") from None
+            except MemoryError:
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"input {key!r}: out of memory decoding {which} "
+                             f"({len(b)} bytes)") from None
+            except Exception as e:
+                raise _invalid(f"input {key!r}: {which} ({len(b)} bytes) could not be decoded as "
+                               f"JPEG/PNG/GIF: {e}") from None
+        return arrs[0] if len(arrs) == 1 else np.concatenate(arrs)
 
     # -- GetModelMetadata ----------------------------------------------------------------------
     def get_model_metadata(self, request: Any, context: grpc.ServicerContext) -> Any:
@@ -417,7 +486,8 @@ class _PredictionService:
             try:
                 plan = m.plan if m.plan is not None else load_plan(m.path)
                 for _ in range(self.workers):
-                    pred = Predictor(plan, num_threads=num_threads)
+                    pred = Predictor(plan, num_threads=num_threads, max_image_pixels=self.max_image_pixels,
+                                     max_resize_pixels=self.max_resize_pixels)
                     if warmup:
                         shape = [1 if d is None else d for d in (pred.plan.input_shapes.get(pred.input_name) or [1])]
                         pred.predict(np.zeros(shape, np.float32))
@@ -471,7 +541,9 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any], port: int = 50051, hos
           workers: int = 2, queue_size: int = 64, metrics_port: Optional[int] = None, warmup: bool = True, *,
           versions: Optional[Mapping[str, int]] = None, num_threads: Optional[int] = None, block: bool = True,
           max_batch: int = 64, warmup_delay_s: float = 0.0, simulated_latency_ms: float = 0.0,
-          reflection: bool = True, health: bool = True) -> ServerHandle:
+          reflection: bool = True, health: bool = True,
+          max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+          max_resize_pixels: Optional[int] = DEFAULT_MAX_RESIZE_PIXELS) -> ServerHandle:
     """Starts a PredictionService on ``host:port`` for one or several plans; returns at once
     when ``block`` is False, else once the plans are loaded and warm.
 
@@ -495,6 +567,12 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any], port: int = 50051, hos
         warmup_delay_s: extra UNAVAILABLE time at start (the seed's FPGA-flashing phase).
         simulated_latency_ms: added to each model call (an accelerator's latency, for demos/tests).
         reflection, health: register gRPC server reflection and grpc.health.v1.Health.
+        max_image_pixels: largest declared width x height of an encoded image, checked from the
+            header before decoding (default 8192 x 8192 = 64 Mi pixels, 192 MiB decoded);
+            ``None``: no limit.  Over it: INVALID_ARGUMENT naming the limit.
+        max_resize_pixels: largest full size of the seed's resize before its crop (default
+            16 Mi pixels: aspect ratios up to 256:1); ``None``: no limit.  Images are decoded
+            inside a worker slot, so at most ``workers`` are decoded at once per plan.
 
     Example:
         >>> h = serve({"a": "a.bfpplan", "b": "b.bfpplan"}, port=0)  # doctest: +SKIP
@@ -519,13 +597,18 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any], port: int = 50051, hos
             raise FileNotFoundError(f"plan {os.fspath(path)!r} (route {name!r}) does not exist")
     if workers < 1 or queue_size < 0 or max_batch < 1:
         raise ValueError("workers and max_batch must be >= 1, queue_size >= 0")
+    from ..preprocess import _check_limit
+
+    max_image_pixels = _check_limit("max_image_pixels", max_image_pixels)
+    max_resize_pixels = _check_limit("max_resize_pixels", max_resize_pixels)
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("TLS needs both tls_cert and tls_key")
     versions = dict(versions or {})
     models = {n: _Model(n, int(versions.get(n, 1)), "<in-memory plan>" if isinstance(p, Plan) else os.fspath(p),
                         plan=p if isinstance(p, Plan) else None) for n, p in items.items()}
     service = _PredictionService(models, list(auth_keys or []), workers, queue_size, max_batch,
-                                 simulated_latency_ms / 1000.0)
+                                 simulated_latency_ms / 1000.0, max_image_pixels, max_resize_pixels,
+                                 max(1, int(max_message_bytes)))
     threads = workers + queue_size + 8
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bfpaccel-grpc"),
