@@ -191,14 +191,20 @@ class _Lowerer:
             self.vals[vi.name] = v
         for n in g.nodes:
             self.node = n
-            if all((i == "" or i in self.cv) for i in n.inputs) and n.op not in ("Conv", "BfpDense") \
-                    and n.op != "Shape":
-                self.fold(n)
-                continue
-            fn = getattr(self, "op_" + n.op, None)
-            if fn is None:
-                raise self.err(f"op {n.op} is not supported on a computed (non-constant) input")
-            fn(n)
+            try:
+                if all((i == "" or i in self.cv) for i in n.inputs) and n.op not in ("Conv", "BfpDense") \
+                        and n.op != "Shape":
+                    self.fold(n)
+                    continue
+                fn = getattr(self, "op_" + n.op, None)
+                if fn is None:
+                    raise self.err(f"op {n.op} is not supported on a computed (non-constant) input")
+                fn(n)
+            except LoweringError:
+                raise
+            except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError, AttributeError,
+                    OverflowError) as e:  # a node the plan's checks let through but these shapes do not fit
+                raise self.err(f"cannot lower it for these input shapes ({type(e).__name__}: {e})") from e
         self.node = None
         outputs: Dict[str, Tuple[Optional[int], Tuple[int, ...], Optional[np.ndarray]]] = {}
         out_vids: List[int] = []
@@ -388,7 +394,7 @@ class _Lowerer:
             kw_["sub"] = 1
             quant = 1 if "qweight" in n.attrs else 0
             if len(n.inputs) > 2 and n.inputs[2]:
-                kw_["bias"] = self.const_vid(np.asarray(self.cv[n.inputs[2]], np.float32).reshape(-1))
+                kw_["bias"] = self.const_vid(self.bias(n, O))
             ip = [N, H, W, C, O, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, groups, OH, OW, quant]
             self.emit(K_CONV, [xn.vid], [out.vid], ip, **kw_)
             return out
@@ -400,10 +406,17 @@ class _Lowerer:
             Wt = Wf.reshape(G, Og, Cg, kh, kw).transpose(0, 3, 4, 2, 1).reshape(-1)
             kw_["wf"] = self.const_vid(Wt)
         if len(n.inputs) > 2 and n.inputs[2]:
-            kw_["bias"] = self.const_vid(np.asarray(self.cv[n.inputs[2]], np.float32).reshape(-1))
+            kw_["bias"] = self.const_vid(self.bias(n, O))
         ip = [N, H, W, C, O, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, groups, OH, OW]
         self.emit(K_CONV, [xn.vid], [out.vid], ip, **kw_)
         return out
+
+    def bias(self, n: Node, O: int) -> np.ndarray:
+        """The bias of a matrix op: a constant of ``O`` numbers."""
+        b = np.asarray(self.const_input(n, 2, "the bias"), np.float32).reshape(-1)
+        if b.size != O:
+            raise self.err(f"the bias has {b.size} numbers for {O} output channels")
+        return b
 
     def depthwise_weights(self, n: Node, O: int, kh: int, kw: int) -> np.ndarray:
         """[taps][O] float weights: the dequantized BFP weights (one-element blocks) or fp32."""
@@ -483,6 +496,8 @@ class _Lowerer:
         pc = x.perm.index(axis)
         ph = x.phys
         outer, C, inner = int(np.prod(ph[:pc])), ph[pc], int(np.prod(ph[pc + 1:]))
+        if s.size != C or t.size != C:
+            raise self.err(f"{s.size} scales / {t.size} shifts for {C} channels")
         out = self.new_value(x.shape, x.perm)
         self.emit(K_AFFINE, [x.vid], [out.vid], [outer, C, inner], list(s) + list(t))
         self.vals[out_name] = out

@@ -1,16 +1,22 @@
 """The compiled plan and its file format.
 
-A plan file is a zip archive (``.bfpplan``) holding
+A plan file is a zip archive (``.bfpplan``), written uncompressed, holding
 
 * ``plan.json``: ``{"bfpaccel_plan": <format version>, "bfpaccel_version", "format",
   "weight_format", "vector_precision", "seed", "opset", "inputs", "outputs", "nodes",
   "metadata", "consts": {name: {"dtype", "shape", "sha256"}}}``
+* ``plan.json.sha256``: the SHA-256 of ``plan.json`` (format 2; format 1 files lack it and
+  still load);
 * ``consts.npz``: every constant (quantized weight codes and exponents, biases, shapes),
-  loaded with ``allow_pickle=False``.
+  one ``c<i>.npy`` per manifest entry, in order.
 
 Loading checks the archive, the format version (a plan from a newer bfpaccel is refused with
-a message saying so) and the SHA-256 of every constant, so a truncated or corrupted file is a
-clear :class:`PlanError`, never a crash.
+a message saying so), the manifest as a whole (its checksum; types, required keys, every
+node's attributes and the shapes they imply against the declared constants: see
+``_validate.py``), every zip member's declared size against limits derived from the manifest
+(no zip bombs), every array's header against its declared shape and dtype before it is read,
+and the SHA-256 of every constant.  A truncated, corrupted or malformed file is a clear
+:class:`PlanError` at load, never a crash or a wrong result at run time.
 """
 
 from __future__ import annotations
@@ -20,17 +26,26 @@ import io
 import json
 import os
 import zipfile
-from typing import Any, Dict, List, Optional, Union
+import zlib
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..formats import Format, get_format
-from .graph import Graph, Node, ValueInfo
+from ._validate import ManifestInfo, check_manifest_or_raise
+from .graph import Graph
 
 __all__ = ["Plan", "PlanError", "load_plan", "PLAN_FORMAT_VERSION"]
 
-#: Version of the plan file layout this bfpaccel writes and reads.
-PLAN_FORMAT_VERSION = 1
+#: Version of the plan file layout this bfpaccel writes (it reads this one and older).
+#: 2: ``plan.json.sha256`` holds the SHA-256 of ``plan.json`` (format 1 files, without it, load).
+PLAN_FORMAT_VERSION = 2
+#: Largest plan.json accepted.
+MAX_MANIFEST_BYTES = 64 << 20
+#: Largest expansion of a compressed zip member (plans are written uncompressed).
+MAX_COMPRESSION_RATIO = 50
+_NPY_HEADER_MAX = 10000  # per array: npy header (numpy's own limit) and zip entry overhead
+_MANIFEST, _MANIFEST_SHA, _CONSTS = "plan.json", "plan.json.sha256", "consts.npz"
 
 
 class PlanError(ValueError):
@@ -136,8 +151,9 @@ class Plan:
         tmp = f"{path}.tmp{os.getpid()}"
         try:
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
-                z.writestr("plan.json", manifest)
-                z.writestr("consts.npz", buf.getvalue())
+                z.writestr(_MANIFEST, manifest)
+                z.writestr(_MANIFEST_SHA, hashlib.sha256(manifest).hexdigest() + "\n")
+                z.writestr(_CONSTS, buf.getvalue())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -155,50 +171,157 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"cannot store {type(o).__name__} in a plan")
 
 
+def _zip_member(info: zipfile.ZipInfo, container_size: int, limit: int, what: str) -> None:
+    """Checks a zip member's declared sizes before it is read: at most ``limit`` bytes, no
+    more compressed bytes than the container holds, and no extreme compression ratio."""
+    if info.file_size > limit:
+        raise PlanError(f"{what} declares {info.file_size} bytes; the manifest allows at most {limit}")
+    if info.compress_size > container_size:
+        raise PlanError(f"{what} declares {info.compress_size} compressed bytes, more than the "
+                        f"{container_size} the file holds (truncated or forged)")
+    if info.compress_type == zipfile.ZIP_STORED:
+        if info.compress_size != info.file_size:
+            raise PlanError(f"{what}: stored member with inconsistent sizes")
+    elif info.file_size > MAX_COMPRESSION_RATIO * info.compress_size + 4096:
+        raise PlanError(f"{what} expands {info.compress_size} bytes to {info.file_size} "
+                        f"(more than {MAX_COMPRESSION_RATIO}x: a zip bomb?)")
+
+
+def _members(z: zipfile.ZipFile, allowed: Sequence[str], what: str) -> Dict[str, zipfile.ZipInfo]:
+    infos = z.infolist()
+    if len(infos) > len(allowed):
+        names = [i.filename for i in infos[:len(allowed) + 3]]
+        raise PlanError(f"{what} has {len(infos)} members ({names}...); expected {list(allowed)}")
+    out: Dict[str, zipfile.ZipInfo] = {}
+    for i in infos:
+        if i.filename not in allowed:
+            raise PlanError(f"{what} has an unexpected member {i.filename!r} (expected {list(allowed)})")
+        if i.filename in out:
+            raise PlanError(f"{what} has the member {i.filename!r} twice")
+        out[i.filename] = i
+    return out
+
+
+def _read_npy(f: Any, name: str, dtype: np.dtype, shape: Tuple[int, ...]) -> np.ndarray:
+    """One array of consts.npz, its header checked against the manifest before any allocation."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        hshape, fortran, hdtype = np.lib.format.read_array_header_1_0(f, max_header_size=_NPY_HEADER_MAX)
+    elif version == (2, 0):
+        hshape, fortran, hdtype = np.lib.format.read_array_header_2_0(f, max_header_size=_NPY_HEADER_MAX)
+    else:
+        raise ValueError(f"npy format version {version} is not one a plan uses")
+    if tuple(hshape) != tuple(shape) or hdtype != dtype:
+        raise PlanError(f"constant {name!r} is stored as {hdtype}{list(hshape)}, the manifest says {dtype}{list(shape)}")
+    arr = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
+    view = memoryview(arr.reshape(-1, order="A")).cast("B") if arr.size else memoryview(b"")
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    if got != arr.nbytes:
+        raise PlanError(f"constant {name!r} is truncated ({got} of {arr.nbytes} bytes)")
+    return arr
+
+
+def _read_consts(blob: bytes, info: ManifestInfo) -> Dict[str, np.ndarray]:
+    consts: Dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(io.BytesIO(blob)) as npz:
+        want = [f"c{i}.npy" for i in range(len(info.consts))]
+        members = _members(npz, want, "consts.npz")
+        if len(members) != len(want):
+            missing = [w for w in want if w not in members][:3]
+            raise PlanError(f"consts.npz holds {len(members)} arrays, the manifest lists {len(want)} "
+                            f"(missing {missing})")
+        for (name, dtype, shape, sha), member in zip(info.consts, want):
+            mi = members[member]
+            nbytes = int(dtype.itemsize) * _prod(shape)
+            _zip_member(mi, len(blob), nbytes + _NPY_HEADER_MAX, f"consts.npz member {member} ({name!r})")
+            if mi.file_size < nbytes:
+                raise PlanError(f"constant {name!r} is truncated ({mi.file_size} bytes, {nbytes} needed)")
+            with npz.open(mi) as f:
+                arr = _read_npy(f, name, dtype, shape)
+            if _sha(arr) != sha:
+                raise PlanError(f"constant {name!r} is corrupted (its SHA-256 differs from the manifest's)")
+            consts[name] = arr
+    return consts
+
+
+def _prod(shape: Sequence[int]) -> int:
+    p = 1
+    for s in shape:
+        p *= int(s)
+    return p
+
+
 def load_plan(path: Union[str, "os.PathLike[str]"]) -> Plan:
     """Reads a plan file written by :meth:`Plan.save`.
 
+    The whole manifest is checked before any tensor is read (:mod:`._validate`): its own
+    SHA-256 (format 2), types and required keys, every node's attributes and the shapes they
+    imply against the declared constants; then each zip member's declared size against limits
+    derived from the manifest, each array's header against its declared shape and dtype, and
+    each constant's SHA-256.
+
     Raises:
         FileNotFoundError: no such file.
-        PlanError: not a plan, truncated or corrupted, or written by a newer bfpaccel.
+        PlanError: not a plan, truncated, corrupted or malformed (the message names the
+            problem), or written by a newer bfpaccel.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"plan file not found: {path}")
     try:
-        with zipfile.ZipFile(path) as z:
-            names = set(z.namelist())
-            if "plan.json" not in names or "consts.npz" not in names:
-                raise PlanError(f"{path} is not a bfpaccel plan (no plan.json / consts.npz inside)")
-            manifest = json.loads(z.read("plan.json"))
-            blob = z.read("consts.npz")
+        return _load(path)
+    except PlanError as e:
+        msg = str(e)
+        raise PlanError(msg if msg.startswith(path) else f"{path}: {msg}") from e.__cause__
     except zipfile.BadZipFile as e:
         raise PlanError(f"{path} is not a bfpaccel plan or is truncated/corrupted ({e})") from e
-    except (zipfile.LargeZipFile, OSError, EOFError, json.JSONDecodeError) as e:
+    except (zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError,
+            zlib.error) as e:
         raise PlanError(f"{path} could not be read as a plan: {e}") from e
-    version = manifest.get("bfpaccel_plan")
-    if not isinstance(version, int):
-        raise PlanError(f"{path} is not a bfpaccel plan (no format version)")
-    if version > PLAN_FORMAT_VERSION:
-        raise PlanError(
-            f"{path} was written by bfpaccel {manifest.get('bfpaccel_version', '?')} with plan format "
-            f"{version}; this bfpaccel reads format {PLAN_FORMAT_VERSION} and older: upgrade bfpaccel")
-    try:
-        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
-            arrays = [npz[f"c{i}"] for i in range(len(manifest["consts"]))]
-    except Exception as e:
-        raise PlanError(f"{path}: the constants are unreadable ({e})") from e
-    consts: Dict[str, np.ndarray] = {}
-    for (name, info), arr in zip(manifest["consts"].items(), arrays):
-        if list(arr.shape) != list(info["shape"]) or str(arr.dtype) != info["dtype"] or _sha(arr) != info["sha256"]:
-            raise PlanError(f"{path}: constant {name!r} is corrupted (shape, dtype or checksum differ)")
-        consts[name] = arr
-    g = Graph(
-        nodes=[Node.from_json(d) for d in manifest["nodes"]],
-        consts=consts,
-        inputs=[ValueInfo.from_json(d) for d in manifest["inputs"]],
-        outputs=[ValueInfo.from_json(d) for d in manifest["outputs"]],
-        opset=int(manifest.get("opset", 13)),
-    )
-    return Plan(g, manifest.get("metadata", {}), _format_from_json(manifest["format"]),
-                _format_from_json(manifest["weight_format"]), manifest["vector_precision"], manifest.get("seed", 0))
+
+
+def _load(path: str) -> Plan:
+    file_size = os.path.getsize(path)
+    with zipfile.ZipFile(path) as z:
+        members = _members(z, (_MANIFEST, _MANIFEST_SHA, _CONSTS), "the plan zip")
+        if _MANIFEST not in members or _CONSTS not in members:
+            raise PlanError(f"{path} is not a bfpaccel plan (no plan.json / consts.npz inside)")
+        _zip_member(members[_MANIFEST], file_size, MAX_MANIFEST_BYTES, "plan.json")
+        raw = z.read(members[_MANIFEST])
+        digest = None
+        if _MANIFEST_SHA in members:
+            _zip_member(members[_MANIFEST_SHA], file_size, 256, _MANIFEST_SHA)
+            digest = z.read(members[_MANIFEST_SHA]).decode("ascii", "replace").strip()
+            if digest != hashlib.sha256(raw).hexdigest():
+                raise PlanError("plan.json is corrupted (its SHA-256 differs from plan.json.sha256)")
+        try:
+            manifest = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise PlanError(f"plan.json is not UTF-8 text ({e})") from None
+        except RecursionError:
+            raise PlanError("plan.json is nested too deeply") from None
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan.json is not valid JSON ({e})") from None
+        version = manifest.get("bfpaccel_plan") if isinstance(manifest, dict) else None
+        if isinstance(version, int) and not isinstance(version, bool) and version > PLAN_FORMAT_VERSION:
+            raise PlanError(
+                f"{path} was written by bfpaccel {manifest.get('bfpaccel_version', '?')} with plan format "
+                f"{version}; this bfpaccel reads format {PLAN_FORMAT_VERSION} and older: upgrade bfpaccel")
+        if not isinstance(manifest, dict) or "bfpaccel_plan" not in manifest:
+            raise PlanError(f"{path} is not a bfpaccel plan (plan.json is a {type(manifest).__name__} without "
+                            "a format version)")
+        info = check_manifest_or_raise(manifest, PlanError)
+        if info.version >= 2 and digest is None:
+            raise PlanError(f"plan format {info.version} stores the SHA-256 of plan.json in {_MANIFEST_SHA}, "
+                            "which is missing (damaged or edited file)")
+        limit = info.const_nbytes() + _NPY_HEADER_MAX * (len(info.consts) + 1)
+        _zip_member(members[_CONSTS], file_size, limit, "consts.npz")
+        blob = z.read(members[_CONSTS])
+    consts = _read_consts(blob, info)
+    g = Graph(nodes=info.nodes, consts=consts, inputs=info.inputs, outputs=info.outputs, opset=info.opset)
+    return Plan(g, info.metadata, info.format, info.weight_format, info.vector_precision, info.seed)
