@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -173,6 +174,7 @@ _STAND_IN = textwrap.dedent('''
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--tls-cert"); p.add_argument("--tls-key")
     p.add_argument("--auth-key", action="append", default=[])
+    p.add_argument("--auth-key-file", action="append", default=[])
     p.add_argument("--workers", type=int); p.add_argument("--metrics-port", type=int)
     a = p.parse_args()
     if os.environ.get("STAND_IN_EXIT"):
@@ -182,10 +184,14 @@ _STAND_IN = textwrap.dedent('''
     delay = float(os.environ.get("STAND_IN_DELAY", "0"))
     t0 = time.monotonic()
 
+    keys = list(a.auth_key)
+    for kf in a.auth_key_file:
+        keys += [line.strip() for line in open(kf) if line.strip()]
+
     def check(req, ctx):
-        if a.auth_key:
+        if keys:
             md = dict(ctx.invocation_metadata())
-            if md.get("authorization", "").split()[-1:] not in ([k] for k in a.auth_key):
+            if md.get("authorization", "").split()[-1:] not in ([k] for k in keys):
                 ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "bad key")
         return b"\\x08\\x01" if time.monotonic() - t0 >= delay else b"\\x08\\x02"
 
@@ -221,7 +227,7 @@ def test_local_lifecycle_with_stand_in_server(reg, image, stand_in):
     assert svc.scoring_uri == f"http://127.0.0.1:{svc.port}"
     argv = json.load(open(os.path.join(svc.workdir, "argv.json")))
     assert argv["plan"] == image.plan_path and argv["name"] == "tiny-svc" and argv["workers"] == 2
-    assert argv["auth_key"] == [] and argv["tls_cert"] is None
+    assert argv["auth_key"] == [] and argv["auth_key_file"] == [] and argv["tls_cert"] is None
     with pytest.raises(DeploymentError, match="auth"):
         svc.get_keys()
     # another process's view: the record, the pid
@@ -251,7 +257,20 @@ def test_local_auth_tls_and_key_regeneration(reg, image, stand_in):
     assert check_health("127.0.0.1", svc.port, tls_cert=svc.tls_cert_path, key=k2) == "SERVING"
     assert check_health("127.0.0.1", svc.port, tls_cert=svc.tls_cert_path, key="wrong") == "UNREACHABLE"
     argv = json.load(open(os.path.join(svc.workdir, "argv.json")))
-    assert argv["auth_key"] == [k1, k2] and argv["tls_cert"] == svc.tls_cert_path
+    # the keys reach the server in a 0600 file, never on its command line (world-readable)
+    assert argv["auth_key"] == [] and argv["auth_key_file"] == [svc.keys_path] and argv["tls_cert"] == svc.tls_cert_path
+    assert stat.S_IMODE(os.stat(svc.keys_path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(svc.keys_path)).st_mode) == 0o700
+    with open(f"/proc/{svc.pid}/cmdline", "rb") as f:
+        cmdline = f.read()
+    assert k1.encode() not in cmdline and k2.encode() not in cmdline
+    # nor in the database or its WAL: only their digests
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(reg.db_path + suffix):
+            with open(reg.db_path + suffix, "rb") as f:
+                blob = f.read()
+            assert k1.encode() not in blob and k2.encode() not in blob, suffix
+    assert k1 not in json.dumps(svc.serialize())
     n1, n2 = svc.regen_key("Secondary")
     assert n1 == k1 and n2 != k2
     assert Webservice(reg, "secure").get_keys() == (n1, n2)
@@ -344,7 +363,9 @@ def test_kubernetes_manifests_validate(reg, image, tmp_path, autoscale, auth, ss
     if auth:
         keys = svc.get_keys()
         assert docs["secret"]["stringData"] == {"primaryKey": keys[0], "secondaryKey": keys[1]}
-        assert c["args"].count("--auth-key") == 2
+        assert c["args"].count("--auth-key-file") == 2 and "--auth-key" not in c["args"]
+        assert not any(k in a for a in c["args"] for k in keys)
+        assert os.stat(os.path.join(svc.workdir, "secret.yaml")).st_mode & 0o077 == 0
         new = svc.regen_key("Primary")
         assert _load_all(svc.workdir)["secret"]["stringData"]["primaryKey"] == new[0]
     # a broken manifest is caught by the same validation

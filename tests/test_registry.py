@@ -252,3 +252,112 @@ def test_crash_mid_register_leaves_no_half_entry(tmp_path, saved_model_dir, poin
     m.verify()
     reg.close()
     reg2.close()
+
+
+# ---------------------------------------------------------------------- issue 9: names, links, privacy
+@pytest.mark.parametrize("name", ["ok\n", "ok\r", "a b", "", ".hidden", "-x", "a/b", "x" * 256, "ok\nrm -rf /"])
+def test_names_are_checked_whole(reg, tmp_path, name):
+    p = _write(str(tmp_path / "a.onnx"), b"one")
+    with pytest.raises(ValueError, match="invalid model name"):
+        Model.register(reg, p, name)
+
+
+@pytest.mark.parametrize("model_id", ["x:99999999999999999999999", "x:9223372036854775808", "x:0", "x:-1",
+                                      "x:+3", "x:3_0", "x:\u0663", "x: 3", "x:"])
+def test_out_of_range_or_odd_versions_are_value_errors(reg, model_id):
+    with pytest.raises(ValueError, match="bad id"):
+        Model(reg, model_id)
+
+
+def test_huge_version_int_is_a_value_error(reg):
+    with pytest.raises(ValueError):
+        Model(reg, "x", 10 ** 30)
+    with pytest.raises(NotFoundError):
+        Model(reg, "x:9223372036854775807")
+
+
+def test_symlinks_in_a_registered_folder_are_refused(reg, tmp_path, saved_model_dir):
+    secret = _write(str(tmp_path / "outside" / "secret.txt"), b"not yours")
+    d = tmp_path / "linked"
+    _write(str(d / "saved_model.pb"), b"graph")
+    os.symlink(secret, d / "innocent.txt")
+    with pytest.raises(ValueError, match="symbolic link"):
+        Model.register(reg, str(d), "linked")
+    os.remove(d / "innocent.txt")
+    os.symlink(os.path.dirname(secret), d / "variables")  # a linked folder
+    with pytest.raises(ValueError, match="symbolic link"):
+        Model.register(reg, str(d), "linked")
+    os.remove(d / "variables")
+    os.mkfifo(d / "pipe")  # a FIFO would hang a reader: refused, not opened for reading
+    with pytest.raises(ValueError, match="regular file"):
+        Model.register(reg, str(d), "linked")
+    os.remove(d / "pipe")
+    assert Model.register(reg, str(d), "linked").id == "linked:1"
+    # nothing of the refused attempts reached the store
+    for root, _, files in os.walk(reg.root):
+        for fn in files:
+            with open(os.path.join(root, fn), "rb") as f:
+                assert b"not yours" not in f.read()
+    assert os.listdir(os.path.join(reg.root, "tmp")) == []
+
+
+def _mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_registry_files_are_private(tmp_path):
+    root = tmp_path / "ws"
+    r = Registry(root)
+    p = _write(str(tmp_path / "a.onnx"), b"one")
+    Model.register(r, p, "m")
+    assert _mode(root) == 0o700
+    for sub in ("objects", "images", "deployments", "tmp"):
+        assert _mode(root / sub) == 0o700
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(r.db_path + suffix):
+            assert _mode(r.db_path + suffix) == 0o600, suffix
+    r.close()
+    # an existing, loose registry is tightened when opened
+    os.chmod(root, 0o755)
+    os.chmod(r.db_path, 0o644)
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(r.db_path + suffix):
+            os.chmod(r.db_path + suffix, 0o644)
+    Registry(root).close()
+    assert _mode(root) == 0o700 and _mode(r.db_path) == 0o600
+
+
+def test_schema_1_keys_move_out_of_the_database(tmp_path):
+    """A registry written before keys left the database: on open, the keys move to 0600 key
+    files, the database keeps only digests, and its WAL holds no plaintext afterwards."""
+    import json
+    import sqlite3
+
+    root = tmp_path / "ws"
+    Registry(root).close()
+    key1, key2 = "PRIMARYkeyPRIMARYkeyPRIMARYkey01", "SECONDARYkeySECONDARYkeySECOND02"
+    con = sqlite3.connect(str(root / "registry.db"), isolation_level=None)
+    con.execute("PRAGMA journal_mode = WAL")
+    con.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    con.execute("INSERT INTO deployments VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                ("old-svc", "img:1", "local", json.dumps({"auth_enabled": True}), None, None, None, None,
+                 json.dumps([key1, key2]), "Failed", str(root / "deployments" / "old-svc"), time.time()))
+    con.close()
+    os.chmod(root / "registry.db", 0o644)
+    r = Registry(root)
+    assert r.query("SELECT value FROM meta WHERE key='schema_version'")[0][0] == "2"
+    rec = json.loads(r.query("SELECT keys FROM deployments WHERE name='old-svc'")[0][0])
+    assert set(rec) == {"sha256"} and len(rec["sha256"]) == 2
+    assert r.read_keys("old-svc") == [key1, key2]
+    assert _mode(r.keys_path("old-svc")) == 0o600
+    for suffix in ("", "-wal"):
+        if os.path.exists(r.db_path + suffix):
+            with open(r.db_path + suffix, "rb") as f:
+                data = f.read()
+            assert key1.encode() not in data and key2.encode() not in data, suffix
+    from bfpaccel.deploy import Webservice
+
+    svc = Webservice(r, "old-svc")
+    assert svc.get_keys() == (key1, key2)
+    assert key1 not in json.dumps(svc.serialize())
+    r.close()

@@ -317,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Runs one subcommand. A user mistake (bad argument, missing file or model, unreachable
+    service, malformed plan, ...) is one line on stderr and exit status 2, never a traceback."""
+    from .registry import RegistryError
+
     args = build_parser().parse_args(argv)
     try:
         if getattr(args, "threads", None) is not None and args.threads < 1:
@@ -324,8 +328,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if getattr(args, "size", 1) < 1 or getattr(args, "runs", 1) < 1:
             raise ValueError("--size and --runs must be >= 1")
         return int(args.fn(args))
-    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as exc:
-        print(f"bfpaccel: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("bfpaccel: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError, OverflowError, RegistryError) as exc:
+        print(f"bfpaccel: error: {str(exc) or type(exc).__name__}", file=sys.stderr)
         return 2
 
 

@@ -290,6 +290,8 @@ def add_registry_parsers(subparsers: Any) -> None:
         >>> p.parse_args(["registry", "list"]).fn.__name__
         'run'
     """
+    from ..serve.cli import port_number
+
     # registry
     r = subparsers.add_parser("registry", help="register, list, show and delete models",
                               description="The local model registry (the seed's Model.register / Model.list).")
@@ -371,8 +373,8 @@ def add_registry_parsers(subparsers: Any) -> None:
     _common(p)
     p.add_argument("--name", required=True, help="service name (also the route name)")
     p.add_argument("--image", required=True, help="image id (name:version, or name for the latest)")
-    p.add_argument("--port", type=int, default=None, help="port (default: a free one)")
-    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus metrics port")
+    p.add_argument("--port", type=port_number, default=None, help="port (default: a free one)")
+    p.add_argument("--metrics-port", type=port_number, default=None, help="Prometheus metrics port")
     _tls_options(p)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for health (default 120)")
     p.add_argument("--no-wait", action="store_true", help="return without waiting for health")
@@ -403,7 +405,8 @@ def add_registry_parsers(subparsers: Any) -> None:
     p = ds.add_parser("show", help="one service's record")
     _common(p)
     p.add_argument("name")
-    p.add_argument("--keys", action="store_true", help="include the auth keys")
+    p.add_argument("--keys", action="store_true", help="include the auth keys (only this command shows them; they "
+                   "are kept in the registry's deployments/NAME/auth-keys, mode 0600)")
     _set(p, cmd_deploy_show)
     p = ds.add_parser("delete", help="stop a service and remove its record")
     _common(p)

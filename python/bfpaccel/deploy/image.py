@@ -27,7 +27,7 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from ..registry import InUseError, Model, NotFoundError, Registry, RegistryError, parse_id
-from ..registry._store import _fsync_dir, check_name, hash_file
+from ..registry._store import _fsync_dir, check_name, check_version, hash_file
 
 __all__ = [
     "AccelContainerImage",
@@ -201,7 +201,7 @@ class Image:
         if version is None:
             rows = registry.query("SELECT * FROM images WHERE name=? ORDER BY version DESC LIMIT 1", (name,))
         else:
-            rows = registry.query("SELECT * FROM images WHERE name=? AND version=?", (name, int(version)))
+            rows = registry.query("SELECT * FROM images WHERE name=? AND version=?", (name, check_version(version)))
         if not rows:
             raise NotFoundError(f"image {name}{'' if version is None else ':' + str(version)} not found in "
                                 f"{registry.root} (bfpaccel image list shows what exists)")

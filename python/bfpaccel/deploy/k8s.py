@@ -4,7 +4,8 @@ written for ``kubectl apply -f``; nothing here talks to a cluster.
 Per service ``<output_dir>/<name>/``: ``deployment.yaml`` (replicas, resource requests and
 limits, gRPC readiness/liveness probes on 50051), ``service.yaml`` (port 80, or 443 with
 TLS, the seed client's defaults, to 50051), ``hpa.yaml`` (autoscaling/v2 on CPU, when
-autoscale is enabled), ``secret.yaml`` (the two keys, when auth is enabled),
+autoscale is enabled), ``secret.yaml`` (the two keys, when auth is enabled, mounted in the
+pod as files the server reads with ``--auth-key-file``; mode 0600 here),
 ``tls-secret.yaml`` (with TLS) and ``README.txt``.
 """
 
@@ -70,9 +71,11 @@ def render_manifests(name: str, container_image: str, config: Dict[str, Any], na
     out: Dict[str, Dict[str, Any]] = {}
     if keys:
         secret = f"{name}-keys"
-        for var, k in (("BFPACCEL_PRIMARY_KEY", "primaryKey"), ("BFPACCEL_SECONDARY_KEY", "secondaryKey")):
-            env.append({"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": k}}})
-            args += ["--auth-key", f"$({var})"]  # the kubelet expands $(VAR) from env
+        # the keys reach the server as files of the Secret, never on its command line (where
+        # anyone who can list processes would see them); 0400: the image runs as root
+        volumes.append({"name": "keys", "secret": {"secretName": secret, "defaultMode": 0o400}})
+        mounts.append({"name": "keys", "mountPath": "/app/keys", "readOnly": True})
+        args += ["--auth-key-file", "/app/keys/primaryKey", "--auth-key-file", "/app/keys/secondaryKey"]
         out["secret"] = {"apiVersion": "v1", "kind": "Secret", "metadata": {**meta, "name": secret},
                          "type": "Opaque", "stringData": {"primaryKey": keys[0], "secondaryKey": keys[1]}}
     if ssl and tls:

@@ -2,9 +2,13 @@
 local target (a ``python -m bfpaccel.serve`` subprocess on 127.0.0.1) or a Kubernetes
 target (manifests written for ``kubectl apply``; nothing reaches a cluster).
 
-Deployments are recorded in the registry DB (pid + its start time, port, keys, state), so
-``bfpaccel deploy local`` can return while the service keeps running, and another process
-can list, check or delete it; a dead or recycled pid is detected.
+Deployments are recorded in the registry DB (pid + its start time, port, state, the keys'
+SHA-256 digests), so ``bfpaccel deploy local`` can return while the service keeps running, and
+another process can list, check or delete it; a dead or recycled pid is detected.
+
+Keys never appear on a command line nor in the database: they live in the registry's
+``deployments/<name>/auth-keys`` (mode 0600, folder 0700), which a local server reads with
+``--auth-key-file``; Kubernetes pods get them from a Secret mounted as files.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..registry import NotFoundError, Registry, RegistryError
-from ..registry._store import check_name
+from ..registry._store import check_name, key_digest, key_record, private_dir
 from .image import Image
 
 __all__ = [
@@ -163,7 +167,8 @@ class LocalTarget:
 
     ``server_command``: the command prefix that starts a server (default
     ``[sys.executable, "-m", "bfpaccel.serve"]``); the deploy appends ``--plan P --name N
-    --port P [--tls-cert F --tls-key F] [--auth-key K]... [--workers N] [--metrics-port P]``.
+    --port P [--tls-cert F --tls-key F] [--auth-key-file F] [--workers N] [--metrics-port P]``
+    (the key file holds one key per line; keys are never put on the command line).
     """
 
     server_command: Optional[Sequence[str]] = None
@@ -339,7 +344,11 @@ class Webservice:
         self._pid_start: Optional[str] = row["pid_start"]
         self.port: Optional[int] = row["port"]
         self.scoring_uri: Optional[str] = row["scoring_uri"]
-        self._keys: List[str] = json.loads(row["keys"])
+        rec = json.loads(row["keys"])
+        # schema 2: {"sha256": [digests]}; a plain list is a record written before the keys moved
+        # to their file (the registry migrates those when it opens)
+        self._key_digests: List[str] = (list(rec.get("sha256", [])) if isinstance(rec, dict)
+                                        else [key_digest(k) for k in rec])
         self._state: str = row["state"]
         self.workdir: str = row["workdir"]
         self.created_time: float = float(row["created_time"])
@@ -353,6 +362,22 @@ class Webservice:
 
     def __repr__(self) -> str:
         return f"Webservice(name={self.name!r}, image={self.image_id!r}, state={self.state!r}, uri={self.scoring_uri!r})"
+
+    @property
+    def _keys(self) -> List[str]:
+        """The keys, read from the key file and checked against the recorded digests."""
+        if not self._key_digests:
+            return []
+        keys = self.registry.read_keys(self.name)
+        if [key_digest(k) for k in keys] != self._key_digests:
+            raise DeploymentError(f"the key file {self.registry.keys_path(self.name)} of service {self.name} is "
+                                  "missing or does not hold the keys recorded for it: regen_key() makes new ones")
+        return keys
+
+    @property
+    def keys_path(self) -> Optional[str]:
+        """The file holding the service's keys (0600; None without auth)."""
+        return self.registry.keys_path(self.name) if self._key_digests else None
 
     @property
     def auth_enabled(self) -> bool:
@@ -409,7 +434,7 @@ class Webservice:
             raise DeploymentError(f"service {self.name} runs on {self.compute_type}: check it with kubectl")
         return check_health("127.0.0.1", int(self.port or 0), tls_cert=self.tls_cert_path,
                             server_name=self.config.get("ssl_cname") or "localhost",
-                            key=self._keys[0] if self._keys else None, timeout=timeout)
+                            key=next(iter(self._keys), None), timeout=timeout)
 
     def wait_for_deployment(self, show_output: bool = False, timeout: float = 120.0) -> str:
         """Poll until the service answers its gRPC health check (``Healthy``), its process
@@ -445,21 +470,32 @@ class Webservice:
 
     # ------------------------------------------------------------------ keys
     def get_keys(self) -> Tuple[str, str]:
-        """(primary, secondary) keys; :class:`DeploymentError` when auth is not enabled."""
+        """(primary, secondary) keys; :class:`DeploymentError` when auth is not enabled.
+
+        The only call that shows the keys: they are read from the service's key file (0600),
+        never stored in the database, printed or put on a command line."""
         if not self.auth_enabled:
             raise DeploymentError(f"service {self.name} does not have key auth enabled")
-        return self._keys[0], self._keys[1]
+        keys = self._keys
+        return keys[0], keys[1]
 
     def regen_key(self, key: str = "Primary") -> Tuple[str, str]:
         """Replace the ``"Primary"`` or ``"Secondary"`` key; a running local service is
-        restarted with the new keys (Kubernetes: the Secret manifest is rewritten)."""
+        restarted with the new keys (Kubernetes: the Secret manifest is rewritten). When the
+        key file was lost, both keys are replaced."""
         if key not in ("Primary", "Secondary"):
             raise ValueError("key must be 'Primary' or 'Secondary'")
-        keys = list(self.get_keys())
+        if not self.auth_enabled:
+            raise DeploymentError(f"service {self.name} does not have key auth enabled")
+        try:
+            keys = list(self.get_keys())
+        except DeploymentError:
+            keys = [_new_key(), _new_key()]
         keys[0 if key == "Primary" else 1] = _new_key()
+        self.registry.write_keys(self.name, keys)
         with self.registry.write() as c:
-            c.execute("UPDATE deployments SET keys=? WHERE name=?", (json.dumps(keys), self.name))
-        self._keys = keys
+            c.execute("UPDATE deployments SET keys=? WHERE name=?", (key_record(keys), self.name))
+        self._key_digests = [key_digest(k) for k in keys]
         if self.compute_type == "local":
             self._stop()
             target = LocalTarget(self.config.get("server_command"))
@@ -498,6 +534,7 @@ class Webservice:
             c.execute("DELETE FROM deployments WHERE name=?", (self.name,))
         if self.compute_type == "local":
             shutil.rmtree(self.workdir, ignore_errors=True)
+        shutil.rmtree(os.path.dirname(self.registry.keys_path(self.name)), ignore_errors=True)
         self._state = "Deleted"
 
     # ------------------------------------------------------------------ deploy / list
@@ -538,10 +575,13 @@ class Webservice:
                 raise DeploymentError(f"a service named {name!r} already exists: delete it first "
                                       f"(bfpaccel deploy delete {name}) or pick another name")
             c.execute("INSERT INTO deployments VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                      (name, image.id, target.kind, json.dumps(cfg), None, None, None, None, json.dumps(keys),
+                      (name, image.id, target.kind, json.dumps(cfg), None, None, None, None, key_record(keys),
                        "Transitioning", workdir, time.time()))
-        svc = Webservice(registry, name)
+        svc: Optional[Webservice] = None
         try:
+            if keys:
+                registry.write_keys(name, keys)
+            svc = Webservice(registry, name)
             if isinstance(target, KubernetesTarget):
                 from .k8s import write_manifests
 
@@ -550,9 +590,11 @@ class Webservice:
             else:
                 _start_local(registry, svc, target)
         except BaseException:
-            svc._stop()
+            if svc is not None:
+                svc._stop()
             with registry.write() as c:
                 c.execute("DELETE FROM deployments WHERE name=?", (name,))
+            shutil.rmtree(os.path.dirname(registry.keys_path(name)), ignore_errors=True)
             raise
         return Webservice(registry, name)
 
@@ -569,7 +611,7 @@ def _start_local(registry: Registry, svc: Webservice, target: LocalTarget) -> No
     """Start (or restart) the server subprocess of ``svc`` and record its pid and port."""
     image = Image(registry, svc.image_id)
     cfg = svc.config
-    os.makedirs(svc.workdir, exist_ok=True)
+    private_dir(svc.workdir)
     port = int(cfg.get("port") or svc.port or _free_port(target.host))
     cmd = target.command() + ["--plan", image.plan_path, "--name", svc.name, "--port", str(port)]
     if cfg.get("ssl_enabled"):
@@ -580,8 +622,9 @@ def _start_local(registry: Registry, svc: Webservice, target: LocalTarget) -> No
                 generate_self_signed_cert(cert, key, cfg.get("ssl_cname"))
         cfg["tls_cert"], cfg["tls_key"] = os.path.abspath(cert), os.path.abspath(key)
         cmd += ["--tls-cert", cfg["tls_cert"], "--tls-key", cfg["tls_key"]]
-    for k in svc._keys:
-        cmd += ["--auth-key", k]
+    if svc._key_digests:
+        _ = svc._keys  # the key file must hold the recorded keys (DeploymentError otherwise)
+        cmd += ["--auth-key-file", registry.keys_path(svc.name)]  # the keys never go on the command line
     if cfg.get("workers"):
         cmd += ["--workers", str(cfg["workers"])]
     if cfg.get("metrics_port"):
@@ -590,8 +633,10 @@ def _start_local(registry: Registry, svc: Webservice, target: LocalTarget) -> No
     try:
         # own session: the service outlives the deploying process (the CLI returns) and is
         # stopped by process group
+        env = dict(os.environ)
+        env.pop("BFPACCEL_AUTH_KEY", None)  # the service accepts its own keys only (the key file)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=svc.workdir)
+                                start_new_session=True, cwd=svc.workdir, env=env)
     finally:
         log.close()
     _CHILDREN[proc.pid] = proc

@@ -16,6 +16,7 @@ from ._store import (
     _copy_hashing,
     _test_pause,
     check_name,
+    check_version,
     parse_id,
 )
 
@@ -71,7 +72,7 @@ class Model:
         if version is None:
             rows = registry.query("SELECT * FROM models WHERE name=? ORDER BY version DESC LIMIT 1", (name,))
         else:
-            rows = registry.query("SELECT * FROM models WHERE name=? AND version=?", (name, int(version)))
+            rows = registry.query("SELECT * FROM models WHERE name=? AND version=?", (name, check_version(version)))
         if not rows:
             known = registry.query("SELECT version FROM models WHERE name=? ORDER BY version", (name,))
             if known:

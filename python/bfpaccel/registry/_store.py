@@ -6,8 +6,13 @@ Layout of a registry directory ``ROOT``::
     ROOT/objects/<d[:2]>/<d>/manifest.json   d = sha256 of the canonical manifest
     ROOT/objects/<d[:2]>/<d>/data/<name>     the registered file or directory tree
     ROOT/images/<name>/<version>/        deployable bundles written by ``Image.create``
-    ROOT/deployments/<name>/             logs and generated keys/certs of local services
+    ROOT/deployments/<name>/             logs, generated certs of local services, and the
+                                         service keys (``auth-keys``, 0600)
     ROOT/tmp/<pid>-<uuid>/               staging; a dead pid's staging dir is garbage
+
+Privacy: the directory is created 0700 and the database files 0600 (an existing registry is
+tightened when opened by its owner); service keys are never written to the database (only
+their SHA-256 digests) nor put on a command line.
 
 Atomicity of a registration: the artifact is copied into a staging dir (hashing while
 copying, every file and dir fsynced), then, inside one ``BEGIN IMMEDIATE`` transaction, the
@@ -20,18 +25,21 @@ removes both, and a later registration of the same content reuses or repairs the
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 import uuid
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 __all__ = [
+    "KEYS_FILE",
     "Registry",
     "RegistryError",
     "NotFoundError",
@@ -40,9 +48,16 @@ __all__ = [
     "SCHEMA_VERSION",
 ]
 
-SCHEMA_VERSION = 1
+#: 2: deployment keys are no longer stored in the database (only their SHA-256); the keys
+#: live in ``deployments/<name>/auth-keys`` (mode 0600). Version 1 databases are migrated on open.
+SCHEMA_VERSION = 2
+#: File of a deployment's keys (one per line: primary, secondary), under ``deployments/<name>/``.
+KEYS_FILE = "auth-keys"
 _CHUNK = 1 << 20
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+_VERSION_RE = re.compile(r"[0-9]{1,19}")
+#: Largest version number (SQLite stores signed 64-bit integers).
+MAX_VERSION = (1 << 63) - 1
 #: test seam: the name of a point in ``register`` where the process pauses (``copy``: half
 #: the files staged; ``commit``: object renamed, row not committed, write lock held).
 _PAUSE_ENV = "BFPACCEL_REGISTRY_TEST_PAUSE"
@@ -94,22 +109,67 @@ class CorruptedError(RegistryError):
 
 def check_name(name: str, what: str = "name") -> str:
     """Validate a model/image/deployment name (letters, digits, ``.``, ``_``, ``-``)."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"invalid {what} {name!r}: use 1-255 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit")
     return name
 
 
 def parse_id(model_id: str) -> Tuple[str, Optional[int]]:
-    """``"name:3"`` -> ``("name", 3)``; ``"name"`` -> ``("name", None)`` (latest)."""
+    """``"name:3"`` -> ``("name", 3)``; ``"name"`` -> ``("name", None)`` (latest).
+
+    Raises ValueError for a version that is not a plain decimal number in 1..2**63-1.
+    """
     name, sep, ver = str(model_id).rpartition(":")
     if not sep:
         return str(model_id), None
-    try:
+    return name, check_version(ver, model_id)
+
+
+def check_version(ver: Any, model_id: Any = None) -> int:
+    """A version number as given by a user (int or decimal string): 1..2**63-1, else ValueError."""
+    what = f"bad id {model_id!r}" if model_id is not None else f"bad version {ver!r}"
+    if isinstance(ver, bool):
+        raise ValueError(f"{what}: the version must be an integer")
+    if isinstance(ver, int):
+        v = ver
+    elif isinstance(ver, str) and _VERSION_RE.fullmatch(ver):
         v = int(ver)
-    except ValueError:
-        raise ValueError(f"bad id {model_id!r}: expected 'name:version' with an integer version") from None
-    return name, v
+    else:
+        raise ValueError(f"{what}: expected 'name:version' with a decimal version number")
+    if not 1 <= v <= MAX_VERSION:
+        raise ValueError(f"{what}: versions run from 1 to {MAX_VERSION}")
+    return v
+
+
+def key_digest(key: str) -> str:
+    """SHA-256 hex digest of a service key (what the database stores)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def key_record(keys: List[str]) -> str:
+    """The database's ``keys`` column: the keys' digests, never the keys."""
+    return json.dumps({"sha256": [key_digest(k) for k in keys]})
+
+
+def _tighten(path: str, mode: int) -> None:
+    """Drop permission bits beyond ``mode`` from a file or folder this user owns."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        return
+    cur = stat.S_IMODE(st.st_mode)
+    if cur & ~mode:
+        os.chmod(path, cur & mode)
+
+
+def private_dir(path: str) -> str:
+    """Create ``path`` (and parents) with mode 0700, or tighten it to 0700 when it exists."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    _tighten(path, 0o700)
+    return path
 
 
 def _fsync_dir(path: str) -> None:
@@ -139,11 +199,34 @@ def _test_pause(point: str) -> None:
         time.sleep(120)
 
 
-def _copy_hashing(src: str, dst: str) -> Tuple[str, int]:
-    """Copy one file, fsync it, return (sha256 hex, size)."""
+def _open_regular(src: str, follow: bool = True) -> int:
+    """An fd of the regular file ``src``; ValueError for a symbolic link (when not ``follow``),
+    a FIFO, a device or a socket (opened non-blocking, so a FIFO cannot hang the copy)."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    if not follow:
+        flags |= getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(src, flags)
+    except OSError as e:
+        if not follow and e.errno == errno.ELOOP:
+            raise ValueError(f"{src} is a symbolic link: the registry does not follow links out of a "
+                             "registered folder (copy the file in instead)") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise ValueError(f"{src} is not a regular file (a FIFO, device or socket cannot be registered)")
+    return fd
+
+
+def _copy_hashing(src: str, dst: str, follow: bool = True) -> Tuple[str, int]:
+    """Copy one regular file, fsync it, return (sha256 hex, size). ``follow=False``: refuse a
+    symbolic link (checked when the file is opened, so it cannot be swapped in after a check)."""
     h = hashlib.sha256()
     n = 0
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
+    fd = _open_regular(src, follow)
+    with os.fdopen(fd, "rb") as fi, open(dst, "wb") as fo:
+        mode = stat.S_IMODE(os.fstat(fi.fileno()).st_mode)
         while True:
             b = fi.read(_CHUNK)
             if not b:
@@ -153,7 +236,7 @@ def _copy_hashing(src: str, dst: str) -> Tuple[str, int]:
             n += len(b)
         fo.flush()
         os.fsync(fo.fileno())
-    shutil.copymode(src, dst)
+    os.chmod(dst, mode & 0o7777)
     return h.hexdigest(), n
 
 
@@ -202,9 +285,14 @@ class Registry:
 
     def __init__(self, path: Union[str, "os.PathLike[str]"], *, busy_timeout: float = 30.0) -> None:
         self.root = os.path.abspath(os.fspath(path))
+        private_dir(self.root)
         for sub in ("objects", "images", "deployments", "tmp"):
-            os.makedirs(os.path.join(self.root, sub), exist_ok=True)
+            private_dir(os.path.join(self.root, sub))
         self.db_path = os.path.join(self.root, self.DB_NAME)
+        # SQLite gives the -wal and -shm files the database file's mode: create it 0600 first
+        os.close(os.open(self.db_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600))
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            _tighten(self.db_path + suffix, 0o600)
         self._lock = threading.RLock()
         self._conn = sqlite3.connect(self.db_path, timeout=busy_timeout, isolation_level=None,
                                      check_same_thread=False)
@@ -219,6 +307,8 @@ class Registry:
                 time.sleep(0.05 * (attempt + 1))
         self._conn.execute("PRAGMA synchronous = FULL")
         self._conn.execute("PRAGMA foreign_keys = ON")
+        self._conn.execute("PRAGMA secure_delete = ON")  # overwritten rows leave no old bytes behind
+        migrated = 0
         with self.write() as c:
             for stmt in filter(str.strip, _SCHEMA.split(";")):
                 c.execute(stmt)
@@ -228,7 +318,63 @@ class Registry:
             elif int(row[0]) > SCHEMA_VERSION:
                 raise RegistryError(f"{self.db_path} has schema version {row[0]}; this bfpaccel reads "
                                     f"{SCHEMA_VERSION} and older: upgrade bfpaccel")
+            elif int(row[0]) < SCHEMA_VERSION:
+                migrated = self._migrate_keys(c)
+                c.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+        if migrated:
+            # the plaintext keys' old pages leave the WAL now, not at some later checkpoint
+            with self._lock:
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._clean_staging()
+
+    def _migrate_keys(self, c: sqlite3.Connection) -> int:
+        """Schema 1 -> 2: keys stored in the database move to their 0600 key files; the
+        database keeps their SHA-256 digests. Returns how many deployments had keys."""
+        n = 0
+        for r in c.execute("SELECT name, keys FROM deployments").fetchall():
+            try:
+                keys = json.loads(r["keys"])
+            except ValueError:
+                continue
+            if isinstance(keys, list) and all(isinstance(k, str) for k in keys):
+                if keys:
+                    self.write_keys(r["name"], keys)
+                    n += 1
+                c.execute("UPDATE deployments SET keys=? WHERE name=?", (key_record(keys), r["name"]))
+        return n
+
+    # ------------------------------------------------------------------ service keys
+    def keys_path(self, name: str) -> str:
+        """The key file of deployment ``name`` (one key per line)."""
+        return os.path.join(self.root, "deployments", check_name(name, "service name"), KEYS_FILE)
+
+    def write_keys(self, name: str, keys: List[str]) -> str:
+        """Write a deployment's keys to its key file (0600 in a 0700 folder; atomically)."""
+        path = self.keys_path(name)
+        private_dir(os.path.dirname(path))
+        for k in keys:
+            if not k or any(ch in k for ch in "\r\n"):
+                raise ValueError("a key must be one non-empty line")
+        tmp = f"{path}.tmp{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write("".join(k + "\n" for k in keys))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    def read_keys(self, name: str) -> List[str]:
+        """A deployment's keys from its key file ([] when it has none)."""
+        try:
+            with open(self.keys_path(name)) as f:
+                return [line.strip() for line in f if line.strip()]
+        except FileNotFoundError:
+            return []
 
     # ------------------------------------------------------------------ plumbing
     def __repr__(self) -> str:
@@ -318,15 +464,21 @@ class Registry:
                 kind = "dir"
                 top = os.path.join(data, name)
                 os.makedirs(top)
-                walked = sorted(os.walk(src, followlinks=True), key=lambda t: t[0])
+                # symbolic links are refused, never followed: a link could pull any file the
+                # registering user can read (a system file, another user's key) into the store
+                walked = sorted(os.walk(src, followlinks=False), key=lambda t: t[0])
                 for count, (d, subdirs, fnames) in enumerate(walked):
                     rel_d = os.path.relpath(d, src)
                     out_d = top if rel_d == "." else os.path.join(top, rel_d)
                     if rel_d != ".":
                         os.makedirs(out_d, exist_ok=True)
                         dirs.append(os.path.join(name, rel_d))
+                    for sd in subdirs:
+                        if os.path.islink(os.path.join(d, sd)):
+                            raise ValueError(f"{os.path.join(d, sd)} is a symbolic link: the registry does not "
+                                             "follow links out of a registered folder (copy the folder in instead)")
                     for fn in sorted(fnames):
-                        sha, size = _copy_hashing(os.path.join(d, fn), os.path.join(out_d, fn))
+                        sha, size = _copy_hashing(os.path.join(d, fn), os.path.join(out_d, fn), follow=False)
                         rel = os.path.join(name, fn) if rel_d == "." else os.path.join(name, rel_d, fn)
                         files.append({"path": rel, "sha256": sha, "size": size})
                         if len(files) == 1:

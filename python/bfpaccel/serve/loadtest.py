@@ -136,18 +136,26 @@ def _split_address(address: str, port: Optional[int], use_ssl: bool) -> tuple:
     return address, port if port is not None else (443 if use_ssl else 80)
 
 
+def _port(text: str) -> int:
+    from .cli import port_number
+
+    return port_number(text)
+
+
 def add_loadtest_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Adds ``loadtest`` to a ``bfpaccel`` sub-command set (calls :func:`run_loadtest`)."""
     p = subparsers.add_parser("loadtest", help="load-test a running scoring service (QPS, p50/p90/p99, errors)",
                               description="C concurrent clients send an image for S seconds; prints QPS, "
                               "latency percentiles and errors by status code.")
     p.add_argument("--address", required=True, help="HOST or HOST:PORT")
-    p.add_argument("--port", type=int, default=None, help="port (default: from --address, else 80/443)")
+    p.add_argument("--port", type=_port, default=None, help="port (default: from --address, else 80/443)")
     p.add_argument("--image", required=True, help="image file to send")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--duration", type=float, default=10.0, help="seconds (default 10)")
     p.add_argument("--service", default="", help="service (route) name")
-    p.add_argument("--key", default="", help="service key")
+    p.add_argument("--key-file", default=None, metavar="FILE",
+                   help="file holding the service key (first line); or set $BFPACCEL_AUTH_KEY")
+    p.add_argument("--key", default="", help="service key (deprecated: other local users can read a command line)")
     p.add_argument("--ssl", action="store_true")
     p.add_argument("--ca", default=None, help="PEM CA file to trust")
     p.add_argument("--input-name", default="images")
@@ -158,9 +166,13 @@ def add_loadtest_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_loadtest(args: argparse.Namespace) -> int:
     """Handler of ``bfpaccel loadtest``; returns the exit code (1 when no request succeeded)."""
+    from .cli import _client_key
+
     host, port = _split_address(args.address, args.port, args.ssl)
+    if not 0 < port <= 65535:
+        raise ValueError(f"invalid port {port}: ports run from 1 to 65535")
     ca = open(args.ca, "rb").read() if args.ca else None
     r = run(host, port, args.image, args.concurrency, args.duration, service_name=args.service,
-            access_token=args.key, use_ssl=args.ssl, input_name=args.input_name, root_certificates=ca)
+            access_token=_client_key(args), use_ssl=args.ssl, input_name=args.input_name, root_certificates=ca)
     print(json.dumps(r.to_dict()) if args.json else r.summary())
     return 0 if r.ok else 1
