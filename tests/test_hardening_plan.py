@@ -376,3 +376,24 @@ def test_forged_dense_weight_shape_fails_at_load_in_a_subprocess(good, tmp_path,
 def test_many_malformed_cases_counted():
     """Keeps the number of malformed-plan cases visible (reported with the change)."""
     assert len(MANIFEST_CASES) + len(RAW_CASES) >= 80
+
+
+def test_save_refuses_constants_a_plan_cannot_store(tmp_path):
+    plan = bfpaccel.compile(_tiny_onnx(), format="fp32")
+    plan.graph.consts["odd"] = np.array(["a", "b"])
+    with pytest.raises(PlanError, match="'odd'"):
+        plan.save(tmp_path / "odd.bfpplan")
+    assert not os.path.exists(tmp_path / "odd.bfpplan")
+
+
+def test_shape_dependent_mismatch_is_a_lowering_error(good, tmp_path):
+    """What only the input shapes reveal (a valid permutation of the wrong rank) is a
+    LoweringError naming the node when the program is built, not an IndexError."""
+    _, man, blob, x, _ = good
+    m = copy.deepcopy(man)
+    _node(m, "Transpose")["attrs"]["perm"] = [0, 2, 1]
+    plan = bfpaccel.load_plan(_write(tmp_path / "rank.bfpplan", m, blob))
+    from bfpaccel.runtime import LoweringError
+
+    with pytest.raises(LoweringError, match="node "):
+        bfpaccel.Session(plan).run(None, {"x": x})

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..formats import Format, get_format
-from ._validate import ManifestInfo, check_manifest_or_raise
+from ._validate import ALLOWED_DTYPES, ManifestInfo, check_manifest_or_raise
 from .graph import Graph
 
 __all__ = ["Plan", "PlanError", "load_plan", "PLAN_FORMAT_VERSION"]
@@ -144,6 +144,11 @@ class Plan:
     def save(self, path: Union[str, "os.PathLike[str]"]) -> str:
         """Writes the plan to one file (atomically: a temporary file renamed into place)."""
         path = os.fspath(path)
+        for k, v in self.graph.consts.items():
+            dt = np.asarray(v).dtype
+            if str(dt) not in ALLOWED_DTYPES or not dt.isnative:
+                raise PlanError(f"constant {k!r} has dtype {dt}, which a plan file does not store "
+                                f"(one of {', '.join(ALLOWED_DTYPES)}, native byte order)")
         manifest = json.dumps(self.to_json(), default=_json_default).encode()
         buf = io.BytesIO()
         arrays: Dict[str, Any] = {f"c{i}": np.asarray(v) for i, v in enumerate(self.graph.consts.values())}
