@@ -32,8 +32,8 @@ struct FmtParams {
 };
 
 // ---------------------------------------------------------------- kernels & dispatch
-enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Emu = 3 };
-Isa current_isa();
+struct KernelDesc;
+const KernelDesc& current_kernel();
 int num_threads();
 
 // The rows operand of a GEMM (broadcast by the kernels). Row r's units for tap t are nbt
@@ -78,6 +78,13 @@ struct ExactTile {
     void (*fn)(const void* ctx, int64_t r0, int nr, int64_t c0, int nc, float* out, int64_t ldo);
 };
 
+// Called on every finished tile of a GEMM (origin `out`, as ExactTile) while it is still in
+// cache: a conv's bias, residual and activation. fn null: none.
+struct TileEpilogue {
+    const void* ctx;
+    void (*fn)(const void* ctx, int64_t r0, int nr, int64_t c0, int nc, float* out, int64_t ldo);
+};
+
 struct GemmArgs {
     RowsView rows;
     ColsView cols;
@@ -87,13 +94,52 @@ struct GemmArgs {
     bool trans;
     ExactTile exact;
     int nthreads;
+    TileEpilogue epi;
 };
+
+// Rows of int8-unit activations quantized straight into a rows operand (formats with int
+// elements and deterministic rounding; the same bits as quantize_block): row i's C floats at
+// x + i*xs, blocks of f.block channels; units at u + i*us + b*Bp (zero padded to Bp), and
+// the kernels' per-block extras (see RowsView) at E/scale/corr + i*nbc + b, the row's
+// exponent range at emin/emax[i] (updated, not reset).
+struct QuantRowsArgs {
+    const float* x;
+    int64_t n, xs;
+    int C;
+    const FmtParams* f;
+    int Bp;
+    int8_t* u;
+    int64_t us;
+    int16_t* E;
+    float* scale;
+    int32_t* corr;
+    int32_t* emin;
+    int32_t* emax;
+};
+
+// One entry of the kernel table (csrc/kernels/table.cpp): everything generic code needs to
+// know about a kernel. Generic code never names an ISA; it reads these fields.
+struct KernelDesc {
+    const char* name;
+    bool emulated;        // test-only build on an emulation: selectable, never the default
+    bool (*available)();  // this CPU (and OS) can run it
+    int nr;               // panel width; 0: no SIMD GEMM (the exact scalar datapath)
+    bool rows16;          // the rows operand holds int16 units (else int8 + VNNI corrections)
+    size_t (*panel_bytes)(int nb, int Bp);
+    void (*pack_panel)(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
+    void (*gemm)(const GemmArgs& a);
+    void (*quantize_rows)(const QuantRowsArgs& a);  // null: the per-block quantizer
+    bool simd() const { return gemm != nullptr; }   // every SIMD kernel's CPU has AVX2 + FMA + F16C
+};
+int kernel_count();
+const KernelDesc& kernel_at(int i);  // slowest first
 
 namespace avx512 {
 constexpr int NR = 32;
 size_t panel_bytes(int nb, int Bp);
 void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
 void gemm(const GemmArgs& a);
+void quantize_rows(const QuantRowsArgs& a);
 }  // namespace avx512
 
 namespace avx512emu {  // the same kernel on SIMDe, built only with BFPACCEL_AVX512_EMULATION
@@ -101,6 +147,7 @@ constexpr int NR = 32;
 size_t panel_bytes(int nb, int Bp);
 void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
 void gemm(const GemmArgs& a);
+void quantize_rows(const QuantRowsArgs& a);
 }  // namespace avx512emu
 
 namespace avx2 {

@@ -43,14 +43,6 @@ void check3(const py::array& a, const char* what, int64_t d0, int64_t d1, int64_
         throw std::invalid_argument(std::string(what) + " has the wrong shape");
 }
 
-Isa isa_from_name(const std::string& s) {
-    if (s == "scalar") return kScalar;
-    if (s == "avx2") return kAvx2;
-    if (s == "avx512") return kAvx512;
-    if (s == "avx512-emu") return kAvx512Emu;
-    throw std::invalid_argument("unknown kernel " + s);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -58,9 +50,16 @@ PYBIND11_MODULE(_core, m) {
 
     m.def("set_num_threads", &set_num_threads, py::arg("n"));
     m.def("get_num_threads", &num_threads);
-    m.def("available_kernels", &available_isas);
-    m.def("get_kernel", []() { return std::string(isa_name(current_isa())); });
-    m.def("set_kernel", [](const std::string& s) { set_isa(isa_from_name(s)); }, py::arg("name"));
+    m.def("max_threads", &max_threads);
+    m.def("available_kernels", &available_kernels);
+    m.def("kernel_names", []() {
+        std::vector<std::string> v;
+        for (int i = 0; i < kernel_count(); ++i) v.push_back(kernel_at(i).name);
+        return v;
+    }, "every kernel of this build, slowest first (available or not)");
+    m.def("get_kernel", []() { return std::string(current_kernel().name); });
+    m.def("set_kernel", [](std::optional<std::string> s) { set_kernel(s ? &find_kernel(*s) : nullptr); },
+          py::arg("name"));
 
     m.def(
         "quantize",
@@ -107,7 +106,7 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<Operand, std::shared_ptr<Operand>>(m, "Operand", "A quantized operand packed for the kernels")
         .def_readonly("role", &Operand::role)
-        .def_property_readonly("kernel", [](const Operand& o) { return std::string(isa_name(o.isa)); })
+        .def_property_readonly("kernel", [](const Operand& o) { return std::string(o.kern ? o.kern->name : "scalar"); })
         .def_readonly("rows", &Operand::R)
         .def_readonly("K", &Operand::K)
         .def_readonly("taps", &Operand::taps);

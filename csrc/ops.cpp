@@ -17,95 +17,89 @@
 
 namespace bfp {
 
-// ---------------------------------------------------------------- threads, ISA
+// ---------------------------------------------------------------- threads, kernels
+// Process-wide defaults, and a per-thread override that a Session installs around its calls
+// (ExecScope): options belong to a session, not to the process.
 static std::atomic<int> g_threads{0};
-static std::atomic<int> g_isa{-1};
+static std::atomic<int> g_kernel{-1};
+static thread_local const KernelDesc* t_kernel = nullptr;
+static thread_local int t_threads = 0;
 
-static bool cpu_has(Isa isa) {
-    if (isa == kScalar) return true;
-    __builtin_cpu_init();
-#ifdef BFPACCEL_HAVE_AVX512_EMU
-    if (isa == kAvx512Emu) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-    if (isa == kAvx512Emu) return false;
-#endif
-    if (isa == kAvx2)
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
-           __builtin_cpu_supports("fma");
+int max_threads() { return 1024; }
+
+static int kernel_index(const KernelDesc& k) {
+    for (int i = 0; i < kernel_count(); ++i)
+        if (&kernel_at(i) == &k) return i;
+    return 0;
 }
 
-const char* isa_name(Isa isa) {
-    switch (isa) {
-        case kAvx512: return "avx512";
-        case kAvx512Emu: return "avx512-emu";
-        case kAvx2: return "avx2";
-        default: return "scalar";
+const KernelDesc& find_kernel(const std::string& name) {
+    for (int i = 0; i < kernel_count(); ++i) {
+        const KernelDesc& k = kernel_at(i);
+        if (name != k.name) continue;
+        if (!k.available()) throw std::invalid_argument(std::string("this CPU cannot run the ") + k.name + " kernel");
+        return k;
     }
+    std::string known;
+    for (int i = 0; i < kernel_count(); ++i) known += std::string(i ? ", " : "") + kernel_at(i).name;
+    throw std::invalid_argument("unknown kernel " + name + " (this build has: " + known + ")");
 }
 
-// Panel width, panel size, packing and GEMM entry of a SIMD kernel.
-static int isa_nr(Isa isa) { return isa == kAvx2 ? avx2::NR : avx512::NR; }
-
-static size_t isa_panel_bytes(Isa isa, int nb, int Bp) {
-    if (isa == kAvx2) return avx2::panel_bytes(nb, Bp);
-#ifdef BFPACCEL_HAVE_AVX512_EMU
-    if (isa == kAvx512Emu) return avx512emu::panel_bytes(nb, Bp);
-#endif
-    return avx512::panel_bytes(nb, Bp);
-}
-
-static void isa_pack_panel(Isa isa, const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* mn, int32_t* mx) {
-    if (isa == kAvx2) return avx2::pack_panel(c, col0, ncols, dst, mn, mx);
-#ifdef BFPACCEL_HAVE_AVX512_EMU
-    if (isa == kAvx512Emu) return avx512emu::pack_panel(c, col0, ncols, dst, mn, mx);
-#endif
-    avx512::pack_panel(c, col0, ncols, dst, mn, mx);
-}
-
-static void isa_gemm(Isa isa, const GemmArgs& g) {
-    if (isa == kAvx2) return avx2::gemm(g);
-#ifdef BFPACCEL_HAVE_AVX512_EMU
-    if (isa == kAvx512Emu) return avx512emu::gemm(g);
-#endif
-    avx512::gemm(g);
-}
-
-std::vector<std::string> available_isas() {
+std::vector<std::string> available_kernels() {
     std::vector<std::string> out;
-    for (Isa i : {kScalar, kAvx512Emu, kAvx2, kAvx512})  // slowest first; the last is the default
-        if (cpu_has(i)) out.push_back(isa_name(i));
+    for (int i = 0; i < kernel_count(); ++i)
+        if (kernel_at(i).available()) out.push_back(kernel_at(i).name);
     return out;
 }
 
-Isa current_isa() {
-    int v = g_isa.load();
-    if (v < 0) {
-        v = cpu_has(kAvx512) ? kAvx512 : cpu_has(kAvx2) ? kAvx2 : kScalar;  // never the emulation by default
-        g_isa.store(v);
-    }
-    return Isa(v);
+static const KernelDesc& default_kernel() {
+    int best = 0;
+    for (int i = 0; i < kernel_count(); ++i)
+        if (!kernel_at(i).emulated && kernel_at(i).available()) best = i;
+    return kernel_at(best);
 }
 
-void set_isa(Isa isa) {
-    if (!cpu_has(isa)) throw std::invalid_argument(std::string("this CPU cannot run the ") + isa_name(isa) + " kernel");
-    g_isa.store(isa);
+const KernelDesc& current_kernel() {
+    if (t_kernel) return *t_kernel;
+    int v = g_kernel.load();
+    if (v < 0) {
+        v = kernel_index(default_kernel());
+        g_kernel.store(v);
+    }
+    return kernel_at(v);
+}
+
+void set_kernel(const KernelDesc* k) { g_kernel.store(k ? kernel_index(*k) : -1); }
+
+static int checked_threads(int n) {
+    if (n < 1 || n > max_threads())
+        throw std::invalid_argument("number of threads must be in [1, " + std::to_string(max_threads()) + "], got " +
+                                    std::to_string(n));
+    return n;
 }
 
 int num_threads() {
+    if (t_threads > 0) return t_threads;
     int n = g_threads.load();
     if (n <= 0) {
         n = omp_get_num_procs();
         if (n < 1) n = 1;
+        if (n > max_threads()) n = max_threads();
         g_threads.store(n);
     }
     return n;
 }
 
-void set_num_threads(int n) {
-    if (n < 1) throw std::invalid_argument("number of threads must be >= 1");
-    g_threads.store(n);
+void set_num_threads(int n) { g_threads.store(checked_threads(n)); }
+
+ExecScope::ExecScope(const KernelDesc* k, int threads) : prev_k_(t_kernel), prev_t_(t_threads) {
+    if (threads) checked_threads(threads);
+    if (k) t_kernel = k;
+    if (threads) t_threads = threads;
+}
+ExecScope::~ExecScope() {
+    t_kernel = prev_k_;
+    t_threads = prev_t_;
 }
 
 AlignedBuf::AlignedBuf(size_t bytes) : n(bytes) {
@@ -129,7 +123,7 @@ struct RawBuf {
 };
 
 static bool fast_quant_ok(const FmtParams& f) {
-    return current_isa() != kScalar && f.int8_units() && f.rounding != kStochastic &&
+    return current_kernel().simd() && f.int8_units() && f.rounding != kStochastic &&
            (f.kind == kInt || f.exp_max >= 127 - f.emax_elem);
 }
 
@@ -188,7 +182,7 @@ void fake_quantize_tensor(const float* x, int64_t outer, int64_t K, int64_t inne
 }
 
 void fake_quantize_elements(const float* x, int64_t n, const FmtParams& f, uint64_t seed, float* out) {
-    const bool fast = current_isa() != kScalar && f.kind == kInt && f.rounding != kStochastic && f.emax_elem == 0;
+    const bool fast = current_kernel().simd() && f.kind == kInt && f.rounding != kStochastic && f.emax_elem == 0;
     if (!fast) {
         fake_quantize_tensor(x, n, 1, 1, f, seed, out);
         return;
@@ -228,7 +222,7 @@ static int padded_block(int block, int64_t K) {
     return int((n + 3) / 4 * 4);
 }
 
-static void prepare_rows(Operand& op, Isa isa);
+static void prepare_rows(Operand& op, const KernelDesc& k);
 static void index_rows(Operand& op);
 
 void Operand::build(const int8_t* codes, const int16_t* exps, int64_t outer, int64_t Kdim, int64_t inner,
@@ -273,6 +267,25 @@ void Operand::build_rows_from_float(const float* x, int64_t rows, int64_t Kdim, 
     const bool i8 = int8(), fast = fast_quant_ok(f);
     if (i8) u8.assign(size_t(R * rlen), 0);
     else u64.assign(size_t(R * rlen), 0);
+    const KernelDesc& k = current_kernel();
+    if (i8 && fast && k.quantize_rows && !k.rows16 && Bp <= 128 && f.kind == kInt) {
+        // the kernel's row quantizer writes the units and the kernels' extras in one pass
+        scale.assign(size_t(R * nbt), 1.0f);
+        corr.assign(size_t(R * nbt), 0);
+        emin.assign(size_t(R), INT32_MAX);
+        emax.assign(size_t(R), INT32_MIN);
+        const int64_t chunk = 16;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (R * K > 32768)
+        for (int64_t r0 = 0; r0 < R; r0 += chunk) {
+            const int64_t n = std::min<int64_t>(chunk, R - r0);
+            const QuantRowsArgs qa{x + r0 * K, n, K, int(K), &f, Bp, u8.data() + r0 * rlen, rlen,
+                                   exp.data() + r0 * nbt, scale.data() + r0 * nbt, corr.data() + r0 * nbt,
+                                   emin.data() + r0, emax.data() + r0};
+            k.quantize_rows(qa);
+        }
+        extras_ready = true;
+        return;
+    }
     const int64_t total = R * nbt;
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (total * f.block > 32768)
     for (int64_t i = 0; i < total; ++i) {
@@ -291,10 +304,10 @@ std::shared_ptr<Operand> quantize_rows(const float* x, int64_t rows, int64_t K, 
     auto op = std::make_shared<Operand>();
     op->f = f;
     op->role = "rows";
-    op->isa = current_isa();
+    op->kern = &current_kernel();
     op->build_rows_from_float(x, rows, K, seed);
     index_rows(*op);
-    if (op->int8()) prepare_rows(*op, op->isa);
+    if (op->int8()) prepare_rows(*op, *op->kern);
     return op;
 }
 
@@ -330,9 +343,13 @@ static inline void block_extras(const int8_t* u, int Bp, int16_t e, int unit_shi
     }
 }
 
-static void prepare_rows(Operand& op, Isa isa) {
+static void prepare_rows(Operand& op, const KernelDesc& k) {
     const int nbk = op.nb();
     const int64_t R = op.R;
+    if (op.extras_ready) {  // the row quantizer made them
+        if (k.rows16) op.u16.assign(op.u8.begin(), op.u8.end());
+        return;
+    }
     op.scale.assign(size_t(R * nbk), 1.0f);
     op.corr.assign(size_t(R * nbk), 0);
     op.emin.assign(size_t(R), INT32_MAX);
@@ -341,11 +358,11 @@ static void prepare_rows(Operand& op, Isa isa) {
         for (int b = 0; b < nbk; ++b)
             block_extras(op.u8.data() + (r * nbk + b) * op.Bp, op.Bp, op.exp[r * nbk + b], op.f.unit_shift,
                          &op.scale[r * nbk + b], &op.corr[r * nbk + b], &op.emin[r], &op.emax[r]);
-    if (isa == kAvx2) op.u16.assign(op.u8.begin(), op.u8.end());
+    if (k.rows16) op.u16.assign(op.u8.begin(), op.u8.end());
 }
 
 // Column pointers, and (SIMD kernels) panels packed once, per group of columns.
-static void prepare_cols(Operand& op, Isa isa, int groups) {
+static void prepare_cols(Operand& op, const KernelDesc& k, int groups) {
     const int64_t rlen = int64_t(op.nb()) * op.Bp;
     op.groups = groups;
     op.cu8.resize(size_t(op.R));
@@ -354,10 +371,10 @@ static void prepare_cols(Operand& op, Isa isa, int groups) {
         op.cu8[r] = op.u8.data() + r * rlen;
         op.ce[r] = op.exp.data() + r * op.nb();
     }
-    if (isa == kScalar) return;
-    const int NR = isa_nr(isa);
+    if (!k.simd()) return;
+    const int NR = k.nr;
     const int64_t per = op.R / groups, npg = (per + NR - 1) / NR, np = npg * groups;
-    const size_t pb = isa_panel_bytes(isa, op.nb(), op.Bp);
+    const size_t pb = k.panel_bytes(op.nb(), op.Bp);
     op.panels = std::make_unique<AlignedBuf>(size_t(np) * pb);
     op.pmin.assign(size_t(np), 0);
     op.pmax.assign(size_t(np), 0);
@@ -368,7 +385,7 @@ static void prepare_cols(Operand& op, Isa isa, int groups) {
     for (int64_t p = 0; p < np; ++p) {
         const int64_t g = p / npg, q = p % npg, c0 = g * per + q * NR;
         const int nc = int(std::min<int64_t>(NR, per - q * NR));
-        isa_pack_panel(isa, cv, c0, nc, op.panels->p + p * pb, &op.pmin[p], &op.pmax[p]);
+        k.pack_panel(cv, c0, nc, op.panels->p + p * pb, &op.pmin[p], &op.pmax[p]);
     }
 }
 
@@ -387,7 +404,7 @@ std::shared_ptr<Operand> make_operand(const int8_t* codes, const int16_t* exps, 
     auto op = std::make_shared<Operand>();
     op->f = f;
     op->role = role;
-    op->isa = current_isa();
+    op->kern = &current_kernel();
     if (role == "rows") {  // A [M, K], blocked on axis 1
         op->build(codes, exps, shape[0], shape[1], 1, false);
     } else if (role == "cols") {  // B [K, N], blocked on axis 0
@@ -401,10 +418,10 @@ std::shared_ptr<Operand> make_operand(const int8_t* codes, const int16_t* exps, 
     }
     if (role == "rows") index_rows(*op);
     if (op->int8()) {
-        if (role == "rows") prepare_rows(*op, op->isa);
-        else prepare_cols(*op, op->isa, role == "convw" ? groups : 1);
+        if (role == "rows") prepare_rows(*op, *op->kern);
+        else prepare_cols(*op, *op->kern, role == "convw" ? groups : 1);
     } else if (role != "rows") {
-        prepare_cols(*op, kScalar, role == "convw" ? groups : 1);
+        prepare_cols(*op, kernel_at(0), role == "convw" ? groups : 1);
     }
     return op;
 }
@@ -496,7 +513,7 @@ static int sum_bits(const FmtParams& a, const FmtParams& b) {
     return bits;  // |S| < 2^bits
 }
 
-static void exact_gemm(const ExactCtx& c, int64_t R, int64_t N, float* out, int64_t ldo) {
+static void exact_gemm(const ExactCtx& c, int64_t R, int64_t N, float* out, int64_t ldo, TileEpilogue epi) {
     const int64_t RT = 8, CT = 64;
     const int64_t nrt = (R + RT - 1) / RT, nct = (N + CT - 1) / CT;
 #pragma omp parallel for num_threads(num_threads()) schedule(dynamic)
@@ -504,19 +521,20 @@ static void exact_gemm(const ExactCtx& c, int64_t R, int64_t N, float* out, int6
         const int64_t r0 = (it / nct) * RT, c0 = (it % nct) * CT;
         float* o = c.trans ? out + c0 * ldo + r0 : out + r0 * ldo + c0;
         exact_tile(&c, r0, int(std::min(RT, R - r0)), c0, int(std::min(CT, N - c0)), o, ldo);
+        if (epi.fn) epi.fn(epi.ctx, r0, int(std::min(RT, R - r0)), c0, int(std::min(CT, N - c0)), o, ldo);
     }
 }
 
-// rows x cols -> out (ldo). `simd`: both sides hold int8 units packed for `isa` (then the
+// rows x cols -> out (ldo). A SIMD kernel: both sides hold int8 units packed for `k` (then the
 // exact path only serves tiles outside the fast path's range); otherwise all of it is exact.
 static void run_gemm(const RowsView& rv, const ExactCtx& ex, const ColsView& cv, const FmtParams& fa,
-                     const FmtParams& fb, Isa isa, float* out, int64_t ldo) {
-    if (isa == kScalar) {
-        exact_gemm(ex, rv.R, cv.N, out, ldo);
+                     const FmtParams& fb, const KernelDesc& k, float* out, int64_t ldo, TileEpilogue epi = {}) {
+    if (!k.simd()) {
+        exact_gemm(ex, rv.R, cv.N, out, ldo, epi);
         return;
     }
-    GemmArgs g{rv, cv, sum_bits(fa, fb), out, ldo, ex.trans, ExactTile{&ex, exact_tile}, num_threads()};
-    isa_gemm(isa, g);
+    GemmArgs g{rv, cv, sum_bits(fa, fb), out, ldo, ex.trans, ExactTile{&ex, exact_tile}, num_threads(), epi};
+    k.gemm(g);
 }
 
 static int exact_kind(bool int8, bool rows16, const FmtParams& fa, const FmtParams& fb) {
@@ -533,8 +551,8 @@ void gemm(Operand& a, Operand& b, float* out) {
         return;
     }
     const bool int8 = a.int8() && b.int8();
-    Isa isa = int8 ? b.isa : kScalar;
-    if (int8 && a.isa != b.isa) isa = kScalar;  // packed for different kernels: use the exact path
+    const KernelDesc* k = int8 ? b.kern : &kernel_at(0);
+    if (int8 && a.kern != b.kern) k = &kernel_at(0);  // packed for different kernels: use the exact path
     const int64_t clen = int64_t(b.nb()) * b.Bp;
     if (!int8) {
         a.ensure_u64();
@@ -549,7 +567,7 @@ void gemm(Operand& a, Operand& b, float* out) {
     const void* ru = int8 ? static_cast<const void*>(a.u8.data()) : static_cast<const void*>(a.u64.data());
     const ExactCtx ex{ru, a.exp.data(), a.roff.data(), a.toff.data(), cu.data(), ce.data(), 1, a.nb(), a.Bp,
                       a.f.unit_shift, b.f.unit_shift, exact_kind(int8, false, a.f, b.f), false};
-    run_gemm(a.rows_view(), ex, b.cols_view(), a.f, b.f, isa, out, N);
+    run_gemm(a.rows_view(), ex, b.cols_view(), a.f, b.f, *k, out, N);
 }
 
 // ---------------------------------------------------------------- convolution
@@ -570,12 +588,13 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
     const int64_t Hp = H + g.pt + g.pb, Wp = W + g.pl + g.pr, P = g.OH * g.OW, NG = g.N * G;
     const int nbc = w.nbt, Bp = w.Bp, B = fx.block, taps = w.taps;
     const bool int8 = fx.int8_units() && w.int8();
-    Isa isa = int8 ? current_isa() : kScalar;
-    if (int8 && w.isa != isa) isa = kScalar;  // weights were packed for another kernel
+    const KernelDesc* kp = int8 ? &current_kernel() : &kernel_at(0);
+    if (int8 && w.kern != kp) kp = &kernel_at(0);  // weights were packed for another kernel
+    const KernelDesc& k = *kp;
     if (!int8) w.ensure_u64();
     if (P == 0 || O == 0 || g.N == 0) return;
-    const bool rows16 = isa == kAvx2;  // the AVX2 kernel broadcasts int16 units
-    const bool simd = isa != kScalar;
+    const bool rows16 = k.rows16;  // e.g. the AVX2 kernel broadcasts int16 units
+    const bool simd = k.simd();
 
     // activations: per (image, group, padded pixel) nbc blocks of Bp units; padding = zero blocks
     const int64_t npix = Hp * Wp, plen = int64_t(nbc) * Bp;
@@ -658,6 +677,18 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
                 }
             }
         }
+    } else if (fast && nhwc && k.quantize_rows && !rows16 && Bp <= 128 && fx.kind == kInt) {
+        // the kernel's row quantizer, one input row of pixels at a time (contiguous in NHWC,
+        // consecutive in the padded layout)
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (NG * HW * Cg > 16384)
+        for (int64_t row = 0; row < NG * H; ++row) {
+            const int64_t ng = row / H, xh = row % H, n = ng / G, gi = ng % G;
+            const int64_t ppix = ng * npix + (xh + g.pt) * Wp + g.pl;
+            const QuantRowsArgs qa{x + ((n * H + xh) * W) * C + gi * Cg, W, C, int(Cg), &fx, Bp,
+                                   a8.data() + ppix * plen, plen, ae.data() + ppix * nbc, as.data() + ppix * nbc,
+                                   ac.data() + ppix * nbc, amin.data() + ppix, amax.data() + ppix};
+            k.quantize_rows(qa);
+        }
     } else {
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
         for (int64_t pix = 0; pix < NG * HW; ++pix) {
@@ -696,9 +727,9 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
     std::vector<const void*> cu(static_cast<size_t>(Og));
     std::vector<const int16_t*> ce(static_cast<size_t>(Og));
     const int64_t clen = int64_t(w.nb()) * Bp;
-    const int NR = isa_nr(isa);
+    const int NR = simd ? k.nr : 1;
     const int64_t npg = (Og + NR - 1) / NR;
-    const size_t pbytes = simd ? isa_panel_bytes(isa, w.nb(), Bp) : 0;
+    const size_t pbytes = simd ? k.panel_bytes(w.nb(), Bp) : 0;
     const void* ubase = !int8 ? static_cast<const void*>(a64.data())
                         : rows16 ? static_cast<const void*>(a16.data()) : static_cast<const void*>(a8.data());
     for (int64_t ng = 0; ng < NG; ++ng) {
@@ -728,7 +759,7 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
                           simd ? w.panels->p + gi * npg * pbytes : nullptr, simd ? w.pmin.data() + gi * npg : nullptr,
                           simd ? w.pmax.data() + gi * npg : nullptr};
         if (nhwc) {  // rows [P] of O channels: this group's Og columns
-            run_gemm(rv, ex, cv, fx, w.f, isa, out + n * P * O + gi * Og, O);
+            run_gemm(rv, ex, cv, fx, w.f, k, out + n * P * O + gi * Og, O);
             if (bias) {
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (P * Og > 65536)
                 for (int64_t p = 0; p < P; ++p) {
@@ -739,7 +770,7 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
             continue;
         }
         float* dst = out + (n * O + gi * Og) * P;  // NCHW slice [Og][P]: the GEMM writes it transposed
-        run_gemm(rv, ex, cv, fx, w.f, isa, dst, P);
+        run_gemm(rv, ex, cv, fx, w.f, k, dst, P);
         if (bias) {
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (P * Og > 65536)
             for (int64_t o = 0; o < Og; ++o) {

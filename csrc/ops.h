@@ -10,10 +10,27 @@
 
 namespace bfp {
 
-void set_num_threads(int n);
-void set_isa(Isa isa);
-std::vector<std::string> available_isas();
-const char* isa_name(Isa isa);
+void set_num_threads(int n);  // process default; throws outside [1, max_threads()]
+int max_threads();
+// The kernel table (bfp.h): lookup by name (throws for unknown names and kernels this CPU
+// cannot run), the available names (slowest first), the process default (null: the fastest).
+const KernelDesc& find_kernel(const std::string& name);
+std::vector<std::string> available_kernels();
+void set_kernel(const KernelDesc* k);
+
+// Session options: while alive, this thread's calls use kernel k and `threads` threads
+// (null / 0: the process defaults) instead of the process-wide settings.
+class ExecScope {
+  public:
+    ExecScope(const KernelDesc* k, int threads);
+    ~ExecScope();
+    ExecScope(const ExecScope&) = delete;
+    ExecScope& operator=(const ExecScope&) = delete;
+
+  private:
+    const KernelDesc* prev_k_;
+    int prev_t_;
+};
 
 // 64-byte aligned buffer
 struct AlignedBuf {
@@ -43,7 +60,7 @@ class Operand {
   public:
     FmtParams f{};
     std::string role;
-    Isa isa = kScalar;
+    const KernelDesc* kern = nullptr;  // the kernel its panels / rows were prepared for
     int64_t R = 0, K = 0;
     int taps = 1, nbt = 0, Bp = 4, kh = 1, kw = 1;
     std::vector<int8_t> u8;     // int8 units (formats whose units fit a byte)
@@ -53,6 +70,7 @@ class Operand {
     std::vector<int16_t> exp;   // [R][nb] raw shared exponents
     std::vector<float> scale;   // [R][nb]
     std::vector<int32_t> corr, emin, emax;
+    bool extras_ready = false;               // rows: scale/corr/emin/emax made with the units
     std::vector<int64_t> roff, toff;          // rows: offsets for RowsView
     int groups = 1;                          // cols/convw: panels are packed per group
     std::unique_ptr<AlignedBuf> panels;

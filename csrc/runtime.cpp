@@ -264,7 +264,7 @@ void Program::conv(const Op& op) {
     const int act = op.act;
     const float lo = op.fp.size() > 0 ? op.fp[0] : 0.0f, hi = op.fp.size() > 1 ? op.fp[1] : 0.0f;
     const int vp = vp_;
-    const bool simd = current_isa() != kScalar;  // every SIMD kernel's CPU has AVX2 + F16C
+    const bool simd = current_kernel().simd();  // every SIMD kernel's CPU has AVX2 + F16C
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(rows * O))
     for (int64_t i = 0; i < rows; ++i) {
         if (simd) avx2::epilogue_row(y + i * O, b, r ? r + i * O : nullptr, O, vp, act, lo, hi);

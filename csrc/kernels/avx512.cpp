@@ -22,6 +22,7 @@
 
 #include <climits>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
 
 #include "../bfp.h"
@@ -137,6 +138,113 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
     store_tile(tmp, nc, out, ldo, trans);
 }
 
+// ---------------------------------------------------------------- activation quantizer
+// quantize_block's arithmetic (int elements, deterministic rounding) for whole rows: one
+// block is Bp/16 vectors, its extras (scale, VNNI correction, exponent range) come from the
+// same registers, and units land in the rows operand directly. Every scaling is by a power of
+// two and exact wherever it can change the result, as in the AVX2 block quantizer.
+// v >= 0, already capped below 2^24. Truncation through int32 (not roundscale, whose
+// directed modes the portable intrinsics of the emulated build get wrong).
+static inline __m512 round_units16(__m512 v, int mode) {
+    if (mode == kNearestEven) return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 tr = _mm512_cvtepi32_ps(_mm512_cvttps_epi32(v));
+    if (mode == kTowardZero) return tr;
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(v, tr), _mm512_set1_ps(0.5f), _CMP_GE_OQ);  // ties away
+    return _mm512_mask_add_ps(tr, up, tr, _mm512_set1_ps(1.0f));
+}
+
+static inline __mmask16 lanes(int n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n > 0 ? n : 0)) - 1); }
+
+void quantize_rows(const QuantRowsArgs& a) {
+    const FmtParams& f = *a.f;
+    const int B = f.block, Bp = a.Bp, nbc = (a.C + B - 1) / B, nv = (Bp + 15) / 16;
+    const __m512i absm = _mm512_set1_epi32(0x7fffffff), expm = _mm512_set1_epi32(0x7f800000);
+    const __m512 maxu = _mm512_set1_ps(float(f.max_units));
+    const __m512 cap = _mm512_set1_ps(float(f.max_units + 1));  // min(v, cap) rounds to the same capped units
+    for (int64_t i = 0; i < a.n; ++i) {
+        const float* x = a.x + i * a.xs;
+        int8_t* u = a.u + i * a.us;
+        int32_t mn = a.emin[i], mx = a.emax[i];
+        for (int b = 0; b < nbc; ++b) {
+            const int len = a.C - b * B < B ? a.C - b * B : B;
+            __m512 v[8];
+            __m512i vmax = _mm512_setzero_si512();
+            __mmask16 bad = 0;
+            for (int j = 0; j < nv; ++j) {
+                v[j] = _mm512_maskz_loadu_ps(lanes(len - 16 * j), x + b * B + 16 * j);
+                const __m512i ab = _mm512_and_si512(_mm512_castps_si512(v[j]), absm);
+                bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(ab, expm), expm);
+                vmax = _mm512_max_epi32(vmax, ab);  // |x| bit patterns order like the values
+            }
+            const int64_t blk = i * nbc + b;
+            int8_t* ub = u + b * Bp;
+            if (bad) {  // NaN/Inf: the block's units are 0 and its exponent marks it
+                std::memset(ub, 0, size_t(Bp));
+                a.E[blk] = kNanExp;
+                a.scale[blk] = block_scale(kNanExp, f.unit_shift, true);
+                if (a.corr) a.corr[blk] = 0;
+                continue;
+            }
+            const int32_t amax_bits = _mm512_reduce_max_epi32(vmax);
+            int E = f.exp_min;
+            if (amax_bits != 0) {
+                int fl;  // floor(log2(amax)), exact: from the exponent bits (frexp for subnormals)
+                if (amax_bits >= 0x00800000) {
+                    fl = (amax_bits >> 23) - 127;
+                } else {
+                    float am;
+                    std::memcpy(&am, &amax_bits, 4);
+                    int e2;
+                    std::frexp(am, &e2);
+                    fl = e2 - 1;
+                }
+                E = fl - f.emax_elem;
+                if (E < f.exp_min) E = f.exp_min;
+                if (E > f.exp_max) E = f.exp_max;
+            }
+            int k1 = f.unit_shift - E, k2 = 0;  // v = |x| * 2^k1 * 2^k2, each step exact
+            if (k1 > 127) {
+                k2 = k1 - 127;
+                k1 = 127;
+            }
+            const __m512 s1 = k1 >= -126 ? _mm512_castsi512_ps(_mm512_set1_epi32((k1 + 127) << 23))
+                                         : _mm512_set1_ps(std::ldexp(1.0f, k1));
+            const __m512 s2 = _mm512_castsi512_ps(_mm512_set1_epi32((k2 + 127) << 23));
+            __m128i sum = _mm_setzero_si128();  // two 64-bit lanes of sum(units + 128)
+            __m128i any = _mm_setzero_si128();
+            for (int j = 0; j < nv; ++j) {
+                const __m512 av = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v[j]), absm));
+                const __m512 q = _mm512_min_ps(round_units16(_mm512_min_ps(_mm512_mul_ps(_mm512_mul_ps(av, s1), s2), cap), f.rounding), maxu);
+                __m512i qi = _mm512_cvttps_epi32(q);
+                const __mmask16 neg = _mm512_cmp_ps_mask(v[j], _mm512_setzero_ps(), _CMP_LT_OQ);
+                qi = _mm512_mask_sub_epi32(qi, neg, _mm512_setzero_si512(), qi);
+                const __m128i b8 = _mm512_cvtsepi32_epi8(qi);  // |units| <= 127: no saturation
+                any = _mm_or_si128(any, b8);
+                sum = _mm_add_epi64(sum, _mm_sad_epu8(_mm_xor_si128(b8, _mm_set1_epi8(-128)), _mm_setzero_si128()));
+                if (Bp - 16 * j >= 16) {
+                    _mm_storeu_si128(reinterpret_cast<__m128i*>(ub + 16 * j), b8);
+                } else {
+                    alignas(16) int8_t tmp[16];
+                    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), b8);
+                    std::memcpy(ub + 16 * j, tmp, size_t(Bp - 16 * j));
+                }
+            }
+            const bool nz = !_mm_testz_si128(any, any);
+            // lanes past Bp were zero units: each added 128 to the sum of biased bytes
+            const int32_t usum = int32_t(_mm_cvtsi128_si64(sum) + _mm_extract_epi64(sum, 1)) - 128 * 16 * nv;
+            a.E[blk] = int16_t(E);
+            a.scale[blk] = block_scale(int16_t(E), f.unit_shift, !nz);
+            if (a.corr) a.corr[blk] = -128 * usum;
+            if (nz) {
+                const int32_t ee = E - f.unit_shift;
+                if (ee < mn) mn = ee;
+                if (ee > mx) mx = ee;
+            }
+        }
+        a.emin[i] = mn;
+        a.emax[i] = mx;
+    }
+}
 
 #include "driver.inc"
 

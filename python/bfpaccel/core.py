@@ -7,7 +7,7 @@ the C++ core takes (``_core``), and calls one kernel; the GIL is released inside
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -42,9 +42,16 @@ def set_num_threads(n: int) -> None:
         >>> set_num_threads(1); get_num_threads()
         1
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"number of threads must be a positive int, got {n!r}")
-    _core.set_num_threads(int(n))
+    _core.set_num_threads(check_num_threads(n))
+
+
+def check_num_threads(n: Any) -> int:
+    """``n`` as a thread count, or a ``ValueError`` naming the valid range (1 to
+    ``_core.max_threads()``): a huge count would exhaust the OpenMP runtime."""
+    hi = _core.max_threads()
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= hi:
+        raise ValueError(f"number of threads must be an int in [1, {hi}], got {n!r}")
+    return int(n)
 
 
 def get_num_threads() -> int:
@@ -54,9 +61,10 @@ def get_num_threads() -> int:
 
 def available_kernels() -> List[str]:
     """Kernels this CPU can run, slowest first, e.g. ``["scalar", "avx2", "avx512"]``; the last
-    is the default. Test builds (CMake option ``BFPACCEL_AVX512_EMULATION``) add
-    ``"avx512-emu"`` after ``"scalar"``: the AVX-512 kernel's source on portable SIMDe
-    intrinsics, to check it bit for bit where the CPU lacks AVX-512."""
+    is the default. Test builds (CMake option ``BFPACCEL_AVX512_EMULATION``) add emulated
+    kernels (``"avx512-emu"``...) after ``"scalar"``: a SIMD kernel's source on portable
+    intrinsics, to check it bit for bit where the CPU lacks the ISA; never the default.
+    The list is read from the C++ kernel table."""
     return list(_core.available_kernels())
 
 
@@ -74,16 +82,22 @@ def set_kernel(name: Optional[str]) -> None:
         'scalar'
         >>> set_kernel(None)
     """
+    _core.set_kernel(check_kernel(name))
+
+
+def check_kernel(name: Optional[str]) -> Optional[str]:
+    """The normalised kernel name (``None`` stays ``None``: the default), or a ``ValueError``
+    naming the known / available kernels."""
     if name is None:
-        name = available_kernels()[-1]
+        return None
     if not isinstance(name, str):
         raise TypeError(f"kernel name must be a str or None, got {type(name).__name__}")
     name = name.strip().lower()
-    if name not in ("scalar", "avx2", "avx512", "avx512-emu"):
-        raise ValueError(f"unknown kernel {name!r}; expected scalar, avx2 or avx512 (or avx512-emu in test builds)")
+    if name not in _core.kernel_names():
+        raise ValueError(f"unknown kernel {name!r}; this build has {', '.join(_core.kernel_names())}")
     if name not in available_kernels():
         raise ValueError(f"this CPU cannot run the {name} kernel; available: {', '.join(available_kernels())}")
-    _core.set_kernel(name)
+    return name
 
 
 def _init_from_env() -> None:
