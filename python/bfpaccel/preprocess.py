@@ -34,13 +34,14 @@ Both raise :class:`ImageTooLargeError` (a ``ValueError``) naming the limit; ``No
 limit.  The resize itself never materialises the upscaled image: only the output (crop) window
 is computed, gathered straight from the uint8 pixels, bit-identical to computing the whole
 upscaled image and cropping it.  Peak memory per image is therefore about the decoded image
-(3 bytes/pixel for JPEG; up to ~11 bytes/pixel transiently for PNG/GIF through Pillow) plus a
-few float32 arrays of the output size.
+(3 bytes/pixel for JPEG; 4-7 bytes/pixel for PNG/GIF: Pillow's decode plus the RGB result) plus
+a few float32 arrays of the output size.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -60,6 +61,10 @@ _GIF_MAGIC = (b"GIF87a", b"GIF89a")
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 #: Default limit on the full (pre-crop) size of the seed's resize (aspect ratios up to 256:1).
 DEFAULT_MAX_RESIZE_PIXELS = 16 * 1024 * 1024
+
+
+#: PNG/GIF pixels converted to RGB at a time
+_STRIP_PIXELS = 1 << 22
 
 
 class ImageTooLargeError(ValueError):
@@ -122,12 +127,20 @@ def _open(data: Union[bytes, bytearray, memoryview], max_pixels: Optional[int]
         from PIL import Image
 
         fmt = "PNG" if data.startswith(_PNG_MAGIC) else "GIF"
+        # the declared size straight from the header (PNG's IHDR, GIF's logical screen), so that
+        # the limit is reported as ours rather than as Pillow's decompression-bomb error
+        if fmt == "PNG" and len(data) >= 24 and data[12:16] == b"IHDR":
+            w, h = struct.unpack(">II", data[16:24])
+            _check_pixels(h, w, max_pixels)
+        elif fmt == "GIF" and len(data) >= 10:
+            w, h = struct.unpack("<HH", data[6:10])
+            _check_pixels(h, w, max_pixels)
         try:
             im = Image.open(io.BytesIO(data), formats=[fmt])  # the header only
             im.seek(0)  # GIF: the first frame, as TensorFlow (its size may widen the canvas)
-        except Image.DecompressionBombError as exc:
-            raise ImageTooLargeError(f"image is over Pillow's decompression-bomb limit: {exc}", "max_pixels",
-                                     max_pixels or 0, 0, (0, 0)) from None
+        except Image.DecompressionBombError as exc:  # only reachable with max_pixels above Pillow's own limit
+            raise ImageTooLargeError(f"image is over Pillow's decompression-bomb limit ({exc}); max_pixels="
+                                     f"{max_pixels}", "max_pixels", max_pixels or 0, 0, (0, 0)) from None
         except (MemoryError, ImageTooLargeError):
             raise
         except Exception as exc:  # Pillow raises OSError, SyntaxError, EOFError, ... on bad bytes
@@ -142,11 +155,23 @@ def _open(data: Union[bytes, bytearray, memoryview], max_pixels: Optional[int]
             raise
 
         def decode_pillow() -> np.ndarray:
+            # converted to RGB in strips of ~4 Mi pixels straight into the output: the peak is the
+            # decoded image (1-4 bytes/pixel in Pillow) + the 3 bytes/pixel result, not the ~14
+            # bytes/pixel of a whole-image convert + tobytes (the conversions are per pixel, so
+            # the result is the same)
             try:
                 with im:
                     im.load()
-                    rgb = im if im.mode == "RGB" else im.convert("RGB")
-                    return np.asarray(rgb, dtype=np.uint8)
+                    w, h = im.size
+                    out = np.empty((h, w, 3), np.uint8)
+                    step = max(1, _STRIP_PIXELS // max(w, 1))
+                    for y in range(0, h, step):
+                        part = im.crop((0, y, w, min(h, y + step))) if (step < h or im.mode != "RGB") else im
+                        if part.mode != "RGB":
+                            part = part.convert("RGB")
+                        out[y: y + step] = np.asarray(part, dtype=np.uint8)
+                        del part
+                    return out
             except MemoryError:
                 raise
             except Exception as exc:
@@ -183,7 +208,7 @@ def decode_image(data: bytes, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXE
         (2, 3, 3)
     """
     arr = _open(data, max_pixels)[2]()
-    return arr if arr.flags.writeable else arr.copy()
+    return arr if arr.flags.writeable else arr.copy()  # simplejpeg's and ours are writable already
 
 
 def _resize_geometry(h: int, w: int, output_height: int, output_width: int, preserve_aspect_ratio: bool,

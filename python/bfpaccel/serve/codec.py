@@ -117,19 +117,25 @@ def check_tensor(tp: Any, max_elements: Optional[int] = None) -> Tuple[np.dtype,
         k = len(tp.string_val)
         if k != n and k != 1:
             raise CodecError(f"DT_STRING tensor of shape {shape} has {k} values")
-        return npdt, shape, n
-    if n * npdt.itemsize > sys.maxsize:
-        raise CodecError(f"tensor shape {shape} has {n} elements: too large to represent")
+        return npdt, shape, _representable(shape, n, npdt)
     if tp.tensor_content:
         if len(tp.tensor_content) != n * npdt.itemsize:
             raise CodecError(f"tensor_content has {len(tp.tensor_content)} bytes; shape {shape} of "
                              f"{pb.DataTypeName[tp.dtype]} needs {n * npdt.itemsize}")
-        return npdt, shape, n
+        return npdt, shape, _representable(shape, n, npdt)
     k = len(getattr(tp, _TYPES[tp.dtype][1]))
     if k != n and k != 1:
         raise CodecError(f"{pb.DataTypeName[tp.dtype]} tensor of shape {shape} has {k} values in "
                          f"{_TYPES[tp.dtype][1]} and no tensor_content")
-    return npdt, shape, n
+    return npdt, shape, _representable(shape, n, npdt)
+
+
+def _representable(shape: List[int], n: int, npdt: np.dtype) -> int:
+    """``n`` when numpy can hold an array of ``shape`` (it refuses, even with a zero
+    dimension, when the other dimensions' bytes overflow an index); else CodecError."""
+    if math.prod(d for d in shape if d) * max(npdt.itemsize, 1) > sys.maxsize:
+        raise CodecError(f"tensor shape {shape} is too large to represent")
+    return n
 
 
 def make_tensor_proto(values: Any, dtype: Optional[Union[int, Any]] = None, shape: Optional[Sequence[int]] = None,

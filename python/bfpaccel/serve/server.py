@@ -142,7 +142,8 @@ def decode_input(tp: Any, key: str, *, takes_images: bool, input_shape: Optional
         arr = make_ndarray(tp, max_elements=max_elements)
     except CodecError as e:
         raise _invalid(f"input {key!r}: {e}") from None
-    return None, np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range -> inf, as a TF cast
+        return None, np.ascontiguousarray(arr, dtype=np.float32)
 
 
 @dataclass
