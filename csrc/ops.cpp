@@ -582,7 +582,7 @@ void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, cons
 // nhwc: x is [N][H][W][C] and out [N][OH][OW][O] (the runtime's layout: the GEMM's pixel rows
 // are stored as they come); otherwise NCHW in and out.
 void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
-                 const float* bias, float* out, bool nhwc) {
+                 const float* bias, float* out, bool nhwc, TileEpilogue epi) {
     const int G = g.groups;
     const int64_t C = g.C, H = g.H, W = g.W, Cg = C / G, O = w.R, Og = O / G;
     const int64_t Hp = H + g.pt + g.pb, Wp = W + g.pl + g.pr, P = g.OH * g.OW, NG = g.N * G;
@@ -759,7 +759,7 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
                           simd ? w.panels->p + gi * npg * pbytes : nullptr, simd ? w.pmin.data() + gi * npg : nullptr,
                           simd ? w.pmax.data() + gi * npg : nullptr};
         if (nhwc) {  // rows [P] of O channels: this group's Og columns
-            run_gemm(rv, ex, cv, fx, w.f, k, out + n * P * O + gi * Og, O);
+            run_gemm(rv, ex, cv, fx, w.f, k, out + n * P * O + gi * Og, O, epi);
             if (bias) {
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (P * Og > 65536)
                 for (int64_t p = 0; p < P; ++p) {

@@ -56,6 +56,8 @@ struct Op {
     std::string name;            // the ONNX node, for errors and profiles
 };
 
+struct EpiCtx;
+
 class Program {
   public:
     Program(int vec_prec, bool has_fmt, const FmtParams& fx, uint64_t seed)
@@ -80,6 +82,7 @@ class Program {
     float* ptr(int id) { return bufs_[size_t(slot_[size_t(id)])].data(); }
     void exec(const Op& op);
     void conv(const Op& op);
+    EpiCtx epi_ctx(const Op& op, const float* y, int64_t O);
     int vp_;
     bool has_fmt_;
     FmtParams fx_;
