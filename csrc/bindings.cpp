@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 #include <optional>
 #include <stdexcept>
@@ -120,6 +121,15 @@ PYBIND11_MODULE(_core, m) {
             if (shape.size() != want) throw std::invalid_argument("operand has the wrong rank for role " + role);
             if (role == "convw" && shape[2] * shape[3] != taps) throw std::invalid_argument("taps != KH*KW");
             if (groups < 1 || shape[0] % groups) throw std::invalid_argument("groups must divide the output channels");
+            // the exponents must hold one per block of the codes (the C++ side reads exactly that many)
+            std::vector<int64_t> want_e = shape;
+            const size_t ax = role == "cols" ? 0 : 1;
+            want_e[ax] = (shape[ax] + f.block - 1) / f.block;
+            if (exps.ndim() != py::ssize_t(want_e.size()) ||
+                !std::equal(want_e.begin(), want_e.end(), exps.shape()))
+                throw std::invalid_argument("exponents have the wrong shape for codes of this shape and block size");
+            if (role == "convw" && (taps < 1 || groups > shape[0]))
+                throw std::invalid_argument("taps and groups must be >= 1 and groups <= output channels");
             const int8_t* pc = codes.data();
             const int16_t* pe = exps.data();
             py::gil_scoped_release nogil;
@@ -175,6 +185,8 @@ PYBIND11_MODULE(_core, m) {
             g.dh = dil.first;
             g.dw = dil.second;
             if (g.C != w.K * groups) throw std::invalid_argument("channel mismatch");
+            if (g.sh < 1 || g.sw < 1 || g.dh < 1 || g.dw < 1) throw std::invalid_argument("stride and dilation must be >= 1");
+            if (std::min({g.pt, g.pl, g.pb, g.pr}) < 0) throw std::invalid_argument("padding must be >= 0");
             g.OH = (g.H + g.pt + g.pb - int64_t(g.dh) * (w.kh - 1) - 1) / g.sh + 1;
             g.OW = (g.W + g.pl + g.pr - int64_t(g.dw) * (w.kw - 1) - 1) / g.sw + 1;
             if (g.OH < 1 || g.OW < 1) throw std::invalid_argument("empty output");

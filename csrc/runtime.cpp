@@ -183,7 +183,174 @@ void Program::add_op(Op op) {
     check(op.wf);
     if (op.kind == kOpConv && !op.w && op.wf < 0) throw std::invalid_argument("conv without weights");
     if (op.kind == kOpConv && op.w && !has_fmt_) throw std::invalid_argument("BFP conv in a program without format");
+    validate(op);
     ops_.push_back(std::move(op));
+}
+
+// Every size an op will read or write, checked against its parameters and buffers once, when
+// it is added: a forged or inconsistent program is an error here, never a read out of bounds.
+void Program::validate(const Op& op) const {
+    const std::string where = "op " + op.name + ": ";
+    auto fail = [&](const std::string& m) { throw std::invalid_argument(where + m); };
+    const auto& q = op.ip;
+    auto need_ip = [&](size_t n) {
+        if (q.size() < n) fail("expects " + std::to_string(n) + " integer parameters, got " + std::to_string(q.size()));
+    };
+    constexpr int64_t kMax = int64_t(1) << 40;  // elements: far beyond any buffer
+    auto mul = [&](int64_t a, int64_t b) {
+        if (a < 0 || b < 0) fail("negative size");
+        if (a != 0 && b > kMax / a) fail("size overflows");
+        return a * b;
+    };
+    auto prod = [&](const int64_t* d, int n) {
+        int64_t p = 1;
+        for (int i = 0; i < n; ++i) p = mul(p, d[i]);
+        return p;
+    };
+    auto fits = [&](int id, int64_t n, const char* what) {
+        if (id < 0) fail(std::string("missing ") + what);
+        if (size(id) < n) fail(std::string(what) + " buffer holds " + std::to_string(size(id)) + " floats, needs " +
+                               std::to_string(n));
+    };
+    auto ins = [&](size_t n) {
+        if (op.in.size() < n || op.out.empty()) fail("missing inputs or outputs");
+    };
+    auto pos = [&](int64_t v, const char* what) {
+        if (v < 1) fail(std::string(what) + " must be >= 1");
+    };
+    switch (op.kind) {
+        case kOpConv: {
+            need_ip(18);
+            ins(1);
+            const int64_t N = q[0], H = q[1], W = q[2], C = q[3], O = q[4], kh = q[5], kw = q[6], G = q[15];
+            pos(q[7], "stride");
+            pos(q[8], "stride");
+            pos(q[13], "dilation");
+            pos(q[14], "dilation");
+            pos(kh, "kernel height");
+            pos(kw, "kernel width");
+            pos(G, "groups");
+            for (int i = 9; i <= 12; ++i)
+                if (q[i] < 0 || q[i] > (1 << 20)) fail("padding out of range");
+            if (C % G || O % G) fail("groups must divide the channels");
+            const int64_t OH = (H + q[9] + q[11] - q[13] * (kh - 1) - 1) / q[7] + 1;
+            const int64_t OW = (W + q[10] + q[12] - q[14] * (kw - 1) - 1) / q[8] + 1;
+            if (OH != q[16] || OW != q[17] || OH < 1 || OW < 1) fail("output size does not match the geometry");
+            fits(op.in[0], mul(mul(N, H), mul(W, C)), "input");
+            const int64_t outn = mul(mul(N, OH), mul(OW, O));
+            fits(op.out[0], outn, "output");
+            if (op.bias >= 0) fits(op.bias, O, "bias");
+            if (op.res >= 0) fits(op.res, outn, "residual");
+            if (op.sub == 1) {
+                if (C != O || G != C) fail("depthwise conv needs groups == channels == outputs");
+                fits(op.wf, mul(mul(kh, kw), C), "depthwise weight");
+            } else if (op.w) {
+                const Operand& w = *op.w;
+                if (w.R != O || w.K * G != C || w.kh != kh || w.kw != kw || w.groups != G)
+                    fail("the packed weight does not match the conv's geometry");
+            } else {
+                fits(op.wf, mul(mul(mul(kh, kw), C / G), O), "weight");
+            }
+            return;
+        }
+        case kOpBinary: {
+            need_ip(1);
+            ins(2);
+            if (q[0] < 0 || q[0] > 64) fail("rank out of range");
+            const int rank = int(q[0]);
+            need_ip(1 + 3 * size_t(rank));
+            const int64_t* shape = q.data() + 1;
+            fits(op.out[0], prod(shape, rank), "output");
+            for (int k = 0; k < 2; ++k) {
+                const int64_t* st = shape + (k + 1) * rank;
+                int64_t hi = 0;
+                for (int d = 0; d < rank; ++d) {
+                    if (st[d] < 0) fail("negative stride");
+                    if (shape[d] > 0) hi += mul(shape[d] - 1, st[d]);
+                }
+                if (prod(shape, rank) > 0) fits(op.in[size_t(k)], hi + 1, "operand");
+            }
+            return;
+        }
+        case kOpUnary:
+        case kOpCopy:
+            need_ip(1);
+            ins(1);
+            fits(op.in[0], q[0], "input");
+            fits(op.out[0], q[0], "output");
+            return;
+        case kOpAffine: {
+            need_ip(3);
+            ins(1);
+            const int64_t n = mul(mul(q[0], q[1]), q[2]);
+            if (int64_t(op.fp.size()) < 2 * q[1]) fail("missing scale/shift");
+            fits(op.in[0], n, "input");
+            fits(op.out[0], n, "output");
+            return;
+        }
+        case kOpPool: {
+            need_ip(17);
+            ins(1);
+            for (int i : {4, 5, 6, 7, 15, 16}) pos(q[size_t(i)], "pool window, stride and dilation");
+            for (int i = 8; i <= 11; ++i)
+                if (q[size_t(i)] < 0) fail("negative padding");
+            fits(op.in[0], mul(mul(q[0], q[1]), mul(q[2], q[3])), "input");
+            fits(op.out[0], mul(mul(q[0], q[12]), mul(q[13], q[3])), "output");
+            return;
+        }
+        case kOpReduce:
+        case kOpSoftmax: {
+            need_ip(3);
+            ins(1);
+            const int64_t n = mul(mul(q[0], q[1]), q[2]);
+            fits(op.in[0], n, "input");
+            fits(op.out[0], op.kind == kOpReduce ? mul(q[0], q[2]) : n, "output");
+            return;
+        }
+        case kOpConcat: {
+            need_ip(2 + op.in.size());
+            ins(1);
+            int64_t total = 0;
+            for (size_t i = 0; i < op.in.size(); ++i) {
+                fits(op.in[i], mul(mul(q[0], q[2 + i]), q[1]), "input");
+                total += q[2 + i];
+            }
+            fits(op.out[0], mul(mul(q[0], total), q[1]), "output");
+            return;
+        }
+        case kOpStrided: {
+            need_ip(2);
+            ins(1);
+            if (q[0] < 0 || q[0] > 64) fail("rank out of range");
+            const int rank = int(q[0]);
+            need_ip(2 + 2 * size_t(rank));
+            const int64_t* shape = q.data() + 2;
+            const int64_t* st = shape + rank;
+            const int64_t n = prod(shape, rank);
+            fits(op.out[0], n, "output");
+            if (n == 0) return;
+            int64_t lo = q[1], hi = q[1];
+            for (int d = 0; d < rank; ++d) {
+                const int64_t span = mul(shape[d] - 1, st[d] < 0 ? -st[d] : st[d]);
+                if (st[d] < 0) lo -= span;
+                else hi += span;
+            }
+            if (lo < 0) fail("reads before its input");
+            fits(op.in[0], hi + 1, "input");
+            return;
+        }
+        case kOpPad: {
+            need_ip(1);
+            ins(1);
+            if (q[0] < 0 || q[0] > 64) fail("rank out of range");
+            const int rank = int(q[0]);
+            need_ip(1 + 3 * size_t(rank));
+            fits(op.in[0], prod(q.data() + 1, rank), "input");
+            fits(op.out[0], prod(q.data() + 1 + rank, rank), "output");
+            return;
+        }
+        default: fail("unknown op kind " + std::to_string(op.kind));
+    }
 }
 
 std::vector<std::string> Program::op_names() const {

@@ -82,6 +82,7 @@ class Program {
     float* ptr(int id) { return bufs_[size_t(slot_[size_t(id)])].data(); }
     void exec(const Op& op);
     void conv(const Op& op);
+    void validate(const Op& op) const;
     EpiCtx epi_ctx(const Op& op, const float* y, int64_t O);
     int vp_;
     bool has_fmt_;

@@ -152,15 +152,53 @@ class BfpTensor:
         ((4, 2), 128.0)
     """
 
-    __slots__ = ("format", "axis", "elements", "exponents", "_packed")
+    __slots__ = ("_format", "_axis", "_elements", "_exponents", "_packed")
     _packed: Dict[Tuple[str, int, int], object]
 
     def __init__(self, format: Format, axis: int, elements: np.ndarray, exponents: np.ndarray):
-        self.format = format
-        self.axis = axis
-        self.elements = elements
-        self.exponents = exponents
+        elements = np.asarray(elements)
+        exponents = np.asarray(exponents)
+        if elements.dtype not in (np.int8, np.uint8) or exponents.dtype != np.int16:
+            raise TypeError("BfpTensor needs int8/uint8 elements and int16 exponents")
+        if not -elements.ndim <= axis < max(elements.ndim, 1):
+            raise ValueError(f"axis {axis} out of range for a {elements.ndim}-d tensor")
+        axis %= max(elements.ndim, 1)
+        want = list(elements.shape)
+        if want:
+            want[axis] = -(-want[axis] // format.block_size)
+        if list(exponents.shape) != want:
+            raise ValueError(f"exponents have shape {exponents.shape}; elements of shape {elements.shape} in "
+                             f"blocks of {format.block_size} along axis {axis} need {tuple(want)}")
+        # read-only: the packed forms cached in _packed must keep matching the codes
+        elements = np.ascontiguousarray(elements)
+        exponents = np.ascontiguousarray(exponents)
+        elements.flags.writeable = False
+        exponents.flags.writeable = False
+        self._format = format
+        self._axis = axis
+        self._elements = elements
+        self._exponents = exponents
         self._packed = {}
+
+    @property
+    def format(self) -> Format:
+        """The block format."""
+        return self._format
+
+    @property
+    def axis(self) -> int:
+        """The blocked axis."""
+        return self._axis
+
+    @property
+    def elements(self) -> np.ndarray:
+        """One code per element (read-only)."""
+        return self._elements
+
+    @property
+    def exponents(self) -> np.ndarray:
+        """One shared exponent per block (read-only)."""
+        return self._exponents
 
     @property
     def shape(self) -> Tuple[int, ...]:
