@@ -78,11 +78,25 @@ struct ExactTile {
     void (*fn)(const void* ctx, int64_t r0, int nr, int64_t c0, int nc, float* out, int64_t ldo);
 };
 
-// Called on every finished tile of a GEMM (origin `out`, as ExactTile) while it is still in
-// cache: a conv's bias, residual and activation. fn null: none.
-struct TileEpilogue {
-    const void* ctx;
-    void (*fn)(const void* ctx, int64_t r0, int nr, int64_t c0, int nc, float* out, int64_t ldo);
+// A conv's epilogue, applied by the GEMM kernels to each output tile while it is still in
+// registers: + bias (per column), rounded to the vector precision vp (0 fp32, 1 fp16, 2 bf16);
+// + residual (laid out as the output), rounded; activation (1 ReLU, 2 clip to [lo, hi]),
+// rounded -- the separate vector ops' results, bit for bit. An element p of the output sits
+// in column (p - y) % ldo. `row` does the same for a row in memory (tiles of the exact path).
+struct VecEpilogue {
+    const float* y;
+    int64_t ldo;
+    const float* bias;
+    const float* res;
+    int vp, act;
+    float lo, hi;
+    void (*row)(float* d, const float* b, const float* r, int64_t n, int vp, int act, float lo, float hi);
+    void rows(float* o, int nr, int nc, int64_t ld) const {  // nr rows of nc at o, ld apart
+        for (int i = 0; i < nr; ++i) {
+            float* d = o + i * ld;
+            row(d, bias ? bias + (d - y) % ldo : nullptr, res ? res + (d - y) : nullptr, nc, vp, act, lo, hi);
+        }
+    }
 };
 
 struct GemmArgs {
@@ -94,7 +108,7 @@ struct GemmArgs {
     bool trans;
     ExactTile exact;
     int nthreads;
-    TileEpilogue epi;
+    const VecEpilogue* epi;  // null: none (never with trans)
 };
 
 // Rows of int8-unit activations quantized straight into a rows operand (formats with int
@@ -129,6 +143,7 @@ struct KernelDesc {
     void (*pack_panel)(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
     void (*gemm)(const GemmArgs& a);
     void (*quantize_rows)(const QuantRowsArgs& a);  // null: the per-block quantizer
+    bool fused_epilogue;  // gemm applies GemmArgs::epi (else the runtime makes a pass of its own)
     bool simd() const { return gemm != nullptr; }   // every SIMD kernel's CPU has AVX2 + FMA + F16C
 };
 int kernel_count();
@@ -149,6 +164,24 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
 void gemm(const GemmArgs& a);
 void quantize_rows(const QuantRowsArgs& a);
 }  // namespace avx512emu
+
+// AMX (tile) kernel: bf16 block sums for blocks of 16/32 units, the VNNI kernel otherwise.
+// Its panels embed the VNNI panel (see amx.cpp). os_ready(): the OS granted the tile state.
+namespace amx {
+constexpr int NR = 32;
+size_t panel_bytes(int nb, int Bp);
+void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
+void gemm(const GemmArgs& a);
+bool os_ready();
+}  // namespace amx
+
+namespace amxemu {  // the same kernel on SIMDe + emulated tiles, built only with BFPACCEL_AVX512_EMULATION
+constexpr int NR = 32;
+size_t panel_bytes(int nb, int Bp);
+void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
+void gemm(const GemmArgs& a);
+bool os_ready();
+}  // namespace amxemu
 
 namespace avx2 {
 constexpr int NR = 16;

@@ -513,7 +513,7 @@ static int sum_bits(const FmtParams& a, const FmtParams& b) {
     return bits;  // |S| < 2^bits
 }
 
-static void exact_gemm(const ExactCtx& c, int64_t R, int64_t N, float* out, int64_t ldo, TileEpilogue epi) {
+static void exact_gemm(const ExactCtx& c, int64_t R, int64_t N, float* out, int64_t ldo, const VecEpilogue* epi) {
     const int64_t RT = 8, CT = 64;
     const int64_t nrt = (R + RT - 1) / RT, nct = (N + CT - 1) / CT;
 #pragma omp parallel for num_threads(num_threads()) schedule(dynamic)
@@ -521,14 +521,14 @@ static void exact_gemm(const ExactCtx& c, int64_t R, int64_t N, float* out, int6
         const int64_t r0 = (it / nct) * RT, c0 = (it % nct) * CT;
         float* o = c.trans ? out + c0 * ldo + r0 : out + r0 * ldo + c0;
         exact_tile(&c, r0, int(std::min(RT, R - r0)), c0, int(std::min(CT, N - c0)), o, ldo);
-        if (epi.fn) epi.fn(epi.ctx, r0, int(std::min(RT, R - r0)), c0, int(std::min(CT, N - c0)), o, ldo);
+        if (epi) epi->rows(o, int(std::min(RT, R - r0)), int(std::min(CT, N - c0)), ldo);
     }
 }
 
 // rows x cols -> out (ldo). A SIMD kernel: both sides hold int8 units packed for `k` (then the
 // exact path only serves tiles outside the fast path's range); otherwise all of it is exact.
 static void run_gemm(const RowsView& rv, const ExactCtx& ex, const ColsView& cv, const FmtParams& fa,
-                     const FmtParams& fb, const KernelDesc& k, float* out, int64_t ldo, TileEpilogue epi = {}) {
+                     const FmtParams& fb, const KernelDesc& k, float* out, int64_t ldo, const VecEpilogue* epi = nullptr) {
     if (!k.simd()) {
         exact_gemm(ex, rv.R, cv.N, out, ldo, epi);
         return;
@@ -582,7 +582,7 @@ void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, cons
 // nhwc: x is [N][H][W][C] and out [N][OH][OW][O] (the runtime's layout: the GEMM's pixel rows
 // are stored as they come); otherwise NCHW in and out.
 void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
-                 const float* bias, float* out, bool nhwc, TileEpilogue epi) {
+                 const float* bias, float* out, bool nhwc, const VecEpilogue* epi) {
     const int G = g.groups;
     const int64_t C = g.C, H = g.H, W = g.W, Cg = C / G, O = w.R, Og = O / G;
     const int64_t Hp = H + g.pt + g.pb, Wp = W + g.pl + g.pr, P = g.OH * g.OW, NG = g.N * G;

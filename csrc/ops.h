@@ -107,6 +107,6 @@ void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, cons
 // The same with nhwc = true: x [N][H][W][C] -> out [N][OH][OW][O].
 // epi (nhwc only): applied to each output tile as the GEMM finishes it.
 void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
-                 const float* bias, float* out, bool nhwc, TileEpilogue epi = {});
+                 const float* bias, float* out, bool nhwc, const VecEpilogue* epi = nullptr);
 
 }  // namespace bfp

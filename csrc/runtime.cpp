@@ -402,35 +402,6 @@ static void epilogue_row(float* d, const float* b, const float* r,
     else epi_t<kVecFp32>(d, b, r, n, act, lo, hi);
 }
 
-// The conv epilogue of one GEMM tile (rows = output pixels, `ldo` floats apart, NHWC).
-struct EpiCtx {
-    const float* y;  // the conv's output (tiles are located by their offset in it)
-    const float* b;
-    const float* r;
-    int64_t O;
-    int vp, act;
-    float lo, hi;
-    bool simd;
-};
-
-static void epi_tile(const void* ctx, int64_t, int nr, int64_t, int nc, float* out, int64_t ldo) {
-    const EpiCtx& e = *static_cast<const EpiCtx*>(ctx);
-    const int64_t off = out - e.y, c = off % e.O;
-    for (int i = 0; i < nr; ++i) {
-        float* d = out + i * ldo;
-        const float* b = e.b ? e.b + c : nullptr;
-        const float* r = e.r ? e.r + off + i * ldo : nullptr;
-        if (e.simd) avx2::epilogue_row(d, b, r, nc, e.vp, e.act, e.lo, e.hi);
-        else epilogue_row(d, b, r, nc, e.vp, e.act, e.lo, e.hi);
-    }
-}
-
-EpiCtx Program::epi_ctx(const Op& op, const float* y, int64_t O) {
-    return EpiCtx{y, op.bias >= 0 ? ptr(op.bias) : nullptr, op.res >= 0 ? ptr(op.res) : nullptr, O, vp_, op.act,
-                  op.fp.size() > 0 ? op.fp[0] : 0.0f, op.fp.size() > 1 ? op.fp[1] : 0.0f,
-                  current_kernel().simd()};
-}
-
 void Program::conv(const Op& op) {
     const auto& q = op.ip;
     const ConvGeom g{q[0], q[3], q[1], q[2], int(q[15]), int(q[7]), int(q[8]), int(q[9]), int(q[10]),
@@ -449,9 +420,12 @@ void Program::conv(const Op& op) {
         }
         dwconv_nhwc(xin, ptr(op.wf), g, int(q[5]), int(q[6]), y);
     } else if (op.w) {
-        const EpiCtx ec = epi_ctx(op, y, O);
-        if (ec.b || ec.r || ec.act) {  // fused: each tile as the GEMM finishes it
-            conv2d_impl(x, fx_, seed_, *op.w, g, nullptr, y, true, TileEpilogue{&ec, epi_tile});
+        const KernelDesc& k = current_kernel();
+        const VecEpilogue ve{y, O, op.bias >= 0 ? ptr(op.bias) : nullptr, op.res >= 0 ? ptr(op.res) : nullptr, vp_,
+                             op.act, op.fp.size() > 0 ? op.fp[0] : 0.0f, op.fp.size() > 1 ? op.fp[1] : 0.0f,
+                             k.simd() ? avx2::epilogue_row : epilogue_row};
+        if (k.fused_epilogue && (ve.bias || ve.res || ve.act)) {  // applied to each tile in registers
+            conv2d_impl(x, fx_, seed_, *op.w, g, nullptr, y, true, &ve);
             return;
         }
         conv2d_impl(x, fx_, seed_, *op.w, g, nullptr, y, true);

@@ -56,8 +56,6 @@ struct Op {
     std::string name;            // the ONNX node, for errors and profiles
 };
 
-struct EpiCtx;
-
 class Program {
   public:
     Program(int vec_prec, bool has_fmt, const FmtParams& fx, uint64_t seed)
@@ -83,7 +81,6 @@ class Program {
     void exec(const Op& op);
     void conv(const Op& op);
     void validate(const Op& op) const;
-    EpiCtx epi_ctx(const Op& op, const float* y, int64_t O);
     int vp_;
     bool has_fmt_;
     FmtParams fx_;

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import bfpaccel
+from bfpaccel import _core
 from bfpaccel import reference as ref
 from conftest import KERNELS, assert_bits_equal
 
@@ -42,15 +43,18 @@ def test_bad_num_threads_raise(bad, restore_threads):
 def test_available_kernels():
     ks = bfpaccel.available_kernels()
     assert ks[0] == "scalar"
-    assert set(ks) <= {"scalar", "avx2", "avx512", "avx512-emu"}
+    # the list comes from the C++ kernel table: every available kernel is one of this build's
+    assert set(ks) <= set(_core.kernel_names())
+    assert set(_core.kernel_names()) >= {"scalar", "avx2", "avx512", "amx"}
     assert len(set(ks)) == len(ks)
-    # slowest first: avx512 only ever after avx2
+    # slowest first: avx512 only ever after avx2, amx after avx512
     if "avx512" in ks:
         assert "avx2" in ks and ks.index("avx2") < ks.index("avx512")
-    # the SIMDe build of the AVX-512 kernel is for tests only: never the default
-    if "avx512-emu" in ks:
-        bfpaccel.set_kernel(None)
-        assert bfpaccel.get_kernel() != "avx512-emu"
+    if "amx" in ks:
+        assert "avx512" in ks and ks.index("avx512") < ks.index("amx")
+    # the emulated builds are for tests only: never the default
+    bfpaccel.set_kernel(None)
+    assert not bfpaccel.get_kernel().endswith("-emu")
 
 
 def test_set_kernel_and_default():
@@ -80,7 +84,7 @@ def test_non_string_kernel_raises():
 
 
 def test_kernel_this_cpu_cannot_run_raises():
-    missing = [k for k in ("avx2", "avx512") if k not in KERNELS]
+    missing = [k for k in ("avx2", "avx512", "amx") if k not in KERNELS]
     for k in missing:  # nothing to check on a CPU that runs every kernel
         with pytest.raises(ValueError, match=k):
             bfpaccel.set_kernel(k)

@@ -63,7 +63,7 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
 // KS > 0: the block's k-steps known at compile time (fully unrolled); 0: any block.
 template <int mr, int KS>
 static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
-                            int nc, bool trans) {
+                            int nc, bool trans, const VecEpilogue*) {  // no fused epilogue (KernelDesc)
     const int Bp = R.Bp, B2 = KS > 0 ? KS : Bp / 2, nbt = R.nbt;
     const size_t bstride = size_t(Bp) * NR + NR * 4;
     __m256 acc0[mr], acc1[mr];

@@ -12,6 +12,7 @@
 #define SIMDE_ENABLE_NATIVE_ALIASES
 #include <simde/x86/avx512.h>
 #define BFP_AVX512_NS avx512emu
+#define BFP_NO_512_CVTPS_PH 1
 #define BFP_PIN(a, b) ((void)0)
 #else
 // keep each accumulator a running sum in one register (no reassociation into a spilled tree)
@@ -31,6 +32,7 @@ namespace bfp {
 namespace BFP_AVX512_NS {
 
 #include "tile.inc"
+#include "epi512.inc"
 
 #define MR_MAX 6
 static constexpr int MR = 6;
@@ -80,7 +82,7 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
 // KS > 0: the block's k-steps known at compile time (fully unrolled); 0: any block.
 template <int mr, int KS>
 static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
-                            int nc, bool trans) {
+                            int nc, bool trans, const VecEpilogue* ve) {
     const int Bp = R.Bp, B4 = KS > 0 ? KS : Bp / 4, nbt = R.nbt;
     const size_t bstride = size_t(Bp) * NR + NR * 4;
     __m512 acc0[mr], acc1[mr];
@@ -119,6 +121,12 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
                 acc0[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s0[i]), c0), ra, acc0[i]);
                 acc1[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s1[i]), c1), ra, acc1[i]);
             }
+        }
+    }
+    if (ve) {  // the conv epilogue while the tile is in registers
+        for (int i = 0; i < mr; ++i) {
+            acc0[i] = vepilogue512(acc0[i], *ve, out + i * ldo, nc);
+            if (nc > 16) acc1[i] = vepilogue512(acc1[i], *ve, out + i * ldo + 16, nc - 16);
         }
     }
     if (nc == NR && !trans) {
