@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 
@@ -61,6 +62,32 @@ PYBIND11_MODULE(_core, m) {
     m.def("get_kernel", []() { return std::string(current_kernel().name); });
     m.def("set_kernel", [](std::optional<std::string> s) { set_kernel(s ? &find_kernel(*s) : nullptr); },
           py::arg("name"));
+
+    // Session options: `with _core.ExecOptions("avx512", 2): ...` makes this thread's calls use
+    // that kernel and thread count (None / 0: the process defaults), the process untouched.
+    struct ExecOptions {
+        const KernelDesc* k = nullptr;
+        int threads = 0;
+        std::unique_ptr<ExecScope> scope;
+    };
+    py::class_<ExecOptions>(m, "ExecOptions", "Per-call kernel and thread count (a context manager)")
+        .def(py::init([](std::optional<std::string> kernel, int threads) {
+                 auto o = std::make_unique<ExecOptions>();
+                 if (kernel) o->k = &find_kernel(*kernel);
+                 if (threads != 0 && (threads < 1 || threads > max_threads()))
+                     throw std::invalid_argument("number of threads must be in [1, " + std::to_string(max_threads()) + "]");
+                 o->threads = threads;
+                 return o;
+             }),
+             py::arg("kernel") = py::none(), py::arg("threads") = 0)
+        .def("__enter__", [](ExecOptions& o) {
+            if (o.scope) throw std::runtime_error("ExecOptions is already entered");
+            o.scope = std::make_unique<ExecScope>(o.k, o.threads);
+            return &o;
+        }, py::return_value_policy::reference)
+        .def("__exit__", [](ExecOptions& o, py::args) { o.scope.reset(); })
+        .def_property_readonly("kernel", [](const ExecOptions& o) { return o.k ? std::string(o.k->name) : std::string(current_kernel().name); })
+        .def_property_readonly("threads", [](const ExecOptions& o) { return o.threads ? o.threads : num_threads(); });
 
     m.def(
         "quantize",
@@ -252,6 +279,8 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("num_ops", &Program::num_ops)
         .def_property_readonly("op_names", &Program::op_names)
         .def_property_readonly("last_times", &Program::last_times)
+        .def_property_readonly("last_gemm_times", &Program::last_gemm_times)
+        .def_property_readonly("op_kinds", &Program::op_kinds)
         .def("set_profile", &Program::set_profile, py::arg("on"))
         .def(
             "run",

@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include <atomic>
+#include <chrono>
 #include <climits>
 #include <cmath>
 #include <cstdlib>
@@ -527,14 +528,21 @@ static void exact_gemm(const ExactCtx& c, int64_t R, int64_t N, float* out, int6
 
 // rows x cols -> out (ldo). A SIMD kernel: both sides hold int8 units packed for `k` (then the
 // exact path only serves tiles outside the fast path's range); otherwise all of it is exact.
+static thread_local double* t_gemm_seconds = nullptr;
+
+GemmTimer::GemmTimer(double* sink) : prev_(t_gemm_seconds) { t_gemm_seconds = sink; }
+GemmTimer::~GemmTimer() { t_gemm_seconds = prev_; }
+
 static void run_gemm(const RowsView& rv, const ExactCtx& ex, const ColsView& cv, const FmtParams& fa,
                      const FmtParams& fb, const KernelDesc& k, float* out, int64_t ldo, const VecEpilogue* epi = nullptr) {
+    const auto t0 = t_gemm_seconds ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
     if (!k.simd()) {
         exact_gemm(ex, rv.R, cv.N, out, ldo, epi);
-        return;
+    } else {
+        GemmArgs g{rv, cv, sum_bits(fa, fb), out, ldo, ex.trans, ExactTile{&ex, exact_tile}, num_threads(), epi};
+        k.gemm(g);
     }
-    GemmArgs g{rv, cv, sum_bits(fa, fb), out, ldo, ex.trans, ExactTile{&ex, exact_tile}, num_threads(), epi};
-    k.gemm(g);
+    if (t_gemm_seconds) *t_gemm_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 static int exact_kind(bool int8, bool rows16, const FmtParams& fa, const FmtParams& fb) {

@@ -53,6 +53,19 @@ void fake_quantize_elements(const float* x, int64_t n, const FmtParams& f, uint6
 void dequantize_tensor(const int8_t* codes, const int16_t* exps, int64_t outer, int64_t K, int64_t inner,
                        const FmtParams& f, float* out);
 
+// Profiling: while alive, this thread's GEMMs (the integer kernel, with its fused epilogue)
+// add their wall time to *sink.
+class GemmTimer {
+  public:
+    explicit GemmTimer(double* sink);
+    ~GemmTimer();
+    GemmTimer(const GemmTimer&) = delete;
+    GemmTimer& operator=(const GemmTimer&) = delete;
+
+  private:
+    double* prev_;
+};
+
 // A quantized GEMM operand in canonical block-row form [R][taps*nbt*Bp] units, built once from
 // codes and exponents; "rows" and "convw" roles also carry per-row scales for the kernels,
 // "cols" carries panels packed for the ISA that was current when it was made.

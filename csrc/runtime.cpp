@@ -365,8 +365,10 @@ void Program::run(const std::vector<std::pair<int, const float*>>& inputs) {
         std::memcpy(d, in.second, sizeof(float) * bufs_[size_t(slot_[size_t(in.first)])].size());
     }
     times_.assign(profile_ ? ops_.size() : 0, 0.0);
+    gemm_times_.assign(profile_ ? ops_.size() : 0, 0.0);
     for (size_t i = 0; i < ops_.size(); ++i) {
         if (profile_) {
+            const GemmTimer gt(&gemm_times_[i]);
             const auto t0 = std::chrono::steady_clock::now();
             exec(ops_[i]);
             times_[i] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

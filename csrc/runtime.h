@@ -72,6 +72,12 @@ class Program {
     int64_t size(int id) const { return int64_t(bufs_[size_t(slot_[size_t(id)])].size()); }
     size_t num_ops() const { return ops_.size(); }
     std::vector<double> last_times() const { return times_; }
+    std::vector<double> last_gemm_times() const { return gemm_times_; }  // the integer kernel's share of each op
+    std::vector<int> op_kinds() const {
+        std::vector<int> v;
+        for (const Op& o : ops_) v.push_back(o.kind == kOpConv && o.sub == 1 ? -1 : o.kind);  // -1: depthwise conv
+        return v;
+    }
     std::vector<std::string> op_names() const;
     void set_profile(bool on) { profile_ = on; }
     std::mutex mu;  // one run at a time per program
@@ -89,7 +95,7 @@ class Program {
     std::vector<std::vector<float>> bufs_;
     std::vector<int> slot_;
     std::vector<Op> ops_;
-    std::vector<double> times_;
+    std::vector<double> times_, gemm_times_;
 };
 
 // fp32 reference conv (format "fp32"): NHWC, weights [G][taps][Cg][Og], sequential sums over
