@@ -113,6 +113,11 @@ def test_run_succeeds_and_prints_a_table(full_run: Dict[str, Any]) -> None:
     assert "batch 1" in out and "batch 2" in out
     assert "onnxruntime fp32" in out and "bfpaccel msfp16" in out
     assert "unavailable: TensorFlow runs the zoo models only" in out
+    assert "kernel share" in out  # the column (and its note)
+    row = next(line for line in out.splitlines() if line.startswith("bfpaccel msfp16"))
+    assert row.rstrip().endswith("%")  # a BFP row shows its kernel share
+    row = next(line for line in out.splitlines() if line.startswith("onnxruntime fp32"))
+    assert row.rstrip().endswith("-")  # other rows: "-"
 
 
 def test_json_schema(full_run: Dict[str, Any]) -> None:
@@ -129,7 +134,19 @@ def test_json_schema(full_run: Dict[str, Any]) -> None:
     assert [(e["name"], e["batch"]) for e in r["backends"]] == [(n, b) for b in (1, 2) for n in names]
     for e in r["backends"]:
         assert {"name", "label", "kind", "batch", "status", "reason", "latency_ms", "samples_ms",
-                "throughput_per_s", "ratio_vs_onnxruntime", "output_rel_err", "setup_s", "info"} <= set(e)
+                "throughput_per_s", "ratio_vs_onnxruntime", "output_rel_err", "kernel_share", "setup_s",
+                "info"} <= set(e)
+        if e["name"].startswith("bfp:"):
+            # one profile after the timed runs: the GEMM kernel's share, and the options it ran with
+            assert 0.0 < e["kernel_share"] <= 1.0, e
+            prof = e["profile"]
+            assert prof["kernel_share"] == e["kernel_share"] and prof["input_shapes"] == {"x": [e["batch"], 3, 32, 32]}
+            assert prof["kernel"] == e["info"]["kernel"] == bfpaccel.get_kernel()
+            assert prof["threads"] == e["info"]["threads"] == 1
+            assert prof["kind_counts"]["conv"] == 2 and prof["kind_counts"]["dense"] == 1
+            assert prof["kernel_ms"] <= prof["total_ms"] and prof["top_ops"]
+        else:
+            assert e["kernel_share"] is None and "profile" not in e
         if e["name"] in ("tensorflow", "cuda"):
             assert e["status"] == "unavailable" and e["reason"] and e["latency_ms"] is None
             continue
@@ -165,6 +182,56 @@ def test_png_is_written(full_run: Dict[str, Any]) -> None:
 def test_markdown_table(full_run: Dict[str, Any]) -> None:
     md = format_markdown(full_run["result"])
     assert "| batch 1 | p50 ms |" in md and "| bfpaccel msfp16 |" in md and "| tensorflow fp32 | unavailable:" in md
+    assert "| out rel err | kernel share |" in md
+    assert next(line for line in md.splitlines() if line.startswith("| bfpaccel msfp16 |")).endswith("% |")
+    assert next(line for line in md.splitlines() if line.startswith("| onnxruntime fp32 |")).endswith("| - |")
+
+
+def _strip_share(r: Dict[str, Any]) -> Dict[str, Any]:
+    """The result as bench wrote it before the kernel share existed."""
+    old = copy.deepcopy(r)
+    for e in old["backends"]:
+        e.pop("kernel_share", None)
+        e.pop("profile", None)
+        e["info"].pop("threads", None)
+    old["settings"].pop("kernel", None)
+    old["settings"].pop("kernel_share", None)
+    return old
+
+
+def test_old_results_without_kernel_share(full_run: Dict[str, Any], tmp_path: Path) -> None:
+    old = _strip_share(full_run["result"])
+    md = format_markdown(old)  # the table an old result always had: no new column
+    assert "kernel share" not in md and "| batch 1 | p50 ms |" in md
+    assert "kernel share" in format_table(old)  # the text table has the column, "-" throughout
+    assert next(line for line in format_table(old).splitlines()
+                if line.startswith("bfpaccel msfp16")).rstrip().endswith("-")
+    pa, pb = tmp_path / "old.json", tmp_path / "new.json"
+    pa.write_text(json.dumps(old))
+    pb.write_text(json.dumps(full_run["result"]))
+    rc, out, err = _cli(["--compare", str(pa), str(pb)])
+    assert rc == 0, err
+    assert "share A" in out and "share B" in out
+    row = next(line for line in out.splitlines() if line.startswith("bfpaccel msfp16"))
+    assert row.split()[-2] == "-" and row.split()[-1].endswith("%")
+    rows = compare_rows(old, full_run["result"])
+    assert all(r["kernel_share_a"] is None for r in rows)
+    rc, out, err = _cli(["--compare", str(pa), str(pa)])  # two old results: as before, no share columns
+    assert rc == 0 and "share A" not in out
+
+
+def test_kernel_option_is_the_sessions_not_the_process(tiny: str) -> None:
+    default = bfpaccel.get_kernel()
+    threads = bfpaccel.get_num_threads()
+    r = run_benchmark(tiny, "bfp:msfp16,serving", batches="1", runs=1, warmup=0, pause_s=0, threads=1,
+                      kernel="scalar", progress=False, log=lambda m: None)
+    assert bfpaccel.get_kernel() == default and bfpaccel.get_num_threads() == threads
+    assert r["env"]["kernel"] == "scalar" and r["settings"]["kernel"] == "scalar"
+    bfp = r["backends"][0]
+    assert bfp["status"] == "ok" and bfp["info"]["kernel"] == "scalar" and bfp["profile"]["kernel"] == "scalar"
+    assert r["backends"][1]["status"] == "ok"
+    assert r["backends"][1]["output_rel_err"] == pytest.approx(bfp["output_rel_err"])  # same bits on any kernel
+    assert "--kernel scalar" in format_markdown(r)
 
 
 # ----- unavailable backends -----------------------------------------------------------
@@ -290,6 +357,7 @@ def test_serving_jpeg_without_image_front_is_unavailable(tiny: str) -> None:
     (["--runs", "0"], "--runs must be >= 1, got 0"),
     (["--warmup", "-1"], "--warmup must be >= 0"),
     (["--threads", "0"], "--threads must be >= 1"),
+    (["--kernel", "nosuchkernel"], "--kernel: unknown kernel 'nosuchkernel'; this build has scalar"),
     (["--model", "/no/such/model.onnx"], "does not exist"),
     (["--model", "alexnet"], "unknown model 'alexnet'"),
     (["--json", "/no/such/dir/out.json"], "does not exist"),

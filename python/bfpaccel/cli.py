@@ -6,6 +6,7 @@ Subcommands:
   formats  the table of number formats
   info     kernels this CPU can run, threads, versions
   classify the seed workflow on your images: zoo model (or ONNX / plan) -> BFP plan -> top-5
+  profile  where a model's time goes on the BFP runtime: per op kind, slowest ops, GEMM kernel share
   accuracy per-format agreement with float32 on a folder of images
 """
 
@@ -165,7 +166,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from .runtime import Plan, Predictor, compile, load_plan, top_k
 
     if args.threads is not None:
-        core.set_num_threads(args.threads)
+        core.check_num_threads(args.threads)
     for path in args.images:
         if not os.path.isfile(path):
             raise ValueError(f"image not found: {path}")
@@ -184,7 +185,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         if args.save_plan:
             plan.save(args.save_plan)
             log(f"plan written to {args.save_plan}")
-    pred = Predictor(plan)
+    pred = Predictor(plan, num_threads=args.threads)  # the threads are this predictor's session option
     log(f"ready in {time.perf_counter() - t0:.1f} s ({note})")
     labels = imagenet_labels()
     for path in args.images:
@@ -214,6 +215,70 @@ def cmd_classify(args: argparse.Namespace) -> int:
             print(f"  {name}")
             for rank, (i, sc, lab) in enumerate(top_k(v, 5, labels), 1):
                 print(f"    {rank}. {lab:<32s} {kind} {sc:.4f}  (class {i})")
+    return 0
+
+
+def _profile_inputs(plan: "object", batch: int, seed: int) -> dict:
+    """A seeded float32 feed for every input of ``plan`` (the batch in each symbolic first
+    dimension; pixel-sized values for a plan with an image front, as ``bfpaccel bench``)."""
+    rng = np.random.default_rng(seed)
+    pre = getattr(plan, "metadata", {}).get("bfpaccel.preprocess", "")
+    scale = 50.0 if '"kind": "image"' in pre else 1.0
+    feeds = {}
+    for name, shape in plan.input_shapes.items():  # type: ignore[attr-defined]
+        if shape is None:
+            raise ValueError(f"the plan's input {name!r} has no recorded shape: cannot make an input for it")
+        dims = list(shape)
+        if dims and dims[0] is None:
+            dims[0] = batch
+        if any(d is None for d in dims):
+            raise ValueError(f"the plan's input {name!r} has shape {['N' if d is None else d for d in shape]}: "
+                             "only the batch dimension may be symbolic")
+        feeds[name] = (rng.standard_normal(dims) * scale).astype(np.float32)
+    return feeds
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Compiles (or loads) a model, runs it with per-op timing on a seeded input and prints
+    ``Session.profile_summary``'s table: time per op kind, the slowest ops, and the share of the
+    integer GEMM kernel."""
+    import os
+
+    from .runtime import Session, compile, load_plan
+
+    # cheap checks first: a typo must not cost a model build
+    if args.kernel is not None:
+        core.check_kernel(args.kernel)
+    if args.threads is not None:
+        core.check_num_threads(args.threads)
+    if args.batch < 1 or args.top < 0:
+        raise ValueError("--batch must be >= 1 and --top >= 0")
+    if args.format is not None:
+        get_format(args.format)
+    log = (lambda m: None) if args.quiet else (lambda m: print(f"[bfpaccel] {m}", file=sys.stderr))
+    if args.model.endswith(".bfpplan"):
+        if not os.path.isfile(args.model):
+            raise FileNotFoundError(f"plan file {args.model!r} does not exist")
+        plan = load_plan(args.model)
+        if args.format is not None and get_format(args.format) != plan.format:
+            raise ValueError(f"{args.model} is compiled for {plan.format.name or plan.format}; --format "
+                             f"{args.format} needs the ONNX model (or leave --format out)")
+        note = f"plan {args.model}"
+    else:
+        from .accuracy import resolve_model
+
+        fmt = args.format or "msfp16"
+        onnx_path, note = resolve_model(args.model, weights=args.weights, cache_dir=args.cache_dir, log=log)
+        log(f"compiling {os.path.basename(onnx_path)} to {fmt}")
+        plan = compile(onnx_path, format=fmt, vector_precision=args.vector_precision)
+    sess = Session(plan, num_threads=args.threads, kernel=args.kernel)
+    feeds = _profile_inputs(plan, args.batch, args.seed)
+    log(f"profiling {args.runs} run(s) on kernel {sess.kernel}, {sess.num_threads} thread(s)")
+    summary = sess.profile_summary(feeds, runs=args.runs, top=args.top)
+    fmt_name = plan.format.name or str(plan.format)
+    print(f"model {args.model} ({note}), format {fmt_name}, vector precision {plan.vector_precision}, "
+          f"batch {args.batch}")
+    print(summary.format())
     return 0
 
 
@@ -289,6 +354,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None, help="kernel threads (default: all CPUs)")
     c.add_argument("--quiet", action="store_true", help="no progress messages")
     c.set_defaults(fn=cmd_classify)
+    pr = sub.add_parser("profile", help="where a model's time goes on the BFP runtime: per op kind, slowest ops, "
+                        "integer GEMM kernel share",
+                        description="Compiles the model (or loads a plan), runs it with per-op timing on a seeded "
+                        "random input and prints the fastest run's time per op kind (conv, dense, depthwise conv, "
+                        "add, pool, transpose...), the slowest ops and the kernel share: the part of the time "
+                        "spent in the integer GEMM kernel (Session.profile_summary). --kernel and --threads are "
+                        "options of the profiled session only.")
+    pr.add_argument("--model", required=True,
+                    help="PATH.onnx, PATH.bfpplan, or a zoo name: resnet50, resnet152, vgg16, densenet121, ssdvgg, "
+                    "efficientnet-lite0")
+    pr.add_argument("--format", default=None,
+                    help="BFP format to compile an ONNX / zoo model to (default msfp16); a plan keeps its own")
+    pr.add_argument("--vector-precision", default=None, help="fp16 (default for BFP), bf16 or fp32")
+    pr.add_argument("--kernel", default=None, metavar="NAME",
+                    help="kernel of the session (default: the process default; see `bfpaccel info`)")
+    pr.add_argument("--threads", type=int, default=None, help="threads of the session (default: all CPUs)")
+    pr.add_argument("--runs", type=int, default=5, help="profiled runs; the fastest is shown (default 5)")
+    pr.add_argument("--batch", type=int, default=1, help="batch size of the random input (default 1)")
+    pr.add_argument("--top", type=int, default=15, help="slowest ops listed (default 15)")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
+    pr.add_argument("--weights", default="random", help="zoo models: random (default), store, or a Keras .h5 file")
+    pr.add_argument("--cache-dir", default=None, help="where converted models are kept (~/.cache/bfpaccel/models)")
+    pr.add_argument("--quiet", action="store_true", help="no progress messages")
+    pr.set_defaults(fn=cmd_profile)
     fw = sub.add_parser("fetch-weights", help="download the public Keras ImageNet weights of a zoo model (online)",
                         description="Downloads the Keras-applications ImageNet weights (ResNet50/152, VGG16, "
                         "DenseNet121; needs the internet and the tf extra) into a .weights.h5 file that the model "

@@ -6,8 +6,9 @@ The result (``run_benchmark``'s return value, ``--json``), schema ``bfpaccel.ben
     {
       "schema": "bfpaccel.bench/1",
       "model": {"name", "onnx", "weights", "zoo", "input_name", "input_shape", "outputs"},
-      "settings": {"backends": [...], "batches": [1, 8], "threads", "warmup", "runs", "block",
-                   "pause_s", "seed", "reference": "onnxruntime", "ratio", "throughput"},
+      "settings": {"backends": [...], "batches": [1, 8], "threads", "kernel" (--kernel or null),
+                   "warmup", "runs", "block", "pause_s", "seed", "reference": "onnxruntime", "ratio",
+                   "throughput", "kernel_share"},
       "env": {"cpu": {"model", "logical_cpus", "usable_cpus", "simd": [...], "flags": [...]},
               "threads", "kernel", "kernels_available", "libraries": {"bfpaccel", "numpy", ...},
               "platform", "date" (UTC ISO 8601), "loadavg_start", "loadavg_end"},
@@ -18,7 +19,10 @@ The result (``run_benchmark``'s return value, ``--json``), schema ``bfpaccel.ben
          "samples_ms": [...], "throughput_per_s": batch * 1000 / p50,
          "ratio_vs_onnxruntime": onnxruntime p50 / this p50 (> 1: faster) | null,
          "output_rel_err": ||y - y_onnxruntime|| / ||y_onnxruntime|| | null,
-         "setup_s": seconds to prepare, "info": {...backend details...}}
+         "kernel_share": bfp: rows: integer GEMM kernel seconds / all ops' seconds | null,
+         "profile": {"total_ms", "kernel_ms", "kernel_share", "kernel", "threads", "runs", "kind_ms",
+                     "kind_counts", "top_ops", "input_shapes"} (bfp: rows only; absent in older results),
+         "setup_s": seconds to prepare, "info": {...backend details; bfp: rows: "kernel", "threads"...}}
       ],
       "wall_s": seconds
     }

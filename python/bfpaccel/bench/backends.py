@@ -8,7 +8,9 @@ A backend that cannot run on this machine raises :class:`Unavailable` with a pla
 Backend names (``parse_backends``):
 
 =========================  ===================================================================
-``bfp:FORMAT``             ``bfpaccel.compile(onnx, format=FORMAT)`` + ``bfpaccel.Session``
+``bfp:FORMAT``             ``bfpaccel.compile(onnx, format=FORMAT)`` + ``bfpaccel.Session`` (with the
+                           run's threads and kernel as session options); after the timed runs,
+                           one ``Session.profile_summary`` gives the GEMM kernel's share
 ``onnxruntime``            onnxruntime float32 on the CPU (the reference of every ratio)
 ``onnxruntime-int8``       onnxruntime's static int8 model (QDQ, QUInt8 activations, QInt8
                            per-channel weights), calibrated on a few inputs
@@ -63,9 +65,9 @@ class BenchArgumentError(ValueError):
 
 @dataclass
 class BenchContext:
-    """What every backend of one benchmark run shares: the model, its input, threads, a work
-    folder, and the compiled BFP plans (compiled once per format, shared by ``bfp:`` and
-    ``serving``)."""
+    """What every backend of one benchmark run shares: the model, its input, threads (and the
+    BFP kernel; ``None``: the process default), a work folder, and the compiled BFP plans
+    (compiled once per format, shared by ``bfp:`` and ``serving``)."""
 
     onnx_path: str
     model: str
@@ -81,6 +83,7 @@ class BenchContext:
     seed: int = 0
     metadata: Dict[str, str] = field(default_factory=dict)
     log: Callable[[str], None] = print
+    kernel: Optional[str] = None
     _plans: Dict[str, Any] = field(default_factory=dict)
 
     def plan(self, fmt: str) -> Any:
@@ -126,6 +129,11 @@ class Backend:
     def estimate_ms(self, batch: int) -> Tuple[float, Dict[str, Any]]:
         """Estimated latency of one batch, and details (estimate backends only)."""
         raise NotImplementedError
+
+    def profile(self, x: np.ndarray) -> Optional[Dict[str, Any]]:
+        """Where the time of one call on ``x`` goes (after the timed runs, not timed itself):
+        a dict with at least ``kernel_share``, or None for a backend that cannot tell."""
+        return None
 
     def close(self) -> None:
         """Free what ``prepare`` started (servers, sessions)."""
@@ -191,6 +199,9 @@ class OnnxruntimeInt8Backend(OnnxruntimeBackend):
 
 # ----- bfpaccel ------------------------------------------------------------------------
 class BfpBackend(Backend):
+    #: profiled runs behind the kernel share (the fastest is kept)
+    PROFILE_RUNS = 3
+
     def __init__(self, fmt: str) -> None:
         super().__init__(f"bfp:{fmt}", f"bfpaccel {fmt}")
         self.fmt = fmt
@@ -199,9 +210,15 @@ class BfpBackend(Backend):
         import bfpaccel
 
         plan = ctx.plan(self.fmt)
-        self.sess: Any = bfpaccel.Session(plan)
+        # the run's options belong to this session: the process defaults stay as they are
+        self.sess: Any = bfpaccel.Session(plan, num_threads=ctx.threads, kernel=ctx.kernel)
         self.input_name = plan.input_names[0]
-        self.info.update(format=self.fmt, vector_precision=plan.vector_precision, kernel=bfpaccel.get_kernel())
+        self.info.update(format=self.fmt, vector_precision=plan.vector_precision, kernel=self.sess.kernel,
+                         threads=self.sess.num_threads)
+
+    def profile(self, x: np.ndarray) -> Optional[Dict[str, Any]]:
+        s = self.sess.profile_summary({self.input_name: x}, runs=self.PROFILE_RUNS, top=5, warmup=False)
+        return s.to_dict()
 
     def bind(self, x: np.ndarray) -> Callable[[], Any]:
         sess, feeds = self.sess, {self.input_name: x}
@@ -495,7 +512,7 @@ class ServingBackend(Backend):
 
         path = plan.save(os.path.join(ctx.workdir, f"serving-{fmt}.bfpplan"))
         self.handle = serve(path, port=0, host="127.0.0.1", block=False, workers=1, warmup=True,
-                            num_threads=ctx.threads, max_batch=max(64, *ctx.batches), reflection=False,
+                            num_threads=ctx.threads, kernel=ctx.kernel, max_batch=max(64, *ctx.batches), reflection=False,
                             health=False)
         if not self.handle.wait_ready(600):
             raise RuntimeError("the server did not finish loading the plan in 600 s")

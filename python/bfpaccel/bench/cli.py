@@ -8,7 +8,10 @@
 Every backend runs the same ONNX (TensorFlow: the zoo model's Keras model with the same seeded
 weights) on the same input in one process, interleaved in blocks with pauses between them.
 Prints p50/p90/p99/mean latency, throughput and the speed-up over onnxruntime float32 per
-backend and batch size; a backend that cannot run here (no GPU, ...) is reported, not fatal.
+backend and batch size, and for the BFP backends the share of their time spent in the integer
+GEMM kernel ("kernel share", from one untimed profile after the timed runs); a backend that
+cannot run here (no GPU, ...) is reported, not fatal.  --threads and --kernel are options of
+each backend's session (the BFP sessions and the server's), not process-wide settings.
 
 Backends: bfp:FORMAT, onnxruntime, onnxruntime-int8, tensorflow, cuda, fpga-model[:NPU]
 (an estimate from bfpaccel.perfmodel), serving[:FORMAT][:jpeg] (gRPC Predict on loopback).
@@ -51,6 +54,9 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch", default=",".join(str(b) for b in DEFAULT_BATCHES),
                    help="comma-separated batch sizes (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="threads of every runtime (default: all usable CPUs)")
+    p.add_argument("--kernel", default=None, metavar="NAME",
+                   help="kernel of the BFP sessions (bfp: and serving), one of `bfpaccel info`'s available "
+                   "kernels (default: the fastest, or $BFPACCEL_KERNEL)")
     p.add_argument("--warmup", type=int, default=DEFAULT_WARMUP,
                    help="untimed calls per backend and batch (default %(default)s; at least one always runs)")
     p.add_argument("--runs", type=int, default=DEFAULT_RUNS, help="timed calls per backend and batch (default %(default)s)")
@@ -102,6 +108,13 @@ def run_bench(args: argparse.Namespace) -> int:
             raise BenchArgumentError(f"--threads must be >= 1, got {args.threads}")
         if args.pause < 0:
             raise BenchArgumentError(f"--pause must be >= 0, got {args.pause}")
+        if args.kernel is not None:
+            from ..core import check_kernel
+
+            try:
+                check_kernel(args.kernel)
+            except ValueError as e:
+                raise BenchArgumentError(f"--kernel: {e}") from None
         check_model(args.model)
         _check_out(args.json_path, "--json")
         _check_out(args.plot_path, "--plot")
@@ -113,7 +126,7 @@ def run_bench(args: argparse.Namespace) -> int:
     log = (lambda m: None) if args.quiet else (lambda m: print(f"[bench] {m}", file=sys.stderr))
     t0 = time.perf_counter()
     try:
-        result = run_benchmark(args.model, args.backends, batches=batches, threads=args.threads,
+        result = run_benchmark(args.model, args.backends, batches=batches, threads=args.threads, kernel=args.kernel,
                                warmup=args.warmup, runs=args.runs, block=args.block, pause_s=args.pause,
                                seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress, log=log)
     except (BenchArgumentError, FileNotFoundError) as e:

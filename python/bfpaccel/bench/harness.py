@@ -9,7 +9,12 @@
 3. ``runs`` timed calls per backend, **interleaved**: rounds in which each backend does a block
    of ``block`` calls, then the next backend, with ``pause_s`` of idle time before each block
    so the previous runtime's spinning thread pool has gone to sleep.  Drift of a shared machine
-   then hits every backend alike.
+   then hits every backend alike;
+4. for the ``bfp:`` backends, one untimed ``Session.profile_summary`` on the same batch: the
+   share of the time spent in the integer GEMM kernel (``kernel_share``).
+
+Threads (and the BFP kernel) are options of each backend's session or server, never set
+process-wide.
 
 Estimates (``fpga-model``) are computed, not timed.  A backend that cannot run here is
 recorded with ``status: "unavailable"`` and its reason; one that fails with ``"error"``.
@@ -75,9 +80,10 @@ def _version(module: str) -> Optional[str]:
     return str(getattr(m, "__version__", "?"))
 
 
-def environment(threads: int) -> Dict[str, Any]:
+def environment(threads: int, kernel: Optional[str] = None) -> Dict[str, Any]:
     """Where and with what a run happened: CPU model and flags, threads, library versions,
-    the bfpaccel kernel in use, load average and the date (UTC).
+    the bfpaccel kernel in use (``kernel``, else the process default), load average and the
+    date (UTC).
 
     Example:
         >>> environment(2)["threads"]
@@ -105,7 +111,7 @@ def environment(threads: int) -> Dict[str, Any]:
         "cpu": {"model": model, "logical_cpus": os.cpu_count(), "usable_cpus": cpus,
                 "simd": [f for f in SIMD_FLAGS if f in flags], "flags": flags},
         "threads": threads,
-        "kernel": bfpaccel.get_kernel(),
+        "kernel": kernel or bfpaccel.get_kernel(),
         "kernels_available": list(bfpaccel.available_kernels()),
         "libraries": libs,
         "platform": platform.platform(),
@@ -227,7 +233,7 @@ def _sample_shape(name: str, dims: List[Any], batches: Sequence[int]) -> Tuple[i
 def _entry(b: Backend, batch: int) -> Dict[str, Any]:
     return {"name": b.name, "label": b.label, "kind": b.kind, "batch": batch, "status": "ok", "reason": None,
             "latency_ms": None, "samples_ms": [], "throughput_per_s": None, "ratio_vs_onnxruntime": None,
-            "output_rel_err": None, "setup_s": None, "info": dict(b.info)}
+            "output_rel_err": None, "kernel_share": None, "setup_s": None, "info": dict(b.info)}
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:
@@ -265,12 +271,15 @@ def _timed_block(fn: Callable[[], Any], n: int, out: List[float], bar: Any) -> N
 
 def run_benchmark(model: str, backends: Union[str, Sequence[str], Sequence[Backend]], *,
                   batches: Union[str, int, Sequence[int]] = DEFAULT_BATCHES, threads: Optional[int] = None,
+                  kernel: Optional[str] = None,
                   warmup: int = DEFAULT_WARMUP, runs: int = DEFAULT_RUNS, block: int = DEFAULT_BLOCK,
                   pause_s: float = DEFAULT_PAUSE_S, seed: int = 0, cache_dir: Optional[str] = None,
                   progress: bool = True, keep_samples: bool = True,
                   log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Benchmark ``model`` (a zoo name or PATH.onnx) on ``backends``; returns the JSON-ready
-    result (see ``bfpaccel.bench`` for the schema).
+    result (see ``bfpaccel.bench`` for the schema).  ``threads`` (default: the usable CPUs)
+    and ``kernel`` (the BFP kernel; default: the process default) are given to each backend's
+    session; nothing is set process-wide.
 
     Raises:
         BenchArgumentError: bad arguments (checked before anything heavy runs).
@@ -288,6 +297,12 @@ def run_benchmark(model: str, backends: Union[str, Sequence[str], Sequence[Backe
         raise BenchArgumentError(f"pause must be >= 0 seconds, got {pause_s}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise BenchArgumentError(f"threads must be >= 1, got {threads!r}")
+    from .. import core
+
+    try:
+        kernel = core.check_kernel(kernel)
+    except (TypeError, ValueError) as e:
+        raise BenchArgumentError(f"kernel: {e}") from None
     bs = parse_batches(batches)
     if isinstance(backends, str) or not all(isinstance(b, Backend) for b in backends):
         blist = parse_backends(backends)  # type: ignore[arg-type]
@@ -297,7 +312,6 @@ def run_benchmark(model: str, backends: Union[str, Sequence[str], Sequence[Backe
         raise BenchArgumentError("no backends given")
     zoo_name = check_model(model)
 
-    import bfpaccel
     from ..accuracy import resolve_model
 
     onnx_path, weights_note = resolve_model(model, "random", cache_dir, log)
@@ -309,14 +323,12 @@ def run_benchmark(model: str, backends: Union[str, Sequence[str], Sequence[Backe
             threads = len(os.sched_getaffinity(0))
         except AttributeError:
             threads = os.cpu_count() or 1
-    old_threads = bfpaccel.get_num_threads()
-    bfpaccel.set_num_threads(threads)
     workdir = tempfile.mkdtemp(prefix="bfpaccel-bench-")
     ctx = BenchContext(onnx_path=onnx_path, model=model, zoo_name=zoo_name, input_name=input_name,
                        output_names=output_names, threads=threads, workdir=workdir, cache_dir=cache_dir,
                        is_cached_model=not model.endswith(".onnx"), batches=bs, sample_shape=sample, seed=seed,
-                       metadata=meta, log=log)
-    env_start = environment(threads)
+                       metadata=meta, log=log, kernel=kernel)
+    env_start = environment(threads, kernel)
     entries: List[Dict[str, Any]] = []
     try:
         # prepare: untimed; unavailable/error backends drop out here
@@ -397,6 +409,18 @@ def run_benchmark(model: str, backends: Union[str, Sequence[str], Sequence[Backe
                             alive.remove((b, fn))
             finally:
                 bar.close()
+            # where the time went, untimed, on the same batch (bfp: backends: the GEMM kernel's share)
+            for b, _ in alive:
+                if rows[b.name]["status"] != "ok":
+                    continue
+                try:
+                    prof = b.profile(x)
+                except Exception as exc:  # the latency is measured; a failed profile is reported, not fatal
+                    rows[b.name]["info"]["profile_error"] = f"{type(exc).__name__}: {exc}"
+                    continue
+                if prof:
+                    rows[b.name]["kernel_share"] = prof.get("kernel_share")
+                    rows[b.name]["profile"] = prof
             ref_out = outputs.get(REFERENCE_BACKEND)
             for b, _ in measured:
                 e = rows[b.name]
@@ -420,20 +444,21 @@ def run_benchmark(model: str, backends: Union[str, Sequence[str], Sequence[Backe
             except Exception:  # closing is best effort; the numbers are already taken
                 pass
         shutil.rmtree(workdir, ignore_errors=True)
-        bfpaccel.set_num_threads(old_threads)
 
-    env = environment(threads)
+    env = environment(threads, kernel)
     env["loadavg_start"] = env_start["loadavg"]
     env["loadavg_end"] = env.pop("loadavg")
     return {
         "schema": SCHEMA,
         "model": {"name": model, "onnx": onnx_path, "weights": weights_note, "zoo": zoo_name,
                   "input_name": input_name, "input_shape": dims, "outputs": output_names},
-        "settings": {"backends": [b.name for b in blist], "batches": list(bs), "threads": threads,
+        "settings": {"backends": [b.name for b in blist], "batches": list(bs), "threads": threads, "kernel": kernel,
                      "warmup": warmup, "runs": runs, "block": block, "pause_s": pause_s, "seed": seed,
                      "reference": REFERENCE_BACKEND,
                      "ratio": "speed-up vs onnxruntime fp32: its p50 / this p50 (> 1: faster)",
-                     "throughput": "batch * 1000 / p50 (items per second)"},
+                     "throughput": "batch * 1000 / p50 (items per second)",
+                     "kernel_share": "bfp: backends: the integer GEMM kernel's seconds / all ops' seconds "
+                                     "(Session.profile_summary, fastest of 3 profiled runs)"},
         "env": env,
         "backends": entries,
         "wall_s": round(time.perf_counter() - t_start, 1),

@@ -69,21 +69,35 @@ def _by_batch(r: Dict[str, Any]) -> Dict[int, List[Dict[str, Any]]]:
     return out
 
 
-def _row_cells(e: Dict[str, Any]) -> Optional[List[str]]:
+def _share(v: Any) -> str:
+    return "-" if not isinstance(v, (int, float)) else f"{100 * v:.1f}%"
+
+
+def _row_cells(e: Dict[str, Any], share: bool = True) -> Optional[List[str]]:
     lat = e.get("latency_ms")
     if e["status"] in ("ok", "estimate") and lat:
         est = e["status"] == "estimate"
         ratio = e.get("ratio_vs_onnxruntime")
         ref = e["name"] == "onnxruntime"
         rel = e.get("output_rel_err")
-        return [_f(lat["p50"]), "-" if est else _f(lat["p90"]), "-" if est else _f(lat["p99"]),
-                "-" if est else _f(lat["mean"]), _f(e.get("throughput_per_s"), 1),
-                "1.00x" if ref else ("-" if ratio is None else f"{ratio:.2f}x" + ("*" if est else "")),
-                "ref" if ref else ("-" if rel is None else f"{rel:.1e}")]
+        cells = [_f(lat["p50"]), "-" if est else _f(lat["p90"]), "-" if est else _f(lat["p99"]),
+                 "-" if est else _f(lat["mean"]), _f(e.get("throughput_per_s"), 1),
+                 "1.00x" if ref else ("-" if ratio is None else f"{ratio:.2f}x" + ("*" if est else "")),
+                 "ref" if ref else ("-" if rel is None else f"{rel:.1e}")]
+        return cells + [_share(e.get("kernel_share"))] if share else cells
     return None
 
 
 _HEAD = ["p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s", "vs ort fp32", "out rel err"]
+#: the BFP rows' share of time in the integer GEMM kernel ("-" for other rows and old results)
+_SHARE_HEAD = "kernel share"
+_SHARE_NOTE = ("kernel share: the part of a bfp: row's time spent in the integer GEMM kernel "
+               "(Session.profile_summary after the timed runs)")
+
+
+def _has_share(r: Dict[str, Any]) -> bool:
+    """True for results that record the kernel share (older results do not)."""
+    return any("kernel_share" in e for e in r["backends"])
 
 
 def format_table(r: Dict[str, Any]) -> str:
@@ -95,8 +109,10 @@ def format_table(r: Dict[str, Any]) -> str:
     lines = describe_run(r)
     width = max([len(e["label"]) for e in r["backends"]] + [8]) + 2
     any_est = False
+    widths = [12] * len(_HEAD) + [14]
     for batch, rows in _by_batch(r).items():
-        lines += ["", f"batch {batch}", f"{'backend':<{width}}" + "".join(f"{h:>12}" for h in _HEAD)]
+        lines += ["", f"batch {batch}",
+                  f"{'backend':<{width}}" + "".join(f"{h:>{w}}" for h, w in zip(_HEAD + [_SHARE_HEAD], widths))]
         lines.append("-" * len(lines[-1]))
         for e in rows:
             cells = _row_cells(e)
@@ -104,9 +120,9 @@ def format_table(r: Dict[str, Any]) -> str:
                 lines.append(f"{e['label']:<{width}}{e['status']}: {e.get('reason') or ''}")
             else:
                 any_est |= e["status"] == "estimate"
-                lines.append(f"{e['label']:<{width}}" + "".join(f"{c:>12}" for c in cells))
+                lines.append(f"{e['label']:<{width}}" + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
     lines += ["", "vs ort fp32: speed-up over onnxruntime float32 on the CPU (its p50 / this p50; > 1 is faster); "
-              "out rel err: ||y - y_ort|| / ||y_ort|| of the first output"]
+              "out rel err: ||y - y_ort|| / ||y_ort|| of the first output", _SHARE_NOTE]
     if any_est:
         lines.append("*: an estimate of the FPGA NPU from bfpaccel.perfmodel, not a measurement on this machine")
     return "\n".join(lines)
@@ -119,23 +135,27 @@ def format_markdown(r: Dict[str, Any]) -> str:
         >>> print(format_markdown(result))  # doctest: +SKIP
     """
     head = describe_run(r)
+    kernel = r["settings"].get("kernel")
     lines = [f"`bfpaccel bench --model {r['model']['name']} --batch "
              f"{','.join(str(b) for b in r['settings']['batches'])} --threads {r['settings']['threads']} "
-             f"--warmup {r['settings']['warmup']} --runs {r['settings']['runs']}`", ""]
+             + (f"--kernel {kernel} " if kernel else "")
+             + f"--warmup {r['settings']['warmup']} --runs {r['settings']['runs']}`", ""]
     lines += [h + "  " for h in head]
     any_est = False
+    share = _has_share(r)  # results older than the column keep their table as it was
+    cols = _HEAD + ([_SHARE_HEAD] if share else [])
     for batch, rows in _by_batch(r).items():
-        lines += ["", f"| batch {batch} | " + " | ".join(_HEAD) + " |", "|---" * (len(_HEAD) + 1) + "|"]
+        lines += ["", f"| batch {batch} | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for e in rows:
-            cells = _row_cells(e)
+            cells = _row_cells(e, share)
             if cells is None:
                 reason = (e.get("reason") or "").replace("|", "\\|")
-                lines.append(f"| {e['label']} | {e['status']}: {reason} |" + " |" * (len(_HEAD) - 1))
+                lines.append(f"| {e['label']} | {e['status']}: {reason} |" + " |" * (len(cols) - 1))
             else:
                 any_est |= e["status"] == "estimate"
                 lines.append(f"| {e['label']} | " + " | ".join(cells) + " |")
     lines += ["", "vs ort fp32: onnxruntime float32's p50 / this p50 (> 1: faster). out rel err: "
-              "‖y − y_ort‖ / ‖y_ort‖ of the first output."]
+              "‖y − y_ort‖ / ‖y_ort‖ of the first output." + (f" {_SHARE_NOTE}." if share else "")]
     if any_est:
         lines[-1] += " \\*: estimate from `bfpaccel.perfmodel`, not measured."
     return "\n".join(lines)
@@ -224,7 +244,8 @@ def _key(e: Dict[str, Any]) -> Tuple[str, int]:
 def compare_rows(a: Dict[str, Any], b: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Per (backend, batch): status and p50 in ``a`` and ``b``, and the change of p50
     (``change``: b/a - 1; negative is faster) with a verdict (``faster``/``slower``/``same``
-    within :data:`NOISE`)."""
+    within :data:`NOISE`), and the BFP rows' kernel share in each (``kernel_share_a/b``; None
+    for other rows and for results older than the field)."""
     ea = {_key(e): e for e in a["backends"]}
     eb = {_key(e): e for e in b["backends"]}
     out: List[Dict[str, Any]] = []
@@ -234,7 +255,9 @@ def compare_rows(a: Dict[str, Any], b: Dict[str, Any]) -> List[Dict[str, Any]]:
                                "status_a": x["status"] if x else "absent", "status_b": y["status"] if y else "absent",
                                "p50_a": None, "p50_b": None, "change": None, "verdict": None,
                                "ratio_a": x.get("ratio_vs_onnxruntime") if x else None,
-                               "ratio_b": y.get("ratio_vs_onnxruntime") if y else None}
+                               "ratio_b": y.get("ratio_vs_onnxruntime") if y else None,
+                               "kernel_share_a": x.get("kernel_share") if x else None,
+                               "kernel_share_b": y.get("kernel_share") if y else None}
         if x and x.get("latency_ms"):
             row["p50_a"] = x["latency_ms"]["p50"]
         if y and y.get("latency_ms"):
@@ -273,19 +296,23 @@ def compare(a: Dict[str, Any], b: Dict[str, Any], name_a: str = "A", name_b: str
     env = _env_changes(a, b)
     lines.append("environment changes: " + ("; ".join(env) if env else "none"))
     rows = compare_rows(a, b)
+    share = _has_share(a) or _has_share(b)
     width = max([len(r["label"]) for r in rows] + [8]) + 2
     head = (f"{'backend':<{width}}{'batch':>6}{'p50 A ms':>11}{'p50 B ms':>11}{'change':>9}  {'verdict':<8}"
-            f"{'vs ort A':>10}{'vs ort B':>10}")
+            f"{'vs ort A':>10}{'vs ort B':>10}" + (f"{'share A':>9}{'share B':>9}" if share else ""))
     lines += ["", head, "-" * len(head)]
     for r in rows:
+        shares = f"{_share(r['kernel_share_a']):>9}{_share(r['kernel_share_b']):>9}" if share else ""
         if r["p50_a"] is None or r["p50_b"] is None:
             sa = _f(r["p50_a"]) if r["p50_a"] is not None else r["status_a"]
             sb = _f(r["p50_b"]) if r["p50_b"] is not None else r["status_b"]
-            lines.append(f"{r['label']:<{width}}{r['batch']:>6}{sa:>11}{sb:>11}{'':>9}  {'-':<8}")
+            lines.append(f"{r['label']:<{width}}{r['batch']:>6}{sa:>11}{sb:>11}{'':>9}  {'-':<8}"
+                         + (f"{'':>20}{shares}" if share else ""))
             continue
         ra = "-" if r["ratio_a"] is None else f"{r['ratio_a']:.2f}x"
         rb = "-" if r["ratio_b"] is None else f"{r['ratio_b']:.2f}x"
         lines.append(f"{r['label']:<{width}}{r['batch']:>6}{r['p50_a']:>11.2f}{r['p50_b']:>11.2f}"
-                     f"{100 * r['change']:>+8.1f}%  {r['verdict']:<8}{ra:>10}{rb:>10}")
-    lines += ["", f"change: p50 B / p50 A - 1 (negative: B is faster); 'same' within {100 * NOISE:.0f}%"]
+                     f"{100 * r['change']:>+8.1f}%  {r['verdict']:<8}{ra:>10}{rb:>10}{shares}")
+    lines += ["", f"change: p50 B / p50 A - 1 (negative: B is faster); 'same' within {100 * NOISE:.0f}%"
+              + ("; share: the bfp: rows' kernel share ('-': not recorded)" if share else "")]
     return "\n".join(lines)

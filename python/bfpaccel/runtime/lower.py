@@ -26,7 +26,7 @@ from .. import _core  # type: ignore[attr-defined]
 from .graph import Graph, Node, broadcast_shape
 from .plan import Plan
 
-__all__ = ["Lowered", "lower", "LoweringError"]
+__all__ = ["Lowered", "lower", "LoweringError", "op_kind_name"]
 
 # C++ op kinds (runtime.h)
 K_CONV, K_BINARY, K_UNARY, K_AFFINE, K_POOL, K_REDUCE, K_SOFTMAX, K_CONCAT, K_STRIDED, K_PAD, K_COPY = range(11)
@@ -36,6 +36,49 @@ _UNARY = {"Relu": 0, "Clip": 1, "Sqrt": 2, "Reciprocal": 3, "Exp": 4, "Sigmoid":
           "Ceil": 18}
 _REDUCE = {"ReduceSum": 0, "ReduceMean": 1, "ReduceMax": 2, "ReduceMin": 3, "ReduceSumSquare": 4, "ReduceL2": 5}
 _VP = {"fp32": 0, "fp16": 1, "bf16": 2}
+_POOL_NAMES = {0: "max pool", 1: "average pool"}
+
+
+def op_kind_name(kind: int, sub: int = 0, op_type: str = "") -> str:
+    """A readable name of a lowered op's kind, for profiles: ``conv``, ``dense`` (a ``Gemm`` /
+    ``MatMul`` on the BFP core), ``depthwise conv``, the binary/unary op (``add``, ``mul``,
+    ``relu``, ``sigmoid``...), ``batchnorm``, ``max pool`` / ``average pool``, ``reduce mean``...,
+    ``softmax``, ``concat``, ``transpose`` (a layout copy), ``slice``, ``pad``, ``copy``.
+
+    Example:
+        >>> op_kind_name(K_BINARY, 2), op_kind_name(K_CONV, 0, "BfpDense")
+        ('mul', 'dense')
+    """
+    if kind == K_CONV:
+        if sub == 1:
+            return "depthwise conv"
+        return "dense" if op_type == "BfpDense" else "conv"
+    if kind == K_BINARY:
+        return _NAMES_BINARY.get(sub, "binary")
+    if kind == K_UNARY:
+        return _NAMES_UNARY.get(sub, "unary")
+    if kind == K_AFFINE:
+        return "batchnorm"
+    if kind == K_POOL:
+        return _POOL_NAMES.get(sub, "pool")
+    if kind == K_REDUCE:
+        return _NAMES_REDUCE.get(sub, "reduce")
+    if kind == K_SOFTMAX:
+        return "log softmax" if sub else "softmax"
+    if kind == K_CONCAT:
+        return "concat"
+    if kind == K_STRIDED:
+        return "slice" if op_type in ("Slice", "Split") else "transpose"
+    if kind == K_PAD:
+        return "pad"
+    if kind == K_COPY:
+        return "copy"
+    return f"kind {kind}"
+
+
+_NAMES_BINARY = {v: k.lower() for k, v in _BINARY.items()}
+_NAMES_UNARY = {v: k.lower() for k, v in _UNARY.items()}
+_NAMES_REDUCE = {v: ("reduce " + k[len("Reduce"):]).lower() for k, v in _REDUCE.items()}
 
 
 class LoweringError(ValueError):
@@ -84,11 +127,13 @@ class Lowered:
 
     def __init__(self, program: Any, inputs: Dict[str, Tuple[int, Tuple[int, ...]]],
                  outputs: Dict[str, Tuple[Optional[int], Tuple[int, ...], Optional[np.ndarray]]],
-                 op_names: List[str]):
+                 op_names: List[str], op_kinds: Optional[List[str]] = None):
         self.program = program
         self.inputs = inputs      # name -> (buffer, shape)
         self.outputs = outputs    # name -> (buffer or None, shape, constant value or None)
         self.op_names = op_names
+        #: each op's kind (``op_kind_name``): a fused conv + add + relu counts as its conv
+        self.op_kinds = list(op_kinds) if op_kinds is not None else [""] * len(op_names)
 
     def run(self, feeds: Dict[str, np.ndarray], names: Sequence[str]) -> Dict[str, np.ndarray]:
         ins = [(self.inputs[k][0], np.ascontiguousarray(v, dtype=np.float32).reshape(-1)) for k, v in feeds.items()]
@@ -135,10 +180,11 @@ class _Lowerer:
         return vid
 
     def emit(self, kind: int, ins: List[int], outs: List[int], ip: Sequence[int] = (), fp: Sequence[float] = (),
-             sub: int = 0, **kw: Any) -> None:  # kw: w, wf, bias, res, act
+             sub: int = 0, label: Optional[str] = None, **kw: Any) -> None:  # kw: w, wf, bias, res, act
         op = dict(kind=kind, sub=sub, ins=list(ins), outs=list(outs), ip=[int(v) for v in ip],
                   fp=[float(v) for v in fp], name=self.node.name if self.node else "", w=None, wf=-1, bias=-1,
                   res=-1, act=0)
+        op["label"] = label or op_kind_name(kind, sub, self.node.op if self.node else "")
         op.update(kw)
         self.ops.append(op)
 
@@ -178,7 +224,7 @@ class _Lowerer:
         in_str = _strides(v.phys)
         pos = {a: i for i, a in enumerate(v.perm)}
         strides = [in_str[pos[a]] for a in want]
-        self.emit(K_STRIDED, [v.vid], [out.vid], [len(want), 0, *out.phys, *strides])
+        self.emit(K_STRIDED, [v.vid], [out.vid], [len(want), 0, *out.phys, *strides], label="transpose")
         return out
 
     # ------------------------------------------------------------ main
@@ -325,7 +371,7 @@ class _Lowerer:
 
         for vid in self.vinput:
             materialize(vid)
-        names = []
+        names, kinds = [], []
         for i, op in enumerate(self.ops):
             ins = [cid(v) for v in op["ins"]]
             res, bias, wf = cid(op["res"]), cid(op["bias"]), cid(op["wf"])
@@ -333,6 +379,7 @@ class _Lowerer:
             prog.add_op(op["kind"], op["sub"], ins, outs, op["ip"], op["fp"], op["w"], wf, bias, res, op["act"],
                         op["name"])
             names.append(op["name"])
+            kinds.append(op["label"])
             for root in dying.get(i, []):
                 if root in cpp:
                     free.append((self.vsize[root], cpp[root]))
@@ -340,7 +387,7 @@ class _Lowerer:
         outs2 = {}
         for name, (vid, shape, const) in outputs.items():
             outs2[name] = (None if vid is None else cid(vid), shape, const)
-        return Lowered(prog, inputs, outs2, names)
+        return Lowered(prog, inputs, outs2, names, kinds)
 
     # ------------------------------------------------------------ constant folding
     def fold(self, n: Node) -> None:
@@ -844,7 +891,7 @@ class _Lowerer:
             off += st[a] * in_str[i]
             strides.append(in_str[i] * sp[a])
         out = self.new_value(ln, x.perm)
-        self.emit(K_STRIDED, [x.vid], [out.vid], [r, off, *out.phys, *strides])
+        self.emit(K_STRIDED, [x.vid], [out.vid], [r, off, *out.phys, *strides], label="slice")
         self.vals[out_name] = out
 
     def op_Slice(self, n: Node) -> None:

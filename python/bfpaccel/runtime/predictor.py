@@ -37,7 +37,10 @@ class Predictor:
 
     Args:
         plan: a :class:`Plan` or a plan file path.
-        num_threads: threads of the C++ core.
+        num_threads: threads of the C++ core for this predictor's session (``None``: the
+            process setting).
+        kernel: the kernel of this predictor's session (``None``: the process setting); see
+            :class:`Session` -- options apply to this predictor only.
         max_image_pixels: largest declared width x height of an encoded image (checked from the
             header before decoding; default ``bfpaccel.preprocess.DEFAULT_MAX_IMAGE_PIXELS``,
             8192 x 8192); ``None``: no limit.
@@ -53,12 +56,12 @@ class Predictor:
     """
 
     def __init__(self, plan: Union[Plan, str, "os.PathLike[str]"], num_threads: Optional[int] = None, *,
-                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                 kernel: Optional[str] = None, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
                  max_resize_pixels: Optional[int] = DEFAULT_MAX_RESIZE_PIXELS):
         self.max_image_pixels = _check_limit("max_image_pixels", max_image_pixels)
         self.max_resize_pixels = _check_limit("max_resize_pixels", max_resize_pixels)
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
-        self.session = Session(self.plan, num_threads=num_threads)
+        self.session = Session(self.plan, num_threads=num_threads, kernel=kernel)
         meta = self.plan.metadata
         self.preprocess_spec: Optional[Dict[str, Any]] = (
             json.loads(meta["bfpaccel.preprocess"]) if "bfpaccel.preprocess" in meta else None)

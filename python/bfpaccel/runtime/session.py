@@ -8,9 +8,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .. import _core  # type: ignore[attr-defined]
 from .. import core
 from .lower import Lowered, lower
 from .plan import Plan, load_plan
+from .profile import ProfileSummary
 
 __all__ = ["Session"]
 
@@ -24,24 +26,55 @@ class Session:
     the outputs out.  ``run`` releases the GIL; calls from several threads are serialised per
     input signature.
 
+    Options belong to the session, as onnxruntime's ``SessionOptions`` do: ``kernel`` and
+    ``num_threads`` apply to this session's calls only (lowering, weight packing, runs), in
+    whichever thread makes them; the process defaults (:func:`bfpaccel.set_kernel`,
+    :func:`bfpaccel.set_num_threads`) and other sessions are untouched.
+
     Args:
         plan: a ``Plan`` or the path of a plan file.
-        num_threads: threads of the C++ core (``None``: keep the process setting; see
-            :func:`bfpaccel.set_num_threads`).
+        num_threads: threads of the C++ core for this session (``None``: the process setting
+            at each call, :func:`bfpaccel.get_num_threads`).
+        kernel: the kernel for this session, one of :func:`bfpaccel.available_kernels`
+            (``None``: the process setting at each call, :func:`bfpaccel.get_kernel`).
+
+    Raises:
+        ValueError: an unknown kernel, one this CPU cannot run, or a thread count out of
+            range (the message names the valid values).
 
     Example:
-        >>> sess = bfpaccel.Session(plan)  # doctest: +SKIP
+        >>> sess = bfpaccel.Session(plan, num_threads=2, kernel="avx2")  # doctest: +SKIP
         >>> probs = sess.run(None, {"input:0": x})["softmax:0"]  # doctest: +SKIP
+        >>> print(sess.profile_summary({"input:0": x}))  # doctest: +SKIP
     """
 
-    def __init__(self, plan: Union[Plan, str, "os.PathLike[str]"], num_threads: Optional[int] = None):
+    def __init__(self, plan: Union[Plan, str, "os.PathLike[str]"], num_threads: Optional[int] = None,
+                 kernel: Optional[str] = None):
+        self._kernel = core.check_kernel(kernel)
+        self._threads = None if num_threads is None else core.check_num_threads(num_threads)
         if not isinstance(plan, Plan):
             plan = load_plan(plan)
         self.plan = plan
-        if num_threads is not None:
-            core.set_num_threads(num_threads)
-        self._programs: Dict[Tuple[Tuple[str, Tuple[int, ...]], ...], Lowered] = {}
+        # programs hold weights packed for one kernel: keyed by kernel and input shapes
+        self._programs: Dict[Tuple[str, Tuple[Tuple[str, Tuple[int, ...]], ...]], Lowered] = {}
         self._lock = threading.Lock()
+
+    @property
+    def kernel(self) -> str:
+        """The kernel this session's calls use (the process default when none was given)."""
+        with self.options():
+            return core.get_kernel()
+
+    @property
+    def num_threads(self) -> int:
+        """The thread count this session's calls use (the process default when none was given)."""
+        with self.options():
+            return core.get_num_threads()
+
+    def options(self) -> Any:
+        """A context manager that applies this session's kernel and thread count to the calling
+        thread's core calls (``_core.ExecOptions``); ``run`` and ``profile`` enter it."""
+        return _core.ExecOptions(self._kernel, self._threads or 0)
 
     @property
     def input_names(self) -> List[str]:
@@ -78,8 +111,14 @@ class Session:
         return out
 
     def program(self, shapes: Dict[str, Tuple[int, ...]]) -> Lowered:
-        """The lowered program for these input shapes (built on first use)."""
-        key = tuple(sorted((k, tuple(v)) for k, v in shapes.items()))
+        """The lowered program for these input shapes (built on first use, with this session's
+        kernel: its weights are packed for it)."""
+        with self.options():
+            return self._program(shapes)
+
+    def _program(self, shapes: Dict[str, Tuple[int, ...]]) -> Lowered:
+        # inside self.options(): get_kernel() is the kernel this call runs with
+        key = (core.get_kernel(), tuple(sorted((k, tuple(v)) for k, v in shapes.items())))
         with self._lock:
             lw = self._programs.get(key)
             if lw is None:
@@ -102,16 +141,55 @@ class Session:
         bad = [n for n in names if n not in self.plan.output_names]
         if bad:
             raise ValueError(f"unknown output(s) {bad}; the plan's outputs are {self.plan.output_names}")
-        lw = self.program({k: v.shape for k, v in feeds.items()})
-        return lw.run(feeds, names)
+        with self.options():
+            lw = self._program({k: v.shape for k, v in feeds.items()})
+            return lw.run(feeds, names)
 
     def profile(self, feed_dict: Dict[str, Any]) -> List[Tuple[str, float]]:
-        """Runs once with per-op timing; returns (op name, seconds) in execution order."""
+        """Runs once with per-op timing; returns (op name, seconds) in execution order.
+        See :meth:`profile_summary` for totals per op kind and the GEMM kernel's share."""
         feeds = self._check_feeds(feed_dict)
-        lw = self.program({k: v.shape for k, v in feeds.items()})
+        with self.options():
+            lw = self._program({k: v.shape for k, v in feeds.items()})
+            times, _ = self._profiled_run(lw, feeds)
+        return list(zip(lw.op_names, times))
+
+    def _profiled_run(self, lw: Lowered, feeds: Dict[str, np.ndarray]) -> Tuple[List[float], List[float]]:
         lw.program.set_profile(True)
         try:
             lw.run(feeds, self.plan.output_names)
-            return list(zip(lw.op_names, lw.program.last_times))
+            return list(lw.program.last_times), list(lw.program.last_gemm_times)
         finally:
             lw.program.set_profile(False)
+
+    def profile_summary(self, feed_dict: Dict[str, Any], runs: int = 5, *, top: int = 10,
+                        warmup: bool = True) -> ProfileSummary:
+        """Times every op over ``runs`` profiled runs and aggregates the fastest run: total
+        seconds, seconds per op kind, the seconds and share of the integer GEMM kernel
+        (``kernel_share``), the ``top`` slowest ops.  ``print()`` it for a table.
+
+        Args:
+            feed_dict: input name -> array, as for :meth:`run`.
+            runs: profiled runs (>= 1); the one with the smallest total is kept, so every
+                figure of the summary comes from the same, least disturbed, run.
+            top: how many of the slowest ops ``top_ops`` lists.
+            warmup: one untimed run first (lowers the plan for new shapes, warms caches).
+
+        Example:
+            >>> s = sess.profile_summary({"x": x})  # doctest: +SKIP
+            >>> s.total_seconds, s.kind_seconds["conv"], s.kernel_share  # doctest: +SKIP
+            (0.0123, 0.0101, 0.64)
+        """
+        if isinstance(runs, bool) or not isinstance(runs, (int, np.integer)) or runs < 1:
+            raise ValueError(f"runs must be an int >= 1, got {runs!r}")
+        if isinstance(top, bool) or not isinstance(top, (int, np.integer)) or top < 0:
+            raise ValueError(f"top must be an int >= 0, got {top!r}")
+        feeds = self._check_feeds(feed_dict)
+        with self.options():
+            lw = self._program({k: v.shape for k, v in feeds.items()})
+            if warmup:
+                lw.run(feeds, self.plan.output_names)
+            timed = [self._profiled_run(lw, feeds) for _ in range(int(runs))]
+            kernel, threads = core.get_kernel(), core.get_num_threads()
+        return ProfileSummary.from_runs(lw.op_names, lw.op_kinds, timed, kernel=kernel, threads=threads,
+                                        top=int(top), input_shapes={k: tuple(v.shape) for k, v in feeds.items()})

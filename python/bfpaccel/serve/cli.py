@@ -117,7 +117,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue-size", type=int, default=64, help="requests waiting before RESOURCE_EXHAUSTED")
     p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request/response (MiB, default 64)")
     p.add_argument("--metrics-port", type=port_number, default=None, help="Prometheus metrics at :PORT/metrics")
-    p.add_argument("--threads", type=int, default=None, help="threads of the C++ core")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of the C++ core for each loaded model's session (default: the process "
+                   "setting, $BFPACCEL_NUM_THREADS or all CPUs)")
+    p.add_argument("--kernel", default=None, metavar="NAME",
+                   help="kernel of each loaded model's session: one of `bfpaccel info`'s available kernels "
+                   "(default: the fastest, or $BFPACCEL_KERNEL)")
     p.add_argument("--grace", type=float, default=30.0, help="seconds to drain in-flight requests on SIGTERM")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up call")
     p.add_argument("--warmup-delay", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -201,7 +206,7 @@ def run_serve(args: argparse.Namespace) -> int:
     handle = serve(plans, port=args.port, host=args.host, tls_cert=args.tls_cert, tls_key=args.tls_key,
                    auth_keys=auth_keys or None, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
                    workers=args.workers, queue_size=args.queue_size, metrics_port=args.metrics_port,
-                   warmup=not args.no_warmup, num_threads=args.threads, block=False,
+                   warmup=not args.no_warmup, num_threads=args.threads, kernel=args.kernel, block=False,
                    warmup_delay_s=args.warmup_delay, simulated_latency_ms=args.simulated_latency_ms,
                    **_image_limits(args))
     stopping = threading.Event()

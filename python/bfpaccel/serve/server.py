@@ -478,7 +478,8 @@ class _PredictionService:
         return resp
 
     # -- loading -------------------------------------------------------------------------------
-    def load(self, warmup: bool, warmup_delay_s: float, num_threads: Optional[int], health: Any) -> None:
+    def load(self, warmup: bool, warmup_delay_s: float, num_threads: Optional[int], health: Any,
+             kernel: Optional[str] = None) -> None:
         from ..runtime.plan import load_plan
         from ..runtime.predictor import Predictor
 
@@ -487,14 +488,17 @@ class _PredictionService:
             try:
                 plan = m.plan if m.plan is not None else load_plan(m.path)
                 for _ in range(self.workers):
-                    pred = Predictor(plan, num_threads=num_threads, max_image_pixels=self.max_image_pixels,
+                    pred = Predictor(plan, num_threads=num_threads, kernel=kernel,
+                                     max_image_pixels=self.max_image_pixels,
                                      max_resize_pixels=self.max_resize_pixels)
                     if warmup:
                         shape = [1 if d is None else d for d in (pred.plan.input_shapes.get(pred.input_name) or [1])]
                         pred.predict(np.zeros(shape, np.float32))
                     m.predictors.put(pred)
                     m.first = m.first or pred
-                log.info("loaded %s (version %d) from %s: %d worker(s)", m.name, m.version, m.path, self.workers)
+                sess = m.first.session if m.first is not None else None
+                log.info("loaded %s (version %d) from %s: %d worker(s)%s", m.name, m.version, m.path, self.workers,
+                         f", kernel {sess.kernel}, {sess.num_threads} thread(s) each" if sess is not None else "")
             except Exception as e:
                 m.error = f"{type(e).__name__}: {e}"
                 log.error("could not load %s from %s: %s", m.name, m.path, m.error)
@@ -540,7 +544,8 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any], port: int = 50051, hos
           tls_cert: Optional[Union[bytes, PathLike]] = None, tls_key: Optional[Union[bytes, PathLike]] = None,
           auth_keys: Optional[Sequence[str]] = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
           workers: int = 2, queue_size: int = 64, metrics_port: Optional[int] = None, warmup: bool = True, *,
-          versions: Optional[Mapping[str, int]] = None, num_threads: Optional[int] = None, block: bool = True,
+          versions: Optional[Mapping[str, int]] = None, num_threads: Optional[int] = None,
+          kernel: Optional[str] = None, block: bool = True,
           max_batch: int = 64, warmup_delay_s: float = 0.0, simulated_latency_ms: float = 0.0,
           reflection: bool = True, health: bool = True,
           max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
@@ -562,7 +567,11 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any], port: int = 50051, hos
         metrics_port: serve Prometheus metrics at ``http://host:metrics_port/metrics`` (0: any port).
         warmup: run each model once before answering (the first call lowers the plan).
         versions: route name -> model version reported and checked against model_spec (default 1).
-        num_threads: threads of the C++ core (process-wide; ``None``: keep the setting).
+        num_threads: threads of the C++ core for each model session (``Session(num_threads=)``:
+            the session's own option, the process setting untouched; ``None``: the process setting).
+        kernel: the kernel of each model session (``Session(kernel=)``; ``None``: the process
+            setting).  ``num_threads`` and ``kernel`` are checked here (ValueError naming the
+            valid values) before anything starts.
         block: wait until every plan is loaded (raises RuntimeError if one fails to load).
         max_batch: most images (or rows) in one request.
         warmup_delay_s: extra UNAVAILABLE time at start (the seed's FPGA-flashing phase).
@@ -598,6 +607,11 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any], port: int = 50051, hos
             raise FileNotFoundError(f"plan {os.fspath(path)!r} (route {name!r}) does not exist")
     if workers < 1 or queue_size < 0 or max_batch < 1:
         raise ValueError("workers and max_batch must be >= 1, queue_size >= 0")
+    from .. import core
+
+    kernel = core.check_kernel(kernel)
+    if num_threads is not None:
+        num_threads = core.check_num_threads(num_threads)
     from ..preprocess import _check_limit
 
     max_image_pixels = _check_limit("max_image_pixels", max_image_pixels)
@@ -671,7 +685,8 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any], port: int = 50051, hos
     handle = ServerHandle(server, bound, service, health_servicer, metrics_server)
     log.info("serving %s on %s:%d (%s%s)", sorted(models), host, bound, "TLS" if tls_cert is not None else "plaintext",
              ", auth on" if service.auth_keys else "")
-    loader = threading.Thread(target=service.load, args=(warmup, warmup_delay_s, num_threads, health_servicer),
+    loader = threading.Thread(target=service.load,
+                              args=(warmup, warmup_delay_s, num_threads, health_servicer, kernel),
                               name="bfpaccel-load", daemon=True)
     loader.start()
     if block:
