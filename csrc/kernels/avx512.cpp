@@ -161,15 +161,149 @@ static inline __m512 round_units16(__m512 v, int mode) {
     return _mm512_mask_add_ps(tr, up, tr, _mm512_set1_ps(1.0f));
 }
 
-static inline __mmask16 lanes(int n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n > 0 ? n : 0)) - 1); }
+
+
+// Lane r of the result: the maximum of the 16 lanes of v[r] (a tree of shuffles that
+// reduces 16 vectors at once; the lane order it leaves is undone by one permutation, found
+// once by running the tree on v[r] = r).
+static inline __m512i hmax16_raw(const __m512i (&v)[16]) {
+    __m512i b[8], c[4], e[2];
+    for (int j = 0; j < 8; ++j)
+        b[j] = _mm512_max_epi32(_mm512_shuffle_i32x4(v[j], v[j + 8], _MM_SHUFFLE(1, 0, 1, 0)),
+                                _mm512_shuffle_i32x4(v[j], v[j + 8], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int j = 0; j < 4; ++j)
+        c[j] = _mm512_max_epi32(_mm512_shuffle_i32x4(b[j], b[j + 4], _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_i32x4(b[j], b[j + 4], _MM_SHUFFLE(3, 1, 3, 1)));
+    for (int j = 0; j < 2; ++j)
+        e[j] = _mm512_max_epi32(_mm512_unpacklo_epi64(c[j], c[j + 2]), _mm512_unpackhi_epi64(c[j], c[j + 2]));
+    const __m512i x = _mm512_unpacklo_epi32(e[0], e[1]), y = _mm512_unpackhi_epi32(e[0], e[1]);
+    return _mm512_max_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+}
+
+static __m512i hmax16_order() {  // idx[r] = the lane where row r's maximum lands
+    __m512i v[16];
+    for (int r = 0; r < 16; ++r) v[r] = _mm512_set1_epi32(r);
+    alignas(64) int32_t lane_row[16], idx[16];
+    _mm512_store_si512(lane_row, hmax16_raw(v));
+    for (int l = 0; l < 16; ++l) idx[lane_row[l] & 15] = l;
+    return _mm512_load_si512(idx);
+}
+
+static inline __m512i hmax16(const __m512i (&v)[16], __m512i order) {
+    return _mm512_permutexvar_epi32(order, hmax16_raw(v));
+}
+
+// Blocks of at most 16 units (one vector), 16 rows at a time: the block maxima come from one
+// reduction tree and the exponents are computed for the 16 rows together. Returns false
+// (nothing written) for a group that needs the per-row path (a scale below 2^-126).
+static bool quantize_rows16(const QuantRowsArgs& a, int64_t i0, int nr, const __m512i order) {
+    const FmtParams& f = *a.f;
+    const int B = f.block, Bp = a.Bp, nbc = (a.C + B - 1) / B;
+    const __m512i absm = _mm512_set1_epi32(0x7fffffff);
+    const __m512 maxu = _mm512_set1_ps(float(f.max_units));
+    const __m512 cap = _mm512_set1_ps(float(f.max_units + 1));
+    const __mmask16 rows = lanes(nr);
+    alignas(64) int32_t mn[16], mx[16];
+    for (int r = 0; r < 16; ++r) {
+        mn[r] = r < nr ? a.emin[i0 + r] : INT32_MAX;
+        mx[r] = r < nr ? a.emax[i0 + r] : INT32_MIN;
+    }
+    __m512i vmn = _mm512_load_si512(mn), vmx = _mm512_load_si512(mx);
+    // k1 = unit_shift - E must not fall below -126 (E <= exp_max): else the per-row path
+    if (f.unit_shift - f.exp_max < -126) return false;
+    for (int b = 0; b < nbc; ++b) {
+        const int len = a.C - b * B < B ? a.C - b * B : B;
+        __m512 v[16];
+        __m512i ab[16];
+        for (int r = 0; r < 16; ++r) {
+            v[r] = r < nr ? load_lanes(a.x + (i0 + r) * a.xs + b * B, len) : _mm512_setzero_ps();
+            ab[r] = _mm512_and_si512(_mm512_castps_si512(v[r]), absm);
+        }
+        const __m512i amax = hmax16(ab, order);  // lane r: row r's max |x| bits
+        const __mmask16 bad = _mm512_cmpge_epi32_mask(amax, _mm512_set1_epi32(0x7f800000)) & rows;  // NaN/Inf
+        const __mmask16 zero = _mm512_cmpeq_epi32_mask(amax, _mm512_setzero_si512());
+        // floor(log2(amax)): exponent bits; subnormals from the leading zeros of the mantissa
+        const __mmask16 sub = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(0x00800000), amax) & ~zero;
+        __m512i fl = _mm512_sub_epi32(_mm512_srli_epi32(amax, 23), _mm512_set1_epi32(127));
+        // a subnormal's bits m (< 2^23) convert exactly: floor(log2(m * 2^-149)) from float(m)
+        const __m512i mf = _mm512_castps_si512(_mm512_cvtepi32_ps(amax));
+        fl = _mm512_mask_sub_epi32(fl, sub, _mm512_srli_epi32(mf, 23), _mm512_set1_epi32(127 + 149));
+        __m512i E = _mm512_sub_epi32(fl, _mm512_set1_epi32(f.emax_elem));
+        E = _mm512_min_epi32(_mm512_max_epi32(E, _mm512_set1_epi32(f.exp_min)), _mm512_set1_epi32(f.exp_max));
+        E = _mm512_mask_mov_epi32(E, zero, _mm512_set1_epi32(f.exp_min));
+        // v = |x| * 2^k1 * 2^k2, k1 = min(unit_shift - E, 127), each step exact
+        const __m512i k = _mm512_sub_epi32(_mm512_set1_epi32(f.unit_shift), E);
+        const __m512i k1 = _mm512_min_epi32(k, _mm512_set1_epi32(127));
+        const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(k1, _mm512_set1_epi32(127)), 23));
+        const __m512 s2 = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(k, k1), _mm512_set1_epi32(127)), 23));
+        const bool two = _mm512_cmpgt_epi32_mask(k, _mm512_set1_epi32(127)) != 0;
+        alignas(64) int32_t Ev[16];
+        _mm512_store_si512(Ev, E);
+        __mmask16 nzm = 0;
+        for (int r = 0; r < nr; ++r) {
+            const int64_t blk = (i0 + r) * nbc + b;
+            int8_t* ub = a.u + (i0 + r) * a.us + b * Bp;
+            if ((bad >> r) & 1) {  // NaN/Inf: the block's units are 0 and its exponent marks it
+                std::memset(ub, 0, size_t(Bp));
+                a.E[blk] = kNanExp;
+                a.scale[blk] = block_scale(kNanExp, f.unit_shift, true);
+                if (a.corr) a.corr[blk] = 0;
+                continue;
+            }
+            const __m512i ri = _mm512_set1_epi32(r);
+            __m512 av = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v[r]), absm)),
+                                      _mm512_permutexvar_ps(ri, s1));
+            if (two) av = _mm512_mul_ps(av, _mm512_permutexvar_ps(ri, s2));
+            const __m512 q = _mm512_min_ps(round_units16(_mm512_min_ps(av, cap), f.rounding), maxu);
+            __m512i qi = _mm512_cvttps_epi32(q);
+            const __mmask16 neg = _mm512_cmp_ps_mask(v[r], _mm512_setzero_ps(), _CMP_LT_OQ);
+            qi = _mm512_mask_sub_epi32(qi, neg, _mm512_setzero_si512(), qi);
+            const __m128i b8 = _mm512_cvtsepi32_epi8(qi);  // |units| <= 127: no saturation
+            const __m128i sad = _mm_sad_epu8(_mm_xor_si128(b8, _mm_set1_epi8(-128)), _mm_setzero_si128());
+            const int32_t usum = int32_t(_mm_cvtsi128_si64(sad) + _mm_extract_epi64(sad, 1)) - 128 * 16;
+            const bool nz = !_mm_testz_si128(b8, b8);
+            if (Bp == 16) {
+                _mm_storeu_si128(reinterpret_cast<__m128i*>(ub), b8);
+            } else {
+                alignas(16) int8_t tmp[16];
+                _mm_store_si128(reinterpret_cast<__m128i*>(tmp), b8);
+                std::memcpy(ub, tmp, size_t(Bp));
+            }
+            a.E[blk] = int16_t(Ev[r]);
+            a.scale[blk] = block_scale(int16_t(Ev[r]), f.unit_shift, !nz);
+            if (a.corr) a.corr[blk] = -128 * usum;
+            nzm |= __mmask16(nz) << r;
+        }
+        const __m512i ee = _mm512_sub_epi32(E, _mm512_set1_epi32(f.unit_shift));
+        vmn = _mm512_mask_min_epi32(vmn, nzm, vmn, ee);
+        vmx = _mm512_mask_max_epi32(vmx, nzm, vmx, ee);
+    }
+    _mm512_store_si512(mn, vmn);
+    _mm512_store_si512(mx, vmx);
+    for (int r = 0; r < nr; ++r) {
+        a.emin[i0 + r] = mn[r];
+        a.emax[i0 + r] = mx[r];
+    }
+    return true;
+}
 
 void quantize_rows(const QuantRowsArgs& a) {
     const FmtParams& f = *a.f;
     const int B = f.block, Bp = a.Bp, nbc = (a.C + B - 1) / B, nv = (Bp + 15) / 16;
+    int64_t i_start = 0;
+    if (nv == 1 && B <= 16 && a.n >= 4) {
+        static const __m512i order = hmax16_order();
+        while (i_start < a.n) {
+            const int nr = int(a.n - i_start < 16 ? a.n - i_start : 16);
+            if (!quantize_rows16(a, i_start, nr, order)) break;
+            i_start += nr;
+        }
+    }
     const __m512i absm = _mm512_set1_epi32(0x7fffffff), expm = _mm512_set1_epi32(0x7f800000);
     const __m512 maxu = _mm512_set1_ps(float(f.max_units));
     const __m512 cap = _mm512_set1_ps(float(f.max_units + 1));  // min(v, cap) rounds to the same capped units
-    for (int64_t i = 0; i < a.n; ++i) {
+    for (int64_t i = i_start; i < a.n; ++i) {
         const float* x = a.x + i * a.xs;
         int8_t* u = a.u + i * a.us;
         int32_t mn = a.emin[i], mx = a.emax[i];
@@ -179,7 +313,7 @@ void quantize_rows(const QuantRowsArgs& a) {
             __m512i vmax = _mm512_setzero_si512();
             __mmask16 bad = 0;
             for (int j = 0; j < nv; ++j) {
-                v[j] = _mm512_maskz_loadu_ps(lanes(len - 16 * j), x + b * B + 16 * j);
+                v[j] = load_lanes(x + b * B + 16 * j, len - 16 * j);
                 const __m512i ab = _mm512_and_si512(_mm512_castps_si512(v[j]), absm);
                 bad |= _mm512_cmpeq_epi32_mask(_mm512_and_si512(ab, expm), expm);
                 vmax = _mm512_max_epi32(vmax, ab);  // |x| bit patterns order like the values
