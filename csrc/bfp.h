@@ -204,6 +204,25 @@ bool quantize_pixels8(const float* x, int64_t HW, int np, int len, const FmtPara
                       int ustride, int16_t* E);
 }  // namespace avx2
 
+// The shared exponent of a block whose largest |x| has the bit pattern amax_bits (finite):
+// floor(log2(amax)) - emax_elem clamped to the format's range, exp_min for an all-zero block.
+// Exact for subnormals too (the bits of a subnormal m * 2^-149 convert to float exactly).
+// static: each ISA file gets its own copy, never one compiled with another file's flags.
+static inline int block_exponent(int32_t amax_bits, const FmtParams& f) {
+    if (amax_bits == 0) return f.exp_min;
+    int fl;
+    if (amax_bits >= 0x00800000) {
+        fl = (amax_bits >> 23) - 127;
+    } else {
+        const float m = float(amax_bits);  // < 2^23: exact
+        uint32_t mb;
+        __builtin_memcpy(&mb, &m, 4);
+        fl = int(mb >> 23) - 127 - 149;
+    }
+    const int E = fl - f.emax_elem;
+    return E < f.exp_min ? f.exp_min : E > f.exp_max ? f.exp_max : E;
+}
+
 // Scale of a block for the fast kernels (see RowsView).
 inline float block_scale(int16_t e, int unit_shift, bool all_zero) {
     if (e == kNanExp) return __builtin_nanf("");

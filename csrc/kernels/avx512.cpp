@@ -22,8 +22,8 @@
 #endif
 
 #include <climits>
-#include <cstdlib>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "../bfp.h"
@@ -163,6 +163,14 @@ static inline __m512 round_units16(__m512 v, int mode) {
 
 
 
+// A block that held NaN/Inf: units 0, its exponent marks it, its scale is NaN.
+static inline void nan_block(const QuantRowsArgs& a, int64_t blk, int8_t* ub) {
+    std::memset(ub, 0, size_t(a.Bp));
+    a.E[blk] = kNanExp;
+    a.scale[blk] = block_scale(kNanExp, a.f->unit_shift, true);
+    if (a.corr) a.corr[blk] = 0;
+}
+
 // Lane r of the result: the maximum of the 16 lanes of v[r] (a tree of shuffles that
 // reduces 16 vectors at once; the lane order it leaves is undone by one permutation, found
 // once by running the tree on v[r] = r).
@@ -244,11 +252,8 @@ static bool quantize_rows16(const QuantRowsArgs& a, int64_t i0, int nr, const __
         for (int r = 0; r < nr; ++r) {
             const int64_t blk = (i0 + r) * nbc + b;
             int8_t* ub = a.u + (i0 + r) * a.us + b * Bp;
-            if ((bad >> r) & 1) {  // NaN/Inf: the block's units are 0 and its exponent marks it
-                std::memset(ub, 0, size_t(Bp));
-                a.E[blk] = kNanExp;
-                a.scale[blk] = block_scale(kNanExp, f.unit_shift, true);
-                if (a.corr) a.corr[blk] = 0;
+            if ((bad >> r) & 1) {
+                nan_block(a, blk, ub);
                 continue;
             }
             const __m512i ri = _mm512_set1_epi32(r);
@@ -320,30 +325,12 @@ void quantize_rows(const QuantRowsArgs& a) {
             }
             const int64_t blk = i * nbc + b;
             int8_t* ub = u + b * Bp;
-            if (bad) {  // NaN/Inf: the block's units are 0 and its exponent marks it
-                std::memset(ub, 0, size_t(Bp));
-                a.E[blk] = kNanExp;
-                a.scale[blk] = block_scale(kNanExp, f.unit_shift, true);
-                if (a.corr) a.corr[blk] = 0;
+            if (bad) {
+                nan_block(a, blk, ub);
                 continue;
             }
             const int32_t amax_bits = _mm512_reduce_max_epi32(vmax);
-            int E = f.exp_min;
-            if (amax_bits != 0) {
-                int fl;  // floor(log2(amax)), exact: from the exponent bits (frexp for subnormals)
-                if (amax_bits >= 0x00800000) {
-                    fl = (amax_bits >> 23) - 127;
-                } else {
-                    float am;
-                    std::memcpy(&am, &amax_bits, 4);
-                    int e2;
-                    std::frexp(am, &e2);
-                    fl = e2 - 1;
-                }
-                E = fl - f.emax_elem;
-                if (E < f.exp_min) E = f.exp_min;
-                if (E > f.exp_max) E = f.exp_max;
-            }
+            const int E = block_exponent(amax_bits, f);
             int k1 = f.unit_shift - E, k2 = 0;  // v = |x| * 2^k1 * 2^k2, each step exact
             if (k1 > 127) {
                 k2 = k1 - 127;

@@ -62,22 +62,7 @@ int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* out
     m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0x4E));
     m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0xB1));
     const int32_t amax_bits = _mm_cvtsi128_si32(m4);
-    int E = f.exp_min;
-    if (amax_bits != 0) {
-        int fl;  // floor(log2(amax)), exact: from the exponent bits (frexp for subnormals)
-        if (amax_bits >= 0x00800000) {
-            fl = (amax_bits >> 23) - 127;
-        } else {
-            float amax;
-            std::memcpy(&amax, &amax_bits, 4);
-            int e2;
-            std::frexp(amax, &e2);
-            fl = e2 - 1;
-        }
-        E = fl - f.emax_elem;
-        if (E < f.exp_min) E = f.exp_min;
-        if (E > f.exp_max) E = f.exp_max;
-    }
+    const int E = block_exponent(amax_bits, f);
     const __m256 maxu = _mm256_set1_ps(float(f.max_units));
     const __m256 fabsm = _mm256_castsi256_ps(absm);
     // int(p): v = |x| * 2^(unit_shift - E), in up to two exact steps; fp: v = |x| * 2^-E
