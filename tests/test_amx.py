@@ -119,6 +119,17 @@ CONVS = {
     "5x5_s2_p2_groups2": ((1, 64, 13, 11), (272, 32, 5, 5), {"stride": 2, "padding": 2, "groups": 2}),
     "3x3_dil2": ((1, 32, 12, 12), (136, 32, 3, 3), {"dilation": 2, "padding": 2}),
     "3x3_p1_narrow": ((1, 32, 10, 10), (40, 32, 3, 3), {"padding": 1}),
+    # wide output rows: row tiles loaded straight from the converted pixels (stride 1 and 2),
+    # tiles across output rows gathered, short last tiles
+    "3x3_p1_OW37_batch2": ((2, 32, 5, 37), (136, 32, 3, 3), {"padding": 1}),
+    "3x3_p1_OW32": ((1, 48, 4, 32), (130, 48, 3, 3), {"padding": 1}),
+    "3x3_s2_p1_OW18": ((1, 32, 7, 36), (140, 32, 3, 3), {"stride": 2, "padding": 1}),
+    "3x3_s2_p0_OW17": ((1, 32, 7, 35), (140, 32, 3, 3), {"stride": 2}),
+    "3x3_dil2_OW20": ((1, 32, 8, 24), (136, 32, 3, 3), {"dilation": 2, "padding": 2}),
+    "3x3_groups2_OW21": ((1, 64, 5, 21), (272, 32, 3, 3), {"padding": 1, "groups": 2}),
+    "1x1_OW40": ((1, 64, 3, 40), (150, 64, 1, 1), {}),
+    "1x1_s2_OW20": ((1, 64, 4, 40), (150, 64, 1, 1), {"stride": 2}),
+    "2x2_OW19_C64": ((1, 64, 4, 20), (140, 64, 2, 2), {}),
 }
 
 
@@ -142,6 +153,19 @@ def test_conv2d_tiny_activations(amx_kernel):
     w = (rng.normal(size=(140, 32, 3, 3)) * 2.0**-8).astype(f32)
     expected = ref.conv2d(x, w, "msfp16", seed=SEED, padding=1)
     assert_bits_equal(bfpaccel.conv2d(x, w, "msfp16", seed=SEED, padding=1), expected)
+
+
+@pytest.mark.parametrize("kw", [{"padding": 1}, {"padding": 1, "stride": 2}])
+def test_conv2d_wide_rows_exact_fallback(amx_kernel, kw):
+    """Output rows of 33/17 pixels, some input rows near 2^-120 or with NaN: tiles loaded straight
+    from the pixels next to tiles routed to the exact fallback; NaN propagation."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(1, 32, 6, 33)).astype(f32)
+    x[:, :, 2, :] *= f32(2.0**-125)
+    x[:, 3, 4, 5] = np.nan
+    w = (rng.normal(size=(140, 32, 3, 3)) * 2.0**-6).astype(f32)
+    expected = ref.conv2d(x, w, "msfp16", seed=SEED, **kw)
+    assert_bits_equal(bfpaccel.conv2d(x, w, "msfp16", seed=SEED, **kw), expected)
 
 
 _REFUSE = r"""
