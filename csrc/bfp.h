@@ -131,6 +131,19 @@ struct QuantRowsArgs {
     int32_t* emax;
 };
 
+// A depthwise convolution (C groups of one channel, multiplier 1) on fake-quantized operands
+// (one-element blocks): x [N][H][W][C], w [kh*kw][C], out [N][OH][OW][C]; each output is the
+// sum over the taps in order of fp32 products (mul, then add: two roundings), a padded tap
+// adding 0 * w. epi (null: none) is applied to each output before it is stored.
+struct DwArgs {
+    const float* x;
+    const float* w;
+    float* out;
+    int64_t N, C, H, W, OH, OW;
+    int kh, kw, sh, sw, pt, pl, dh, dw;
+    const VecEpilogue* epi;
+};
+
 // One entry of the kernel table (csrc/kernels/table.cpp): everything generic code needs to
 // know about a kernel. Generic code never names an ISA; it reads these fields.
 struct KernelDesc {
@@ -144,6 +157,7 @@ struct KernelDesc {
     void (*gemm)(const GemmArgs& a);
     void (*quantize_rows)(const QuantRowsArgs& a);  // null: the per-block quantizer
     bool fused_epilogue;  // gemm applies GemmArgs::epi (else the runtime makes a pass of its own)
+    void (*dwconv)(const DwArgs& a);  // null: the runtime's portable depthwise loop + epilogue pass
     bool simd() const { return gemm != nullptr; }   // every SIMD kernel's CPU has AVX2 + FMA + F16C
 };
 int kernel_count();
@@ -155,6 +169,7 @@ size_t panel_bytes(int nb, int Bp);
 void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
 void gemm(const GemmArgs& a);
 void quantize_rows(const QuantRowsArgs& a);
+void dwconv(const DwArgs& a);  // dw_avx512.cpp
 }  // namespace avx512
 
 namespace avx512emu {  // the same kernel on SIMDe, built only with BFPACCEL_AVX512_EMULATION
@@ -163,6 +178,7 @@ size_t panel_bytes(int nb, int Bp);
 void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
 void gemm(const GemmArgs& a);
 void quantize_rows(const QuantRowsArgs& a);
+void dwconv(const DwArgs& a);
 }  // namespace avx512emu
 
 // AMX (tile) kernel: bf16 block sums for blocks of 16/32 units, the VNNI kernel otherwise.

@@ -1,0 +1,140 @@
+// AVX-512 depthwise convolution (see DwArgs in bfp.h): NHWC, weights [taps][C], fused epilogue.
+//
+// Numerics (the same as dwconv_nhwc in runtime.cpp, bit for bit): every output is the sum
+// (((0 + x_t0*w_t0) + x_t1*w_t1) + ...) over the taps in order, each product rounded to fp32
+// and then added (vmulps + vaddps, never an FMA: -ffp-contract=off); a padded tap adds 0 * w
+// (a NaN/Inf weight still makes NaN). The epilogue (bias, residual, activation, each rounded
+// to the vector precision) is applied in registers before the store.
+//
+// Blocking: one work item is (image, output row, 16 channels); it walks the row in strips of
+// up to 8 output pixels: 8 accumulators, taps in order, the tap's 16 weights loaded once and
+// used for the 8 pixels. Channel tails (C % 16) use masked loads and stores.
+#ifdef BFP_AVX512_EMULATED
+// Test-only build of this same file on SIMDe's portable AVX-512 ("avx512-emu").
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#define BFP_AVX512_NS avx512emu
+#define BFP_NO_512_CVTPS_PH 1
+#else
+#include <immintrin.h>
+#define BFP_AVX512_NS avx512
+#endif
+
+#include <cstring>
+
+#include "../bfp.h"
+
+namespace bfp {
+namespace BFP_AVX512_NS {
+namespace {
+
+#include "epi512.inc"
+
+// Stores lanes [0, n) of v at p (never touching memory past p + n).
+static inline void store_lanes(float* p, __m512 v, int n) {
+    if (n >= 16) {
+        _mm512_storeu_ps(p, v);
+        return;
+    }
+#ifdef BFP_AVX512_EMULATED
+    alignas(64) float t[16];
+    _mm512_store_ps(t, v);
+    std::memcpy(p, t, sizeof(float) * size_t(n > 0 ? n : 0));
+#else
+    _mm512_mask_storeu_ps(p, lanes(n), v);
+#endif
+}
+
+template <bool FULL>
+static inline __m512 ld(const float* p, int n) {
+    if constexpr (FULL) return _mm512_loadu_ps(p);
+    else return load_lanes(p, n);
+}
+
+// One strip: output pixels [ox0, ox0 + NP) of row oy of image n, channels [c0, c0 + nl).
+template <int NP, bool FULL>
+static inline void strip(const DwArgs& a, int64_t n, int64_t oy, int64_t ox0, int64_t c0, int nl) {
+    const int64_t C = a.C, W = a.W, sC = int64_t(a.sw) * C;
+    __m512 acc[NP];
+    for (int j = 0; j < NP; ++j) acc[j] = _mm512_setzero_ps();
+    const int64_t ixs = ox0 * a.sw - a.pl;  // input column of pixel 0 under tap kx = 0
+    const bool cols_in = ixs >= 0 && ixs + int64_t(NP - 1) * a.sw + int64_t(a.kw - 1) * a.dw < W;
+    const __m512 zero = _mm512_setzero_ps();
+    for (int ky = 0; ky < a.kh; ++ky) {
+        const int64_t iy = oy * a.sh - a.pt + int64_t(ky) * a.dh;
+        const bool row_in = iy >= 0 && iy < a.H;
+        const float* row = a.x + ((n * a.H + (row_in ? iy : 0)) * W) * C + c0;
+        const float* wt = a.w + int64_t(ky) * a.kw * C + c0;
+        if (!row_in) {  // the whole row is padding: 0 * w per tap
+            for (int kx = 0; kx < a.kw; ++kx) {
+                const __m512 zw = _mm512_mul_ps(zero, ld<FULL>(wt + kx * C, nl));
+                for (int j = 0; j < NP; ++j) acc[j] = _mm512_add_ps(acc[j], zw);
+            }
+            continue;
+        }
+        for (int kx = 0; kx < a.kw; ++kx) {
+            const __m512 wv = ld<FULL>(wt + kx * C, nl);
+            const int64_t ix0 = ixs + int64_t(kx) * a.dw;
+            if (cols_in) {
+                const float* b = row + ix0 * C;
+#pragma GCC unroll 8
+                for (int j = 0; j < NP; ++j) acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(ld<FULL>(b + j * sC, nl), wv));
+            } else {
+#pragma GCC unroll 8
+                for (int j = 0; j < NP; ++j) {
+                    const int64_t ix = ix0 + int64_t(j) * a.sw;
+                    const __m512 xv = (ix >= 0 && ix < W) ? ld<FULL>(row + ix * C, nl) : zero;
+                    acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(xv, wv));
+                }
+            }
+        }
+    }
+    float* d = a.out + ((n * a.OH + oy) * a.OW + ox0) * C + c0;
+    for (int j = 0; j < NP; ++j) {
+        __m512 v = acc[j];
+        if (a.epi) v = vepilogue512(v, *a.epi, d + j * C, nl);
+        store_lanes(d + j * C, v, nl);
+    }
+}
+
+template <bool FULL>
+static void row_strips(const DwArgs& a, int64_t n, int64_t oy, int64_t c0, int nl) {
+    int64_t ox0 = 0;
+    for (; ox0 + 8 <= a.OW; ox0 += 8) strip<8, FULL>(a, n, oy, ox0, c0, nl);
+    switch (int(a.OW - ox0)) {
+        case 7: strip<7, FULL>(a, n, oy, ox0, c0, nl); break;
+        case 6: strip<6, FULL>(a, n, oy, ox0, c0, nl); break;
+        case 5: strip<5, FULL>(a, n, oy, ox0, c0, nl); break;
+        case 4: strip<4, FULL>(a, n, oy, ox0, c0, nl); break;
+        case 3: strip<3, FULL>(a, n, oy, ox0, c0, nl); break;
+        case 2: strip<2, FULL>(a, n, oy, ox0, c0, nl); break;
+        case 1: strip<1, FULL>(a, n, oy, ox0, c0, nl); break;
+        default: break;
+    }
+}
+
+}  // namespace
+
+void dwconv(const DwArgs& a) {
+    const int64_t ncb = (a.C + 15) / 16, items = a.N * a.OH * ncb;
+    const int64_t taps = int64_t(a.kh) * a.kw;
+    // items per scheduling step: ~1000 vector multiply-adds each, and >= 8 steps per thread
+    const int nt = num_threads();
+    int64_t chunk = 1000 / (a.OW * taps > 0 ? a.OW * taps : 1);
+    const int64_t cap = items / (8 * int64_t(nt));
+    if (chunk > cap) chunk = cap;
+    if (chunk < 1) chunk = 1;
+    const bool par = nt > 1 && items > 1 && items * a.OW * taps * 16 > 32768;
+    // dynamic: a descheduled thread (shared machine) does not stall the rest
+#pragma omp parallel for num_threads(nt) schedule(dynamic, chunk) if (par)
+    for (int64_t it = 0; it < items; ++it) {
+        const int64_t cb = it % ncb, r = it / ncb, oy = r % a.OH, n = r / a.OH;
+        const int64_t c0 = cb * 16;
+        const int nl = int(a.C - c0 < 16 ? a.C - c0 : 16);
+        if (nl == 16) row_strips<true>(a, n, oy, c0, nl);
+        else row_strips<false>(a, n, oy, c0, nl);
+    }
+}
+
+}  // namespace BFP_AVX512_NS
+}  // namespace bfp
