@@ -158,6 +158,12 @@ struct KernelDesc {
     void (*quantize_rows)(const QuantRowsArgs& a);  // null: the per-block quantizer
     bool fused_epilogue;  // gemm applies GemmArgs::epi (else the runtime makes a pass of its own)
     void (*dwconv)(const DwArgs& a);  // null: the runtime's portable depthwise loop + epilogue pass
+    // One-element blocks (fake_quantize_elements) of an int(p) format with emax_elem == 0 and
+    // deterministic rounding: out[i] = x[i] quantized alone, i in [0, n); each element that
+    // needs the exact scalar path (exponent out of range, subnormal, NaN/Inf) goes to fix(ctx, i).
+    // null: avx2::fake_quantize8_i.
+    void (*fake_quantize_elems)(const float* x, int64_t n, const FmtParams& f, float* out,
+                                void (*fix)(const void* ctx, int64_t i), const void* ctx);
     bool simd() const { return gemm != nullptr; }   // every SIMD kernel's CPU has AVX2 + FMA + F16C
 };
 int kernel_count();
@@ -169,7 +175,9 @@ size_t panel_bytes(int nb, int Bp);
 void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
 void gemm(const GemmArgs& a);
 void quantize_rows(const QuantRowsArgs& a);
-void dwconv(const DwArgs& a);  // dw_avx512.cpp
+void dwconv(const DwArgs& a);
+void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
+                         void (*fix)(const void* ctx, int64_t i), const void* ctx);  // dw_avx512.cpp
 }  // namespace avx512
 
 namespace avx512emu {  // the same kernel on SIMDe, built only with BFPACCEL_AVX512_EMULATION
@@ -179,6 +187,8 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
 void gemm(const GemmArgs& a);
 void quantize_rows(const QuantRowsArgs& a);
 void dwconv(const DwArgs& a);
+void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
+                         void (*fix)(const void* ctx, int64_t i), const void* ctx);
 }  // namespace avx512emu
 
 // AMX (tile) kernel: bf16 block sums for blocks of 16/32 units, the VNNI kernel otherwise.

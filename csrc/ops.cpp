@@ -188,6 +188,32 @@ void fake_quantize_elements(const float* x, int64_t n, const FmtParams& f, uint6
         fake_quantize_tensor(x, n, 1, 1, f, seed, out);
         return;
     }
+    const KernelDesc& k = current_kernel();
+    if (k.fake_quantize_elems) {  // the kernel's loop; elements it leaves out: the scalar path
+        struct Fix {
+            const float* x;
+            float* out;
+            const FmtParams* f;
+            uint64_t seed;
+            int64_t base;
+        };
+        auto fix = [](const void* ctx, int64_t i) {
+            const Fix& c = *static_cast<const Fix*>(ctx);
+            int64_t u;
+            const int64_t g = c.base + i;
+            const int16_t e = quantize_block(c.x + g, 1, 1, uint64_t(g), 1, *c.f, c.seed, &u);
+            c.out[g] = unit_value(u, e, *c.f);
+        };
+        constexpr int64_t kChunk = 16384;
+        const int64_t nchunk = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for num_threads(num_threads()) schedule(dynamic) if (n > 32768)
+        for (int64_t c = 0; c < nchunk; ++c) {
+            const int64_t i0 = c * kChunk, len = std::min<int64_t>(kChunk, n - i0);
+            const Fix ctx{x, out, &f, seed, i0};
+            k.fake_quantize_elems(x + i0, len, f, out + i0, fix, &ctx);
+        }
+        return;
+    }
     const int64_t n8 = n / 8;
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (n > 32768)
     for (int64_t c = 0; c < n8 + 1; ++c) {

@@ -113,7 +113,73 @@ static void row_strips(const DwArgs& a, int64_t n, int64_t oy, int64_t c0, int n
     }
 }
 
+template <int IMM>
+static inline __m512 roundscale(__m512 a) {
+#ifdef BFP_AVX512_EMULATED  // the portable roundscale does not honour every mode: two 8-lane roundings
+    const __m256 lo = _mm256_round_ps(_mm512_castps512_ps256(a), IMM);
+    const __m256 hi = _mm256_round_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)), IMM);
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+#else
+    return _mm512_roundscale_ps(a, IMM);
+#endif
+}
+
+static inline __m512 round_mode512(__m512 a, int mode) {
+    if (mode == kNearestEven) return roundscale<_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC>(a);
+    if (mode == kTowardZero) return roundscale<_MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC>(a);
+    const __m512 fl = roundscale<_MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC>(a);
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(a, fl), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+    return _mm512_mask_add_ps(fl, up, fl, _mm512_set1_ps(1.0f));
+}
+
 }  // namespace
+
+// The 16-lane twin of avx2::fake_quantize8_i (quant_avx2.cpp), same arithmetic: the
+// element's mantissa moved to the binade [2^us, 2^(us+1)) by replacing its exponent bits
+// (exact), rounded, saturated, scaled back by two exact power-of-two multiplies.
+void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
+                         void (*fix)(const void* ctx, int64_t i), const void* ctx) {
+    const __m512i absm = _mm512_set1_epi32(0x7fffffff), mantm = _mm512_set1_epi32(0x007fffff);
+    const __m512i e127 = _mm512_set1_epi32(127 + f.emax_elem);
+    const __m512i emin1 = _mm512_set1_epi32(f.exp_min - 1), emax1 = _mm512_set1_epi32(f.exp_max + 1);
+    const __m512i vexp = _mm512_set1_epi32((f.unit_shift + f.emax_elem + 127) << 23);
+    const __m512i maxsub = _mm512_set1_epi32(0x007fffff), inf = _mm512_set1_epi32(0x7f800000);
+    const __m512 maxu = _mm512_set1_ps(float(f.max_units));
+    const __m512 ps = _mm512_castsi512_ps(_mm512_set1_epi32((127 - f.unit_shift) << 23));  // 2^-unit_shift
+    const __m512i signm = _mm512_set1_epi32(int(0x80000000u));
+    const int mode = f.rounding;
+    for (int64_t i = 0; i < n; i += 16) {
+        const int nl = int(n - i < 16 ? n - i : 16);
+        const __m512 xv = nl == 16 ? _mm512_loadu_ps(x + i) : load_lanes(x + i, nl);
+        const __m512i bits = _mm512_castps_si512(xv);
+        const __m512i a = _mm512_and_si512(bits, absm);
+        const __m512i E = _mm512_sub_epi32(_mm512_srli_epi32(a, 23), e127);
+        const __mmask16 zero = _mm512_cmpeq_epi32_mask(a, _mm512_setzero_si512());
+        const __mmask16 normal = _mm512_cmpgt_epi32_mask(a, maxsub) & _mm512_cmpgt_epi32_mask(inf, a);
+        const __mmask16 inrange = _mm512_cmpgt_epi32_mask(E, emin1) & _mm512_cmpgt_epi32_mask(emax1, E);
+        const __mmask16 ok = (zero | (normal & inrange)) & lanes(nl);
+        const __m512 v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(a, mantm), vexp));
+        const __m512 q = _mm512_min_ps(round_mode512(v, mode), maxu);
+        const __m512 pE = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(E, _mm512_set1_epi32(127)), 23));
+        __m512i val = _mm512_castps_si512(_mm512_mul_ps(_mm512_mul_ps(q, ps), pE));
+        val = _mm512_or_si512(val, _mm512_and_si512(bits, signm));
+        val = _mm512_maskz_mov_epi32(__mmask16(~zero), val);  // zero block: +0
+        if (ok == 0xffff) {
+            _mm512_storeu_ps(out + i, _mm512_castsi512_ps(val));
+            continue;
+        }
+#ifdef BFP_AVX512_EMULATED
+        alignas(64) float t[16];
+        _mm512_store_ps(t, _mm512_castsi512_ps(val));
+        for (int j = 0; j < nl; ++j)
+            if (ok >> j & 1) out[i + j] = t[j];
+#else
+        _mm512_mask_storeu_ps(out + i, ok, _mm512_castsi512_ps(val));
+#endif
+        for (int j = 0; j < nl; ++j)
+            if (!(ok >> j & 1)) fix(ctx, i + j);
+    }
+}
 
 void dwconv(const DwArgs& a) {
     const int64_t ncb = (a.C + 15) / 16, items = a.N * a.OH * ncb;
