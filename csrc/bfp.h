@@ -142,6 +142,11 @@ struct DwArgs {
     int64_t N, C, H, W, OH, OW;
     int kh, kw, sh, sw, pt, pl, dh, dw;
     const VecEpilogue* epi;
+    // non-null: x is the raw input, quantized by the kernel as one-element blocks of *fq (a
+    // format fake_quantize_elems takes); element i of x that needs the scalar path is fq_fix(fq_ctx, i)
+    const FmtParams* fq;
+    float (*fq_fix)(const void* ctx, int64_t i);
+    const void* fq_ctx;
 };
 
 // One entry of the kernel table (csrc/kernels/table.cpp): everything generic code needs to
@@ -160,10 +165,10 @@ struct KernelDesc {
     void (*dwconv)(const DwArgs& a);  // null: the runtime's portable depthwise loop + epilogue pass
     // One-element blocks (fake_quantize_elements) of an int(p) format with emax_elem == 0 and
     // deterministic rounding: out[i] = x[i] quantized alone, i in [0, n); each element that
-    // needs the exact scalar path (exponent out of range, subnormal, NaN/Inf) goes to fix(ctx, i).
+    // needs the exact scalar path (exponent out of range, subnormal, NaN/Inf) is fix(ctx, i).
     // null: avx2::fake_quantize8_i.
     void (*fake_quantize_elems)(const float* x, int64_t n, const FmtParams& f, float* out,
-                                void (*fix)(const void* ctx, int64_t i), const void* ctx);
+                                float (*fix)(const void* ctx, int64_t i), const void* ctx);
     bool simd() const { return gemm != nullptr; }   // every SIMD kernel's CPU has AVX2 + FMA + F16C
 };
 int kernel_count();
@@ -175,9 +180,9 @@ size_t panel_bytes(int nb, int Bp);
 void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
 void gemm(const GemmArgs& a);
 void quantize_rows(const QuantRowsArgs& a);
-void dwconv(const DwArgs& a);
+void dwconv(const DwArgs& a);  // dw_avx512.cpp
 void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
-                         void (*fix)(const void* ctx, int64_t i), const void* ctx);  // dw_avx512.cpp
+                         float (*fix)(const void* ctx, int64_t i), const void* ctx);
 }  // namespace avx512
 
 namespace avx512emu {  // the same kernel on SIMDe, built only with BFPACCEL_AVX512_EMULATION
@@ -188,7 +193,7 @@ void gemm(const GemmArgs& a);
 void quantize_rows(const QuantRowsArgs& a);
 void dwconv(const DwArgs& a);
 void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
-                         void (*fix)(const void* ctx, int64_t i), const void* ctx);
+                         float (*fix)(const void* ctx, int64_t i), const void* ctx);
 }  // namespace avx512emu
 
 // AMX (tile) kernel: bf16 block sums for blocks of 16/32 units, the VNNI kernel otherwise.
