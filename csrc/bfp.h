@@ -131,6 +131,24 @@ struct QuantRowsArgs {
     int32_t* emax;
 };
 
+// A depthwise convolution (C groups of one channel, multiplier 1) on fake-quantized operands
+// (one-element blocks): x [N][H][W][C], w [kh*kw][C], out [N][OH][OW][C]; each output is the
+// sum over the taps in order of fp32 products (mul, then add: two roundings), a padded tap
+// adding 0 * w. epi (null: none) is applied to each output before it is stored.
+struct DwArgs {
+    const float* x;
+    const float* w;
+    float* out;
+    int64_t N, C, H, W, OH, OW;
+    int kh, kw, sh, sw, pt, pl, dh, dw;
+    const VecEpilogue* epi;
+    // non-null: x is the raw input, quantized by the kernel as one-element blocks of *fq (a
+    // format fake_quantize_elems takes); element i of x that needs the scalar path is fq_fix(fq_ctx, i)
+    const FmtParams* fq;
+    float (*fq_fix)(const void* ctx, int64_t i);
+    const void* fq_ctx;
+};
+
 // One entry of the kernel table (csrc/kernels/table.cpp): everything generic code needs to
 // know about a kernel. Generic code never names an ISA; it reads these fields.
 struct KernelDesc {
@@ -144,6 +162,13 @@ struct KernelDesc {
     void (*gemm)(const GemmArgs& a);
     void (*quantize_rows)(const QuantRowsArgs& a);  // null: the per-block quantizer
     bool fused_epilogue;  // gemm applies GemmArgs::epi (else the runtime makes a pass of its own)
+    void (*dwconv)(const DwArgs& a);  // null: the runtime's portable depthwise loop + epilogue pass
+    // One-element blocks (fake_quantize_elements) of an int(p) format with emax_elem == 0 and
+    // deterministic rounding: out[i] = x[i] quantized alone, i in [0, n); each element that
+    // needs the exact scalar path (exponent out of range, subnormal, NaN/Inf) is fix(ctx, i).
+    // null: avx2::fake_quantize8_i.
+    void (*fake_quantize_elems)(const float* x, int64_t n, const FmtParams& f, float* out,
+                                float (*fix)(const void* ctx, int64_t i), const void* ctx);
     bool simd() const { return gemm != nullptr; }   // every SIMD kernel's CPU has AVX2 + FMA + F16C
 };
 int kernel_count();
@@ -155,6 +180,9 @@ size_t panel_bytes(int nb, int Bp);
 void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
 void gemm(const GemmArgs& a);
 void quantize_rows(const QuantRowsArgs& a);
+void dwconv(const DwArgs& a);  // dw_avx512.cpp
+void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
+                         float (*fix)(const void* ctx, int64_t i), const void* ctx);
 }  // namespace avx512
 
 namespace avx512emu {  // the same kernel on SIMDe, built only with BFPACCEL_AVX512_EMULATION
@@ -163,6 +191,9 @@ size_t panel_bytes(int nb, int Bp);
 void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
 void gemm(const GemmArgs& a);
 void quantize_rows(const QuantRowsArgs& a);
+void dwconv(const DwArgs& a);
+void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
+                         float (*fix)(const void* ctx, int64_t i), const void* ctx);
 }  // namespace avx512emu
 
 // AMX (tile) kernel: bf16 block sums for blocks of 16/32 units, the VNNI kernel otherwise.

@@ -182,7 +182,31 @@ void fake_quantize_tensor(const float* x, int64_t outer, int64_t K, int64_t inne
     });
 }
 
+bool kernel_quantizes_elements(const FmtParams& f) {
+    return current_kernel().fake_quantize_elems && f.kind == kInt && f.rounding != kStochastic && f.emax_elem == 0;
+}
+
+float fix_element(const void* ctx, int64_t i) {
+    const ElemFix& c = *static_cast<const ElemFix*>(ctx);
+    const int64_t g = c.base + i;
+    int64_t u;
+    const int16_t e = quantize_block(c.x + g, 1, 1, uint64_t(g), 1, *c.f, c.seed, &u);
+    return unit_value(u, e, *c.f);
+}
+
 void fake_quantize_elements(const float* x, int64_t n, const FmtParams& f, uint64_t seed, float* out) {
+    if (kernel_quantizes_elements(f)) {  // the kernel's loop; elements it leaves out: the scalar path
+        const KernelDesc& k = current_kernel();
+        constexpr int64_t kChunk = 16384;
+        const int64_t nchunk = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for num_threads(num_threads()) schedule(dynamic) if (n > 32768)
+        for (int64_t c = 0; c < nchunk; ++c) {
+            const int64_t i0 = c * kChunk, len = std::min<int64_t>(kChunk, n - i0);
+            const ElemFix ctx{x, &f, seed, i0};
+            k.fake_quantize_elems(x + i0, len, f, out + i0, fix_element, &ctx);
+        }
+        return;
+    }
     const bool fast = current_kernel().simd() && f.kind == kInt && f.rounding != kStochastic && f.emax_elem == 0;
     if (!fast) {
         fake_quantize_tensor(x, n, 1, 1, f, seed, out);

@@ -50,6 +50,16 @@ void fake_quantize_tensor(const float* x, int64_t outer, int64_t K, int64_t inne
                           uint64_t seed, float* out);
 // Every element its own block (depthwise convs): values, SIMD where the format allows.
 void fake_quantize_elements(const float* x, int64_t n, const FmtParams& f, uint64_t seed, float* out);
+// The current kernel's fake_quantize_elems takes format f; ElemFix (with fix_element) gives
+// it the scalar path for single elements: the value of x[base + i].
+bool kernel_quantizes_elements(const FmtParams& f);
+struct ElemFix {
+    const float* x;
+    const FmtParams* f;
+    uint64_t seed;
+    int64_t base;
+};
+float fix_element(const void* ctx, int64_t i);
 void dequantize_tensor(const int8_t* codes, const int16_t* exps, int64_t outer, int64_t K, int64_t inner,
                        const FmtParams& f, float* out);
 

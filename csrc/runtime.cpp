@@ -412,13 +412,26 @@ void Program::conv(const Op& op) {
     float* y = ptr(op.out[0]);
     const float* x = ptr(op.in[0]);
     if (op.sub == 1) {  // depthwise: one-element blocks (see dwconv_nhwc)
+        const KernelDesc& k = current_kernel();
+        const bool quant = has_fmt_ && op.ip.size() > 18 && op.ip[18];
+        const bool kq = quant && k.dwconv && kernel_quantizes_elements(fx_);  // the kernel quantizes x itself
         const float* xin = x;
-        std::vector<float> fq;
-        if (has_fmt_ && op.ip.size() > 18 && op.ip[18]) {
+        if (quant && !kq) {
             const int64_t n = g.N * g.H * g.W * g.C;
-            fq.resize(size_t(n));
-            fake_quantize_elements(x, n, fx_, seed_, fq.data());
-            xin = fq.data();
+            if (dwq_.size() < size_t(n)) dwq_.resize(size_t(n));  // kept across runs
+            fake_quantize_elements(x, n, fx_, seed_, dwq_.data());
+            xin = dwq_.data();
+        }
+        if (k.dwconv) {  // the kernel's depthwise loop, epilogue applied in registers
+            const VecEpilogue ve{y, O, op.bias >= 0 ? ptr(op.bias) : nullptr, op.res >= 0 ? ptr(op.res) : nullptr, vp_,
+                                 op.act, op.fp.size() > 0 ? op.fp[0] : 0.0f, op.fp.size() > 1 ? op.fp[1] : 0.0f,
+                                 avx2::epilogue_row};
+            const ElemFix fix{x, &fx_, seed_, 0};
+            const DwArgs da{xin, ptr(op.wf), y, g.N, g.C, g.H, g.W, g.OH, g.OW, int(q[5]), int(q[6]),
+                            g.sh, g.sw, g.pt, g.pl, g.dh, g.dw, (ve.bias || ve.res || ve.act) ? &ve : nullptr,
+                            kq ? &fx_ : nullptr, fix_element, &fix};
+            k.dwconv(da);
+            return;
         }
         dwconv_nhwc(xin, ptr(op.wf), g, int(q[5]), int(q[6]), y);
     } else if (op.w) {

@@ -96,6 +96,7 @@ class Program {
     std::vector<int> slot_;
     std::vector<Op> ops_;
     std::vector<double> times_, gemm_times_;
+    std::vector<float> dwq_;  // depthwise convs: the fake-quantized input (scratch, reused)
 };
 
 // fp32 reference conv (format "fp32"): NHWC, weights [G][taps][Cg][Og], sequential sums over

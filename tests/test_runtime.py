@@ -274,6 +274,96 @@ def test_depthwise_bit_exact_against_reference(kernel, fmt):
     assert same.all(), int((~same).sum())
 
 
+_DW_GEOMS = [  # C, H, W, k, strides, pads (top, left, bottom, right), dilations
+    (37, 9, 21, 3, (1, 1), (1, 1, 1, 1), (1, 1)),   # C % 16 != 0, OW = 21 (strips of 8 + 5)
+    (5, 7, 6, 3, (2, 2), (1, 1, 1, 1), (1, 1)),     # C < 16: only a masked tail
+    (48, 11, 13, 5, (2, 2), (2, 1, 2, 2), (1, 1)),  # 5x5, stride 2, asymmetric padding all sides
+    (19, 10, 12, 3, (1, 2), (2, 3, 1, 2), (2, 2)),  # dilation, padding wider than the kernel reach
+    (33, 4, 3, 5, (1, 1), (2, 2, 2, 2), (1, 1)),    # kernel larger than the input: most taps padded
+]
+
+
+@pytest.mark.parametrize("vp", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("act", ["Relu", "Clip", None])
+@pytest.mark.parametrize("geom", range(len(_DW_GEOMS)))
+def test_depthwise_fused_epilogue_bit_exact(kernel, geom, act, vp):
+    """Depthwise conv (op sub 1) + bias + residual Add + Relu/Clip in one op: odd channel
+    counts, strides, padding on all sides, dilation, widths that leave strip tails; each
+    vector op rounds to the vector precision exactly as the separate ops would."""
+    C, H, W, k, st, pads, dil = _DW_GEOMS[geom]
+    rng = np.random.default_rng(100 + geom)
+    N = 2
+    w = (rng.standard_normal((C, 1, k, k)) * 0.5).astype(np.float32)
+    b = (rng.standard_normal(C) * 1e2).astype(np.float32)
+    w[min(3, C - 1), 0, 0, 0] = np.nan  # a padded tap of a NaN weight is NaN too
+    OH = (H + pads[0] + pads[2] - dil[0] * (k - 1) - 1) // st[0] + 1
+    OW = (W + pads[1] + pads[3] - dil[1] * (k - 1) - 1) // st[1] + 1
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], group=C, pads=list(pads), strides=list(st),
+                              dilations=list(dil), kernel_shape=[k, k]),
+             helper.make_node("Add", ["c", "r"], ["a"])]
+    if act == "Relu":
+        nodes.append(helper.make_node("Relu", ["a"], ["y"]))
+    elif act == "Clip":
+        nodes.append(helper.make_node("Clip", ["a", "lo", "hi"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["a"], ["y"]))
+    m = _model(nodes, [("x", [N, C, H, W]), ("r", [N, C, OH, OW])], ["y"],
+               {"w": w, "b": b, "lo": np.float32(-3.0), "hi": np.float32(6.0)})
+    x = (rng.standard_normal((N, C, H, W)) * np.exp(rng.uniform(-6, 12, (N, C, H, W)))).astype(np.float32)
+    x[0, 0, 1, 1] = 1e-41
+    r = (rng.standard_normal((N, C, OH, OW)) * np.exp(rng.uniform(-20, 12, (N, C, OH, OW)))).astype(np.float32)
+    r[1, 0, 0, :2] = [np.inf, -np.inf]
+    plan = bfpaccel.compile(m, format="msfp16", vector_precision=vp)
+    s = bfpaccel.Session(plan)
+    lw = s.program({"x": x.shape, "r": r.shape})
+    kinds = list(lw.program.op_kinds)
+    assert -1 in kinds, kinds  # the depthwise op, with bias/residual/activation fused into it
+    if act is not None:  # no separate Add / Relu / Clip (only layout transposes around it)
+        assert kinds.count(-1) == 1 and not {1, 2} & set(kinds), lw.op_names
+    got = s.run(None, {"x": x, "r": r})["y"]
+    R = {"fp16": _fp16, "bf16": _bf16, "fp32": lambda a: a.astype(np.float32)}[vp]
+    acc = reference.conv2d(x, w, bfpaccel.get_format("msfp16"), stride=st, padding=pads, dilation=dil,
+                           groups=C).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        v = R(acc + b.reshape(1, -1, 1, 1))
+        v = R(v + r)
+        if act == "Relu":
+            v = R(np.where(v > 0, v, np.where(np.isnan(v), v, 0)))
+        elif act == "Clip":
+            v = np.where(np.isnan(v), v, R(np.clip(v, -3.0, 6.0)))
+    same = (got.view(np.uint32) == v.view(np.uint32)) | (np.isnan(got) & np.isnan(v))
+    assert same.all(), int((~same).sum())
+
+
+@pytest.mark.parametrize("fmt", ["msfp16", "mxint8", "mxfp8_e4m3", "fp32"])
+def test_depthwise_large_threads_bit_exact(kernel, fmt, restore_threads):
+    """A depthwise conv big enough to run in parallel (2 threads) and a plain one without
+    epilogue: the same bits as the reference (or, in fp32, the sequential fp32 sum)."""
+    bfpaccel.set_num_threads(2)
+    rng = np.random.default_rng(7)
+    C, H, W = 72, 30, 29
+    w = (rng.standard_normal((C, 1, 3, 3)) * 0.3).astype(np.float32)
+    w[::4] *= np.float32(2.0 ** -20)
+    m = _model([helper.make_node("Conv", ["x", "w"], ["y"], group=C, pads=[0, 1, 1, 0], strides=[2, 2])],
+               [("x", [1, C, H, W])], ["y"], {"w": w})
+    x = (rng.standard_normal((1, C, H, W)) * np.exp(rng.uniform(-10, 10, (1, C, H, W)))).astype(np.float32)
+    # tiny inputs: products that underflow round once as products, then add (not an FMA)
+    x[:, ::2] = (rng.standard_normal((1, C // 2, H, W)) * np.exp(rng.uniform(-86, -78, (1, C // 2, H, W))))
+    got = bfpaccel.Session(bfpaccel.compile(m, format=fmt, vector_precision="fp32")).run(None, {"x": x})["y"]
+    if fmt == "fp32":  # no quantization: taps in order, fp32 products and sums
+        xp = np.pad(x, ((0, 0), (0, 0), (0, 1), (1, 0)))
+        want = np.zeros_like(got)
+        for ky in range(3):
+            for kx in range(3):
+                want = (want + xp[:, :, ky:ky + 2 * got.shape[2]:2, kx:kx + 2 * got.shape[3]:2]
+                        * w[:, 0, ky, kx].reshape(1, -1, 1, 1)).astype(np.float32)
+    else:
+        want = reference.conv2d(x, w, bfpaccel.get_format(fmt), stride=2, padding=(0, 1, 1, 0),
+                                groups=C).astype(np.float32)
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), int((~same).sum())
+
+
 def _bf16(a: np.ndarray) -> np.ndarray:
     u = a.astype(np.float32).view(np.uint32).astype(np.uint64)
     r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(np.float32).copy()

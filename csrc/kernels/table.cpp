@@ -31,17 +31,22 @@ static bool has_amx() {
 static bool always() { return true; }
 
 static const KernelDesc kTable[] = {
-    {"scalar", false, always, 0, false, nullptr, nullptr, nullptr, nullptr, true},
+    {"scalar", false, always, 0, false, nullptr, nullptr, nullptr, nullptr, true, nullptr, nullptr},
 #ifdef BFPACCEL_HAVE_AVX512_EMU
     {"avx512-emu", true, has_avx2, avx512emu::NR, false, avx512emu::panel_bytes, avx512emu::pack_panel,
-     avx512emu::gemm, avx512emu::quantize_rows, true},
+     avx512emu::gemm, avx512emu::quantize_rows, true, avx512emu::dwconv,
+     avx512emu::fake_quantize_elems},
     {"amx-emu", true, has_avx2, amxemu::NR, false, amxemu::panel_bytes, amxemu::pack_panel, amxemu::gemm,
-     avx512emu::quantize_rows, true},
+     avx512emu::quantize_rows, true, avx512emu::dwconv,
+     avx512emu::fake_quantize_elems},
 #endif
-    {"avx2", false, has_avx2, avx2::NR, true, avx2::panel_bytes, avx2::pack_panel, avx2::gemm, nullptr, false},
+    {"avx2", false, has_avx2, avx2::NR, true, avx2::panel_bytes, avx2::pack_panel, avx2::gemm, nullptr, false,
+     nullptr, nullptr},
     {"avx512", false, has_avx512, avx512::NR, false, avx512::panel_bytes, avx512::pack_panel, avx512::gemm,
-     avx512::quantize_rows, true},
-    {"amx", false, has_amx, amx::NR, false, amx::panel_bytes, amx::pack_panel, amx::gemm, avx512::quantize_rows, true},
+     avx512::quantize_rows, true, avx512::dwconv,
+     avx512::fake_quantize_elems},
+    {"amx", false, has_amx, amx::NR, false, amx::panel_bytes, amx::pack_panel, amx::gemm, avx512::quantize_rows, true,
+     avx512::dwconv, avx512::fake_quantize_elems},
 };
 
 int kernel_count() { return int(sizeof(kTable) / sizeof(kTable[0])); }

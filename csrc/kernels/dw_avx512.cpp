@@ -1,0 +1,288 @@
+// AVX-512 depthwise convolution (see DwArgs in bfp.h): NHWC, weights [taps][C], fused epilogue.
+//
+// Numerics (the same as dwconv_nhwc in runtime.cpp, bit for bit): every output is the sum
+// (((0 + x_t0*w_t0) + x_t1*w_t1) + ...) over the taps in order, each product rounded to fp32
+// and then added (vmulps + vaddps, never an FMA: -ffp-contract=off); a padded tap adds 0 * w
+// (a NaN/Inf weight still makes NaN). The epilogue (bias, residual, activation, each rounded
+// to the vector precision) is applied in registers before the store.
+//
+// Blocking: one work item is (image, output row(s), 16 channels); it walks each row in strips
+// of up to 8 output pixels: 8 accumulators, taps in order, the tap's 16 weights loaded once
+// and used for the 8 pixels. Channel tails (C % 16) use masked loads and stores.
+// With DwArgs::fq the item first quantizes the input rows under its block of output rows
+// (16 channels) into a small tile (L2), which the strips then read: the input is read once
+// and no fake-quantized copy of it goes through memory.
+#ifdef BFP_AVX512_EMULATED
+// Test-only build of this same file on SIMDe's portable AVX-512 ("avx512-emu").
+#define SIMDE_ENABLE_NATIVE_ALIASES
+#include <simde/x86/avx512.h>
+#define BFP_AVX512_NS avx512emu
+#define BFP_NO_512_CVTPS_PH 1
+#else
+#include <immintrin.h>
+#define BFP_AVX512_NS avx512
+#endif
+
+#include <cstdlib>
+#include <cstring>
+
+#include "../bfp.h"
+
+namespace bfp {
+namespace BFP_AVX512_NS {
+namespace {
+
+#include "epi512.inc"
+
+// Stores lanes [0, n) of v at p (never touching memory past p + n).
+static inline void store_lanes(float* p, __m512 v, int n) {
+    if (n >= 16) {
+        _mm512_storeu_ps(p, v);
+        return;
+    }
+#ifdef BFP_AVX512_EMULATED
+    alignas(64) float t[16];
+    _mm512_store_ps(t, v);
+    std::memcpy(p, t, sizeof(float) * size_t(n > 0 ? n : 0));
+#else
+    _mm512_mask_storeu_ps(p, lanes(n), v);
+#endif
+}
+
+template <bool FULL>
+static inline __m512 ld(const float* p, int n) {
+    if constexpr (FULL) return _mm512_loadu_ps(p);
+    else return load_lanes(p, n);
+}
+
+template <int IMM>
+static inline __m512 roundscale(__m512 a) {
+#ifdef BFP_AVX512_EMULATED  // the portable roundscale does not honour every mode: two 8-lane roundings
+    const __m256 lo = _mm256_round_ps(_mm512_castps512_ps256(a), IMM);
+    const __m256 hi = _mm256_round_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)), IMM);
+    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
+#else
+    return _mm512_roundscale_ps(a, IMM);
+#endif
+}
+
+static inline __m512 round_mode512(__m512 a, int mode) {
+    if (mode == kNearestEven) return roundscale<_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC>(a);
+    if (mode == kTowardZero) return roundscale<_MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC>(a);
+    const __m512 fl = roundscale<_MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC>(a);
+    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(a, fl), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
+    return _mm512_mask_add_ps(fl, up, fl, _mm512_set1_ps(1.0f));
+}
+
+// 16 one-element blocks of an int(p) format (emax_elem == 0, deterministic rounding) -> their
+// values: the 16-lane twin of avx2::fake_quantize8_i (quant_avx2.cpp), the same arithmetic:
+// the element's mantissa moved to the binade [2^us, 2^(us+1)) by replacing its exponent bits
+// (exact), rounded, saturated, scaled back by two exact power-of-two multiplies. ok: the
+// lanes computed (the others -- exponent out of range, subnormal, NaN/Inf -- need the scalar path).
+struct Quant16 {
+    __m512i absm, mantm, e127, emin1, emax1, vexp, maxsub, inf, signm, b127;
+    __m512 maxu, ps;
+    int mode;
+    explicit Quant16(const FmtParams& f)
+        : absm(_mm512_set1_epi32(0x7fffffff)), mantm(_mm512_set1_epi32(0x007fffff)),
+          e127(_mm512_set1_epi32(127 + f.emax_elem)), emin1(_mm512_set1_epi32(f.exp_min - 1)),
+          emax1(_mm512_set1_epi32(f.exp_max + 1)), vexp(_mm512_set1_epi32((f.unit_shift + f.emax_elem + 127) << 23)),
+          maxsub(_mm512_set1_epi32(0x007fffff)), inf(_mm512_set1_epi32(0x7f800000)),
+          signm(_mm512_set1_epi32(int(0x80000000u))), b127(_mm512_set1_epi32(127)),
+          maxu(_mm512_set1_ps(float(f.max_units))),
+          ps(_mm512_castsi512_ps(_mm512_set1_epi32((127 - f.unit_shift) << 23))),  // 2^-unit_shift
+          mode(f.rounding) {}
+    inline __m512 operator()(__m512 xv, __mmask16& ok) const {
+        const __m512i bits = _mm512_castps_si512(xv);
+        const __m512i a = _mm512_and_si512(bits, absm);
+        const __m512i E = _mm512_sub_epi32(_mm512_srli_epi32(a, 23), e127);
+        const __mmask16 zero = _mm512_cmpeq_epi32_mask(a, _mm512_setzero_si512());
+        const __mmask16 normal = _mm512_cmpgt_epi32_mask(a, maxsub) & _mm512_cmpgt_epi32_mask(inf, a);
+        const __mmask16 inrange = _mm512_cmpgt_epi32_mask(E, emin1) & _mm512_cmpgt_epi32_mask(emax1, E);
+        ok = zero | (normal & inrange);
+        const __m512 v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(a, mantm), vexp));
+        const __m512 q = _mm512_min_ps(round_mode512(v, mode), maxu);
+        const __m512 pE = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(E, b127), 23));
+        __m512i val = _mm512_castps_si512(_mm512_mul_ps(_mm512_mul_ps(q, ps), pE));
+        val = _mm512_or_si512(val, _mm512_and_si512(bits, signm));
+        return _mm512_castsi512_ps(_mm512_maskz_mov_epi32(__mmask16(~zero), val));  // zero block: +0
+    }
+};
+
+// The input the strips read: pixel ix of input row iy at base + (iy - iy0) * rs + ix * xs.
+struct XView {
+    const float* base;
+    int64_t iy0, rs, xs;
+};
+
+// One strip: output pixels [ox0, ox0 + NP) of row oy of image n, channels [c0, c0 + nl).
+// FX / FW: the input / weight loads are whole vectors (else the first nl lanes).
+template <int NP, bool FX, bool FW>
+static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t ox0, int64_t c0, int nl) {
+    const int64_t C = a.C, W = a.W, xs = X.xs, sC = int64_t(a.sw) * xs;
+    __m512 acc[NP];  // every loop over j fully unrolled: the accumulators stay in registers
+#pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) acc[j] = _mm512_setzero_ps();
+    const int64_t ixs = ox0 * a.sw - a.pl;  // input column of pixel 0 under tap kx = 0
+    const bool cols_in = ixs >= 0 && ixs + int64_t(NP - 1) * a.sw + int64_t(a.kw - 1) * a.dw < W;
+    const __m512 zero = _mm512_setzero_ps();
+    for (int ky = 0; ky < a.kh; ++ky) {
+        const int64_t iy = oy * a.sh - a.pt + int64_t(ky) * a.dh;
+        const bool row_in = iy >= 0 && iy < a.H;
+        const float* wt = a.w + int64_t(ky) * a.kw * C + c0;
+        if (!row_in) {  // the whole row is padding: 0 * w per tap
+            for (int kx = 0; kx < a.kw; ++kx) {
+                const __m512 zw = _mm512_mul_ps(zero, ld<FW>(wt + kx * C, nl));
+#pragma GCC unroll 8
+                for (int j = 0; j < NP; ++j) acc[j] = _mm512_add_ps(acc[j], zw);
+            }
+            continue;
+        }
+        const float* row = X.base + (iy - X.iy0) * X.rs;
+        for (int kx = 0; kx < a.kw; ++kx) {
+            const __m512 wv = ld<FW>(wt + kx * C, nl);
+            const int64_t ix0 = ixs + int64_t(kx) * a.dw;
+            if (cols_in) {
+                const float* b = row + ix0 * xs;
+#pragma GCC unroll 8
+                for (int j = 0; j < NP; ++j) acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(ld<FX>(b + j * sC, nl), wv));
+            } else {
+#pragma GCC unroll 8
+                for (int j = 0; j < NP; ++j) {
+                    const int64_t ix = ix0 + int64_t(j) * a.sw;
+                    const __m512 xv = (ix >= 0 && ix < W) ? ld<FX>(row + ix * xs, nl) : zero;
+                    acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(xv, wv));
+                }
+            }
+        }
+    }
+    float* d = a.out + ((n * a.OH + oy) * a.OW + ox0) * C + c0;
+#pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) {
+        __m512 v = acc[j];
+        if (a.epi) v = vepilogue512(v, *a.epi, d + j * C, nl);
+        store_lanes(d + j * C, v, nl);
+    }
+}
+
+template <bool FX, bool FW>
+static void row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t c0, int nl) {
+    int64_t ox0 = 0;
+    for (; ox0 + 8 <= a.OW; ox0 += 8) strip<8, FX, FW>(a, X, n, oy, ox0, c0, nl);
+    switch (int(a.OW - ox0)) {
+        case 7: strip<7, FX, FW>(a, X, n, oy, ox0, c0, nl); break;
+        case 6: strip<6, FX, FW>(a, X, n, oy, ox0, c0, nl); break;
+        case 5: strip<5, FX, FW>(a, X, n, oy, ox0, c0, nl); break;
+        case 4: strip<4, FX, FW>(a, X, n, oy, ox0, c0, nl); break;
+        case 3: strip<3, FX, FW>(a, X, n, oy, ox0, c0, nl); break;
+        case 2: strip<2, FX, FW>(a, X, n, oy, ox0, c0, nl); break;
+        case 1: strip<1, FX, FW>(a, X, n, oy, ox0, c0, nl); break;
+        default: break;
+    }
+}
+
+// Input rows [lo, hi] of image n, channels [c0, c0 + nl), quantized into tile (16 floats a
+// pixel, W pixels a row; lanes past nl hold +0).
+static void quantize_tile(const DwArgs& a, const Quant16& q, int64_t n, int64_t lo, int64_t hi, int64_t c0, int nl,
+                          float* tile) {
+    const int64_t C = a.C, W = a.W;
+    for (int64_t iy = lo; iy <= hi; ++iy) {
+        const int64_t src0 = ((n * a.H + iy) * W) * C + c0;
+        float* dst = tile + (iy - lo) * W * 16;
+        for (int64_t ix = 0; ix < W; ++ix) {
+            const float* src = a.x + src0 + ix * C;
+            __mmask16 ok;
+            const __m512 v = q(nl == 16 ? _mm512_loadu_ps(src) : load_lanes(src, nl), ok);
+            _mm512_store_ps(dst + ix * 16, v);
+            ok |= __mmask16(~lanes(nl));
+            if (ok != 0xffff)
+                for (int j = 0; j < nl; ++j)
+                    if (!(ok >> j & 1)) dst[ix * 16 + j] = a.fq_fix(a.fq_ctx, src0 + ix * C + j);
+        }
+    }
+}
+
+}  // namespace
+
+void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
+                         float (*fix)(const void* ctx, int64_t i), const void* ctx) {
+    const Quant16 q(f);
+    for (int64_t i = 0; i < n; i += 16) {
+        const int nl = int(n - i < 16 ? n - i : 16);
+        __mmask16 ok;
+        const __m512 val = q(nl == 16 ? _mm512_loadu_ps(x + i) : load_lanes(x + i, nl), ok);
+        ok &= lanes(nl);
+        if (ok == 0xffff) {
+            _mm512_storeu_ps(out + i, val);
+            continue;
+        }
+#ifdef BFP_AVX512_EMULATED
+        alignas(64) float t[16];
+        _mm512_store_ps(t, val);
+        for (int j = 0; j < nl; ++j)
+            if (ok >> j & 1) out[i + j] = t[j];
+#else
+        _mm512_mask_storeu_ps(out + i, ok, val);
+#endif
+        for (int j = 0; j < nl; ++j)
+            if (!(ok >> j & 1)) out[i + j] = fix(ctx, i + j);
+    }
+}
+
+void dwconv(const DwArgs& a) {
+    const int64_t ncb = (a.C + 15) / 16, taps = int64_t(a.kh) * a.kw;
+    const int nt = num_threads();
+    if (!a.fq) {
+        const int64_t items = a.N * a.OH * ncb;
+        // items per scheduling step: ~1000 vector multiply-adds each, and >= 8 steps per thread
+        int64_t chunk = 1000 / (a.OW * taps > 0 ? a.OW * taps : 1);
+        const int64_t cap = items / (8 * int64_t(nt));
+        if (chunk > cap) chunk = cap;
+        if (chunk < 1) chunk = 1;
+        const bool par = nt > 1 && items > 1 && items * a.OW * taps * 16 > 32768;
+        // dynamic: a descheduled thread (shared machine) does not stall the rest
+#pragma omp parallel for num_threads(nt) schedule(dynamic, chunk) if (par)
+        for (int64_t it = 0; it < items; ++it) {
+            const int64_t cb = it % ncb, r = it / ncb, oy = r % a.OH, n = r / a.OH;
+            const int64_t c0 = cb * 16;
+            const int nl = int(a.C - c0 < 16 ? a.C - c0 : 16);
+            const XView X{a.x + n * a.H * a.W * a.C + c0, 0, a.W * a.C, a.C};
+            if (nl == 16) row_strips<true, true>(a, X, n, oy, c0, nl);
+            else row_strips<false, false>(a, X, n, oy, c0, nl);
+        }
+        return;
+    }
+    // blocks of R output rows; the input rows under them (a tile of <= 256 KiB) quantized once
+    auto rows_in = [&](int64_t R) { return (R - 1) * a.sh + int64_t(a.kh - 1) * a.dh + 1; };
+    int64_t R = a.OH < 8 ? a.OH : 8;
+    while (R > 1 && rows_in(R) * a.W * 64 > 262144) --R;
+    int64_t tile_rows = rows_in(R);
+    if (tile_rows > a.H) tile_rows = a.H;
+    const int64_t nrb = (a.OH + R - 1) / R, items = a.N * nrb * ncb;
+    const size_t tile_bytes = (size_t(tile_rows) * size_t(a.W) * 64 + 63) / 64 * 64;
+    const Quant16 q(*a.fq);
+    const bool par = nt > 1 && items > 1 && a.N * a.OH * ncb * a.OW * taps * 16 > 32768;
+#pragma omp parallel num_threads(nt) if (par)
+    {
+        float* tile = static_cast<float*>(std::aligned_alloc(64, tile_bytes));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < items; ++it) {
+            const int64_t cb = it % ncb, rb = (it / ncb) % nrb, n = it / (ncb * nrb);
+            const int64_t c0 = cb * 16, oy0 = rb * R, oy1 = oy0 + R < a.OH ? oy0 + R : a.OH;
+            const int nl = int(a.C - c0 < 16 ? a.C - c0 : 16);
+            int64_t lo = oy0 * a.sh - a.pt, hi = (oy1 - 1) * a.sh - a.pt + int64_t(a.kh - 1) * a.dh;
+            if (lo < 0) lo = 0;
+            if (hi > a.H - 1) hi = a.H - 1;
+            if (lo <= hi) quantize_tile(a, q, n, lo, hi, c0, nl, tile);
+            const XView X{tile, lo, a.W * 16, 16};
+            for (int64_t oy = oy0; oy < oy1; ++oy) {
+                if (nl == 16) row_strips<true, true>(a, X, n, oy, c0, nl);
+                else row_strips<true, false>(a, X, n, oy, c0, nl);
+            }
+        }
+        std::free(tile);
+    }
+}
+
+}  // namespace BFP_AVX512_NS
+}  // namespace bfp
