@@ -172,7 +172,7 @@ struct KernelDesc {
     bool simd() const { return gemm != nullptr; }   // every SIMD kernel's CPU has AVX2 + FMA + F16C
 };
 int kernel_count();
-const KernelDesc& kernel_at(int i);  // slowest first
+const KernelDesc& kernel_at(int i);  // in order of preference (the table)
 
 namespace avx512 {
 constexpr int NR = 32;

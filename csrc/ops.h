@@ -13,7 +13,7 @@ namespace bfp {
 void set_num_threads(int n);  // process default; throws outside [1, max_threads()]
 int max_threads();
 // The kernel table (bfp.h): lookup by name (throws for unknown names and kernels this CPU
-// cannot run), the available names (slowest first), the process default (null: the fastest).
+// cannot run), the available names (in order of preference), the process default (null: the last).
 const KernelDesc& find_kernel(const std::string& name);
 std::vector<std::string> available_kernels();
 void set_kernel(const KernelDesc* k);

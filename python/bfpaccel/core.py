@@ -60,7 +60,7 @@ def get_num_threads() -> int:
 
 
 def available_kernels() -> List[str]:
-    """Kernels this CPU can run, slowest first, e.g. ``["scalar", "avx2", "avx512"]``; the last
+    """Kernels this CPU can run, in order of preference, e.g. ``["scalar", "avx2", "avx512"]``; the last
     is the default. Test builds (CMake option ``BFPACCEL_AVX512_EMULATION``) add emulated
     kernels (``"avx512-emu"``...) after ``"scalar"``: a SIMD kernel's source on portable
     intrinsics, to check it bit for bit where the CPU lacks the ISA; never the default.
