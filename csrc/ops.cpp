@@ -752,10 +752,14 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
         }
     }
 
-    // rows: output pixel p's tap t reads padded pixel roff[p] + toff[t]
-    std::vector<int64_t> roff(static_cast<size_t>(P)), toff(static_cast<size_t>(taps));
+    // rows: output pixel p's tap t reads padded pixel roff[p] + toff[t]. Channels-last without
+    // groups: every image's pixels are rows of one GEMM (the weights stream past once per
+    // batch, not once per image); otherwise one GEMM per (image, group).
+    const bool one_gemm = nhwc && G == 1;
+    const int64_t RB = one_gemm ? g.N * P : P, ngemm = one_gemm ? 1 : NG;
+    std::vector<int64_t> roff(static_cast<size_t>(RB)), toff(static_cast<size_t>(taps));
     for (int t = 0; t < taps; ++t) toff[t] = (t / w.kw) * g.dh * Wp + (t % w.kw) * g.dw;
-    std::vector<int32_t> rmin(simd ? size_t(P) : 0), rmax(simd ? size_t(P) : 0);
+    std::vector<int32_t> rmin(simd ? size_t(RB) : 0), rmax(simd ? size_t(RB) : 0);
     std::vector<const void*> cu(static_cast<size_t>(Og));
     std::vector<const int16_t*> ce(static_cast<size_t>(Og));
     const int64_t clen = int64_t(w.nb()) * Bp;
@@ -764,19 +768,21 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
     const size_t pbytes = simd ? k.panel_bytes(w.nb(), Bp) : 0;
     const void* ubase = !int8 ? static_cast<const void*>(a64.data())
                         : rows16 ? static_cast<const void*>(a16.data()) : static_cast<const void*>(a8.data());
-    for (int64_t ng = 0; ng < NG; ++ng) {
+    for (int64_t ng = 0; ng < ngemm; ++ng) {
         const int64_t n = ng / G, gi = ng % G;
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (P * taps > 65536)
-        for (int64_t p = 0; p < P; ++p) {
-            roff[p] = ng * npix + (p / g.OW) * g.sh * Wp + (p % g.OW) * g.sw;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (RB * taps > 65536)
+        for (int64_t q = 0; q < RB; ++q) {
+            const int64_t p = q % P, img = one_gemm ? q / P : ng;  // img: the (image, group) slice
+            const int64_t r = q;
+            roff[r] = img * npix + (p / g.OW) * g.sh * Wp + (p % g.OW) * g.sw;
             if (simd) {
                 int32_t mn = INT32_MAX, mx = INT32_MIN;
                 for (int t = 0; t < taps; ++t) {
-                    mn = std::min(mn, amin[roff[p] + toff[t]]);
-                    mx = std::max(mx, amax[roff[p] + toff[t]]);
+                    mn = std::min(mn, amin[roff[r] + toff[t]]);
+                    mx = std::max(mx, amax[roff[r] + toff[t]]);
                 }
-                rmin[p] = mn;
-                rmax[p] = mx;
+                rmin[r] = mn;
+                rmax[r] = mx;
             }
         }
         for (int64_t o = 0; o < Og; ++o) {
@@ -786,15 +792,15 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
         }
         const ExactCtx ex{ubase, ae.data(), roff.data(), toff.data(), cu.data(), ce.data(), taps, nbc, Bp,
                           fx.unit_shift, w.f.unit_shift, exact_kind(int8, rows16, fx, w.f), !nhwc};
-        const RowsView rv{P, taps, nbc, Bp, ubase, as.data(), ac.data(), roff.data(), toff.data(), rmin.data(), rmax.data()};
+        const RowsView rv{RB, taps, nbc, Bp, ubase, as.data(), ac.data(), roff.data(), toff.data(), rmin.data(), rmax.data()};
         const ColsView cv{Og, 1, w.nb(), Bp, reinterpret_cast<const int8_t* const*>(cu.data()), ce.data(), w.f.unit_shift,
                           simd ? w.panels->p + gi * npg * pbytes : nullptr, simd ? w.pmin.data() + gi * npg : nullptr,
                           simd ? w.pmax.data() + gi * npg : nullptr};
-        if (nhwc) {  // rows [P] of O channels: this group's Og columns
+        if (nhwc) {  // rows [RB] of O channels: this group's Og columns
             run_gemm(rv, ex, cv, fx, w.f, k, out + n * P * O + gi * Og, O, epi);
             if (bias) {
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (P * Og > 65536)
-                for (int64_t p = 0; p < P; ++p) {
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (RB * Og > 65536)
+                for (int64_t p = 0; p < RB; ++p) {
                     float* d = out + (n * P + p) * O + gi * Og;
                     for (int64_t o = 0; o < Og; ++o) d[o] = d[o] + bias[gi * Og + o];
                 }
