@@ -7,7 +7,11 @@ FORMATS.md) with ``assert_bits_equal``.
 
 from __future__ import annotations
 
-from typing import Iterator, List
+import os
+import subprocess
+import sys
+import time
+from typing import Iterator, List, Tuple
 
 import numpy as np
 import pytest
@@ -95,3 +99,25 @@ def restore_threads() -> Iterator[int]:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261124)
+
+
+def spawn_server(args: List[str]) -> Tuple[subprocess.Popen, int]:
+    """Starts ``python -m bfpaccel.serve --port 0 ARGS`` and waits (60 s at most) until it says
+    it is ready; returns the process and the port it listens on (the caller stops it)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "bfpaccel.serve", "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    port = None
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if "listening on" in line:
+            port = int(line.split()[4].rsplit(":", 1)[1])
+        if "ready" in line:
+            break
+    if not port:
+        proc.kill()
+        raise AssertionError(proc.stderr.read())
+    return proc, port

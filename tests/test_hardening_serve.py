@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import bfpaccel  # noqa: E402
+from conftest import spawn_server  # noqa: E402
 from bfpaccel.preprocess import ImageTooLargeError  # noqa: E402
 from bfpaccel.runtime.predictor import Predictor  # noqa: E402
 from bfpaccel.serve import _protos as pb  # noqa: E402
@@ -415,21 +416,8 @@ def test_soak_16_clients_with_bombs_and_malformed_requests(plan, predictor):
     bombs = [v[0] for _, v in sorted(BOMBS.items())]
     malformed = [r for r, _ in HOSTILE.values()] + [_image_request(b"\xff\xd8\xff\xe0garbage"),
                                                     _image_request(b"GIF89a\x01")]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "bfpaccel.serve", "--plan", plan, "--port", "0", "--workers", "2",
-                             "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc, port = spawn_server(["--plan", plan, "--workers", "2", "--quiet"])
     try:
-        port = None
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if "listening on" in line:
-                port = int(line.split()[4].rsplit(":", 1)[1])
-            if "ready" in line:
-                break
-        assert port, proc.stderr.read()
         for g in good:  # warm: every good path once
             _call(port, _image_request(g))
         _call(port, _tensor_request(dims=x.shape, tensor_content=x.tobytes()))

@@ -22,6 +22,7 @@ import pytest
 pytest.importorskip("onnx")
 
 import bfpaccel  # noqa: E402
+from conftest import spawn_server  # noqa: E402
 from bfpaccel.serve import _protos as pb  # noqa: E402
 from bfpaccel.serve import PredictionClient, serve  # noqa: E402
 from bfpaccel.serve.codec import make_ndarray, make_tensor_proto  # noqa: E402
@@ -440,22 +441,9 @@ def test_reflection_lists_the_service(server):
 # -- SIGTERM -------------------------------------------------------------------------------------
 
 def test_sigterm_drains_in_flight_requests(plans):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "bfpaccel.serve", "--plan", plans["tiny"], "--port", "0",
-                             "--workers", "8", "--simulated-latency-ms", "700", "--grace", "20", "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc, port = spawn_server(["--plan", plans["tiny"], "--workers", "8", "--simulated-latency-ms", "700",
+                               "--grace", "20", "--quiet"])
     try:
-        port = None
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if "listening on" in line:
-                port = int(line.split()[4].rsplit(":", 1)[1])
-            if "ready" in line:
-                break
-        assert port, proc.stderr.read()
         codes = []
 
         def one():
