@@ -301,8 +301,8 @@ def run_benchmark(model: str, backends: Union[str, Sequence[str], Sequence[Backe
 
     try:
         kernel = core.check_kernel(kernel)
-    except (TypeError, ValueError) as e:
-        raise BenchArgumentError(f"kernel: {e}") from None
+    except (TypeError, ValueError) as exc:
+        raise BenchArgumentError(f"kernel: {exc}") from None
     bs = parse_batches(batches)
     if isinstance(backends, str) or not all(isinstance(b, Backend) for b in backends):
         blist = parse_backends(backends)  # type: ignore[arg-type]

@@ -188,11 +188,11 @@ def _a_tensor(v: Any, where: str) -> None:
           "'array' must be a small rectangular numeric array")
 
 
-_POOL = {"kernel_shape": _a_pos2, "strides": _a_pos2, "dilations": _a_pos2, "pads": _a_pads4,
+_POOL: Dict[str, AttrCheck] = {"kernel_shape": _a_pos2, "strides": _a_pos2, "dilations": _a_pos2, "pads": _a_pads4,
          "ceil_mode": _a_01, "count_include_pad": _a_01, "auto_pad": _a_auto_pad}
-_CONV = {"strides": _a_pos2, "dilations": _a_pos2, "pads": _a_pads4, "auto_pad": _a_auto_pad, "group": _a_int,
+_CONV: Dict[str, AttrCheck] = {"strides": _a_pos2, "dilations": _a_pos2, "pads": _a_pads4, "auto_pad": _a_auto_pad, "group": _a_int,
          "weight_shape": _a_pos4, "kernel_shape": _a_pos2, "qweight": _a_str, "fweight": _a_str}
-_REDUCE = {"axes": _a_ints, "keepdims": _a_01, "noop_with_empty_axes": _a_01}
+_REDUCE: Dict[str, AttrCheck] = {"axes": _a_ints, "keepdims": _a_01, "noop_with_empty_axes": _a_01}
 
 # op -> (min inputs, max inputs or None, max outputs or None, attribute checks)
 _Spec = Tuple[int, Optional[int], Optional[int], Dict[str, AttrCheck]]
@@ -422,7 +422,7 @@ def check_manifest(m: Any) -> ManifestInfo:
     from .compiler import SUPPORTED_OPS, VECTOR_PRECISIONS
 
     d = _dict(m, "plan.json")
-    version = d.get("bfpaccel_plan")
+    version: Any = d.get("bfpaccel_plan")
     _need(_is_int(version) and version >= 1, "bfpaccel_plan", f"format version must be an integer >= 1, "
           f"got {_show(version)}")
     for k in ("format", "weight_format", "vector_precision", "inputs", "outputs", "nodes", "consts"):

@@ -219,7 +219,7 @@ def _read_npy(f: Any, name: str, dtype: np.dtype, shape: Tuple[int, ...]) -> np.
     if tuple(hshape) != tuple(shape) or hdtype != dtype:
         raise PlanError(f"constant {name!r} is stored as {hdtype}{list(hshape)}, the manifest says {dtype}{list(shape)}")
     arr = np.empty(shape, dtype=dtype, order="F" if fortran else "C")
-    view = memoryview(arr.reshape(-1, order="A")).cast("B") if arr.size else memoryview(b"")
+    view = memoryview(arr.reshape(-1, order="A")).cast("B") if arr.size else memoryview(b"")  # type: ignore[arg-type]
     got = 0
     while got < len(view):
         n = f.readinto(view[got:])

@@ -83,7 +83,7 @@ def element_limit(input_shape: Optional[Sequence[Optional[int]]], max_batch: int
     dims = list(input_shape)
     if dims and dims[0] is None:
         dims[0] = max_batch
-    return min(fallback, math.prod(int(d) for d in dims)) if dims else 1
+    return min(fallback, math.prod(int(d) for d in dims if d is not None)) if dims else 1
 
 
 def decode_input(tp: Any, key: str, *, takes_images: bool, input_shape: Optional[Sequence[Optional[int]]],
