@@ -411,8 +411,14 @@ void Program::conv(const Op& op) {
     const int64_t O = q[4];
     float* y = ptr(op.out[0]);
     const float* x = ptr(op.in[0]);
+    const KernelDesc& k = current_kernel();
+    // bias, residual and activation, each rounded as the separate vector ops would be: applied
+    // in registers by kernels that can, else by a pass over the output below
+    const VecEpilogue ve{y, O, op.bias >= 0 ? ptr(op.bias) : nullptr, op.res >= 0 ? ptr(op.res) : nullptr, vp_,
+                         op.act, op.fp.size() > 0 ? op.fp[0] : 0.0f, op.fp.size() > 1 ? op.fp[1] : 0.0f,
+                         k.simd() ? avx2::epilogue_row : epilogue_row};  // every SIMD kernel's CPU has AVX2 + F16C
+    const bool epi = ve.bias || ve.res || ve.act;
     if (op.sub == 1) {  // depthwise: one-element blocks (see dwconv_nhwc)
-        const KernelDesc& k = current_kernel();
         const bool quant = has_fmt_ && op.ip.size() > 18 && op.ip[18];
         const bool kq = quant && k.dwconv && kernel_quantizes_elements(fx_);  // the kernel quantizes x itself
         const float* xin = x;
@@ -423,23 +429,16 @@ void Program::conv(const Op& op) {
             xin = dwq_.data();
         }
         if (k.dwconv) {  // the kernel's depthwise loop, epilogue applied in registers
-            const VecEpilogue ve{y, O, op.bias >= 0 ? ptr(op.bias) : nullptr, op.res >= 0 ? ptr(op.res) : nullptr, vp_,
-                                 op.act, op.fp.size() > 0 ? op.fp[0] : 0.0f, op.fp.size() > 1 ? op.fp[1] : 0.0f,
-                                 avx2::epilogue_row};
             const ElemFix fix{x, &fx_, seed_, 0};
             const DwArgs da{xin, ptr(op.wf), y, g.N, g.C, g.H, g.W, g.OH, g.OW, int(q[5]), int(q[6]),
-                            g.sh, g.sw, g.pt, g.pl, g.dh, g.dw, (ve.bias || ve.res || ve.act) ? &ve : nullptr,
+                            g.sh, g.sw, g.pt, g.pl, g.dh, g.dw, epi ? &ve : nullptr,
                             kq ? &fx_ : nullptr, fix_element, &fix};
             k.dwconv(da);
             return;
         }
         dwconv_nhwc(xin, ptr(op.wf), g, int(q[5]), int(q[6]), y);
     } else if (op.w) {
-        const KernelDesc& k = current_kernel();
-        const VecEpilogue ve{y, O, op.bias >= 0 ? ptr(op.bias) : nullptr, op.res >= 0 ? ptr(op.res) : nullptr, vp_,
-                             op.act, op.fp.size() > 0 ? op.fp[0] : 0.0f, op.fp.size() > 1 ? op.fp[1] : 0.0f,
-                             k.simd() ? avx2::epilogue_row : epilogue_row};
-        if (k.fused_epilogue && (ve.bias || ve.res || ve.act)) {  // applied to each tile in registers
+        if (k.fused_epilogue && epi) {  // applied to each tile in registers
             conv2d_impl(x, fx_, seed_, *op.w, g, nullptr, y, true, &ve);
             return;
         }
@@ -447,19 +446,10 @@ void Program::conv(const Op& op) {
     } else {
         conv2d_fp32_nhwc(x, ptr(op.wf), g, O, int(q[5]), int(q[6]), y);
     }
+    if (!epi) return;  // the matrix unit's fp32 output goes on as it is
     const int64_t rows = g.N * g.OH * g.OW;
-    const float* b = op.bias >= 0 ? ptr(op.bias) : nullptr;
-    const float* r = op.res >= 0 ? ptr(op.res) : nullptr;
-    if (!b && !r && op.act == 0) return;  // the matrix unit's fp32 output goes on as it is
-    const int act = op.act;
-    const float lo = op.fp.size() > 0 ? op.fp[0] : 0.0f, hi = op.fp.size() > 1 ? op.fp[1] : 0.0f;
-    const int vp = vp_;
-    const bool simd = current_kernel().simd();  // every SIMD kernel's CPU has AVX2 + F16C
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(rows * O))
-    for (int64_t i = 0; i < rows; ++i) {
-        if (simd) avx2::epilogue_row(y + i * O, b, r ? r + i * O : nullptr, O, vp, act, lo, hi);
-        else epilogue_row(y + i * O, b, r ? r + i * O : nullptr, O, vp, act, lo, hi);
-    }
+    for (int64_t i = 0; i < rows; ++i) ve.rows(y + i * O, 1, int(O), O);
 }
 
 template <int K>

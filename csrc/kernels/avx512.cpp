@@ -163,6 +163,39 @@ static inline __m512 round_units16(__m512 v, int mode) {
 
 
 
+// Units of 16 elements x (signs from x) whose magnitudes are already scaled to
+// |x| * 2^(unit_shift - E): rounded, capped, stored as the first min(n, 16) bytes at ub;
+// the biased bytes (units + 128) are summed into *sum (two 64-bit lanes), OR-ed into *any.
+static inline void store_units16(__m512 av, __m512 x, int rounding, __m512 cap, __m512 maxu, int8_t* ub, int n,
+                                 __m128i* sum, __m128i* any) {
+    const __m512 q = _mm512_min_ps(round_units16(_mm512_min_ps(av, cap), rounding), maxu);
+    __m512i qi = _mm512_cvttps_epi32(q);
+    const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    qi = _mm512_mask_sub_epi32(qi, neg, _mm512_setzero_si512(), qi);
+    const __m128i b8 = _mm512_cvtsepi32_epi8(qi);  // |units| <= 127: no saturation
+    *any = _mm_or_si128(*any, b8);
+    *sum = _mm_add_epi64(*sum, _mm_sad_epu8(_mm_xor_si128(b8, _mm_set1_epi8(-128)), _mm_setzero_si128()));
+    if (n >= 16) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(ub), b8);
+    } else {
+        alignas(16) int8_t tmp[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(tmp), b8);
+        std::memcpy(ub, tmp, size_t(n));
+    }
+}
+
+// A block's exponent, scale and VNNI correction from store_units16's sums over nv vectors;
+// returns whether any unit is non-zero.
+static inline bool finish_block(const QuantRowsArgs& a, int64_t blk, int E, __m128i sum, __m128i any, int nv) {
+    const bool nz = !_mm_testz_si128(any, any);
+    // lanes past the block were zero units: each added 128 to the sum of biased bytes
+    const int32_t usum = int32_t(_mm_cvtsi128_si64(sum) + _mm_extract_epi64(sum, 1)) - 128 * 16 * nv;
+    a.E[blk] = int16_t(E);
+    a.scale[blk] = block_scale(int16_t(E), a.f->unit_shift, !nz);
+    if (a.corr) a.corr[blk] = -128 * usum;
+    return nz;
+}
+
 // A block that held NaN/Inf: units 0, its exponent marks it, its scale is NaN.
 static inline void nan_block(const QuantRowsArgs& a, int64_t blk, int8_t* ub) {
     std::memset(ub, 0, size_t(a.Bp));
@@ -260,24 +293,9 @@ static bool quantize_rows16(const QuantRowsArgs& a, int64_t i0, int nr, const __
             __m512 av = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v[r]), absm)),
                                       _mm512_permutexvar_ps(ri, s1));
             if (two) av = _mm512_mul_ps(av, _mm512_permutexvar_ps(ri, s2));
-            const __m512 q = _mm512_min_ps(round_units16(_mm512_min_ps(av, cap), f.rounding), maxu);
-            __m512i qi = _mm512_cvttps_epi32(q);
-            const __mmask16 neg = _mm512_cmp_ps_mask(v[r], _mm512_setzero_ps(), _CMP_LT_OQ);
-            qi = _mm512_mask_sub_epi32(qi, neg, _mm512_setzero_si512(), qi);
-            const __m128i b8 = _mm512_cvtsepi32_epi8(qi);  // |units| <= 127: no saturation
-            const __m128i sad = _mm_sad_epu8(_mm_xor_si128(b8, _mm_set1_epi8(-128)), _mm_setzero_si128());
-            const int32_t usum = int32_t(_mm_cvtsi128_si64(sad) + _mm_extract_epi64(sad, 1)) - 128 * 16;
-            const bool nz = !_mm_testz_si128(b8, b8);
-            if (Bp == 16) {
-                _mm_storeu_si128(reinterpret_cast<__m128i*>(ub), b8);
-            } else {
-                alignas(16) int8_t tmp[16];
-                _mm_store_si128(reinterpret_cast<__m128i*>(tmp), b8);
-                std::memcpy(ub, tmp, size_t(Bp));
-            }
-            a.E[blk] = int16_t(Ev[r]);
-            a.scale[blk] = block_scale(int16_t(Ev[r]), f.unit_shift, !nz);
-            if (a.corr) a.corr[blk] = -128 * usum;
+            __m128i sum = _mm_setzero_si128(), any = _mm_setzero_si128();
+            store_units16(av, v[r], f.rounding, cap, maxu, ub, Bp, &sum, &any);
+            const bool nz = finish_block(a, blk, Ev[r], sum, any, 1);
             nzm |= __mmask16(nz) << r;
         }
         const __m512i ee = _mm512_sub_epi32(E, _mm512_set1_epi32(f.unit_shift));
@@ -339,31 +357,13 @@ void quantize_rows(const QuantRowsArgs& a) {
             const __m512 s1 = k1 >= -126 ? _mm512_castsi512_ps(_mm512_set1_epi32((k1 + 127) << 23))
                                          : _mm512_set1_ps(std::ldexp(1.0f, k1));
             const __m512 s2 = _mm512_castsi512_ps(_mm512_set1_epi32((k2 + 127) << 23));
-            __m128i sum = _mm_setzero_si128();  // two 64-bit lanes of sum(units + 128)
-            __m128i any = _mm_setzero_si128();
+            __m128i sum = _mm_setzero_si128(), any = _mm_setzero_si128();
             for (int j = 0; j < nv; ++j) {
                 const __m512 av = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v[j]), absm));
-                const __m512 q = _mm512_min_ps(round_units16(_mm512_min_ps(_mm512_mul_ps(_mm512_mul_ps(av, s1), s2), cap), f.rounding), maxu);
-                __m512i qi = _mm512_cvttps_epi32(q);
-                const __mmask16 neg = _mm512_cmp_ps_mask(v[j], _mm512_setzero_ps(), _CMP_LT_OQ);
-                qi = _mm512_mask_sub_epi32(qi, neg, _mm512_setzero_si512(), qi);
-                const __m128i b8 = _mm512_cvtsepi32_epi8(qi);  // |units| <= 127: no saturation
-                any = _mm_or_si128(any, b8);
-                sum = _mm_add_epi64(sum, _mm_sad_epu8(_mm_xor_si128(b8, _mm_set1_epi8(-128)), _mm_setzero_si128()));
-                if (Bp - 16 * j >= 16) {
-                    _mm_storeu_si128(reinterpret_cast<__m128i*>(ub + 16 * j), b8);
-                } else {
-                    alignas(16) int8_t tmp[16];
-                    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), b8);
-                    std::memcpy(ub + 16 * j, tmp, size_t(Bp - 16 * j));
-                }
+                store_units16(_mm512_mul_ps(_mm512_mul_ps(av, s1), s2), v[j], f.rounding, cap, maxu, ub + 16 * j,
+                              Bp - 16 * j, &sum, &any);
             }
-            const bool nz = !_mm_testz_si128(any, any);
-            // lanes past Bp were zero units: each added 128 to the sum of biased bytes
-            const int32_t usum = int32_t(_mm_cvtsi128_si64(sum) + _mm_extract_epi64(sum, 1)) - 128 * 16 * nv;
-            a.E[blk] = int16_t(E);
-            a.scale[blk] = block_scale(int16_t(E), f.unit_shift, !nz);
-            if (a.corr) a.corr[blk] = -128 * usum;
+            const bool nz = finish_block(a, blk, E, sum, any, nv);
             if (nz) {
                 const int32_t ee = E - f.unit_shift;
                 if (ee < mn) mn = ee;
