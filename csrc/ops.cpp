@@ -182,8 +182,13 @@ void fake_quantize_tensor(const float* x, int64_t outer, int64_t K, int64_t inne
     });
 }
 
+// One-element blocks of int elements with deterministic rounding: the SIMD loops' domain.
+static bool simd_elements(const FmtParams& f) {
+    return f.kind == kInt && f.rounding != kStochastic && f.emax_elem == 0;
+}
+
 bool kernel_quantizes_elements(const FmtParams& f) {
-    return current_kernel().fake_quantize_elems && f.kind == kInt && f.rounding != kStochastic && f.emax_elem == 0;
+    return current_kernel().fake_quantize_elems && simd_elements(f);
 }
 
 float fix_element(const void* ctx, int64_t i) {
@@ -207,8 +212,7 @@ void fake_quantize_elements(const float* x, int64_t n, const FmtParams& f, uint6
         }
         return;
     }
-    const bool fast = current_kernel().simd() && f.kind == kInt && f.rounding != kStochastic && f.emax_elem == 0;
-    if (!fast) {
+    if (!current_kernel().simd() || !simd_elements(f)) {
         fake_quantize_tensor(x, n, 1, 1, f, seed, out);
         return;
     }
@@ -219,12 +223,9 @@ void fake_quantize_elements(const float* x, int64_t n, const FmtParams& f, uint6
         if (len <= 0) continue;
         int m = 0;
         if (len == 8) m = avx2::fake_quantize8_i(x + i0, f, out + i0);
-        for (int j = 0; j < len; ++j) {
-            if (m >> j & 1) continue;
-            int64_t u;
-            const int16_t e = quantize_block(x + i0 + j, 1, 1, uint64_t(i0 + j), 1, f, seed, &u);
-            out[i0 + j] = unit_value(u, e, f);
-        }
+        const ElemFix ctx{x, &f, seed, i0};
+        for (int j = 0; j < len; ++j)
+            if (!(m >> j & 1)) out[i0 + j] = fix_element(&ctx, j);
     }
 }
 
