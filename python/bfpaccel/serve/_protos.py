@@ -1,11 +1,13 @@
-"""TensorFlow-Serving wire messages without TensorFlow, in a private descriptor pool.
+"""Serving wire messages (TensorFlow Serving, KServe v2) without TensorFlow, in a private pool.
 
 The descriptors come from ``_descriptors.py`` (compiled from ``protos/`` by
 ``protos/generate.py``).  They are loaded into a ``DescriptorPool`` of our own, never into
 protobuf's default pool, so real TensorFlow and ``tensorflow-serving-api`` can be imported in
-the same process (their ``tensorflow.TensorProto`` lives in the default pool).  Proto packages,
-message names and field numbers are TensorFlow Serving's, so the bytes on the wire are the
-same.  Messages of the two worlds do not mix in Python (``CopyFrom`` between them fails);
+the same process (their ``tensorflow.TensorProto`` lives in the default pool), and so can
+``tritonclient.grpc`` (its ``inference.*`` messages too).  Proto packages, message names and
+field numbers are TensorFlow Serving's (``tensorflow.serving.PredictionService``,
+``tensorflow.serving.ModelService``) and the KServe v2 / Open Inference Protocol's
+(``inference.GRPCInferenceService``), so the bytes on the wire are the same.  Messages of the two worlds do not mix in Python (``CopyFrom`` between them fails);
 convert through bytes: ``ours.FromString(theirs.SerializeToString())``.
 
 Example:
@@ -26,6 +28,16 @@ __all__ = [
     "POOL", "TensorProto", "TensorShapeProto", "ModelSpec", "PredictRequest", "PredictResponse",
     "GetModelMetadataRequest", "GetModelMetadataResponse", "SignatureDefMap", "SignatureDef",
     "TensorInfo", "Any", "DataType", "SERVICE", "PREDICT_METHOD", "GET_MODEL_METADATA_METHOD",
+    # tensorflow.serving.ModelService
+    "StatusProto", "ErrorCode", "GetModelStatusRequest", "GetModelStatusResponse", "ModelVersionStatus",
+    "ModelVersionState", "ReloadConfigRequest", "ReloadConfigResponse", "ModelServerConfig", "Metric",
+    "MODEL_SERVICE", "GET_MODEL_STATUS_METHOD", "RELOAD_CONFIG_METHOD", "MODEL_SERVICE_UNIMPLEMENTED_METHODS",
+    # inference.GRPCInferenceService (KServe v2 / Open Inference Protocol)
+    "ServerLiveRequest", "ServerLiveResponse", "ServerReadyRequest", "ServerReadyResponse", "ModelReadyRequest",
+    "ModelReadyResponse", "ServerMetadataRequest", "ServerMetadataResponse", "ModelMetadataRequest",
+    "ModelMetadataResponse", "InferParameter", "InferTensorContents", "ModelInferRequest", "ModelInferResponse",
+    "V2_SERVICE", "V2_SERVER_LIVE_METHOD", "V2_SERVER_READY_METHOD", "V2_MODEL_READY_METHOD",
+    "V2_SERVER_METADATA_METHOD", "V2_MODEL_METADATA_METHOD", "V2_MODEL_INFER_METHOD", "V2_METHODS",
 ]
 
 
@@ -70,6 +82,40 @@ GetModelMetadataRequest = _cls("tensorflow.serving.GetModelMetadataRequest")
 GetModelMetadataResponse = _cls("tensorflow.serving.GetModelMetadataResponse")
 Any = _cls("google.protobuf.Any")
 
+# tensorflow.serving.ModelService
+StatusProto = _cls("tensorflow.serving.StatusProto")
+GetModelStatusRequest = _cls("tensorflow.serving.GetModelStatusRequest")
+GetModelStatusResponse = _cls("tensorflow.serving.GetModelStatusResponse")
+ModelVersionStatus = _cls("tensorflow.serving.ModelVersionStatus")
+ReloadConfigRequest = _cls("tensorflow.serving.ReloadConfigRequest")
+ReloadConfigResponse = _cls("tensorflow.serving.ReloadConfigResponse")
+ModelServerConfig = _cls("tensorflow.serving.ModelServerConfig")
+Metric = _cls("tensorflow.serving.Metric")
+#: ``tensorflow.error.Code`` name -> number (``ErrorCode["NOT_FOUND"] == 5``), for StatusProto.error_code
+ErrorCode: Dict[str, int] = {v.name: v.number for v in POOL.FindEnumTypeByName("tensorflow.error.Code").values}
+#: ``ModelVersionStatus.State`` name -> number (``ModelVersionState["AVAILABLE"] == 30``)
+ModelVersionState: Dict[str, int] = {
+    v.name: v.number for v in POOL.FindEnumTypeByName("tensorflow.serving.ModelVersionStatus.State").values}
+
+# inference.GRPCInferenceService (KServe v2 / Open Inference Protocol)
+ServerLiveRequest = _cls("inference.ServerLiveRequest")
+ServerLiveResponse = _cls("inference.ServerLiveResponse")
+ServerReadyRequest = _cls("inference.ServerReadyRequest")
+ServerReadyResponse = _cls("inference.ServerReadyResponse")
+ModelReadyRequest = _cls("inference.ModelReadyRequest")
+ModelReadyResponse = _cls("inference.ModelReadyResponse")
+ServerMetadataRequest = _cls("inference.ServerMetadataRequest")
+ServerMetadataResponse = _cls("inference.ServerMetadataResponse")
+ModelMetadataRequest = _cls("inference.ModelMetadataRequest")
+#: nested ``ModelMetadataResponse.TensorMetadata`` (name, datatype, shape)
+ModelMetadataResponse = _cls("inference.ModelMetadataResponse")
+InferParameter = _cls("inference.InferParameter")
+InferTensorContents = _cls("inference.InferTensorContents")
+#: nested ``ModelInferRequest.InferInputTensor`` / ``.InferRequestedOutputTensor``
+ModelInferRequest = _cls("inference.ModelInferRequest")
+#: nested ``ModelInferResponse.InferOutputTensor``
+ModelInferResponse = _cls("inference.ModelInferResponse")
+
 _dtype_enum = POOL.FindEnumTypeByName("tensorflow.DataType")
 #: DataType name -> number (``DataType["DT_FLOAT"] == 1``)
 DataType: Dict[str, int] = {v.name: v.number for v in _dtype_enum.values}
@@ -83,3 +129,26 @@ GET_MODEL_METADATA_METHOD = f"/{SERVICE}/GetModelMetadata"
 #: Methods of the original service that this one leaves out (answered UNIMPLEMENTED).
 UNIMPLEMENTED_METHODS = ("Classify", "Regress", "MultiInference")
 SIGNATURE_DEF_MAP_TYPE_URL = "type.googleapis.com/tensorflow.serving.SignatureDefMap"
+
+MODEL_SERVICE = "tensorflow.serving.ModelService"
+GET_MODEL_STATUS_METHOD = f"/{MODEL_SERVICE}/GetModelStatus"
+RELOAD_CONFIG_METHOD = f"/{MODEL_SERVICE}/HandleReloadConfigRequest"
+#: ModelService methods declared for the wire but answered UNIMPLEMENTED (configuration reload).
+MODEL_SERVICE_UNIMPLEMENTED_METHODS = ("HandleReloadConfigRequest",)
+
+V2_SERVICE = "inference.GRPCInferenceService"
+V2_SERVER_LIVE_METHOD = f"/{V2_SERVICE}/ServerLive"
+V2_SERVER_READY_METHOD = f"/{V2_SERVICE}/ServerReady"
+V2_MODEL_READY_METHOD = f"/{V2_SERVICE}/ModelReady"
+V2_SERVER_METADATA_METHOD = f"/{V2_SERVICE}/ServerMetadata"
+V2_MODEL_METADATA_METHOD = f"/{V2_SERVICE}/ModelMetadata"
+V2_MODEL_INFER_METHOD = f"/{V2_SERVICE}/ModelInfer"
+#: method name -> (request class, response class) of the v2 service, as declared in the proto
+V2_METHODS: Dict[str, "tuple[_TAny, _TAny]"] = {
+    "ServerLive": (ServerLiveRequest, ServerLiveResponse),
+    "ServerReady": (ServerReadyRequest, ServerReadyResponse),
+    "ModelReady": (ModelReadyRequest, ModelReadyResponse),
+    "ServerMetadata": (ServerMetadataRequest, ServerMetadataResponse),
+    "ModelMetadata": (ModelMetadataRequest, ModelMetadataResponse),
+    "ModelInfer": (ModelInferRequest, ModelInferResponse),
+}
