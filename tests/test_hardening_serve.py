@@ -33,6 +33,7 @@ from bfpaccel.serve import _protos as pb  # noqa: E402
 from bfpaccel.serve import serve  # noqa: E402
 from bfpaccel.serve.codec import MAX_RANK, CodecError, make_ndarray, make_tensor_proto, numpy_dtype  # noqa: E402
 from bfpaccel.serve.server import _Abort, decode_input, element_limit  # noqa: E402
+from bfpaccel.serve.core import Code  # noqa: E402
 from bfpaccel.serve.testing import TINY_OUTPUT, build_tiny_plan, make_image  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -272,7 +273,7 @@ def test_fuzz_predict_decoder(input_shape, takes_images):
             images, x = decode_input(tp, "x", takes_images=takes_images, input_shape=input_shape, max_batch=max_batch,
                                      max_elements=limit)
         except _Abort as e:
-            assert e.code == C.INVALID_ARGUMENT and e.message, e.message
+            assert e.code is Code.INVALID_ARGUMENT and e.message, e.message
             seen["invalid"] += 1
             return
         if images is not None:

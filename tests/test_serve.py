@@ -409,10 +409,13 @@ def test_metrics_endpoint(server):
     with pytest.raises(grpc.RpcError):
         _call(server.port, _seed_request(b"bad"))
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
-    assert 'bfpaccel_requests_total{method="Predict",route="tiny",code="OK"}' in text
+    assert 'bfpaccel_requests_total{method="Predict",route="tiny",code="OK",protocol="tfs-grpc"}' in text
     assert 'code="INVALID_ARGUMENT"' in text
-    assert 'bfpaccel_request_latency_seconds_bucket{method="Predict",route="tiny",le="+Inf"}' in text
+    assert 'bfpaccel_request_latency_seconds_bucket{method="Predict",route="tiny",protocol="tfs-grpc",le="+Inf"}' in text
     assert "bfpaccel_queue_depth 0" in text and "bfpaccel_ready 1" in text
+    # every model call split into time waiting for a worker and time computing
+    assert 'bfpaccel_queue_seconds_count{model="tiny"}' in text
+    assert 'bfpaccel_compute_seconds_bucket{model="tiny",le="+Inf"}' in text
 
 
 def test_access_log_is_json_lines(server, caplog):

@@ -325,7 +325,7 @@ def test_server_applies_kernel_and_threads_per_session(tiny_plan):
             got = client.predict({pred.input_name: xin}, timeout=60.0)
         finally:
             client.close()
-        model = next(iter(h._service.models.values()))
+        model = h.core.resolve(None)
         sessions = [p.session for p in list(model.predictors.queue)]
         assert len(sessions) == 2
         for s in sessions:

@@ -1,7 +1,7 @@
 """Prometheus text-format metrics for the server, with the standard library only.
 
-``Metrics`` keeps request counts by method/route/code, a latency histogram and the queue
-depth; ``MetricsServer`` exposes them at ``http://HOST:PORT/metrics`` (``http.server`` in a
+``Metrics`` keeps request counts by protocol/method/route/code, a latency histogram, the
+split of model calls into queue and compute time, and gauges (queue depth, in-flight requests); ``MetricsServer`` exposes them at ``http://HOST:PORT/metrics`` (``http.server`` in a
 daemon thread), so ``prometheus_client`` is not needed.
 
 Example:
@@ -32,8 +32,11 @@ class Metrics:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._count: Dict[Tuple[str, str, str], int] = {}
-        self._hist: Dict[Tuple[str, str], list] = {}  # (method, route) -> [bucket counts..., sum, count]
+        self._count: Dict[Tuple[str, str, str, str], int] = {}
+        # (method, route, protocol) -> [bucket counts..., sum, count]
+        self._hist: Dict[Tuple[str, str, str], list] = {}
+        # (metric name, model) -> [bucket counts..., sum, count]: queue vs compute time
+        self._split: Dict[Tuple[str, str], list] = {}
         self._gauges: Dict[str, Callable[[], float]] = {}
         self._images = 0
 
@@ -41,45 +44,78 @@ class Metrics:
         """Registers a gauge read at render time (e.g. the queue depth)."""
         self._gauges[name] = fn
 
-    def observe(self, method: str, route: str, code: str, seconds: float, images: int = 0) -> None:
-        """Counts one finished request."""
+    @staticmethod
+    def _add(table: Dict, key: Tuple, seconds: float) -> None:
+        h = table.get(key)
+        if h is None:
+            h = table[key] = [0] * (len(LATENCY_BUCKETS) + 2)
+        i = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+        if i < len(LATENCY_BUCKETS):
+            h[i] += 1
+        h[-2] += seconds
+        h[-1] += 1
+
+    def observe(self, method: str, route: str, code: str, seconds: float, images: int = 0,
+                protocol: str = "tfs-grpc") -> None:
+        """Counts one finished request of a protocol face (``tfs-grpc``, ``tfs-rest``,
+        ``v2-rest``, ``v2-grpc``)."""
         with self._lock:
-            k = (method, route, code)
+            k = (method, route, code, protocol)
             self._count[k] = self._count.get(k, 0) + 1
-            h = self._hist.get((method, route))
-            if h is None:
-                h = self._hist[(method, route)] = [0] * (len(LATENCY_BUCKETS) + 2)
-            i = bisect.bisect_left(LATENCY_BUCKETS, seconds)
-            if i < len(LATENCY_BUCKETS):
-                h[i] += 1
-            h[-2] += seconds
-            h[-1] += 1
+            self._add(self._hist, (method, route, protocol), seconds)
             self._images += images
 
-    def count(self, method: Optional[str] = None, code: Optional[str] = None) -> int:
-        """Requests counted so far, optionally of one method and/or status code."""
+    def observe_split(self, model: str, queue_s: float, compute_s: float) -> None:
+        """Records one model call's time waiting for a worker (or a batch) and computing."""
         with self._lock:
-            return sum(v for (m, _, c), v in self._count.items()
-                       if (method is None or m == method) and (code is None or c == code))
+            self._add(self._split, ("bfpaccel_queue_seconds", model), queue_s)
+            self._add(self._split, ("bfpaccel_compute_seconds", model), compute_s)
+
+    def count(self, method: Optional[str] = None, code: Optional[str] = None, protocol: Optional[str] = None) -> int:
+        """Requests counted so far, optionally of one method, status code and/or protocol."""
+        with self._lock:
+            return sum(v for (m, _, c, p), v in self._count.items()
+                       if (method is None or m == method) and (code is None or c == code)
+                       and (protocol is None or p == protocol))
+
+    def split_totals(self, model: Optional[str] = None) -> Dict[str, Tuple[float, int]]:
+        """``{"bfpaccel_queue_seconds": (sum, count), "bfpaccel_compute_seconds": ...}``."""
+        out: Dict[str, Tuple[float, int]] = {}
+        with self._lock:
+            for (name, m), h in self._split.items():
+                if model is None or m == model:
+                    s, n = out.get(name, (0.0, 0))
+                    out[name] = (s + h[-2], n + h[-1])
+        return out
 
     def render(self) -> str:
         """The Prometheus text exposition (version 0.0.4)."""
-        out = ["# HELP bfpaccel_requests_total gRPC requests by method, route and status code.",
+        out = ["# HELP bfpaccel_requests_total Requests by method, route, status code (gRPC name) and protocol.",
                "# TYPE bfpaccel_requests_total counter"]
+
+        def hist(name: str, lab: str, h: list) -> None:
+            cum = 0
+            for b, n in zip(LATENCY_BUCKETS, h):
+                cum += n
+                out.append(f'{name}_bucket{{{lab},le="{b}"}} {cum}')
+            out.append(f'{name}_bucket{{{lab},le="+Inf"}} {h[-1]}')
+            out.append(f"{name}_sum{{{lab}}} {h[-2]:.6f}")
+            out.append(f"{name}_count{{{lab}}} {h[-1]}")
+
         with self._lock:
-            for (m, r, c), v in sorted(self._count.items()):
-                out.append(f'bfpaccel_requests_total{{method="{_esc(m)}",route="{_esc(r)}",code="{_esc(c)}"}} {v}')
+            for (m, r, c, p), v in sorted(self._count.items()):
+                out.append(f'bfpaccel_requests_total{{method="{_esc(m)}",route="{_esc(r)}",code="{_esc(c)}",'
+                           f'protocol="{_esc(p)}"}} {v}')
             out += ["# HELP bfpaccel_request_latency_seconds Server-side request latency.",
                     "# TYPE bfpaccel_request_latency_seconds histogram"]
-            for (m, r), h in sorted(self._hist.items()):
-                lab = f'method="{_esc(m)}",route="{_esc(r)}"'
-                cum = 0
-                for b, n in zip(LATENCY_BUCKETS, h):
-                    cum += n
-                    out.append(f'bfpaccel_request_latency_seconds_bucket{{{lab},le="{b}"}} {cum}')
-                out.append(f'bfpaccel_request_latency_seconds_bucket{{{lab},le="+Inf"}} {h[-1]}')
-                out.append(f"bfpaccel_request_latency_seconds_sum{{{lab}}} {h[-2]:.6f}")
-                out.append(f"bfpaccel_request_latency_seconds_count{{{lab}}} {h[-1]}")
+            for (m, r, p), h in sorted(self._hist.items()):
+                hist("bfpaccel_request_latency_seconds", f'method="{_esc(m)}",route="{_esc(r)}",protocol="{_esc(p)}"', h)
+            for name, what in (("bfpaccel_queue_seconds", "waiting for a worker or a batch"),
+                               ("bfpaccel_compute_seconds", "decoding and running the model")):
+                out += [f"# HELP {name} Time of each model call spent {what}.", f"# TYPE {name} histogram"]
+                for (n, model), h in sorted(self._split.items()):
+                    if n == name:
+                        hist(name, f'model="{_esc(model)}"', h)
             out += ["# HELP bfpaccel_images_total Images scored.", "# TYPE bfpaccel_images_total counter",
                     f"bfpaccel_images_total {self._images}"]
         for name, fn in sorted(self._gauges.items()):

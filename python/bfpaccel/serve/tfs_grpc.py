@@ -1,0 +1,241 @@
+"""The TF Serving gRPC face: ``tensorflow.serving.PredictionService`` (Predict,
+GetModelMetadata) over the serving core, wire-identical to TensorFlow Serving.
+
+The AML front end's route header ``x-ms-aml-grpc-service-route: /api/v1/service/<name>``
+picks the model; with no header (or an empty name, which the seed's client sends when it has
+no service name) ``model_spec.name`` does, and with neither the single model is served, as on
+the edge box.  Inputs are a DT_STRING batch of encoded images keyed by the alias (``images``)
+or the tensor name (``Placeholder:0``), or a numeric tensor keyed by the plan's input name;
+outputs are float32 in ``float_val`` keyed by tensor name and by alias.
+
+Status codes: INVALID_ARGUMENT (bad image, image over a size limit, dtype, shape,
+input/output/signature name), NOT_FOUND (unknown model name, version, label or route),
+UNAUTHENTICATED (auth on and the key missing or wrong), RESOURCE_EXHAUSTED (message over
+``max_message_bytes``, queue full, out of memory), UNAVAILABLE (loading, shutting down),
+DEADLINE_EXCEEDED (deadline passed in the queue), UNIMPLEMENTED (Classify, Regress,
+MultiInference), INTERNAL (a bug: logged with its traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import grpc
+import numpy as np
+
+from . import _protos as pb
+from .codec import CodecError, check_tensor, float_tensor_proto, make_ndarray, numpy_dtype, tensor_shape
+from .core import Code, ServingCore, ServingError, check_array, element_limit, invalid
+
+__all__ = ["PredictionServiceFace", "decode_input", "ROUTE_HEADER", "ROUTE_PREFIX", "SIGNATURES"]
+
+log = logging.getLogger("bfpaccel.serve")
+access_log = logging.getLogger("bfpaccel.serve.access")
+
+ROUTE_HEADER = "x-ms-aml-grpc-service-route"
+ROUTE_PREFIX = "/api/v1/service/"
+SIGNATURES = ("", "serving_default", "predict")
+
+
+def decode_input(tp: Any, key: str, *, takes_images: bool, input_shape: Optional[Sequence[Optional[int]]],
+                 max_batch: int, max_elements: int) -> Tuple[Optional[List[bytes]], Optional[np.ndarray]]:
+    """One Predict input -> ``(images, None)`` for a DT_STRING batch of encoded images or
+    ``(None, float32 array)``; raises ``ServingError(INVALID_ARGUMENT)`` for every client mistake.
+
+    Everything is checked before values are materialised: dtype, rank (codec ``MAX_RANK``),
+    dimensions and element count as Python ints (no overflow), value counts against the shape,
+    the shape against the model's ``input_shape`` and ``max_batch``, and at most
+    ``max_elements`` elements -- so a single broadcast value is expanded only once the shape is
+    known to be the model's.
+    """
+    if tp.dtype == pb.DT_STRING:
+        if not takes_images:
+            raise invalid(f"input {key!r} is DT_STRING but this model takes float tensors of shape "
+                          f"{None if input_shape is None else ['N' if w is None else w for w in input_shape]}")
+        try:
+            shape = tensor_shape(tp)
+        except CodecError as e:
+            raise invalid(f"input {key!r}: {e}") from None
+        if len(shape) > 1:
+            raise invalid(f"input {key!r}: a batch of encoded images has shape [N], got {shape}")
+        n = math.prod(shape)
+        if n == 0:
+            raise invalid(f"input {key!r} holds no images")
+        if n > max_batch:
+            raise invalid(f"input {key!r}: {n} images in one request; the limit is {max_batch}")
+        if len(tp.string_val) != n:
+            raise invalid(f"input {key!r}: shape {shape} but {len(tp.string_val)} values in string_val")
+        return list(tp.string_val), None
+    try:
+        if tp.dtype == pb.DT_INVALID:
+            raise CodecError("tensor has no dtype (DT_INVALID): an empty or missing TensorProto")
+        npdt = numpy_dtype(tp.dtype)
+    except CodecError as e:
+        raise invalid(f"input {key!r}: {e}") from None
+    if npdt.kind not in "fiu":
+        raise invalid(f"input {key!r} has dtype {pb.DataTypeName.get(tp.dtype)}; send DT_STRING images "
+                      "or a numeric tensor (DT_FLOAT preferred)")
+    try:
+        _, shape, n = check_tensor(tp)  # shape, element count and value count; nothing allocated
+    except CodecError as e:
+        raise invalid(f"input {key!r}: {e}") from None
+    check_array(key, shape, input_shape, max_batch, max_elements)
+    try:
+        arr = make_ndarray(tp, max_elements=max_elements)
+    except CodecError as e:
+        raise invalid(f"input {key!r}: {e}") from None
+    with np.errstate(over="ignore"):  # float64 beyond float32's range -> inf, as a TF cast
+        return None, np.ascontiguousarray(arr, dtype=np.float32)
+
+
+class PredictionServiceFace:
+    """``tensorflow.serving.PredictionService`` (and ``ModelService.GetModelStatus``) on a
+    :class:`ServingCore`; errors become gRPC status codes."""
+
+    protocol = "tfs-grpc"
+
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+
+    # -- request plumbing --------------------------------------------------------------------
+    def _call(self, method: str, fn: Callable[..., Any], request: Any, context: grpc.ServicerContext) -> Any:
+        t0 = time.perf_counter()
+        md = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
+        info: Dict[str, Any] = {"route": "", "images": 0}
+        code, message, response = Code.OK, "", None
+        try:
+            self.core.check_auth(md.get("authorization"))
+            response = fn(request, context, md, info)
+        except ServingError as e:
+            code, message = e.code, e.message
+        except MemoryError:
+            log.warning("%s ran out of memory", method)
+            code, message = Code.RESOURCE_EXHAUSTED, "the server ran out of memory for this request"
+        except Exception as e:  # the server never dies on input; a bug is logged and answered INTERNAL
+            log.exception("%s failed", method)
+            code, message = Code.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+        dt = time.perf_counter() - t0
+        self.core.metrics.observe(method, info["route"], code.grpc_name, dt, info["images"], self.protocol)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(json.dumps({
+                "ts": round(time.time(), 3), "protocol": self.protocol, "method": method, "route": info["route"],
+                "peer": context.peer(), "code": code.grpc_name, "ms": round(dt * 1000, 3),
+                "images": info["images"], "batch": info.get("batch", 0), **({"error": message} if message else {})}))
+        if code is not Code.OK:
+            context.abort(getattr(grpc.StatusCode, code.grpc_name), message)
+        return response
+
+    def _select(self, md: Dict[str, str], spec: Any, check_ready: bool = True) -> Any:
+        route = md.get(ROUTE_HEADER)
+        name = ""
+        if route:
+            if not route.startswith(ROUTE_PREFIX):
+                raise ServingError(Code.NOT_FOUND, f"route {route!r} is not of the form {ROUTE_PREFIX}<service>")
+            name = route[len(ROUTE_PREFIX):].strip("/")
+        spec_name = spec.name if spec is not None else ""
+        if name and spec_name and spec_name != name:
+            raise ServingError(Code.NOT_FOUND, f"model_spec.name {spec_name!r} does not match the route's "
+                               f"service {name!r}")
+        name = name or spec_name
+        if not name and len(self.core.models) != 1:
+            raise ServingError(Code.NOT_FOUND, f"this server serves several services {sorted(self.core.models)}: "
+                               f"send the header '{ROUTE_HEADER}: {ROUTE_PREFIX}<name>' or model_spec.name")
+        version: Optional[int] = None
+        label: Optional[str] = None
+        if spec is not None:
+            if spec.signature_name not in SIGNATURES:
+                raise invalid(f"unknown signature {spec.signature_name!r}; this model has 'serving_default'")
+            if spec.HasField("version"):
+                version = spec.version.value
+            elif spec.WhichOneof("version_choice") == "version_label":
+                label = spec.version_label or None
+        return self.core.resolve(name or None, version, label, check_ready=check_ready)
+
+    # -- Predict -----------------------------------------------------------------------------
+    def predict(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._call("Predict", self._predict, request, context)
+
+    def _predict(self, request: Any, context: grpc.ServicerContext, md: Dict[str, str], info: Dict[str, Any]) -> Any:
+        mv = self._select(md, request.model_spec if request.HasField("model_spec") else None)
+        info["route"] = mv.name
+        p = mv.first
+        if len(request.inputs) == 0:
+            raise invalid(f"the request has no inputs; send the images under one of {sorted(p.input_aliases)}")
+        if len(request.inputs) > 1:
+            raise invalid(f"the request has {len(request.inputs)} inputs {sorted(request.inputs)}; this model "
+                          f"takes one, named one of {sorted(p.input_aliases)}")
+        key, tp = next(iter(request.inputs.items()))
+        mv.input_kind(key)  # INVALID_ARGUMENT for an unknown key
+        outputs = mv.resolve_outputs(list(request.output_filter))
+        want = mv.input_shape
+        core = self.core
+        images, x = decode_input(tp, key, takes_images=p.takes_images, input_shape=want, max_batch=core.max_batch,
+                                 max_elements=element_limit(want, core.max_batch, core.max_input_elements))
+        info["images"] = len(images) if images is not None else 0
+        if images is not None:
+            info["batch"] = len(images)
+        elif x is not None:
+            info["batch"] = int(x.shape[0]) if x.ndim else 1
+        wanted = list(dict.fromkeys(name for _, name in outputs))
+        remaining = context.time_remaining()
+        result = core.infer(mv, x=x, images=images, key=key, outputs=wanted, timeout_s=remaining)
+        resp = pb.PredictResponse()
+        resp.model_spec.name = mv.name
+        resp.model_spec.version.value = mv.version
+        resp.model_spec.signature_name = "serving_default"
+        encoded: Dict[str, Any] = {}
+        for key_out, name in outputs:
+            if name not in encoded:
+                encoded[name] = float_tensor_proto(result[name])
+            resp.outputs[key_out].CopyFrom(encoded[name])
+        return resp
+
+    # -- GetModelMetadata ----------------------------------------------------------------------
+    def get_model_metadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._call("GetModelMetadata", self._metadata, request, context)
+
+    def _metadata(self, request: Any, context: grpc.ServicerContext, md: Dict[str, str], info: Dict[str, Any]) -> Any:
+        mv = self._select(md, request.model_spec if request.HasField("model_spec") else None)
+        info["route"] = mv.name
+        fields = list(request.metadata_field) or ["signature_def"]
+        bad = [f for f in fields if f != "signature_def"]
+        if bad:
+            raise invalid(f"metadata_field {bad} not supported; only 'signature_def'")
+        sdm = pb.SignatureDefMap()
+        sdm.signature_def["serving_default"].CopyFrom(signature_def(mv))
+        resp = pb.GetModelMetadataResponse()
+        resp.model_spec.name = mv.name
+        resp.model_spec.version.value = mv.version
+        resp.metadata["signature_def"].type_url = pb.SIGNATURE_DEF_MAP_TYPE_URL
+        resp.metadata["signature_def"].value = sdm.SerializeToString()
+        return resp
+
+
+def signature_def(mv: Any) -> Any:
+    """The ``serving_default`` SignatureDef of a model version (TF Serving's metadata)."""
+    sig = pb.SignatureDef(method_name="tensorflow/serving/predict")
+    p = mv.first
+    spec = p.preprocess_spec or {}
+
+    def info_for(target: Any, name: str, dtype: int, shape: Optional[Sequence[Optional[int]]]) -> None:
+        target.name = name
+        target.dtype = dtype
+        if shape is None:
+            target.tensor_shape.unknown_rank = True
+        for d in shape or []:
+            target.tensor_shape.dim.add().size = -1 if d is None else int(d)
+
+    if p.takes_images:
+        info_for(sig.inputs[spec.get("input_alias") or "images"], spec.get("string_input") or "images",
+                 pb.DT_STRING, [None])
+    info_for(sig.inputs[p.input_name], p.input_name, pb.DT_FLOAT, mv.input_shape)
+    outs = {o.name: o.shape for o in mv.outputs()}
+    for name in p.output_names:
+        info_for(sig.outputs[name], name, pb.DT_FLOAT, outs.get(name))
+    for alias, name in p.aliases.items():
+        info_for(sig.outputs[alias], name, pb.DT_FLOAT, outs.get(name))
+    return sig
