@@ -78,6 +78,14 @@ class ServerHandle:
         self.metrics: Metrics = core.metrics
         self._stopped = threading.Event()
         self._extra_stops: List[Any] = []
+        self._reload: Optional[Any] = None
+
+    def reload(self) -> Any:
+        """Rescans the model folder now: loads new versions, then unloads retired ones (no
+        failed request); returns what changed.  Only for servers started with ``model_root``."""
+        if self._reload is None:
+            raise RuntimeError("this server was not started with model_root; there is nothing to reload")
+        return self._reload()
 
     @property
     def ready(self) -> bool:
@@ -173,7 +181,7 @@ def _add_to_pool(file_descriptor: Any) -> None:
     pb.POOL.Add(fdp)
 
 
-def serve(plans: Union[Mapping[str, Any], PathLike, Any], port: int = 50051, host: str = "127.0.0.1",
+def serve(plans: Union[Mapping[str, Any], PathLike, Any, None], port: int = 50051, host: str = "127.0.0.1",
           tls_cert: Optional[Union[bytes, PathLike]] = None, tls_key: Optional[Union[bytes, PathLike]] = None,
           auth_keys: Optional[Sequence[str]] = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
           workers: int = 2, queue_size: int = 64, metrics_port: Optional[int] = None, warmup: bool = True, *,
@@ -182,9 +190,17 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any], port: int = 50051, hos
           max_batch: int = 64, warmup_delay_s: float = 0.0, simulated_latency_ms: float = 0.0,
           reflection: bool = True, health: bool = True,
           max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
-          max_resize_pixels: Optional[int] = DEFAULT_MAX_RESIZE_PIXELS) -> ServerHandle:
-    """Starts a PredictionService on ``host:port`` for one or several plans; returns at once
-    when ``block`` is False, else once the plans are loaded and warm.
+          max_resize_pixels: Optional[int] = DEFAULT_MAX_RESIZE_PIXELS,
+          http_port: Optional[int] = None, max_body_bytes: Optional[int] = None, max_connections: int = 256,
+          max_header_bytes: int = 64 * 1024,
+          batching: bool = False, max_batch_size: int = 8, batch_timeout_ms: float = 2.0,
+          preferred_batch_sizes: Optional[Sequence[int]] = None,
+          model_root: Optional[PathLike] = None, model_name: Optional[str] = None,
+          version_policy: Optional[str] = None, version_labels: Optional[Mapping[str, int]] = None,
+          poll_seconds: float = 0.0, synthetic_warmup: int = 0) -> ServerHandle:
+    """Starts the server on ``host:port`` (gRPC) and ``host:http_port`` (REST) for one or
+    several plans; returns at once when ``block`` is False, else once the plans are loaded and
+    warm.
 
     Args:
         plans: a plan path (served under its file stem, and with no route header) or a dict
@@ -216,6 +232,24 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any], port: int = 50051, hos
         max_resize_pixels: largest full size of the seed's resize before its crop (default
             16 Mi pixels: aspect ratios up to 256:1); ``None``: no limit.  Images are decoded
             inside a worker slot, so at most ``workers`` are decoded at once per plan.
+        http_port: serve the REST faces (TF Serving REST ``/v1/...`` and KServe v2 ``/v2/...``)
+            and ``/metrics`` on this port (0: any free port; ``None``: no HTTP).
+        max_body_bytes: largest HTTP request body (default ``max_message_bytes``; over it: 413).
+        max_connections: concurrent HTTP connections (over it: 503).
+        max_header_bytes: largest HTTP request head.
+        batching: dynamic batching -- requests to one model arriving within
+            ``batch_timeout_ms`` run as one batch of at most ``max_batch_size`` rows
+            (``preferred_batch_sizes``: sizes worth waiting for); each row's result is
+            bit-identical to running it alone.  Off by default: the NPU's point is batch 1.
+        model_root: a model folder ``<root>/<name>/<version>/`` (each version holding a plan),
+            or with ``model_name`` a single model's folder (KServe's ``/mnt/models``).
+        version_policy: ``latest`` / ``latest:N`` / ``all`` / ``specific:1,2`` (default latest:1).
+        version_labels: label -> version (``model_spec.version_label``, ``/labels/<l>``).
+        poll_seconds: rescan ``model_root`` this often and load/unload versions without a
+            restart (0: only on ``ServerHandle.reload()``).
+        synthetic_warmup: warm-up calls with synthetic inputs per worker (default 1 zero input;
+            a version folder's ``assets.extra/tf_serving_warmup_requests`` is replayed instead
+            when present).
 
     Example:
         >>> h = serve({"a": "a.bfpplan", "b": "b.bfpplan"}, port=0)  # doctest: +SKIP
@@ -224,14 +258,18 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any], port: int = 50051, hos
     """
     from ..runtime.plan import Plan
 
-    if isinstance(plans, Mapping):
+    if plans is None:
+        if model_root is None:
+            raise ValueError("give plans or model_root")
+        items: Dict[str, Any] = {}
+    elif isinstance(plans, Mapping):
         items = dict(plans)
     elif isinstance(plans, Plan):
         items = {"model": plans}
     else:
         stem = os.path.basename(os.fspath(plans)).split(".")[0] or "model"
         items = {stem: plans}
-    if not items:
+    if not items and model_root is None:
         raise ValueError("no plans to serve")
     for name, path in items.items():
         if not name or "/" in name:
@@ -256,6 +294,18 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any], port: int = 50051, hos
                        max_image_pixels, max_resize_pixels, num_threads, kernel, simulated_latency_ms / 1000.0)
     for n, p in items.items():
         core.add_version(n, int(versions.get(n, 1)), p if isinstance(p, Plan) else os.fspath(p))
+    folder = None
+    if model_root is not None:  # <root>/<name>/<version>/ folders, a version policy, hot reload
+        from .lifecycle import ModelFolder
+
+        folder = ModelFolder(core, model_root, model_name=model_name, version_policy=version_policy,
+                             version_labels=version_labels, poll_seconds=poll_seconds)
+        folder.register()  # adds the versions found now (loaded by load_all below)
+    if batching:
+        from .batching import Batcher
+
+        core.batcher = Batcher(core, max_batch_size=max_batch_size, timeout_s=batch_timeout_ms / 1000.0,
+                               preferred_batch_sizes=preferred_batch_sizes)
     face = PredictionServiceFace(core)
     threads = workers + queue_size + 8
     server = grpc.server(
@@ -280,9 +330,13 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any], port: int = 50051, hos
                 "GetModelMetadata": unary(face.get_model_metadata, pb.GetModelMetadataRequest)}
     handlers.update({n: unimplemented(n) for n in pb.UNIMPLEMENTED_METHODS})
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(pb.SERVICE, handlers),))
+    names = [pb.SERVICE]
+    # the other gRPC faces share the port: TF Serving's ModelService and KServe v2
+    from .tfs_grpc import add_model_service
+
+    names += add_model_service(server, core)
 
     health_servicer = None
-    names = [pb.SERVICE]
     if health:
         try:
             from grpc_health.v1 import health as health_mod, health_pb2, health_pb2_grpc
@@ -315,8 +369,20 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any], port: int = 50051, hos
     if not bound:
         raise OSError(f"could not bind {address}")
     metrics_server = MetricsServer(core.metrics, metrics_port, host) if metrics_port is not None else None
+    http = None
+    if http_port is not None:  # TF Serving REST + KServe v2 REST + /metrics on one HTTP port
+        from .http import HttpServer
+
+        http = HttpServer(core, host=host, port=http_port, tls_cert=tls_cert, tls_key=tls_key,
+                          max_body_bytes=int(max_body_bytes or max_message_bytes), max_connections=max_connections,
+                          max_header_bytes=max_header_bytes)
     server.start()
-    handle = ServerHandle(server, bound, core, health_servicer, metrics_server)
+    handle = ServerHandle(server, bound, core, health_servicer, metrics_server, http)
+    if folder is not None:
+        handle._reload = folder.sync
+        handle.on_stop(folder.stop)
+        threading.Thread(target=lambda: (core.ready.wait(), folder.start()), name="bfpaccel-watch",
+                         daemon=True).start()
     log.info("serving %s on %s:%d (%s%s)", sorted(items), host, bound, "TLS" if tls_cert is not None else "plaintext",
              ", auth on" if core.auth_keys else "")
     loader = threading.Thread(target=core.load_all, args=(warmup, warmup_delay_s), name="bfpaccel-load", daemon=True)

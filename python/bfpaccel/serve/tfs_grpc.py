@@ -31,7 +31,7 @@ from . import _protos as pb
 from .codec import CodecError, check_tensor, float_tensor_proto, make_ndarray, numpy_dtype, tensor_shape
 from .core import Code, ServingCore, ServingError, check_array, element_limit, invalid
 
-__all__ = ["PredictionServiceFace", "decode_input", "ROUTE_HEADER", "ROUTE_PREFIX", "SIGNATURES"]
+__all__ = ["PredictionServiceFace", "ModelServiceFace", "add_model_service", "decode_input", "ROUTE_HEADER", "ROUTE_PREFIX", "SIGNATURES"]
 
 log = logging.getLogger("bfpaccel.serve")
 access_log = logging.getLogger("bfpaccel.serve.access")
@@ -239,3 +239,64 @@ def signature_def(mv: Any) -> Any:
     for alias, name in p.aliases.items():
         info_for(sig.outputs[alias], name, pb.DT_FLOAT, outs.get(name))
     return sig
+
+
+class ModelServiceFace:
+    """``tensorflow.serving.ModelService.GetModelStatus``: the state of every version of a
+    model (START, LOADING, AVAILABLE, UNLOADING, END with the load error), as TF Serving
+    reports it; ``HandleReloadConfigRequest`` answers UNIMPLEMENTED (versions come from the
+    model folder and ``ServerHandle.reload()``)."""
+
+    protocol = "tfs-grpc"
+
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
+        self._predict = PredictionServiceFace(core)  # its auth, logging and metrics plumbing
+
+    def get_model_status(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._predict._call("GetModelStatus", self._status, request, context)
+
+    def _status(self, request: Any, context: grpc.ServicerContext, md: Dict[str, str], info: Dict[str, Any]) -> Any:
+        spec = request.model_spec if request.HasField("model_spec") else None
+        name = (spec.name if spec is not None else "") or self.core.default_name()
+        info["route"] = name
+        entry = self.core.models.get(name)
+        if entry is None:
+            raise ServingError(Code.NOT_FOUND, f"no model {name!r} here; this server serves "
+                               f"{sorted(self.core.models)}")
+        versions = sorted(entry.versions.values(), key=lambda v: v.version)
+        if spec is not None and spec.HasField("version"):
+            versions = [v for v in versions if v.version == spec.version.value]
+        elif spec is not None and spec.WhichOneof("version_choice") == "version_label" and spec.version_label:
+            if spec.version_label not in entry.labels:
+                raise ServingError(Code.NOT_FOUND, f"model {name!r} has no version label {spec.version_label!r}")
+            versions = [v for v in versions if v.version == entry.labels[spec.version_label]]
+        if not versions:
+            raise ServingError(Code.NOT_FOUND, f"model {name!r} has no such version")
+        resp = pb.GetModelStatusResponse()
+        for v in versions:
+            st = resp.model_version_status.add()
+            st.version = v.version
+            st.state = v.state.value
+            if v.error:
+                st.status.error_code = pb.ErrorCode["UNKNOWN"]  # as TF Serving reports a failed load
+                st.status.error_message = v.error
+        return resp
+
+
+def add_model_service(server: grpc.Server, core: ServingCore) -> List[str]:
+    """Registers ``tensorflow.serving.ModelService`` on ``server``; returns its service name."""
+    face = ModelServiceFace(core)
+
+    def unimplemented(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "HandleReloadConfigRequest is not implemented: versions "
+                      "come from the model folder (--model-root, --poll-seconds)")
+        return b""
+
+    handlers = {
+        "GetModelStatus": grpc.unary_unary_rpc_method_handler(
+            face.get_model_status, request_deserializer=pb.GetModelStatusRequest.FromString,
+            response_serializer=lambda m: m.SerializeToString()),
+        **{n: grpc.unary_unary_rpc_method_handler(unimplemented) for n in pb.MODEL_SERVICE_UNIMPLEMENTED_METHODS}}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(pb.MODEL_SERVICE, handlers),))
+    return [pb.MODEL_SERVICE]
