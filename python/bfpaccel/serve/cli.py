@@ -8,46 +8,18 @@ Example:
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import signal
 import sys
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 __all__ = ["add_serve_parser", "run_serve", "add_predict_parser", "run_predict", "main", "port_number",
-           "read_key_file", "AUTH_KEY_ENV"]
+           "read_key_file", "AUTH_KEY_ENV", "keywords_serve_accepts"]
 
-#: Environment variable with the accepted key(s) of ``serve`` (one per line) and the key of
-#: ``predict`` / ``loadtest``: keys on a command line are visible to every local user.
-AUTH_KEY_ENV = "BFPACCEL_AUTH_KEY"
-
-
-def port_number(text: str) -> int:
-    """argparse type of a TCP port: an integer in 0..65535."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {text!r}: use an integer in 0..65535") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"invalid port {v}: ports run from 0 to 65535")
-    return v
-
-
-def read_key_file(path: str) -> List[str]:
-    """The keys in a key file: one per line, blank lines ignored. Warns (stderr) when other
-    users may read it."""
-    import os
-    import stat
-
-    with open(path) as f:
-        keys = [line.strip() for line in f if line.strip()]
-    if not keys:
-        raise ValueError(f"key file {path} holds no key")
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode & 0o077:
-        print(f"bfpaccel: warning: key file {path} can be read by other users (mode {mode:o}): chmod 600 {path}",
-              file=sys.stderr)
-    return keys
+from .config import (AUTH_KEY_ENV, ServerConfig, add_server_arguments, collect_auth_keys, port_number, read_key_file,
+                     serve_keyword_flags)
 
 
 def _warn_key_on_command_line(flag: str, instead: str) -> None:
@@ -59,15 +31,8 @@ def _server_keys(args: argparse.Namespace) -> List[str]:
     """Accepted keys from --auth-key-file, $BFPACCEL_AUTH_KEY and (warned) --auth-key."""
     import os
 
-    keys: List[str] = []
-    for path in getattr(args, "auth_key_file", None) or []:
-        keys += read_key_file(path)
-    env = os.environ.get(AUTH_KEY_ENV, "")
-    keys += [k.strip() for k in env.splitlines() if k.strip()]
-    if args.auth_key:
-        _warn_key_on_command_line("--auth-key", "--auth-key-file FILE")
-        keys += [k for k in args.auth_key if k]
-    return list(dict.fromkeys(keys))
+    return collect_auth_keys(getattr(args, "auth_key_file", None) or [], getattr(args, "auth_key", None) or [],
+                             os.environ)
 
 
 def _client_key(args: argparse.Namespace) -> str:
@@ -94,60 +59,22 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plan", action="append", default=[], metavar="[NAME=]PATH",
-                   help="plan file; repeat for several services on one port, routed by name")
-    p.add_argument("--model", action="append", default=[], metavar="NAME[:VERSION]",
-                   help="a registered model (a converted .onnx or a .bfpplan) served by name; repeatable; "
-                   "ONNX models are compiled to --format once and cached in the registry folder")
-    p.add_argument("--registry", default=None,
-                   help="registry folder for --model (default $BFPACCEL_REGISTRY or ./bfpaccel-registry)")
-    p.add_argument("--format", default="msfp16", help="BFP format when compiling a registered ONNX (msfp16)")
-    p.add_argument("--name", default=None, help="service (route) name of a single --plan (default: file stem)")
-    p.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1; 0.0.0.0 for all)")
-    p.add_argument("--port", type=port_number, default=50051, help="port (default 50051; 0: any free port)")
-    p.add_argument("--tls-cert", default=None, help="PEM certificate chain (TLS on)")
-    p.add_argument("--tls-key", default=None, help="PEM private key")
-    p.add_argument("--auth-key-file", action="append", default=[], metavar="FILE",
-                   help="file of accepted keys, one per line (repeatable): auth on. The keys can also come "
-                   f"from ${AUTH_KEY_ENV} (one per line)")
-    p.add_argument("--auth-key", action="append", default=[], metavar="K",
-                   help="accepted key (repeatable): auth on. Deprecated: other local users can read a command "
-                   "line; use --auth-key-file or $" + AUTH_KEY_ENV)
-    p.add_argument("--workers", type=int, default=2, help="model instances per plan (default 2)")
-    p.add_argument("--queue-size", type=int, default=64, help="requests waiting before RESOURCE_EXHAUSTED")
-    p.add_argument("--max-message-mb", type=float, default=64.0, help="largest request/response (MiB, default 64)")
-    p.add_argument("--metrics-port", type=port_number, default=None, help="Prometheus metrics at :PORT/metrics")
-    p.add_argument("--threads", type=int, default=None,
-                   help="threads of the C++ core for each loaded model's session (default: the process "
-                   "setting, $BFPACCEL_NUM_THREADS or all CPUs)")
-    p.add_argument("--kernel", default=None, metavar="NAME",
-                   help="kernel of each loaded model's session: one of `bfpaccel info`'s available kernels "
-                   "(default: the fastest, or $BFPACCEL_KERNEL)")
-    p.add_argument("--grace", type=float, default=30.0, help="seconds to drain in-flight requests on SIGTERM")
-    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up call")
-    p.add_argument("--warmup-delay", type=float, default=0.0, help=argparse.SUPPRESS)
-    p.add_argument("--simulated-latency-ms", type=float, default=0.0, help=argparse.SUPPRESS)
-    p.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
-                   help="largest declared width x height of an encoded image, checked from its header before "
-                   "decoding (default 67108864 = 8192x8192; 0: no limit); over it: INVALID_ARGUMENT")
-    p.add_argument("--max-resize-pixels", type=int, default=None, metavar="N",
-                   help="largest full size of the seed's resize before its crop (default 16777216: aspect "
-                   "ratios up to 256:1; 0: no limit)")
-    p.add_argument("--quiet", action="store_true", help="no access log")
+    """The flags of ``serve``: generated from :class:`~bfpaccel.serve.config.ServerConfig`."""
+    add_server_arguments(p)
 
 
-def _registry_plans(args: argparse.Namespace) -> Dict[str, str]:
+def _registry_plans(cfg: ServerConfig) -> Dict[str, str]:
     """``--model NAME[:VERSION]`` -> plan paths (registered plans as they are; registered ONNX
     models compiled once to ``--format`` and cached beside the registry)."""
     import os
 
-    if not args.model:
+    if not cfg.model:
         return {}
     from ..registry import Model, Registry
 
-    reg = Registry(args.registry or os.environ.get("BFPACCEL_REGISTRY", "bfpaccel-registry"))
+    reg = Registry(cfg.registry_path())
     out: Dict[str, str] = {}
-    for spec in args.model:
+    for spec in cfg.model:
         m = Model(reg, spec)
         path = m.path
         files = [path] if os.path.isfile(path) else sorted(
@@ -159,68 +86,83 @@ def _registry_plans(args: argparse.Namespace) -> Dict[str, str]:
                 raise ValueError(f"model {m.id} holds neither a .bfpplan nor an .onnx: convert it first")
             cache = os.path.join(reg.root, "plans")
             os.makedirs(cache, exist_ok=True)
-            plan = os.path.join(cache, f"{m.name}-{m.version}-{args.format}.bfpplan")
+            plan = os.path.join(cache, f"{m.name}-{m.version}-{cfg.format}.bfpplan")
             if not os.path.isfile(plan):
                 from .. import compile as bfp_compile
 
-                bfp_compile(onnx, format=args.format).save(plan)
-        out[m.name.split(".")[0] if len(args.model) > 1 else (args.name or m.name)] = plan
+                bfp_compile(onnx, format=cfg.format).save(plan)
+        out[m.name.split(".")[0] if len(cfg.model) > 1 else (cfg.name or m.name)] = plan
     return out
 
 
 def _image_limits(args: argparse.Namespace) -> Dict[str, Any]:
-    """``--max-image-pixels`` / ``--max-resize-pixels`` as serve() keywords (absent: the
-    defaults; 0 or less: no limit)."""
+    """``--max-image-pixels`` / ``--max-resize-pixels`` as serve() keywords, for the flags that
+    were given (0 or less: no limit, None), as :class:`ServerConfig` reads them."""
+    cfg = ServerConfig.from_args(args)
+    return {k: getattr(cfg, k) for k in ("max_image_pixels", "max_resize_pixels") if getattr(args, k, None) is not None}
+
+
+def keywords_serve_accepts(serve_fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+    """The part of ``kwargs`` (from :meth:`ServerConfig.serve_kwargs`) that ``serve_fn`` takes.
+
+    ServerConfig declares options ahead of the server that implements them (the REST faces,
+    dynamic batching, model-root versions...).  So that ``bfpaccel serve`` runs on ``serve()``
+    both before and after it learns them, a keyword its signature does not name is dropped,
+    but only while it holds its default: an option that was set and that this server cannot
+    honour is a ValueError naming its flag, never silently ignored.
+    """
+    params = inspect.signature(serve_fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    defaults = ServerConfig.serve_defaults()
+    flags = serve_keyword_flags()
     out: Dict[str, Any] = {}
-    for flag in ("max_image_pixels", "max_resize_pixels"):
-        v = getattr(args, flag, None)
-        if v is not None:
-            out[flag] = v if v > 0 else None
+    for key, value in kwargs.items():
+        if key in params:
+            out[key] = value
+        elif key not in defaults or value != defaults[key]:
+            raise ValueError(f"{flags.get(key, key)} is not supported by this server version (serve() has no "
+                             f"{key!r} option)")
     return out
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Runs the server until SIGTERM/SIGINT; returns the exit code."""
+    import os
+
     from .server import serve
 
-    plans: Dict[str, str] = {}
-    if not args.plan and not args.model:
-        raise ValueError("give --plan PATH or --model NAME[:VERSION] (with --registry)")
-    auth_keys = _server_keys(args)
-    for name, path in _registry_plans(args).items():
-        plans[name] = path
-    for spec in args.plan:
+    cfg = ServerConfig.from_args(args)
+    if not cfg.plan and not cfg.model and cfg.model_root is None:
+        raise ValueError("give --plan PATH or --model NAME[:VERSION] (with --registry), or --model-root DIR")
+    cfg.check_files()
+    kwargs = keywords_serve_accepts(serve, cfg.serve_kwargs())
+    plans: Dict[str, str] = dict(_registry_plans(cfg))
+    for spec in cfg.plan:
         name, sep, path = spec.partition("=")
         if not sep:
             name, path = "", spec
         if not name:
-            import os
-
-            name = args.name if (args.name and len(args.plan) == 1) else os.path.basename(path).split(".")[0]
+            name = cfg.name if (cfg.name and len(cfg.plan) == 1) else os.path.basename(path).split(".")[0]
         if name in plans:
             raise ValueError(f"two plans for the route {name!r}")
         plans[name] = path
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    if args.quiet:
+    if cfg.quiet:
         logging.getLogger("bfpaccel.serve.access").setLevel(logging.WARNING)
-    handle = serve(plans, port=args.port, host=args.host, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                   auth_keys=auth_keys or None, max_message_bytes=int(args.max_message_mb * 1024 * 1024),
-                   workers=args.workers, queue_size=args.queue_size, metrics_port=args.metrics_port,
-                   warmup=not args.no_warmup, num_threads=args.threads, kernel=args.kernel, block=False,
-                   warmup_delay_s=args.warmup_delay, simulated_latency_ms=args.simulated_latency_ms,
-                   **_image_limits(args))
+    handle = serve(plans, block=False, **kwargs)
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
         if stopping.is_set():
             return
         stopping.set()
-        print(f"bfpaccel serve: signal {signum}: draining (up to {args.grace:g} s)", file=sys.stderr, flush=True)
-        threading.Thread(target=handle.stop, args=(args.grace,), daemon=True).start()
+        print(f"bfpaccel serve: signal {signum}: draining (up to {cfg.grace:g} s)", file=sys.stderr, flush=True)
+        threading.Thread(target=handle.stop, args=(cfg.grace,), daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    print(f"bfpaccel serve: listening on {args.host}:{handle.port} routes={handle.routes}"
+    print(f"bfpaccel serve: listening on {cfg.host}:{handle.port} routes={handle.routes}"
           + (f" metrics={handle.metrics_port}" if handle.metrics_port else ""), flush=True)
     try:
         handle.wait_ready()
