@@ -18,11 +18,9 @@ MultiInference), INTERNAL (a bug: logged with its traceback).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import grpc
 import numpy as np
@@ -30,6 +28,7 @@ import numpy as np
 from . import _protos as pb
 from .codec import CodecError, check_tensor, float_tensor_proto, make_ndarray, numpy_dtype, tensor_shape
 from .core import Code, ServingCore, ServingError, check_array, element_limit, invalid
+from .grpc_face import GrpcFace
 
 __all__ = ["PredictionServiceFace", "ModelServiceFace", "add_model_service", "decode_input", "ROUTE_HEADER", "ROUTE_PREFIX", "SIGNATURES"]
 
@@ -92,42 +91,12 @@ def decode_input(tp: Any, key: str, *, takes_images: bool, input_shape: Optional
         return None, np.ascontiguousarray(arr, dtype=np.float32)
 
 
-class PredictionServiceFace:
+class PredictionServiceFace(GrpcFace):
     """``tensorflow.serving.PredictionService`` (and ``ModelService.GetModelStatus``) on a
-    :class:`ServingCore`; errors become gRPC status codes."""
+    :class:`ServingCore`; errors become gRPC status codes (auth, metrics and the access log:
+    :class:`~bfpaccel.serve.grpc_face.GrpcFace`)."""
 
     protocol = "tfs-grpc"
-
-    def __init__(self, core: ServingCore) -> None:
-        self.core = core
-
-    # -- request plumbing --------------------------------------------------------------------
-    def _call(self, method: str, fn: Callable[..., Any], request: Any, context: grpc.ServicerContext) -> Any:
-        t0 = time.perf_counter()
-        md = {k.lower(): v for k, v in context.invocation_metadata() if isinstance(v, str)}
-        info: Dict[str, Any] = {"route": "", "images": 0}
-        code, message, response = Code.OK, "", None
-        try:
-            self.core.check_auth(md.get("authorization"))
-            response = fn(request, context, md, info)
-        except ServingError as e:
-            code, message = e.code, e.message
-        except MemoryError:
-            log.warning("%s ran out of memory", method)
-            code, message = Code.RESOURCE_EXHAUSTED, "the server ran out of memory for this request"
-        except Exception as e:  # the server never dies on input; a bug is logged and answered INTERNAL
-            log.exception("%s failed", method)
-            code, message = Code.INTERNAL, f"internal error: {type(e).__name__}: {e}"
-        dt = time.perf_counter() - t0
-        self.core.metrics.observe(method, info["route"], code.grpc_name, dt, info["images"], self.protocol)
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(json.dumps({
-                "ts": round(time.time(), 3), "protocol": self.protocol, "method": method, "route": info["route"],
-                "peer": context.peer(), "code": code.grpc_name, "ms": round(dt * 1000, 3),
-                "images": info["images"], "batch": info.get("batch", 0), **({"error": message} if message else {})}))
-        if code is not Code.OK:
-            context.abort(getattr(grpc.StatusCode, code.grpc_name), message)
-        return response
 
     def _select(self, md: Dict[str, str], spec: Any, check_ready: bool = True) -> Any:
         route = md.get(ROUTE_HEADER)
