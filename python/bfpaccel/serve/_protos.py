@@ -7,7 +7,8 @@ the same process (their ``tensorflow.TensorProto`` lives in the default pool), a
 ``tritonclient.grpc`` (its ``inference.*`` messages too).  Proto packages, message names and
 field numbers are TensorFlow Serving's (``tensorflow.serving.PredictionService``,
 ``tensorflow.serving.ModelService``) and the KServe v2 / Open Inference Protocol's
-(``inference.GRPCInferenceService``), so the bytes on the wire are the same.  Messages of the two worlds do not mix in Python (``CopyFrom`` between them fails);
+(``inference.GRPCInferenceService``), so the bytes on the wire are the same.  Messages of the
+two worlds do not mix in Python (``CopyFrom`` between them fails);
 convert through bytes: ``ours.FromString(theirs.SerializeToString())``.
 
 Example:
