@@ -124,8 +124,11 @@ def _show_pixels(v: Any) -> str:
 
 
 def _parse_int_list(text: str) -> Tuple[int, ...]:
+    """``4,8`` -> (4, 8); an empty text is the empty list."""
+    if not text.strip():
+        return ()
     parts = [p.strip() for p in text.split(",")]
-    if not text.strip() or any(not p for p in parts):
+    if any(not p for p in parts):
         raise ValueError(f"invalid list {text!r}: use comma-separated integers such as 4,8")
     return tuple(_parse_int(p) for p in parts)
 
@@ -168,7 +171,7 @@ def parse_version_policy(text: str) -> Tuple[str, Tuple[int, ...]]:
         if not 1 <= n <= 1_000_000:
             raise ValueError(f"invalid version policy {text!r}: latest:N needs N >= 1")
         return "latest", (n,)
-    if kind == "specific" and sep:
+    if kind == "specific" and sep and rest.strip():
         versions = _parse_int_list(rest)
         if any(not 1 <= v <= _INT64_MAX for v in versions):
             raise ValueError(f"invalid version policy {text!r}: versions are integers >= 1")
@@ -446,9 +449,10 @@ class ServerConfig:
     max_message_bytes: int = _opt(_DEFAULT_MAX_MESSAGE_BYTES, "--max-message-mb", "largest gRPC request/response "
                                   "(MiB, default 64)", parse=_parse_mib, show=_show_mib, check=_int_check(1, 2 ** 31 - 1),
                                   metavar="MIB", serve_key=_KEY, group=_LIMITS)
-    max_body_bytes: int = _opt(_DEFAULT_MAX_MESSAGE_BYTES, "--max-body-mb", "largest HTTP request body (MiB, "
-                               "default 64); over it: 413", parse=_parse_mib, show=_show_mib,
-                               check=_int_check(1, _INT64_MAX), metavar="MIB", serve_key=_KEY, group=_LIMITS)
+    max_body_bytes: Optional[int] = _opt(None, "--max-body-mb", "largest HTTP request body (MiB, default: "
+                                         "--max-message-mb); over it: 413", parse=_parse_mib, show=_show_mib,
+                                         check=_int_check(1, _INT64_MAX, optional=True), metavar="MIB",
+                                         serve_key=_KEY, group=_LIMITS)
     max_header_bytes: int = _opt(65536, "--max-header-bytes", "largest HTTP request head (request line and "
                                  "headers, default 65536); over it: 431", parse=_parse_int,
                                  check=_int_check(1024, 16 * MIB), metavar="N", serve_key=_KEY, group=_LIMITS)
