@@ -17,10 +17,13 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Dict, Optional, Tuple
 
-__all__ = ["Metrics", "MetricsServer", "LATENCY_BUCKETS"]
+__all__ = ["Metrics", "MetricsServer", "LATENCY_BUCKETS", "BATCH_SIZE_BUCKETS"]
 
 #: Histogram bucket upper bounds in seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+#: Bucket upper bounds (rows) of the dynamic batcher's ``bfpaccel_batch_size`` histogram.
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 def _esc(v: str) -> str:
@@ -39,6 +42,8 @@ class Metrics:
         self._split: Dict[Tuple[str, str], list] = {}
         self._gauges: Dict[str, Callable[[], float]] = {}
         self._images = 0
+        # model -> [bucket counts..., sum, count]: rows of each merged (dynamic batching) call
+        self._batch: Dict[str, list] = {}
 
     def gauge(self, name: str, fn: Callable[[], float]) -> None:
         """Registers a gauge read at render time (e.g. the queue depth)."""
@@ -70,6 +75,24 @@ class Metrics:
         with self._lock:
             self._add(self._split, ("bfpaccel_queue_seconds", model), queue_s)
             self._add(self._split, ("bfpaccel_compute_seconds", model), compute_s)
+
+    def observe_batch(self, model: str, rows: int) -> None:
+        """Records one model call of the dynamic batcher that ran ``rows`` rows."""
+        with self._lock:
+            h = self._batch.get(model)
+            if h is None:
+                h = self._batch[model] = [0] * (len(BATCH_SIZE_BUCKETS) + 2)
+            i = bisect.bisect_left(BATCH_SIZE_BUCKETS, rows)
+            if i < len(BATCH_SIZE_BUCKETS):
+                h[i] += 1
+            h[-2] += rows
+            h[-1] += 1
+
+    def batch_totals(self, model: Optional[str] = None) -> Tuple[int, int]:
+        """``(rows, calls)`` of the dynamic batcher's model calls so far (of one model or all)."""
+        with self._lock:
+            hs = [h for m, h in self._batch.items() if model is None or m == model]
+            return sum(h[-2] for h in hs), sum(h[-1] for h in hs)
 
     def count(self, method: Optional[str] = None, code: Optional[str] = None, protocol: Optional[str] = None) -> int:
         """Requests counted so far, optionally of one method, status code and/or protocol."""
@@ -116,6 +139,16 @@ class Metrics:
                 for (n, model), h in sorted(self._split.items()):
                     if n == name:
                         hist(name, f'model="{_esc(model)}"', h)
+            out += ["# HELP bfpaccel_batch_size Rows of each model call the dynamic batcher ran.",
+                    "# TYPE bfpaccel_batch_size histogram"]
+            for model, h in sorted(self._batch.items()):
+                cum = 0
+                for b, n in zip(BATCH_SIZE_BUCKETS, h):
+                    cum += n
+                    out.append(f'bfpaccel_batch_size_bucket{{model="{_esc(model)}",le="{b}"}} {cum}')
+                out.append(f'bfpaccel_batch_size_bucket{{model="{_esc(model)}",le="+Inf"}} {h[-1]}')
+                out.append(f'bfpaccel_batch_size_sum{{model="{_esc(model)}"}} {h[-2]}')
+                out.append(f'bfpaccel_batch_size_count{{model="{_esc(model)}"}} {h[-1]}')
             out += ["# HELP bfpaccel_images_total Images scored.", "# TYPE bfpaccel_images_total counter",
                     f"bfpaccel_images_total {self._images}"]
         for name, fn in sorted(self._gauges.items()):
