@@ -1,7 +1,8 @@
 """Compiles the wire protos in this folder into ``python/bfpaccel/serve/_descriptors.py``.
 
-They are TensorFlow Serving's PredictionService and ModelService and the KServe v2 (Open
-Inference Protocol) GRPCInferenceService, each with the original's packages and field numbers.
+They are TensorFlow Serving's PredictionService and ModelService, its PredictionLog (the
+records of SavedModel warm-up files) and the KServe v2 (Open Inference Protocol)
+GRPCInferenceService, each with the original's packages and field numbers.
 
 Run it after editing a ``.proto`` here (needs ``grpcio-tools``; TensorFlow is not needed)::
 
@@ -46,6 +47,9 @@ PROTOS = [
     "tensorflow_serving/apis/model_management.proto",
     "tensorflow_serving/apis/model_service.proto",
     "inference/grpc_predict_v2.proto",
+    "tensorflow_serving/config/logging_config.proto",
+    "tensorflow_serving/apis/logging.proto",
+    "tensorflow_serving/apis/prediction_log.proto",
 ]
 
 

@@ -39,6 +39,8 @@ __all__ = [
     "ModelMetadataResponse", "InferParameter", "InferTensorContents", "ModelInferRequest", "ModelInferResponse",
     "V2_SERVICE", "V2_SERVER_LIVE_METHOD", "V2_SERVER_READY_METHOD", "V2_MODEL_READY_METHOD",
     "V2_SERVER_METADATA_METHOD", "V2_MODEL_METADATA_METHOD", "V2_MODEL_INFER_METHOD", "V2_METHODS",
+    # tensorflow.serving.PredictionLog (request logs; SavedModel warm-up records)
+    "PredictionLog", "PredictLog", "PredictStreamedLog", "LogMetadata", "SamplingConfig",
 ]
 
 
@@ -116,6 +118,14 @@ InferTensorContents = _cls("inference.InferTensorContents")
 ModelInferRequest = _cls("inference.ModelInferRequest")
 #: nested ``ModelInferResponse.InferOutputTensor``
 ModelInferResponse = _cls("inference.ModelInferResponse")
+
+# tensorflow.serving.PredictionLog: the records of a SavedModel's
+# assets.extra/tf_serving_warmup_requests (a TFRecord file); see bfpaccel.serve.lifecycle
+PredictionLog = _cls("tensorflow.serving.PredictionLog")
+PredictLog = _cls("tensorflow.serving.PredictLog")
+PredictStreamedLog = _cls("tensorflow.serving.PredictStreamedLog")
+LogMetadata = _cls("tensorflow.serving.LogMetadata")
+SamplingConfig = _cls("tensorflow.serving.SamplingConfig")
 
 _dtype_enum = POOL.FindEnumTypeByName("tensorflow.DataType")
 #: DataType name -> number (``DataType["DT_FLOAT"] == 1``)
