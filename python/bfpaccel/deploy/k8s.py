@@ -16,6 +16,7 @@ import json
 import os
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
+from ..serve.config import ServerConfig
 from .image import PLAN_FILE, SERVER_PORT, Image
 
 if TYPE_CHECKING:
@@ -63,8 +64,7 @@ def render_manifests(name: str, container_image: str, config: Dict[str, Any], na
     selector = {"app.kubernetes.io/name": name}
     meta = {"name": name, "namespace": namespace, "labels": labels}
     ssl = bool(config.get("ssl_enabled"))
-    args = ["python", "-m", "bfpaccel.serve", "--plan", f"/app/{PLAN_FILE}", "--name", name,
-            "--port", str(SERVER_PORT), "--host", "0.0.0.0"]
+    server: Dict[str, Any] = {"plan": (f"/app/{PLAN_FILE}",), "name": name, "port": SERVER_PORT, "host": "0.0.0.0"}
     env: List[Dict[str, Any]] = []
     volumes: List[Dict[str, Any]] = []
     mounts: List[Dict[str, Any]] = []
@@ -75,7 +75,7 @@ def render_manifests(name: str, container_image: str, config: Dict[str, Any], na
         # anyone who can list processes would see them); 0400: the image runs as root
         volumes.append({"name": "keys", "secret": {"secretName": secret, "defaultMode": 0o400}})
         mounts.append({"name": "keys", "mountPath": "/app/keys", "readOnly": True})
-        args += ["--auth-key-file", "/app/keys/primaryKey", "--auth-key-file", "/app/keys/secondaryKey"]
+        server["auth_key_files"] = ("/app/keys/primaryKey", "/app/keys/secondaryKey")
         out["secret"] = {"apiVersion": "v1", "kind": "Secret", "metadata": {**meta, "name": secret},
                          "type": "Opaque", "stringData": {"primaryKey": keys[0], "secondaryKey": keys[1]}}
     if ssl and tls:
@@ -86,9 +86,12 @@ def render_manifests(name: str, container_image: str, config: Dict[str, Any], na
                                       "tls.key": base64.b64encode(tls["key"]).decode()}}
         volumes.append({"name": "tls", "secret": {"secretName": tls_secret}})
         mounts.append({"name": "tls", "mountPath": "/app/tls", "readOnly": True})
-        args += ["--tls-cert", "/app/tls/tls.crt", "--tls-key", "/app/tls/tls.key"]
+        server["tls_cert"], server["tls_key"] = "/app/tls/tls.crt", "/app/tls/tls.key"
     if config.get("workers"):
-        args += ["--workers", str(int(config["workers"]))]
+        server["workers"] = int(config["workers"])
+    # the container's command line, from the one declaration of the server's options
+    args = ["python", "-m", "bfpaccel.serve"] + ServerConfig(**server).to_argv(
+        always=["plan", "name", "port"] + (["workers"] if config.get("workers") else []))
     # the kubelet's gRPC probe speaks plaintext only: a TLS server gets TCP probes
     probe_kind: Dict[str, Any] = {"tcpSocket": {"port": SERVER_PORT}} if ssl else {"grpc": {"port": SERVER_PORT}}
     cpu, mem = float(config.get("cpu_cores", 1.0)), float(config.get("memory_gb", 2.0))

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..registry import NotFoundError, Registry, RegistryError
 from ..registry._store import check_name, key_digest, key_record, private_dir
+from ..serve.config import ServerConfig
 from .image import Image
 
 __all__ = [
@@ -166,7 +167,8 @@ class LocalTarget:
     """Run the service on this machine as a subprocess on ``host`` (loopback).
 
     ``server_command``: the command prefix that starts a server (default
-    ``[sys.executable, "-m", "bfpaccel.serve"]``); the deploy appends ``--plan P --name N
+    ``[sys.executable, "-m", "bfpaccel.serve"]``); the deploy appends the flags of a
+    :class:`~bfpaccel.serve.config.ServerConfig` (``ServerConfig.to_argv``): ``--plan P --name N
     --port P [--tls-cert F --tls-key F] [--auth-key-file F] [--workers N] [--metrics-port P]``
     (the key file holds one key per line; keys are never put on the command line).
     """
@@ -613,7 +615,8 @@ def _start_local(registry: Registry, svc: Webservice, target: LocalTarget) -> No
     cfg = svc.config
     private_dir(svc.workdir)
     port = int(cfg.get("port") or svc.port or _free_port(target.host))
-    cmd = target.command() + ["--plan", image.plan_path, "--name", svc.name, "--port", str(port)]
+    server: Dict[str, Any] = {"plan": (image.plan_path,), "name": svc.name, "port": port,
+                              "metrics_port": cfg.get("metrics_port") or None}
     if cfg.get("ssl_enabled"):
         cert, key = cfg.get("ssl_cert_pem_file") or "", cfg.get("ssl_key_pem_file") or ""
         if not cert:
@@ -621,14 +624,15 @@ def _start_local(registry: Registry, svc: Webservice, target: LocalTarget) -> No
             if not os.path.exists(cert):
                 generate_self_signed_cert(cert, key, cfg.get("ssl_cname"))
         cfg["tls_cert"], cfg["tls_key"] = os.path.abspath(cert), os.path.abspath(key)
-        cmd += ["--tls-cert", cfg["tls_cert"], "--tls-key", cfg["tls_key"]]
+        server["tls_cert"], server["tls_key"] = cfg["tls_cert"], cfg["tls_key"]
     if svc._key_digests:
         _ = svc._keys  # the key file must hold the recorded keys (DeploymentError otherwise)
-        cmd += ["--auth-key-file", registry.keys_path(svc.name)]  # the keys never go on the command line
+        server["auth_key_files"] = (registry.keys_path(svc.name),)  # the keys never go on the command line
     if cfg.get("workers"):
-        cmd += ["--workers", str(cfg["workers"])]
-    if cfg.get("metrics_port"):
-        cmd += ["--metrics-port", str(cfg["metrics_port"])]
+        server["workers"] = int(cfg["workers"])
+    # the plan, route name and port always; workers when the deployment chose them
+    cmd = target.command() + ServerConfig(**server).to_argv(
+        always=["plan", "name", "port"] + (["workers"] if cfg.get("workers") else []))
     log = open(svc.log_path, "ab")
     try:
         # own session: the service outlives the deploying process (the CLI returns) and is
