@@ -335,6 +335,9 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any, None], port: int = 5005
     from .tfs_grpc import add_model_service
 
     names += add_model_service(server, core)
+    from .v2_grpc import add_v2_service
+
+    names += add_v2_service(server, core)
 
     health_servicer = None
     if health:
