@@ -226,6 +226,27 @@ def cmd_deploy_k8s(args: argparse.Namespace) -> int:
     return _finish_deploy(svc, args)
 
 
+def cmd_deploy_kserve(args: argparse.Namespace) -> int:
+    """Write the KServe manifests (nothing is recorded in a registry: they are plain files)."""
+    from ..serve.config import ServerConfig
+    from .kserve import KServeDeployment, write_kserve
+
+    d = KServeDeployment(args.name, args.storage_uri, args.image, namespace=args.namespace,
+                         runtime_name=args.runtime_name, deployment_mode=args.deployment_mode,
+                         autoscaler=args.autoscaler, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                         scale_metric=args.scale_metric, scale_target=args.scale_target,
+                         canary_percent=args.canary_percent, prometheus_url=args.prometheus_url,
+                         prometheus_query=args.prometheus_query, serverless_port=args.serverless_port,
+                         cpu=args.cpu, memory_gb=args.memory_gb,
+                         server=ServerConfig.from_args(args, per_deployment=False))
+    paths = write_kserve(d, args.out)
+    if paths:
+        for path in paths:
+            print(path)
+        print(f"kubectl apply -f {args.out}   (see {os.path.join(args.out, 'README.txt')})")
+    return 0
+
+
 def cmd_deploy_list(args: argparse.Namespace) -> int:
     from .webservice import Webservice
 
@@ -398,6 +419,7 @@ def add_registry_parsers(subparsers: Any) -> None:
     p.add_argument("--memory-gb", type=float, default=2.0, help="memory requested in GiB (default 2)")
     _tls_options(p)
     _set(p, cmd_deploy_k8s)
+    _add_kserve_parser(ds)
     p = ds.add_parser("list", help="services and their states")
     _common(p)
     p.add_argument("--json", action="store_true")
@@ -412,3 +434,69 @@ def add_registry_parsers(subparsers: Any) -> None:
     _common(p)
     p.add_argument("name")
     _set(p, cmd_deploy_delete)
+
+
+def _positive_float(text: str) -> float:
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def _add_kserve_parser(ds: Any) -> None:
+    """``deploy kserve``: its own flags, then the server's tunable options generated from
+    :class:`~bfpaccel.serve.config.ServerConfig` (the per-deployment ones are set by KServe)."""
+    from ..serve.config import add_server_arguments
+    from .kserve import SCALE_METRICS
+
+    p = ds.add_parser(
+        "kserve", help="write KServe manifests (ClusterServingRuntime, InferenceService, autoscaler)",
+        description="Write a ClusterServingRuntime for the model format bfpplan (bfpaccel serve with REST on 8080 "
+        "and gRPC on 8081 named h2c), an InferenceService for one model, and an autoscaler that follows the "
+        "server's queue depth or in-flight requests instead of CPU: a KEDA ScaledObject (default), an "
+        "autoscaling/v2 HPA on a custom metric, or Knative's concurrency autoscaler (--deployment-mode "
+        "serverless, which also allows --canary-percent). Nothing contacts a cluster. The server options "
+        "below go to the predictor's container args.")
+    k = p.add_argument_group("KServe deployment")
+    k.add_argument("--name", required=True, help="InferenceService name (lowercase letters, digits, '-')")
+    k.add_argument("--storage-uri", required=True, metavar="URI",
+                   help="where KServe fetches the model: a .bfpplan or version folders 1/, 2/ holding one "
+                   "(s3://, gs://, pvc://, https://...)")
+    k.add_argument("--image", required=True, help="container image with bfpaccel installed")
+    k.add_argument("--out", default="-", metavar="DIR|-",
+                   help="write the manifests and a README into DIR, or '-' (default): one YAML stream on stdout")
+    k.add_argument("--namespace", default="default", metavar="NS", help="namespace of the InferenceService (default default)")
+    k.add_argument("--runtime-name", default="bfpaccel", metavar="NAME", help="ClusterServingRuntime name (default bfpaccel)")
+    k.add_argument("--deployment-mode", choices=["raw", "serverless"], default="raw",
+                   help="raw: a Kubernetes Deployment scaled by KEDA or an HPA (default); serverless: Knative "
+                   "(concurrency autoscaling, scale to zero, canary traffic)")
+    k.add_argument("--autoscaler", choices=["keda", "hpa", "kpa", "none"], default=None,
+                   help="keda: a KEDA ScaledObject with a Prometheus trigger (default in raw mode); hpa: an "
+                   "autoscaling/v2 HPA on a Pods custom metric (needs a Prometheus adapter); none: fixed "
+                   "--min-replicas; kpa: Knative's autoscaler (serverless mode)")
+    k.add_argument("--min-replicas", type=int, default=1, metavar="N", help="fewest replicas (default 1; 0 only with serverless)")
+    k.add_argument("--max-replicas", type=int, default=4, metavar="N", help="most replicas (default 4)")
+    k.add_argument("--scale-metric", choices=sorted(SCALE_METRICS), default=None,
+                   help="queue_depth: requests waiting for a worker (bfpaccel_queue_depth; the default in raw "
+                   "mode); inflight: requests being computed (bfpaccel_inflight_requests; Knative's concurrency, "
+                   "the only choice in serverless mode)")
+    k.add_argument("--scale-target", type=_positive_float, default=None, metavar="X",
+                   help="target of the metric per pod (default: 2 waiting requests, or --workers in flight)")
+    k.add_argument("--canary-percent", type=int, default=None, metavar="P",
+                   help="share of traffic (0..100) for the newest revision while it rolls out (serverless only)")
+    k.add_argument("--prometheus-url", default="http://prometheus-operated.monitoring.svc:9090", metavar="URL",
+                   help="Prometheus that KEDA queries (default http://prometheus-operated.monitoring.svc:9090)")
+    k.add_argument("--prometheus-query", default=None, metavar="PROMQL",
+                   help="KEDA's query (default: the metric summed over this service's predictor pods)")
+    k.add_argument("--serverless-port", choices=["grpc", "rest"], default="grpc",
+                   help="the one port Knative routes: grpc (8081, h2c; default) or rest (8080)")
+    k.add_argument("--cpu", type=_positive_float, default=1.0, metavar="CORES",
+                   help="CPU cores requested and limited (default 1; --threads defaults to it, rounded down)")
+    k.add_argument("--memory-gb", type=_positive_float, default=2.0, metavar="GIB", help="memory in GiB (default 2)")
+    add_server_arguments(p, per_deployment=False)
+    _set(p, cmd_deploy_kserve)

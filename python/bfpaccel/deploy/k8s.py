@@ -144,11 +144,18 @@ def render_manifests(name: str, container_image: str, config: Dict[str, Any], na
 
 
 def _dump(obj: Dict[str, Any]) -> str:
+    """YAML of a manifest, without anchors/aliases for objects used twice (plain YAML that
+    every tool reads)."""
     try:
         import yaml
     except ImportError:  # JSON is YAML too
         return json.dumps(obj, indent=2) + "\n"
-    return yaml.safe_dump(obj, sort_keys=False, default_flow_style=False)
+
+    class Dumper(yaml.SafeDumper):
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    return yaml.dump(obj, Dumper=Dumper, sort_keys=False, default_flow_style=False)
 
 
 def write_manifests(svc: "Webservice", image: Image, target: "KubernetesTarget") -> Dict[str, str]:

@@ -538,25 +538,30 @@ class ServerConfig:
 
     # ------------------------------------------------------------------ command lines
     @classmethod
-    def from_args(cls, ns: argparse.Namespace) -> "ServerConfig":
-        """The config of parsed flags (:func:`add_server_arguments`); an option whose flag the
-        parser lacks, or that was not given, keeps its default.  Raises ValueError on
-        inconsistent options (e.g. ``--tls-cert`` without ``--tls-key``)."""
+    def from_args(cls, ns: argparse.Namespace, per_deployment: bool = True,
+                  exclude: Iterable[str] = ()) -> "ServerConfig":
+        """The config of flags parsed by a parser that :func:`add_server_arguments` filled
+        (give the same ``per_deployment`` and ``exclude``: the namespace's other attributes,
+        e.g. a deploy command's own ``--name``, are then not read).  An option that was not
+        given keeps its default.  Raises ValueError on inconsistent options (e.g.
+        ``--tls-cert`` without ``--tls-key``)."""
         kw: Dict[str, Any] = {}
-        for f in fields(cls):
-            opt: Option = f.metadata["option"]
+        skip = set(exclude)
+        for name, opt in server_options(None if per_deployment else False):
+            if name in skip:
+                continue
             value = getattr(ns, opt.dest, None)
             if value is None:
                 continue
             if opt.kind == "negated":
                 if value:
-                    kw[f.name] = False
+                    kw[name] = False
             elif opt.kind == "switch":
-                kw[f.name] = bool(value)
+                kw[name] = bool(value)
             elif opt.kind == "append":
-                kw[f.name] = tuple(value)
+                kw[name] = tuple(value)
             else:
-                kw[f.name] = value
+                kw[name] = value
         return cls(**kw)
 
     def to_argv(self, always: Iterable[str] = ()) -> List[str]:
