@@ -197,7 +197,8 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any, None], port: int = 5005
           preferred_batch_sizes: Optional[Sequence[int]] = None,
           model_root: Optional[PathLike] = None, model_name: Optional[str] = None,
           version_policy: Optional[str] = None, version_labels: Optional[Mapping[str, int]] = None,
-          poll_seconds: float = 0.0, synthetic_warmup: int = 0) -> ServerHandle:
+          poll_seconds: float = 0.0, synthetic_warmup: int = 1,
+          warmup_file: Optional[PathLike] = None) -> ServerHandle:
     """Starts the server on ``host:port`` (gRPC) and ``host:http_port`` (REST) for one or
     several plans; returns at once when ``block`` is False, else once the plans are loaded and
     warm.
@@ -247,9 +248,11 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any, None], port: int = 5005
         version_labels: label -> version (``model_spec.version_label``, ``/labels/<l>``).
         poll_seconds: rescan ``model_root`` this often and load/unload versions without a
             restart (0: only on ``ServerHandle.reload()``).
-        synthetic_warmup: warm-up calls with synthetic inputs per worker (default 1 zero input;
-            a version folder's ``assets.extra/tf_serving_warmup_requests`` is replayed instead
-            when present).
+        synthetic_warmup: warm-up calls with a zero input per worker (default 1; 0: none);
+            a version folder's ``assets.extra/tf_serving_warmup_requests`` (TF Serving's
+            PredictionLog TFRecord file) is replayed instead when present, or ``warmup_file``.
+        warmup_file: warm-up records (a TF Serving ``tf_serving_warmup_requests`` file)
+            replayed on every version that has none of its own, plans given directly included.
 
     Example:
         >>> h = serve({"a": "a.bfpplan", "b": "b.bfpplan"}, port=0)  # doctest: +SKIP
@@ -278,6 +281,10 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any, None], port: int = 5005
             raise FileNotFoundError(f"plan {os.fspath(path)!r} (route {name!r}) does not exist")
     if workers < 1 or queue_size < 0 or max_batch < 1:
         raise ValueError("workers and max_batch must be >= 1, queue_size >= 0")
+    if isinstance(synthetic_warmup, bool) or not isinstance(synthetic_warmup, int) or synthetic_warmup < 0:
+        raise ValueError(f"synthetic_warmup must be an integer >= 0, got {synthetic_warmup!r}")
+    if warmup_file is not None and not os.path.isfile(os.fspath(warmup_file)):
+        raise FileNotFoundError(f"warm-up file {os.fspath(warmup_file)!r} does not exist")
     from .. import core as _core
 
     kernel = _core.check_kernel(kernel)
@@ -299,8 +306,9 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any, None], port: int = 5005
         from .lifecycle import ModelFolder
 
         folder = ModelFolder(core, model_root, model_name=model_name, version_policy=version_policy,
-                             version_labels=version_labels, poll_seconds=poll_seconds)
-        folder.register()  # adds the versions found now (loaded by load_all below)
+                             version_labels=version_labels, poll_seconds=poll_seconds,
+                             synthetic_warmup=synthetic_warmup, warmup_file=warmup_file, warmup=warmup)
+        folder.register()  # adds the versions found now (loaded by initial_load below)
     if batching:
         from .batching import Batcher
 
@@ -388,7 +396,11 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any, None], port: int = 5005
                          daemon=True).start()
     log.info("serving %s on %s:%d (%s%s)", sorted(items), host, bound, "TLS" if tls_cert is not None else "plaintext",
              ", auth on" if core.auth_keys else "")
-    loader = threading.Thread(target=core.load_all, args=(warmup, warmup_delay_s), name="bfpaccel-load", daemon=True)
+    from .lifecycle import initial_load
+
+    loader = threading.Thread(target=initial_load, args=(core, folder), name="bfpaccel-load", daemon=True,
+                              kwargs=dict(warmup=warmup, warmup_delay_s=warmup_delay_s,
+                                          synthetic_warmup=synthetic_warmup, warmup_file=warmup_file))
     loader.start()
     if block:
         try:
