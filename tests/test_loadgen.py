@@ -193,8 +193,9 @@ def test_search_limits():
     rates = []
     r = search_p99(_threshold_runner(1e9, rates), 30.0, start_rate=1.0, max_steps=3)
     assert rates == [1, 2, 4] and r.best_qps == 4 and "max-steps 3" in r.note
-    for kw, match in [(dict(growth=1.0), "growth"), (dict(precision=0.0), "precision"), (dict(max_steps=0), "max_steps"),
-                      (dict(start_rate=0.5), "min_rate"), (dict(max_error_rate=2.0), "max_error_rate")]:
+    for kw, match in [(dict(growth=1.0), "growth"), (dict(precision=0.0), "precision"),
+                      (dict(max_steps=0), "max_steps"), (dict(start_rate=0.5), "min_rate"),
+                      (dict(max_error_rate=2.0), "max_error_rate")]:
         with pytest.raises(ValueError, match=match):
             search_p99(_threshold_runner(1.0, []), 30.0, **kw)
     with pytest.raises(ValueError, match="bound"):

@@ -102,8 +102,8 @@ class StepResult:
     max_inflight: Optional[int] = None
     concurrency: Optional[int] = None
     seed: Optional[int] = None
-    #: histogram deltas of the server's metrics over this step (``--metrics-url``)
-    server: Optional[Dict[str, Dict[str, Any]]] = None
+    #: histogram name -> delta of the server's metrics over this step (``--metrics-url``), or {"error": ...}
+    server: Optional[Dict[str, Any]] = None
     #: search verdict (None outside a search)
     passed: Optional[bool] = None
     reason: str = ""
@@ -336,9 +336,9 @@ class SearchResult:
                  f"{'max ms':>9} {'errors':>6} {'dropped':>7}  verdict"]
         for i, s in enumerate(self.steps):
             la = s.latency
-            lines.append(f"{i:>4} {s.target_qps:>9.2f} {s.offered_qps:>9.2f} {s.achieved_qps:>9.2f} {la.p50_ms:>9.2f} {la.p90_ms:>9.2f} "
-                         f"{la.p99_ms:>9.2f} {la.max_ms:>9.2f} {s.error_count:>6} {s.dropped:>7}  "
-                         f"{'pass' if s.passed else 'FAIL: ' + s.reason}")
+            lines.append(f"{i:>4} {s.target_qps:>9.2f} {s.offered_qps:>9.2f} {s.achieved_qps:>9.2f} "
+                         f"{la.p50_ms:>9.2f} {la.p90_ms:>9.2f} {la.p99_ms:>9.2f} {la.max_ms:>9.2f} "
+                         f"{s.error_count:>6} {s.dropped:>7}  {'pass' if s.passed else 'FAIL: ' + s.reason}")
         if self.best_index is None:
             lines.append(f"no rate tried kept p99 under {self.bound_ms:g} ms ({self.note})")
         else:

@@ -20,7 +20,7 @@ import math
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 __all__ = ["Scrape", "parse_text", "scrape", "histogram_delta", "histogram_deltas", "SPLIT_HISTOGRAMS",
            "NOT_EXPORTED"]
@@ -72,7 +72,7 @@ class _Parser:
             self.i += 1
 
     def labels(self) -> Labels:
-        out = []
+        out: List[Tuple[str, str]] = []
         self.i += 1  # "{"
         while True:
             self.skip_spaces()
