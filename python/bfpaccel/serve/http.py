@@ -218,7 +218,7 @@ class HttpServer:
         try:
             config = uvicorn.Config(
                 self._asgi, host=host, port=self.port, http="h11", interface="asgi3", lifespan="off",
-                log_config=None, access_log=False, proxy_headers=False, server_header=False,
+                log_config=None, log_level="warning", access_log=False, proxy_headers=False, server_header=False,
                 # the app answers over max_connections itself (a JSON 503); uvicorn's own plain-text
                 # 503 is a backstop beyond that
                 limit_concurrency=self.max_connections + max(64, self.max_connections),
