@@ -299,7 +299,8 @@ def test_unavailable_while_warming_up_then_health_serving(plans):
             assert st.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == \
                 health_pb2.HealthCheckResponse.NOT_SERVING
             h.wait_ready(10)
-            for svc in ("", "tensorflow.serving.PredictionService", "tiny"):
+            for svc in ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService",
+                        "inference.GRPCInferenceService", "tiny"):
                 assert st.Check(health_pb2.HealthCheckRequest(service=svc), timeout=5).status == \
                     health_pb2.HealthCheckResponse.SERVING
         _call(h.port, _seed_request(make_image()))

@@ -152,7 +152,7 @@ def _health_updater(health: Any) -> Any:
         if core.stopping:
             return
         ready = core.is_ready()
-        for svc in ("", pb.SERVICE):
+        for svc in ("", pb.SERVICE, pb.MODEL_SERVICE, pb.V2_SERVICE):
             health.set(svc, ok if ready else bad)
         for name in list(core.models):
             health.set(name, ok if core.model_ready(name) else bad)
@@ -354,7 +354,7 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any, None], port: int = 5005
 
             health_servicer = health_mod.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-            for svc in ["", pb.SERVICE, *items]:
+            for svc in ["", pb.SERVICE, pb.MODEL_SERVICE, pb.V2_SERVICE, *items]:
                 health_servicer.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
             core.on_change(_health_updater(health_servicer))
             names.append(health_mod.SERVICE_NAME)
