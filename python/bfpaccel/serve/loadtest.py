@@ -100,11 +100,20 @@ def run_closed(make_sender_fn: Callable[[], Sender], payload: Payload, concurren
     """
     if not isinstance(concurrency, int) or concurrency < 1 or not duration > 0:
         raise ValueError("concurrency must be >= 1 and duration > 0")
-    senders = [make_sender_fn() for _ in range(concurrency)]  # errors (a missing package) surface here
+    senders: List[Sender] = []
+    try:  # errors (a missing package, a bad option) surface here, in the caller's thread
+        for _ in range(concurrency):
+            senders.append(make_sender_fn())
+    except BaseException:
+        for s in senders:
+            s.close()
+        raise
     lock = threading.Lock()
     lat: List[float] = []
     records: List[Tuple[float, float, str]] = []
     errors: Dict[str, int] = {}
+    warm = threading.Barrier(concurrency + 1)  # the clock starts once every client is warm
+    failures: List[BaseException] = []
     start_evt = threading.Event()
     clock = [0.0, 0.0]  # start, stop
 
@@ -113,9 +122,18 @@ def run_closed(make_sender_fn: Callable[[], Sender], payload: Payload, concurren
         rec: List[Tuple[float, float, str]] = []
         errs: Dict[str, int] = {}
         try:
-            send = sender.prepare(payload)
-            for _ in range(warmup_requests):
-                send()
+            try:
+                send = sender.prepare(payload)
+                for _ in range(warmup_requests):
+                    send()
+            except Exception as e:  # re-raised by the caller's thread, not printed from this one
+                failures.append(e)
+                warm.abort()
+                return
+            try:
+                warm.wait()
+            except threading.BrokenBarrierError:
+                return
             start_evt.wait()
             while True:
                 t0 = time.perf_counter()
@@ -139,7 +157,12 @@ def run_closed(make_sender_fn: Callable[[], Sender], payload: Payload, concurren
     threads = [threading.Thread(target=worker, args=(s,), daemon=True) for s in senders]
     for t in threads:
         t.start()
-    time.sleep(0.05)
+    try:
+        warm.wait()
+    except threading.BrokenBarrierError:
+        for t in threads:
+            t.join()
+        raise failures[0] if failures else RuntimeError("a load-test client failed while warming up")
     t_start = time.perf_counter()
     clock[0], clock[1] = t_start, t_start + duration
     start_evt.set()
