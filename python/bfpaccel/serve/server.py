@@ -379,14 +379,26 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any, None], port: int = 5005
         bound = server.add_insecure_port(address)
     if not bound:
         raise OSError(f"could not bind {address}")
-    metrics_server = MetricsServer(core.metrics, metrics_port, host) if metrics_port is not None else None
     http = None
     if http_port is not None:  # TF Serving REST + KServe v2 REST + /metrics on one HTTP port
         from .http import HttpServer
 
-        http = HttpServer(core, host=host, port=http_port, tls_cert=tls_cert, tls_key=tls_key,
-                          max_body_bytes=int(max_body_bytes or max_message_bytes), max_connections=max_connections,
-                          max_header_bytes=max_header_bytes)
+        try:
+            http = HttpServer(core, host=host, port=http_port, tls_cert=tls_cert, tls_key=tls_key,
+                              max_body_bytes=int(max_body_bytes or max_message_bytes),
+                              max_connections=max_connections, max_header_bytes=max_header_bytes)
+        except BaseException:
+            server.stop(0)
+            core.stop()
+            raise
+    try:
+        metrics_server = MetricsServer(core.metrics, metrics_port, host) if metrics_port is not None else None
+    except BaseException:
+        if http is not None:
+            http.stop(0)
+        server.stop(0)
+        core.stop()
+        raise
     server.start()
     handle = ServerHandle(server, bound, core, health_servicer, metrics_server, http)
     if folder is not None:
