@@ -162,7 +162,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    http_port = getattr(handle, "http_port", None)
     print(f"bfpaccel serve: listening on {cfg.host}:{handle.port} routes={handle.routes}"
+          + (f" http={http_port}" if http_port else "")
           + (f" metrics={handle.metrics_port}" if handle.metrics_port else ""), flush=True)
     try:
         handle.wait_ready()
