@@ -586,8 +586,14 @@ def test_grpc_deadline_and_images_unbatched(server, ref):
 
 
 def test_cli_batching_flags(tiny, ref):
-    proc, port = spawn_server(["--plan", tiny, "--batching", "--max-batch-size", "4", "--batch-timeout-ms", "20",
-                               "--preferred-batch-sizes", "2,4", "--workers", "1", "--quiet"])
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    proc, port = spawn_server(["--plan", tiny, "--name", "tiny", "--batching", "--max-batch-size", "4",
+                               "--batch-timeout-ms", "20", "--preferred-batch-sizes", "2,4", "--workers", "1",
+                               "--metrics-port", str(metrics_port), "--quiet"])
     try:
         xs = [_rows(600 + i) for i in range(4)]
         out: List[Any] = [None] * 4
@@ -602,6 +608,9 @@ def test_cli_batching_flags(tiny, ref):
         _join(threads)
         for x, got in zip(xs, out):
             _assert_same({"o": got}, {"o": ref.predict(x)[TINY_OUTPUT]})
+        text = _scrape(metrics_port)
+        assert _metric(text, "bfpaccel_batch_size_sum") == 4  # every request went through the batcher
+        assert 1 <= _metric(text, "bfpaccel_batch_size_count") <= 4
     finally:
         proc.terminate()
         proc.wait(30)
