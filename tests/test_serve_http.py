@@ -387,6 +387,10 @@ def test_queue_full_is_429(server, url):
 
 
 def test_metrics_and_access_log(server, url, caplog):
+    x = _x(1)  # one successful call of each protocol, so the test stands alone
+    assert requests.post(f"{url}/v1/models/{MODEL}:predict", json={"instances": x.tolist()}, timeout=30).ok
+    assert requests.post(f"{url}/v2/models/{MODEL}/infer", timeout=30, json={"inputs": [
+        {"name": "x", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}).ok
     with caplog.at_level(logging.INFO, logger="bfpaccel.serve.access"):
         requests.get(f"{url}/v1/models/{MODEL}", timeout=10)
         requests.get(f"{url}/v2/models/{MODEL}", timeout=10)
