@@ -442,3 +442,12 @@ def test_the_runtime_command_line_serves_a_kserve_model_folder(tmp_path, serve_p
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_docstring_examples():
+    import doctest
+
+    import bfpaccel.deploy.kserve as kserve
+
+    result = doctest.testmod(kserve)
+    assert result.attempted >= 3 and result.failed == 0

@@ -422,3 +422,12 @@ def test_help_lists_every_visible_option(serve_parser):
     text = serve_parser.format_help()
     for _, opt in server_options():
         assert (opt.flag in text) != opt.hidden, opt.flag
+
+
+def test_docstring_examples():
+    import doctest
+
+    import bfpaccel.serve.config as config
+
+    result = doctest.testmod(config, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 5 and result.failed == 0
