@@ -170,7 +170,7 @@ def test_search_grows_then_bisects():
     d = r.to_dict()
     assert d["best_qps"] == 290 and d["steps_run"] == 9 and d["bound_ms"] == 30.0 and d["growth"] == 2.0
     text = r.summary()
-    assert "highest rate with p99 under 30 ms: 290.00 QPS" in text and text.count("FAIL") == 2
+    assert "highest rate with p99 under 30 ms: 290.00 QPS target (scheduled 290.00" in text and text.count("FAIL") == 2
 
 
 def test_search_shrinks_when_the_start_fails():

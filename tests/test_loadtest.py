@@ -119,9 +119,10 @@ def test_short_search_with_reports(live, tmp_path, capsys):
         _check_server(s["server"], s["ok"])
     srch = doc["search"]
     assert srch["best_qps"] == 16.0 and srch["best_step"] == 2 and srch["bound_ms"] == 60000.0
+    assert srch["best_offered_qps"] == doc["steps"][2]["offered_qps"] > 0
     assert srch["steps_run"] == 3 and not srch["converged"] and "max-steps" in srch["note"]
     assert doc["config"]["search"]["p99_bound_ms"] == 60000.0 and doc["config"]["min_queries"] == 4
-    assert "highest rate with p99 under 60000 ms: 16.00 QPS" in cap.out
+    assert "highest rate with p99 under 60000 ms: 16.00 QPS target" in cap.out
     assert cap.err.count("step ") == 3  # progress, one line per step
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
 

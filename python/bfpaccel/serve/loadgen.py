@@ -326,6 +326,7 @@ class SearchResult:
         """JSON-ready summary (the steps are listed beside it, see ``bfpaccel loadtest --json``)."""
         best = None if self.best_index is None else self.steps[self.best_index]
         return {"bound_ms": self.bound_ms, "best_qps": self.best_qps, "best_step": self.best_index,
+                "best_offered_qps": best.offered_qps if best else None,
                 "best_achieved_qps": best.achieved_qps if best else None,
                 "best_p99_ms": best.latency.to_dict()["p99_ms"] if best else None,
                 "converged": self.converged, "note": self.note, "steps_run": len(self.steps), **self.settings}
@@ -343,8 +344,9 @@ class SearchResult:
             lines.append(f"no rate tried kept p99 under {self.bound_ms:g} ms ({self.note})")
         else:
             b = self.steps[self.best_index]
-            lines.append(f"highest rate with p99 under {self.bound_ms:g} ms: {b.target_qps:.2f} QPS "
-                         f"(achieved {b.achieved_qps:.2f} QPS, p99 {b.latency.p99_ms:.2f} ms; {self.note})")
+            lines.append(f"highest rate with p99 under {self.bound_ms:g} ms: {b.target_qps:.2f} QPS target "
+                         f"(scheduled {b.offered_qps:.2f}, achieved {b.achieved_qps:.2f} QPS, "
+                         f"p99 {b.latency.p99_ms:.2f} ms; {self.note})")
         return "\n".join(lines)
 
 
