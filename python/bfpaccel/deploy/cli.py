@@ -470,8 +470,10 @@ def _add_kserve_parser(ds: Any) -> None:
     k.add_argument("--image", required=True, help="container image with bfpaccel installed")
     k.add_argument("--out", default="-", metavar="DIR|-",
                    help="write the manifests and a README into DIR, or '-' (default): one YAML stream on stdout")
-    k.add_argument("--namespace", default="default", metavar="NS", help="namespace of the InferenceService (default default)")
-    k.add_argument("--runtime-name", default="bfpaccel", metavar="NAME", help="ClusterServingRuntime name (default bfpaccel)")
+    k.add_argument("--namespace", default="default", metavar="NS",
+                   help="namespace of the InferenceService (default default)")
+    k.add_argument("--runtime-name", default="bfpaccel", metavar="NAME",
+                   help="ClusterServingRuntime name (default bfpaccel)")
     k.add_argument("--deployment-mode", choices=["raw", "serverless"], default="raw",
                    help="raw: a Kubernetes Deployment scaled by KEDA or an HPA (default); serverless: Knative "
                    "(concurrency autoscaling, scale to zero, canary traffic)")
@@ -479,7 +481,8 @@ def _add_kserve_parser(ds: Any) -> None:
                    help="keda: a KEDA ScaledObject with a Prometheus trigger (default in raw mode); hpa: an "
                    "autoscaling/v2 HPA on a Pods custom metric (needs a Prometheus adapter); none: fixed "
                    "--min-replicas; kpa: Knative's autoscaler (serverless mode)")
-    k.add_argument("--min-replicas", type=int, default=1, metavar="N", help="fewest replicas (default 1; 0 only with serverless)")
+    k.add_argument("--min-replicas", type=int, default=1, metavar="N",
+                   help="fewest replicas (default 1; 0 only with serverless)")
     k.add_argument("--max-replicas", type=int, default=4, metavar="N", help="most replicas (default 4)")
     k.add_argument("--scale-metric", choices=sorted(SCALE_METRICS), default=None,
                    help="queue_depth: requests waiting for a worker (bfpaccel_queue_depth; the default in raw "

@@ -424,12 +424,14 @@ class ServerConfig:
                                     check=_port_check(optional=True), metavar="PORT", serve_key=_KEY,
                                     per_deployment=True, group=_NETWORK)
     metrics_port: Optional[int] = _opt(None, "--metrics-port", "Prometheus metrics at :PORT/metrics",
-                                       parse=_parse_port, metavar="PORT", check=_port_check(optional=True), serve_key=_KEY,
+                                       parse=_parse_port, metavar="PORT", check=_port_check(optional=True),
+                                       serve_key=_KEY,
                                        per_deployment=True, group=_NETWORK)
     tls_cert: Optional[str] = _opt(None, "--tls-cert", "PEM certificate chain (TLS on)", parse=str, metavar="PEM",
                                    check=_str_check(optional=True), serve_key=_KEY, per_deployment=True,
                                    group=_NETWORK)
-    tls_key: Optional[str] = _opt(None, "--tls-key", "PEM private key", parse=str, check=_str_check(optional=True), metavar="PEM",
+    tls_key: Optional[str] = _opt(None, "--tls-key", "PEM private key", parse=str, check=_str_check(optional=True),
+                                  metavar="PEM",
                                   serve_key=_KEY, per_deployment=True, group=_NETWORK)
     auth_key_files: Tuple[str, ...] = _opt((), "--auth-key-file", "file of accepted keys, one per line "
                                            f"(repeatable): auth on. The keys can also come from ${AUTH_KEY_ENV} "
@@ -447,7 +449,8 @@ class ServerConfig:
                         check=_bool_check, serve_key=_KEY, group=_NETWORK)
     # -- limits
     max_message_bytes: int = _opt(_DEFAULT_MAX_MESSAGE_BYTES, "--max-message-mb", "largest gRPC request/response "
-                                  "(MiB, default 64)", parse=_parse_mib, show=_show_mib, check=_int_check(1, 2 ** 31 - 1),
+                                  "(MiB, default 64)", parse=_parse_mib, show=_show_mib,
+                                  check=_int_check(1, 2 ** 31 - 1),
                                   metavar="MIB", serve_key=_KEY, group=_LIMITS)
     max_body_bytes: Optional[int] = _opt(None, "--max-body-mb", "largest HTTP request body (MiB, default: "
                                          "--max-message-mb); over it: 413", parse=_parse_mib, show=_show_mib,
