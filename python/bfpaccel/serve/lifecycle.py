@@ -17,8 +17,9 @@ whose name is not a positive integer (``3.tmp``, ``.3``, ``new``).
 **Publishing a version** (the rule to follow): write it under a temporary name in the same
 file system (``<name>/.3.tmp/``), then rename it to its number (``mv .3.tmp 3``).  A rename is
 atomic, so a version folder is never seen half-written.  As a safety net a folder is loaded
-only when it holds exactly one model file, and a folder that is seen changing between two
-scans (same folder, other files, sizes or times) waits until one scan finds it unchanged.
+only when it holds exactly one model file, and a folder seen changing between two scans
+(other files, sizes or times, or replaced) waits until a scan finds it unchanged: a version
+number first seen complete is loaded at once, one written in place or replaced one scan later.
 A version whose load failed is not tried again until its folder changes.  A version is never
 reloaded in place: publish a new number (or delete the newest folder to roll back).
 
@@ -49,7 +50,9 @@ Without a file, ``synthetic_warmup`` calls with a zero input (default 1).
 
 **Memory.** A swap holds old and new versions at once; :class:`SyncSummary` reports each
 load's peak resident-memory growth and the peak of the whole swap (sampled, and from the
-kernel's high-water mark when the swap set a new one), and the summary is logged.
+kernel's high-water mark when the swap set a new one), and the summary is logged.  After the
+unloads, the freed heap pages are handed back to the system (glibc's ``malloc_trim``), so the
+resident size returns to one version's instead of staying at old + new.
 
 Example:
     >>> core = ServingCore(workers=2)  # doctest: +SKIP
@@ -480,6 +483,27 @@ class _RssWatch:
         return max(0, self.peak - self.start)
 
 
+_TRIM: Optional[Callable[[int], int]] = None
+_TRIM_LOOKED = False
+
+
+def _release_freed_memory() -> None:
+    """Hands the heap's free pages back to the system (glibc's ``malloc_trim``): an unloaded
+    version's weights are freed, but glibc keeps the pages of its arenas, so the resident
+    size would stay at old + new after every swap.  Nothing elsewhere."""
+    global _TRIM, _TRIM_LOOKED
+    if not _TRIM_LOOKED:
+        _TRIM_LOOKED = True
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = None
+    if _TRIM is not None:
+        _TRIM(0)
+
+
 def _mib(n: int) -> str:
     return f"{n / _MIB:+.1f} MiB"
 
@@ -584,9 +608,8 @@ def _inspect(name: str, version: int, folder: str, direct: bool) -> VersionFolde
     """A version folder's model file, warm-up file and fingerprint (``direct``: the model file
     lies in the model folder itself, with other things beside it).
 
-    The fingerprint is ``(identity, files)``: the identity is the version folder's inode (for
-    ``direct``, the model files' inodes), which a rename keeps and a new folder does not, so a
-    folder written in place (same identity, other files) can be told from one renamed in."""
+    The fingerprint is ``(identity, files)``: the version folder's inode (for ``direct``, the
+    model files' inodes) and each file's name, size, time and inode."""
     try:
         st = os.stat(folder)
         entries = sorted((e for e in os.scandir(folder) if not _ignored(e.name)), key=lambda e: e.name)
@@ -847,9 +870,11 @@ class ModelFolder:
         return out
 
     def _changing(self, name: str, vf: VersionFolder) -> bool:
-        """The same folder as at the last scan, with other contents: being written."""
+        """Seen at the last scan with other contents (or as another folder): maybe being
+        written, so it waits for a scan that finds it unchanged.  (Inode numbers cannot tell a
+        replaced folder from one written in place: a file system reuses them at once.)"""
         prev = self._last_scan.get((name, vf.version))
-        return prev is not None and prev != vf.fingerprint and prev[0] == vf.fingerprint[0]
+        return prev is not None and prev != vf.fingerprint
 
     def _remember(self, found: Dict[str, Dict[int, VersionFolder]]) -> None:
         self._last_scan = {(n, v): vf.fingerprint for n, vs in found.items() for v, vf in vs.items()}
@@ -1037,7 +1062,10 @@ class ModelFolder:
             # failures whose folder is gone or changed are forgotten
             self._failed = {k: fp for k, fp in self._failed.items()
                             if k[0] in found and k[1] in found[k[0]] and found[k[0]][k[1]].fingerprint == fp}
-            retire = self._retirements(wanted_by, to_load)
+            pending_by: Dict[str, set] = {}
+            for n, v, _ in summary.pending:
+                pending_by.setdefault(n, set()).add(v)
+            retire = self._retirements(wanted_by, pending_by)
             self._remember(found)
             if not to_load and not any(retire.values()):
                 self._apply_labels(summary, retiring=retire)
@@ -1052,16 +1080,17 @@ class ModelFolder:
                         continue
                     assert vf.model_file is not None
                     self._load(core.add_version(name, vf.version, vf.model_file), vf, summary, mem)
-                retire = self._retirements(wanted_by, [])  # what the loads make redundant
+                retire = self._retirements(wanted_by, pending_by)  # what the loads make redundant
                 self._apply_labels(summary, retiring=retire)
                 self._unload(retire, summary)
             self._finish(summary, mem, t0)
             return summary
 
     def _retirements(self, wanted_by: Mapping[str, Sequence[int]],
-                     loading: Sequence[Tuple[str, VersionFolder]]) -> Dict[str, List[int]]:
+                     pending_by: Mapping[str, Iterable[int]]) -> Dict[str, List[int]]:
         """Versions to unload: AVAILABLE ones the policy no longer wants (as many of the newest
-        kept as wanted versions are missing: availability first) and failed ones not wanted."""
+        kept as wanted versions are missing: availability first), and failed ones neither
+        wanted nor pending on disk (their error is forgotten)."""
         out: Dict[str, List[int]] = {}
         for name, wanted in wanted_by.items():
             entry = self.core.models.get(name)
@@ -1072,7 +1101,9 @@ class ModelFolder:
             short = len(wanted) - len(keep)  # wanted versions not serving (loading, failed)
             extra = [v for v in serving if v not in wanted]
             keep += extra[len(extra) - short:] if short > 0 else []
-            dead = [v for v, mv in entry.versions.items() if mv.state is VersionState.END and v not in wanted]
+            pending = set(pending_by.get(name, ()))
+            dead = [v for v, mv in entry.versions.items()
+                    if mv.state is VersionState.END and v not in wanted and v not in pending]
             out[name] = sorted(set(serving) - set(keep)) + sorted(dead)
         return out
 
@@ -1094,12 +1125,16 @@ class ModelFolder:
         _notify(core)
         if any(mv.inflight or mv.state is VersionState.UNLOADING for _, _, mv in marked) and self.drain_grace_s:
             time.sleep(self.drain_grace_s)  # requests that resolved it just before reach their model call
-        for name, v, _ in marked:
+        for name, v, mv in marked:
+            served = mv.state is not VersionState.END  # else a failed version: only forgotten
             try:
                 core.unload_version(name, v, drain_timeout_s=self.drain_timeout_s)
-                summary.unloaded.append((name, v))
             except KeyError:
-                pass
+                continue
+            if served:
+                summary.unloaded.append((name, v))
+        del marked
+        _release_freed_memory()
 
     def _finish(self, summary: SyncSummary, mem: _RssWatch, t0: float) -> None:
         summary.seconds = time.perf_counter() - t0
