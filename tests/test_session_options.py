@@ -357,3 +357,22 @@ def test_serve_cli_kernel_flag(tiny_plan):
     r = subprocess.run([sys.executable, "-m", "bfpaccel", "serve", "--plan", tiny_plan, "--port", "0", "--kernel",
                         "nosuch"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown kernel 'nosuch'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_program_cache_is_bounded(tiny_plan):
+    """Each input shape lowers its own program (packed weights): the cache keeps the
+    ``max_programs`` most recently used, and an evicted shape still runs bit-identically."""
+    import bfpaccel
+
+    sess = bfpaccel.Session(tiny_plan, max_programs=2, kernel="scalar")
+    name = sess.input_names[0]
+    x = RNG.standard_normal((4, 224, 224, 3)).astype(np.float32)
+    first = sess.run(None, {name: x[:1]})
+    for n in (2, 3, 4):
+        sess.run(None, {name: x[:n]})
+    assert len(sess._programs) == 2
+    again = sess.run(None, {name: x[:1]})  # lowered again after eviction
+    for k in first:
+        np.testing.assert_array_equal(first[k].view(np.uint32), again[k].view(np.uint32))
+    with pytest.raises(ValueError, match="max_programs"):
+        bfpaccel.Session(tiny_plan, max_programs=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import os
 import threading
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -37,6 +39,9 @@ class Session:
             at each call, :func:`bfpaccel.get_num_threads`).
         kernel: the kernel for this session, one of :func:`bfpaccel.available_kernels`
             (``None``: the process setting at each call, :func:`bfpaccel.get_kernel`).
+        max_programs: lowered programs kept (one per kernel and input shape, each with its
+            packed weights), least recently used dropped first; a dropped shape is lowered
+            again when it comes back.
 
     Raises:
         ValueError: an unknown kernel, one this CPU cannot run, or a thread count out of
@@ -49,14 +54,19 @@ class Session:
     """
 
     def __init__(self, plan: Union[Plan, str, "os.PathLike[str]"], num_threads: Optional[int] = None,
-                 kernel: Optional[str] = None):
+                 kernel: Optional[str] = None, max_programs: int = 8):
+        if not isinstance(max_programs, int) or max_programs < 1:
+            raise ValueError(f"max_programs must be an int >= 1, got {max_programs!r}")
+        self.max_programs = max_programs
         self._kernel = core.check_kernel(kernel)
         self._threads = None if num_threads is None else core.check_num_threads(num_threads)
         if not isinstance(plan, Plan):
             plan = load_plan(plan)
         self.plan = plan
-        # programs hold weights packed for one kernel: keyed by kernel and input shapes
-        self._programs: Dict[Tuple[str, Tuple[Tuple[str, Tuple[int, ...]], ...]], Lowered] = {}
+        # programs hold weights packed for one kernel: keyed by kernel and input shapes, the
+        # `max_programs` most recently used kept (each batch size is a program: unbounded
+        # otherwise under dynamic batching or varied request sizes)
+        self._programs: "OrderedDict[Tuple[str, Tuple[Tuple[str, Tuple[int, ...]], ...]], Lowered]" = OrderedDict()
         self._lock = threading.Lock()
 
     @property
@@ -124,6 +134,10 @@ class Session:
             if lw is None:
                 lw = lower(self.plan, dict(shapes))
                 self._programs[key] = lw
+                while len(self._programs) > self.max_programs:
+                    self._programs.popitem(last=False)
+            else:
+                self._programs.move_to_end(key)
         return lw
 
     def run(self, output_names: Optional[Sequence[str]], feed_dict: Dict[str, Any]) -> Dict[str, np.ndarray]:
