@@ -560,3 +560,37 @@ def test_kserve_single_model_folder(tmp_path, plans):
     publish(str(root2), 2, plans[2])
     core, folder = folder_core(str(root2), model_name="resnet", version_policy="all")
     assert loaded(core, "resnet") == [1, 2]
+
+
+# ---------------------------------------------------------------------- the command line
+def test_cli_model_root_flags(tmp_path, plans):
+    """bfpaccel serve --model-root/--version-policy/--version-label/--poll-seconds reach serve()."""
+    from conftest import spawn_server
+
+    root = make_root(tmp_path, plans, [1, 2])
+    proc, port = spawn_server(["--model-root", root, "--version-policy", "all", "--version-label", "canary=1",
+                               "--poll-seconds", "0.2", "--synthetic-warmup", "2", "--workers", "1", "--quiet"])
+    try:
+        assert status(port, "m") == [(1, AVAILABLE, ""), (2, AVAILABLE, "")]
+        req = image_request(name="m")
+        req.model_spec.version_label = "canary"
+        assert predict(port, req).model_spec.version.value == 1
+        publish(os.path.join(root, "m"), 3, plans[3])
+        deadline = time.monotonic() + 30
+        while len(status(port, "m")) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert status(port, "m")[-1] == (3, AVAILABLE, "")
+        assert predict(port, image_request()).model_spec.version.value == 3
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copyfile(plans[1], single / "model.bfpplan")
+    proc, port = spawn_server(["--model-root", str(single), "--model-name", "resnet", "--workers", "1", "--quiet"])
+    try:
+        r = predict(port, image_request())
+        assert (r.model_spec.name, r.model_spec.version.value) == ("resnet", 1)
+    finally:
+        proc.terminate()
+        proc.wait(30)
