@@ -89,7 +89,8 @@ def test_full_pool_drops_instead_of_waiting():
 
     r = run_open(stuck, 100.0, 0.3, arrivals="fixed", max_inflight=2, warmup_requests=0)
     assert r.scheduled == 30 and r.sent + r.dropped == 30
-    assert r.sent == calls[0] and 2 <= r.sent <= 6 and r.dropped >= 24
+    # two slots held 0.3 s each: a handful sent (more only if the dispatcher itself stalled), the rest dropped
+    assert r.sent == calls[0] and 2 <= r.sent <= 10 and r.dropped >= 20
     assert int(np.isnan(r.send_s).sum()) == r.dropped  # a dropped arrival is never sent
     assert r.ok == r.sent and r.errors == {}
     d = r.to_dict()
