@@ -22,6 +22,8 @@ from .loadgen import SearchResult, StepResult
 
 __all__ = ["plot_step", "plot_search", "require_matplotlib"]
 
+_MAX_POINTS = 100_000
+
 
 def require_matplotlib() -> Tuple[Any, Any]:
     """``(Figure, FigureCanvasAgg)``; ImportError saying how to install matplotlib when it is missing.
@@ -77,11 +79,15 @@ def plot_step(step: StepResult, path: str, title: str = "") -> None:
     h.set_xlabel("latency (ms)")
     h.set_ylabel("requests")
     h.set_title("latency histogram")
-    when = step.send_s
-    ts.scatter(when[ok], lat, s=4, label="ok")
+    when = step.send_s[ok]
+    shown = lat
+    if lat.size > _MAX_POINTS:  # a scatter of millions of points takes minutes: a seeded sample
+        pick = np.sort(np.random.default_rng(0).choice(lat.size, _MAX_POINTS, replace=False))
+        when, shown = when[pick], lat[pick]
+    ts.scatter(when, shown, s=4, label="ok" if shown.size == lat.size else f"ok (sample of {shown.size})")
     bad = ~ok & ~np.isnan(step.send_s)
     if bad.any():
-        ts.scatter(when[bad], (step.end_s - step.sched_s)[bad] * 1000.0, s=10, marker="x", color="red",
+        ts.scatter(step.send_s[bad], (step.end_s - step.sched_s)[bad] * 1000.0, s=10, marker="x", color="red",
                    label=f"errors ({int(bad.sum())})")
     if step.dropped:
         dropped = np.isnan(step.send_s)

@@ -30,6 +30,7 @@ import platform
 import sys
 import threading
 import time
+from array import array
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -60,8 +61,10 @@ class LoadTestReport:
     mean_ms: float
     concurrency: int
     latencies_ms: List[float] = field(default_factory=list, repr=False)
-    #: per-request (send s, end s from the start, status code), for charts
-    records: List[Tuple[float, float, str]] = field(default_factory=list, repr=False)
+    #: per request, for charts: send and end time (s from the start, in send order) and success
+    send_s: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    end_s: np.ndarray = field(default_factory=lambda: np.zeros(0), repr=False)
+    ok_mask: np.ndarray = field(default_factory=lambda: np.zeros(0, bool), repr=False)
 
     def summary(self) -> str:
         """One human-readable paragraph."""
@@ -72,21 +75,19 @@ class LoadTestReport:
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready dict without the raw latencies."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("latencies_ms", "records")}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("latencies_ms", "send_s", "end_s", "ok_mask")}
 
     def to_step(self) -> StepResult:
         """The run as a :class:`~bfpaccel.serve.loadgen.StepResult` (mode ``closed``: no schedule,
         so latency from schedule and from send are the same)."""
-        rec = self.records
-        send_s = np.array([r[0] for r in rec], dtype=np.float64)
-        end_s = np.array([r[1] for r in rec], dtype=np.float64)
-        ok_mask = np.array([r[2] == OK for r in rec], dtype=bool)
         lat = Percentiles.of(np.asarray(self.latencies_ms, dtype=np.float64))
         return StepResult(mode="closed", target_qps=None, schedule_s=self.duration_s, elapsed_s=self.duration_s,
                           scheduled=self.requests, sent=self.requests, ok=self.ok, errors=dict(self.errors),
                           dropped=0, offered_qps=self.requests / self.duration_s if self.duration_s else 0.0,
                           achieved_qps=self.qps, latency=lat, service_latency=lat, send_lag=Percentiles.of(np.zeros(0)),
-                          concurrency=self.concurrency, sched_s=send_s, send_s=send_s, end_s=end_s, ok_mask=ok_mask)
+                          concurrency=self.concurrency, sched_s=self.send_s, send_s=self.send_s, end_s=self.end_s,
+                          ok_mask=self.ok_mask)
 
 
 def run_closed(make_sender_fn: Callable[[], Sender], payload: Payload, concurrency: int = 4, duration: float = 10.0,
@@ -110,7 +111,7 @@ def run_closed(make_sender_fn: Callable[[], Sender], payload: Payload, concurren
         raise
     lock = threading.Lock()
     lat: List[float] = []
-    records: List[Tuple[float, float, str]] = []
+    sends, ends, oks = array("d"), array("d"), bytearray()  # 17 bytes a request
     errors: Dict[str, int] = {}
     warm = threading.Barrier(concurrency + 1)  # the clock starts once every client is warm
     failures: List[BaseException] = []
@@ -119,7 +120,7 @@ def run_closed(make_sender_fn: Callable[[], Sender], payload: Payload, concurren
 
     def worker(sender: Sender) -> None:
         mine: List[float] = []
-        rec: List[Tuple[float, float, str]] = []
+        my_send, my_end, my_ok = array("d"), array("d"), bytearray()
         errs: Dict[str, int] = {}
         try:
             try:
@@ -141,7 +142,9 @@ def run_closed(make_sender_fn: Callable[[], Sender], payload: Payload, concurren
                     break
                 code = send()
                 t1 = time.perf_counter()
-                rec.append((t0 - clock[0], t1 - clock[0], code))
+                my_send.append(t0 - clock[0])
+                my_end.append(t1 - clock[0])
+                my_ok.append(code == OK)
                 if code == OK:
                     mine.append((t1 - t0) * 1000)
                 else:
@@ -150,7 +153,9 @@ def run_closed(make_sender_fn: Callable[[], Sender], payload: Payload, concurren
             sender.close()
             with lock:
                 lat.extend(mine)
-                records.extend(rec)
+                sends.extend(my_send)
+                ends.extend(my_end)
+                oks.extend(my_ok)
                 for k, v in errs.items():
                     errors[k] = errors.get(k, 0) + v
 
@@ -171,11 +176,13 @@ def run_closed(make_sender_fn: Callable[[], Sender], payload: Payload, concurren
     elapsed = time.perf_counter() - t_start
     a = np.array(lat) if lat else np.array([np.nan])
     pct = lambda q: float(np.percentile(a, q)) if lat else float("nan")  # noqa: E731
-    records.sort()
+    order = np.argsort(np.frombuffer(sends, dtype=np.float64), kind="stable")
     return LoadTestReport(requests=len(lat) + sum(errors.values()), ok=len(lat), errors=errors, duration_s=elapsed,
                           qps=len(lat) / elapsed, p50_ms=pct(50), p90_ms=pct(90), p99_ms=pct(99),
                           mean_ms=float(np.mean(a)) if lat else float("nan"), concurrency=concurrency,
-                          latencies_ms=lat, records=records)
+                          latencies_ms=lat, send_s=np.frombuffer(sends, dtype=np.float64)[order],
+                          end_s=np.frombuffer(ends, dtype=np.float64)[order],
+                          ok_mask=np.frombuffer(bytes(oks), dtype=np.uint8)[order].astype(bool))
 
 
 def run(address: str, port: int, image_path: Optional[str], concurrency: int = 4, duration: float = 10.0, *,
