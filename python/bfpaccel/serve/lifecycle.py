@@ -992,9 +992,14 @@ class ModelFolder:
         if not self._load(mv, vf, summary, mem):
             return False
         with self.core._lock:
-            if name in self.core.models and name not in self._managed:
-                raise ValueError(f"model {name!r} appeared in the server while loading")
-            self.core.models.setdefault(name, ModelEntry(name)).versions[mv.version] = mv
+            taken = name in self.core.models
+            if not taken:
+                self.core.models[name] = ModelEntry(name, versions={mv.version: mv})
+        if taken:  # a model of that name was added meanwhile by other means
+            self._failed[(name, vf.version)] = vf.fingerprint
+            summary.loaded.pop()
+            summary.failed.append(FailedLoad(name, vf.version, mv.path, "a model of the same name is served"))
+            return False
         self._managed[name] = self._folder_of(name)
         _notify(self.core)
         return True
@@ -1063,8 +1068,11 @@ class ModelFolder:
             self._failed = {k: fp for k, fp in self._failed.items()
                             if k[0] in found and k[1] in found[k[0]] and found[k[0]][k[1]].fingerprint == fp}
             pending_by: Dict[str, set] = {}
-            for n, v, _ in summary.pending:
+            for n, v, why in summary.pending:
                 pending_by.setdefault(n, set()).add(v)
+                if (n, v, why) not in self._said:
+                    self._said.add((n, v, why))
+                    log.info("model folder: %s version %d not loaded yet: %s", n, v, why)
             retire = self._retirements(wanted_by, pending_by)
             self._remember(found)
             if not to_load and not any(retire.values()):
