@@ -404,6 +404,9 @@ class ServingCore:
             raise ValueError("give exactly one of x and images")
         deadline = None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
         with self._lock:
+            if mv.state is not VersionState.AVAILABLE:  # unloaded between resolve() and here
+                raise ServingError(Code.UNAVAILABLE, f"model {mv.name!r} version {mv.version} is being unloaded; "
+                                   "retry (the request will go to the current version)")
             if self.waiting >= self.queue_size:
                 raise ServingError(Code.RESOURCE_EXHAUSTED, f"the request queue is full ({self.queue_size} waiting); "
                                    "retry later or raise --queue-size/--workers")
