@@ -9,6 +9,8 @@ the exported model computes what the module computed, bit for bit, where every v
 between also agrees (see ``docs/torch.md``: ReLU / max pool / reshapes on the fp16 outputs of
 biased layers do; float32 vector ops the plan rounds to its vector precision -- an activation
 right after a bias-free layer, an average pool, a residual add -- differ by that rounding).
+Stochastic rounding matches for dense layers only: a convolution's activations draw their
+random bits by NCHW index in ``bfpaccel.conv2d`` and by channels-last index in the plan.
 
 The exporter is PyTorch's ``torch.export``-based one (``torch.onnx.export(..., dynamo=True)``),
 which needs ``onnxscript`` (the ``torch`` extra installs it).
@@ -46,18 +48,22 @@ def _onnxscript_opset() -> Any:
     return opset18
 
 
-def onnx_translation_table(record: Optional[List[Tuple[str, str, str, int]]] = None) -> Dict[Callable, Callable]:
+Record = Tuple[str, str, str, str, int]  # (op, format, weight format, vector precision, seed)
+
+
+def onnx_translation_table(record: Optional[List[Record]] = None) -> Dict[Callable, Callable]:
     """The ``custom_translation_table`` for ``torch.onnx.export(..., dynamo=True)`` that writes
     the ``bfpaccel::`` ops as float ``Gemm`` / ``MatMul`` / ``Conv``.  Each translated op appends
-    its ``(format, weight_format, vector_precision, seed)`` (encoded formats) to ``record``.
+    ``(op, format, weight_format, vector_precision, seed)`` (``op``: ``"linear"``, ``"matmul"`` or
+    ``"conv2d"``; encoded formats; ``""`` as the vector precision of a matmul) to ``record``.
     ``bfpaccel::fake_quantize`` has no ONNX form the runtime executes: translating it raises.
     """
     op = _onnxscript_opset()
-    rec: List[Tuple[str, str, str, int]] = record if record is not None else []
+    rec: List[Record] = record if record is not None else []
 
     def linear(x: Any, weight: Any, bias: Any = None, fmt: str = "", wfmt: str = "", vp: str = "fp16",
                seed: int = 0) -> Any:
-        rec.append((fmt, wfmt, vp, int(seed)))
+        rec.append(("linear", fmt, wfmt, vp, int(seed)))
         rank = len(x.shape)
         flat = x if rank == 2 else op.Flatten(x, axis=rank - 1)
         y = op.Gemm(flat, weight, transB=1) if bias is None else op.Gemm(flat, weight, bias, transB=1)
@@ -68,13 +74,13 @@ def onnx_translation_table(record: Optional[List[Tuple[str, str, str, int]]] = N
         return op.Reshape(y, op.Concat(lead, n, axis=0))
 
     def matmul(x: Any, w: Any, fmt: str = "", wfmt: str = "", seed: int = 0) -> Any:
-        rec.append((fmt, wfmt, "", int(seed)))
+        rec.append(("matmul", fmt, wfmt, "", int(seed)))
         return op.MatMul(x, w)
 
     def conv2d(x: Any, weight: Any, bias: Any = None, stride: Sequence[int] = (1, 1),
                padding: Sequence[int] = (0, 0, 0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1,
                fmt: str = "", wfmt: str = "", vp: str = "fp16", seed: int = 0) -> Any:
-        rec.append((fmt, wfmt, vp, int(seed)))
+        rec.append(("conv2d", fmt, wfmt, vp, int(seed)))
         t, l, b, r = (int(v) for v in padding)
         attrs = dict(strides=[int(s) for s in stride], pads=[t, l, b, r], dilations=[int(d) for d in dilation],
                      group=int(groups))
@@ -102,13 +108,13 @@ def _count_matrix_ops(model: Any) -> int:
     return n
 
 
-def _check_uniform(record: List[Tuple[str, str, str, int]], n_matrix: int) -> Optional[Tuple[str, str, str, int]]:
+def _check_uniform(record: List[Record], n_matrix: int) -> Optional[Tuple[str, str, str, int]]:
     """The one (format, weight format, vector precision, seed) of the recorded ops, or a
-    MixedFormatsError (a bias-free ``matmul`` has no vector precision: any agrees with it)."""
+    MixedFormatsError (a ``matmul`` has no bias, hence no vector precision: any agrees with it)."""
     if not record:
         return None
-    settings = sorted({(f, w, s) for f, w, _, s in record})
-    vps = sorted({vp for _, _, vp, _ in record if vp})
+    settings = sorted({(f, w, s) for _, f, w, _, s in record})
+    vps = sorted({vp for _, _, _, vp, _ in record if vp})
     if len(settings) > 1 or len(vps) > 1:
         shown = "; ".join(f"format={decode_format(f).name or f}, weight_format={decode_format(w).name or w}, seed={s}"
                           for f, w, s in settings)
@@ -122,6 +128,12 @@ def _check_uniform(record: List[Tuple[str, str, str, int]], n_matrix: int) -> Op
             "layer: a layer kept float, or a float F.linear / matmul / conv) that bfpaccel.compile would quantize; "
             "the plan would not compute what the module does (pass strict=False to export anyway)")
     f, w, s = settings[0]
+    if any(op == "conv2d" for op, *_ in record) and "stochastic" in (decode_format(f).rounding,
+                                                                      decode_format(w).rounding):
+        raise MixedFormatsError(
+            "stochastic rounding of a convolution: bfpaccel.conv2d (and so BfpConv2d) draws the random bits of an "
+            "activation by its NCHW element index, the plan by its channels-last one, so the plan would round "
+            "differently; re-quantize with a deterministic rounding for export (pass strict=False to export anyway)")
     return f, w, vps[0] if vps else "fp16", s
 
 
@@ -143,8 +155,9 @@ def export_onnx(module: torch.nn.Module, args: Tuple[Any, ...], f: Union[str, "o
         f: where to write the ``.onnx`` file too (optional).
         kwargs, input_names, output_names, dynamic_shapes, opset_version: as ``torch.onnx.export``.
         strict: refuse a module that one plan cannot reproduce -- Bfp ops with different
-            formats / vector precisions / seeds, or float matrix ops that the plan would
-            quantize -- with :class:`MixedFormatsError`.
+            formats / vector precisions / seeds, float matrix ops that the plan would
+            quantize, or a convolution with stochastic rounding -- with
+            :class:`MixedFormatsError`.
 
     Returns:
         The ``onnx.ModelProto``.
@@ -157,7 +170,7 @@ def export_onnx(module: torch.nn.Module, args: Tuple[Any, ...], f: Union[str, "o
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
     if not isinstance(args, tuple):
         raise TypeError(f"args must be a tuple of example inputs, got {type(args).__name__}")
-    record: List[Tuple[str, str, str, int]] = []
+    record: List[Record] = []
     table = onnx_translation_table(record)
     program = torch.onnx.export(module, args, None, kwargs=kwargs, input_names=input_names,
                                 output_names=output_names, dynamic_shapes=dynamic_shapes,
@@ -167,7 +180,7 @@ def export_onnx(module: torch.nn.Module, args: Tuple[Any, ...], f: Union[str, "o
     if strict:
         settings = _check_uniform(record, _count_matrix_ops(model))
     else:
-        settings = record[0] if record else None
+        settings = record[0][1:] if record else None
     if settings is not None:
         fmt, wfmt, vp, seed = settings
         props = {"bfpaccel.format": fmt, "bfpaccel.weight_format": wfmt, "bfpaccel.vector_precision": vp or "fp16",

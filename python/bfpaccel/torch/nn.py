@@ -239,7 +239,8 @@ def quantize_model(module: nn.Module, format: Optional[FormatLike] = "msfp16",
 
     Args:
         module: the model.
-        format: the default format (``None``: keep layers float unless overridden).
+        format: the format of every layer not named in ``overrides`` (``None``: leave those
+            layers as they are, float or already quantized).
         overrides: per-layer settings, see above.
         inplace: modify ``module`` itself (its parameters are reused, so an optimizer built
             over them keeps working); default: a deep copy is changed and returned.
@@ -277,8 +278,10 @@ def quantize_model(module: nn.Module, format: Optional[FormatLike] = "msfp16",
     for name, m in layers.items():
         if name in overrides:
             opts = _options(overrides[name], base, name)
+        elif format is None:
+            continue  # left as it is
         else:
-            opts = None if format is None else _options(format, base, name)
+            opts = _options(format, base, name)
         if opts is not None and isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
             raise ValueError(f"layer {name!r}: padding_mode={m.padding_mode!r} has no BFP form (zeros only); "
                              f"keep it float with overrides={{{name!r}: None}}")
@@ -290,6 +293,8 @@ def quantize_model(module: nn.Module, format: Optional[FormatLike] = "msfp16",
         module = new_root
     replaced: Dict[int, nn.Module] = {}
     for name, m in layers.items():
+        if name not in plan:
+            continue
         opts = plan[name]
         new: nn.Module
         if opts is None:
