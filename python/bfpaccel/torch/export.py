@@ -176,6 +176,8 @@ def export_onnx(module: torch.nn.Module, args: Tuple[Any, ...], f: Union[str, "o
                                 output_names=output_names, dynamic_shapes=dynamic_shapes,
                                 opset_version=opset_version, dynamo=True, custom_translation_table=table,
                                 verbose=False)
+    if program is None:  # pragma: no cover - the dynamo exporter always returns its program
+        raise RuntimeError("torch.onnx.export returned no ONNX program")
     model = program.model_proto
     if strict:
         settings = _check_uniform(record, _count_matrix_ops(model))

@@ -160,7 +160,9 @@ def conv_padding(padding: Padding, kernel: Sequence[int], dilation: Sequence[int
             raise ValueError("padding='same' needs stride 1 (as in nn.Conv2d)")
         tot = [d * (k - 1) for k, d in zip(kernel, dilation)]
         return [tot[0] // 2, tot[1] // 2, tot[0] - tot[0] // 2, tot[1] - tot[1] // 2]
-    p = [padding] * 4 if isinstance(padding, int) and not isinstance(padding, bool) else list(padding)
+    if isinstance(padding, bool):
+        raise ValueError(f"padding must be a non-negative int, a pair, a 4-tuple or 'same' / 'valid', got {padding!r}")
+    p: List[int] = [padding] * 4 if isinstance(padding, int) else list(padding)
     if len(p) == 2:
         p = [p[0], p[1], p[0], p[1]]
     if len(p) != 4 or any(isinstance(u, bool) or not isinstance(u, int) or u < 0 for u in p):

@@ -156,7 +156,7 @@ class BfpConv2d(_BfpMixin, nn.Conv2d):
                              f"got {padding_mode!r}")
         opts = BfpOptions(format, weight_format, rounding, vector_precision, seed)
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         padding_mode, device=device, dtype=dtype)
+                         "zeros", device=device, dtype=dtype)
         self._bfp = opts
         self._pads = conv_padding(self.padding, self.kernel_size, self.dilation, self.stride)
 
@@ -179,8 +179,9 @@ class BfpConv2d(_BfpMixin, nn.Conv2d):
 
     def to_float(self) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` holding this layer's parameters."""
-        new = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-                        self.dilation, self.groups, self.bias is not None, self.padding_mode, device="meta")
+        geometry: Dict[str, Any] = dict(kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
+                                        dilation=self.dilation, groups=self.groups)
+        new = nn.Conv2d(self.in_channels, self.out_channels, bias=self.bias is not None, device="meta", **geometry)
         new.weight = self.weight
         new.bias = self.bias
         new.train(self.training)
