@@ -329,7 +329,7 @@ def matmul(
     fmt_b: Optional[FormatLike] = None,
     seed: int = 0,
 ) -> np.ndarray:
-    """``a[M,K] @ b[K,N]`` on the BFP datapath (FORMATS.md §6), float32 ``[M,N]``.
+    """``a[M,K] @ b[K,N]`` on the BFP datapath (docs/numerics.md#matrix-datapath), float32 ``[M,N]``.
 
     ``a`` is float (quantized along K with ``fmt``) or a ``BfpTensor`` with ``axis=1``;
     ``b`` is float (quantized along K with ``fmt_b``, default ``fmt``) or a ``BfpTensor``

@@ -1,7 +1,7 @@
 """Block-floating-point formats: one small frozen dataclass and a table of presets.
 
 A format is the triple *(block, shared exponent, element)* plus a rounding mode
-(``../shared/FORMATS.md`` is the contract; sources: Brainwave ISCA 2018 / IEEE Micro 2018,
+(``docs/numerics.md`` is the contract; sources: Brainwave ISCA 2018 / IEEE Micro 2018,
 MSFP NeurIPS 2020, OCP Microscaling Formats (MX) Specification v1.0).
 
 Every element value is an integer number of *units*: ``value = n * 2**(E - unit_shift)``
@@ -29,7 +29,8 @@ __all__ = [
     "NAN_EXPONENT",
 ]
 
-#: Rounding modes of FORMATS.md §3, in the order of their integer ids in the C++ core.
+#: Rounding modes (docs/numerics.md#element-rounding-and-saturation), in the order of their
+#: integer ids in the C++ core.
 ROUNDING_MODES = ("nearest_even", "nearest_away", "toward_zero", "stochastic")
 
 #: Exponent value stored for a block that held a NaN or an Inf (all its elements read as NaN).
@@ -52,7 +53,7 @@ ELEMENT_KINDS = tuple(f"int{p}" for p in range(1, 8)) + tuple(_FP_ELEMENTS) + _I
 
 
 def _shared_exp_range(bits: int) -> tuple[int, int]:
-    """Range of a shared-exponent field of ``bits`` bits (FORMATS.md §2)."""
+    """Range of a shared-exponent field of ``bits`` bits (docs/numerics.md#custom-formats)."""
     if bits == 8:  # E8M0 (MX) / MSFP: biased 0..254, 255 is NaN
         return -127, 127
     # fp16-like field (Brainwave ms-fp: 5 bits -> [-14, 15])
@@ -287,7 +288,7 @@ def _preset_table() -> Dict[str, Format]:
     return table
 
 
-#: Preset name -> Format (FORMATS.md §4).
+#: Preset name -> Format (docs/numerics.md#presets).
 PRESETS: Dict[str, Format] = _preset_table()
 
 

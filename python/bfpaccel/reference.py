@@ -1,4 +1,4 @@
-"""Pure-numpy reference emulator of the BFP datapath (FORMATS.md). The oracle of every test.
+"""Pure-numpy reference emulator of the BFP datapath (docs/numerics.md). The oracle of every test.
 
 Slow and plain on purpose: loops over blocks, vectorised only across independent elements.
 
@@ -252,7 +252,7 @@ def block_dot(
     b_exp: np.ndarray,
     b_shift: int,
 ) -> np.ndarray:
-    """FORMATS.md §6 for block-structured operands.
+    """docs/numerics.md#matrix-datapath for block-structured operands.
 
     ``a_units [M, nb, B]`` / ``a_exp [M, nb]`` and ``b_units [N, nb, B]`` / ``b_exp [N, nb]``
     (integer units, shared exponents) -> ``acc [M, N]`` float32, where for each K block in

@@ -40,7 +40,7 @@ SUPPORTED_OPS: Set[str] = {
     "BfpDense",
 }
 
-#: Vector precisions of FORMATS.md §7.
+#: Vector precisions (docs/numerics.md#vector-unit).
 VECTOR_PRECISIONS = ("fp16", "bf16", "fp32")
 
 
