@@ -70,8 +70,8 @@ struct ColsView {
     const int32_t* pmax;
 };
 
-// Computes the tile rows [r0, r0+nr) x cols [c0, c0+nc) exactly (FORMATS.md §6) into `out`
-// (tile origin; element (i, j) at out[i*ldo + j], or out[j*ldo + i] when the GEMM is
+// Computes the tile rows [r0, r0+nr) x cols [c0, c0+nc) exactly (docs/numerics.md#matrix-datapath)
+// into `out` (tile origin; element (i, j) at out[i*ldo + j], or out[j*ldo + i] when the GEMM is
 // transposed): used by every kernel for tiles whose exponents leave the fast path's range.
 struct ExactTile {
     const void* ctx;

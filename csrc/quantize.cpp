@@ -1,4 +1,5 @@
-// Block quantizer: the same arithmetic as reference.quantize_blocks, in C++ (FORMATS.md §2-3).
+// Block quantizer: the same arithmetic as reference.quantize_blocks, in C++
+// (docs/numerics.md#shared-exponent, #element-rounding-and-saturation).
 #include "quantize.h"
 
 #include <cmath>

@@ -14,7 +14,7 @@
 
 namespace bfp {
 
-// Vector precision of FORMATS.md §7: every vector op rounds its result (RNE, IEEE overflow).
+// Vector precision (docs/numerics.md#vector-unit): every vector op rounds its result (RNE, IEEE overflow).
 enum VecPrec : int { kVecFp32 = 0, kVecFp16 = 1, kVecBf16 = 2 };
 
 float round_fp16(float x);
