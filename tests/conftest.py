@@ -2,7 +2,7 @@
 
 The package is imported as installed (``import bfpaccel``): no ``sys.path`` tricks.  Every
 C++ kernel is compared bit for bit against ``bfpaccel.reference`` (the numpy oracle of
-FORMATS.md) with ``assert_bits_equal``.
+docs/numerics.md) with ``assert_bits_equal``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import bfpaccel
 #: Every block preset (the IEEE presets fp32/bf16/fp16 are not block formats).
 BLOCK_FORMATS: List[str] = [n for n in bfpaccel.list_formats() if bfpaccel.get_format(n).is_block]
 
-#: The rounding modes of FORMATS.md section 3.
+#: The rounding modes of docs/numerics.md#element-rounding-and-saturation.
 ROUNDING_MODES: List[str] = list(bfpaccel.ROUNDING_MODES)
 
 #: Kernels this CPU can run ("scalar" always, "avx2"/"avx512" where supported).

@@ -1,7 +1,7 @@
 """bfpaccel.conv2d (C++ convolution) against reference.conv2d, bit for bit.
 
 Blocks run along input channels at each kernel tap (tap-major K order, channels inner) and
-never cross a group (FORMATS.md §5).  Spatial sizes stay small: the reference is slow.
+never cross a group (docs/numerics.md#blocking-axes).  Spatial sizes stay small: the reference is slow.
 """
 
 from __future__ import annotations

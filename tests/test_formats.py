@@ -1,6 +1,6 @@
-"""bfpaccel.formats: presets, explicit triples, validation, derived quantities (FORMATS.md §1-4).
+"""bfpaccel.formats: presets, explicit triples, validation, derived quantities (docs/numerics.md#formats).
 
-Every expected number here is written out by hand from FORMATS.md, not computed by the code
+Every expected number here is written out by hand from docs/numerics.md, not computed by the code
 under test.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import bfpaccel
 from bfpaccel import Format, get_format, list_formats
 
-# FORMATS.md §4: name -> (block, shared exponent bits, element, bits per element).
+# docs/numerics.md#presets: name -> (block, shared exponent bits, element, bits per element).
 # bits/elem = element bits (sign + magnitude / sign + e + m) + shared bits / block.
 PRESET_TABLE = {
     "msfp12": (16, 8, "int3", 4 + 8 / 16),  # 4.5
@@ -186,7 +186,7 @@ def test_format_is_frozen_and_hashable():
 
 
 # ---------------------------------------------------------------------------- element tables
-# FORMATS.md §1: element max normal, min subnormal, emax_elem (exponent of the top binade).
+# docs/numerics.md#element-kinds: element max normal, min subnormal, emax_elem (exponent of the top binade).
 ELEMENT_TABLE = {
     # element: (max normal, min subnormal, emax_elem, unit_shift)
     # unit = min subnormal = 2^(1 - bias - m)  ->  unit_shift = bias + m - 1

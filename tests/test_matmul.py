@@ -1,4 +1,4 @@
-"""bfpaccel.matmul (C++ GEMM kernels) against reference.matmul, bit for bit (FORMATS.md §6)."""
+"""bfpaccel.matmul (C++ GEMM kernels) against reference.matmul, bit for bit (docs/numerics.md#matrix-datapath)."""
 
 from __future__ import annotations
 

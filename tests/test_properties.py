@@ -1,6 +1,6 @@
 """Property-based tests (hypothesis): random shapes and float32 values, NaN/Inf/subnormals
 included.  The C++ kernels must equal the reference, and quantization must keep the
-invariants of FORMATS.md §2-3."""
+invariants of docs/numerics.md#shared-exponent and #element-rounding-and-saturation."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""bfpaccel.reference (the numpy oracle) against cases worked out BY HAND from FORMATS.md.
+"""bfpaccel.reference (the numpy oracle) against cases worked out BY HAND from docs/numerics.md.
 
 The other test files trust the reference; this file is why.  Every expected number below is
-derived in the comments from the rules of FORMATS.md (§1 element kinds, §2 shared exponent,
+derived in the comments from the rules of docs/numerics.md (element kinds, shared exponent,
 §3 rounding, §6 datapath), never by calling the code under test.
 
 Notation: int(p) elements have value m * 2^(E - (p-1)), so "units" are 2^(E - (p-1)).
@@ -491,7 +491,7 @@ def test_stochastic_bits_are_counter_based():
 
 
 def test_matmul_block_sum_rounds_once_to_fp32_mixed_fp8():
-    # FORMATS.md §6: t_b = fp32(S_b), ONE round-to-nearest-even of the exact integer S_b.
+    # docs/numerics.md#matrix-datapath: t_b = fp32(S_b), ONE round-to-nearest-even of the exact integer S_b.
     # fmt a = mxfp8_e5m2 (units 2^(E-16)), fmt b = mxfp8_e4m3 (units 2^(E-9)), one K block.
     # Both blocks get E = 0: a's amax 57344 = 1.75 * 2^15 (E = 15 - 15), b's amax 448 (E = 8 - 8).
     #   20 x  a = 57344 (7 * 2^29 units) * b = 448 (14 * 2^14 units) = 20 * 98 * 2^43
