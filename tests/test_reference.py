@@ -2,7 +2,7 @@
 
 The other test files trust the reference; this file is why.  Every expected number below is
 derived in the comments from the rules of docs/numerics.md (element kinds, shared exponent,
-§3 rounding, §6 datapath), never by calling the code under test.
+rounding, matrix datapath), never by calling the code under test.
 
 Notation: int(p) elements have value m * 2^(E - (p-1)), so "units" are 2^(E - (p-1)).
 """
