@@ -44,7 +44,6 @@ class Densenet121(AccelModel):
 
     @classmethod
     def _forward(cls, b: GraphBuilder, x: Any) -> Any:
-        tf = b.tf
         with b.scope("densenet121"):
             with b.scope("conv1"):
                 x = b.conv(b.pad(x, 3), 64, 7, 2, "VALID", bias=False, kind="conv_in", keras="conv1_conv")
@@ -64,7 +63,7 @@ class Densenet121(AccelModel):
                                 y = b.relu(b.bn(y, _EPS, keras=f"{k}_1_bn"))
                                 with b.scope("Conv"):
                                     y = b.conv(y, _GROWTH, 3, 1, "SAME", bias=False, keras=f"{k}_2_conv")
-                            x = tf.concat([x, y], axis=3, name="concat")
+                            x = b.concat([x, y], axis=3, name="concat")
                 if bi < len(_BLOCKS) - 1:
                     k = f"pool{bi + 2}"
                     with b.scope(f"transition_block{bi + 1}"), b.scope("blk"):
@@ -82,9 +81,9 @@ class Densenet121(AccelModel):
         with b.scope("densenet121"):
             with b.scope("logits"):
                 y = b.conv(feature, 1000, 1, 1, "VALID", kind="linear", keras="predictions")
-                y = b.tf.squeeze(y, [1, 2], name="SpatialSqueeze")
+                y = b.squeeze(y, [1, 2], name="SpatialSqueeze")
             with b.scope("predictions"):
-                return b.tf.nn.softmax(y, name="Softmax")
+                return b.softmax(y, name="Softmax")
 
 
 class QuantizedDensenet121(Densenet121):

@@ -58,7 +58,7 @@ class _ResNet(AccelModel):
                             with b.scope("conv3"):
                                 r = b.conv(r, 4 * depth, 1, 1, "VALID", kind="linear", keras=f"{k}_3_conv")
                                 r = b.bn(r, _EPS, kind="gamma_last", keras=f"{k}_3_bn")
-                            x = b.relu(b.tf.add(shortcut, r, name="add"))
+                            x = b.relu(b.add(shortcut, r, name="add"))
             return b.global_mean(x, name="pool5")
 
     @classmethod
@@ -66,9 +66,9 @@ class _ResNet(AccelModel):
         with b.scope(cls._scope):
             with b.scope("logits"):
                 y = b.conv(feature, 1000, 1, 1, "VALID", kind="linear", keras="predictions")
-                y = b.tf.squeeze(y, [1, 2], name="SpatialSqueeze")
+                y = b.squeeze(y, [1, 2], name="SpatialSqueeze")
             with b.scope("predictions"):
-                return b.tf.nn.softmax(y, name="Softmax")
+                return b.softmax(y, name="Softmax")
 
 
 class Resnet50(_ResNet):

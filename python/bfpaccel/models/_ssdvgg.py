@@ -88,16 +88,13 @@ class SsdVgg(AccelModel):
                 with b.scope(f"{name}_box"):
                     if name == "block4":
                         with b.scope("L2Normalization"):
-                            sq = tf.reduce_sum(tf.square(src), axis=3, keepdims=True, name="Sum")
-                            inv = tf.math.rsqrt(tf.maximum(sq, 1e-12), name="Rsqrt")
-                            gamma = b.var("gamma", (int(src.shape[-1]),), "l2scale")
-                            src = tf.multiply(src * inv, gamma, name="mul")
+                            src = b.l2_normalize(src, 1e-12)
                     with b.scope("conv_loc"):
                         loc = b.conv(src, anchors * 4, 3, 1, "SAME", kind="linear")
-                    loc = tf.reshape(loc, [-1, grid, grid, anchors, 4], name="Reshape")
+                    loc = tf.reshape(b.tensor(loc), [-1, grid, grid, anchors, 4], name="Reshape")
                     with b.scope("conv_cls"):
                         cls_ = b.conv(src, anchors * NUM_CLASSES, 3, 1, "SAME", kind="linear")
-                    cls_ = tf.reshape(cls_, [-1, grid, grid, anchors, NUM_CLASSES], name="Reshape_1")
+                    cls_ = tf.reshape(b.tensor(cls_), [-1, grid, grid, anchors, NUM_CLASSES], name="Reshape_1")
                 logits.append(cls_)
                 locs.append(loc)
             return logits + locs

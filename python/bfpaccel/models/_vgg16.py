@@ -69,7 +69,7 @@ class Vgg16(AccelModel):
     def _head(cls, b: GraphBuilder, feature: Any) -> Any:
         with b.scope("vgg_16"), b.scope("fc8"):
             y = b.conv(feature, 1000, 1, 1, "VALID", kind="linear", keras="predictions")
-            return b.tf.squeeze(y, [1, 2], name="squeezed")
+            return b.squeeze(y, [1, 2], name="squeezed")
 
 
 class QuantizedVgg16(Vgg16):

@@ -54,6 +54,8 @@ from .doesnotexisterror import DoesNotExistError
 
 __all__ = ["AccelModel", "GraphBuilder", "FEATURE_TENSOR_NAME"]
 
+_DEFAULT_FORMAT: Any = object()  # "msfp16" for the Quantized* classes, None for the float ones
+
 #: Name of the feature tensor every classifier backbone returns (the seed's metagraph output).
 FEATURE_TENSOR_NAME = "brainwave_target_node_1_Version_0.1:0"
 
@@ -139,6 +141,35 @@ class GraphBuilder:
         """Spatial mean with kept dims: [N,H,W,C] -> [N,1,1,C]."""
         return self.tf.reduce_mean(x, axis=[1, 2], keepdims=True, name=name)
 
+    def add(self, a: Any, b: Any, name: str = "add") -> Any:
+        """Elementwise sum (a residual connection)."""
+        return self.tf.add(a, b, name=name)
+
+    def concat(self, values: Sequence[Any], axis: int, name: str = "concat") -> Any:
+        """Concatenation along ``axis``."""
+        return self.tf.concat(list(values), axis=axis, name=name)
+
+    def softmax(self, x: Any, name: str = "Softmax") -> Any:
+        """Softmax over the last axis."""
+        return self.tf.nn.softmax(x, name=name)
+
+    def squeeze(self, x: Any, axis: Sequence[int], name: str) -> Any:
+        """``tf.squeeze``."""
+        return self.tf.squeeze(x, list(axis), name=name)
+
+    def l2_normalize(self, x: Any, eps: float = 1e-12) -> Any:
+        """Channel L2 normalisation times a per-channel ``gamma`` (weight kind ``l2scale``), in
+        the current scope: Sum (of Square), Rsqrt (of Maximum), mul."""
+        tf = self.tf
+        sq = tf.reduce_sum(tf.square(x), axis=3, keepdims=True, name="Sum")
+        inv = tf.math.rsqrt(tf.maximum(sq, eps), name="Rsqrt")
+        gamma = self.var("gamma", (int(x.shape[-1]),), "l2scale")
+        return tf.multiply(x * inv, gamma, name="mul")
+
+    def tensor(self, x: Any) -> Any:
+        """``x`` as a plain tensor (the BFP builder finishes a pending matrix op here)."""
+        return x
+
 
 class _Lookup:
     """A plain dict holder that Keras does not track (its variables are tracked by the layer)."""
@@ -173,13 +204,17 @@ class AccelModel:
     _classifier_input: Optional[str] = None
     _classifier_output: Optional[str] = None
     _output_dims: Tuple[Tuple[Optional[int], ...], ...] = ()
-    #: True for the ``Quantized*`` classes. Their graph and variable names are those of the
-    #: float model: the BFP quantization is applied later, when ``bfpaccel.compile`` turns the
-    #: exported ONNX into a BFP plan (the seed's "msfp" graphs emulated it in TF instead).
+    #: True for the ``Quantized*`` classes: their ``import_graph_def`` graph computes what the
+    #: accelerator computes (``format=``, default msfp16: BFP convolutions and dense layers,
+    #: vector ops at the plan's vector precision, batch norm folded as the compiler folds it --
+    #: bit for bit the compiled plan of the float graph), with the float model's variable names
+    #: and seed tensor names; ``format=None`` builds the float graph.
     quantized: bool = False
 
     def __init__(self, model_base_path: str, is_frozen: bool = False,
-                 custom_weights_directory: Optional[str] = None, *, weights: Optional[str] = None) -> None:
+                 custom_weights_directory: Optional[str] = None, *, weights: Optional[str] = None,
+                 format: Any = _DEFAULT_FORMAT, weight_format: Any = None,
+                 vector_precision: Optional[str] = None) -> None:
         if not isinstance(model_base_path, (str, os.PathLike)):
             raise TypeError(f"model_base_path must be a path, got {type(model_base_path).__name__}")
         self._model_base_path = os.fspath(model_base_path)
@@ -193,6 +228,38 @@ class AccelModel:
         self._variables: List[Any] = []
         self._specs: List[WeightSpec] = []
         self._weights_source, self._h5_path = self._resolve_weights(weights)
+        self._format, self._weight_format, self._vector_precision = self._resolve_format(
+            format, weight_format, vector_precision)
+
+    def _resolve_format(self, format: Any, weight_format: Any, vector_precision: Optional[str]) -> Tuple[Any, Any, str]:
+        from ..tf._numerics import check_vector_precision, resolve_formats  # numpy + the C++ core only
+
+        if format is _DEFAULT_FORMAT:
+            format = "msfp16" if self.quantized else None
+        fa, _ = resolve_formats(format, weight_format)
+        if fa is not None and not self.quantized:
+            raise ValueError(f"{type(self).__name__} is a float model; use Quantized{type(self).__name__} for "
+                             f"format={format!r}")
+        return fa, (weight_format if fa is not None else None), check_vector_precision(vector_precision, fa)
+
+    @property
+    def format(self) -> Any:
+        """The BFP format of the graph's matrix ops (a :class:`bfpaccel.Format`), or ``None`` for
+        the float graph."""
+        return self._format
+
+    @property
+    def vector_precision(self) -> str:
+        """The vector precision of the graph's vector ops (``fp16`` by default with a format)."""
+        return self._vector_precision
+
+    def _builder(self, getter: Getter) -> "GraphBuilder":
+        """The layer helpers of this model's graph: float ops, or the BFP ops with a format."""
+        if self._format is None:
+            return GraphBuilder(getter)
+        from ._bfp_builder import BfpGraphBuilder
+
+        return BfpGraphBuilder(getter, self._format, self._weight_format, self._vector_precision)
 
     # ----- weight sources ---------------------------------------------------------------
     def _expected_files(self) -> str:
@@ -379,7 +446,7 @@ class AccelModel:
                 return v
 
             with tf1.variable_scope(tf1.VariableScope(tf1.AUTO_REUSE, name="")), graph.name_scope(None):
-                out = self._forward(GraphBuilder(get), x)
+                out = self._forward(self._builder(get), x)
                 if isinstance(out, list):
                     outputs = out
                 else:
@@ -488,10 +555,37 @@ class AccelModel:
         """
         import tensorflow.compat.v1 as tf
 
+        if self._format is not None:
+            return self._bfp_classifier(feature_tensor, prefix)
         gd = self._classifier_graph_def()
         with feature_tensor.graph.as_default():
             (out,) = tf.import_graph_def(gd, input_map={self._classifier_input: feature_tensor},
                                          return_elements=[self._classifier_output], name=prefix)
+        return out
+
+    def _bfp_classifier(self, feature_tensor: Any, prefix: str) -> Any:
+        """The default classifier built with the BFP ops in ``feature_tensor``'s graph under
+        the (uniquified) scope ``prefix``, with its weights as constants -- the names of the
+        imported frozen classifier (``{prefix}/{classifier input}``, ``{prefix}/.../Softmax``)."""
+        import tensorflow as tf
+
+        if self._classifier_output is None or self._classifier_input is None:
+            raise DoesNotExistError(f"{type(self).__name__} has no default classifier")
+        specs = self._head_specs()
+        if self._weights_source == "store":
+            arrays = self._read_classifier_pb([s.name for s in specs])
+        else:
+            arrays = self._arrays(specs, self._weights_source, self._h5_path)
+        graph = feature_tensor.graph
+        with graph.as_default():
+            with graph.name_scope(prefix) as scope:
+                base = scope.rstrip("/")
+            b = self._builder(lambda s: tf.constant(arrays[s.name], name=s.name.split("/")[-1]))
+            b.base = base  # type: ignore[attr-defined]
+            with graph.name_scope(base + "/"):
+                x = tf.identity(feature_tensor, name=self._classifier_input.split(":")[0])
+            with graph.name_scope(None):
+                out = b.tensor(self._head(b, x))
         return out
 
     # ----- Keras 3 / SavedModel ---------------------------------------------------------
