@@ -217,6 +217,33 @@ def _fold_const_switches(tf: Any, graph_def: Any) -> Any:
     return out
 
 
+def _float_bfp_ops(tf: Any, graph: Any, sess: Any, graph_def: Any, output_nodes: List[str]) -> Optional[dict]:
+    """A graph built with ``bfpaccel.tf`` ops (the ``Quantized*`` zoo models, BfpConv2D...)
+    holds ``PyFunc`` nodes that tf2onnx cannot convert: rewrite the ones the outputs need into
+    their float ops (``bfpaccel.tf.float_graph_def``), whose compiled plan computes the same
+    numbers. Returns None when there are none, else a summary with the new ``graph_def``."""
+    from ..tf._export import ATTR_PREFIX, bfp_op_kinds, float_graph_def
+
+    needed = tf.graph_util.extract_sub_graph(graph_def, output_nodes)
+    kinds = bfp_op_kinds(needed)
+    if not kinds:
+        return None
+    by_name = {n.name: n for n in needed.node}
+    counts: Dict[str, int] = {}
+    settings: Dict[str, set] = {"format": set(), "weight_format": set(), "vector_precision": set()}
+    for name, kind in kinds.items():
+        counts[kind] = counts.get(kind, 0) + 1
+        for key, seen in settings.items():
+            a = by_name[name].attr.get(ATTR_PREFIX + key)
+            if a is not None and a.s:
+                seen.add(a.s.decode())
+    _log("BFP ops (bfpaccel.tf) back to their float ops for tf2onnx: "
+         + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
+    info: dict = {"ops": counts, **{k: sorted(v) for k, v in settings.items()}}
+    info["graph_def"] = float_graph_def(sess, needed)
+    return info
+
+
 def convert(spec: dict) -> dict:
     """Run one conversion described by ``spec`` (see ``ConvertOperation``); returns the result dict."""
     t0 = time.perf_counter()
@@ -265,9 +292,14 @@ def convert(spec: dict) -> dict:
         raise ValueError(f"input tensor {front_t.name!r} has unknown rank: set its shape in the graph")
 
     output_nodes = sorted({n.partition(":")[0] for n in out_names})
+    graph_def = graph.as_graph_def()
+    bfp_info = _float_bfp_ops(tf, graph, sess, graph_def, output_nodes)
+    if bfp_info is not None:
+        graph_def = bfp_info.pop("graph_def")
     _log(f"freezing variables for outputs {', '.join(out_names)}")
     with graph.as_default():
-        frozen = tf.graph_util.convert_variables_to_constants(sess, graph.as_graph_def(), output_nodes)
+        frozen = tf.graph_util.convert_variables_to_constants(sess, graph_def, output_nodes)
+    del graph_def
     sess.close()
     del sess, graph
     gc.collect()
@@ -301,7 +333,8 @@ def convert(spec: dict) -> dict:
         OUTPUTS_KEY: json.dumps(outputs_meta),
         CONVERTER_KEY: json.dumps({"tool": f"tf2onnx {tf2onnx.__version__}", "opset": spec["opset"],
                                    "optimize": bool(spec.get("optimize", True)),
-                                   "source": os.path.abspath(spec["source"])}),
+                                   "source": os.path.abspath(spec["source"]),
+                                   **({"bfp_ops": bfp_info} if bfp_info is not None else {})}),
     }
     existing = {p.key: p for p in model.metadata_props}
     for k, v in meta.items():

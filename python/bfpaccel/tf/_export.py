@@ -90,8 +90,10 @@ def float_graph_def(sess: Any, graph_def: Optional[Any] = None) -> Any:
         return gd
     nodes = {n.name: n for n in gd.node}
     cache: Dict[Tuple[str, int], np.ndarray] = {}
+    run: Dict[Tuple[str, int], str] = {}  # tensors read with the session: key -> first user
 
-    def value(inp: str, user: str) -> np.ndarray:
+    def walk(inp: str, user: str, fetch: bool) -> Optional[np.ndarray]:
+        """The value of ``inp`` (``fetch``: only note what the session must read)."""
         name, idx, _ = _ref(inp)
         key = (name, idx)
         if key in cache:
@@ -104,26 +106,59 @@ def float_graph_def(sess: Any, graph_def: Optional[Any] = None) -> Any:
             if kind != "fold_batch_norm":
                 raise ValueError(f"{user}: its weight comes from {name!r} ({kind}), which is computed from the "
                                  "graph's inputs; the accelerator's matrix ops need constant weights")
-            ins = [value(i, user) for i in node.input if not i.startswith("^")]
-            has_b = _attr_b(node, "has_bias")
-            w, rest = ins[0], ins[1:]
-            b = rest.pop(0) if has_b else None
-            w2, b2 = nm.fold_batch_norm(w, b, *rest, _attr_f(node, "epsilon"))
-            cache[(name, 0)], cache[(name, 1)] = w2, b2
+            ins = [walk(i, user, fetch) for i in node.input if not i.startswith("^")]
+            if fetch:
+                return None
+            w, rest = ins[0], list(ins[1:])
+            b = rest.pop(0) if _attr_b(node, "has_bias") else None
+            cache[(name, 0)], cache[(name, 1)] = nm.fold_batch_norm(w, b, *rest, _attr_f(node, "epsilon"))
             return cache[key]
         if node.op in ("Identity", "IdentityN", "Snapshot"):
             data = [i for i in node.input if not i.startswith("^")]
-            v = value(data[idx if node.op == "IdentityN" else 0], user)
+            v = walk(data[idx if node.op == "IdentityN" else 0], user, fetch)
         elif node.op == "Const":
             v = tf.make_ndarray(node.attr["value"].tensor)
+        elif fetch:
+            run.setdefault(key, user)
+            return None
         else:
-            try:
-                v = sess.run(graph.get_tensor_by_name(f"{name}:{idx}"))
-            except Exception as exc:  # a placeholder without default, an op that cannot run here
-                raise ValueError(f"{user}: cannot evaluate its constant input {inp!r}: "
-                                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-        cache[key] = np.asarray(v)
-        return cache[key]
+            v = cache[key]
+        if v is not None:
+            cache[key] = np.asarray(v)
+        return v
+
+    def value(inp: str, user: str) -> np.ndarray:
+        v = walk(inp, user, False)
+        assert v is not None
+        return v
+
+    # every constant input, read in one session run (each run of a new fetch list costs)
+    for node in gd.node:
+        if not _is_bfp(node):
+            continue
+        kind = _attr_s(node, "op")
+        data = [i for i in node.input if not i.startswith("^")]
+        if kind in ("conv2d", "matmul"):
+            consts = data[1:2] + (data[2:3] if _attr_b(node, "has_bias") else [])
+        elif kind in ("batch_norm", "l2_normalize"):
+            consts = data[1:]
+        elif kind == "fold_batch_norm":
+            consts = [f"{node.name}:0"]
+        else:
+            consts = []
+        for c in consts:
+            walk(c, node.name, True)
+    if run:
+        keys = list(run)
+        try:
+            vals = sess.run([graph.get_tensor_by_name(f"{n}:{i}") for n, i in keys])
+        except Exception as exc:  # a placeholder without default, an op that cannot run here
+            users = sorted({run[k] for k in keys})
+            raise ValueError(f"cannot evaluate the constant inputs of the BFP ops ({', '.join(users[:3])}"
+                             f"{' ...' if len(users) > 3 else ''}): {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        for k, v in zip(keys, vals):
+            cache[k] = np.asarray(v)
 
     out = graph_pb2.GraphDef()
     out.versions.CopyFrom(gd.versions)
