@@ -11,7 +11,8 @@ into the float TensorFlow op whose compiled plan computes the same numbers:
 * ``fold_batch_norm`` (weights only) -> evaluated here with the same float64 arithmetic;
 * vector ops -> their float op (``round`` -> ``Identity``, ``add`` -> ``AddV2``,
   ``spatial_mean`` -> ``Mean``, ``avg_pool`` -> ``AvgPool``, ``softmax`` -> ``Softmax``,
-  ``batch_norm`` -> ``FusedBatchNormV3``, ``l2_normalize`` -> Square/Sum/Maximum/Rsqrt/Mul);
+  ``batch_norm`` -> ``FusedBatchNormV3``, ``l2_normalize`` -> Square/Sum/Maximum/Rsqrt/Mul,
+  as ``x * (rsqrt * gamma)``, the order TF's graph optimiser gives the float graph);
 * the ``IdentityN`` nodes of ``tf.custom_gradient`` -> one ``Identity`` per output.
 
 Constants are read with the graph's session (variables) or computed (folds).
@@ -262,8 +263,8 @@ def float_graph_def(sess: Any, graph_def: Optional[Any] = None) -> Any:
             eps = const(f"{name}/epsilon", np.asarray(_attr_f(node, "epsilon"), np.float32))
             m = add("Maximum", f"{name}/Maximum", [s, eps], T=float_t).name
             r = add("Rsqrt", f"{name}/Rsqrt", [m], T=float_t).name
-            y = add("Mul", f"{name}/mul", [x, r], T=float_t).name
-            add("Mul", name, [y, g], T=float_t)
+            rg = add("Mul", f"{name}/mul", [r, g], T=float_t).name
+            add("Mul", name, [x, rg], T=float_t)
         else:
             raise ValueError(f"node {name!r}: unknown BFP op kind {kind!r}")
     if renames:

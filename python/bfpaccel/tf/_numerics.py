@@ -394,9 +394,11 @@ def softmax(x: np.ndarray, vp: str, axis: int = -1) -> np.ndarray:
 
 
 def l2_normalize(x: np.ndarray, gamma: np.ndarray, eps: float, vp: str) -> np.ndarray:
-    """SSD's channel L2 normalisation as the plan runs tf2onnx's ops for it (NHWC): ``sq =
-    round(x * x)``, ``s = round(sum_c sq)`` (in channel order), ``m = round(max(s, eps))``,
-    ``r = round(1 / round(sqrt(m)))``, ``round(round(x * r) * gamma)``."""
+    """SSD's channel L2 normalisation ``x * rsqrt(max(sum_c x^2, eps)) * gamma`` as the plan
+    runs the ops the converter makes of it (NHWC; TF's graph optimiser turns ``(x * r) * gamma``
+    into ``x * (r * gamma)``, tf2onnx ``Rsqrt`` into ``Reciprocal(Sqrt)``): ``sq = round(x *
+    x)``, ``s = round(sum_c sq)`` (in channel order), ``m = round(max(s, eps))``, ``r = round(1
+    / round(sqrt(m)))``, ``round(x * round(r * gamma))``."""
     x = _f32(x)
     sq = round_vp(np.multiply(x, x, dtype=F32), vp)
     s = np.zeros(x.shape[:-1] + (1,), F32)
@@ -405,5 +407,5 @@ def l2_normalize(x: np.ndarray, gamma: np.ndarray, eps: float, vp: str) -> np.nd
     s = round_vp(s, vp)
     m = round_vp(np.maximum(s, F32(eps)), vp)
     r = round_vp(np.divide(F32(1), round_vp(np.sqrt(m, dtype=F32), vp), dtype=F32), vp)
-    y = round_vp(np.multiply(x, r, dtype=F32), vp)
-    return round_vp(np.multiply(y, _f32(gamma), dtype=F32), vp)
+    rg = round_vp(np.multiply(r, _f32(gamma), dtype=F32), vp)
+    return round_vp(np.multiply(x, rg, dtype=F32), vp)

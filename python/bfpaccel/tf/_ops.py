@@ -499,8 +499,9 @@ def fold_batch_norm(w: Any, b: Any, gamma: Any, beta: Any, mean: Any, variance: 
 
 def vector_l2_normalize(x: Any, gamma: Any, epsilon: float = 1e-12, vector_precision: str = "fp16",
                         name: Optional[str] = None) -> Any:
-    """Channel L2 normalisation with a per-channel scale (SSD's conv4_3), as the plan runs the
-    ops tf2onnx makes of it (Mul, ReduceSum, Max, Sqrt, Reciprocal, Mul, Mul), each rounded."""
+    """Channel L2 normalisation with a per-channel scale (SSD's conv4_3), ``x * rsqrt(max(sum
+    x^2, eps)) * gamma``, as the plan runs the ops the converter makes of it (Mul, ReduceSum,
+    Max, Sqrt, Reciprocal, then ``x * (r * gamma)``), each rounded."""
     vp = nm.check_vector_precision(vector_precision, None)
     eps = float(epsilon)
     with tf.name_scope(name or "l2_normalize"):
