@@ -261,7 +261,8 @@ def test_hot_swap_under_load(tmp_path, plans, mode, caplog):
                 summary = h.reload()
                 assert [(r.name, r.version) for r in summary.loaded] == [("m", 3)]
                 assert summary.unloaded == [("m", 2)] and not summary.failed
-                assert summary.peak_rss_delta_bytes > 0 and summary.loaded[0].peak_rss_delta_bytes > 0
+                # a tiny plan may load into memory freed earlier: the peak growth can be 0
+                assert summary.peak_rss_delta_bytes >= 0 and summary.loaded[0].peak_rss_delta_bytes >= 0
                 print(f"\nswap summary: {summary}")
             else:
                 deadline = time.monotonic() + 30

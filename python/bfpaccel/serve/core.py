@@ -404,7 +404,9 @@ class ServingCore:
             raise ValueError("give exactly one of x and images")
         deadline = None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
         with self._lock:
-            if mv.state is not VersionState.AVAILABLE:  # unloaded between resolve() and here
+            # a request that resolved a version now retiring still runs on it (UNLOADING waits
+            # for it); one that comes after the version ended fails fast, never waits forever
+            if mv.state in (VersionState.END, VersionState.START, VersionState.UNKNOWN):
                 raise ServingError(Code.UNAVAILABLE, f"model {mv.name!r} version {mv.version} is being unloaded; "
                                    "retry (the request will go to the current version)")
             if self.waiting >= self.queue_size:
@@ -546,12 +548,16 @@ class ServingCore:
             mv.state = VersionState.UNLOADING
         self._changed()
         t_end = time.monotonic() + drain_timeout_s
-        while mv.inflight > 0 and time.monotonic() < t_end:
+        while True:  # in-flight requests (counted under the lock by infer) finish first
+            with self._lock:
+                if mv.inflight == 0 or time.monotonic() >= t_end:
+                    if mv.inflight:
+                        log.warning("%s version %d unloaded with %d request(s) still running", name, version,
+                                    mv.inflight)
+                    mv.state = VersionState.END  # from here on infer() refuses it
+                    break
             time.sleep(0.005)
-        if mv.inflight:
-            log.warning("%s version %d unloaded with %d request(s) still running", name, version, mv.inflight)
         with self._lock:
-            mv.state = VersionState.END
             entry.versions.pop(mv.version, None)  # type: ignore[union-attr]
             for lab, v in list(entry.labels.items()):  # type: ignore[union-attr]
                 if v == mv.version:
