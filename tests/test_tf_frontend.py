@@ -465,6 +465,15 @@ def test_keras_layers_train_and_export_to_the_same_numbers(tmp_path):
     assert btf.BfpDense.from_config(layer.get_config()).format == fmt
 
 
+@pytest.mark.parametrize("module", ["bfpaccel.tf._numerics", "bfpaccel.tf._ops"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0
+
+
 def test_tf_front_end_is_documented():
     for name in ("bfp_conv2d", "bfp_matmul", "BfpConv2D", "BfpDense", "float_graph_def", "float_keras_model",
                  "vector_softmax", "fold_batch_norm"):

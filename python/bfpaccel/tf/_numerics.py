@@ -25,7 +25,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-from typing import Callable, Optional, Sequence, Tuple, Union
+import hashlib
+import threading
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -41,8 +43,11 @@ __all__ = [
     "conv_pads",
     "conv_out_size",
     "epilogue",
+    "conv_weight",
     "conv2d_nhwc",
+    "dense_weight",
     "dense",
+    "LastValueCache",
     "dequantized_conv_operands",
     "dequantized_dense_operands",
     "fold_batch_norm",
@@ -186,6 +191,45 @@ def conv_out_size(n: Optional[int], k: int, s: int, d: int, p0: int, p1: int) ->
     return (n + p0 + p1 - d * (k - 1) - 1) // s + 1
 
 
+# ----------------------------------------------------------------------------- weight cache
+class LastValueCache:
+    """Remembers the value computed from the last inputs seen (by a 128-bit BLAKE2 digest of
+    their bytes, shapes and dtypes): an op whose weights did not change since its last run
+    reuses their quantized (or folded) form. Thread-safe.
+
+    Example:
+        >>> c = LastValueCache()
+        >>> w = np.ones(4, np.float32)
+        >>> c.get([w], lambda: "q1"), c.get([w], lambda: "q2"), c.get([w + 1], lambda: "q3")
+        ('q1', 'q1', 'q3')
+    """
+
+    def __init__(self) -> None:
+        self._key: Optional[Tuple[Any, ...]] = None
+        self._value: Any = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _digest(arrays: Sequence[Optional[np.ndarray]]) -> Tuple[Any, ...]:
+        out = []
+        for a in arrays:
+            if a is None:
+                out.append(None)
+                continue
+            a = np.ascontiguousarray(a)
+            out.append((a.shape, a.dtype.str, hashlib.blake2b(memoryview(a).cast("B"), digest_size=16).digest()))
+        return tuple(out)
+
+    def get(self, arrays: Sequence[Optional[np.ndarray]], compute: Callable[[], Any]) -> Any:
+        key = self._digest(arrays)
+        with self._lock:
+            if key == self._key:
+                return self._value
+            value = compute()
+            self._key, self._value = key, value
+            return value
+
+
 # ----------------------------------------------------------------------------- matrix ops
 def relu(y: np.ndarray) -> np.ndarray:
     """The runtime's ReLU: ``x > 0 ? x : (NaN stays NaN, else +0)``."""
@@ -210,44 +254,59 @@ def epilogue(acc: np.ndarray, bias: Optional[np.ndarray], residual: Optional[np.
     return y
 
 
-def conv2d_nhwc(x: np.ndarray, w: np.ndarray, fx: Format, fw: Format, stride: Tuple[int, int], padding: Padding,
-                dilation: Tuple[int, int], bias: Optional[np.ndarray] = None, residual: Optional[np.ndarray] = None,
-                activation: Optional[str] = None, vp: str = "fp16", seed: int = 0) -> np.ndarray:
-    """NHWC ``x``, HWIO ``w`` (TensorFlow's layouts) -> NHWC, on the BFP datapath: the weight
-    is quantized as ``bfpaccel.compile`` quantizes an OIHW ``Conv`` weight, the activations per
-    pixel along channels (``bfpaccel.conv2d``), then :func:`epilogue`."""
-    x = _f32(x)
+def conv_weight(w: np.ndarray, fw: Format, seed: int = 0) -> core.ConvWeight:
+    """An HWIO weight quantized as ``bfpaccel.compile`` quantizes the OIHW ``Conv`` weight
+    (blocked along input channels at each tap)."""
     w = _f32(w)
-    if x.ndim != 4 or w.ndim != 4:
-        raise ValueError(f"conv2d takes NHWC x and HWIO w, got shapes {x.shape} and {w.shape}")
-    if x.shape[3] != w.shape[2]:
-        raise ValueError(f"x has {x.shape[3]} channels, the HWIO weight expects {w.shape[2]}")
-    pads = conv_pads(padding, (x.shape[1], x.shape[2]), (w.shape[0], w.shape[1]), stride, dilation)
-    acc = core.conv2d(x.transpose(0, 3, 1, 2), w.transpose(3, 2, 0, 1), fx, stride=stride, padding=pads,
-                      dilation=dilation, fmt_w=fw, seed=seed)
+    if w.ndim != 4:
+        raise ValueError(f"a convolution weight is HWIO, got shape {w.shape}")
+    return core.quantize_conv_weight(np.ascontiguousarray(w.transpose(3, 2, 0, 1)), fw, seed=seed)
+
+
+def conv2d_nhwc(x: np.ndarray, w: Union[np.ndarray, core.ConvWeight], fx: Format, fw: Format,
+                stride: Tuple[int, int], padding: Padding, dilation: Tuple[int, int],
+                bias: Optional[np.ndarray] = None, residual: Optional[np.ndarray] = None,
+                activation: Optional[str] = None, vp: str = "fp16", seed: int = 0) -> np.ndarray:
+    """NHWC ``x``, HWIO ``w`` (TensorFlow's layouts; or its :func:`conv_weight`) -> NHWC, on
+    the BFP datapath: the weight quantized as ``bfpaccel.compile`` quantizes an OIHW ``Conv``
+    weight, the activations per pixel along channels (``bfpaccel.conv2d``), then
+    :func:`epilogue`."""
+    x = _f32(x)
+    cw = w if isinstance(w, core.ConvWeight) else conv_weight(w, fw, seed)
+    o, cin, kh, kw = cw.shape
+    if x.ndim != 4:
+        raise ValueError(f"conv2d takes NHWC x, got shape {x.shape}")
+    if x.shape[3] != cin:
+        raise ValueError(f"x has {x.shape[3]} channels, the HWIO weight expects {cin}")
+    pads = conv_pads(padding, (x.shape[1], x.shape[2]), (kh, kw), stride, dilation)
+    acc = core.conv2d(x.transpose(0, 3, 1, 2), cw, fx, stride=stride, padding=pads, dilation=dilation, seed=seed)
     return epilogue(np.ascontiguousarray(acc.transpose(0, 2, 3, 1)), bias, residual, activation, vp)
 
 
-def _dense_weight(w: np.ndarray, fw: Format, seed: int) -> core.BfpTensor:
-    # as bfpaccel.compile quantizes a dense weight [N, K] (blocked along K, stochastic bits
-    # indexed on [N, K]), presented as the [K, N] operand of bfpaccel.matmul
+def dense_weight(w: np.ndarray, fw: Format, seed: int = 0) -> core.BfpTensor:
+    """A ``[K, N]`` weight quantized as ``bfpaccel.compile`` quantizes a dense layer's ``[N, K]``
+    weight (blocked along K, stochastic bits indexed on ``[N, K]``), as the ``[K, N]`` operand
+    of ``bfpaccel.matmul``."""
+    w = _f32(w)
+    if w.ndim != 2:
+        raise ValueError(f"a dense weight is [K, N], got shape {w.shape}")
     q = core.quantize(np.ascontiguousarray(w.T), fw, axis=1, seed=seed)
     return core.BfpTensor(fw, 0, q.elements.T, q.exponents.T)
 
 
-def dense(x: np.ndarray, w: np.ndarray, fx: Format, fw: Format, bias: Optional[np.ndarray] = None,
-          residual: Optional[np.ndarray] = None, activation: Optional[str] = None, vp: str = "fp16",
-          seed: int = 0) -> np.ndarray:
-    """``x [..., K] @ w [K, N]`` on the BFP datapath (``bfpaccel.matmul``, the weight quantized
-    as the plan's dense layer), then :func:`epilogue`."""
+def dense(x: np.ndarray, w: Union[np.ndarray, core.BfpTensor], fx: Format, fw: Format,
+          bias: Optional[np.ndarray] = None, residual: Optional[np.ndarray] = None, activation: Optional[str] = None,
+          vp: str = "fp16", seed: int = 0) -> np.ndarray:
+    """``x [..., K] @ w [K, N]`` (or its :func:`dense_weight`) on the BFP datapath
+    (``bfpaccel.matmul``, the weight quantized as the plan's dense layer), then :func:`epilogue`."""
     x = _f32(x)
-    w = _f32(w)
-    if w.ndim != 2 or x.ndim < 2 or x.shape[-1] != w.shape[0]:
-        raise ValueError(f"dense takes x [..., K] and w [K, N], got shapes {x.shape} and {w.shape}")
+    q = w if isinstance(w, core.BfpTensor) else dense_weight(w, fw, seed)
+    if x.ndim < 2 or x.shape[-1] != q.shape[0]:
+        raise ValueError(f"dense takes x [..., K] and w [K, N], got shapes {x.shape} and {q.shape}")
     lead = x.shape[:-1]
-    acc = core.matmul(x.reshape(-1, x.shape[-1]), _dense_weight(w, fw, seed), fx, seed=seed)
+    acc = core.matmul(x.reshape(-1, x.shape[-1]), q, fx, seed=seed)
     res = None if residual is None else _f32(residual).reshape(acc.shape)
-    return epilogue(acc, bias, res, activation, vp).reshape(lead + (w.shape[1],))
+    return epilogue(acc, bias, res, activation, vp).reshape(lead + (q.shape[1],))
 
 
 def dequantized_conv_operands(x: np.ndarray, w: np.ndarray, fx: Format, fw: Format,
