@@ -88,6 +88,11 @@ class Densenet121(AccelModel):
 
 class QuantizedDensenet121(Densenet121):
     """DenseNet-121 served with BFP quantization (store folder ``msfpdn121/1.1.4``).
+    Its ``import_graph_def`` graph computes what the accelerator computes -- BFP
+    convolutions (``format=``, default ``"msfp16"``), the compiled plan's vector arithmetic,
+    batch norm folded as ``bfpaccel.compile`` folds it: bit for bit the plan of the float
+    graph -- with straight-through gradients for fine-tuning; ``format=None`` builds the float
+    graph of :class:`Densenet121`. Same variable and seed tensor names either way.
 
     Example:
         >>> QuantizedDensenet121("/tmp/models", weights="random").version

@@ -89,8 +89,12 @@ class Resnet50(_ResNet):
 
 
 class QuantizedResnet50(Resnet50):
-    """ResNet-50 served with BFP quantization (store folder ``msfprn50/1.1.2``); same graph and
-    variable names as :class:`Resnet50`, quantized when ``bfpaccel.compile`` builds the plan.
+    """ResNet-50 served with BFP quantization (store folder ``msfprn50/1.1.2``).
+    Its ``import_graph_def`` graph computes what the accelerator computes -- BFP
+    convolutions (``format=``, default ``"msfp16"``), the compiled plan's vector arithmetic,
+    batch norm folded as ``bfpaccel.compile`` folds it: bit for bit the plan of the float
+    graph -- with straight-through gradients for fine-tuning; ``format=None`` builds the float
+    graph of :class:`Resnet50`. Same variable and seed tensor names either way.
 
     Example:
         >>> QuantizedResnet50("/tmp/models", weights="random").version
@@ -119,6 +123,11 @@ class Resnet152(_ResNet):
 
 class QuantizedResnet152(Resnet152):
     """ResNet-152 served with BFP quantization (store folder ``msfprn152/1.1.3``).
+    Its ``import_graph_def`` graph computes what the accelerator computes -- BFP
+    convolutions (``format=``, default ``"msfp16"``), the compiled plan's vector arithmetic,
+    batch norm folded as ``bfpaccel.compile`` folds it: bit for bit the plan of the float
+    graph -- with straight-through gradients for fine-tuning; ``format=None`` builds the float
+    graph of :class:`Resnet152`. Same variable and seed tensor names either way.
 
     Example:
         >>> QuantizedResnet152("/tmp/models", weights="random").version

@@ -102,6 +102,11 @@ class SsdVgg(AccelModel):
 
 class QuantizedSsdVgg(SsdVgg):
     """SSD300-VGG served with BFP quantization (store folder ``msfpvggssd/1.1.3``).
+    Its ``import_graph_def`` graph computes what the accelerator computes -- BFP
+    convolutions (``format=``, default ``"msfp16"``), the compiled plan's vector arithmetic,
+    batch norm folded as ``bfpaccel.compile`` folds it: bit for bit the plan of the float
+    graph -- with straight-through gradients for fine-tuning; ``format=None`` builds the float
+    graph of :class:`SsdVgg`. Same variable and seed tensor names either way.
 
     Example:
         >>> QuantizedSsdVgg("/tmp/models", weights="random").version

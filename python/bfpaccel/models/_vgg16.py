@@ -73,8 +73,12 @@ class Vgg16(AccelModel):
 
 
 class QuantizedVgg16(Vgg16):
-    """VGG-16 served with BFP quantization (store folder ``msfpvgg16/1.1.2``); same graph as
-    :class:`Vgg16`.
+    """VGG-16 served with BFP quantization (store folder ``msfpvgg16/1.1.2``).
+    Its ``import_graph_def`` graph computes what the accelerator computes -- BFP
+    convolutions (``format=``, default ``"msfp16"``), the compiled plan's vector arithmetic,
+    batch norm folded as ``bfpaccel.compile`` folds it: bit for bit the plan of the float
+    graph -- with straight-through gradients for fine-tuning; ``format=None`` builds the float
+    graph of :class:`Vgg16`. Same variable and seed tensor names either way.
 
     Example:
         >>> QuantizedVgg16("/tmp/models", weights="random").version

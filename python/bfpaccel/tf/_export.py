@@ -110,9 +110,11 @@ def float_graph_def(sess: Any, graph_def: Optional[Any] = None) -> Any:
             ins = [walk(i, user, fetch) for i in node.input if not i.startswith("^")]
             if fetch:
                 return None
-            w, rest = ins[0], list(ins[1:])
-            b = rest.pop(0) if _attr_b(node, "has_bias") else None
-            cache[(name, 0)], cache[(name, 1)] = nm.fold_batch_norm(w, b, *rest, _attr_f(node, "epsilon"))
+            arrs = [np.asarray(a) for a in ins]
+            b = arrs.pop(1) if _attr_b(node, "has_bias") else None
+            w, gamma, beta, mean, var = arrs
+            cache[(name, 0)], cache[(name, 1)] = nm.fold_batch_norm(w, b, gamma, beta, mean, var,
+                                                                    _attr_f(node, "epsilon"))
             return cache[key]
         if node.op in ("Identity", "IdentityN", "Snapshot"):
             data = [i for i in node.input if not i.startswith("^")]
@@ -187,11 +189,11 @@ def float_graph_def(sess: Any, graph_def: Optional[Any] = None) -> Any:
         if node.op == "IdentityN":
             data = [i for i in node.input if not i.startswith("^")]
             ctrl = [i for i in node.input if i.startswith("^")]
-            for k, src in enumerate(data):
-                nm_k = node.name if k == 0 else f"{node.name}__output{k}"
-                add("Identity", nm_k, [src] + ctrl, T=node.attr["T"].list.type[k])
-                if k:
-                    renames[f"{node.name}:{k}"] = nm_k
+            for port, src in enumerate(data):
+                out_name = node.name if port == 0 else f"{node.name}__output{port}"
+                add("Identity", out_name, [src] + ctrl, T=node.attr["T"].list.type[port])
+                if port:
+                    renames[f"{node.name}:{port}"] = out_name
             continue
         if not _is_bfp(node):
             m = out.node.add()
@@ -213,7 +215,8 @@ def float_graph_def(sess: Any, graph_def: Optional[Any] = None) -> Any:
             pos = 2
             if kind == "conv2d":
                 pad = _attr_s(node, "padding", "VALID")
-                y = add("Conv2D", f"{name}/Conv2D", [x, w] + ctrl, T=float_t, strides=[1, *_attr_ints(node, "strides"), 1],
+                y = add("Conv2D", f"{name}/Conv2D", [x, w] + ctrl, T=float_t,
+                        strides=[1, *_attr_ints(node, "strides"), 1],
                         padding=pad.encode(), dilations=[1, *_attr_ints(node, "dilations"), 1],
                         explicit_paddings=([0, 0] + _attr_ints(node, "explicit_paddings") + [0, 0]) if pad == "EXPLICIT"
                         else [], data_format=b"NHWC", use_cudnn_on_gpu=True).name

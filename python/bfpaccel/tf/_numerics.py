@@ -27,7 +27,7 @@ import ctypes.util
 import functools
 import hashlib
 import threading
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -121,7 +121,9 @@ def round_vp(x: np.ndarray, vp: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- geometry
 def _pair(v: Union[int, Sequence[int]], what: str) -> Tuple[int, int]:
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+    if isinstance(v, bool):
+        raise ValueError(f"{what} must be an int, (h, w) or [1, h, w, 1], got {v!r}")
+    if isinstance(v, (int, np.integer)):
         a = b = int(v)
     else:
         s = [int(t) for t in v]
@@ -163,7 +165,7 @@ def _explicit_pads(padding: Padding) -> Tuple[int, int, int, int]:
         t = (p, p, p, p)
     else:
         try:
-            items = [x for x in padding]  # type: ignore[union-attr]
+            items: List[Any] = [x for x in padding]  # type: ignore[union-attr]
             if len(items) == 4 and all(np.ndim(x) == 1 and len(x) == 2 for x in items):
                 if any(int(v) for v in list(items[0]) + list(items[3])):
                     raise ValueError("batch and channel padding must be 0")
@@ -211,13 +213,14 @@ class LastValueCache:
 
     @staticmethod
     def _digest(arrays: Sequence[Optional[np.ndarray]]) -> Tuple[Any, ...]:
-        out = []
+        out: List[Any] = []
         for a in arrays:
             if a is None:
                 out.append(None)
                 continue
             a = np.ascontiguousarray(a)
-            out.append((a.shape, a.dtype.str, hashlib.blake2b(memoryview(a).cast("B"), digest_size=16).digest()))
+            raw = a.reshape(-1).view(np.uint8)
+            out.append((a.shape, a.dtype.str, hashlib.blake2b(raw.data, digest_size=16).digest()))
         return tuple(out)
 
     def get(self, arrays: Sequence[Optional[np.ndarray]], compute: Callable[[], Any]) -> Any:

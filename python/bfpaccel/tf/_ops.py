@@ -126,6 +126,12 @@ def _check_seed(seed: int) -> int:
     return int(seed)
 
 
+def _block_formats(fa: Optional[Format], fw: Optional[Format]) -> Tuple[Format, Format]:
+    if fa is None or fw is None:  # pragma: no cover - the callers return the float ops first
+        raise ValueError("a block format is needed here")
+    return fa, fw
+
+
 def _fmt_name(f: Format) -> str:
     return f.name or str(f)
 
@@ -197,6 +203,7 @@ def bfp_conv2d(x: Any, w: Any, strides: Any = 1, padding: Any = "VALID", format:
                 y = y + res
             return tf.nn.relu(y) if act == "relu" else y
 
+        fa_, fw_ = _block_formats(fa, fw)
         out_shape = _conv_out_shape(x, w, stride, dil, padding)
         has_b, has_r = b is not None, res is not None
 
@@ -206,15 +213,15 @@ def bfp_conv2d(x: Any, w: Any, strides: Any = 1, padding: Any = "VALID", format:
             rest_l = list(rest)
             bv = rest_l.pop(0) if has_b else None
             rv = rest_l.pop(0) if has_r else None
-            cw = cache.get([wv], lambda: nm.conv_weight(wv, fw, seed))
-            return nm.conv2d_nhwc(xv, cw, fa, fw, stride, padding, dil, bv, rv, act, vp, seed)
+            cw = cache.get([wv], lambda: nm.conv_weight(wv, fw_, seed))
+            return nm.conv2d_nhwc(xv, cw, fa_, fw_, stride, padding, dil, bv, rv, act, vp, seed)
 
         def np_dequant(xv: np.ndarray, wv: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-            return nm.dequantized_conv_operands(xv, wv, fa, fw, seed)
+            return nm.dequantized_conv_operands(xv, wv, fa_, fw_, seed)
 
         attrs = dict(strides=list(stride), padding=pad_attr, explicit_paddings=explicit, dilations=list(dil),
-                     has_bias=has_b, has_residual=has_r, activation=act or "", format=_fmt_name(fa),
-                     weight_format=_fmt_name(fw), vector_precision=vp, seed=seed)
+                     has_bias=has_b, has_residual=has_r, activation=act or "", format=_fmt_name(fa_),
+                     weight_format=_fmt_name(fw_), vector_precision=vp, seed=seed)
         inputs = [x, w] + ([b] if has_b else []) + ([res] if has_r else [])
 
         def forward(*xs: Any) -> Any:
@@ -289,6 +296,7 @@ def bfp_matmul(x: Any, w: Any, format: FormatLike = "msfp16", *, bias: Any = Non
                 y = y + res
             return tf.nn.relu(y) if act == "relu" else y
 
+        fa_, fw_ = _block_formats(fa, fw)
         n_out = w.shape[1] if w.shape.rank == 2 else None
         out_shape = (x.shape[:-1].concatenate([n_out]) if x.shape.rank is not None else tf.TensorShape(None))
         has_b, has_r = b is not None, res is not None
@@ -299,14 +307,14 @@ def bfp_matmul(x: Any, w: Any, format: FormatLike = "msfp16", *, bias: Any = Non
             rest_l = list(rest)
             bv = rest_l.pop(0) if has_b else None
             rv = rest_l.pop(0) if has_r else None
-            q = cache.get([wv], lambda: nm.dense_weight(wv, fw, seed))
-            return nm.dense(xv, q, fa, fw, bv, rv, act, vp, seed)
+            q = cache.get([wv], lambda: nm.dense_weight(wv, fw_, seed))
+            return nm.dense(xv, q, fa_, fw_, bv, rv, act, vp, seed)
 
         def np_dequant(xv: np.ndarray, wv: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-            return nm.dequantized_dense_operands(xv, wv, fa, fw, seed)
+            return nm.dequantized_dense_operands(xv, wv, fa_, fw_, seed)
 
-        attrs = dict(has_bias=has_b, has_residual=has_r, activation=act or "", format=_fmt_name(fa),
-                     weight_format=_fmt_name(fw), vector_precision=vp, seed=seed)
+        attrs = dict(has_bias=has_b, has_residual=has_r, activation=act or "", format=_fmt_name(fa_),
+                     weight_format=_fmt_name(fw_), vector_precision=vp, seed=seed)
         inputs = [x, w] + ([b] if has_b else []) + ([res] if has_r else [])
 
         def forward(*xs: Any) -> Any:
@@ -448,12 +456,14 @@ def vector_batch_norm(x: Any, gamma: Any, beta: Any, mean: Any, variance: Any, e
     with tf.name_scope(name or "batch_norm"):
         ins = [_f32(x, "x")] + [_f32(v, "batch-norm parameter") for v in (gamma, beta, mean, variance)]
 
+        def np_affine(xv: np.ndarray, g: np.ndarray, bt: np.ndarray, m: np.ndarray, v: np.ndarray) -> np.ndarray:
+            return nm.affine(xv, g, bt, m, v, eps, vp)
+
         def forward(*xs: Any) -> Any:
-            return _pyfunc(lambda *v: nm.affine(*v, eps, vp), xs, 1, [xs[0].shape], "batch_norm",
-                           {"epsilon": eps, "vector_precision": vp})[0]
+            return _pyfunc(np_affine, xs, 1, [xs[0].shape], "batch_norm", {"epsilon": eps, "vector_precision": vp})[0]
 
         def backward(xs: Sequence[Any], y: Any, dy: Any) -> List[Any]:
-            return _vjp(lambda *v: _bn_float(*v, eps), list(xs), dy)
+            return _vjp(lambda xx, g, bt, m, v: _bn_float(xx, g, bt, m, v, eps), list(xs), dy)
 
         return _ste(forward, backward, ins)
 
@@ -472,10 +482,11 @@ def fold_batch_norm(w: Any, b: Any, gamma: Any, beta: Any, mean: Any, variance: 
 
         cache = nm.LastValueCache()
 
-        def np_fold(wv: np.ndarray, *rest: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-            r = list(rest)
-            bv = r.pop(0) if has_b else None
-            return cache.get([wv, *rest], lambda: nm.fold_batch_norm(wv, bv, *r, eps))
+        def np_fold(*arrays: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+            r = list(arrays)
+            bv = r.pop(1) if has_b else None
+            wv, g, bt, m, v = r
+            return cache.get(list(arrays), lambda: nm.fold_batch_norm(wv, bv, g, bt, m, v, eps))
 
         def float_fold(wv: Any, *rest: Any) -> Tuple[Any, Any]:
             r = list(rest)

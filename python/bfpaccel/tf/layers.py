@@ -11,7 +11,7 @@ exports and ``bfpaccel.compile`` turns back into the same numbers.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import keras
 
@@ -142,7 +142,7 @@ class BfpConv2D(_BfpLayer):
 
     def compute_output_shape(self, input_shape: Tuple[Any, ...]) -> Tuple[Any, ...]:
         n, h, w, _ = input_shape
-        out = []
+        out: List[Optional[int]] = []
         for size, k, s, d in zip((h, w), self.kernel_size, self.strides, self.dilation_rate):
             if size is None:
                 out.append(None)
