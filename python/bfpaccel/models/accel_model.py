@@ -11,7 +11,11 @@ weight getter (:class:`GraphBuilder`). The same function builds
 * the Keras 3 model (``keras_model``: getter = the weights of one Keras layer) and the TF2
   SavedModel (``export_saved_model``),
 
-so there is a single architecture definition. Only ONNX-friendly ops are used (Conv2D with
+so there is a single architecture definition. The ``Quantized*`` classes build the TF1 graph
+with ``BfpGraphBuilder`` instead (``bfpaccel.models._bfp_builder``): the same architecture and
+variables over :mod:`bfpaccel.tf` ops, computing what the compiled BFP plan of the float graph
+computes (``AccelOnnxConverter`` turns those ops back into the float ones). ``keras_model`` and
+``export_saved_model`` always give the float network. Only ONNX-friendly ops are used (Conv2D with
 ``dilations``, FusedBatchNormV3 in inference form, Relu, MaxPool, AvgPool, Mean, Pad, ConcatV2,
 Reshape, Squeeze, Softmax, Add, Mul, Rsqrt, Sum, Maximum).
 
@@ -186,6 +190,12 @@ class AccelModel:
 
     Subclasses set the class attributes below and implement ``_forward`` (and ``_head`` for
     classifier backbones).
+
+    Constructor: ``(model_base_path, is_frozen=False, custom_weights_directory=None, *,
+    weights=None, format=..., weight_format=None, vector_precision=None)``. ``format``: the
+    ``Quantized*`` classes' BFP format (default ``"msfp16"``; ``None``/``"fp32"`` builds the
+    float graph; a float class accepts only those), ``weight_format`` and ``vector_precision``
+    as in ``bfpaccel.compile`` (compile the converted model with the same ones).
 
     Example:
         >>> from bfpaccel.models import Resnet50
