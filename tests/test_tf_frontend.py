@@ -433,6 +433,7 @@ def test_keras_layers_train_and_export_to_the_same_numbers(tmp_path):
     model = keras.Sequential([
         keras.Input((12, 12, 3)),
         btf.BfpConv2D(8, 3, padding="same", activation="relu", name="c1"),
+        keras.layers.MaxPooling2D(2, 1),  # exact: its input is at the vector precision
         btf.BfpConv2D(16, 3, strides=2, name="c2"),
         keras.layers.Flatten(),
         btf.BfpDense(10, activation="softmax", name="d"),
@@ -449,8 +450,10 @@ def test_keras_layers_train_and_export_to_the_same_numbers(tmp_path):
     pred = model.predict(x, verbose=0)
     np.testing.assert_array_equal(model(x).numpy(), pred)
     twin = btf.float_keras_model(model)
-    assert [type(layer).__name__ for layer in twin.layers] == ["Conv2D", "Conv2D", "Flatten", "Dense"]
-    path = convert_keras(twin, str(tmp_path / "k.onnx"), optimize=False)
+    assert [type(layer).__name__ for layer in twin.layers] == ["Conv2D", "MaxPooling2D", "Conv2D", "Flatten", "Dense"]
+    for a, b in zip(twin.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    path = convert_keras(model, str(tmp_path / "k.onnx"), optimize=False)  # exports the float twin itself
     plan = bfpaccel.compile(path, "msfp16")
     got = bfpaccel.Session(plan).run(None, {plan.graph.inputs[0].name: x})
     assert_bits_equal(next(iter(got.values())), pred, "Keras model vs the plan of its float twin")

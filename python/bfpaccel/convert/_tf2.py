@@ -38,6 +38,8 @@ def _finish(model: Any, path: str, source: str, opset: int, optimize: bool, extr
 def convert_keras(model: Any, path: str, *, opset: int = 15, optimize: bool = True,
                   input_signature: Optional[List[Any]] = None) -> str:
     """A Keras model (functional or Sequential) -> ONNX file at ``path``; returns ``path``.
+    ``bfpaccel.tf.BfpConv2D`` / ``BfpDense`` layers are exported as their float layers
+    (``bfpaccel.tf.float_keras_model``), whose compiled plan computes what they compute.
     Runs in this process (tf2onnx's memory adds up here: for big models prefer a SavedModel
     and ``convert_saved_model``, or ``AccelOnnxConverter``).
 
@@ -50,6 +52,7 @@ def convert_keras(model: Any, path: str, *, opset: int = 15, optimize: bool = Tr
     import tensorflow as tf
     import tf2onnx
 
+    model = _float_twin(model)
     if input_signature is None:
         inputs = getattr(model, "inputs", None)
         if not inputs:
@@ -65,6 +68,32 @@ def convert_keras(model: Any, path: str, *, opset: int = 15, optimize: bool = Tr
         fn = tf.function(lambda *xs: model(*xs, training=False))
         proto, _ = tf2onnx.convert.from_function(fn, input_signature=input_signature, opset=opset)
     return _finish(proto, path, f"keras:{getattr(model, 'name', 'model')}", opset, optimize)
+
+
+def _float_twin(model: Any) -> Any:
+    """A model with ``bfpaccel.tf`` BFP layers -> its float twin (tf2onnx cannot convert their
+    ``PyFunc``s; the twin's plan computes the same numbers); any other model as it is."""
+
+    def bfp_layers(m: Any) -> List[Any]:
+        out: List[Any] = []
+        for layer in getattr(m, "layers", []):
+            if type(layer).__module__ == "bfpaccel.tf.layers":
+                out.append(layer)
+            out.extend(bfp_layers(layer))
+        return out
+
+    found = bfp_layers(model)
+    if not found:
+        return model
+    from ..tf.layers import float_keras_model
+
+    try:
+        return float_keras_model(model)
+    except Exception as exc:
+        names = ", ".join(layer.name for layer in found[:3])
+        raise ValueError(f"the model has BFP layers ({names}) that tf2onnx cannot convert, and its float twin "
+                         f"could not be built ({type(exc).__name__}: {exc}); build the twin with Conv2D/Dense "
+                         "layers holding the same weights and convert that") from exc
 
 
 def convert_saved_model(saved_model_dir: str, path: str, *, signature: str = "serving_default",
