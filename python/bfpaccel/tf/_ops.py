@@ -450,7 +450,8 @@ def _bn_float(x: Any, gamma: Any, beta: Any, mean: Any, var: Any, eps: float) ->
 def vector_batch_norm(x: Any, gamma: Any, beta: Any, mean: Any, variance: Any, epsilon: float,
                       vector_precision: str = "fp16", name: Optional[str] = None) -> Any:
     """Inference batch norm over the last axis that the plan runs as an affine vector op (one
-    not folded into a matrix op): ``round(x * s + t)``, ``s``/``t`` from float64."""
+    not folded into a matrix op): ``round(x * s + t)``, ``s``/``t`` from float64. Gradients: the
+    float formula's for ``x``, ``gamma``, ``beta``; none for the moving mean and variance."""
     vp = nm.check_vector_precision(vector_precision, None)
     eps = float(epsilon)
     with tf.name_scope(name or "batch_norm"):
@@ -463,7 +464,8 @@ def vector_batch_norm(x: Any, gamma: Any, beta: Any, mean: Any, variance: Any, e
             return _pyfunc(np_affine, xs, 1, [xs[0].shape], "batch_norm", {"epsilon": eps, "vector_precision": vp})[0]
 
         def backward(xs: Sequence[Any], y: Any, dy: Any) -> List[Any]:
-            return _vjp(lambda xx, g, bt, m, v: _bn_float(xx, g, bt, m, v, eps), list(xs), dy)
+            # as TF's inference batch norm: no gradient for the moving mean and variance
+            return _vjp(lambda xx, g, bt, m, v: _bn_float(xx, g, bt, m, v, eps), list(xs), dy)[:3] + [None, None]
 
         return _ste(forward, backward, ins)
 
@@ -472,7 +474,8 @@ def fold_batch_norm(w: Any, b: Any, gamma: Any, beta: Any, mean: Any, variance: 
                     name: Optional[str] = None) -> Tuple[Any, Any]:
     """``(w', b')``: batch norm folded into the matrix op before it, as ``bfpaccel.compile``
     folds it (float64, then float32); ``w``'s last axis is the output channel (HWIO or
-    ``[K, N]``), ``b`` may be None. Gradients: those of the float formula."""
+    ``[K, N]``), ``b`` may be None. Gradients: those of the float formula for ``w``, ``b``,
+    ``gamma`` and ``beta``; none for the moving mean and variance (as TF's inference batch norm)."""
     eps = float(epsilon)
     with tf.name_scope(name or "fold_batch_norm"):
         wt = _f32(w, "w")
@@ -510,7 +513,9 @@ def fold_batch_norm(w: Any, b: Any, gamma: Any, beta: Any, mean: Any, variance: 
                 grads = tape.gradient(list(outs), xs, output_gradients=[dw, db])
             else:
                 grads = tf.gradients(list(float_fold(*xs)), xs, grad_ys=[dw, db])
-            return [g if g is not None else tf.zeros_like(t) for g, t in zip(grads, xs)]
+            out = [g if g is not None else tf.zeros_like(t) for g, t in zip(grads, xs)]
+            # as TF's inference batch norm: no gradient for the moving mean and variance
+            return out[:-2] + [None, None]
 
         w2, b2 = _ste(forward, backward, ins)
         return w2, b2
