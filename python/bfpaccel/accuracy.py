@@ -15,6 +15,12 @@ For each format the model is compiled with ``bfpaccel.compile`` and run with
   ``det_recall`` = share of float32 detections matched by one of the format's (same class,
   box IoU >= 0.5), ``det_precision`` the other way round.
 
+Fine-tuned models (``bfpaccel finetune``, :mod:`bfpaccel.finetune`): ``--finetuned DIR`` adds an
+"after fine-tuning" row per folder -- its ``model.onnx`` compiled at the format it was
+fine-tuned for, run on the same images, compared with the same float32 outputs (the original
+model's) and labels -- next to the format's row before fine-tuning (added to ``--formats`` if
+missing).
+
 Zoo models (resnet50, ...) are built with the seed workflow (string front +
 ``preprocess_array``, ``simple_save``, ``AccelOnnxConverter``) with random weights unless
 ``--weights`` names real ones: the agreement with float32 is still meaningful, true accuracy
@@ -33,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ["add_accuracy_parser", "run_accuracy", "accuracy_report", "format_report", "resolve_model",
-           "load_images", "ZOO_MODELS"]
+           "finetuned_models", "load_images", "ZOO_MODELS"]
 
 _IMAGE_EXT = (".jpg", ".jpeg", ".png", ".gif")
 
@@ -62,7 +68,7 @@ def resolve_model(model: str, weights: str = "random", cache_dir: Optional[str] 
             raise FileNotFoundError(f"ONNX model {model!r} does not exist")
         return model, "as in the file"
     cache = _cache_dir(cache_dir)
-    if model == "efficientnet-lite0":
+    if model.strip().lower().replace("_", "-") == "efficientnet-lite0":
         path = os.path.join(cache, "efficientnet_lite0.onnx")
         if not os.path.isfile(path):
             from .models.efficientnet import export_efficientnet_lite0
@@ -123,6 +129,38 @@ def _preprocessor(metadata: Dict[str, str]) -> Callable[[bytes], np.ndarray]:
         return lambda data: preprocess_efficientnet(data, size=int(pre["output_height"]),
                                                     resize_shorter=int(pre.get("resize_shorter", 256)))
     raise ValueError(f"preprocessing kind {pre['kind']!r} takes tensors, not images")
+
+
+def finetuned_models(paths: Sequence[str]) -> List[Dict[str, Any]]:
+    """The fine-tuning records (``finetune.json``, see :func:`bfpaccel.finetune.load_finetuned`)
+    of ``paths``: each a folder written by ``bfpaccel finetune --out``, or a folder holding such
+    folders (its sub-folders with a ``finetune.json``, sorted).
+
+    Raises:
+        FileNotFoundError: a path that is neither.
+    """
+    from .finetune import load_finetuned
+
+    out: List[Dict[str, Any]] = []
+    for path in paths:
+        if os.path.isfile(os.path.join(path, "finetune.json")):
+            out.append(load_finetuned(path))
+            continue
+        subs = sorted(os.path.join(path, d) for d in os.listdir(path)) if os.path.isdir(path) else []
+        found = [load_finetuned(d) for d in subs if os.path.isfile(os.path.join(d, "finetune.json"))]
+        if not found:
+            raise FileNotFoundError(f"--finetuned {path!r}: no finetune.json in it or in its sub-folders "
+                                    "(make one with bfpaccel finetune --out DIR)")
+        out.extend(found)
+    return out
+
+
+def _same_model(model: str, record_model: str) -> bool:
+    """Whether a fine-tuning record belongs to ``model`` (checked for named models only)."""
+    norm = lambda m: m.strip().lower().replace("-", "_")  # noqa: E731
+    if model.endswith(".onnx"):
+        return True
+    return norm(model) == norm(record_model)
 
 
 # ----- runners ------------------------------------------------------------------------
@@ -227,9 +265,15 @@ def accuracy_report(model: str, formats: Sequence[str], images: str, *, vector_p
                     weight_format: Optional[str] = None, weights: str = "random", num_threads: Optional[int] = None,
                     limit: Optional[int] = None, batch_size: int = 8, cache_dir: Optional[str] = None,
                     progress: bool = True, log: Callable[[str], None] = print,
+                    finetuned: Optional[Sequence[str]] = None,
                     _bfp_runner_factory: Optional[Callable[..., Runner]] = None) -> Dict[str, Any]:
     """Run the model in float32 (onnxruntime) and in each BFP format (``bfpaccel.compile`` +
     ``bfpaccel.Session``) on the images; returns the report dict (``format_report`` prints it).
+
+    ``finetuned``: output folders of ``bfpaccel finetune`` (see :func:`finetuned_models`);
+    each adds a row to ``report["finetuned"]`` -- its ONNX compiled at its format, measured
+    against the float32 outputs of ``model`` -- and its format to ``formats`` (the row before
+    fine-tuning) when missing.
 
     Example:
         >>> r = accuracy_report("efficientnet-lite0", ["msfp16"], "foolbox")  # doctest: +SKIP
@@ -237,11 +281,29 @@ def accuracy_report(model: str, formats: Sequence[str], images: str, *, vector_p
         1.0
     """
     t0 = time.perf_counter()
+    records = finetuned_models(finetuned) if finetuned else []
+    for rec in records:
+        if not _same_model(model, str(rec.get("model", ""))):
+            raise ValueError(f"--finetuned {rec['dir']!r} was fine-tuned from {rec.get('model')!r}, not {model!r}")
+    formats = list(formats)
+    for rec in records:
+        if rec["format"] not in formats:
+            log(f"adding {rec['format']} to the formats: the row before fine-tuning")
+            formats.append(rec["format"])
     onnx_path, weights_note = resolve_model(model, weights, cache_dir, log)
     files = load_images(images, limit)
     ref_run, _, out_names, meta = _onnxruntime_runner(onnx_path, num_threads)
     prep = _preprocessor(meta)
+    for rec in records:
+        import onnx
+
+        ft_meta = {p.key: p.value for p in onnx.load(rec["onnx"], load_external_data=False).metadata_props}
+        key = "bfpaccel.preprocess"
+        if key in ft_meta and key in meta and json.loads(ft_meta[key]).get("kind") != json.loads(meta[key]).get("kind"):
+            raise ValueError(f"--finetuned {rec['dir']!r}: its preprocessing differs from {model!r}'s")
     detection = len(out_names) == 12  # SSD-VGG: 6 class-logit + 6 box tensors
+    if detection and records:
+        raise ValueError("--finetuned measures classifiers; this is a detection model")
     labels = [label for _, label in files]
     batches = [files[i:i + batch_size] for i in range(0, len(files), batch_size)]
     inputs = []
@@ -294,6 +356,27 @@ def accuracy_report(model: str, formats: Sequence[str], images: str, *, vector_p
             else:
                 st.add_classification(o[out_names[0]].ravel(), r[out_names[0]].ravel(), labels[i])
         report["formats"][fmt] = st.as_dict(detection)
+    if records:
+        report["finetuned"] = {}
+    for rec in records:
+        label = f"{rec['format']} fine-tuned"
+        if label in report["finetuned"]:
+            label = f"{rec['format']} fine-tuned ({os.path.basename(rec['dir'])})"
+        log(f"compiling the fine-tuned {os.path.basename(rec['dir'])} for {rec['format']}")
+        # weight format: the one it was trained with (the format itself), whatever --weight-format says
+        run = factory(rec["onnx"], rec["format"], None, vector_precision, num_threads)
+        got = outputs_of(run, label)
+        st = _Stats()
+        for i, (o, r) in enumerate(zip(got, ref)):
+            yf, rf = o[out_names[0]].ravel(), r[out_names[0]].ravel()
+            y64, r64 = yf.astype(np.float64), rf.astype(np.float64)
+            st.rel.append(float(np.linalg.norm(y64 - r64) / max(np.linalg.norm(r64), 1e-30)))
+            st.add_classification(yf, rf, labels[i])
+        row = st.as_dict(detection)
+        row.update(format=rec["format"], dir=rec["dir"], steps=rec["steps"], batch_size=rec.get("batch_size"),
+                   image_size=rec.get("image_size"), minutes=round(float(rec.get("seconds", 0.0)) / 60, 1),
+                   cpu=rec.get("cpu"), photos=len(rec.get("photos", [])))
+        report["finetuned"][label] = row
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
 
@@ -322,18 +405,28 @@ def format_report(report: Dict[str, Any]) -> str:
                          f"{d['rel_err_mean']:>12.3e} {d['rel_err_max']:>12.3e}")
     else:
         labelled = report["labelled_images"] > 0
-        head = (f"{'format':<12} {'top1 agree':>10} {'top5 agree':>10} {'rel err mean':>12} {'rel err max':>12}"
+        tuned = list(report.get("finetuned", {}).items())
+        w = max([12] + [len(name) for name, _ in rows + tuned])
+        head = (f"{'format':<{w}} {'top1 agree':>10} {'top5 agree':>10} {'rel err mean':>12} {'rel err max':>12}"
                 + (f" {'top1':>7} {'top5':>7}" if labelled else ""))
         lines += ["", head, "-" * len(head)]
-        for name, d in rows:
+
+        def row(name: str, d: Dict[str, Any]) -> str:
             ref = name == "float32"
-            line = (f"{name:<12} {'ref' if ref else _pct(d['top1_agreement']):>10} "
+            line = (f"{name:<{w}} {'ref' if ref else _pct(d['top1_agreement']):>10} "
                     f"{'ref' if ref else _pct(d['top5_agreement']):>10} "
                     f"{'-' if ref else format(d['rel_err_mean'], '.3e'):>12} "
                     f"{'-' if ref else format(d['rel_err_max'], '.3e'):>12}")
             if labelled:
                 line += f" {_pct(d.get('top1')):>7} {_pct(d.get('top5')):>7}"
-            lines.append(line)
+            return line
+
+        lines += [row(name, d) for name, d in rows]
+        if tuned:
+            lines += ["", "after fine-tuning (distillation from float32; these images were not trained on):"]
+            lines += [row(name, d) for name, d in tuned]
+            lines += [f"  {name}: {d['steps']} steps, batch {d['batch_size']}, {d['image_size']}px views of "
+                      f"{d['photos']} photos, {d['minutes']} min on {d['cpu']} ({d['dir']})" for name, d in tuned]
     return "\n".join(lines)
 
 
@@ -344,7 +437,8 @@ def add_accuracy_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("accuracy", help="top-1/top-5 agreement and logit error of BFP formats vs float32",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help=f"{', '.join(ZOO_MODELS)}, efficientnet-lite0, or PATH.onnx (converted by bfpaccel)")
+                   help=f"{', '.join(ZOO_MODELS)}, efficientnet-lite0 (or efficientnet_lite0), or PATH.onnx "
+                        "(converted by bfpaccel)")
     p.add_argument("--formats", default="msfp16,msfp12,mxfp4_e2m1", help="comma-separated format names")
     p.add_argument("--images", required=True, help="directory of JPEG/PNG/GIF images, or 'foolbox' (its 20 photos)")
     p.add_argument("--json", dest="json_path", help="also write the report as JSON here")
@@ -357,6 +451,9 @@ def add_accuracy_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="images per run call")
     p.add_argument("--cache-dir", default=None, help="where built ONNX models are kept (~/.cache/bfpaccel/models)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--finetuned", default=None,
+                   help="comma-separated output folders of `bfpaccel finetune` (or folders holding them): adds "
+                        "an 'after fine-tuning' row per folder")
     p.set_defaults(func=run_accuracy)
     return p
 
@@ -376,6 +473,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
                                  weight_format=args.weight_format, weights=args.weights, num_threads=args.threads,
                                  limit=args.limit, batch_size=args.batch, cache_dir=args.cache_dir,
                                  progress=not args.no_progress,
+                                 finetuned=[d.strip() for d in (args.finetuned or "").split(",") if d.strip()],
                                  log=lambda m: print(m, file=sys.stderr))
     except (ValueError, FileNotFoundError, ImportError, RuntimeError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -8,6 +8,7 @@ Subcommands:
   classify the seed workflow on your images: zoo model (or ONNX / plan) -> BFP plan -> top-5
   profile  where a model's time goes on the BFP runtime: per op kind, slowest ops, GEMM kernel share
   accuracy per-format agreement with float32 on a folder of images
+  finetune distil the float32 model into a narrow block format (accuracy back after quantization)
 """
 
 from __future__ import annotations
@@ -402,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = add_accuracy_parser(sub)
     a.set_defaults(fn=lambda args: args.func(args))
+    from .finetune import add_finetune_parser
+
+    add_finetune_parser(sub).set_defaults(fn=lambda args: args.func(args))
     return p
 
 
