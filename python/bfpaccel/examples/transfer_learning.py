@@ -561,17 +561,18 @@ def deploy_and_score(registry_dir: str, name: str, source_path: str, merged_path
 
     seconds: Dict[str, float] = {}
     reg = Registry(registry_dir)
-    t = time.perf_counter()
-    src = Model.register(reg, source_path, name, tags=tags, properties=properties,
-                         description=f"classifier head ({os.path.basename(source_path)}) trained on BFP features")
-    conv = Model.register(reg, merged_path, converted_name(src.name, src.version), tags=tags, properties=properties,
-                          description="featurizer + head, one ONNX graph with the image front", parent_id=src.id)
-    image = Image.create(reg, f"{name}-image", [conv], AccelContainerImage.image_configuration(
-        properties={"format": format, "vector_precision": vector_precision}))
-    seconds["register_and_compile"] = time.perf_counter() - t
-    log(f"  registered {src.id} -> {conv.id}; image {image.id} ({image.plan_path})")
-    svc = None
+    src = conv = image = svc = None
     try:
+        t = time.perf_counter()
+        src = Model.register(reg, source_path, name, tags=tags, properties=properties,
+                             description=f"classifier head ({os.path.basename(source_path)}) trained on BFP features")
+        conv = Model.register(reg, merged_path, converted_name(src.name, src.version), tags=tags,
+                              properties=properties, parent_id=src.id,
+                              description="featurizer + head, one ONNX graph with the image front")
+        image = Image.create(reg, f"{name}-image", [conv], AccelContainerImage.image_configuration(
+            properties={"format": format, "vector_precision": vector_precision}))
+        seconds["register_and_compile"] = time.perf_counter() - t
+        log(f"  registered {src.id} -> {conv.id}; image {image.id} ({image.plan_path})")
         t = time.perf_counter()
         pred = Predictor(image.plan_path, num_threads=num_threads)
         in_process = _batched_logits(lambda b: pred.predict_images(b, [LOGITS])[LOGITS], images, batch_size,
@@ -592,12 +593,14 @@ def deploy_and_score(registry_dir: str, name: str, source_path: str, merged_path
         result = {"in_process": in_process, "served": served, "model_id": src.id, "converted_id": conv.id,
                   "image_id": image.id, "service": svc.name, "scoring_uri": svc.scoring_uri, "seconds": seconds}
     finally:
-        if not keep:
+        if keep:
             if svc is not None:
-                svc.delete()
-            image.delete()
-            conv.delete()
-            src.delete()
+                log(f"  kept: service {svc.name} runs until `bfpaccel deploy delete {svc.name} --registry "
+                    f"{reg.root}`")
+        else:  # the seed's cleanup order: service, image, converted model, source model
+            for entry in (svc, image, conv, src):
+                if entry is not None:
+                    entry.delete()
     return result
 
 
@@ -684,9 +687,9 @@ def run(*, heads: Sequence[str] = HEADS, format: str = "msfp16", vector_precisio
     bad = [h for h in heads if h not in HEADS]
     if not heads or bad:
         raise ValueError(f"heads must be a non-empty subset of {list(HEADS)}, got {list(heads)}")
-    for what, v in (("epochs", epochs), ("train_batch_size", train_batch_size), ("batch_size", batch_size)):
+    for arg, v in (("epochs", epochs), ("train_batch_size", train_batch_size), ("batch_size", batch_size)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{what} must be an int >= 1, got {v!r}")
+            raise ValueError(f"{arg} must be an int >= 1, got {v!r}")
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
     from ..formats import get_format
@@ -710,7 +713,7 @@ def run(*, heads: Sequence[str] = HEADS, format: str = "msfp16", vector_precisio
 
     t_all = time.perf_counter()
     own_workdir = workdir is None
-    work = tempfile.mkdtemp(prefix="bfpaccel-transfer-") if own_workdir else os.path.abspath(workdir)
+    work: str = tempfile.mkdtemp(prefix="bfpaccel-transfer-") if workdir is None else os.path.abspath(workdir)
     os.makedirs(work, exist_ok=True)
     report: Dict[str, Any] = {}
     try:
@@ -771,6 +774,8 @@ def run(*, heads: Sequence[str] = HEADS, format: str = "msfp16", vector_precisio
         for head in heads:
             t = time.perf_counter()
             hs: Dict[str, float] = {}
+            what: Dict[str, str]
+            model: Any
             if head == "torch":
                 import torch
 
@@ -903,7 +908,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None,
                    help="keep the ONNX files, checkpoints and the registry here (default: a temporary folder, removed)")
     p.add_argument("--cache-dir", default=None,
-                   help="cache of the EfficientNet-Lite0 export and the features .npy (default: ~/.cache/bfpaccel/models)")
+                   help="cache of the EfficientNet-Lite0 export and the features .npy "
+                        "(default: ~/.cache/bfpaccel/models)")
     p.add_argument("--no-cache", action="store_true", help="recompute the features even if cached")
     p.add_argument("--keep", action="store_true",
                    help="keep the registry entries and leave the services running (with --workdir)")
