@@ -19,7 +19,7 @@ import numpy as np
 from ..formats import Format, get_format
 from .graph import Node, ValueInfo
 
-__all__ = ["check_manifest", "ManifestInfo", "ALLOWED_DTYPES", "MAX_NDIM"]
+__all__ = ["check_manifest", "ManifestInfo", "ALLOWED_DTYPES", "MAX_NDIM", "Attr", "need", "prod"]
 
 #: dtypes a plan constant may have (numeric, native byte order; nothing that needs pickle).
 ALLOWED_DTYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
@@ -188,62 +188,32 @@ def _a_tensor(v: Any, where: str) -> None:
           "'array' must be a small rectangular numeric array")
 
 
-_POOL: Dict[str, AttrCheck] = {"kernel_shape": _a_pos2, "strides": _a_pos2, "dilations": _a_pos2, "pads": _a_pads4,
-         "ceil_mode": _a_01, "count_include_pad": _a_01, "auto_pad": _a_auto_pad}
-_CONV: Dict[str, AttrCheck] = {"strides": _a_pos2, "dilations": _a_pos2, "pads": _a_pads4, "auto_pad": _a_auto_pad, "group": _a_int,
-         "weight_shape": _a_pos4, "kernel_shape": _a_pos2, "qweight": _a_str, "fweight": _a_str}
-_REDUCE: Dict[str, AttrCheck] = {"axes": _a_ints, "keepdims": _a_01, "noop_with_empty_axes": _a_01}
+class Attr:
+    """The attribute checks an op declares in its registration (``ops/``): ``attrs={"axis":
+    Attr.INT}``. Each is ``check(value, where)`` and raises the validator's error."""
 
-# op -> (min inputs, max inputs or None, max outputs or None, attribute checks)
-_Spec = Tuple[int, Optional[int], Optional[int], Dict[str, AttrCheck]]
-_OPS: Dict[str, _Spec] = {
-    "Conv": (2, 3, 1, _CONV),
-    "BfpDense": (2, 3, 1, _CONV),
-    "Gemm": (2, 3, 1, {"transA": _a_01, "transB": _a_01, "alpha": _a_num, "beta": _a_num}),
-    "MatMul": (2, 2, 1, {}),
-    "BatchNormalization": (5, 5, 5, {"epsilon": _a_num, "momentum": _a_num}),
-    "Clip": (1, 3, 1, {"min": _a_num, "max": _a_num}),
-    "LeakyRelu": (1, 1, 1, {"alpha": _a_num}),
-    "HardSigmoid": (1, 1, 1, {"alpha": _a_num, "beta": _a_num}),
-    "MaxPool": (1, 1, 2, dict(_POOL, storage_order=_a_01)),
-    "AveragePool": (1, 1, 1, _POOL),
-    "GlobalAveragePool": (1, 1, 1, {}),
-    "GlobalMaxPool": (1, 1, 1, {}),
-    "Softmax": (1, 1, 1, {"axis": _a_int}),
-    "LogSoftmax": (1, 1, 1, {"axis": _a_int}),
-    "Concat": (1, None, 1, {"axis": _a_int}),
-    "Reshape": (2, 2, 1, {"allowzero": _a_01}),
-    "Flatten": (1, 1, 1, {"axis": _a_int}),
-    "Squeeze": (1, 2, 1, {"axes": _a_ints}),
-    "Unsqueeze": (1, 2, 1, {"axes": _a_ints}),
-    "Transpose": (1, 1, 1, {"perm": _a_perm}),
-    "Pad": (1, 4, 1, {"mode": _a_str, "pads": _a_ints, "value": _a_num}),
-    "Identity": (1, 1, 1, {}),
-    "Dropout": (1, 3, 2, {"seed": _a_int, "ratio": _a_num}),
-    "Shape": (1, 1, 1, {"start": _a_int, "end": _a_int}),
-    "Size": (1, 1, 1, {}),
-    "Gather": (2, 2, 1, {"axis": _a_int}),
-    "Slice": (1, 5, 1, {"starts": _a_ints, "ends": _a_ints, "axes": _a_ints}),
-    "Cast": (1, 1, 1, {"to": _a_int}),
-    "Constant": (0, 0, 1, {"value": _a_tensor}),
-    "ConstantOfShape": (1, 1, 1, {"value": _a_tensor}),
-    "Range": (3, 3, 1, {}),
-    "Expand": (2, 2, 1, {}),
-    "Tile": (2, 2, 1, {}),
-    "Split": (1, 2, None, {"axis": _a_int, "split": _a_nonneg_ints}),
-    "Where": (3, 3, 1, {}),
-    "Mod": (2, 2, 1, {"fmod": _a_01}),
-    "Max": (2, None, 1, {}),
-    "Min": (2, None, 1, {}),
-    "Sum": (1, None, 1, {}),
-}
-for _op in ("Relu", "Sigmoid", "Tanh", "Exp", "Log", "Sqrt", "Reciprocal", "Neg", "Abs", "Erf", "HardSwish",
-            "Floor", "Ceil", "Not"):
-    _OPS[_op] = (1, 1, 1, {})
-for _op in ("Add", "Sub", "Mul", "Div", "Pow", "Equal", "Less", "Greater", "And", "Or"):
-    _OPS[_op] = (2, 2, 1, {})
-for _op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceSumSquare", "ReduceL2", "ReduceProd"):
-    _OPS[_op] = (1, 2, 1, _REDUCE)
+    INT = staticmethod(_a_int)                  # an integer
+    FLAG = staticmethod(_a_01)                  # 0 or 1
+    NUM = staticmethod(_a_num)                  # a number (or null)
+    INTS = staticmethod(_a_ints)                # a list of integers
+    NONNEG_INTS = staticmethod(_a_nonneg_ints)  # a list of integers >= 0
+    POS2 = staticmethod(_a_pos2)                # two integers >= 1
+    PADS4 = staticmethod(_a_pads4)              # four integers >= 0
+    POS4 = staticmethod(_a_pos4)                # four integers >= 1
+    PERM = staticmethod(_a_perm)                # a permutation of 0..n-1
+    AUTO_PAD = staticmethod(_a_auto_pad)        # an ONNX auto_pad value
+    STR = staticmethod(_a_str)                  # a string
+    TENSOR = staticmethod(_a_tensor)            # a tensor attribute as plan.json stores it
+
+
+def need(cond: bool, where: str, msg: str) -> None:
+    """Raises the validator's error ``where: msg`` unless ``cond`` (for an op's ``check``)."""
+    _need(cond, where, msg)
+
+
+def prod(shape: Sequence[int]) -> int:
+    """The number of elements of ``shape``."""
+    return _prod(shape)
 
 
 # ---------------------------------------------------------------- pieces of the manifest
@@ -306,7 +276,9 @@ def _consts(v: Any) -> List[Tuple[str, np.dtype, Tuple[int, ...], str]]:
     return out
 
 
-def _node(v: Any, i: int, supported: Any) -> Node:
+def _node(v: Any, i: int) -> Node:
+    from .ops import find
+
     where = f"nodes[{i}]"
     d = _dict(v, where)
     for k in ("op", "name", "inputs", "outputs"):
@@ -314,15 +286,17 @@ def _node(v: Any, i: int, supported: Any) -> Node:
     op = _str(d["op"], f"{where}.op", nonempty=True)
     name = _str(d["name"], f"{where}.name")
     where = f"nodes[{i}] ({op} {name!r})"
-    _need(op in supported and op in _OPS, where, f"op {op!r} is not one this runtime executes")
+    spec = find(op)
+    _need(spec is not None, where, f"op {op!r} is not one this runtime executes")
+    assert spec is not None
     inputs = _list(d["inputs"], f"{where}.inputs")
     outputs = _list(d["outputs"], f"{where}.outputs")
     _need(all(isinstance(x, str) for x in inputs), f"{where}.inputs", "must be a list of strings")
     _need(all(isinstance(x, str) for x in outputs), f"{where}.outputs", "must be a list of strings")
     attrs = _dict(d.get("attrs", {}), f"{where}.attrs")
-    lo, hi, max_out, checks = _OPS[op]
+    (lo, hi), max_out, checks = spec.inputs, spec.outputs, spec.attrs
     _need(len(inputs) >= lo and (hi is None or len(inputs) <= hi), f"{where}.inputs",
-          f"{op} takes {lo}{'' if hi == lo else (' or more' if hi is None else f' to {hi}')} inputs, got {len(inputs)}")
+          f"{op} takes {spec.arity_text()} inputs, got {len(inputs)}")
     _need(lo == 0 or inputs[0] != "", f"{where}.inputs", "the first input must not be empty")
     _need(len(outputs) >= 1 and outputs[0] != "", f"{where}.outputs", "needs a first output")
     _need(max_out is None or len(outputs) <= max_out, f"{where}.outputs",
@@ -334,92 +308,19 @@ def _node(v: Any, i: int, supported: Any) -> Node:
 
 
 # ---------------------------------------------------------------- graph-level checks
-def _check_matrix_op(n: Node, where: str, consts: Dict[str, Tuple[np.dtype, Tuple[int, ...]]],
-                     fa: Format, fw: Format) -> None:
-    a = n.attrs
-    _need("weight_shape" in a, where, "missing attribute 'weight_shape' (the compiled weight's shape)")
-    O, Cg, kh, kw = a["weight_shape"]
-    _need(n.inputs[1] == "", f"{where}.inputs", "the weight is stored in the plan (attribute qweight/fweight): "
-          "input 1 must be empty")
-    if n.op == "BfpDense":
-        _need((kh, kw) == (1, 1), f"{where}.attrs.weight_shape", f"a dense layer's weight is [O, K, 1, 1], got "
-              f"{a['weight_shape']}")
-        for k in ("group", "strides", "dilations", "pads", "auto_pad", "kernel_shape"):
-            _need(k not in a or (k == "group" and a[k] == 1), f"{where}.attrs", f"a dense layer has no {k!r}")
-    groups = int(a.get("group", 1))
-    _need(groups >= 1 and O % groups == 0, f"{where}.attrs.group",
-          f"must be >= 1 and divide the {O} output channels, got {groups}")
-    if "kernel_shape" in a:
-        _need(list(a["kernel_shape"]) == [kh, kw], f"{where}.attrs.kernel_shape",
-              f"{a['kernel_shape']} differs from the weight's {[kh, kw]}")
-    has_q, has_f = "qweight" in a, "fweight" in a
-    _need(has_q or has_f, where, "missing weight: no attribute 'qweight' (block format) or 'fweight' (fp32)")
-    _need(not (has_q and has_f), where, "has both 'qweight' and 'fweight'")
-    wshape = (O, Cg, kh, kw)
-    if has_q:
-        _need(fw.is_block, where, f"a quantized weight ('qweight') in a plan whose weight format is {fw}")
-        key = a["qweight"]
-        code_dt = np.dtype(np.int8 if fw.kind == "int" else np.uint8)
-        nblocks = -(-Cg // fw.block_size)
-        for suffix, dt, shape in ((".codes", code_dt, wshape), (".exps", np.dtype(np.int16), (O, nblocks, kh, kw))):
-            cname = key + suffix
-            _need(cname in consts, where, f"missing weight: constant {cname!r} is not in the plan")
-            cdt, cshape = consts[cname]
-            _need(cdt == dt and cshape == shape, where,
-                  f"constant {cname!r} is {cdt}{list(cshape)}; weight_shape {list(wshape)} in {fw} needs "
-                  f"{dt}{list(shape)}")
-    else:
-        _need(not fw.is_block, where, f"an fp32 weight ('fweight') in a plan whose weight format is {fw}")
-        cname = a["fweight"]
-        _need(cname in consts, where, f"missing weight: constant {cname!r} is not in the plan")
-        cdt, cshape = consts[cname]
-        _need(cdt == np.float32 and cshape == wshape, where,
-              f"constant {cname!r} is {cdt}{list(cshape)}; weight_shape needs float32{list(wshape)}")
-    if len(n.inputs) > 2 and n.inputs[2] in consts:
-        cdt, cshape = consts[n.inputs[2]]
-        _need(cdt.kind in "fiu" and _prod(cshape) == O, where,
-              f"bias {n.inputs[2]!r} is {cdt}{list(cshape)}; {O} numbers expected")
-
-
 def _check_node_semantics(n: Node, where: str, consts: Dict[str, Tuple[np.dtype, Tuple[int, ...]]],
                           fa: Format, fw: Format, opset: int) -> None:
-    a = n.attrs
-    if n.op in ("Conv", "BfpDense"):
-        _check_matrix_op(n, where, consts, fa, fw)
-    elif n.op in ("MaxPool", "AveragePool"):
-        _need("kernel_shape" in a, where, "missing attribute 'kernel_shape'")
-        kh, kw = a["kernel_shape"]
-        dh, dw = a.get("dilations", [1, 1])
-        pads = a.get("pads", [0, 0, 0, 0])
-        ext = [dh * (kh - 1) + 1, dw * (kw - 1) + 1]
-        _need(all(p < ext[i % 2] for i, p in enumerate(pads)), f"{where}.attrs.pads",
-              f"pads {pads} must be smaller than the kernel {[kh, kw]}")
-    elif n.op == "Concat":
-        _need("axis" in a, where, "missing attribute 'axis'")
-    elif n.op == "Cast":
-        _need("to" in a, where, "missing attribute 'to'")
-    elif n.op == "Unsqueeze":
-        _need("axes" in a or (len(n.inputs) > 1 and n.inputs[1] != ""), where, "needs 'axes' (attribute or input)")
-    elif n.op == "Slice":
-        if opset < 10:
-            _need("starts" in a and "ends" in a, where, "needs attributes 'starts' and 'ends' (opset < 10)")
-        else:
-            _need(len(n.inputs) >= 3 and n.inputs[1] != "" and n.inputs[2] != "", where,
-                  "needs inputs starts and ends (opset >= 10)")
-    elif n.op == "BatchNormalization":
-        sizes = [(_prod(consts[i][1]), consts[i][0]) for i in n.inputs[1:5] if i in consts]
-        _need(all(dt.kind in "fiu" for _, dt in sizes), where, "batch-norm parameters must be numeric")
-        _need(len({s for s, _ in sizes}) <= 1, where, f"batch-norm parameters have different sizes "
-              f"{[s for s, _ in sizes]}")
-    elif n.op == "Pad":
-        mode = a.get("mode", "constant")
-        _need(mode in ("constant", "reflect", "edge", "wrap"), f"{where}.attrs.mode", f"unknown pad mode {mode!r}")
+    from .ops import find
+
+    spec = find(n.op)
+    if spec is not None and spec.check is not None:
+        spec.check(n, where, consts, fa, fw, opset)
 
 
 def check_manifest(m: Any) -> ManifestInfo:
     """Checks a parsed plan.json; returns its pieces. Raises ``_Bad`` (message without the file
     name) on the first problem; the caller turns it into a PlanError."""
-    from .compiler import SUPPORTED_OPS, VECTOR_PRECISIONS
+    from .compiler import VECTOR_PRECISIONS
 
     d = _dict(m, "plan.json")
     version: Any = d.get("bfpaccel_plan")
@@ -448,7 +349,7 @@ def check_manifest(m: Any) -> ManifestInfo:
     _need(all(isinstance(v, str) for v in meta.values()), "metadata", "values must be strings")
     consts_list = _consts(d["consts"])
     consts = {name: (dt, shape) for name, dt, shape, _ in consts_list}
-    nodes = [_node(v, i, SUPPORTED_OPS) for i, v in enumerate(_list(d["nodes"], "nodes"))]
+    nodes = [_node(v, i) for i, v in enumerate(_list(d["nodes"], "nodes"))]
 
     defined = set(consts)
     for i, vi in enumerate(inputs):

@@ -23,22 +23,17 @@ import numpy as np
 
 from .. import core
 from ..formats import Format, get_format
+from . import ops as _ops
 from .graph import Graph, Node, from_onnx
+from .ops._registry import QUANTIZED, TO_DENSE
 from .plan import Plan
 
 __all__ = ["compile", "SUPPORTED_OPS", "UnsupportedOpError", "VECTOR_PRECISIONS"]
 
-#: ONNX ops the runtime executes (with the default domain).
-SUPPORTED_OPS: Set[str] = {
-    "Conv", "Gemm", "MatMul", "BatchNormalization", "Relu", "Clip", "LeakyRelu", "Sigmoid", "Tanh", "Exp", "Log",
-    "Sqrt", "Reciprocal", "Neg", "Abs", "Erf", "HardSigmoid", "HardSwish", "Floor", "Ceil", "MaxPool",
-    "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin",
-    "ReduceSumSquare", "ReduceL2", "Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Sum", "Concat", "Reshape",
-    "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Pad", "Softmax", "LogSoftmax", "Identity", "Dropout",
-    "Shape", "Gather", "Slice", "Cast", "Constant", "ConstantOfShape", "Range", "Expand", "Split", "Tile",
-    "Equal", "Where", "ReduceProd", "Size", "Less", "Greater", "Not", "And", "Or", "Mod", "Floor",
-    "BfpDense",
-}
+#: ONNX ops the runtime executes (with the default domain): every op of the registry
+#: (``bfpaccel.runtime.ops``) -- lowered onto the datapath, folded when its inputs are
+#: constants, or compiled into one that is (Gemm, MatMul).
+SUPPORTED_OPS: Set[str] = _ops.supported_ops()
 
 #: Vector precisions (docs/numerics.md#vector-unit).
 VECTOR_PRECISIONS = ("fp16", "bf16", "fp32")
@@ -201,7 +196,7 @@ def _fold_into_matrix_ops(g: Graph) -> bool:
     cons = g.consumers()
     outs = set(g.output_names())
     for n in list(g.nodes):
-        if n.op not in ("Conv", "BfpDense"):
+        if not _quantizes_weight(n):
             continue
         wname = n.inputs[1]
         if wname not in g.consts or n.outputs[0] in outs:
@@ -285,12 +280,19 @@ def _dense_from_matmul(g: Graph) -> None:
             g.nodes[i] = Node("BfpDense", n.name, ins, n.outputs, {"from": "Gemm"})
 
 
+def _quantizes_weight(n: Node) -> bool:
+    """True for matrix ops whose weight (input 1) the compiler quantizes into the plan."""
+    spec = _ops.find(n.op)
+    return spec is not None and spec.weights == QUANTIZED
+
+
 def _check_supported(g: Graph) -> None:
     bad: Dict[str, List[str]] = {}
     for n in g.nodes:
-        if n.op not in SUPPORTED_OPS:
+        spec = _ops.find(n.op)
+        if spec is None:
             bad.setdefault(n.op, []).append(n.name)
-        elif n.op in ("Gemm", "MatMul") and not all(i in g.consts for i in n.inputs[1:2]):
+        elif spec.weights == TO_DENSE and not all(i in g.consts for i in n.inputs[1:2]):
             bad.setdefault(f"{n.op} with a non-constant weight", []).append(n.name)
     if bad:
         raise UnsupportedOpError(bad)
@@ -373,7 +375,7 @@ def compile(
     while _fold_into_matrix_ops(g):
         pass
     for n in g.nodes:
-        if n.op not in ("Conv", "BfpDense"):
+        if not _quantizes_weight(n):
             continue
         if n.inputs[1] not in g.consts:
             raise UnsupportedOpError({f"{n.op} with a non-constant weight": [n.name]})
