@@ -2,6 +2,10 @@
 // C++ (no per-node Python). The Python side (bfpaccel.runtime) lowers a compiled plan for one
 // set of input shapes into this list: layouts, shapes and buffers are all decided there, so
 // every op here is a plain loop nest over physical (contiguous) memory.
+//
+// Each op kind is implemented in one file per family under csrc/ops/ (a validator that checks
+// every size the op will touch, and an executor), registered in the op table with
+// BFP_REGISTER_OP; Program dispatches through that table.
 #pragma once
 
 #include <cstdint>
@@ -33,6 +37,7 @@ enum OpKind : int {
     kOpStrided = 8,    // out[idx] = in[off + sum idx_a * stride_a] (transpose, slice)
     kOpPad = 9,        // constant padding
     kOpCopy = 10,
+    kOpCount
 };
 
 enum BinaryKind : int { kAdd = 0, kSub, kMul, kDiv, kMax, kMin, kPow };
@@ -55,6 +60,39 @@ struct Op {
     int act = 0;                 // conv epilogue: 0 none, 1 relu, 2 clip(fp[0], fp[1])
     std::string name;            // the ONNX node, for errors and profiles
 };
+
+class Program;
+
+// What a validator checks an op with: every failure is std::invalid_argument naming the op.
+class OpCheck {
+  public:
+    OpCheck(const Program& p, const Op& op) : p_(p), op_(op), where_("op " + op.name + ": ") {}
+    [[noreturn]] void fail(const std::string& m) const;
+    void need_ip(size_t n) const;                          // at least n integer parameters
+    void ins(size_t n) const;                              // at least n inputs and one output
+    int64_t mul(int64_t a, int64_t b) const;               // a * b, both >= 0, no overflow
+    int64_t prod(const int64_t* d, int n) const;           // product of n sizes
+    void fits(int id, int64_t n, const char* what) const;  // buffer id exists and holds n floats
+    void pos(int64_t v, const char* what) const;           // v >= 1
+    int rank(int64_t r) const;                             // 0 <= r <= 64
+
+  private:
+    const Program& p_;
+    const Op& op_;
+    std::string where_;
+};
+
+// One op kind's implementation (csrc/ops/*.cpp): validate throws for any op whose parameters
+// or buffers do not fit (run once, when the op is added); exec runs it.
+struct OpImpl {
+    void (*validate)(const Program& p, const Op& op, OpCheck& c);
+    void (*exec)(Program& p, const Op& op);
+};
+bool register_op(int kind, OpImpl impl);  // at static initialisation; throws if registered twice
+const OpImpl* find_op(int kind);          // null: unknown kind
+
+#define BFP_REGISTER_OP(kind, validate, exec) \
+    static const bool bfp_registered_##kind = ::bfp::register_op(kind, ::bfp::OpImpl{validate, exec})
 
 class Program {
   public:
@@ -82,11 +120,15 @@ class Program {
     void set_profile(bool on) { profile_ = on; }
     std::mutex mu;  // one run at a time per program
 
+    // for the ops' executors
+    float* buf(int id) { return bufs_[size_t(slot_[size_t(id)])].data(); }
+    int vec_prec() const { return vp_; }
+    bool has_format() const { return has_fmt_; }
+    const FmtParams& format() const { return fx_; }
+    uint64_t seed() const { return seed_; }
+    std::vector<float>& scratch() { return scratch_; }  // reused across ops and runs
+
   private:
-    float* ptr(int id) { return bufs_[size_t(slot_[size_t(id)])].data(); }
-    void exec(const Op& op);
-    void conv(const Op& op);
-    void validate(const Op& op) const;
     int vp_;
     bool has_fmt_;
     FmtParams fx_;
@@ -95,15 +137,15 @@ class Program {
     std::vector<std::vector<float>> bufs_;
     std::vector<int> slot_;
     std::vector<Op> ops_;
+    std::vector<const OpImpl*> impls_;  // ops_[i]'s implementation
     std::vector<double> times_, gemm_times_;
-    std::vector<float> dwq_;  // depthwise convs: the fake-quantized input (scratch, reused)
+    std::vector<float> scratch_;
 };
 
 // fp32 reference conv (format "fp32"): NHWC, weights [G][taps][Cg][Og], sequential sums over
 // (tap, channel) per output.
+void conv2d_fp32_nhwc(const float* x, const float* w, const ConvGeom& g, int64_t O, int kh, int kw, float* out);
 // depthwise conv (C groups of one channel, multiplier 1), NHWC, weights [taps][C]
 void dwconv_nhwc(const float* x, const float* w, const ConvGeom& g, int kh, int kw, float* out);
-
-void conv2d_fp32_nhwc(const float* x, const float* w, const ConvGeom& g, int64_t O, int kh, int kw, float* out);
 
 }  // namespace bfp

@@ -1,0 +1,157 @@
+// Elementwise vector ops: broadcasting binary ops and unary functions, each result rounded to
+// the program's vector precision.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+
+#include "ops/vec.h"
+#include "runtime.h"
+
+namespace bfp {
+
+template <int K>
+static inline float bin(float a, float b) {
+    if constexpr (K == kAdd) return a + b;
+    else if constexpr (K == kSub) return a - b;
+    else if constexpr (K == kMul) return a * b;
+    else if constexpr (K == kDiv) return a / b;
+    else if constexpr (K == kMax) return (a != a || b != b) ? a + b : (a > b ? a : b);
+    else if constexpr (K == kMin) return (a != a || b != b) ? a + b : (a < b ? a : b);
+    else return std::pow(a, b);
+}
+
+template <int K, int VP>
+static void binary_t(const float* A, const float* B, float* Y, const int64_t* shape, const int64_t* sa,
+                     const int64_t* sb, int rank) {
+    const int64_t inner = rank ? shape[rank - 1] : 1;
+    int64_t outer = 1;
+    for (int d = 0; d + 1 < rank; ++d) outer *= shape[d];
+    const int64_t ia = rank ? sa[rank - 1] : 0, ib = rank ? sb[rank - 1] : 0;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(outer * inner))
+    for (int64_t r = 0; r < outer; ++r) {
+        int64_t oa = 0, ob = 0, rem = r;
+        for (int d = rank - 2; d >= 0; --d) {
+            const int64_t i = rem % shape[d];
+            rem /= shape[d];
+            oa += i * sa[d];
+            ob += i * sb[d];
+        }
+        const float* a = A + oa;
+        const float* b = B + ob;
+        float* y = Y + r * inner;
+        if (ia == 1 && ib == 1) {
+            for (int64_t i = 0; i < inner; ++i) y[i] = R<VP>(bin<K>(a[i], b[i]));
+        } else if (ia == 1 && ib == 0) {
+            const float bv = b[0];
+            for (int64_t i = 0; i < inner; ++i) y[i] = R<VP>(bin<K>(a[i], bv));
+        } else {
+            for (int64_t i = 0; i < inner; ++i) y[i] = R<VP>(bin<K>(a[i * ia], b[i * ib]));
+        }
+    }
+}
+
+template <int VP>
+static void binary_vp(int k, const float* A, const float* B, float* Y, const int64_t* shape, const int64_t* sa,
+                      const int64_t* sb, int rank) {
+    switch (k) {
+        case kAdd: binary_t<kAdd, VP>(A, B, Y, shape, sa, sb, rank); break;
+        case kSub: binary_t<kSub, VP>(A, B, Y, shape, sa, sb, rank); break;
+        case kMul: binary_t<kMul, VP>(A, B, Y, shape, sa, sb, rank); break;
+        case kDiv: binary_t<kDiv, VP>(A, B, Y, shape, sa, sb, rank); break;
+        case kMax: binary_t<kMax, VP>(A, B, Y, shape, sa, sb, rank); break;
+        case kMin: binary_t<kMin, VP>(A, B, Y, shape, sa, sb, rank); break;
+        case kPow: binary_t<kPow, VP>(A, B, Y, shape, sa, sb, rank); break;
+        default: throw std::invalid_argument("unknown binary op");
+    }
+}
+
+static inline float unary(int k, float x, float p0, float p1) {
+    switch (k) {
+        case kRelu: return x > 0.0f ? x : (x != x ? x : 0.0f);
+        case kClip: return x != x ? x : std::min(std::max(x, p0), p1);
+        case kSqrt: return std::sqrt(x);
+        case kRecip: return 1.0f / x;
+        case kExp: return std::exp(x);
+        case kSigmoid: return 1.0f / (1.0f + std::exp(-x));
+        case kTanh: return std::tanh(x);
+        case kNeg: return -x;
+        case kAbs: return std::fabs(x);
+        case kLeakyRelu: return x >= 0.0f ? x : x * p0;
+        case kIdentity: return x;
+        case kLog: return std::log(x);
+        case kErf: return std::erf(x);
+        case kHardSigmoid: return std::max(0.0f, std::min(1.0f, p0 * x + p1));
+        case kHardSwish: return x * std::max(0.0f, std::min(1.0f, x / 6.0f + 0.5f));
+        case kSwish: return x / (1.0f + std::exp(-x));
+        case kRsqrt: return 1.0f / std::sqrt(x);
+        case kFloor: return std::floor(x);
+        case kCeil: return std::ceil(x);
+        default: return x;
+    }
+}
+
+
+// ip: rank shape[rank] a_strides[rank] b_strides[rank]
+static void validate_binary(const Program& p, const Op& op, OpCheck& c) {
+    const auto& q = op.ip;
+    c.need_ip(1);
+    c.ins(2);
+    const int rank = c.rank(q[0]);
+    c.need_ip(1 + 3 * size_t(rank));
+    const int64_t* shape = q.data() + 1;
+    c.fits(op.out[0], c.prod(shape, rank), "output");
+    for (int k = 0; k < 2; ++k) {
+        const int64_t* st = shape + (k + 1) * rank;
+        int64_t hi = 0;
+        for (int d = 0; d < rank; ++d) {
+            if (st[d] < 0) c.fail("negative stride");
+            if (shape[d] > 0) hi += c.mul(shape[d] - 1, st[d]);
+        }
+        if (c.prod(shape, rank) > 0) c.fits(op.in[size_t(k)], hi + 1, "operand");
+    }
+    (void)p;
+}
+
+static void exec_binary(Program& p, const Op& op) {
+    const auto& q = op.ip;
+    const int rank = int(q[0]);
+    const int64_t* shape = q.data() + 1;
+    const float* a = p.buf(op.in[0]);
+    const float* b = p.buf(op.in[1]);
+    float* y = p.buf(op.out[0]);
+    with_vp(p.vec_prec(), [&](auto V) {
+        binary_vp<decltype(V)::value>(op.sub, a, b, y, shape, shape + rank, shape + 2 * rank, rank);
+    });
+}
+
+// ip: n; fp: the function's parameters
+static void validate_unary(const Program& p, const Op& op, OpCheck& c) {
+    c.need_ip(1);
+    c.ins(1);
+    c.fits(op.in[0], op.ip[0], "input");
+    c.fits(op.out[0], op.ip[0], "output");
+    (void)p;
+}
+
+static void exec_unary(Program& p, const Op& op) {
+    const int64_t n = op.ip[0];
+    const float* x = p.buf(op.in[0]);
+    float* y = p.buf(op.out[0]);
+    const float p0 = op.fp.size() > 0 ? op.fp[0] : 0.0f, p1 = op.fp.size() > 1 ? op.fp[1] : 0.0f;
+    const int k = op.sub;
+    with_vp(p.vec_prec(), [&](auto V) {
+        constexpr int vp = decltype(V)::value;
+        if (k == kRelu) {
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(n))
+            for (int64_t i = 0; i < n; ++i) y[i] = R<vp>(x[i] > 0.0f ? x[i] : (x[i] != x[i] ? x[i] : 0.0f));
+        } else {
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(n * 8))
+            for (int64_t i = 0; i < n; ++i) y[i] = R<vp>(unary(k, x[i], p0, p1));
+        }
+    });
+}
+
+BFP_REGISTER_OP(kOpBinary, validate_binary, exec_binary);
+BFP_REGISTER_OP(kOpUnary, validate_unary, exec_unary);
+
+}  // namespace bfp

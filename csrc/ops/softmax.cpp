@@ -1,0 +1,54 @@
+// Softmax and LogSoftmax of (outer, L, inner) along L: max-subtracted, float32 sums, the result
+// rounded to the vector precision.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+
+#include "ops/vec.h"
+#include "runtime.h"
+
+namespace bfp {
+
+// ip: outer L inner; sub: 1 for LogSoftmax
+static void validate_softmax(const Program& p, const Op& op, OpCheck& c) {
+    const auto& q = op.ip;
+    c.need_ip(3);
+    c.ins(1);
+    const int64_t n = c.mul(c.mul(q[0], q[1]), q[2]);
+    c.fits(op.in[0], n, "input");
+    c.fits(op.out[0], n, "output");
+    (void)p;
+}
+
+static void exec_softmax(Program& p, const Op& op) {
+    const auto& q = op.ip;
+    const int64_t outer = q[0], L = q[1], inner = q[2];
+    const float* x = p.buf(op.in[0]);
+    float* y = p.buf(op.out[0]);
+    const bool logsm = op.sub == 1;
+    with_vp(p.vec_prec(), [&](auto V) {
+        constexpr int vp = decltype(V)::value;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(outer * L * inner * 8))
+        for (int64_t oi = 0; oi < outer * inner; ++oi) {
+            const int64_t o = oi / inner, i = oi % inner;
+            const float* s = x + o * L * inner + i;
+            float* d = y + o * L * inner + i;
+            float m = -std::numeric_limits<float>::infinity();
+            for (int64_t l = 0; l < L; ++l) m = std::max(m, s[l * inner]);
+            float sum = 0.0f;
+            for (int64_t l = 0; l < L; ++l) sum = sum + std::exp(s[l * inner] - m);
+            if (logsm) {
+                const float ls = std::log(sum);
+                for (int64_t l = 0; l < L; ++l) d[l * inner] = R<vp>((s[l * inner] - m) - ls);
+            } else {
+                for (int64_t l = 0; l < L; ++l) d[l * inner] = R<vp>(std::exp(s[l * inner] - m) / sum);
+            }
+        }
+    });
+}
+
+BFP_REGISTER_OP(kOpSoftmax, validate_softmax, exec_softmax);
+
+}  // namespace bfp
