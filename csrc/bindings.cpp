@@ -50,6 +50,17 @@ void check3(const py::array& a, const char* what, int64_t d0, int64_t d1, int64_
 PYBIND11_MODULE(_core, m) {
     m.doc() = "bfpaccel C++ core: block-floating-point quantization, GEMM and convolution";
 
+    // the program's op kinds and sub-op kinds (op_kinds.h): Python reads their numbers from here
+#define BFP_PY_VALUE(k, py) .value(#py, k)
+    py::enum_<OpKind>(m, "OpKind", py::arithmetic(), "Kinds of program ops (one executor each)")
+        BFP_OP_KINDS(BFP_PY_VALUE);
+    py::enum_<BinaryKind>(m, "BinaryKind", py::arithmetic(), "Broadcasting elementwise ops") BFP_BINARY_KINDS(BFP_PY_VALUE);
+    py::enum_<UnaryKind>(m, "UnaryKind", py::arithmetic(), "Elementwise functions") BFP_UNARY_KINDS(BFP_PY_VALUE);
+    py::enum_<PoolKind>(m, "PoolKind", py::arithmetic(), "2-D pooling") BFP_POOL_KINDS(BFP_PY_VALUE);
+    py::enum_<ReduceKind>(m, "ReduceKind", py::arithmetic(), "Reductions") BFP_REDUCE_KINDS(BFP_PY_VALUE);
+    py::enum_<VecPrec>(m, "VecPrec", py::arithmetic(), "Vector precisions (docs/numerics.md#vector-unit)") BFP_VEC_PRECS(BFP_PY_VALUE);
+#undef BFP_PY_VALUE
+
     m.def("set_num_threads", &set_num_threads, py::arg("n"));
     m.def("get_num_threads", &num_threads);
     m.def("max_threads", &max_threads);
@@ -235,6 +246,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("pads"), py::arg("dilation"), py::arg("bias"));
 
     m.def("round_vector", [](f32arr x, int vp) {
+        if (vp < 0 || vp >= kVecCount) throw std::invalid_argument("unknown vector precision " + std::to_string(vp));
         f32arr y(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim()));
         std::memcpy(y.mutable_data(), x.data(), sizeof(float) * size_t(x.size()));
         round_vec(y.mutable_data(), x.size(), vp);
@@ -243,6 +255,8 @@ PYBIND11_MODULE(_core, m) {
 
     py::class_<Program, std::shared_ptr<Program>>(m, "Program", "A lowered plan: ops over planned buffers")
         .def(py::init([](int vp, std::optional<py::tuple> params, uint64_t seed) {
+                 if (vp < 0 || vp >= kVecCount)
+                     throw std::invalid_argument("unknown vector precision " + std::to_string(vp));
                  FmtParams f{};
                  if (params) f = to_params(*params);
                  return std::make_shared<Program>(vp, bool(params), f, seed);

@@ -14,39 +14,14 @@
 #include <string>
 #include <vector>
 
+#include "op_kinds.h"
 #include "ops.h"
 
 namespace bfp {
 
-// Vector precision (docs/numerics.md#vector-unit): every vector op rounds its result (RNE, IEEE overflow).
-enum VecPrec : int { kVecFp32 = 0, kVecFp16 = 1, kVecBf16 = 2 };
-
 float round_fp16(float x);
 float round_bf16(float x);
 void round_vec(float* x, int64_t n, int vp);
-
-enum OpKind : int {
-    kOpConv = 0,       // NHWC conv / dense on the BFP core (or fp32), fused epilogue
-    kOpBinary = 1,     // broadcasting elementwise
-    kOpUnary = 2,
-    kOpAffine = 3,     // per-channel x * s + t (batch-norm not folded)
-    kOpPool = 4,       // NHWC max / average pooling
-    kOpReduce = 5,     // (outer, R, inner) -> (outer, inner)
-    kOpSoftmax = 6,    // (outer, L, inner) along L
-    kOpConcat = 7,     // (outer, L_i, inner) -> (outer, sum L_i, inner)
-    kOpStrided = 8,    // out[idx] = in[off + sum idx_a * stride_a] (transpose, slice)
-    kOpPad = 9,        // constant padding
-    kOpCopy = 10,
-    kOpCount
-};
-
-enum BinaryKind : int { kAdd = 0, kSub, kMul, kDiv, kMax, kMin, kPow };
-enum UnaryKind : int {
-    kRelu = 0, kClip, kSqrt, kRecip, kExp, kSigmoid, kTanh, kNeg, kAbs, kLeakyRelu, kIdentity, kLog, kErf,
-    kHardSigmoid, kHardSwish, kSwish, kRsqrt, kFloor, kCeil
-};
-enum PoolKind : int { kPoolMax = 0, kPoolAvg = 1 };
-enum ReduceKind : int { kRedSum = 0, kRedMean, kRedMax, kRedMin, kRedSumSquare, kRedL2 };
 
 struct Op {
     int kind = 0;

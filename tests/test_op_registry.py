@@ -84,3 +84,23 @@ def test_an_op_without_a_lowering_is_named_on_computed_inputs():
     plan = bfpaccel.compile(m, format="fp32")
     with pytest.raises(bfpaccel.runtime.LoweringError, match="Range is not supported on a computed"):
         bfpaccel.Session(plan).run(None, {"x": np.ones(1, np.float32)})
+
+
+def test_core_enums_name_the_onnx_ops():
+    """Python takes every op number from the core (_core.OpKind, UnaryKind, ...), by name."""
+    from bfpaccel import _core
+    from bfpaccel.runtime.lower import op_kind_name
+    from bfpaccel.runtime.ops._common import core_kind
+
+    for op, name in [("Relu", "RELU"), ("LeakyRelu", "LEAKY_RELU"), ("HardSigmoid", "HARD_SIGMOID"),
+                     ("HardSwish", "HARD_SWISH"), ("Reciprocal", "RECIPROCAL"), ("Erf", "ERF")]:
+        assert core_kind(_core.UnaryKind, op) == getattr(_core.UnaryKind, name)
+        assert op_kind_name(_core.OpKind.UNARY, core_kind(_core.UnaryKind, op)) == op.lower()
+    for op in ("Sum", "Mean", "Max", "Min", "SumSquare", "L2"):
+        assert op_kind_name(_core.OpKind.REDUCE, core_kind(_core.ReduceKind, op)) == "reduce " + op.lower()
+    assert [op_kind_name(_core.OpKind.POOL, k) for k in (_core.PoolKind.MAX, _core.PoolKind.AVERAGE)] == \
+        ["max pool", "average pool"]
+    names = {op_kind_name(k) for k in _core.OpKind.__members__.values()}
+    assert len(names) == len(_core.OpKind.__members__) and not any(n.startswith("kind ") for n in names)
+    with pytest.raises(AttributeError):
+        core_kind(_core.UnaryKind, "NoSuchFunction")

@@ -97,6 +97,8 @@ void dwconv_nhwc(const float* x, const float* w, const ConvGeom& g, int kh, int 
 static void validate_conv(const Program& p, const Op& op, OpCheck& c) {
     const auto& q = op.ip;
     c.need_ip(18);
+    if (op.sub != 0 && op.sub != 1) c.fail("conv takes sub 0 (dense / grouped) or 1 (depthwise)");
+    if (op.act < 0 || op.act > 2) c.fail("unknown conv activation " + std::to_string(op.act));
     c.ins(1);
     const int64_t N = q[0], H = q[1], W = q[2], C = q[3], O = q[4], kh = q[5], kw = q[6], G = q[15];
     c.pos(q[7], "stride");

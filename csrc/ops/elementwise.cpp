@@ -96,6 +96,7 @@ static void validate_binary(const Program& p, const Op& op, OpCheck& c) {
     const auto& q = op.ip;
     c.need_ip(1);
     c.ins(2);
+    if (op.sub < 0 || op.sub >= kBinaryCount) c.fail("unknown binary op " + std::to_string(op.sub));
     const int rank = c.rank(q[0]);
     c.need_ip(1 + 3 * size_t(rank));
     const int64_t* shape = q.data() + 1;
@@ -127,6 +128,7 @@ static void exec_binary(Program& p, const Op& op) {
 // ip: n; fp: the function's parameters
 static void validate_unary(const Program& p, const Op& op, OpCheck& c) {
     c.need_ip(1);
+    if (op.sub < 0 || op.sub >= kUnaryCount) c.fail("unknown unary op " + std::to_string(op.sub));
     c.ins(1);
     c.fits(op.in[0], op.ip[0], "input");
     c.fits(op.out[0], op.ip[0], "output");

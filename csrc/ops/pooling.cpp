@@ -14,6 +14,7 @@ namespace bfp {
 static void validate_pool(const Program& p, const Op& op, OpCheck& c) {
     const auto& q = op.ip;
     c.need_ip(17);
+    if (op.sub < 0 || op.sub >= kPoolCount) c.fail("unknown pool kind " + std::to_string(op.sub));
     c.ins(1);
     for (int i : {4, 5, 6, 7, 15, 16}) c.pos(q[size_t(i)], "pool window, stride and dilation");
     for (int i = 8; i <= 11; ++i)

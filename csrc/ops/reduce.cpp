@@ -15,6 +15,7 @@ namespace bfp {
 static void validate_reduce(const Program& p, const Op& op, OpCheck& c) {
     const auto& q = op.ip;
     c.need_ip(3);
+    if (op.sub < 0 || op.sub >= kReduceCount) c.fail("unknown reduction " + std::to_string(op.sub));
     c.ins(1);
     c.fits(op.in[0], c.mul(c.mul(q[0], q[1]), q[2]), "input");
     c.fits(op.out[0], c.mul(q[0], q[2]), "output");

@@ -15,6 +15,7 @@ namespace bfp {
 static void validate_softmax(const Program& p, const Op& op, OpCheck& c) {
     const auto& q = op.ip;
     c.need_ip(3);
+    if (op.sub != 0 && op.sub != 1) c.fail("softmax takes sub 0 (Softmax) or 1 (LogSoftmax)");
     c.ins(1);
     const int64_t n = c.mul(c.mul(q[0], q[1]), q[2]);
     c.fits(op.in[0], n, "input");

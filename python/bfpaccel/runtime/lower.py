@@ -28,14 +28,22 @@ import numpy as np
 from .. import _core  # type: ignore[attr-defined]
 from .graph import Graph, Node
 from .ops import find as _find_op
-from .ops._kinds import (_BINARY, _POOL_NAMES, _REDUCE, _UNARY, K_AFFINE, K_BINARY, K_CONCAT, K_CONV, K_COPY, K_PAD,
-                         K_POOL, K_REDUCE, K_SOFTMAX, K_STRIDED, K_UNARY)
 from .plan import Plan
 from .values import LoweringError, Value, compatible, ident, strides
 
 __all__ = ["Lowered", "lower", "LoweringError", "op_kind_name", "Lowering"]
 
-_VP = {"fp32": 0, "fp16": 1, "bf16": 2}
+OpKind, BinaryKind, UnaryKind = _core.OpKind, _core.BinaryKind, _core.UnaryKind
+
+
+def _names(enum: Any) -> Dict[int, str]:
+    return {int(v): k for k, v in enum.__members__.items()}
+
+
+_NAMES_BINARY = {v: k.lower() for v, k in _names(_core.BinaryKind).items()}
+_NAMES_UNARY = {v: k.replace("_", "").lower() for v, k in _names(_core.UnaryKind).items()}
+_NAMES_REDUCE = {v: "reduce " + k.replace("_", "").lower() for v, k in _names(_core.ReduceKind).items()}
+_NAMES_POOL = {v: k.lower() + " pool" for v, k in _names(_core.PoolKind).items()}
 
 
 def op_kind_name(kind: int, sub: int = 0, op_type: str = "") -> str:
@@ -43,41 +51,38 @@ def op_kind_name(kind: int, sub: int = 0, op_type: str = "") -> str:
     ``MatMul`` on the BFP core), ``depthwise conv``, the binary/unary op (``add``, ``mul``,
     ``relu``, ``sigmoid``...), ``batchnorm``, ``max pool`` / ``average pool``, ``reduce mean``...,
     ``softmax``, ``concat``, ``transpose`` (a layout copy), ``slice``, ``pad``, ``copy``.
+    ``kind`` and ``sub`` are the core's enums (``_core.OpKind``, ``_core.BinaryKind``...).
 
     Example:
-        >>> op_kind_name(K_BINARY, 2), op_kind_name(K_CONV, 0, "BfpDense")
+        >>> op_kind_name(OpKind.BINARY, BinaryKind.MUL), op_kind_name(OpKind.CONV, 0, "BfpDense")
         ('mul', 'dense')
     """
-    if kind == K_CONV:
+    kind, sub = int(kind), int(sub)
+    if kind == OpKind.CONV:
         if sub == 1:
             return "depthwise conv"
         return "dense" if op_type == "BfpDense" else "conv"
-    if kind == K_BINARY:
+    if kind == OpKind.BINARY:
         return _NAMES_BINARY.get(sub, "binary")
-    if kind == K_UNARY:
+    if kind == OpKind.UNARY:
         return _NAMES_UNARY.get(sub, "unary")
-    if kind == K_AFFINE:
+    if kind == OpKind.AFFINE:
         return "batchnorm"
-    if kind == K_POOL:
-        return _POOL_NAMES.get(sub, "pool")
-    if kind == K_REDUCE:
+    if kind == OpKind.POOL:
+        return _NAMES_POOL.get(sub, "pool")
+    if kind == OpKind.REDUCE:
         return _NAMES_REDUCE.get(sub, "reduce")
-    if kind == K_SOFTMAX:
+    if kind == OpKind.SOFTMAX:
         return "log softmax" if sub else "softmax"
-    if kind == K_CONCAT:
+    if kind == OpKind.CONCAT:
         return "concat"
-    if kind == K_STRIDED:
+    if kind == OpKind.STRIDED:
         return "slice" if op_type in ("Slice", "Split") else "transpose"
-    if kind == K_PAD:
+    if kind == OpKind.PAD:
         return "pad"
-    if kind == K_COPY:
+    if kind == OpKind.COPY:
         return "copy"
     return f"kind {kind}"
-
-
-_NAMES_BINARY = {v: k.lower() for k, v in _BINARY.items()}
-_NAMES_UNARY = {v: k.lower() for k, v in _UNARY.items()}
-_NAMES_REDUCE = {v: ("reduce " + k[len("Reduce"):]).lower() for k, v in _REDUCE.items()}
 
 
 class Lowered:
@@ -156,9 +161,10 @@ class Lowering:
         self.vconst[vid] = a
         return vid
 
-    def emit(self, kind: int, ins: List[int], outs: List[int], ip: Sequence[int] = (), fp: Sequence[float] = (),
-             sub: int = 0, label: Optional[str] = None, **kw: Any) -> None:  # kw: w, wf, bias, res, act
+    def emit(self, kind: Any, ins: List[int], outs: List[int], ip: Sequence[int] = (), fp: Sequence[float] = (),
+             sub: Any = 0, label: Optional[str] = None, **kw: Any) -> None:  # kw: w, wf, bias, res
         """Appends one program op reading buffers ``ins`` and writing ``outs``."""
+        kind, sub = int(kind), int(sub)
         op = dict(kind=kind, sub=sub, ins=list(ins), outs=list(outs), ip=[int(v) for v in ip],
                   fp=[float(v) for v in fp], name=self.node.name if self.node else "", w=None, wf=-1, bias=-1,
                   res=-1, act=0)
@@ -231,7 +237,7 @@ class Lowering:
         in_str = strides(v.phys)
         pos = {a: i for i, a in enumerate(v.perm)}
         st = [in_str[pos[a]] for a in want]
-        self.emit(K_STRIDED, [v.vid], [out.vid], [len(want), 0, *out.phys, *st], label="transpose")
+        self.emit(OpKind.STRIDED, [v.vid], [out.vid], [len(want), 0, *out.phys, *st], label="transpose")
         return out
 
     # ------------------------------------------------------------ main
@@ -272,7 +278,7 @@ class Lowering:
             if root in self.vinput or root in self.vconst or root in [self.vroot[o] for o in out_vids] \
                     or self.vsize[root] != v.size:
                 out = self.new_value(v.shape)
-                self.emit(K_COPY, [v.vid], [out.vid], [v.size])
+                self.emit(OpKind.COPY, [v.vid], [out.vid], [v.size])
                 v = out
             out_vids.append(v.vid)
             outputs[name] = (v.vid, v.shape, None)
@@ -296,7 +302,7 @@ class Lowering:
         i = 0
         while i < len(ops):
             op = ops[i]
-            if op["kind"] != K_CONV or op.get("nofuse"):
+            if op["kind"] != OpKind.CONV:
                 i += 1
                 continue
             root = self.vroot[op["outs"][0]]
@@ -310,7 +316,7 @@ class Lowering:
             j = rd[0]
             nxt = ops[j]
             fused = False
-            if nxt["kind"] == K_BINARY and nxt["sub"] == 0 and op["res"] < 0 and op["act"] == 0:
+            if nxt["kind"] == OpKind.BINARY and nxt["sub"] == BinaryKind.ADD and op["res"] < 0 and op["act"] == 0:
                 rank = nxt["ip"][0]
                 sa, sb = nxt["ip"][1 + rank:1 + 2 * rank], nxt["ip"][1 + 2 * rank:]
                 full = strides(nxt["ip"][1:1 + rank])
@@ -319,9 +325,9 @@ class Lowering:
                     other = nxt["ins"][1 - roots_in.index(root)]
                     op["res"] = other
                     fused = True
-            elif nxt["kind"] == K_UNARY and nxt["sub"] in (0, 1) and op["act"] == 0:
-                op["act"] = 1 if nxt["sub"] == 0 else 2
-                if nxt["sub"] == 1:
+            elif nxt["kind"] == OpKind.UNARY and nxt["sub"] in (UnaryKind.RELU, UnaryKind.CLIP) and op["act"] == 0:
+                op["act"] = 1 if nxt["sub"] == UnaryKind.RELU else 2
+                if nxt["sub"] == UnaryKind.CLIP:
                     op["fp"] = list(nxt["fp"])
                 fused = True
             if not fused:
@@ -338,7 +344,7 @@ class Lowering:
 
     # ------------------------------------------------------------ build
     def build(self, outputs: Dict[str, Any], out_vids: List[int]) -> Lowered:
-        vp = _VP[self.plan.vector_precision]
+        vp = getattr(_core.VecPrec, self.plan.vector_precision.upper())
         f = self.plan.format
         prog = _core.Program(vp, f.kernel_params() if f.is_block else None, self.plan.seed)
         last: Dict[int, int] = {}

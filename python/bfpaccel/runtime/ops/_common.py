@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence
+import re
+from typing import Any, List, Sequence
 
 from ..graph import Node
 
-__all__ = ["pads_2d"]
+__all__ = ["pads_2d", "core_kind"]
+
+
+def core_kind(enum: Any, op_type: str) -> Any:
+    """The member of a core enum (``_core.UnaryKind``...) named after an ONNX op type:
+    ``core_kind(UnaryKind, "LeakyRelu")`` is ``UnaryKind.LEAKY_RELU``."""
+    return getattr(enum, re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", op_type).upper())
 
 
 def pads_2d(n: Node, spatial: Sequence[int], kernel: Sequence[int], strides: Sequence[int],

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any, List, Sequence
 
 import numpy as np
 
+from ..._core import BinaryKind, OpKind, UnaryKind  # type: ignore[attr-defined]
 from .._validate import Attr
 from ..graph import Node, broadcast_shape
 from ..values import ident, strides
-from ._kinds import _BINARY, _UNARY, K_BINARY, K_UNARY
+from ._common import core_kind
 from ._registry import folds, lowers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,7 +28,7 @@ Arrays = List[Any]  # one array (or None for an absent input) per node input
 # ---------------------------------------------------------------- binary
 def binary(cx: "Lowering", op: str, a_name: str, b_name: str, out_name: str) -> None:
     """Emits ``out = op(a, b)`` with ONNX broadcasting (``op``: ``"Add"``, ``"Mul"``, ...)."""
-    sub = _BINARY[op]
+    sub = core_kind(BinaryKind, op)
     names = [a_name, b_name]
     shapes = [cx.shape_of(x) for x in names]
     try:
@@ -64,7 +65,7 @@ def binary(cx: "Lowering", op: str, a_name: str, b_name: str, out_name: str) -> 
     if r == 0:
         ophys, strd = [1], [[0], [0]]
         r = 1
-    cx.emit(K_BINARY, vids, [out.vid], [r, *ophys, *strd[0], *strd[1]], sub=sub)
+    cx.emit(OpKind.BINARY, vids, [out.vid], [r, *ophys, *strd[0], *strd[1]], sub=sub)
     cx.set(out_name, out)
 
 
@@ -116,18 +117,18 @@ def _fold_sum(n: Node, a: Arrays, opset: int) -> List[np.ndarray]:
 
 
 # ---------------------------------------------------------------- unary
-def unary(cx: "Lowering", n: Node, sub: int, fp: Sequence[float] = ()) -> None:
+def unary(cx: "Lowering", n: Node, sub: Any, fp: Sequence[float] = ()) -> None:
     """Emits ``n``'s output = the unary op ``sub`` of its input (parameters ``fp``)."""
     x = cx.get(n.inputs[0])
     out = cx.new_value(x.shape, x.perm)
-    cx.emit(K_UNARY, [x.vid], [out.vid], [x.size], fp, sub=sub)
+    cx.emit(OpKind.UNARY, [x.vid], [out.vid], [x.size], fp, sub=sub)
     cx.set(n.outputs[0], out)
 
 
 @lowers("Relu", "Sqrt", "Reciprocal", "Exp", "Sigmoid", "Tanh", "Neg", "Abs", "Log", "Erf", "HardSwish", "Floor",
         "Ceil")
 def _simple_unary(cx: "Lowering", n: Node) -> None:
-    unary(cx, n, _UNARY[n.op])
+    unary(cx, n, core_kind(UnaryKind, n.op))
 
 
 @lowers("Clip", inputs=(1, 3), attrs={"min": Attr.NUM, "max": Attr.NUM})
@@ -136,17 +137,17 @@ def _clip(cx: "Lowering", n: Node) -> None:
     hi = cx.const_input(n, 2, "Clip max")
     lo_v = float(lo) if lo is not None else float(n.attrs.get("min", -np.inf))
     hi_v = float(hi) if hi is not None else float(n.attrs.get("max", np.inf))
-    unary(cx, n, _UNARY["Clip"], [lo_v, hi_v])
+    unary(cx, n, UnaryKind.CLIP, [lo_v, hi_v])
 
 
 @lowers("LeakyRelu", attrs={"alpha": Attr.NUM})
 def _leaky_relu(cx: "Lowering", n: Node) -> None:
-    unary(cx, n, _UNARY["LeakyRelu"], [float(n.attrs.get("alpha", 0.01))])
+    unary(cx, n, UnaryKind.LEAKY_RELU, [float(n.attrs.get("alpha", 0.01))])
 
 
 @lowers("HardSigmoid", attrs={"alpha": Attr.NUM, "beta": Attr.NUM})
 def _hard_sigmoid(cx: "Lowering", n: Node) -> None:
-    unary(cx, n, _UNARY["HardSigmoid"], [float(n.attrs.get("alpha", 0.2)), float(n.attrs.get("beta", 0.5))])
+    unary(cx, n, UnaryKind.HARD_SIGMOID, [float(n.attrs.get("alpha", 0.2)), float(n.attrs.get("beta", 0.5))])
 
 
 _NP_UNARY = {"Sqrt": np.sqrt, "Neg": np.negative, "Abs": np.abs, "Floor": np.floor, "Ceil": np.ceil, "Exp": np.exp,

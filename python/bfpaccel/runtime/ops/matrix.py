@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any, Dict, Sequence
 import numpy as np
 
 from ... import _core  # type: ignore[attr-defined]
+from ..._core import OpKind  # type: ignore[attr-defined]
 from .._validate import Attr, need, prod
 from ..graph import Node
 from ..values import Value, ident
 from ._common import pads_2d
-from ._kinds import K_CONV
 from ._registry import QUANTIZED, declare, lowers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -142,7 +142,7 @@ def conv_nhwc(cx: "Lowering", n: Node, x: Value, O: int, kh: int, kw: int, group
         if len(n.inputs) > 2 and n.inputs[2]:
             kw_["bias"] = cx.const_vid(_bias(cx, n, O))
         ip = [N, H, W, C, O, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, groups, OH, OW, quant]
-        cx.emit(K_CONV, [xn.vid], [out.vid], ip, **kw_)
+        cx.emit(OpKind.CONV, [xn.vid], [out.vid], ip, **kw_)
         return out
     if "qweight" in n.attrs:
         kw_["w"] = _packed(cx, n, groups, kh * kw)
@@ -154,7 +154,7 @@ def conv_nhwc(cx: "Lowering", n: Node, x: Value, O: int, kh: int, kw: int, group
     if len(n.inputs) > 2 and n.inputs[2]:
         kw_["bias"] = cx.const_vid(_bias(cx, n, O))
     ip = [N, H, W, C, O, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, groups, OH, OW]
-    cx.emit(K_CONV, [xn.vid], [out.vid], ip, **kw_)
+    cx.emit(OpKind.CONV, [xn.vid], [out.vid], ip, **kw_)
     return out
 
 

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, Any, Dict
 
 import numpy as np
 
+from ..._core import OpKind  # type: ignore[attr-defined]
 from .._validate import Attr, need, prod
 from ..graph import Node
 from ..values import Value
-from ._kinds import K_AFFINE
 from ._registry import lowers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,7 +26,7 @@ def affine(cx: "Lowering", x: Value, axis: int, s: np.ndarray, t: np.ndarray, ou
     if s.size != C or t.size != C:
         raise cx.err(f"{s.size} scales / {t.size} shifts for {C} channels")
     out = cx.new_value(x.shape, x.perm)
-    cx.emit(K_AFFINE, [x.vid], [out.vid], [outer, C, inner], list(s) + list(t))
+    cx.emit(OpKind.AFFINE, [x.vid], [out.vid], [outer, C, inner], list(s) + list(t))
     cx.set(out_name, out)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict
 
+from ..._core import OpKind, PoolKind, ReduceKind  # type: ignore[attr-defined]
 from .._validate import Attr, need
 from ..graph import Node
 from ._common import pads_2d
-from ._kinds import _REDUCE, K_POOL
 from ._registry import lowers
 from .reduce import reduce_axes
 
@@ -30,7 +30,7 @@ def _check_pool(n: Node, where: str, consts: Dict[str, Any], fa: Any, fw: Any, o
          f"pads {pads} must be smaller than the kernel {[kh, kw]}")
 
 
-def _pool(cx: "Lowering", n: Node, kind: int) -> None:
+def _pool(cx: "Lowering", n: Node, kind: Any) -> None:
     x = cx.get(n.inputs[0])
     if len(x.shape) != 4:
         raise cx.err(f"only 2-D pooling (NCHW input) is supported, got rank {len(x.shape)}")
@@ -54,7 +54,7 @@ def _pool(cx: "Lowering", n: Node, kind: int) -> None:
     xn = cx.layout(x, (0, 2, 3, 1))
     out = cx.new_value((N, C, OH, OW), (0, 2, 3, 1))
     cip = int(n.attrs.get("count_include_pad", 0))
-    cx.emit(K_POOL, [xn.vid], [out.vid], [N, H, W, C, kh, kw, sh, sw, pt, pl, pb, pr, OH, OW, cip, dh, dw],
+    cx.emit(OpKind.POOL, [xn.vid], [out.vid], [N, H, W, C, kh, kw, sh, sw, pt, pl, pb, pr, OH, OW, cip, dh, dw],
             sub=kind)
     cx.set(n.outputs[0], out)
 
@@ -63,21 +63,21 @@ def _pool(cx: "Lowering", n: Node, kind: int) -> None:
 def _max_pool(cx: "Lowering", n: Node) -> None:
     if len([o for o in n.outputs if o]) > 1:
         raise cx.err("MaxPool's Indices output is not supported")
-    _pool(cx, n, 0)
+    _pool(cx, n, PoolKind.MAX)
 
 
 @lowers("AveragePool", attrs=POOL_ATTRS, check=_check_pool)
 def _average_pool(cx: "Lowering", n: Node) -> None:
-    _pool(cx, n, 1)
+    _pool(cx, n, PoolKind.AVERAGE)
 
 
 @lowers("GlobalAveragePool")
 def _global_average_pool(cx: "Lowering", n: Node) -> None:
     x = cx.get(n.inputs[0])
-    reduce_axes(cx, x, list(range(2, len(x.shape))), True, _REDUCE["ReduceMean"], n.outputs[0])
+    reduce_axes(cx, x, list(range(2, len(x.shape))), True, ReduceKind.MEAN, n.outputs[0])
 
 
 @lowers("GlobalMaxPool")
 def _global_max_pool(cx: "Lowering", n: Node) -> None:
     x = cx.get(n.inputs[0])
-    reduce_axes(cx, x, list(range(2, len(x.shape))), True, _REDUCE["ReduceMax"], n.outputs[0])
+    reduce_axes(cx, x, list(range(2, len(x.shape))), True, ReduceKind.MAX, n.outputs[0])

@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..._core import OpKind, ReduceKind  # type: ignore[attr-defined]
 from .._validate import Attr
 from ..graph import Node
 from ..values import Value, ident
-from ._kinds import _REDUCE, K_REDUCE
+from ._common import core_kind
 from ._registry import folds, lowers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -21,7 +22,7 @@ REDUCE_ATTRS = {"axes": Attr.INTS, "keepdims": Attr.FLAG, "noop_with_empty_axes"
 REDUCE_SCHEMA = dict(inputs=(1, 2), attrs=REDUCE_ATTRS)
 
 
-def reduce_axes(cx: "Lowering", x: Value, axes: Sequence[int], keep: bool, sub: int, out_name: str) -> None:
+def reduce_axes(cx: "Lowering", x: Value, axes: Sequence[int], keep: bool, sub: Any, out_name: str) -> None:
     """Emits the reduction ``sub`` of ``x`` over ``axes`` (all axes when empty)."""
     r = len(x.shape)
     axes = sorted({a % r for a in axes}) if axes else list(range(r))
@@ -44,7 +45,7 @@ def reduce_axes(cx: "Lowering", x: Value, axes: Sequence[int], keep: bool, sub: 
         ren = {a: i for i, a in enumerate(sorted(remaining))}
         perm = tuple(ren[p] for p in remaining)
     out = cx.new_value(shape, perm)
-    cx.emit(K_REDUCE, [x.vid], [out.vid], [outer, R, inner], sub=sub)
+    cx.emit(OpKind.REDUCE, [x.vid], [out.vid], [outer, R, inner], sub=sub)
     cx.set(out_name, out)
 
 
@@ -57,7 +58,7 @@ def axes_of(n: Node, a: Sequence[Optional[np.ndarray]], idx: int) -> Optional[Li
     return None
 
 
-@lowers(*_REDUCE, **REDUCE_SCHEMA)
+@lowers("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceSumSquare", "ReduceL2", **REDUCE_SCHEMA)
 def _reduce(cx: "Lowering", n: Node) -> None:
     x = cx.get(n.inputs[0])
     axes = n.attrs.get("axes")
@@ -67,7 +68,7 @@ def _reduce(cx: "Lowering", n: Node) -> None:
         cx.set(n.outputs[0], x)
         return
     reduce_axes(cx, x, [int(a) for a in axes] if axes else [], bool(int(n.attrs.get("keepdims", 1))),
-                _REDUCE[n.op], n.outputs[0])
+                core_kind(ReduceKind, n.op[len("Reduce"):]), n.outputs[0])
 
 
 _NP_REDUCE: Dict[str, Any] = {"ReduceSum": np.sum, "ReduceMean": np.mean, "ReduceMax": np.max, "ReduceMin": np.min}

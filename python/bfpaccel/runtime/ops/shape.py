@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 
 import numpy as np
 
+from ..._core import OpKind  # type: ignore[attr-defined]
 from .._validate import Attr, need
 from ..graph import Node
 from ..values import Value, compatible, ident, strides
-from ._kinds import K_CONCAT, K_PAD, K_STRIDED
 from ._registry import folds, lowers
 from .reduce import axes_of
 
@@ -237,7 +237,7 @@ def _concat(cx: "Lowering", n: Node) -> None:
     pa = perm.index(axis)
     ph = out.phys
     outer, inner = int(np.prod(ph[:pa])), int(np.prod(ph[pa + 1:]))
-    cx.emit(K_CONCAT, [v.vid for v in vs], [out.vid], [outer, inner, *[v.shape[axis] for v in vs]])
+    cx.emit(OpKind.CONCAT, [v.vid for v in vs], [out.vid], [outer, inner, *[v.shape[axis] for v in vs]])
     cx.set(n.outputs[0], out)
 
 
@@ -275,7 +275,7 @@ def _pad(cx: "Lowering", n: Node) -> None:
     begin, end = pads[:r], pads[r:]
     shape = [x.shape[a] + begin[a] + end[a] for a in range(r)]
     out = cx.new_value(shape, x.perm)
-    cx.emit(K_PAD, [x.vid], [out.vid], [r, *x.phys, *out.phys, *[begin[p] for p in x.perm]], [value])
+    cx.emit(OpKind.PAD, [x.vid], [out.vid], [r, *x.phys, *out.phys, *[begin[p] for p in x.perm]], [value])
     cx.set(n.outputs[0], out)
 
 
@@ -300,7 +300,7 @@ def slice_axes(cx: "Lowering", x: Value, starts: Sequence[int], ends: Sequence[i
         off += st[a] * in_str[i]
         strd.append(in_str[i] * sp[a])
     out = cx.new_value(ln, x.perm)
-    cx.emit(K_STRIDED, [x.vid], [out.vid], [r, off, *out.phys, *strd], label="slice")
+    cx.emit(OpKind.STRIDED, [x.vid], [out.vid], [r, off, *out.phys, *strd], label="slice")
     cx.set(out_name, out)
 
 

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..._core import OpKind  # type: ignore[attr-defined]
 from .._validate import Attr
 from ..graph import Node
 from ..values import ident
-from ._kinds import K_SOFTMAX
 from ._registry import lowers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,5 +32,5 @@ def _softmax(cx: "Lowering", n: Node) -> None:
         x = cx.layout(x, ident(r))
         outer, L, inner = int(np.prod(x.shape[:a])), int(np.prod(x.shape[a:])), 1
     out = cx.new_value(x.shape, x.perm)
-    cx.emit(K_SOFTMAX, [x.vid], [out.vid], [outer, L, inner], sub=log)
+    cx.emit(OpKind.SOFTMAX, [x.vid], [out.vid], [outer, L, inner], sub=log)
     cx.set(n.outputs[0], out)

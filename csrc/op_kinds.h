@@ -1,0 +1,48 @@
+// The program's op kinds and sub-op kinds, declared once. Each list gives the C++ enumerator
+// and its Python name; the enums below are made from the lists, and bindings.cpp exposes the
+// same lists to Python (_core.OpKind, _core.UnaryKind, ...), so no number is written twice.
+// New entries go at the end of a list (numbers stay stable within a build; nothing stores them).
+#pragma once
+
+// op kinds: each has a validator and an executor in csrc/ops/ (BFP_REGISTER_OP)
+#define BFP_OP_KINDS(X)                                                                      \
+    X(kOpConv, CONV)       /* NHWC conv / dense on the BFP core (or fp32), fused epilogue */ \
+    X(kOpBinary, BINARY)   /* broadcasting elementwise */                                    \
+    X(kOpUnary, UNARY)     /* elementwise functions */                                       \
+    X(kOpAffine, AFFINE)   /* per-channel x * s + t (batch-norm not folded) */               \
+    X(kOpPool, POOL)       /* NHWC max / average pooling */                                  \
+    X(kOpReduce, REDUCE)   /* (outer, R, inner) -> (outer, inner) */                         \
+    X(kOpSoftmax, SOFTMAX) /* (outer, L, inner) along L */                                   \
+    X(kOpConcat, CONCAT)   /* (outer, L_i, inner) -> (outer, sum L_i, inner) */              \
+    X(kOpStrided, STRIDED) /* out[idx] = in[off + sum idx_a * stride_a] (transpose, slice) */ \
+    X(kOpPad, PAD)         /* constant padding */                                            \
+    X(kOpCopy, COPY)
+
+#define BFP_BINARY_KINDS(X) X(kAdd, ADD) X(kSub, SUB) X(kMul, MUL) X(kDiv, DIV) X(kMax, MAX) X(kMin, MIN) X(kPow, POW)
+
+#define BFP_UNARY_KINDS(X)                                                                                      \
+    X(kRelu, RELU) X(kClip, CLIP) X(kSqrt, SQRT) X(kRecip, RECIPROCAL) X(kExp, EXP) X(kSigmoid, SIGMOID)        \
+    X(kTanh, TANH) X(kNeg, NEG) X(kAbs, ABS) X(kLeakyRelu, LEAKY_RELU) X(kIdentity, IDENTITY) X(kLog, LOG)      \
+    X(kErf, ERF) X(kHardSigmoid, HARD_SIGMOID) X(kHardSwish, HARD_SWISH) X(kSwish, SWISH) X(kRsqrt, RSQRT)     \
+    X(kFloor, FLOOR) X(kCeil, CEIL)
+
+#define BFP_POOL_KINDS(X) X(kPoolMax, MAX) X(kPoolAvg, AVERAGE)
+
+#define BFP_REDUCE_KINDS(X) \
+    X(kRedSum, SUM) X(kRedMean, MEAN) X(kRedMax, MAX) X(kRedMin, MIN) X(kRedSumSquare, SUM_SQUARE) X(kRedL2, L2)
+
+// vector precision (docs/numerics.md#vector-unit): every vector op rounds its result (RNE, IEEE overflow)
+#define BFP_VEC_PRECS(X) X(kVecFp32, FP32) X(kVecFp16, FP16) X(kVecBf16, BF16)
+
+namespace bfp {
+
+#define BFP_ENUMERATOR(k, py) k,
+enum OpKind : int { BFP_OP_KINDS(BFP_ENUMERATOR) kOpCount };
+enum BinaryKind : int { BFP_BINARY_KINDS(BFP_ENUMERATOR) kBinaryCount };
+enum UnaryKind : int { BFP_UNARY_KINDS(BFP_ENUMERATOR) kUnaryCount };
+enum PoolKind : int { BFP_POOL_KINDS(BFP_ENUMERATOR) kPoolCount };
+enum ReduceKind : int { BFP_REDUCE_KINDS(BFP_ENUMERATOR) kReduceCount };
+enum VecPrec : int { BFP_VEC_PRECS(BFP_ENUMERATOR) kVecCount };
+#undef BFP_ENUMERATOR
+
+}  // namespace bfp
