@@ -1,4 +1,6 @@
-// The one bindings file: numpy arrays and plain integers in, kernels called with the GIL released.
+// The one bindings file: numpy arrays and named parameter structs in, kernels called with the
+// GIL released. The structs (FmtParams, ConvGeometry, the ops' *Params) and enums are bound
+// from their declarations' field and value lists (op_params.h, op_kinds.h).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -8,6 +10,7 @@
 #include <memory>
 #include <optional>
 #include <stdexcept>
+#include <string>
 
 #include "ops.h"
 #include "runtime.h"
@@ -21,24 +24,77 @@ using f32arr = py::array_t<float, py::array::c_style>;
 using i8arr = py::array_t<int8_t, py::array::c_style>;
 using i16arr = py::array_t<int16_t, py::array::c_style>;
 
-FmtParams to_params(const py::tuple& t) {
-    if (t.size() != 12) throw std::invalid_argument("format parameters must be a 12-tuple (Format.kernel_params())");
-    FmtParams f;
-    f.block = t[0].cast<int>();
-    f.kind = t[1].cast<int>();
-    f.mbits = t[2].cast<int>();
-    f.ebits = t[3].cast<int>();
-    f.bias = t[4].cast<int>();
-    f.specials = t[5].cast<int>();
-    f.unit_shift = t[6].cast<int>();
-    f.max_units = t[7].cast<int64_t>();
-    f.exp_min = t[8].cast<int>();
-    f.exp_max = t[9].cast<int>();
-    f.emax_elem = t[10].cast<int>();
-    f.rounding = t[11].cast<int>();
+// The fields of bfp::FmtParams (bfp.h), in the order of formats.Format.kernel_params().
+#define BFP_FIELDS_FmtParams(F)                                                                         \
+    F(int, block, "elements per block") F(int, kind, "element kind: ElemKind.INT or ElemKind.FP")     \
+    F(int, mbits, "p of int(p), m of fp(e, m)") F(int, ebits, "e of fp(e, m)")                        \
+    F(int, bias, "element exponent bias (fp)") F(int, specials, "0 none, 1 NaN only (E4M3), 2 Inf + NaN (E5M2)") \
+    F(int, unit_shift, "value = units * 2^(E - unit_shift)") F(int64_t, max_units, "largest |units|")  \
+    F(int, exp_min, "smallest shared exponent") F(int, exp_max, "largest shared exponent")            \
+    F(int, emax_elem, "largest element exponent") F(int, rounding, "a Rounding")
+
+// A format's parameters as every kernel entry point takes them: checked once here.
+const FmtParams& checked(const FmtParams& f) {
     if (f.block < 1 || f.block > 4096) throw std::invalid_argument("block must be in [1, 4096]");
+    if (f.kind != kInt && f.kind != kFp) throw std::invalid_argument("element kind must be ElemKind.INT or FP");
+    if (f.rounding < kNearestEven || f.rounding > kStochastic) throw std::invalid_argument("unknown rounding");
+    if (f.specials < 0 || f.specials > 2) throw std::invalid_argument("specials must be 0, 1 or 2");
     return f;
 }
+
+// the positional form (formats.Format.kernel_params()), accepted wherever FmtParams is; its
+// values are checked where it is used (ValueError)
+FmtParams from_tuple(const py::tuple& t) {
+    if (t.size() != 12) throw std::invalid_argument("format parameters must be a 12-tuple (Format.kernel_params())");
+    FmtParams f{};
+    int i = 0;
+#define BFP_FROM_TUPLE(type, name, doc) f.name = t[size_t(i++)].cast<type>();
+    BFP_FIELDS_FmtParams(BFP_FROM_TUPLE)
+#undef BFP_FROM_TUPLE
+    return f;
+}
+
+// One field of a struct set from a Python value: a TypeError naming the field when it does not fit.
+template <class T>
+void set_field(T& dst, py::handle v, const char* cls, const char* name) {
+    try {
+        dst = v.cast<T>();
+    } catch (const py::cast_error&) {
+        throw py::type_error(std::string(cls) + "." + name + ": cannot take " + std::string(py::repr(v)));
+    }
+}
+
+// Binds a struct made from a field list: an attribute per field, keyword-only construction
+// (unknown names are a TypeError), a readable repr.
+#define BFP_PY_FIELD(type, name, doc) c.def_readwrite(#name, &Self::name, doc);
+#define BFP_PY_SET(type, name, doc) \
+    if (k == #name) { set_field(t.name, item.second, cls, #name); continue; }
+#define BFP_PY_REPR(type, name, doc) \
+    r += std::string(sep) + #name "=" + std::string(py::repr(py::cast(t.name))); sep = ", ";
+#define BFP_BIND_STRUCT(S, DOC)                                                                    \
+    [&]() {                                                                                        \
+        using Self = S;                                                                            \
+        py::class_<S> c(m, #S, DOC);                                                               \
+        BFP_FIELDS_##S(BFP_PY_FIELD)                                                               \
+        c.def(py::init([](const py::kwargs& kw) {                                                  \
+                  const char* cls = #S;                                                            \
+                  S t{};                                                                           \
+                  for (auto item : kw) {                                                           \
+                      const std::string k = py::str(item.first);                                   \
+                      BFP_FIELDS_##S(BFP_PY_SET)                                                   \
+                      throw py::type_error(std::string(cls) + ": unknown field '" + k + "'");      \
+                  }                                                                                \
+                  return t;                                                                        \
+              }),                                                                                  \
+              "Keyword arguments set the fields of the same names; the others are zero.");       \
+        c.def("__repr__", [](const S& t) {                                                         \
+            std::string r = #S "(";                                                                \
+            const char* sep = "";                                                                  \
+            BFP_FIELDS_##S(BFP_PY_REPR)                                                            \
+            return r + ")";                                                                        \
+        });                                                                                        \
+        return c;                                                                                  \
+    }()
 
 void check3(const py::array& a, const char* what, int64_t d0, int64_t d1, int64_t d2) {
     if (a.ndim() != 3 || a.shape(0) != d0 || a.shape(1) != d1 || a.shape(2) != d2)
@@ -52,14 +108,36 @@ PYBIND11_MODULE(_core, m) {
 
     // the program's op kinds and sub-op kinds (op_kinds.h): Python reads their numbers from here
 #define BFP_PY_VALUE(k, py) .value(#py, k)
+#define BFP_PY_OP_VALUE(k, py, params) .value(#py, k)
     py::enum_<OpKind>(m, "OpKind", py::arithmetic(), "Kinds of program ops (one executor each)")
-        BFP_OP_KINDS(BFP_PY_VALUE);
-    py::enum_<BinaryKind>(m, "BinaryKind", py::arithmetic(), "Broadcasting elementwise ops") BFP_BINARY_KINDS(BFP_PY_VALUE);
+        BFP_OP_KINDS(BFP_PY_OP_VALUE);
+#undef BFP_PY_OP_VALUE
+    py::enum_<BinaryKind>(m, "BinaryKind", py::arithmetic(), "Broadcasting elementwise ops")
+        BFP_BINARY_KINDS(BFP_PY_VALUE);
     py::enum_<UnaryKind>(m, "UnaryKind", py::arithmetic(), "Elementwise functions") BFP_UNARY_KINDS(BFP_PY_VALUE);
     py::enum_<PoolKind>(m, "PoolKind", py::arithmetic(), "2-D pooling") BFP_POOL_KINDS(BFP_PY_VALUE);
     py::enum_<ReduceKind>(m, "ReduceKind", py::arithmetic(), "Reductions") BFP_REDUCE_KINDS(BFP_PY_VALUE);
-    py::enum_<VecPrec>(m, "VecPrec", py::arithmetic(), "Vector precisions (docs/numerics.md#vector-unit)") BFP_VEC_PRECS(BFP_PY_VALUE);
+    py::enum_<VecPrec>(m, "VecPrec", py::arithmetic(), "Vector precisions (docs/numerics.md#vector-unit)")
+        BFP_VEC_PRECS(BFP_PY_VALUE);
+    py::enum_<Activation>(m, "Activation", py::arithmetic(), "A conv's fused activation") BFP_ACTIVATIONS(BFP_PY_VALUE);
 #undef BFP_PY_VALUE
+    py::enum_<ElemKind>(m, "ElemKind", py::arithmetic(), "Block element kinds").value("INT", kInt).value("FP", kFp);
+    py::enum_<Rounding>(m, "Rounding", py::arithmetic(), "Rounding modes (formats.ROUNDING_MODES)")
+        .value("NEAREST_EVEN", kNearestEven)
+        .value("NEAREST_AWAY", kNearestAway)
+        .value("TOWARD_ZERO", kTowardZero)
+        .value("STOCHASTIC", kStochastic);
+
+    // typed parameters (op_params.h): a block format, a conv / pool window, each op kind's
+    BFP_BIND_STRUCT(FmtParams, "A block format's parameters, as the kernels take them (see formats.Format)")
+        .def(py::init(&from_tuple), py::arg("kernel_params"), "From the 12-tuple of Format.kernel_params()");
+    py::implicitly_convertible<py::tuple, FmtParams>();
+    BFP_BIND_STRUCT(ConvGeometry, "A 2-D window over NHWC data: a convolution's geometry or a pooling window");
+#define BFP_PY_PARAMS(k, pyname, P)                                                                    \
+    BFP_BIND_STRUCT(P, "Parameters of an OpKind." #pyname " op")                                       \
+        .def_property_readonly_static("kind", [](py::object) { return k; }, "the op kind these parameters make");
+    BFP_OP_KINDS(BFP_PY_PARAMS)
+#undef BFP_PY_PARAMS
 
     m.def("set_num_threads", &set_num_threads, py::arg("n"));
     m.def("get_num_threads", &num_threads);
@@ -102,8 +180,8 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "quantize",
-        [](f32arr x, py::tuple params, uint64_t seed, i8arr codes, i16arr exps) {
-            const FmtParams f = to_params(params);
+        [](f32arr x, const FmtParams& params, uint64_t seed, i8arr codes, i16arr exps) {
+            const FmtParams& f = checked(params);
             const int64_t o = x.shape(0), K = x.shape(1), in = x.shape(2);
             check3(codes, "codes", o, K, in);
             check3(exps, "exponents", o, (K + f.block - 1) / f.block, in);
@@ -117,8 +195,8 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "fake_quantize",
-        [](f32arr x, py::tuple params, uint64_t seed, f32arr out) {
-            const FmtParams f = to_params(params);
+        [](f32arr x, const FmtParams& params, uint64_t seed, f32arr out) {
+            const FmtParams& f = checked(params);
             const int64_t o = x.shape(0), K = x.shape(1), in = x.shape(2);
             check3(out, "out", o, K, in);
             const float* px = x.data();
@@ -130,8 +208,8 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "dequantize",
-        [](i8arr codes, i16arr exps, py::tuple params, f32arr out) {
-            const FmtParams f = to_params(params);
+        [](i8arr codes, i16arr exps, const FmtParams& params, f32arr out) {
+            const FmtParams& f = checked(params);
             const int64_t o = codes.shape(0), K = codes.shape(1), in = codes.shape(2);
             check3(exps, "exponents", o, (K + f.block - 1) / f.block, in);
             check3(out, "out", o, K, in);
@@ -152,8 +230,8 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "pack_operand",
-        [](i8arr codes, i16arr exps, py::tuple params, const std::string& role, int taps, int groups) {
-            const FmtParams f = to_params(params);
+        [](i8arr codes, i16arr exps, const FmtParams& params, const std::string& role, int taps, int groups) {
+            const FmtParams& f = checked(params);
             std::vector<int64_t> shape(codes.shape(), codes.shape() + codes.ndim());
             const size_t want = role == "convw" ? 4 : 2;
             if (shape.size() != want) throw std::invalid_argument("operand has the wrong rank for role " + role);
@@ -178,8 +256,8 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "quantize_rows",
-        [](f32arr x, py::tuple params, uint64_t seed) {
-            const FmtParams f = to_params(params);
+        [](f32arr x, const FmtParams& params, uint64_t seed) {
+            const FmtParams& f = checked(params);
             if (x.ndim() != 2) throw std::invalid_argument("x must be 2-D");
             const float* px = x.data();
             const int64_t R = x.shape(0), K = x.shape(1);
@@ -205,11 +283,11 @@ PYBIND11_MODULE(_core, m) {
 
     m.def(
         "conv2d",
-        [](f32arr x, py::tuple params, uint64_t seed, Operand& w, int groups, std::pair<int, int> stride,
+        [](f32arr x, const FmtParams& params, uint64_t seed, Operand& w, int groups, std::pair<int, int> stride,
            std::tuple<int, int, int, int> pads, std::pair<int, int> dil, std::optional<f32arr> bias) {
             if (w.role != "convw") throw std::invalid_argument("conv2d takes a convw operand");
             if (w.groups != groups) throw std::invalid_argument("the weight was packed for other groups");
-            const FmtParams fx = to_params(params);
+            const FmtParams& fx = checked(params);
             if (x.ndim() != 4) throw std::invalid_argument("x must be NCHW");
             ConvGeom g{};
             g.N = x.shape(0);
@@ -254,11 +332,11 @@ PYBIND11_MODULE(_core, m) {
     }, py::arg("x"), py::arg("vector_precision"));
 
     py::class_<Program, std::shared_ptr<Program>>(m, "Program", "A lowered plan: ops over planned buffers")
-        .def(py::init([](int vp, std::optional<py::tuple> params, uint64_t seed) {
+        .def(py::init([](int vp, std::optional<FmtParams> params, uint64_t seed) {
                  if (vp < 0 || vp >= kVecCount)
                      throw std::invalid_argument("unknown vector precision " + std::to_string(vp));
                  FmtParams f{};
-                 if (params) f = to_params(*params);
+                 if (params) f = checked(*params);
                  return std::make_shared<Program>(vp, bool(params), f, seed);
              }),
              py::arg("vector_precision"), py::arg("params"), py::arg("seed") = 0)
@@ -267,28 +345,24 @@ PYBIND11_MODULE(_core, m) {
         .def("alias", &Program::alias, py::arg("id"))
         .def(
             "add_op",
-            [](Program& p, int kind, int sub, std::vector<int> in, std::vector<int> out, std::vector<int64_t> ip,
-               std::vector<float> fp, std::shared_ptr<Operand> w, int wf, int bias, int res, int act,
-               std::string name) {
+            [](Program& p, OpParams params, std::vector<int> in, std::vector<int> out, std::shared_ptr<Operand> w,
+               int wf, int bias, int res, std::string name) {
                 if (w && w->role != "convw") throw std::invalid_argument("conv weights must be a convw operand");
                 Op op;
-                op.kind = kind;
-                op.sub = sub;
+                op.params = std::move(params);
                 op.in = std::move(in);
                 op.out = std::move(out);
-                op.ip = std::move(ip);
-                op.fp = std::move(fp);
                 op.w = std::move(w);
                 op.wf = wf;
                 op.bias = bias;
                 op.res = res;
-                op.act = act;
                 op.name = std::move(name);
                 p.add_op(std::move(op));
             },
-            py::arg("kind"), py::arg("sub"), py::arg("inputs"), py::arg("outputs"), py::arg("ip"), py::arg("fp"),
-            py::arg("w") = nullptr, py::arg("wf") = -1, py::arg("bias") = -1, py::arg("res") = -1, py::arg("act") = 0,
-            py::arg("name") = "")
+            py::arg("params"), py::arg("inputs"), py::arg("outputs"), py::arg("w") = nullptr, py::arg("wf") = -1,
+            py::arg("bias") = -1, py::arg("res") = -1, py::arg("name") = "",
+            "Appends an op: its kind is its parameters' type (ConvParams, UnaryParams, ...); every size it will "
+            "touch is checked against the buffers here (ValueError)")
         .def("size", &Program::size, py::arg("id"))
         .def_property_readonly("num_ops", &Program::num_ops)
         .def_property_readonly("op_names", &Program::op_names)

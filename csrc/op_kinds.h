@@ -4,19 +4,20 @@
 // New entries go at the end of a list (numbers stay stable within a build; nothing stores them).
 #pragma once
 
-// op kinds: each has a validator and an executor in csrc/ops/ (BFP_REGISTER_OP)
-#define BFP_OP_KINDS(X)                                                                      \
-    X(kOpConv, CONV)       /* NHWC conv / dense on the BFP core (or fp32), fused epilogue */ \
-    X(kOpBinary, BINARY)   /* broadcasting elementwise */                                    \
-    X(kOpUnary, UNARY)     /* elementwise functions */                                       \
-    X(kOpAffine, AFFINE)   /* per-channel x * s + t (batch-norm not folded) */               \
-    X(kOpPool, POOL)       /* NHWC max / average pooling */                                  \
-    X(kOpReduce, REDUCE)   /* (outer, R, inner) -> (outer, inner) */                         \
-    X(kOpSoftmax, SOFTMAX) /* (outer, L, inner) along L */                                   \
-    X(kOpConcat, CONCAT)   /* (outer, L_i, inner) -> (outer, sum L_i, inner) */              \
-    X(kOpStrided, STRIDED) /* out[idx] = in[off + sum idx_a * stride_a] (transpose, slice) */ \
-    X(kOpPad, PAD)         /* constant padding */                                            \
-    X(kOpCopy, COPY)
+// op kinds: each has its parameter struct (op_params.h) and a validator and an executor in
+// csrc/ops/ (BFP_REGISTER_OP)
+#define BFP_OP_KINDS(X)                                                                                      \
+    X(kOpConv, CONV, ConvParams)       /* NHWC conv / dense on the BFP core (or fp32), fused epilogue */     \
+    X(kOpBinary, BINARY, BinaryParams) /* broadcasting elementwise */                                        \
+    X(kOpUnary, UNARY, UnaryParams)    /* elementwise functions */                                           \
+    X(kOpAffine, AFFINE, AffineParams) /* per-channel x * s + t (batch-norm not folded) */                   \
+    X(kOpPool, POOL, PoolParams)       /* NHWC max / average pooling */                                      \
+    X(kOpReduce, REDUCE, ReduceParams) /* (outer, R, inner) -> (outer, inner) */                             \
+    X(kOpSoftmax, SOFTMAX, SoftmaxParams) /* (outer, L, inner) along L */                                    \
+    X(kOpConcat, CONCAT, ConcatParams) /* (outer, L_i, inner) -> (outer, sum L_i, inner) */                  \
+    X(kOpStrided, STRIDED, StridedParams) /* out[idx] = in[off + sum idx_a * stride_a] (transpose, slice) */ \
+    X(kOpPad, PAD, PadParams)          /* constant padding */                                                \
+    X(kOpCopy, COPY, CopyParams)
 
 #define BFP_BINARY_KINDS(X) X(kAdd, ADD) X(kSub, SUB) X(kMul, MUL) X(kDiv, DIV) X(kMax, MAX) X(kMin, MIN) X(kPow, POW)
 
@@ -34,15 +35,21 @@
 // vector precision (docs/numerics.md#vector-unit): every vector op rounds its result (RNE, IEEE overflow)
 #define BFP_VEC_PRECS(X) X(kVecFp32, FP32) X(kVecFp16, FP16) X(kVecBf16, BF16)
 
+// a conv's fused activation (VecEpilogue::act)
+#define BFP_ACTIVATIONS(X) X(kActNone, NONE) X(kActRelu, RELU) X(kActClip, CLIP)
+
 namespace bfp {
 
 #define BFP_ENUMERATOR(k, py) k,
-enum OpKind : int { BFP_OP_KINDS(BFP_ENUMERATOR) kOpCount };
+#define BFP_OP_ENUMERATOR(k, py, params) k,
+enum OpKind : int { BFP_OP_KINDS(BFP_OP_ENUMERATOR) kOpCount };
+#undef BFP_OP_ENUMERATOR
 enum BinaryKind : int { BFP_BINARY_KINDS(BFP_ENUMERATOR) kBinaryCount };
 enum UnaryKind : int { BFP_UNARY_KINDS(BFP_ENUMERATOR) kUnaryCount };
 enum PoolKind : int { BFP_POOL_KINDS(BFP_ENUMERATOR) kPoolCount };
 enum ReduceKind : int { BFP_REDUCE_KINDS(BFP_ENUMERATOR) kReduceCount };
 enum VecPrec : int { BFP_VEC_PRECS(BFP_ENUMERATOR) kVecCount };
+enum Activation : int { BFP_ACTIVATIONS(BFP_ENUMERATOR) kActCount };
 #undef BFP_ENUMERATOR
 
 }  // namespace bfp

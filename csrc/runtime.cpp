@@ -41,7 +41,8 @@ Table& table() {
 bool register_op(int kind, OpImpl impl) {
     if (kind < 0 || kind >= kOpCount) throw std::logic_error("register_op: op kind out of range");
     Table& t = table();
-    if (t.set[size_t(kind)]) throw std::logic_error("register_op: op kind " + std::to_string(kind) + " registered twice");
+    if (t.set[size_t(kind)])
+        throw std::logic_error("register_op: op kind " + std::to_string(kind) + " registered twice");
     if (!impl.validate || !impl.exec) throw std::logic_error("register_op: an op needs a validator and an executor");
     t.impl[size_t(kind)] = impl;
     t.set[size_t(kind)] = true;
@@ -57,9 +58,9 @@ const OpImpl* find_op(int kind) {
 // ---------------------------------------------------------------- checks
 void OpCheck::fail(const std::string& m) const { throw std::invalid_argument(where_ + m); }
 
-void OpCheck::need_ip(size_t n) const {
-    if (op_.ip.size() < n)
-        fail("expects " + std::to_string(n) + " integer parameters, got " + std::to_string(op_.ip.size()));
+void OpCheck::entries(size_t got, size_t want, const char* what) const {
+    if (got != want)
+        fail(std::string(what) + " has " + std::to_string(got) + " entries, needs " + std::to_string(want));
 }
 
 void OpCheck::ins(size_t n) const {
@@ -81,17 +82,25 @@ int64_t OpCheck::prod(const int64_t* d, int n) const {
 
 void OpCheck::fits(int id, int64_t n, const char* what) const {
     if (id < 0) fail(std::string("missing ") + what);
+    if (n < 0) fail("negative size");
     if (p_.size(id) < n)
-        fail(std::string(what) + " buffer holds " + std::to_string(p_.size(id)) + " floats, needs " + std::to_string(n));
+        fail(std::string(what) + " buffer holds " + std::to_string(p_.size(id)) + " floats, needs " +
+             std::to_string(n));
 }
 
 void OpCheck::pos(int64_t v, const char* what) const {
     if (v < 1) fail(std::string(what) + " must be >= 1");
 }
 
-int OpCheck::rank(int64_t r) const {
-    if (r < 0 || r > 64) fail("rank out of range");
+int OpCheck::rank(size_t r) const {
+    if (r > 64) fail("rank out of range");
     return int(r);
+}
+
+void OpCheck::range(int64_t v, int64_t lo, int64_t hi, const char* what) const {
+    if (v < lo || v > hi)
+        fail(std::string(what) + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " +
+             std::to_string(v));
 }
 
 // ---------------------------------------------------------------- program
@@ -124,11 +133,10 @@ void Program::add_op(Op op) {
     check(op.bias);
     check(op.res);
     check(op.wf);
-    if (op.kind == kOpConv && !op.w && op.wf < 0) throw std::invalid_argument("conv without weights");
-    if (op.kind == kOpConv && op.w && !has_fmt_) throw std::invalid_argument("BFP conv in a program without format");
-    const OpImpl* impl = find_op(op.kind);
     OpCheck c(*this, op);
-    if (!impl) c.fail("unknown op kind " + std::to_string(op.kind));
+    if (op.kind() < 0) c.fail("has no parameters");
+    const OpImpl* impl = find_op(op.kind());
+    if (!impl) c.fail("unknown op kind " + std::to_string(op.kind()));
     impl->validate(*this, op, c);
     ops_.push_back(std::move(op));
     impls_.push_back(impl);

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "op_kinds.h"
+#include "op_params.h"
 #include "ops.h"
 
 namespace bfp {
@@ -24,16 +25,16 @@ float round_bf16(float x);
 void round_vec(float* x, int64_t n, int vp);
 
 struct Op {
-    int kind = 0;
-    int sub = 0;                 // BinaryKind / UnaryKind / PoolKind / ReduceKind / log-softmax
+    OpParams params;             // the kind's parameters (op_params.h): their type names the kind
     std::vector<int> in, out;    // buffer ids
-    std::vector<int64_t> ip;     // integer parameters (shapes, strides, ...)
-    std::vector<float> fp;       // float parameters
     std::shared_ptr<Operand> w;  // conv: BFP weights (packed once)
-    int wf = -1;                 // conv (fp32 format): constant buffer of weights [G][taps][Cg][Og]
+    int wf = -1;                 // conv: constant buffer of fp32 weights [G][taps][Cg][Og] (depthwise [taps][C])
     int bias = -1, res = -1;     // conv: bias constant, residual input buffer
-    int act = 0;                 // conv epilogue: 0 none, 1 relu, 2 clip(fp[0], fp[1])
     std::string name;            // the ONNX node, for errors and profiles
+
+    int kind() const { return int(params.index()) - 1; }  // an OpKind; -1: no parameters
+    template <class P>
+    const P& get() const { return std::get<P>(params); }  // the parameters of an op of kind P::kind
 };
 
 class Program;
@@ -43,13 +44,14 @@ class OpCheck {
   public:
     OpCheck(const Program& p, const Op& op) : p_(p), op_(op), where_("op " + op.name + ": ") {}
     [[noreturn]] void fail(const std::string& m) const;
-    void need_ip(size_t n) const;                          // at least n integer parameters
+    void entries(size_t got, size_t want, const char* what) const;  // a list of `want` entries
     void ins(size_t n) const;                              // at least n inputs and one output
     int64_t mul(int64_t a, int64_t b) const;               // a * b, both >= 0, no overflow
     int64_t prod(const int64_t* d, int n) const;           // product of n sizes
     void fits(int id, int64_t n, const char* what) const;  // buffer id exists and holds n floats
     void pos(int64_t v, const char* what) const;           // v >= 1
-    int rank(int64_t r) const;                             // 0 <= r <= 64
+    int rank(size_t r) const;                              // r <= 64
+    void range(int64_t v, int64_t lo, int64_t hi, const char* what) const;  // lo <= v <= hi
 
   private:
     const Program& p_;
@@ -57,8 +59,12 @@ class OpCheck {
     std::string where_;
 };
 
+// A conv's or pool's window (ops/conv.cpp): sizes, kernel, strides, dilations and padding in range.
+void check_window(const ConvGeometry& g, OpCheck& c);
+
 // One op kind's implementation (csrc/ops/*.cpp): validate throws for any op whose parameters
-// or buffers do not fit (run once, when the op is added); exec runs it.
+// or buffers do not fit (run once, when the op is added); exec runs it. Both get ops whose
+// parameters are the kind's struct (Op::get<...Params>()).
 struct OpImpl {
     void (*validate)(const Program& p, const Op& op, OpCheck& c);
     void (*exec)(Program& p, const Op& op);
@@ -88,7 +94,8 @@ class Program {
     std::vector<double> last_gemm_times() const { return gemm_times_; }  // the integer kernel's share of each op
     std::vector<int> op_kinds() const {
         std::vector<int> v;
-        for (const Op& o : ops_) v.push_back(o.kind == kOpConv && o.sub == 1 ? -1 : o.kind);  // -1: depthwise conv
+        for (const Op& o : ops_)  // -1: depthwise conv
+            v.push_back(o.kind() == kOpConv && o.get<ConvParams>().depthwise ? -1 : o.kind());
         return v;
     }
     std::vector<std::string> op_names() const;

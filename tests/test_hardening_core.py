@@ -103,26 +103,91 @@ def _program():
     return p, p.add_buffer(16), p.add_buffer(16)
 
 
-@pytest.mark.parametrize("kind,ip", [
-    (10, [17]),                              # copy: 17 floats from a 16-float buffer
-    (2, [1000]),                             # unary past the end
-    (1, [1, 16, 2, 1]),                      # binary: operand a read with stride 2
-    (8, [1, 1, 16, 1]),                      # strided: offset 1 + 15 > 15
-    (8, [1, -1, 4, 1]),                      # strided: reads before the input
-    (8, [2, 0, 4, 4, 1, -8]),                # strided: negative stride walks off the front
-    (3, [1, 16, 1]),                         # affine without scale/shift
-    (5, [1, 17, 1]),                         # reduce past the end
-    (6, [2, 16, 1]),                         # softmax past the end
-    (9, [1, 16, 32, 0]),                     # pad: output larger than its buffer
-    (1, [2**40, 2**40]),                     # rank out of range
-    (4, [1, 4, 4, 1, 0, 1, 1, 1, 0, 0, 0, 0, 4, 4, 0, 1, 1]),  # pool with a zero window
-    (99, [0]),                               # unknown kind
+def _window(**kw):
+    g = dict(batch=1, channels=1, height=4, width=4, out_channels=1, kernel_h=1, kernel_w=1, stride_h=1, stride_w=1,
+             dilation_h=1, dilation_w=1, groups=1, out_h=4, out_w=4)
+    g.update(kw)
+    return _core.ConvGeometry(**g)
+
+
+U, B = _core.UnaryKind, _core.BinaryKind
+
+
+@pytest.mark.parametrize("params", [
+    _core.CopyParams(count=17),                                                  # copy: 17 floats from 16
+    _core.CopyParams(count=-1),                                                  # copy: a negative size
+    _core.UnaryParams(op=U.RELU, count=1000),                                    # unary past the end
+    _core.UnaryParams(op=U(99), count=4),                                        # an unknown function
+    _core.BinaryParams(op=B.ADD, shape=[16], a_strides=[2], b_strides=[1]),      # operand a read with stride 2
+    _core.BinaryParams(op=B.ADD, shape=[4, 4], a_strides=[4], b_strides=[4, 1]),  # strides for one axis of two
+    _core.BinaryParams(op=B(7), shape=[4], a_strides=[1], b_strides=[1]),        # an unknown binary op
+    _core.BinaryParams(op=B.ADD, shape=[1] * 65, a_strides=[0] * 65, b_strides=[0] * 65),  # rank out of range
+    _core.StridedParams(offset=1, shape=[16], strides=[1]),                      # offset 1 + 15 > 15
+    _core.StridedParams(offset=-1, shape=[4], strides=[1]),                      # reads before the input
+    _core.StridedParams(offset=0, shape=[4, 4], strides=[1, -8]),                # negative stride off the front
+    _core.StridedParams(offset=2**62, shape=[1], strides=[1]),                   # offset out of range
+    _core.AffineParams(outer=1, channels=16, inner=1),                           # affine without scale/shift
+    _core.AffineParams(outer=1, channels=16, inner=1, scale=[1.0] * 16, shift=[0.0] * 15),
+    _core.ReduceParams(op=_core.ReduceKind.SUM, outer=1, length=17, inner=1),    # reduce past the end
+    _core.SoftmaxParams(outer=2, length=16, inner=1),                            # softmax past the end
+    _core.ConcatParams(outer=1, inner=1, lengths=[16, 1]),                       # a length per input, not more
+    _core.ConcatParams(outer=1, inner=2, lengths=[16]),                          # concat past the end
+    _core.PadParams(in_shape=[16], out_shape=[32], begin=[0]),                   # output larger than its buffer
+    _core.PadParams(in_shape=[4, 4], out_shape=[4, 4], begin=[0]),               # begin for one axis of two
+    _core.PadParams(in_shape=[4], out_shape=[4], begin=[-2**62]),                # begin out of range
+    _core.PoolParams(op=_core.PoolKind.MAX, window=_window(kernel_h=0)),         # pool with a zero window
+    _core.PoolParams(op=_core.PoolKind.MAX, window=_window(stride_w=2**40)),     # stride beyond int
+    _core.PoolParams(op=_core.PoolKind.AVERAGE, window=_window(out_h=5)),        # output past the end
+    _core.PoolParams(op=_core.PoolKind(5), window=_window()),                    # an unknown pool kind
+    None,                                                                        # no parameters: no kind
 ])
-def test_program_validates_op_sizes(kind, ip):
+def test_program_validates_op_sizes(params):
     p, a, b = _program()
-    ins = [a, a] if kind == 1 else [a]
+    ins = [a, a] if isinstance(params, _core.BinaryParams) else [a]
     with pytest.raises(ValueError):
-        p.add_op(kind, 0, ins, [b], ip, [], name="forged")
+        p.add_op(params, ins, [b], name="forged")
+
+
+def test_program_takes_typed_parameters_only():
+    p, a, b = _program()
+    p.add_op(_core.UnaryParams(op=U.CLIP, count=16, lo=-1.0, hi=1.0), [a], [b], name="ok")
+    with pytest.raises(TypeError):
+        p.add_op([16], [a], [b], name="positional")  # the old integer lists are gone
+    with pytest.raises(TypeError, match="unknown field"):
+        _core.UnaryParams(op=U.RELU, n=16)
+    with pytest.raises(TypeError, match="UnaryParams.count"):
+        _core.UnaryParams(op=U.RELU, count="16")
+    with pytest.raises(TypeError, match="UnaryParams.op"):
+        _core.UnaryParams(op=0, count=16)  # sub-ops are the core's enums, not numbers
+    assert _core.UnaryParams.kind == _core.OpKind.UNARY and p.num_ops == 1
+
+
+@pytest.mark.parametrize("params", [(0,) + (0,) * 11, (16, 2) + (0,) * 10, (16,) + (0,) * 10 + (4,)])
+def test_program_checks_its_format(params):
+    with pytest.raises(ValueError):  # block 0, an unknown element kind, an unknown rounding
+        _core.Program(1, params)
+    with pytest.raises(ValueError):
+        _core.fake_quantize(np.ones((1, 16, 1), np.float32), params, 0, np.empty((1, 16, 1), np.float32))
+    with pytest.raises(TypeError):  # not the 12 numbers of Format.kernel_params()
+        _core.Program(1, params[:11])
+    with pytest.raises(ValueError, match="vector precision"):
+        _core.Program(7, None)
+    f = bfpaccel.core.fmt_params(bfpaccel.get_format("msfp16"))
+    f.rounding = 9
+    with pytest.raises(ValueError, match="rounding"):
+        _core.Program(1, f)
+
+
+def test_format_parameters_by_name_equal_the_tuple():
+    from bfpaccel.formats import PRESETS, ROUNDING_MODES
+
+    for name, fmt in PRESETS.items():
+        if not fmt.is_block:
+            continue
+        for r in ROUNDING_MODES:
+            f = fmt.with_rounding(r)
+            named, positional = bfpaccel.core.fmt_params(f), _core.FmtParams(f.kernel_params())
+            assert repr(named) == repr(positional), (name, r)
 
 
 def test_program_validates_conv_geometry():
@@ -131,14 +196,33 @@ def test_program_validates_conv_geometry():
     y = p.add_buffer(1 * 8 * 8 * 4)
     w = bfpaccel.core._packed(bfpaccel.quantize_conv_weight(np.ones((4, 16, 3, 3), np.float32), "msfp16").tensor,
                               "convw", 9, 1)
-    good = [1, 8, 8, 16, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 8, 8]
-    p.add_op(0, 0, [x], [y], good, [], w=w, name="ok")
+
+    def conv(**kw):
+        g = dict(batch=1, height=8, width=8, channels=16, out_channels=4, kernel_h=3, kernel_w=3, stride_h=1,
+                 stride_w=1, pad_top=1, pad_left=1, pad_bottom=1, pad_right=1, dilation_h=1, dilation_w=1, groups=1,
+                 out_h=8, out_w=8)
+        g.update(kw)
+        return _core.ConvParams(geometry=_core.ConvGeometry(**g))
+
+    p.add_op(conv(), [x], [y], w=w, name="ok")
     bad_cases = [
-        [1, 64, 64, 16, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 64, 64],  # input larger than its buffer
-        [1, 8, 8, 32, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 8, 8],      # channels differ from the weight
-        [1, 8, 8, 16, 4, 3, 3, 0, 1, 1, 1, 1, 1, 1, 1, 1, 8, 8],      # zero stride
-        [1, 8, 8, 16, 4, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 9, 8],      # output size inconsistent
+        conv(height=64, width=64, out_h=64, out_w=64),  # input larger than its buffer
+        conv(channels=32),                              # channels differ from the weight
+        conv(stride_h=0),                               # zero stride
+        conv(out_h=9),                                  # output size inconsistent
+        conv(groups=2**40),                             # groups beyond int
+        conv(pad_top=-1),                               # negative padding
     ]
-    for ip in bad_cases:
+    for params in bad_cases:
         with pytest.raises(ValueError):
-            p.add_op(0, 0, [x], [y], ip, [], w=w, name="forged")
+            p.add_op(params, [x], [y], w=w, name="forged")
+    with pytest.raises(ValueError, match="without weights"):
+        p.add_op(conv(), [x], [y], name="forged")
+    bad_act = conv()
+    bad_act.activation = _core.Activation(7)
+    with pytest.raises(ValueError, match="activation"):
+        p.add_op(bad_act, [x], [y], w=w, name="forged")
+    dw = conv(channels=4, out_channels=4, groups=4)
+    dw.depthwise = True
+    with pytest.raises(ValueError, match="depthwise"):  # a packed BFP weight is not a depthwise weight
+        p.add_op(dw, [x], [y], w=w, name="forged")

@@ -93,43 +93,57 @@ void dwconv_nhwc(const float* x, const float* w, const ConvGeom& g, int kh, int 
 }
 
 // ---------------------------------------------------------------- conv op
-// ip: N H W C O kh kw sh sw pt pl pb pr dh dw groups OH OW [quantize input (depthwise)]
+// Checks a window's geometry (shared with pooling): sizes >= 0, kernel, strides and dilations in
+// [1, 2^20], padding in [0, 2^20] -- the kernels take them as int.
+void check_window(const ConvGeometry& g, OpCheck& c) {
+    constexpr int64_t kBig = int64_t(1) << 20;
+    for (int64_t v : {g.batch, g.channels, g.height, g.width, g.out_channels, g.out_h, g.out_w}) {
+        if (v < 0) c.fail("negative size");
+        if (v > (int64_t(1) << 40)) c.fail("size out of range");
+    }
+    c.range(g.kernel_h, 1, kBig, "kernel height");
+    c.range(g.kernel_w, 1, kBig, "kernel width");
+    c.range(g.stride_h, 1, kBig, "stride");
+    c.range(g.stride_w, 1, kBig, "stride");
+    c.range(g.dilation_h, 1, kBig, "dilation");
+    c.range(g.dilation_w, 1, kBig, "dilation");
+    for (int64_t v : {g.pad_top, g.pad_left, g.pad_bottom, g.pad_right})
+        if (v < 0 || v > kBig) c.fail("padding out of range");
+}
+
 static void validate_conv(const Program& p, const Op& op, OpCheck& c) {
-    const auto& q = op.ip;
-    c.need_ip(18);
-    if (op.sub != 0 && op.sub != 1) c.fail("conv takes sub 0 (dense / grouped) or 1 (depthwise)");
-    if (op.act < 0 || op.act > 2) c.fail("unknown conv activation " + std::to_string(op.act));
+    const ConvParams& q = op.get<ConvParams>();
+    const ConvGeometry& g = q.geometry;
     c.ins(1);
-    const int64_t N = q[0], H = q[1], W = q[2], C = q[3], O = q[4], kh = q[5], kw = q[6], G = q[15];
-    c.pos(q[7], "stride");
-    c.pos(q[8], "stride");
-    c.pos(q[13], "dilation");
-    c.pos(q[14], "dilation");
-    c.pos(kh, "kernel height");
-    c.pos(kw, "kernel width");
-    c.pos(G, "groups");
-    for (int i = 9; i <= 12; ++i)
-        if (q[size_t(i)] < 0 || q[size_t(i)] > (1 << 20)) c.fail("padding out of range");
+    if (!op.w && op.wf < 0) c.fail("conv without weights");
+    if (op.w && !p.has_format()) c.fail("BFP conv in a program without format");
+    if (q.activation < 0 || q.activation >= kActCount)
+        c.fail("unknown conv activation " + std::to_string(q.activation));
+    check_window(g, c);
+    const int64_t N = g.batch, H = g.height, W = g.width, C = g.channels, O = g.out_channels;
+    const int64_t kh = g.kernel_h, kw = g.kernel_w, G = g.groups;
+    c.range(G, 1, int64_t(1) << 30, "groups");
     if (C % G || O % G) c.fail("groups must divide the channels");
-    const int64_t OH = (H + q[9] + q[11] - q[13] * (kh - 1) - 1) / q[7] + 1;
-    const int64_t OW = (W + q[10] + q[12] - q[14] * (kw - 1) - 1) / q[8] + 1;
-    if (OH != q[16] || OW != q[17] || OH < 1 || OW < 1) c.fail("output size does not match the geometry");
+    const int64_t OH = (H + g.pad_top + g.pad_bottom - g.dilation_h * (kh - 1) - 1) / g.stride_h + 1;
+    const int64_t OW = (W + g.pad_left + g.pad_right - g.dilation_w * (kw - 1) - 1) / g.stride_w + 1;
+    if (OH != g.out_h || OW != g.out_w || OH < 1 || OW < 1) c.fail("output size does not match the geometry");
     c.fits(op.in[0], c.mul(c.mul(N, H), c.mul(W, C)), "input");
     const int64_t outn = c.mul(c.mul(N, OH), c.mul(OW, O));
     c.fits(op.out[0], outn, "output");
     if (op.bias >= 0) c.fits(op.bias, O, "bias");
     if (op.res >= 0) c.fits(op.res, outn, "residual");
-    if (op.sub == 1) {
+    if (q.depthwise) {
         if (C != O || G != C) c.fail("depthwise conv needs groups == channels == outputs");
+        if (op.w) c.fail("a depthwise conv takes its weights as floats (wf)");
         c.fits(op.wf, c.mul(c.mul(kh, kw), C), "depthwise weight");
     } else if (op.w) {
         const Operand& w = *op.w;
         if (w.R != O || w.K * G != C || w.kh != kh || w.kw != kw || w.groups != G)
             c.fail("the packed weight does not match the conv's geometry");
     } else {
+        if (q.quantize_input) c.fail("quantize_input is for depthwise convs");
         c.fits(op.wf, c.mul(c.mul(c.mul(kh, kw), C / G), O), "weight");
     }
-    (void)p;
 }
 
 template <int VP>
@@ -158,21 +172,21 @@ static void epilogue_row(float* d, const float* b, const float* r,
 }
 
 static void exec_conv(Program& p, const Op& op) {
-    const auto& q = op.ip;
-    const ConvGeom g{q[0], q[3], q[1], q[2], int(q[15]), int(q[7]), int(q[8]), int(q[9]), int(q[10]),
-                     int(q[11]), int(q[12]), int(q[13]), int(q[14]), q[16], q[17]};
-    const int64_t O = q[4];
+    const ConvParams& q = op.get<ConvParams>();
+    const ConvGeom g = q.geometry.geom();
+    const int64_t O = q.geometry.out_channels;
+    const int kh = int(q.geometry.kernel_h), kw = int(q.geometry.kernel_w);
     float* y = p.buf(op.out[0]);
     const float* x = p.buf(op.in[0]);
     const KernelDesc& k = current_kernel();
     // bias, residual and activation, each rounded as the separate vector ops would be: applied
     // in registers by kernels that can, else by a pass over the output below
-    const VecEpilogue ve{y, O, op.bias >= 0 ? p.buf(op.bias) : nullptr, op.res >= 0 ? p.buf(op.res) : nullptr, p.vec_prec(),
-                         op.act, op.fp.size() > 0 ? op.fp[0] : 0.0f, op.fp.size() > 1 ? op.fp[1] : 0.0f,
+    const VecEpilogue ve{y, O, op.bias >= 0 ? p.buf(op.bias) : nullptr, op.res >= 0 ? p.buf(op.res) : nullptr,
+                         p.vec_prec(), int(q.activation), q.clip_lo, q.clip_hi,
                          k.simd() ? avx2::epilogue_row : epilogue_row};  // every SIMD kernel's CPU has AVX2 + F16C
     const bool epi = ve.bias || ve.res || ve.act;
-    if (op.sub == 1) {  // depthwise: one-element blocks (see dwconv_nhwc)
-        const bool quant = p.has_format() && op.ip.size() > 18 && op.ip[18];
+    if (q.depthwise) {  // one-element blocks (see dwconv_nhwc)
+        const bool quant = p.has_format() && q.quantize_input;
         const bool kq = quant && k.dwconv && kernel_quantizes_elements(p.format());  // the kernel quantizes x itself
         const float* xin = x;
         if (quant && !kq) {
@@ -183,13 +197,13 @@ static void exec_conv(Program& p, const Op& op) {
         }
         if (k.dwconv) {  // the kernel's depthwise loop, epilogue applied in registers
             const ElemFix fix{x, &p.format(), p.seed(), 0};
-            const DwArgs da{xin, p.buf(op.wf), y, g.N, g.C, g.H, g.W, g.OH, g.OW, int(q[5]), int(q[6]),
+            const DwArgs da{xin, p.buf(op.wf), y, g.N, g.C, g.H, g.W, g.OH, g.OW, kh, kw,
                             g.sh, g.sw, g.pt, g.pl, g.dh, g.dw, epi ? &ve : nullptr,
                             kq ? &p.format() : nullptr, fix_element, &fix};
             k.dwconv(da);
             return;
         }
-        dwconv_nhwc(xin, p.buf(op.wf), g, int(q[5]), int(q[6]), y);
+        dwconv_nhwc(xin, p.buf(op.wf), g, kh, kw, y);
     } else if (op.w) {
         if (k.fused_epilogue && epi) {  // applied to each tile in registers
             conv2d_impl(x, p.format(), p.seed(), *op.w, g, nullptr, y, true, &ve);
@@ -197,7 +211,7 @@ static void exec_conv(Program& p, const Op& op) {
         }
         conv2d_impl(x, p.format(), p.seed(), *op.w, g, nullptr, y, true);
     } else {
-        conv2d_fp32_nhwc(x, p.buf(op.wf), g, O, int(q[5]), int(q[6]), y);
+        conv2d_fp32_nhwc(x, p.buf(op.wf), g, O, kh, kw, y);
     }
     if (!epi) return;  // the matrix unit's fp32 output goes on as it is
     const int64_t rows = g.N * g.OH * g.OW;

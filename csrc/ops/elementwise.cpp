@@ -65,10 +65,12 @@ static void binary_vp(int k, const float* A, const float* B, float* Y, const int
     }
 }
 
-static inline float unary(int k, float x, float p0, float p1) {
+// One element of a unary op: its function (k, with q's parameters) in fp32; the caller rounds
+// the result to the vector precision.
+static inline float unary(int k, float x, const UnaryParams& q) {
     switch (k) {
         case kRelu: return x > 0.0f ? x : (x != x ? x : 0.0f);
-        case kClip: return x != x ? x : std::min(std::max(x, p0), p1);
+        case kClip: return x != x ? x : std::min(std::max(x, q.lo), q.hi);
         case kSqrt: return std::sqrt(x);
         case kRecip: return 1.0f / x;
         case kExp: return std::exp(x);
@@ -76,11 +78,11 @@ static inline float unary(int k, float x, float p0, float p1) {
         case kTanh: return std::tanh(x);
         case kNeg: return -x;
         case kAbs: return std::fabs(x);
-        case kLeakyRelu: return x >= 0.0f ? x : x * p0;
+        case kLeakyRelu: return x >= 0.0f ? x : x * q.alpha;
         case kIdentity: return x;
         case kLog: return std::log(x);
         case kErf: return std::erf(x);
-        case kHardSigmoid: return std::max(0.0f, std::min(1.0f, p0 * x + p1));
+        case kHardSigmoid: return std::max(0.0f, std::min(1.0f, q.alpha * x + q.beta));
         case kHardSwish: return x * std::max(0.0f, std::min(1.0f, x / 6.0f + 0.5f));
         case kSwish: return x / (1.0f + std::exp(-x));
         case kRsqrt: return 1.0f / std::sqrt(x);
@@ -91,56 +93,53 @@ static inline float unary(int k, float x, float p0, float p1) {
 }
 
 
-// ip: rank shape[rank] a_strides[rank] b_strides[rank]
 static void validate_binary(const Program& p, const Op& op, OpCheck& c) {
-    const auto& q = op.ip;
-    c.need_ip(1);
+    const BinaryParams& q = op.get<BinaryParams>();
     c.ins(2);
-    if (op.sub < 0 || op.sub >= kBinaryCount) c.fail("unknown binary op " + std::to_string(op.sub));
-    const int rank = c.rank(q[0]);
-    c.need_ip(1 + 3 * size_t(rank));
-    const int64_t* shape = q.data() + 1;
-    c.fits(op.out[0], c.prod(shape, rank), "output");
+    if (q.op < 0 || q.op >= kBinaryCount) c.fail("unknown binary op " + std::to_string(q.op));
+    const int rank = c.rank(q.shape.size());
+    c.entries(q.a_strides.size(), size_t(rank), "a_strides");
+    c.entries(q.b_strides.size(), size_t(rank), "b_strides");
+    const int64_t n = c.prod(q.shape.data(), rank);
+    c.fits(op.out[0], n, "output");
     for (int k = 0; k < 2; ++k) {
-        const int64_t* st = shape + (k + 1) * rank;
+        const std::vector<int64_t>& st = k == 0 ? q.a_strides : q.b_strides;
         int64_t hi = 0;
         for (int d = 0; d < rank; ++d) {
-            if (st[d] < 0) c.fail("negative stride");
-            if (shape[d] > 0) hi += c.mul(shape[d] - 1, st[d]);
+            if (st[size_t(d)] < 0) c.fail("negative stride");
+            if (q.shape[size_t(d)] > 0) hi += c.mul(q.shape[size_t(d)] - 1, st[size_t(d)]);
         }
-        if (c.prod(shape, rank) > 0) c.fits(op.in[size_t(k)], hi + 1, "operand");
+        if (n > 0) c.fits(op.in[size_t(k)], hi + 1, "operand");
     }
     (void)p;
 }
 
 static void exec_binary(Program& p, const Op& op) {
-    const auto& q = op.ip;
-    const int rank = int(q[0]);
-    const int64_t* shape = q.data() + 1;
+    const BinaryParams& q = op.get<BinaryParams>();
+    const int rank = int(q.shape.size());
     const float* a = p.buf(op.in[0]);
     const float* b = p.buf(op.in[1]);
     float* y = p.buf(op.out[0]);
     with_vp(p.vec_prec(), [&](auto V) {
-        binary_vp<decltype(V)::value>(op.sub, a, b, y, shape, shape + rank, shape + 2 * rank, rank);
+        binary_vp<decltype(V)::value>(q.op, a, b, y, q.shape.data(), q.a_strides.data(), q.b_strides.data(), rank);
     });
 }
 
-// ip: n; fp: the function's parameters
 static void validate_unary(const Program& p, const Op& op, OpCheck& c) {
-    c.need_ip(1);
-    if (op.sub < 0 || op.sub >= kUnaryCount) c.fail("unknown unary op " + std::to_string(op.sub));
+    const UnaryParams& q = op.get<UnaryParams>();
+    if (q.op < 0 || q.op >= kUnaryCount) c.fail("unknown unary op " + std::to_string(q.op));
     c.ins(1);
-    c.fits(op.in[0], op.ip[0], "input");
-    c.fits(op.out[0], op.ip[0], "output");
+    c.fits(op.in[0], q.count, "input");
+    c.fits(op.out[0], q.count, "output");
     (void)p;
 }
 
 static void exec_unary(Program& p, const Op& op) {
-    const int64_t n = op.ip[0];
+    const UnaryParams& q = op.get<UnaryParams>();
+    const int64_t n = q.count;
     const float* x = p.buf(op.in[0]);
     float* y = p.buf(op.out[0]);
-    const float p0 = op.fp.size() > 0 ? op.fp[0] : 0.0f, p1 = op.fp.size() > 1 ? op.fp[1] : 0.0f;
-    const int k = op.sub;
+    const int k = q.op;
     with_vp(p.vec_prec(), [&](auto V) {
         constexpr int vp = decltype(V)::value;
         if (k == kRelu) {
@@ -148,7 +147,7 @@ static void exec_unary(Program& p, const Op& op) {
             for (int64_t i = 0; i < n; ++i) y[i] = R<vp>(x[i] > 0.0f ? x[i] : (x[i] != x[i] ? x[i] : 0.0f));
         } else {
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(n * 8))
-            for (int64_t i = 0; i < n; ++i) y[i] = R<vp>(unary(k, x[i], p0, p1));
+            for (int64_t i = 0; i < n; ++i) y[i] = R<vp>(unary(k, x[i], q));
         }
     });
 }

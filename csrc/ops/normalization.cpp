@@ -11,25 +11,23 @@
 
 namespace bfp {
 
-// ip: outer C inner; fp: C scales then C shifts
 static void validate_affine(const Program& p, const Op& op, OpCheck& c) {
-    const auto& q = op.ip;
-    c.need_ip(3);
+    const AffineParams& q = op.get<AffineParams>();
     c.ins(1);
-    const int64_t n = c.mul(c.mul(q[0], q[1]), q[2]);
-    if (int64_t(op.fp.size()) < 2 * q[1]) c.fail("missing scale/shift");
+    const int64_t n = c.mul(c.mul(q.outer, q.channels), q.inner);
+    if (int64_t(q.scale.size()) < q.channels || int64_t(q.shift.size()) < q.channels) c.fail("missing scale/shift");
     c.fits(op.in[0], n, "input");
     c.fits(op.out[0], n, "output");
     (void)p;
 }
 
 static void exec_affine(Program& p, const Op& op) {
-    const auto& q = op.ip;
-    const int64_t outer = q[0], C = q[1], inner = q[2];
+    const AffineParams& q = op.get<AffineParams>();
+    const int64_t outer = q.outer, C = q.channels, inner = q.inner;
     const float* x = p.buf(op.in[0]);
     float* y = p.buf(op.out[0]);
-    const float* s = op.fp.data();
-    const float* t = op.fp.data() + C;
+    const float* s = q.scale.data();
+    const float* t = q.shift.data();
     with_vp(p.vec_prec(), [&](auto V) {
         constexpr int vp = decltype(V)::value;
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(outer * C * inner))

@@ -10,29 +10,27 @@
 
 namespace bfp {
 
-// ip: N H W C kh kw sh sw pt pl pb pr OH OW count_include_pad dh dw
 static void validate_pool(const Program& p, const Op& op, OpCheck& c) {
-    const auto& q = op.ip;
-    c.need_ip(17);
-    if (op.sub < 0 || op.sub >= kPoolCount) c.fail("unknown pool kind " + std::to_string(op.sub));
+    const PoolParams& q = op.get<PoolParams>();
+    const ConvGeometry& g = q.window;
+    if (q.op < 0 || q.op >= kPoolCount) c.fail("unknown pool kind " + std::to_string(q.op));
     c.ins(1);
-    for (int i : {4, 5, 6, 7, 15, 16}) c.pos(q[size_t(i)], "pool window, stride and dilation");
-    for (int i = 8; i <= 11; ++i)
-        if (q[size_t(i)] < 0) c.fail("negative padding");
-    c.fits(op.in[0], c.mul(c.mul(q[0], q[1]), c.mul(q[2], q[3])), "input");
-    c.fits(op.out[0], c.mul(c.mul(q[0], q[12]), c.mul(q[13], q[3])), "output");
+    check_window(g, c);
+    c.fits(op.in[0], c.mul(c.mul(g.batch, g.height), c.mul(g.width, g.channels)), "input");
+    c.fits(op.out[0], c.mul(c.mul(g.batch, g.out_h), c.mul(g.out_w, g.channels)), "output");
     (void)p;
 }
 
 static void exec_pool(Program& p, const Op& op) {
-    const auto& q = op.ip;
-    // N H W C kh kw sh sw pt pl pb pr OH OW count_include_pad dh dw
-    const int64_t N = q[0], H = q[1], W = q[2], C = q[3], kh = q[4], kw = q[5], sh = q[6], sw = q[7];
-    const int64_t pt = q[8], pl = q[9], pb = q[10], pr = q[11], OH = q[12], OW = q[13], cip = q[14];
-    const int64_t dh = q[15], dw = q[16];
+    const PoolParams& q = op.get<PoolParams>();
+    const ConvGeometry& g = q.window;
+    const int64_t N = g.batch, H = g.height, W = g.width, C = g.channels, kh = g.kernel_h, kw = g.kernel_w;
+    const int64_t sh = g.stride_h, sw = g.stride_w, pt = g.pad_top, pl = g.pad_left, pb = g.pad_bottom;
+    const int64_t pr = g.pad_right, OH = g.out_h, OW = g.out_w, dh = g.dilation_h, dw = g.dilation_w;
+    const bool cip = q.count_include_pad;
     const float* x = p.buf(op.in[0]);
     float* y = p.buf(op.out[0]);
-    const bool mx = op.sub == kPoolMax;
+    const bool mx = q.op == kPoolMax;
     with_vp(p.vec_prec(), [&](auto V) {
         constexpr int vp = decltype(V)::value;
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(N * OH * OW * C * kh * kw))

@@ -11,23 +11,21 @@
 
 namespace bfp {
 
-// ip: outer R inner
 static void validate_reduce(const Program& p, const Op& op, OpCheck& c) {
-    const auto& q = op.ip;
-    c.need_ip(3);
-    if (op.sub < 0 || op.sub >= kReduceCount) c.fail("unknown reduction " + std::to_string(op.sub));
+    const ReduceParams& q = op.get<ReduceParams>();
+    if (q.op < 0 || q.op >= kReduceCount) c.fail("unknown reduction " + std::to_string(q.op));
     c.ins(1);
-    c.fits(op.in[0], c.mul(c.mul(q[0], q[1]), q[2]), "input");
-    c.fits(op.out[0], c.mul(q[0], q[2]), "output");
+    c.fits(op.in[0], c.mul(c.mul(q.outer, q.length), q.inner), "input");
+    c.fits(op.out[0], c.mul(q.outer, q.inner), "output");
     (void)p;
 }
 
 static void exec_reduce(Program& p, const Op& op) {
-    const auto& q = op.ip;
-    const int64_t outer = q[0], Rn = q[1], inner = q[2];
+    const ReduceParams& q = op.get<ReduceParams>();
+    const int64_t outer = q.outer, Rn = q.length, inner = q.inner;
     const float* x = p.buf(op.in[0]);
     float* y = p.buf(op.out[0]);
-    const int k = op.sub;
+    const int k = q.op;
     with_vp(p.vec_prec(), [&](auto V) {
         constexpr int vp = decltype(V)::value;
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(outer * Rn * inner))

@@ -11,29 +11,28 @@
 
 namespace bfp {
 
-// ip: outer inner L_0 .. L_{n-1}
 static void validate_concat(const Program& p, const Op& op, OpCheck& c) {
-    const auto& q = op.ip;
-    c.need_ip(2 + op.in.size());
+    const ConcatParams& q = op.get<ConcatParams>();
     c.ins(1);
+    c.entries(q.lengths.size(), op.in.size(), "lengths");
     int64_t total = 0;
     for (size_t i = 0; i < op.in.size(); ++i) {
-        c.fits(op.in[i], c.mul(c.mul(q[0], q[2 + i]), q[1]), "input");
-        total += q[2 + i];
+        c.fits(op.in[i], c.mul(c.mul(q.outer, q.lengths[i]), q.inner), "input");
+        total += q.lengths[i];
     }
-    c.fits(op.out[0], c.mul(c.mul(q[0], total), q[1]), "output");
+    c.fits(op.out[0], c.mul(c.mul(q.outer, total), q.inner), "output");
     (void)p;
 }
 
 static void exec_concat(Program& p, const Op& op) {
-    const auto& q = op.ip;
-    const int64_t outer = q[0], inner = q[1];
+    const ConcatParams& q = op.get<ConcatParams>();
+    const int64_t outer = q.outer, inner = q.inner;
     int64_t Lt = 0;
-    for (size_t i = 0; i < op.in.size(); ++i) Lt += q[2 + i];
+    for (size_t i = 0; i < op.in.size(); ++i) Lt += q.lengths[i];
     float* y = p.buf(op.out[0]);
     int64_t l0 = 0;
     for (size_t i = 0; i < op.in.size(); ++i) {
-        const int64_t L = q[2 + i];
+        const int64_t L = q.lengths[i];
         const float* x = p.buf(op.in[i]);
         const int64_t chunk = L * inner;
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(outer * chunk))
@@ -43,22 +42,21 @@ static void exec_concat(Program& p, const Op& op) {
     }
 }
 
-// ip: rank offset shape[rank] strides[rank]
 static void validate_strided(const Program& p, const Op& op, OpCheck& c) {
-    const auto& q = op.ip;
-    c.need_ip(2);
+    const StridedParams& q = op.get<StridedParams>();
     c.ins(1);
-    const int rank = c.rank(q[0]);
-    c.need_ip(2 + 2 * size_t(rank));
-    const int64_t* shape = q.data() + 2;
-    const int64_t* st = shape + rank;
-    const int64_t n = c.prod(shape, rank);
+    const int rank = c.rank(q.shape.size());
+    c.entries(q.strides.size(), size_t(rank), "strides");
+    c.range(q.offset, -(int64_t(1) << 40), int64_t(1) << 40, "offset");
+    const int64_t n = c.prod(q.shape.data(), rank);
     c.fits(op.out[0], n, "output");
     if (n == 0) return;
-    int64_t lo = q[1], hi = q[1];
+    int64_t lo = q.offset, hi = q.offset;
     for (int d = 0; d < rank; ++d) {
-        const int64_t span = c.mul(shape[d] - 1, st[d] < 0 ? -st[d] : st[d]);
-        if (st[d] < 0) lo -= span;
+        const int64_t st = q.strides[size_t(d)];
+        if (st < -(int64_t(1) << 40) || st > (int64_t(1) << 40)) c.fail("stride out of range");
+        const int64_t span = c.mul(q.shape[size_t(d)] - 1, st < 0 ? -st : st);
+        if (st < 0) lo -= span;
         else hi += span;
     }
     if (lo < 0) c.fail("reads before its input");
@@ -67,12 +65,11 @@ static void validate_strided(const Program& p, const Op& op, OpCheck& c) {
 }
 
 static void exec_strided(Program& p, const Op& op) {
-    const auto& q = op.ip;
-    // rank offset shape[rank] strides[rank]
-    const int rank = int(q[0]);
-    const int64_t off = q[1];
-    const int64_t* shape = q.data() + 2;
-    const int64_t* st = shape + rank;
+    const StridedParams& q = op.get<StridedParams>();
+    const int rank = int(q.shape.size());
+    const int64_t off = q.offset;
+    const int64_t* shape = q.shape.data();
+    const int64_t* st = q.strides.data();
     const float* x = p.buf(op.in[0]);
     float* y = p.buf(op.out[0]);
     const int64_t inner = rank ? shape[rank - 1] : 1, is = rank ? st[rank - 1] : 0;
@@ -91,36 +88,34 @@ static void exec_strided(Program& p, const Op& op) {
     }
 }
 
-// ip: rank in_shape[rank] out_shape[rank] begin[rank]; fp: the pad value
 static void validate_pad(const Program& p, const Op& op, OpCheck& c) {
-    const auto& q = op.ip;
-    c.need_ip(1);
+    const PadParams& q = op.get<PadParams>();
     c.ins(1);
-    const int rank = c.rank(q[0]);
-    c.need_ip(1 + 3 * size_t(rank));
-    c.fits(op.in[0], c.prod(q.data() + 1, rank), "input");
-    c.fits(op.out[0], c.prod(q.data() + 1 + rank, rank), "output");
+    const int rank = c.rank(q.in_shape.size());
+    c.entries(q.out_shape.size(), size_t(rank), "out_shape");
+    c.entries(q.begin.size(), size_t(rank), "begin");
+    for (int64_t b : q.begin) c.range(b, -(int64_t(1) << 40), int64_t(1) << 40, "begin");
+    c.fits(op.in[0], c.prod(q.in_shape.data(), rank), "input");
+    c.fits(op.out[0], c.prod(q.out_shape.data(), rank), "output");
     (void)p;
 }
 
 static void exec_pad(Program& p, const Op& op) {
-    const auto& q = op.ip;
-    // rank in_shape[rank] out_shape[rank] begin[rank]
-    const int rank = int(q[0]);
-    const int64_t* ish = q.data() + 1;
-    const int64_t* osh = ish + rank;
-    const int64_t* beg = osh + rank;
+    const PadParams& q = op.get<PadParams>();
+    const int rank = int(q.in_shape.size());
+    const int64_t* ish = q.in_shape.data();
+    const int64_t* osh = q.out_shape.data();
+    const int64_t* beg = q.begin.data();
     const float* x = p.buf(op.in[0]);
     float* y = p.buf(op.out[0]);
     int64_t total = 1, outer = 1;
     for (int d = 0; d < rank; ++d) total *= osh[d];
     for (int d = 0; d + 1 < rank; ++d) outer *= ish[d];
-    const float v = op.fp.empty() ? 0.0f : op.fp[0];
-    std::fill(y, y + total, v);
+    std::fill(y, y + total, q.value);
     const int64_t inner = rank ? ish[rank - 1] : 1;
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(outer * inner))
     for (int64_t r = 0; r < outer; ++r) {
-        int64_t rem = r, o = 0, mul = 1;
+        int64_t rem = r, o = 0;
         bool ok = true;
         // output row offset: sum (i_d + beg_d) * ostride_d
         int64_t ostr = rank ? osh[rank - 1] : 1;
@@ -132,7 +127,6 @@ static void exec_pad(Program& p, const Op& op) {
             o += i * ostr;
             ostr *= osh[d];
         }
-        (void)mul;
         if (!ok) continue;
         const float* s = x + r * inner;
         for (int64_t i = 0; i < inner; ++i) {
@@ -142,19 +136,16 @@ static void exec_pad(Program& p, const Op& op) {
     }
 }
 
-// ip: n
 static void validate_copy(const Program& p, const Op& op, OpCheck& c) {
-    c.need_ip(1);
+    const CopyParams& q = op.get<CopyParams>();
     c.ins(1);
-    c.fits(op.in[0], op.ip[0], "input");
-    c.fits(op.out[0], op.ip[0], "output");
+    c.fits(op.in[0], q.count, "input");
+    c.fits(op.out[0], q.count, "output");
     (void)p;
 }
 
 static void exec_copy(Program& p, const Op& op) {
-    const auto& q = op.ip;
-    const int64_t n = q[0];
-    std::memcpy(p.buf(op.out[0]), p.buf(op.in[0]), sizeof(float) * size_t(n));
+    std::memcpy(p.buf(op.out[0]), p.buf(op.in[0]), sizeof(float) * size_t(op.get<CopyParams>().count));
 }
 
 BFP_REGISTER_OP(kOpConcat, validate_concat, exec_concat);

@@ -11,24 +11,21 @@
 
 namespace bfp {
 
-// ip: outer L inner; sub: 1 for LogSoftmax
 static void validate_softmax(const Program& p, const Op& op, OpCheck& c) {
-    const auto& q = op.ip;
-    c.need_ip(3);
-    if (op.sub != 0 && op.sub != 1) c.fail("softmax takes sub 0 (Softmax) or 1 (LogSoftmax)");
+    const SoftmaxParams& q = op.get<SoftmaxParams>();
     c.ins(1);
-    const int64_t n = c.mul(c.mul(q[0], q[1]), q[2]);
+    const int64_t n = c.mul(c.mul(q.outer, q.length), q.inner);
     c.fits(op.in[0], n, "input");
     c.fits(op.out[0], n, "output");
     (void)p;
 }
 
 static void exec_softmax(Program& p, const Op& op) {
-    const auto& q = op.ip;
-    const int64_t outer = q[0], L = q[1], inner = q[2];
+    const SoftmaxParams& q = op.get<SoftmaxParams>();
+    const int64_t outer = q.outer, L = q.length, inner = q.inner;
     const float* x = p.buf(op.in[0]);
     float* y = p.buf(op.out[0]);
-    const bool logsm = op.sub == 1;
+    const bool logsm = q.log;
     with_vp(p.vec_prec(), [&](auto V) {
         constexpr int vp = decltype(V)::value;
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(outer * L * inner * 8))

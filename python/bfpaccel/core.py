@@ -1,7 +1,7 @@
 """The public numeric API over the C++ core: quantize, fake_quantize, matmul, conv2d.
 
-Every function here validates its arguments, converts them to the plain arrays and integers
-the C++ core takes (``_core``), and calls one kernel; the GIL is released inside it.
+Every function here validates its arguments, converts them to the arrays and named parameter
+structs the C++ core takes (``_core``), and calls one kernel; the GIL is released inside it.
 """
 
 from __future__ import annotations
@@ -110,6 +110,22 @@ def _init_from_env() -> None:
             set_num_threads(int(t))
         except ValueError as exc:
             raise ValueError(f"BFPACCEL_NUM_THREADS={t!r}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- formats
+_SPECIALS = {"none": 0, "nan": 1, "inf": 2}
+
+
+def fmt_params(f: Format) -> Any:
+    """A block format's parameters as the C++ core takes them (``_core.FmtParams``, named
+    fields; ``Format.kernel_params()`` is the same numbers as a tuple)."""
+    if not f.is_block:
+        raise ValueError(f"{f} is not a block format")
+    return _core.FmtParams(
+        block=f.block_size, kind=_core.ElemKind.INT if f.kind == "int" else _core.ElemKind.FP, mbits=f.mantissa_bits,
+        ebits=f.exponent_bits, bias=f.element_bias, specials=_SPECIALS[f.element_specials], unit_shift=f.unit_shift,
+        max_units=f.max_units, exp_min=f.exp_min, exp_max=f.exp_max, emax_elem=f.emax_elem,
+        rounding=getattr(_core.Rounding, f.rounding.upper()))
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -231,7 +247,7 @@ class BfpTensor:
         _core.dequantize(
             self.elements.reshape(outer, K, inner).view(np.int8),
             self.exponents.reshape(outer, self.exponents.shape[self.axis], inner),
-            self.format.kernel_params(),
+            fmt_params(self.format),
             out.reshape(outer, K, inner),
         )
         return out
@@ -278,7 +294,7 @@ def quantize(
     exps = np.empty(exp_shape, dtype=np.int16)
     _core.quantize(
         x.reshape(outer, K, inner),
-        f.kernel_params(),
+        fmt_params(f),
         _check_seed(seed),
         codes.reshape(outer, K, inner).view(np.int8),
         exps.reshape(outer, nb, inner),
@@ -307,7 +323,7 @@ def fake_quantize(
     ax = _norm_axis(axis, x.ndim)
     outer, K, inner = _split3(x.shape, ax)
     out = np.empty(x.shape, dtype=np.float32)
-    _core.fake_quantize(x.reshape(outer, K, inner), f.kernel_params(), _check_seed(seed), out.reshape(outer, K, inner))
+    _core.fake_quantize(x.reshape(outer, K, inner), fmt_params(f), _check_seed(seed), out.reshape(outer, K, inner))
     return out
 
 
@@ -317,7 +333,7 @@ def _packed(t: BfpTensor, role: str, taps: int = 1, groups: int = 1) -> object:
     key = (role + _core.get_kernel(), taps, groups)
     p = t._packed.get(key)
     if p is None:
-        p = _core.pack_operand(t.elements.view(np.int8), t.exponents, t.format.kernel_params(), role, taps, groups)
+        p = _core.pack_operand(t.elements.view(np.int8), t.exponents, fmt_params(t.format), role, taps, groups)
         t._packed[key] = p
     return p
 
@@ -380,7 +396,7 @@ def matmul(
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"K mismatch: a is {a.shape}, b is {b.shape}")
     # activations: quantized straight into the kernel's row form (no intermediate BfpTensor)
-    rows = _packed(a, "rows") if isinstance(a, BfpTensor) else _core.quantize_rows(a, fa.kernel_params(), seed)
+    rows = _packed(a, "rows") if isinstance(a, BfpTensor) else _core.quantize_rows(a, fmt_params(fa), seed)
     return _core.gemm(rows, _packed(b, "cols"))
 
 
@@ -502,5 +518,5 @@ def conv2d(
             raise ValueError(f"bias has {b.shape[0]} values for {O} output channels")
     packed_w = _packed(cw.tensor, "convw", KH * KW, g)
     return _core.conv2d(
-        x, fx.kernel_params(), seed, packed_w, g, (sh, sw), (pt, pl, pb, pr), (dh, dw), b
+        x, fmt_params(fx), seed, packed_w, g, (sh, sw), (pt, pl, pb, pr), (dh, dw), b
     )

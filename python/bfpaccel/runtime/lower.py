@@ -21,11 +21,13 @@ What each node becomes is decided by its op's handler in ``ops/`` (registered wi
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .. import _core  # type: ignore[attr-defined]
+from ..core import fmt_params
 from .graph import Graph, Node
 from .ops import find as _find_op
 from .plan import Plan
@@ -33,7 +35,7 @@ from .values import LoweringError, Value, compatible, ident, strides
 
 __all__ = ["Lowered", "lower", "LoweringError", "op_kind_name", "Lowering"]
 
-OpKind, BinaryKind, UnaryKind = _core.OpKind, _core.BinaryKind, _core.UnaryKind
+OpKind, BinaryKind, UnaryKind, Activation = _core.OpKind, _core.BinaryKind, _core.UnaryKind, _core.Activation
 
 
 def _names(enum: Any) -> Dict[int, str]:
@@ -85,6 +87,32 @@ def op_kind_name(kind: int, sub: int = 0, op_type: str = "") -> str:
     return f"kind {kind}"
 
 
+def op_label(params: Any, op_type: str = "") -> str:
+    """:func:`op_kind_name` of an op given by its parameters (``_core.BinaryParams``...)."""
+    if isinstance(params, _core.ConvParams):
+        sub = int(params.depthwise)
+    elif isinstance(params, _core.SoftmaxParams):
+        sub = int(params.log)
+    else:
+        sub = int(getattr(params, "op", 0))
+    return op_kind_name(type(params).kind, sub, op_type)
+
+
+@dataclasses.dataclass
+class LoweredOp:
+    """One program op before buffers are assigned (virtual buffer ids)."""
+
+    params: Any                #: a ``_core.*Params``: the op's kind and its parameters
+    ins: List[int]
+    outs: List[int]
+    name: str                  #: the node(s), for errors and profiles
+    label: str                 #: its kind, for profiles (:func:`op_kind_name`)
+    w: Any = None              #: conv: packed BFP weights
+    wf: int = -1               #: conv: fp32 (or depthwise) weight buffer
+    bias: int = -1             #: conv: bias buffer
+    res: int = -1              #: conv: fused residual input
+
+
 class Lowered:
     """A program for one input signature, with the map from names to buffers."""
 
@@ -128,7 +156,7 @@ class Lowering:
         self.shapes = shapes
         self.vals: Dict[str, Value] = {}
         self.cv: Dict[str, np.ndarray] = {k: v for k, v in self.g.consts.items()}
-        self.ops: List[Dict[str, Any]] = []
+        self.ops: List[LoweredOp] = []
         self.vsize: List[int] = []       # virtual buffer sizes (floats)
         self.vroot: List[int] = []       # alias -> root
         self.vconst: Dict[int, np.ndarray] = {}
@@ -161,16 +189,14 @@ class Lowering:
         self.vconst[vid] = a
         return vid
 
-    def emit(self, kind: Any, ins: List[int], outs: List[int], ip: Sequence[int] = (), fp: Sequence[float] = (),
-             sub: Any = 0, label: Optional[str] = None, **kw: Any) -> None:  # kw: w, wf, bias, res
-        """Appends one program op reading buffers ``ins`` and writing ``outs``."""
-        kind, sub = int(kind), int(sub)
-        op = dict(kind=kind, sub=sub, ins=list(ins), outs=list(outs), ip=[int(v) for v in ip],
-                  fp=[float(v) for v in fp], name=self.node.name if self.node else "", w=None, wf=-1, bias=-1,
-                  res=-1, act=0)
-        op["label"] = label or op_kind_name(kind, sub, self.node.op if self.node else "")
-        op.update(kw)
-        self.ops.append(op)
+    def emit(self, params: Any, ins: List[int], outs: List[int], label: Optional[str] = None, w: Any = None,
+             wf: int = -1, bias: int = -1, res: int = -1) -> None:
+        """Appends one program op: ``params`` (a ``_core.*Params``, whose type is the op's kind)
+        reading buffers ``ins`` and writing ``outs``; a conv also takes its packed weights
+        ``w`` or float weight buffer ``wf``, a bias buffer and a residual input ``res``."""
+        op_type = self.node.op if self.node else ""
+        self.ops.append(LoweredOp(params, list(ins), list(outs), self.node.name if self.node else "",
+                                  label or op_label(params, op_type), w, wf, bias, res))
 
     def err(self, msg: str) -> LoweringError:
         """A LoweringError naming the node being lowered."""
@@ -237,7 +263,8 @@ class Lowering:
         in_str = strides(v.phys)
         pos = {a: i for i, a in enumerate(v.perm)}
         st = [in_str[pos[a]] for a in want]
-        self.emit(OpKind.STRIDED, [v.vid], [out.vid], [len(want), 0, *out.phys, *st], label="transpose")
+        self.emit(_core.StridedParams(offset=0, shape=list(out.phys), strides=st), [v.vid], [out.vid],
+                  label="transpose")
         return out
 
     # ------------------------------------------------------------ main
@@ -278,7 +305,7 @@ class Lowering:
             if root in self.vinput or root in self.vconst or root in [self.vroot[o] for o in out_vids] \
                     or self.vsize[root] != v.size:
                 out = self.new_value(v.shape)
-                self.emit(OpKind.COPY, [v.vid], [out.vid], [v.size])
+                self.emit(_core.CopyParams(count=v.size), [v.vid], [out.vid])
                 v = out
             out_vids.append(v.vid)
             outputs[name] = (v.vid, v.shape, None)
@@ -289,23 +316,26 @@ class Lowering:
 
     # ------------------------------------------------------------ fusion
     def fuse(self) -> None:
+        """Folds a residual ``Add`` and a ``Relu`` / ``Clip`` that are a conv's only reader into
+        the conv's epilogue (each still rounded as the separate op would be)."""
         ops = self.ops
         readers: Dict[int, List[int]] = {}
 
         def index() -> None:
             readers.clear()
             for i, op in enumerate(ops):
-                for v in op["ins"] + ([op["res"]] if op["res"] >= 0 else []):
+                for v in op.ins + ([op.res] if op.res >= 0 else []):
                     readers.setdefault(self.vroot[v], []).append(i)
 
         index()
         i = 0
         while i < len(ops):
             op = ops[i]
-            if op["kind"] != OpKind.CONV:
+            conv = op.params
+            if not isinstance(conv, _core.ConvParams):
                 i += 1
                 continue
-            root = self.vroot[op["outs"][0]]
+            root = self.vroot[op.outs[0]]
             if root in self._final_roots:
                 i += 1
                 continue
@@ -315,26 +345,27 @@ class Lowering:
                 continue
             j = rd[0]
             nxt = ops[j]
+            p = nxt.params
             fused = False
-            if nxt["kind"] == OpKind.BINARY and nxt["sub"] == BinaryKind.ADD and op["res"] < 0 and op["act"] == 0:
-                rank = nxt["ip"][0]
-                sa, sb = nxt["ip"][1 + rank:1 + 2 * rank], nxt["ip"][1 + 2 * rank:]
-                full = strides(nxt["ip"][1:1 + rank])
-                roots_in = [self.vroot[v] for v in nxt["ins"]]
-                if list(sa) == full and list(sb) == full and roots_in.count(root) == 1:
-                    other = nxt["ins"][1 - roots_in.index(root)]
-                    op["res"] = other
+            if isinstance(p, _core.BinaryParams) and p.op == BinaryKind.ADD and op.res < 0 \
+                    and conv.activation == Activation.NONE:
+                full = strides(p.shape)
+                roots_in = [self.vroot[v] for v in nxt.ins]
+                if list(p.a_strides) == full and list(p.b_strides) == full and roots_in.count(root) == 1:
+                    op.res = nxt.ins[1 - roots_in.index(root)]
                     fused = True
-            elif nxt["kind"] == OpKind.UNARY and nxt["sub"] in (UnaryKind.RELU, UnaryKind.CLIP) and op["act"] == 0:
-                op["act"] = 1 if nxt["sub"] == UnaryKind.RELU else 2
-                if nxt["sub"] == UnaryKind.CLIP:
-                    op["fp"] = list(nxt["fp"])
+            elif isinstance(p, _core.UnaryParams) and p.op in (UnaryKind.RELU, UnaryKind.CLIP) \
+                    and conv.activation == Activation.NONE:
+                if p.op == UnaryKind.RELU:
+                    conv.activation = Activation.RELU
+                else:
+                    conv.activation, conv.clip_lo, conv.clip_hi = Activation.CLIP, p.lo, p.hi
                 fused = True
             if not fused:
                 i += 1
                 continue
-            op["outs"] = nxt["outs"]
-            op["name"] = op["name"] + "+" + nxt["name"]
+            op.outs = nxt.outs
+            op.name = op.name + "+" + nxt.name
             ops[j] = op
             del ops[i]
             index()
@@ -346,10 +377,10 @@ class Lowering:
     def build(self, outputs: Dict[str, Any], out_vids: List[int]) -> Lowered:
         vp = getattr(_core.VecPrec, self.plan.vector_precision.upper())
         f = self.plan.format
-        prog = _core.Program(vp, f.kernel_params() if f.is_block else None, self.plan.seed)
+        prog = _core.Program(vp, fmt_params(f) if f.is_block else None, self.plan.seed)
         last: Dict[int, int] = {}
         for i, op in enumerate(self.ops):
-            for v in op["ins"] + ([op["res"]] if op["res"] >= 0 else []) + [x for x in (op["bias"], op["wf"]) if x >= 0]:
+            for v in op.ins + ([op.res] if op.res >= 0 else []) + [x for x in (op.bias, op.wf) if x >= 0]:
                 last[self.vroot[v]] = i
         keep = set(self.vinput) | set(self.vconst) | {self.vroot[v] for v in out_vids}
         cpp: Dict[int, int] = {}
@@ -385,13 +416,12 @@ class Lowering:
             materialize(vid)
         names, kinds = [], []
         for i, op in enumerate(self.ops):
-            ins = [cid(v) for v in op["ins"]]
-            res, bias, wf = cid(op["res"]), cid(op["bias"]), cid(op["wf"])
-            outs = [cid(v) for v in op["outs"]]
-            prog.add_op(op["kind"], op["sub"], ins, outs, op["ip"], op["fp"], op["w"], wf, bias, res, op["act"],
-                        op["name"])
-            names.append(op["name"])
-            kinds.append(op["label"])
+            ins = [cid(v) for v in op.ins]
+            res, bias, wf = cid(op.res), cid(op.bias), cid(op.wf)
+            outs = [cid(v) for v in op.outs]
+            prog.add_op(op.params, ins, outs, op.w, wf, bias, res, op.name)
+            names.append(op.name)
+            kinds.append(op.label)
             for root in dying.get(i, []):
                 if root in cpp:
                     free.append((self.vsize[root], cpp[root]))

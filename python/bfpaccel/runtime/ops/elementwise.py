@@ -8,11 +8,11 @@ constants are laid out to match once, when the program is built.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, Sequence
+from typing import TYPE_CHECKING, Any, List
 
 import numpy as np
 
-from ..._core import BinaryKind, OpKind, UnaryKind  # type: ignore[attr-defined]
+from ..._core import BinaryKind, BinaryParams, UnaryKind, UnaryParams  # type: ignore[attr-defined]
 from .._validate import Attr
 from ..graph import Node, broadcast_shape
 from ..values import ident, strides
@@ -65,7 +65,7 @@ def binary(cx: "Lowering", op: str, a_name: str, b_name: str, out_name: str) -> 
     if r == 0:
         ophys, strd = [1], [[0], [0]]
         r = 1
-    cx.emit(OpKind.BINARY, vids, [out.vid], [r, *ophys, *strd[0], *strd[1]], sub=sub)
+    cx.emit(BinaryParams(op=sub, shape=list(ophys), a_strides=strd[0], b_strides=strd[1]), vids, [out.vid])
     cx.set(out_name, out)
 
 
@@ -117,11 +117,12 @@ def _fold_sum(n: Node, a: Arrays, opset: int) -> List[np.ndarray]:
 
 
 # ---------------------------------------------------------------- unary
-def unary(cx: "Lowering", n: Node, sub: Any, fp: Sequence[float] = ()) -> None:
-    """Emits ``n``'s output = the unary op ``sub`` of its input (parameters ``fp``)."""
+def unary(cx: "Lowering", n: Node, sub: Any, **params: float) -> None:
+    """Emits ``n``'s output = the unary function ``sub`` (a ``UnaryKind``) of its input; ``params``:
+    the function's parameters (``lo``, ``hi``, ``alpha``, ``beta``)."""
     x = cx.get(n.inputs[0])
     out = cx.new_value(x.shape, x.perm)
-    cx.emit(OpKind.UNARY, [x.vid], [out.vid], [x.size], fp, sub=sub)
+    cx.emit(UnaryParams(op=sub, count=x.size, **params), [x.vid], [out.vid])
     cx.set(n.outputs[0], out)
 
 
@@ -137,17 +138,17 @@ def _clip(cx: "Lowering", n: Node) -> None:
     hi = cx.const_input(n, 2, "Clip max")
     lo_v = float(lo) if lo is not None else float(n.attrs.get("min", -np.inf))
     hi_v = float(hi) if hi is not None else float(n.attrs.get("max", np.inf))
-    unary(cx, n, UnaryKind.CLIP, [lo_v, hi_v])
+    unary(cx, n, UnaryKind.CLIP, lo=lo_v, hi=hi_v)
 
 
 @lowers("LeakyRelu", attrs={"alpha": Attr.NUM})
 def _leaky_relu(cx: "Lowering", n: Node) -> None:
-    unary(cx, n, UnaryKind.LEAKY_RELU, [float(n.attrs.get("alpha", 0.01))])
+    unary(cx, n, UnaryKind.LEAKY_RELU, alpha=float(n.attrs.get("alpha", 0.01)))
 
 
 @lowers("HardSigmoid", attrs={"alpha": Attr.NUM, "beta": Attr.NUM})
 def _hard_sigmoid(cx: "Lowering", n: Node) -> None:
-    unary(cx, n, UnaryKind.HARD_SIGMOID, [float(n.attrs.get("alpha", 0.2)), float(n.attrs.get("beta", 0.5))])
+    unary(cx, n, UnaryKind.HARD_SIGMOID, alpha=float(n.attrs.get("alpha", 0.2)), beta=float(n.attrs.get("beta", 0.5)))
 
 
 _NP_UNARY = {"Sqrt": np.sqrt, "Neg": np.negative, "Abs": np.abs, "Floor": np.floor, "Ceil": np.ceil, "Exp": np.exp,

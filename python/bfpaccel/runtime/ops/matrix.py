@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Dict, Sequence
 import numpy as np
 
 from ... import _core  # type: ignore[attr-defined]
-from ..._core import OpKind  # type: ignore[attr-defined]
+from ...core import fmt_params
 from .._validate import Attr, need, prod
 from ..graph import Node
 from ..values import Value, ident
@@ -112,8 +112,8 @@ def _packed(cx: "Lowering", n: Node, groups: int, taps: int) -> Any:
     if key not in cache:
         codes = cx.const(n.attrs["qweight"] + ".codes")
         exps = cx.const(n.attrs["qweight"] + ".exps")
-        cache[key] = _core.pack_operand(codes.view(np.int8), exps, cx.plan.weight_format.kernel_params(),
-                                        "convw", taps, groups)
+        cache[key] = _core.pack_operand(codes.view(np.int8), exps, fmt_params(cx.plan.weight_format), "convw",
+                                        taps, groups)
     return cache[key]
 
 
@@ -134,27 +134,22 @@ def conv_nhwc(cx: "Lowering", n: Node, x: Value, O: int, kh: int, kw: int, group
     Wshape = n.attrs["weight_shape"]
     if Wshape[1] * groups != C:
         raise cx.err(f"input has {C} channels, the weight expects {Wshape[1] * groups}")
-    kw_: Dict[str, Any] = {}
-    if groups == C and Wshape[1] == 1 and O == C:  # depthwise: one-element blocks, see runtime.cpp
-        kw_["wf"] = cx.const_vid(_depthwise_weights(cx, n, O, kh, kw))
-        kw_["sub"] = 1
-        quant = 1 if "qweight" in n.attrs else 0
-        if len(n.inputs) > 2 and n.inputs[2]:
-            kw_["bias"] = cx.const_vid(_bias(cx, n, O))
-        ip = [N, H, W, C, O, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, groups, OH, OW, quant]
-        cx.emit(OpKind.CONV, [xn.vid], [out.vid], ip, **kw_)
-        return out
-    if "qweight" in n.attrs:
-        kw_["w"] = _packed(cx, n, groups, kh * kw)
+    geom = _core.ConvGeometry(batch=N, channels=C, height=H, width=W, out_channels=O, kernel_h=kh, kernel_w=kw,
+                              stride_h=sh, stride_w=sw, pad_top=pt, pad_left=pl, pad_bottom=pb, pad_right=pr,
+                              dilation_h=dh, dilation_w=dw, groups=groups, out_h=OH, out_w=OW)
+    params = _core.ConvParams(geometry=geom)
+    w, wf = None, -1
+    if groups == C and Wshape[1] == 1 and O == C:  # depthwise: one-element blocks, see ops/conv.cpp
+        wf = cx.const_vid(_depthwise_weights(cx, n, O, kh, kw))
+        params.depthwise, params.quantize_input = True, "qweight" in n.attrs
+    elif "qweight" in n.attrs:
+        w = _packed(cx, n, groups, kh * kw)
     else:
         Wf = np.asarray(cx.const(n.attrs["fweight"]), np.float32)
         G, Og, Cg = groups, O // groups, Wshape[1]
-        Wt = Wf.reshape(G, Og, Cg, kh, kw).transpose(0, 3, 4, 2, 1).reshape(-1)
-        kw_["wf"] = cx.const_vid(Wt)
-    if len(n.inputs) > 2 and n.inputs[2]:
-        kw_["bias"] = cx.const_vid(_bias(cx, n, O))
-    ip = [N, H, W, C, O, kh, kw, sh, sw, pt, pl, pb, pr, dh, dw, groups, OH, OW]
-    cx.emit(OpKind.CONV, [xn.vid], [out.vid], ip, **kw_)
+        wf = cx.const_vid(Wf.reshape(G, Og, Cg, kh, kw).transpose(0, 3, 4, 2, 1).reshape(-1))
+    bias = cx.const_vid(_bias(cx, n, O)) if len(n.inputs) > 2 and n.inputs[2] else -1
+    cx.emit(params, [xn.vid], [out.vid], w=w, wf=wf, bias=bias)
     return out
 
 

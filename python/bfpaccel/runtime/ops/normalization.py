@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Dict
 
 import numpy as np
 
-from ..._core import OpKind  # type: ignore[attr-defined]
+from ..._core import AffineParams  # type: ignore[attr-defined]
 from .._validate import Attr, need, prod
 from ..graph import Node
 from ..values import Value
@@ -26,7 +26,8 @@ def affine(cx: "Lowering", x: Value, axis: int, s: np.ndarray, t: np.ndarray, ou
     if s.size != C or t.size != C:
         raise cx.err(f"{s.size} scales / {t.size} shifts for {C} channels")
     out = cx.new_value(x.shape, x.perm)
-    cx.emit(OpKind.AFFINE, [x.vid], [out.vid], [outer, C, inner], list(s) + list(t))
+    cx.emit(AffineParams(outer=outer, channels=C, inner=inner, scale=[float(v) for v in s],
+                         shift=[float(v) for v in t]), [x.vid], [out.vid])
     cx.set(out_name, out)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict
 
-from ..._core import OpKind, PoolKind, ReduceKind  # type: ignore[attr-defined]
+from ..._core import ConvGeometry, PoolKind, PoolParams, ReduceKind  # type: ignore[attr-defined]
 from .._validate import Attr, need
 from ..graph import Node
 from ._common import pads_2d
@@ -53,9 +53,11 @@ def _pool(cx: "Lowering", n: Node, kind: Any) -> None:
         raise cx.err("the pooled output would be empty")
     xn = cx.layout(x, (0, 2, 3, 1))
     out = cx.new_value((N, C, OH, OW), (0, 2, 3, 1))
-    cip = int(n.attrs.get("count_include_pad", 0))
-    cx.emit(OpKind.POOL, [xn.vid], [out.vid], [N, H, W, C, kh, kw, sh, sw, pt, pl, pb, pr, OH, OW, cip, dh, dw],
-            sub=kind)
+    window = ConvGeometry(batch=N, channels=C, height=H, width=W, out_channels=C, kernel_h=kh, kernel_w=kw,
+                          stride_h=sh, stride_w=sw, pad_top=pt, pad_left=pl, pad_bottom=pb, pad_right=pr,
+                          dilation_h=dh, dilation_w=dw, groups=1, out_h=OH, out_w=OW)
+    cip = bool(int(n.attrs.get("count_include_pad", 0)))
+    cx.emit(PoolParams(op=kind, window=window, count_include_pad=cip), [xn.vid], [out.vid])
     cx.set(n.outputs[0], out)
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..._core import OpKind, ReduceKind  # type: ignore[attr-defined]
+from ..._core import ReduceKind, ReduceParams  # type: ignore[attr-defined]
 from .._validate import Attr
 from ..graph import Node
 from ..values import Value, ident
@@ -45,7 +45,7 @@ def reduce_axes(cx: "Lowering", x: Value, axes: Sequence[int], keep: bool, sub: 
         ren = {a: i for i, a in enumerate(sorted(remaining))}
         perm = tuple(ren[p] for p in remaining)
     out = cx.new_value(shape, perm)
-    cx.emit(OpKind.REDUCE, [x.vid], [out.vid], [outer, R, inner], sub=sub)
+    cx.emit(ReduceParams(op=sub, outer=outer, length=R, inner=inner), [x.vid], [out.vid])
     cx.set(out_name, out)
 
 

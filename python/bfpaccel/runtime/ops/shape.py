@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Sequence
 
 import numpy as np
 
-from ..._core import OpKind  # type: ignore[attr-defined]
+from ..._core import ConcatParams, PadParams, StridedParams  # type: ignore[attr-defined]
 from .._validate import Attr, need
 from ..graph import Node
 from ..values import Value, compatible, ident, strides
@@ -237,7 +237,8 @@ def _concat(cx: "Lowering", n: Node) -> None:
     pa = perm.index(axis)
     ph = out.phys
     outer, inner = int(np.prod(ph[:pa])), int(np.prod(ph[pa + 1:]))
-    cx.emit(OpKind.CONCAT, [v.vid for v in vs], [out.vid], [outer, inner, *[v.shape[axis] for v in vs]])
+    cx.emit(ConcatParams(outer=outer, inner=inner, lengths=[v.shape[axis] for v in vs]), [v.vid for v in vs],
+            [out.vid])
     cx.set(n.outputs[0], out)
 
 
@@ -275,7 +276,8 @@ def _pad(cx: "Lowering", n: Node) -> None:
     begin, end = pads[:r], pads[r:]
     shape = [x.shape[a] + begin[a] + end[a] for a in range(r)]
     out = cx.new_value(shape, x.perm)
-    cx.emit(OpKind.PAD, [x.vid], [out.vid], [r, *x.phys, *out.phys, *[begin[p] for p in x.perm]], [value])
+    params = PadParams(in_shape=list(x.phys), out_shape=list(out.phys), begin=[begin[p] for p in x.perm], value=value)
+    cx.emit(params, [x.vid], [out.vid])
     cx.set(n.outputs[0], out)
 
 
@@ -300,7 +302,7 @@ def slice_axes(cx: "Lowering", x: Value, starts: Sequence[int], ends: Sequence[i
         off += st[a] * in_str[i]
         strd.append(in_str[i] * sp[a])
     out = cx.new_value(ln, x.perm)
-    cx.emit(OpKind.STRIDED, [x.vid], [out.vid], [r, off, *out.phys, *strd], label="slice")
+    cx.emit(StridedParams(offset=off, shape=list(out.phys), strides=strd), [x.vid], [out.vid], label="slice")
     cx.set(out_name, out)
 
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..._core import OpKind  # type: ignore[attr-defined]
+from ..._core import SoftmaxParams  # type: ignore[attr-defined]
 from .._validate import Attr
 from ..graph import Node
 from ..values import ident
@@ -19,7 +19,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 @lowers("Softmax", "LogSoftmax", attrs={"axis": Attr.INT})
 def _softmax(cx: "Lowering", n: Node) -> None:
-    log = 1 if n.op == "LogSoftmax" else 0
     x = cx.get(n.inputs[0])
     r = len(x.shape)
     if cx.opset >= 13:
@@ -32,5 +31,5 @@ def _softmax(cx: "Lowering", n: Node) -> None:
         x = cx.layout(x, ident(r))
         outer, L, inner = int(np.prod(x.shape[:a])), int(np.prod(x.shape[a:])), 1
     out = cx.new_value(x.shape, x.perm)
-    cx.emit(OpKind.SOFTMAX, [x.vid], [out.vid], [outer, L, inner], sub=log)
+    cx.emit(SoftmaxParams(log=n.op == "LogSoftmax", outer=outer, length=L, inner=inner), [x.vid], [out.vid])
     cx.set(n.outputs[0], out)

@@ -1,0 +1,104 @@
+// The typed parameters of a program's ops: the boundary between the Python lowering and the
+// C++ executors. Each struct is made from a field list F(type, name, doc); bindings.cpp gives
+// every field a Python attribute and keyword argument of the same name (_core.UnaryParams(op=
+// UnaryKind.RELU, count=16)), so nothing crosses the boundary by position. An op's parameter
+// type names its kind (op_kinds.h); the op's validator (csrc/ops/) checks every value against
+// the op's buffers before the op can run.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+#include <variant>
+#include <vector>
+
+#include "op_kinds.h"
+#include "ops.h"
+
+namespace bfp {
+
+#define BFP_DECLARE_FIELD(type, name, doc) type name{};
+
+// A 2-D window over NHWC data: a convolution's geometry, or a pooling window (out_channels ==
+// channels, groups == 1).
+#define BFP_FIELDS_ConvGeometry(F)                                                                  \
+    F(int64_t, batch, "N") F(int64_t, channels, "input channels C") F(int64_t, height, "input H")   \
+    F(int64_t, width, "input W") F(int64_t, out_channels, "output channels O")                      \
+    F(int64_t, kernel_h, "kernel height") F(int64_t, kernel_w, "kernel width")                      \
+    F(int64_t, stride_h, "vertical stride") F(int64_t, stride_w, "horizontal stride")               \
+    F(int64_t, pad_top, "rows of padding above") F(int64_t, pad_left, "columns of padding left")    \
+    F(int64_t, pad_bottom, "rows of padding below") F(int64_t, pad_right, "columns of padding right") \
+    F(int64_t, dilation_h, "vertical dilation") F(int64_t, dilation_w, "horizontal dilation")       \
+    F(int64_t, groups, "channel groups") F(int64_t, out_h, "output height") F(int64_t, out_w, "output width")
+struct ConvGeometry {
+    BFP_FIELDS_ConvGeometry(BFP_DECLARE_FIELD)
+    // the kernels' geometry (call after validation: the narrow fields are in range)
+    ConvGeom geom() const {
+        return ConvGeom{batch, channels, height, width, int(groups), int(stride_h), int(stride_w), int(pad_top),
+                        int(pad_left), int(pad_bottom), int(pad_right), int(dilation_h), int(dilation_w), out_h,
+                        out_w};
+    }
+};
+
+// kOpConv: x [N][H][W][C] -> y [N][OH][OW][O], weights in Op::w (BFP) or the buffer Op::wf (fp32
+// [G][taps][Cg][Og]; depthwise: [taps][C]), bias Op::bias, residual Op::res
+#define BFP_FIELDS_ConvParams(F)                                                                        \
+    F(ConvGeometry, geometry, "the convolution's shapes, kernel, strides, padding, dilation, groups")  \
+    F(bool, depthwise, "one channel per group, multiplier 1: one-element blocks in fp32")              \
+    F(bool, quantize_input, "depthwise: fake-quantize the input to the format's one-element blocks")  \
+    F(Activation, activation, "fused after bias and residual: NONE, RELU or CLIP")                    \
+    F(float, clip_lo, "CLIP: lower bound") F(float, clip_hi, "CLIP: upper bound")
+// kOpBinary: y[i] = a[i . a_strides] op b[i . b_strides] over i in shape (row-major y)
+#define BFP_FIELDS_BinaryParams(F)                                                                     \
+    F(BinaryKind, op, "the operation") F(std::vector<int64_t>, shape, "the output's shape")            \
+    F(std::vector<int64_t>, a_strides, "strides of a per output axis (0: broadcast)")                 \
+    F(std::vector<int64_t>, b_strides, "strides of b per output axis (0: broadcast)")
+// kOpUnary: y[i] = f(x[i]), i < count
+#define BFP_FIELDS_UnaryParams(F)                                                                      \
+    F(UnaryKind, op, "the function") F(int64_t, count, "elements")                                     \
+    F(float, lo, "CLIP: lower bound") F(float, hi, "CLIP: upper bound")                                \
+    F(float, alpha, "LEAKY_RELU: slope; HARD_SIGMOID: alpha") F(float, beta, "HARD_SIGMOID: beta")
+// kOpAffine: x (outer, channels, inner) -> x * scale[c] + shift[c]
+#define BFP_FIELDS_AffineParams(F)                                                                     \
+    F(int64_t, outer, "") F(int64_t, channels, "") F(int64_t, inner, "")                               \
+    F(std::vector<float>, scale, "one per channel") F(std::vector<float>, shift, "one per channel")
+// kOpPool: NHWC windows
+#define BFP_FIELDS_PoolParams(F)                                                                       \
+    F(PoolKind, op, "MAX or AVERAGE") F(ConvGeometry, window, "shapes, window, strides, padding, dilation") \
+    F(bool, count_include_pad, "AVERAGE: padded positions count in the divisor")
+// kOpReduce: (outer, length, inner) -> (outer, inner)
+#define BFP_FIELDS_ReduceParams(F) \
+    F(ReduceKind, op, "the reduction") F(int64_t, outer, "") F(int64_t, length, "reduced") F(int64_t, inner, "")
+// kOpSoftmax: (outer, length, inner) along length
+#define BFP_FIELDS_SoftmaxParams(F) \
+    F(bool, log, "LogSoftmax") F(int64_t, outer, "") F(int64_t, length, "normalised") F(int64_t, inner, "")
+// kOpConcat: inputs (outer, lengths[i], inner) -> (outer, sum lengths, inner)
+#define BFP_FIELDS_ConcatParams(F) \
+    F(int64_t, outer, "") F(int64_t, inner, "") F(std::vector<int64_t>, lengths, "one per input")
+// kOpStrided: y[i] = x[offset + i . strides] over i in shape (row-major y)
+#define BFP_FIELDS_StridedParams(F)                                                                    \
+    F(int64_t, offset, "of the first element read") F(std::vector<int64_t>, shape, "the output's shape") \
+    F(std::vector<int64_t>, strides, "input strides per output axis (may be negative)")
+// kOpPad: y (out_shape, filled with value) gets x (in_shape) at begin
+#define BFP_FIELDS_PadParams(F)                                                                        \
+    F(std::vector<int64_t>, in_shape, "") F(std::vector<int64_t>, out_shape, "")                      \
+    F(std::vector<int64_t>, begin, "x's position in y per axis (negative: cropped)") F(float, value, "the fill")
+// kOpCopy: y[i] = x[i], i < count
+#define BFP_FIELDS_CopyParams(F) F(int64_t, count, "elements")
+
+#define BFP_DECLARE_PARAMS(k, py, P) \
+    struct P {                       \
+        BFP_FIELDS_##P(BFP_DECLARE_FIELD) static constexpr OpKind kind = k; \
+    };
+BFP_OP_KINDS(BFP_DECLARE_PARAMS)
+#undef BFP_DECLARE_PARAMS
+
+// One op's parameters: the alternative names the kind (index kind + 1; monostate: none).
+#define BFP_PARAMS_ALTERNATIVE(k, py, P) , P
+using OpParams = std::variant<std::monostate BFP_OP_KINDS(BFP_PARAMS_ALTERNATIVE)>;
+#undef BFP_PARAMS_ALTERNATIVE
+#define BFP_PARAMS_INDEX(k, py, P) \
+    static_assert(std::is_same_v<std::variant_alternative_t<size_t(k) + 1, OpParams>, P>, "params order");
+BFP_OP_KINDS(BFP_PARAMS_INDEX)
+#undef BFP_PARAMS_INDEX
+
+}  // namespace bfp
