@@ -17,7 +17,8 @@
     X(kOpConcat, CONCAT, ConcatParams) /* (outer, L_i, inner) -> (outer, sum L_i, inner) */                  \
     X(kOpStrided, STRIDED, StridedParams) /* out[idx] = in[off + sum idx_a * stride_a] (transpose, slice) */ \
     X(kOpPad, PAD, PadParams)          /* constant padding */                                                \
-    X(kOpCopy, COPY, CopyParams)
+    X(kOpCopy, COPY, CopyParams)                                                                              \
+    X(kOpLayerNorm, LAYER_NORM, LayerNormParams) /* rows normalised by their mean and variance */
 
 #define BFP_BINARY_KINDS(X) X(kAdd, ADD) X(kSub, SUB) X(kMul, MUL) X(kDiv, DIV) X(kMax, MAX) X(kMin, MIN) X(kPow, POW)
 
@@ -25,7 +26,7 @@
     X(kRelu, RELU) X(kClip, CLIP) X(kSqrt, SQRT) X(kRecip, RECIPROCAL) X(kExp, EXP) X(kSigmoid, SIGMOID)        \
     X(kTanh, TANH) X(kNeg, NEG) X(kAbs, ABS) X(kLeakyRelu, LEAKY_RELU) X(kIdentity, IDENTITY) X(kLog, LOG)      \
     X(kErf, ERF) X(kHardSigmoid, HARD_SIGMOID) X(kHardSwish, HARD_SWISH) X(kSwish, SWISH) X(kRsqrt, RSQRT)     \
-    X(kFloor, FLOOR) X(kCeil, CEIL)
+    X(kFloor, FLOOR) X(kCeil, CEIL) X(kGelu, GELU) X(kGeluTanh, GELU_TANH)
 
 #define BFP_POOL_KINDS(X) X(kPoolMax, MAX) X(kPoolAvg, AVERAGE)
 

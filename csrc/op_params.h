@@ -84,6 +84,11 @@ struct ConvGeometry {
     F(std::vector<int64_t>, begin, "x's position in y per axis (negative: cropped)") F(float, value, "the fill")
 // kOpCopy: y[i] = x[i], i < count
 #define BFP_FIELDS_CopyParams(F) F(int64_t, count, "elements")
+// kOpLayerNorm: each of `outer` rows of `length` -> (x - mean) / sqrt(var + epsilon) * scale + bias
+#define BFP_FIELDS_LayerNormParams(F)                                                                  \
+    F(int64_t, outer, "rows") F(int64_t, length, "elements per row (the normalised axes)")           \
+    F(float, epsilon, "added to the variance") F(std::vector<float>, scale, "one per element of a row") \
+    F(std::vector<float>, bias, "one per element of a row, or none")
 
 #define BFP_DECLARE_PARAMS(k, py, P) \
     struct P {                       \

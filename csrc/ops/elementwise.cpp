@@ -65,6 +65,18 @@ static void binary_vp(int k, const float* A, const float* B, float* Y, const int
     }
 }
 
+// ONNX Gelu (opset 20) in fp32, in the order of the operator's function body: approximate="none"
+// 0.5 x * (1 + erf(x / sqrt(2))); approximate="tanh" 0.5 x * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+static inline float gelu(float x) {
+    const float sqrt2 = std::sqrt(2.0f);  // folded by the compiler (correctly rounded)
+    return (0.5f * x) * (1.0f + std::erf(x / sqrt2));
+}
+
+static inline float gelu_tanh(float x) {
+    const float sqrt_2_over_pi = std::sqrt(0.636619747f);  // sqrt of the float nearest 2/pi
+    return (0.5f * x) * (1.0f + std::tanh(sqrt_2_over_pi * (x + 0.044715f * std::pow(x, 3.0f))));
+}
+
 // One element of a unary op: its function (k, with q's parameters) in fp32; the caller rounds
 // the result to the vector precision.
 static inline float unary(int k, float x, const UnaryParams& q) {
@@ -88,6 +100,8 @@ static inline float unary(int k, float x, const UnaryParams& q) {
         case kRsqrt: return 1.0f / std::sqrt(x);
         case kFloor: return std::floor(x);
         case kCeil: return std::ceil(x);
+        case kGelu: return gelu(x);
+        case kGeluTanh: return gelu_tanh(x);
         default: return x;
     }
 }

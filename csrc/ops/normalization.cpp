@@ -1,5 +1,5 @@
-// Normalization: a per-channel x * s + t (a batch-norm the compiler did not fold), rounded to the
-// vector precision.
+// Normalization: a per-channel x * s + t (a batch-norm the compiler did not fold) and layer
+// normalization, each result rounded to the vector precision.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -45,6 +45,50 @@ static void exec_affine(Program& p, const Op& op) {
     });
 }
 
+static void validate_layer_norm(const Program& p, const Op& op, OpCheck& c) {
+    const LayerNormParams& q = op.get<LayerNormParams>();
+    c.ins(1);
+    const int64_t n = c.mul(q.outer, q.length);
+    c.entries(q.scale.size(), size_t(q.length), "scale");
+    if (!q.bias.empty()) c.entries(q.bias.size(), size_t(q.length), "bias");
+    c.fits(op.in[0], n, "input");
+    c.fits(op.out[0], n, "output");
+    (void)p;
+}
+
+// ONNX LayerNormalization (opset 17, stash_type float32) in the order of the operator's function
+// body, in fp32: mean and mean of squares as sequential sums / length, var = E[x^2] - E[x]^2,
+// y = (x - mean) / sqrt(var + epsilon) * scale + bias; only y is rounded to the vector precision.
+static void exec_layer_norm(Program& p, const Op& op) {
+    const LayerNormParams& q = op.get<LayerNormParams>();
+    const int64_t rows = q.outer, L = q.length;
+    const float* x = p.buf(op.in[0]);
+    float* y = p.buf(op.out[0]);
+    const float* s = q.scale.data();
+    const float* b = q.bias.empty() ? nullptr : q.bias.data();
+    const float eps = q.epsilon, len = float(L);
+    with_vp(p.vec_prec(), [&](auto V) {
+        constexpr int vp = decltype(V)::value;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(rows * L * 4))
+        for (int64_t r = 0; r < rows; ++r) {
+            const float* xr = x + r * L;
+            float* yr = y + r * L;
+            float sum = 0.0f, sum_sq = 0.0f;
+            for (int64_t l = 0; l < L; ++l) sum = sum + xr[l];
+            for (int64_t l = 0; l < L; ++l) sum_sq = sum_sq + xr[l] * xr[l];
+            const float mean = sum / len;
+            const float var = sum_sq / len - mean * mean;
+            const float sd = std::sqrt(var + eps);
+            if (b) {
+                for (int64_t l = 0; l < L; ++l) yr[l] = R<vp>(((xr[l] - mean) / sd) * s[l] + b[l]);
+            } else {
+                for (int64_t l = 0; l < L; ++l) yr[l] = R<vp>(((xr[l] - mean) / sd) * s[l]);
+            }
+        }
+    });
+}
+
+BFP_REGISTER_OP(kOpLayerNorm, validate_layer_norm, exec_layer_norm);
 BFP_REGISTER_OP(kOpAffine, validate_affine, exec_affine);
 
 }  // namespace bfp

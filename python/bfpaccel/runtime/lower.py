@@ -42,6 +42,7 @@ def _names(enum: Any) -> Dict[int, str]:
     return {int(v): k for k, v in enum.__members__.items()}
 
 
+_NAMES_KIND = _names(_core.OpKind)
 _NAMES_BINARY = {v: k.lower() for v, k in _names(_core.BinaryKind).items()}
 _NAMES_UNARY = {v: k.replace("_", "").lower() for v, k in _names(_core.UnaryKind).items()}
 _NAMES_REDUCE = {v: "reduce " + k.replace("_", "").lower() for v, k in _names(_core.ReduceKind).items()}
@@ -52,7 +53,8 @@ def op_kind_name(kind: int, sub: int = 0, op_type: str = "") -> str:
     """A readable name of a lowered op's kind, for profiles: ``conv``, ``dense`` (a ``Gemm`` /
     ``MatMul`` on the BFP core), ``depthwise conv``, the binary/unary op (``add``, ``mul``,
     ``relu``, ``sigmoid``...), ``batchnorm``, ``max pool`` / ``average pool``, ``reduce mean``...,
-    ``softmax``, ``concat``, ``transpose`` (a layout copy), ``slice``, ``pad``, ``copy``.
+    ``softmax``, ``concat``, ``transpose`` (a layout copy), ``slice``, ``pad``, ``copy``,
+    ``layer norm``; any other kind is named after its ``OpKind``.
     ``kind`` and ``sub`` are the core's enums (``_core.OpKind``, ``_core.BinaryKind``...).
 
     Example:
@@ -76,15 +78,10 @@ def op_kind_name(kind: int, sub: int = 0, op_type: str = "") -> str:
         return _NAMES_REDUCE.get(sub, "reduce")
     if kind == OpKind.SOFTMAX:
         return "log softmax" if sub else "softmax"
-    if kind == OpKind.CONCAT:
-        return "concat"
     if kind == OpKind.STRIDED:
         return "slice" if op_type in ("Slice", "Split") else "transpose"
-    if kind == OpKind.PAD:
-        return "pad"
-    if kind == OpKind.COPY:
-        return "copy"
-    return f"kind {kind}"
+    name = _NAMES_KIND.get(kind)  # the others: the kind's name ("concat", "pad", "layer norm"...)
+    return name.replace("_", " ").lower() if name else f"kind {kind}"
 
 
 def op_label(params: Any, op_type: str = "") -> str:

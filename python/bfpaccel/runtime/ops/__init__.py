@@ -3,8 +3,8 @@ folding and its plan schema (see ``_registry.py`` and ``docs/adding-an-op.md``).
 
 =================  ==========================================================================
 ``matrix``         Conv, BfpDense on the BFP core; Gemm, MatMul (compiled into BfpDense)
-``elementwise``    Add, Sub, Mul, Div, Max, Min, Pow, Sum; Relu, Clip, Sigmoid, Tanh, ...
-``normalization``  BatchNormalization (not folded into a matrix op)
+``elementwise``    Add, Sub, Mul, Div, Max, Min, Pow, Sum; Relu, Clip, Sigmoid, Tanh, Gelu, ...
+``normalization``  BatchNormalization (not folded into a matrix op), LayerNormalization
 ``pooling``        MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool
 ``reduce``         ReduceSum, ReduceMean, ReduceMax, ReduceMin, ReduceSumSquare, ReduceL2
 ``softmax``        Softmax, LogSoftmax

@@ -1,5 +1,5 @@
 """Elementwise vector ops: broadcasting binary ops (Add, Sub, Mul, Div, Max, Min, Pow, Sum) and
-unary ops (Relu, Clip, LeakyRelu, Sigmoid, Tanh, Exp, Log, ...).
+unary ops (Relu, Clip, LeakyRelu, Sigmoid, Tanh, Exp, Log, Gelu, ...).
 
 Each runs on the vector units: its result is rounded to the plan's vector precision.  A binary
 op keeps the layout of its full-rank operand (a channels-last tensor stays channels-last);
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, List
 import numpy as np
 
 from ..._core import BinaryKind, BinaryParams, UnaryKind, UnaryParams  # type: ignore[attr-defined]
-from .._validate import Attr
+from .._validate import Attr, need
 from ..graph import Node, broadcast_shape
 from ..values import ident, strides
 from ._common import core_kind
@@ -149,6 +149,24 @@ def _leaky_relu(cx: "Lowering", n: Node) -> None:
 @lowers("HardSigmoid", attrs={"alpha": Attr.NUM, "beta": Attr.NUM})
 def _hard_sigmoid(cx: "Lowering", n: Node) -> None:
     unary(cx, n, UnaryKind.HARD_SIGMOID, alpha=float(n.attrs.get("alpha", 0.2)), beta=float(n.attrs.get("beta", 0.5)))
+
+
+_GELU = {"none": UnaryKind.GELU, "tanh": UnaryKind.GELU_TANH}
+
+
+def _check_gelu(n: Node, where: str, consts: Any, fa: Any, fw: Any, opset: int) -> None:
+    a = n.attrs.get("approximate", "none")
+    need(a in _GELU, f"{where}.attrs.approximate", f"must be 'none' or 'tanh', got {a!r}")
+
+
+@lowers("Gelu", attrs={"approximate": Attr.STR}, check=_check_gelu)
+def _gelu(cx: "Lowering", n: Node) -> None:
+    """Gelu (opset 20): ``approximate="none"`` (erf) or ``"tanh"``, computed in fp32 in the order
+    of the ONNX function body and rounded once to the vector precision."""
+    a = n.attrs.get("approximate", "none")
+    if a not in _GELU:
+        raise cx.err(f"approximate must be 'none' or 'tanh', got {a!r}")
+    unary(cx, n, _GELU[a])
 
 
 _NP_UNARY = {"Sqrt": np.sqrt, "Neg": np.negative, "Abs": np.abs, "Floor": np.floor, "Ceil": np.ceil, "Exp": np.exp,
