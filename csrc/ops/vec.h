@@ -1,4 +1,4 @@
-// Helpers of the ops' executors: the vector precision's rounding (FORMATS.md §7) as inline
+// Helpers of the ops' executors: the vector precision's rounding (docs/numerics.md#vector-unit) as inline
 // code the loops vectorise, dispatch on the precision, and the OpenMP work threshold.
 #pragma once
 
