@@ -7,6 +7,10 @@ declares (a convolution's ``weight_shape`` against its quantized codes and expon
 bias length, ...).  Anything wrong is a :class:`~bfpaccel.runtime.plan.PlanError` naming the
 field, so a malformed plan fails at load, never while it runs.  The constants themselves are
 then read against the declared shapes, dtypes and checksums (``plan.py``).
+
+What a node of each op type may hold (its inputs, outputs, attribute checks and further
+checks) is declared with the op in the registry (``ops/``); this module supplies the checks
+(:class:`Attr`, :func:`need`) and applies them.
 """
 
 from __future__ import annotations
