@@ -149,7 +149,7 @@ static void validate_unary(const Program& p, const Op& op, OpCheck& c) {
 }
 
 static void exec_unary(Program& p, const Op& op) {
-    const UnaryParams& q = op.get<UnaryParams>();
+    const UnaryParams q = op.get<UnaryParams>();  // a local copy: the loop's stores cannot alias it
     const int64_t n = q.count;
     const float* x = p.buf(op.in[0]);
     float* y = p.buf(op.out[0]);
