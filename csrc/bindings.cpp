@@ -120,6 +120,9 @@ PYBIND11_MODULE(_core, m) {
     py::enum_<VecPrec>(m, "VecPrec", py::arithmetic(), "Vector precisions (docs/numerics.md#vector-unit)")
         BFP_VEC_PRECS(BFP_PY_VALUE);
     py::enum_<Activation>(m, "Activation", py::arithmetic(), "A conv's fused activation") BFP_ACTIVATIONS(BFP_PY_VALUE);
+    py::enum_<RnnCell>(m, "RnnCell", py::arithmetic(), "Recurrent cells") BFP_RNN_CELLS(BFP_PY_VALUE);
+    py::enum_<RnnActivation>(m, "RnnActivation", py::arithmetic(), "Activation functions of recurrent cells")
+        BFP_RNN_ACTIVATIONS(BFP_PY_VALUE);
 #undef BFP_PY_VALUE
     py::enum_<ElemKind>(m, "ElemKind", py::arithmetic(), "Block element kinds").value("INT", kInt).value("FP", kFp);
     py::enum_<Rounding>(m, "Rounding", py::arithmetic(), "Rounding modes (formats.ROUNDING_MODES)")

@@ -18,7 +18,8 @@
     X(kOpStrided, STRIDED, StridedParams) /* out[idx] = in[off + sum idx_a * stride_a] (transpose, slice) */ \
     X(kOpPad, PAD, PadParams)          /* constant padding */                                                \
     X(kOpCopy, COPY, CopyParams)                                                                              \
-    X(kOpLayerNorm, LAYER_NORM, LayerNormParams) /* rows normalised by their mean and variance */
+    X(kOpLayerNorm, LAYER_NORM, LayerNormParams) /* rows normalised by their mean and variance */           \
+    X(kOpRecurrent, RECURRENT, RecurrentParams) /* one direction of an LSTM / GRU, its time loop inside */
 
 #define BFP_BINARY_KINDS(X) X(kAdd, ADD) X(kSub, SUB) X(kMul, MUL) X(kDiv, DIV) X(kMax, MAX) X(kMin, MIN) X(kPow, POW)
 
@@ -36,6 +37,13 @@
 // vector precision (docs/numerics.md#vector-unit): every vector op rounds its result (RNE, IEEE overflow)
 #define BFP_VEC_PRECS(X) X(kVecFp32, FP32) X(kVecFp16, FP16) X(kVecBf16, BF16)
 
+// a recurrent op's cell (RecurrentParams::cell) and its activation functions (ONNX names)
+#define BFP_RNN_CELLS(X) X(kCellLstm, LSTM) X(kCellGru, GRU)
+#define BFP_RNN_ACTIVATIONS(X)                                                                                 \
+    X(kRnnSigmoid, SIGMOID) X(kRnnTanh, TANH) X(kRnnRelu, RELU) X(kRnnHardSigmoid, HARD_SIGMOID)               \
+    X(kRnnLeakyRelu, LEAKY_RELU) X(kRnnAffine, AFFINE) X(kRnnThresholdedRelu, THRESHOLDED_RELU)                \
+    X(kRnnScaledTanh, SCALED_TANH) X(kRnnElu, ELU) X(kRnnSoftsign, SOFTSIGN) X(kRnnSoftplus, SOFTPLUS)
+
 // a conv's fused activation (VecEpilogue::act)
 #define BFP_ACTIVATIONS(X) X(kActNone, NONE) X(kActRelu, RELU) X(kActClip, CLIP)
 
@@ -51,6 +59,8 @@ enum PoolKind : int { BFP_POOL_KINDS(BFP_ENUMERATOR) kPoolCount };
 enum ReduceKind : int { BFP_REDUCE_KINDS(BFP_ENUMERATOR) kReduceCount };
 enum VecPrec : int { BFP_VEC_PRECS(BFP_ENUMERATOR) kVecCount };
 enum Activation : int { BFP_ACTIVATIONS(BFP_ENUMERATOR) kActCount };
+enum RnnCell : int { BFP_RNN_CELLS(BFP_ENUMERATOR) kCellCount };
+enum RnnActivation : int { BFP_RNN_ACTIVATIONS(BFP_ENUMERATOR) kRnnActCount };
 #undef BFP_ENUMERATOR
 
 }  // namespace bfp

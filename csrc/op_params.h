@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <variant>
 #include <vector>
@@ -89,6 +90,31 @@ struct ConvGeometry {
     F(int64_t, outer, "rows") F(int64_t, length, "elements per row (the normalised axes)")           \
     F(float, epsilon, "added to the variance") F(std::vector<float>, scale, "one per element of a row") \
     F(std::vector<float>, bias, "one per element of a row, or none")
+
+// kOpRecurrent: one direction of an ONNX LSTM (gates i, o, f, c) or GRU (z, r, h) over the whole
+// sequence. in: the input projection x_t W^T (+ Wb) of every step (gates of (t, b) at
+// xg_offset + t * xg_step + b * xg_batch, contiguous), then initial_h and initial_c if given; out:
+// Y, Y_h, Y_c as flagged (h of (t, b) at y_offset + t * y_step + b * y_batch; states of b at
+// state_offset + b * state_batch, also for initial_h / initial_c). Recurrence weights [rows][H]:
+// `recurrence` (BFP; GRU without linear_before_reset: the z and r rows, `recurrence_h` the h
+// rows) or `recurrence_f32` ([H][gates * H], format fp32).
+#define BFP_FIELDS_RecurrentParams(F)                                                                  \
+    F(RnnCell, cell, "LSTM or GRU") F(int64_t, seq_len, "T") F(int64_t, batch, "B")                    \
+    F(int64_t, hidden, "H") F(bool, reverse, "the direction runs from the last step")                  \
+    F(bool, linear_before_reset, "GRU") F(bool, input_forget, "LSTM: f = 1 - i")                        \
+    F(bool, has_clip, "clip the activations' inputs") F(float, clip, "to [-clip, clip]")                \
+    F(std::vector<RnnActivation>, activations, "f, g (, h)")                                             \
+    F(std::vector<float>, alpha, "one per activation") F(std::vector<float>, beta, "one per activation") \
+    F(std::vector<float>, recurrence_bias, "Rb: gates * H, or none")                                   \
+    F(std::vector<float>, peephole, "LSTM: P (i, o, f): 3 * H, or none")                               \
+    F(std::vector<int64_t>, lengths, "per batch entry, in [0, T], or none (all T)")                    \
+    F(int64_t, xg_offset, "") F(int64_t, xg_step, "") F(int64_t, xg_batch, "")                        \
+    F(bool, has_initial_h, "") F(bool, has_initial_c, "") F(bool, has_y, "") F(bool, has_y_h, "")      \
+    F(bool, has_y_c, "") F(int64_t, y_offset, "") F(int64_t, y_step, "") F(int64_t, y_batch, "")       \
+    F(int64_t, state_offset, "") F(int64_t, state_batch, "")                                           \
+    F(std::shared_ptr<Operand>, recurrence, "BFP: packed [rows][H] (convw)")                          \
+    F(std::shared_ptr<Operand>, recurrence_h, "BFP GRU, linear_before_reset 0: the h rows")            \
+    F(std::vector<float>, recurrence_f32, "fp32: [H][gates * H]")
 
 #define BFP_DECLARE_PARAMS(k, py, P) \
     struct P {                       \

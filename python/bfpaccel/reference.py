@@ -35,6 +35,11 @@ __all__ = [
     "conv2d",
     "normalize_padding",
     "stochastic_bits",
+    "RnnWeight",
+    "rnn_activation",
+    "lstm_step",
+    "gru_step",
+    "rnn",
 ]
 
 FormatLike = Union[str, Format]
@@ -409,3 +414,313 @@ def conv2d(
     if bias is not None:
         out = (out + _as_float32(bias).reshape(1, O, 1, 1)).astype(np.float32)
     return out
+
+
+# ----------------------------------------------------------------------------- recurrent cells
+# ONNX LSTM / GRU on the datapath (docs/numerics.md#recurrent-cells): the matrix products on
+# the BFP datapath (weights quantized once, blocked along K per output row; h quantized as an
+# activation every step), the gate arithmetic as separate vector ops, each result rounded once to
+# the vector precision. exp, tanh and log are the C library's float32 functions, as in the C++
+# core (its vector ops call them), so the reference gives the same bits.
+
+_LIBM = None
+
+
+def _libm():
+    global _LIBM
+    if _LIBM is None:
+        import ctypes
+        import ctypes.util
+
+        lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+        fns = {}
+        for name in ("expf", "tanhf", "logf"):
+            f = getattr(lib, name)
+            f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
+            fns[name] = f
+        _LIBM = fns
+    return _LIBM
+
+
+def _libm_map(name: str, x: np.ndarray) -> np.ndarray:
+    """The C library's float32 function ``name`` applied to every element of ``x``."""
+    f = _libm()[name]
+    x = np.asarray(x, np.float32)
+    return np.array([f(float(v)) for v in x.ravel()], np.float32).reshape(x.shape)
+
+
+#: RNN activation functions (ONNX names) -> does it take (alpha, beta)?
+RNN_ACTIVATIONS = {
+    "Sigmoid": (False, False), "Tanh": (False, False), "Relu": (False, False), "Softsign": (False, False),
+    "Softplus": (False, False), "HardSigmoid": (True, True), "LeakyRelu": (True, False), "Affine": (True, True),
+    "ThresholdedRelu": (True, False), "ScaledTanh": (True, True), "Elu": (True, False),
+}
+#: default alpha / beta of the activations that take them (ONNX's operators of the same names)
+RNN_ACTIVATION_DEFAULTS = {"HardSigmoid": (0.2, 0.5), "LeakyRelu": (0.01, 0.0), "ThresholdedRelu": (1.0, 0.0),
+                           "Elu": (1.0, 0.0), "Affine": (1.0, 0.0), "ScaledTanh": (1.0, 1.0)}
+
+
+def rnn_activation(name: str, x: np.ndarray, alpha: float = 0.0, beta: float = 0.0) -> np.ndarray:
+    """An RNN activation function in float32, in the order the C++ core computes it (not
+    rounded to the vector precision: the caller rounds)."""
+    f32 = np.float32
+    x = np.asarray(x, f32)
+    a, b = f32(alpha), f32(beta)
+    one = f32(1.0)
+    with np.errstate(all="ignore"):
+        if name == "Sigmoid":
+            return (one / (one + _libm_map("expf", -x))).astype(f32)
+        if name == "Tanh":
+            return _libm_map("tanhf", x)
+        if name == "Relu":
+            return np.where(x > 0, x, np.where(np.isnan(x), x, f32(0))).astype(f32)
+        if name == "HardSigmoid":
+            return np.where(np.isnan(x), x, np.maximum(f32(0), np.minimum(one, (a * x + b).astype(f32)))).astype(f32)
+        if name == "LeakyRelu":
+            return np.where(x >= 0, x, (x * a).astype(f32)).astype(f32)
+        if name == "Affine":
+            return (a * x + b).astype(f32)
+        if name == "ThresholdedRelu":
+            return np.where(x > a, x, f32(0)).astype(f32)
+        if name == "ScaledTanh":
+            return (a * _libm_map("tanhf", (b * x).astype(f32))).astype(f32)
+        if name == "Elu":
+            return np.where(x >= 0, x, (a * (_libm_map("expf", x) - one)).astype(f32)).astype(f32)
+        if name == "Softsign":
+            return (x / (one + np.abs(x))).astype(f32)
+        if name == "Softplus":
+            return _libm_map("logf", (one + _libm_map("expf", x)).astype(f32))
+    raise ValueError(f"unknown RNN activation {name!r} (known: {', '.join(RNN_ACTIVATIONS)})")
+
+
+class RnnWeight:
+    """A recurrent op's weight ``[rows, K]`` as the datapath multiplies it: quantized once along
+    K (each row its own blocks) in a block format, or float32 (``fmt="fp32"``). The rows of all
+    directions are quantized together as one ``[D * gates * H, K]`` array, as the compiler does
+    (stochastic rounding indexes that array)."""
+
+    def __init__(self, w: np.ndarray, fmt: FormatLike, seed: int = 0):
+        self.fmt = get_format(fmt)
+        self.w = _as_float32(w)
+        if self.w.ndim != 2:
+            raise ValueError(f"a recurrent weight is [rows, K], got shape {self.w.shape}")
+        if self.fmt.is_block:
+            self.codes, self.exps = quantize_blocks(self.w, self.fmt, axis=1, seed=seed)
+
+    def rows(self, lo: int, hi: int) -> "RnnWeight":
+        """Rows [lo, hi) (their quantization unchanged)."""
+        out = RnnWeight.__new__(RnnWeight)
+        out.fmt, out.w = self.fmt, self.w[lo:hi]
+        if self.fmt.is_block:
+            out.codes, out.exps = self.codes[lo:hi], self.exps[lo:hi]
+        return out
+
+    def product(self, x: np.ndarray, fmt: FormatLike, seed: int = 0) -> np.ndarray:
+        """``x[M, K] @ w.T`` on the datapath: ``x`` quantized along K with ``fmt`` (float32
+        operands: sequential float32 sums over K, a multiply and an add per term)."""
+        x = _as_float32(x)
+        if not self.fmt.is_block:
+            acc = np.zeros((x.shape[0], self.w.shape[0]), np.float32)
+            with np.errstate(all="ignore"):
+                for k in range(x.shape[1]):
+                    acc = (acc + (x[:, k:k + 1] * self.w[None, :, k]).astype(np.float32)).astype(np.float32)
+            return acc
+        fa = get_format(fmt)
+        xc, xe = quantize_blocks(x, fa, axis=1, seed=seed)
+        return matmul_quantized(xc, xe, fa, self.codes.T, self.exps.T, self.fmt)
+
+
+def _vround(x: np.ndarray, vp: str) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return _round_ieee(np.asarray(x, np.float32), vp)
+
+
+def _acts(cell: str, activations: Optional[Sequence[str]], alpha: Optional[Sequence[float]],
+          beta: Optional[Sequence[float]], num_directions: int) -> list:
+    """Per direction, the cell's activation functions as (name, alpha, beta): alphas and betas
+    are consumed in order by the functions that take them, defaults elsewhere."""
+    n = 3 if cell == "LSTM" else 2
+    names = list(activations) if activations else (["Sigmoid", "Tanh", "Tanh"] if n == 3 else ["Sigmoid", "Tanh"]) \
+        * num_directions
+    if len(names) != n * num_directions:
+        raise ValueError(f"{cell} takes {n * num_directions} activations, got {len(names)}")
+    al, be = list(alpha or []), list(beta or [])
+    out = []
+    for nm in names:
+        if nm not in RNN_ACTIVATIONS:
+            raise ValueError(f"unknown RNN activation {nm!r}")
+        takes_a, takes_b = RNN_ACTIVATIONS[nm]
+        da, db = RNN_ACTIVATION_DEFAULTS.get(nm, (0.0, 0.0))
+        a = al.pop(0) if takes_a and al else da
+        b = be.pop(0) if takes_b and be else db
+        out.append((nm, float(a), float(b)))
+    return [out[d * n:(d + 1) * n] for d in range(num_directions)]
+
+
+def _clip(v: np.ndarray, clip: Optional[float], vp: str) -> np.ndarray:
+    """An activation's input clipped to [-clip, clip] (NaN stays), rounded; None: unchanged."""
+    if clip is None:
+        return v
+    c = np.float32(clip)
+    return _vround(np.where(np.isnan(v), v, np.minimum(np.maximum(v, -c), c)), vp)
+
+
+def lstm_step(xg: np.ndarray, h: np.ndarray, c: np.ndarray, r: RnnWeight, rb: Optional[np.ndarray],
+              p: Optional[np.ndarray], fmt: FormatLike, vector_precision: str = "fp16",
+              clip: Optional[float] = None, input_forget: bool = False, acts=None,
+              seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """One LSTM time step (ONNX gate order i, o, f, c) for a batch.
+
+    ``xg [B, 4H]``: the input projection ``x_t W^T (+ Wb)`` as the dense layer computed it;
+    ``h, c [B, H]``: the previous states; ``r``: the recurrence weight (rows ``[4H, H]``);
+    ``rb [4H]``: its bias; ``p [3H]``: peepholes (i, o, f) or None. Every vector op rounds:
+    ``a = R(xg + R(h R^T + rb))``; ``i = R(f(R(a_i + R(p_i c))))`` (the activation's input
+    clipped first, ``R(clip(.))``, for every gate), likewise ``f``
+    (``input_forget``: ``R(1 - i)``); ``g = R(g(a_c))``; ``C = R(R(f c) + R(i g))``;
+    ``o = R(f(R(a_o + R(p_o C))))``; ``H = R(o R(h(C)))``. Returns ``(H, C)``.
+    """
+    vp = vector_precision
+    R_ = lambda v: _vround(v, vp)  # noqa: E731
+    f32 = np.float32
+    acts = acts or [("Sigmoid", 0.0, 0.0), ("Tanh", 0.0, 0.0), ("Tanh", 0.0, 0.0)]
+    (fn, fa_, fb_), (gn, ga, gb), (hn, ha, hb) = acts
+    H = h.shape[1]
+    with np.errstate(all="ignore"):
+        gh = r.product(h, fmt, seed)
+        if rb is not None:
+            gh = R_(gh + rb)
+        a = R_(xg + gh)
+        ai, ao, af, ac = (a[:, k * H:(k + 1) * H] for k in range(4))
+        if p is not None:
+            ai = R_(ai + R_(p[:H] * c))
+        i = R_(rnn_activation(fn, _clip(ai, clip, vp), fa_, fb_))
+        if input_forget:
+            f = R_(f32(1) - i)
+        else:
+            if p is not None:
+                af = R_(af + R_(p[2 * H:] * c))
+            f = R_(rnn_activation(fn, _clip(af, clip, vp), fa_, fb_))
+        g = R_(rnn_activation(gn, _clip(ac, clip, vp), ga, gb))
+        C = R_(R_(f * c) + R_(i * g))
+        if p is not None:
+            ao = R_(ao + R_(p[H:2 * H] * C))
+        o = R_(rnn_activation(fn, _clip(ao, clip, vp), fa_, fb_))
+        Hn = R_(o * R_(rnn_activation(hn, C, ha, hb)))
+    return Hn.astype(f32), C.astype(f32)
+
+
+def gru_step(xg: np.ndarray, h: np.ndarray, r: RnnWeight, rb: Optional[np.ndarray], fmt: FormatLike,
+             vector_precision: str = "fp16", clip: Optional[float] = None, linear_before_reset: bool = False,
+             acts=None, seed: int = 0) -> np.ndarray:
+    """One GRU time step (ONNX gate order z, r, h) for a batch.
+
+    ``xg [B, 3H]``: the input projection ``x_t W^T (+ Wb)``; ``h [B, H]``; ``r``: the recurrence
+    weight (rows ``[3H, H]``); ``rb [3H]``. Every vector op rounds: ``z = R(f(R(xg_z + R(h R_z^T
+    + rb_z))))``, likewise ``r``; ``linear_before_reset``: ``n = R(g(R(xg_h + R(r R(h R_h^T +
+    rb_h)))))``, else ``n = R(g(R(xg_h + R(R(r h) R_h^T + rb_h))))`` (``r h`` quantized as an
+    activation); ``H = R(R(R(1 - z) n) + R(z h))``. Returns ``H``.
+    """
+    vp = vector_precision
+    R_ = lambda v: _vround(v, vp)  # noqa: E731
+    f32 = np.float32
+    acts = acts or [("Sigmoid", 0.0, 0.0), ("Tanh", 0.0, 0.0)]
+    (fn, fa_, fb_), (gn, ga, gb) = acts
+    H = h.shape[1]
+
+    def clipped(v):
+        return _clip(v, clip, vp)
+
+    with np.errstate(all="ignore"):
+        if linear_before_reset:
+            gh = r.product(h, fmt, seed)
+        else:
+            gh = r.rows(0, 2 * H).product(h, fmt, seed)
+        if rb is not None:
+            gh = R_(gh + rb[:gh.shape[1]])
+        azr = clipped(R_(xg[:, :2 * H] + gh[:, :2 * H]))
+        z = R_(rnn_activation(fn, azr[:, :H], fa_, fb_))
+        rr = R_(rnn_activation(fn, azr[:, H:], fa_, fb_))
+        if linear_before_reset:
+            hn = R_(rr * gh[:, 2 * H:])
+        else:
+            hn = r.rows(2 * H, 3 * H).product(R_(rr * h), fmt, seed)
+            if rb is not None:
+                hn = R_(hn + rb[2 * H:])
+        n = R_(rnn_activation(gn, clipped(R_(xg[:, 2 * H:] + hn)), ga, gb))
+        Hn = R_(R_(R_(f32(1) - z) * n) + R_(z * h))
+    return Hn.astype(f32)
+
+
+def rnn(cell: str, X, W, R, B=None, *, fmt: FormatLike = "msfp16", fmt_w: Optional[FormatLike] = None,
+        vector_precision: str = "fp16", direction: str = "forward", sequence_lens=None, initial_h=None,
+        initial_c=None, P=None, clip: Optional[float] = None, input_forget: bool = False,
+        linear_before_reset: bool = False, layout: int = 0, activations: Optional[Sequence[str]] = None,
+        activation_alpha: Optional[Sequence[float]] = None, activation_beta: Optional[Sequence[float]] = None,
+        seed: int = 0) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Reference ONNX ``LSTM`` / ``GRU`` (``cell``) on the datapath, as a compiled plan runs it.
+
+    Arguments are the ONNX operator's inputs and attributes (``fmt="fp32"``: float32 matrix
+    products). The input projection of all time steps is one dense layer ``X W^T`` with the
+    bias ``Wb`` in its epilogue (rounded once); each step runs :func:`lstm_step` /
+    :func:`gru_step`. Past a batch entry's ``sequence_lens`` its ``Y`` is 0 and its state stays.
+    Returns ``(Y, Y_h, Y_c)`` (``Y_c`` None for GRU).
+    """
+    if cell not in ("LSTM", "GRU"):
+        raise ValueError(f"cell must be 'LSTM' or 'GRU', got {cell!r}")
+    fa = get_format(fmt)
+    fw = get_format(fmt_w) if fmt_w is not None else fa
+    vp = vector_precision
+    G = 4 if cell == "LSTM" else 3
+    X, W, R = _as_float32(X), _as_float32(W), _as_float32(R)
+    if layout:
+        X = X.transpose(1, 0, 2)
+    T, Bn, I = X.shape
+    D, GH, _ = W.shape
+    H = GH // G
+    dirs = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
+    if len(dirs) != D:
+        raise ValueError(f"direction {direction!r} needs {len(dirs)} directions of weights, got {D}")
+    Wq = RnnWeight(W.reshape(D * GH, I), fw, seed)
+    Rq = RnnWeight(R.reshape(D * GH, H), fw, seed)
+    Bv = _as_float32(B).reshape(D, 2 * GH) if B is not None else None
+    with np.errstate(all="ignore"):
+        xg = Wq.product(X.reshape(T * Bn, I), fa, seed)
+        if Bv is not None:
+            xg = _vround(xg + Bv[:, :GH].reshape(-1), vp)
+    xg = xg.reshape(T, Bn, D, GH)
+    lens = np.full(Bn, T, np.int64) if sequence_lens is None else np.asarray(sequence_lens, np.int64).reshape(Bn)
+    h0 = np.zeros((D, Bn, H), np.float32) if initial_h is None else _as_float32(initial_h)
+    c0 = np.zeros((D, Bn, H), np.float32) if initial_c is None else _as_float32(initial_c)
+    if layout:
+        h0, c0 = h0.transpose(1, 0, 2), c0.transpose(1, 0, 2)
+    Pv = _as_float32(P).reshape(D, 3 * H) if P is not None else None
+    acts = _acts(cell, activations, activation_alpha, activation_beta, D)
+    Y = np.zeros((T, D, Bn, H), np.float32)
+    Yh = np.zeros((D, Bn, H), np.float32)
+    Yc = np.zeros((D, Bn, H), np.float32)
+    for d, rev in enumerate(dirs):
+        r = Rq.rows(d * GH, (d + 1) * GH)
+        rb = Bv[d, GH:] if Bv is not None else None
+        h, c = h0[d].copy(), c0[d].copy()
+        for s in range(T):
+            active = lens > s
+            if not active.any():
+                break
+            # every batch row runs (each is quantized on its own); rows past their length keep
+            # their state and write no output
+            ts = np.where(active, (lens - 1 - s) if rev else s, 0)
+            x_in = xg[ts, np.arange(Bn), d]
+            if cell == "LSTM":
+                hn, cn = lstm_step(x_in, h, c, r, rb, Pv[d] if Pv is not None else None, fa, vp, clip,
+                                   input_forget, acts[d], seed)
+                c = np.where(active[:, None], cn, c)
+            else:
+                hn = gru_step(x_in, h, r, rb, fa, vp, clip, linear_before_reset, acts[d], seed)
+            h = np.where(active[:, None], hn, h)
+            for b in np.nonzero(active)[0]:
+                Y[ts[b], d, b] = hn[b]
+        ran = (lens > 0)[:, None]  # an entry of length 0 has zero final states (as onnxruntime)
+        Yh[d], Yc[d] = np.where(ran, h, 0), np.where(ran, c, 0)
+    if layout:
+        Y, Yh, Yc = Y.transpose(2, 0, 1, 3), Yh.transpose(1, 0, 2), Yc.transpose(1, 0, 2)
+    return Y, Yh, (Yc if cell == "LSTM" else None)

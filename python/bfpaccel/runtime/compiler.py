@@ -375,6 +375,10 @@ def compile(
     while _fold_into_matrix_ops(g):
         pass
     for n in g.nodes:
+        spec = _ops.find(n.op)
+        if spec is not None and spec.prepare is not None:  # an op that quantizes its weights itself
+            spec.prepare(n, g, fw, seed)
+            continue
         if not _quantizes_weight(n):
             continue
         if n.inputs[1] not in g.consts:

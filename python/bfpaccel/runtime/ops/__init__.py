@@ -8,6 +8,7 @@ folding and its plan schema (see ``_registry.py`` and ``docs/adding-an-op.md``).
 ``pooling``        MaxPool, AveragePool, GlobalAveragePool, GlobalMaxPool
 ``reduce``         ReduceSum, ReduceMean, ReduceMax, ReduceMin, ReduceSumSquare, ReduceL2
 ``softmax``        Softmax, LogSoftmax
+``recurrent``      LSTM, GRU (the time loop in C++, weights quantized once)
 ``shape``          Shape, Size, Reshape, Flatten, (Un)Squeeze, Transpose, Concat, Slice, ...
 ``constants``      ops evaluated only on constants: Constant, Range, Gather, Where, ...
 =================  ==========================================================================
@@ -17,5 +18,6 @@ from ._registry import OpSpec, all_specs, declare, find, folds, lowers, supporte
 
 # importing a family registers its ops
 from . import constants, elementwise, matrix, normalization, pooling, reduce, shape, softmax  # noqa: E402,F401
+from . import recurrent  # noqa: E402,F401
 
 __all__ = ["OpSpec", "lowers", "folds", "declare", "find", "all_specs", "supported_ops"]

@@ -36,6 +36,9 @@ AttrCheck = Callable[[Any, str], None]
 #: its attribute types (``consts``: name -> (dtype, shape) of the plan's constants).
 NodeCheck = Callable[[Node, str, Dict[str, Tuple[np.dtype, Tuple[int, ...]]], Any, Any, int], None]
 LowerFn = Callable[["Lowering", Node], None]
+#: ``prepare(node, graph, weight_format, seed)``: the compiler's step for an op that keeps its
+#: weights its own way (the recurrent ops quantize W and R into the plan)
+PrepareFn = Callable[[Node, Any, Any, int], None]
 FoldFn = Callable[[Node, List[Any], int], List[np.ndarray]]
 
 #: weights: the compiler quantizes input 1 once into the plan (attributes ``qweight`` / ``fweight``)
@@ -65,6 +68,8 @@ class OpSpec:
     attrs: Mapping[str, AttrCheck] = dataclasses.field(default_factory=dict)
     #: a node's further plan-load checks (required attributes, consistent constants)
     check: Optional[NodeCheck] = None
+    #: the compiler's own step for the op (weights it quantizes itself), or None
+    prepare: Optional[PrepareFn] = None
     #: the module that declares the op
     family: str = ""
 
@@ -74,7 +79,7 @@ class OpSpec:
 
 
 _SPECS: Dict[str, OpSpec] = {}
-_SCHEMA_KEYS = ("inputs", "outputs", "attrs", "check", "weights", "fold_constants")
+_SCHEMA_KEYS = ("inputs", "outputs", "attrs", "check", "weights", "fold_constants", "prepare")
 _schema_given: Dict[str, str] = {}  # op type -> the module that gave its schema
 
 
@@ -115,7 +120,8 @@ def lowers(*op_types: str, **schema: Any) -> Callable[[LowerFn], LowerFn]:
     Keyword arguments give the ops' schema (each op's schema is declared once, here or in
     :func:`folds`): ``inputs`` (a count or ``(fewest, most)``, most ``None`` for any number),
     ``outputs`` (most outputs), ``attrs`` (name -> check), ``check`` (further plan-load checks),
-    ``weights`` (``"quantized"`` / ``"to_dense"``) and ``fold_constants``.
+    ``weights`` (``"quantized"`` / ``"to_dense"``), ``fold_constants`` and ``prepare`` (the
+    compiler's step for an op that quantizes its weights itself).
 
     Example:
         >>> from bfpaccel.runtime.ops import lowers  # doctest: +SKIP
