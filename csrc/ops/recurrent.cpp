@@ -11,39 +11,13 @@
 #include <stdexcept>
 #include <vector>
 
+#include "ops/rnn_cell.h"
 #include "ops/vec.h"
 #include "runtime.h"
 
 namespace bfp {
 
-// ---------------------------------------------------------------- activations
-// The activation functions in fp32 (ONNX's definitions; exp, tanh and log from the C library,
-// as the elementwise ops); the caller rounds the result.
-static inline float act_f32(int k, float x, float a, float b) {
-    switch (k) {
-        case kRnnSigmoid: return 1.0f / (1.0f + std::exp(-x));
-        case kRnnTanh: return std::tanh(x);
-        case kRnnRelu: return x > 0.0f ? x : (x != x ? x : 0.0f);
-        case kRnnHardSigmoid: return x != x ? x : std::max(0.0f, std::min(1.0f, a * x + b));
-        case kRnnLeakyRelu: return x >= 0.0f ? x : x * a;
-        case kRnnAffine: return a * x + b;
-        case kRnnThresholdedRelu: return x > a ? x : 0.0f;
-        case kRnnScaledTanh: return a * std::tanh(b * x);
-        case kRnnElu: return x >= 0.0f ? x : a * (std::exp(x) - 1.0f);
-        case kRnnSoftsign: return x / (1.0f + std::fabs(x));
-        case kRnnSoftplus: return std::log(1.0f + std::exp(x));
-        default: return x;
-    }
-}
-
-// fp16 <-> fp32 for the lookup tables below (exact on values that fp16 holds)
-static inline uint32_t f16_bits(float x) {
-    const uint32_t b = f2u(x), s = (b >> 16) & 0x8000u, a = b & 0x7fffffffu;
-    if (a >= 0x7f800000u) return s | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u);
-    if (a >= 0x38800000u) return s | (((a >> 23) - 112u) << 10) | ((a >> 13) & 0x3ffu);
-    return s | uint32_t(u2f(a) * 16777216.0f);  // subnormal: a multiple of 2^-24
-}
-
+// ---------------------------------------------------------------- activation tables
 static inline float f16_value(uint32_t u) {
     const uint32_t s = u & 0x8000u, e = (u >> 10) & 0x1fu, m = u & 0x3ffu;
     float v;
@@ -75,18 +49,12 @@ static const float* act_table(int k) {
     return t.v.data();
 }
 
-// y[j] = R(f(x[j])), j < n
 template <int VP>
-static void activate(int k, float a, float b, const float* x, float* y, int64_t n) {
-    if constexpr (VP != kVecFp32) {
-        if (k == kRnnSigmoid || k == kRnnTanh) {
-            const float* tab = act_table<VP>(k);
-            for (int64_t j = 0; j < n; ++j)
-                y[j] = tab[VP == kVecFp16 ? f16_bits(x[j]) : (f2u(x[j]) >> 16)];
-            return;
-        }
-    }
-    for (int64_t j = 0; j < n; ++j) y[j] = R<VP>(act_f32(k, x[j], a, b));
+static Act make_act(int k, float a, float b) {
+    const float* tab = nullptr;
+    if constexpr (VP != kVecFp32)
+        if (k == kRnnSigmoid || k == kRnnTanh) tab = act_table<VP>(k);
+    return Act{k, a, b, tab};
 }
 
 // ---------------------------------------------------------------- the recurrence's products
@@ -185,6 +153,13 @@ static void validate_recurrent(const Program& p, const Op& op, OpCheck& c) {
 }
 
 // ---------------------------------------------------------------- execution
+// the portable build of a row's gate arithmetic (AVX2 CPUs run avx2::rnn_row, the same bits)
+static void cell_row(int vp, int part, const RowCtx& r) {
+    if (vp == kVecFp16) row_t<kVecFp16>(part, r);
+    else if (vp == kVecBf16) row_t<kVecBf16>(part, r);
+    else row_t<kVecFp32>(part, r);
+}
+
 template <int VP>
 static void run_recurrent(Program& p, const Op& op) {
     const RecurrentParams& q = op.get<RecurrentParams>();
@@ -202,20 +177,14 @@ static void run_recurrent(Program& p, const Op& op) {
     const Operand* wh = q.recurrence_h.get();
     const float* wf = q.recurrence_f32.empty() ? nullptr : q.recurrence_f32.data();
     const float* rb = q.recurrence_bias.empty() ? nullptr : q.recurrence_bias.data();
-    const float* P = q.peephole.empty() ? nullptr : q.peephole.data();
-    const int fk = q.activations[0], gk = q.activations[1], hk = lstm ? q.activations[2] : 0;
-    const float fa = q.alpha[0], fb = q.beta[0], ga = q.alpha[1], gb = q.beta[1];
-    const float ha = lstm ? q.alpha[2] : 0.0f, hb = lstm ? q.beta[2] : 0.0f;
-    const float clip = q.clip;
     auto len = [&](int64_t b) { return q.lengths.empty() ? T : q.lengths[size_t(b)]; };
 
-    // state and scratch: h, c [B][H]; the recurrence's product [B][GH]; gates [GH]
+    // state and scratch: h, c [B][H]; the recurrence's product [B][rows]; gates
     const bool split = !lstm && !lbr;
     const int64_t grows = split ? 2 * H : GH;
     const size_t nbh = size_t(B * H), ngh = size_t(B * grows), nsplit = split ? nbh : 0;
     std::vector<float> h(nbh, 0.0f), c(lstm ? nbh : 0, 0.0f), gh(ngh), a(static_cast<size_t>(GH));
-    std::vector<float> t1(static_cast<size_t>(H)), rh(nsplit, 0.0f), ghh(nsplit);
-    std::vector<float> zr(2 * nsplit);  // GRU split: z, r per row (before the second product)
+    std::vector<float> t1(static_cast<size_t>(H)), rh(nsplit, 0.0f), ghh(nsplit), zr(2 * nsplit);
     for (int64_t b = 0; b < B; ++b) {
         const int64_t so = q.state_offset + b * q.state_batch;
         if (h0) std::memcpy(&h[size_t(b * H)], h0 + so, sizeof(float) * size_t(H));
@@ -224,9 +193,24 @@ static void run_recurrent(Program& p, const Op& op) {
             for (int64_t t = len(b); t < T; ++t)
                 std::memset(Y + q.y_offset + t * q.y_step + b * q.y_batch, 0, sizeof(float) * size_t(H));
     }
-    auto clipped = [&](float* v, int64_t n) {
-        if (!q.has_clip) return;
-        for (int64_t j = 0; j < n; ++j) v[j] = v[j] != v[j] ? v[j] : R<VP>(std::min(std::max(v[j], -clip), clip));
+    RowCtx r{};
+    r.rb = rb;
+    r.P = q.peephole.empty() ? nullptr : q.peephole.data();
+    r.a = a.data();
+    r.t1 = t1.data();
+    r.H = H;
+    r.input_forget = q.input_forget;
+    r.has_clip = q.has_clip;
+    r.clip = q.clip;
+    r.f = make_act<VP>(q.activations[0], q.alpha[0], q.beta[0]);
+    r.g_ = make_act<VP>(q.activations[1], q.alpha[1], q.beta[1]);
+    if (lstm) r.h_ = make_act<VP>(q.activations[2], q.alpha[2], q.beta[2]);
+    const int part = lstm ? kLstmRow : split ? kGruSplit1 : kGruRow;
+    const int vp = p.vec_prec();
+    const auto cell_row = current_kernel().simd() ? avx2::rnn_row : bfp::cell_row;  // their CPUs have AVX2
+    auto row_time = [&](int64_t b, int64_t s) { return q.reverse ? len(b) - 1 - s : s; };
+    auto store = [&](int64_t b, int64_t t) {
+        if (Y) std::memcpy(Y + q.y_offset + t * q.y_step + b * q.y_batch, &h[size_t(b * H)], sizeof(float) * size_t(H));
     };
 
     for (int64_t s = 0; s < T; ++s) {
@@ -236,75 +220,30 @@ static void run_recurrent(Program& p, const Op& op) {
         recur_product(p, w, wf, GH, 0, grows, h.data(), B, H, gh.data());
         for (int64_t b = 0; b < B; ++b) {
             if (len(b) <= s) continue;  // past its length: the state stays
-            const int64_t t = q.reverse ? len(b) - 1 - s : s;
-            const float* x = xg + q.xg_offset + t * q.xg_step + b * q.xg_batch;
-            const float* g = gh.data() + b * grows;
-            float* hb_ = h.data() + b * H;
-            const int64_t na = split ? 2 * H : GH;  // gates ready after the first product
-            if (rb) for (int64_t j = 0; j < na; ++j) a[j] = R<VP>(x[j] + R<VP>(g[j] + rb[j]));
-            else for (int64_t j = 0; j < na; ++j) a[j] = R<VP>(x[j] + g[j]);
-            if (lstm) {
-                float* cb = c.data() + b * H;
-                // each gate's input (with its peephole) is clipped just before its activation
-                float *ai = a.data(), *ao = ai + H, *af = ai + 2 * H, *ac = ai + 3 * H;
-                if (P) {
-                    for (int64_t j = 0; j < H; ++j) ai[j] = R<VP>(ai[j] + R<VP>(P[j] * cb[j]));
-                    if (!q.input_forget)
-                        for (int64_t j = 0; j < H; ++j) af[j] = R<VP>(af[j] + R<VP>(P[2 * H + j] * cb[j]));
-                }
-                clipped(ai, H);
-                activate<VP>(fk, fa, fb, ai, ai, H);  // i
-                if (q.input_forget) {
-                    for (int64_t j = 0; j < H; ++j) af[j] = R<VP>(1.0f - ai[j]);
-                } else {
-                    clipped(af, H);
-                    activate<VP>(fk, fa, fb, af, af, H);
-                }
-                clipped(ac, H);
-                activate<VP>(gk, ga, gb, ac, ac, H);  // g
-                for (int64_t j = 0; j < H; ++j) cb[j] = R<VP>(R<VP>(af[j] * cb[j]) + R<VP>(ai[j] * ac[j]));
-                if (P) for (int64_t j = 0; j < H; ++j) ao[j] = R<VP>(ao[j] + R<VP>(P[H + j] * cb[j]));
-                clipped(ao, H);
-                activate<VP>(fk, fa, fb, ao, ao, H);  // o
-                activate<VP>(hk, ha, hb, cb, t1.data(), H);
-                for (int64_t j = 0; j < H; ++j) hb_[j] = R<VP>(ao[j] * t1[j]);
-            } else {
-                clipped(a.data(), 2 * H);
-                activate<VP>(fk, fa, fb, a.data(), a.data(), 2 * H);  // z, r
-                if (split) {  // r * h goes through a second product
-                    float* rr = rh.data() + b * H;
-                    for (int64_t j = 0; j < H; ++j) rr[j] = R<VP>(a[size_t(H + j)] * hb_[j]);
-                    std::memcpy(zr.data() + b * 2 * H, a.data(), sizeof(float) * size_t(2 * H));
-                    continue;
-                }
-                const float *z = a.data(), *r = z + H;
-                float* n = a.data() + 2 * H;
-                if (rb) for (int64_t j = 0; j < H; ++j) n[j] = R<VP>(x[2 * H + j] + R<VP>(r[j] * R<VP>(g[2 * H + j] + rb[2 * H + j])));
-                else for (int64_t j = 0; j < H; ++j) n[j] = R<VP>(x[2 * H + j] + R<VP>(r[j] * g[2 * H + j]));
-                clipped(n, H);
-                activate<VP>(gk, ga, gb, n, n, H);
-                for (int64_t j = 0; j < H; ++j)
-                    hb_[j] = R<VP>(R<VP>(R<VP>(1.0f - z[j]) * n[j]) + R<VP>(z[j] * hb_[j]));
-            }
-            if (Y) std::memcpy(Y + q.y_offset + t * q.y_step + b * q.y_batch, hb_, sizeof(float) * size_t(H));
+            const int64_t t = row_time(b, s);
+            r.x = xg + q.xg_offset + t * q.xg_step + b * q.xg_batch;
+            r.g = gh.data() + b * grows;
+            r.h = h.data() + b * H;
+            r.c = lstm ? c.data() + b * H : nullptr;
+            r.zr = split ? zr.data() + b * 2 * H : nullptr;
+            r.rh = split ? rh.data() + b * H : nullptr;
+            cell_row(vp, part, r);
+            if (!split) store(b, t);
         }
         if (!split) continue;
         // GRU without linear_before_reset: (r * h) R_h^T, then the h gate and the new state
         recur_product(p, wh, wf, GH, 2 * H, H, rh.data(), B, H, ghh.data());
         for (int64_t b = 0; b < B; ++b) {
             if (len(b) <= s) continue;
-            const int64_t t = q.reverse ? len(b) - 1 - s : s;
-            const float* x = xg + q.xg_offset + t * q.xg_step + b * q.xg_batch + 2 * H;
-            const float* z = zr.data() + b * 2 * H;
-            const float* g = ghh.data() + b * H;
-            float* n = t1.data();
-            float* hb_ = h.data() + b * H;
-            if (rb) for (int64_t j = 0; j < H; ++j) n[j] = R<VP>(x[j] + R<VP>(g[j] + rb[2 * H + j]));
-            else for (int64_t j = 0; j < H; ++j) n[j] = R<VP>(x[j] + g[j]);
-            clipped(n, H);
-            activate<VP>(gk, ga, gb, n, n, H);
-            for (int64_t j = 0; j < H; ++j) hb_[j] = R<VP>(R<VP>(R<VP>(1.0f - z[j]) * n[j]) + R<VP>(z[j] * hb_[j]));
-            if (Y) std::memcpy(Y + q.y_offset + t * q.y_step + b * q.y_batch, hb_, sizeof(float) * size_t(H));
+            const int64_t t = row_time(b, s);
+            r.x = xg + q.xg_offset + t * q.xg_step + b * q.xg_batch + 2 * H;
+            r.g = ghh.data() + b * H;
+            r.rb = rb ? rb + 2 * H : nullptr;
+            r.h = h.data() + b * H;
+            r.zr = zr.data() + b * 2 * H;
+            cell_row(vp, kGruSplit2, r);
+            r.rb = rb;
+            store(b, t);
         }
     }
     // final states (an entry of length 0: zeros)
