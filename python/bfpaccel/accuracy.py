@@ -21,6 +21,11 @@ fine-tuned for, run on the same images, compared with the same float32 outputs (
 model's) and labels -- next to the format's row before fine-tuning (added to ``--formats`` if
 missing).
 
+``--model g2p``: the g2p-en grapheme-to-phoneme GRU encoder-decoder (``bfpaccel.models.g2p``; ``pip
+install --no-deps g2p-en==2.1.0``) on g2p-en's homograph words, no images: word accuracy and
+phoneme error rate per format against g2p-en's own float32 predictions and its word list's
+pronunciations.
+
 Zoo models (resnet50, ...) are built with the seed workflow (string front +
 ``preprocess_array``, ``simple_save``, ``AccelOnnxConverter``) with random weights unless
 ``--weights`` names real ones: the agreement with float32 is still meaningful, true accuracy
@@ -437,17 +442,18 @@ def add_accuracy_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("accuracy", help="top-1/top-5 agreement and logit error of BFP formats vs float32",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
-                   help=f"{', '.join(ZOO_MODELS)}, efficientnet-lite0 (or efficientnet_lite0), or PATH.onnx "
-                        "(converted by bfpaccel)")
+                   help=f"{', '.join(ZOO_MODELS)}, efficientnet-lite0 (or efficientnet_lite0), g2p (words, no "
+                        "images), or PATH.onnx (converted by bfpaccel)")
     p.add_argument("--formats", default="msfp16,msfp12,mxfp4_e2m1", help="comma-separated format names")
-    p.add_argument("--images", required=True, help="directory of JPEG/PNG/GIF images, or 'foolbox' (its 20 photos)")
+    p.add_argument("--images", default=None,
+                   help="directory of JPEG/PNG/GIF images, or 'foolbox' (its 20 photos); not for --model g2p")
     p.add_argument("--json", dest="json_path", help="also write the report as JSON here")
     p.add_argument("--vector-precision", default="fp16", help="fp16 (default), bf16 or fp32")
     p.add_argument("--weight-format", default=None, help="format of the weights (default: same as --formats)")
     p.add_argument("--weights", default="random",
                    help="zoo models: 'random' (default), 'store' (checkpoints in the cache), or a Keras .h5 file")
     p.add_argument("--threads", type=int, default=None, help="threads for both runtimes")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N images (g2p: words)")
     p.add_argument("--batch", type=int, default=8, help="images per run call")
     p.add_argument("--cache-dir", default=None, help="where built ONNX models are kept (~/.cache/bfpaccel/models)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -464,11 +470,27 @@ def run_accuracy(args: argparse.Namespace) -> int:
     if not formats:
         print("error: --formats is empty", file=sys.stderr)
         return 2
+    g2p = args.model.strip().lower() == "g2p"
+    if not g2p and not args.images:
+        print("error: --images is required (a directory or 'foolbox')", file=sys.stderr)
+        return 2
     try:
         from .formats import get_format
 
         for f in formats + ([args.weight_format] if args.weight_format else []):
             get_format(f)
+        if g2p:
+            from .models.g2p import format_g2p_report, g2p_accuracy_report
+
+            report = g2p_accuracy_report(formats, vector_precision=args.vector_precision,
+                                         weight_format=args.weight_format, limit=args.limit,
+                                         num_threads=args.threads, log=lambda m: print(m, file=sys.stderr))
+            print(format_g2p_report(report))
+            if args.json_path:
+                with open(args.json_path, "w") as f:
+                    json.dump(report, f, indent=2)
+                print(f"\nJSON report: {args.json_path}")
+            return 0
         report = accuracy_report(args.model, formats, args.images, vector_precision=args.vector_precision,
                                  weight_format=args.weight_format, weights=args.weights, num_threads=args.threads,
                                  limit=args.limit, batch_size=args.batch, cache_dir=args.cache_dir,
