@@ -335,7 +335,7 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
 def test_builtin_names_cover_the_zoo():
     from bfpaccel.models.zoo import ZOO_MODELS
 
-    assert set(BUILTIN_MODELS) == set(ZOO_MODELS)
+    assert set(ZOO_MODELS) <= set(BUILTIN_MODELS)  # and the recurrent layers gru2816, lstm1024
 
 
 def test_docstring_examples():

@@ -73,6 +73,11 @@ def resolve_model(model: str, weights: str = "random", cache_dir: Optional[str] 
             raise FileNotFoundError(f"ONNX model {model!r} does not exist")
         return model, "as in the file"
     cache = _cache_dir(cache_dir)
+    from .models.rnn import RNN_BENCH_MODELS, build_rnn_onnx
+
+    if model.strip().lower() in RNN_BENCH_MODELS:
+        cell, H, I, T = RNN_BENCH_MODELS[model.strip().lower()]
+        return build_rnn_onnx(model, cache), f"one {cell} layer (hidden {H}, input {I}, {T} steps), seeded weights"
     if model.strip().lower().replace("_", "-") == "efficientnet-lite0":
         path = os.path.join(cache, "efficientnet_lite0.onnx")
         if not os.path.isfile(path):

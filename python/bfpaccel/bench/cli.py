@@ -1,6 +1,7 @@
 """``bfpaccel bench``: latency of one model on the BFP runtime and its baselines, side by side.
 
     bfpaccel bench --model resnet50
+    bfpaccel bench --model gru --backends bfp:msfp16,onnxruntime,fpga-model --batch 1
     bfpaccel bench --model model.onnx --backends bfp:msfp16,onnxruntime --batch 1,8 --runs 20 \\
         --json out.json --plot out.png
     bfpaccel bench --compare before.json after.json
@@ -49,7 +50,8 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                               "FPGA model, gRPC serving", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet50",
-                   help="resnet50 (default), resnet152, vgg16, densenet121, ssdvgg, efficientnet-lite0 or PATH.onnx")
+                   help="resnet50 (default), resnet152, vgg16, densenet121, ssdvgg, efficientnet-lite0, gru or lstm "
+                        "(one recurrent layer, bfpaccel.models.rnn) or PATH.onnx")
     p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"comma-separated (default: {DEFAULT_BACKENDS})")
     p.add_argument("--batch", default=",".join(str(b) for b in DEFAULT_BATCHES),
                    help="comma-separated batch sizes (default %(default)s)")

@@ -191,10 +191,14 @@ def check_model(model: str) -> Optional[str]:
         return None
     if model.lower() == "efficientnet-lite0":
         return "efficientnet-lite0"
+    from ..models.rnn import RNN_BENCH_MODELS
+
+    if model.lower() in RNN_BENCH_MODELS:  # a recurrent layer (bfpaccel.models.rnn): no TensorFlow twin
+        return None
     n = model.lower().replace("_", "").replace("-", "")
     n = n[len("quantized"):] if n.startswith("quantized") else n
     if n not in ZOO_MODELS:
-        raise BenchArgumentError(f"unknown model {model!r}: expected PATH.onnx, efficientnet-lite0 or one of "
+        raise BenchArgumentError(f"unknown model {model!r}: expected PATH.onnx, efficientnet-lite0, gru, lstm or one of "
                                  f"{', '.join(ZOO_MODELS)}")
     return n
 

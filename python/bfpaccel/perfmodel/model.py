@@ -294,6 +294,12 @@ _CHAINABLE = (_UNARY | _BINARY) - {"Softmax", "LogSoftmax", "Cast", "Identity", 
 _LAYOUT = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice", "Gather", "Pad",
            "Shape", "Size", "Identity", "Dropout", "Cast", "Constant", "ConstantOfShape", "Range", "Expand", "Tile"}
 _MATRIX = {"Conv", "BfpDense"}
+#: Recurrent layers: their time loop is modelled step by step (matrix-vector products + MFU chain)
+_RECURRENT = {"LSTM", "GRU"}
+#: vector ops of one time step's gate arithmetic, chained on the MFUs behind the step's products
+#: (LSTM: gate sum, bias, 3 sigmoids, 2 tanh, f*c, i*g, c sum, o*tanh(c); GRU: gate sum, bias,
+#: 2 sigmoids, r*(h R_h), sum, tanh, 1-z, (1-z)*n, z*h, sum)
+_RNN_STEP_OPS = {"LSTM": 11, "GRU": 11}
 #: Layout ops that only relabel one tensor (a vector chain may continue through them).
 _RELABEL = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Dropout", "Cast"}
 
@@ -402,6 +408,9 @@ class _Shapes:
                 out = self._slice(n, x)
             elif op == "Split":
                 self._split(n, x)
+                return
+            elif op in _RECURRENT:
+                self._rnn(n, x)
                 return
             elif op in ("ConstantOfShape", "Expand", "Tile", "Range"):
                 out = self._misc(n, x)
@@ -522,6 +531,23 @@ class _Shapes:
         if n.inputs[0] in self.value:
             self.value[n.outputs[0]] = self.value[n.inputs[0]][tuple(sl)]
         return tuple(len(range(*s.indices(d))) for s, d in zip(sl, x))
+
+    def _rnn(self, n: Any, x: Optional[Tuple[int, ...]]) -> None:
+        """Y [T, D, B, H] (layout 1: [B, T, D, H]), Y_h and Y_c [D, B, H] ([B, D, H])."""
+        a = n.attrs
+        D = 2 if a.get("direction", "forward") == "bidirectional" else 1
+        H = int(a["hidden_size"])
+        shapes: List[Optional[Tuple[int, ...]]] = [None, None, None]
+        if x is not None and len(x) == 3:
+            if int(a.get("layout", 0)):
+                B, T = x[0], x[1]
+                shapes = [(B, T, D, H), (B, D, H), (B, D, H)]
+            else:
+                T, B = x[0], x[1]
+                shapes = [(T, D, B, H), (D, B, H), (D, B, H)]
+        for o, shp in zip(n.outputs, shapes):
+            if o:
+                self.shape[o] = shp
 
     def _split(self, n: Any, x: Optional[Tuple[int, ...]]) -> None:
         outs = [o for o in n.outputs]
@@ -728,8 +754,25 @@ def _ssdvgg() -> Tuple[Any, str]:
     return b.graph("input:0", [None, 3, 300, 300], outs), "input:0"
 
 
-#: Model name -> builder of its plan-shaped graph (the zoo architectures of bfpaccel.models).
+def _rnn_layer_model(cell: str, H: int, T: int) -> Tuple[Any, str]:
+    """One forward recurrent layer of hidden size ``H`` (input size ``H``) over ``T`` steps,
+    batch-first input ``[N, T, H]`` (DeepBench's inference RNN shapes)."""
+    b = _Builder()
+    G = 4 if cell == "LSTM" else 3
+    xt = b.node("Transpose", ["input:0"], "to_sequence_first", perm=[1, 0, 2])
+    attrs: Dict[str, Any] = {"hidden_size": H, "weight_shape": [G * H, H], "recurrence_shape": [G * H, H]}
+    if cell == "GRU":
+        attrs["linear_before_reset"] = 1
+    b.nodes.append(b._Node(cell, cell.lower(), [xt, "", ""], ["y:0", "h:0"], attrs))
+    return b.graph("input:0", [None, T, H], ["h:0"]), "input:0"
+
+
+#: Model name -> builder of its plan-shaped graph (the zoo architectures of bfpaccel.models;
+#: ``gru2816``: DeepBench's GRU of hidden size 2816 over 750 steps, 71 G operations per
+#: inference at batch 1; ``lstm1024``: an LSTM of hidden size 1024 over 25 steps).
 BUILTIN_MODELS: Dict[str, Callable[[], Tuple[Any, str]]] = {
+    "gru2816": lambda: _rnn_layer_model("GRU", 2816, 750),
+    "lstm1024": lambda: _rnn_layer_model("LSTM", 1024, 25),
     "resnet50": lambda: _resnet((3, 4, 6, 3), "resnet_v1_50"),
     "resnet152": lambda: _resnet((3, 8, 36, 3), "resnet_v1_152"),
     "vgg16": _vgg16,
@@ -935,6 +978,39 @@ def _input_shapes(graph: Any, batch: int,
     return out
 
 
+def _rnn_layer(n: Any, x: Optional[Tuple[int, ...]], cfg: NpuConfig, mfu_rate: int, chain_ops: int, fill: int,
+               bits: float) -> Dict[str, Any]:
+    """The cycles of a recurrent layer (a plan's LSTM / GRU node).
+
+    Its steps are serial (step t + 1 multiplies step t's h), directions one after the other.
+    One step of one direction: the matrix-vector products ``x_t W^T`` and ``h R^T`` on the MVM
+    (GRU without linear_before_reset: ``(r * h) R_h^T`` waits for r, a third product in
+    series), each costed as :func:`gemm_cycles` of its batch rows, and the gate arithmetic as
+    an MFU chain of ``_RNN_STEP_OPS`` ops over the ``gates * H`` outputs, which streams the
+    products as they come: ``step = max(MVM, MFU chain) + pipeline fill``.
+    """
+    a = n.attrs
+    if x is None or len(x) != 3:
+        raise ValueError(f"cannot infer the input shape of {n.op} {n.name!r}; pass input_shape")
+    layout = int(a.get("layout", 0))
+    B, T = (x[0], x[1]) if layout else (x[1], x[0])
+    I = int(x[2])
+    H = int(a["hidden_size"])
+    D = 2 if a.get("direction", "forward") == "bidirectional" else 1
+    G = 4 if n.op == "LSTM" else 3
+    split = n.op == "GRU" and not int(a.get("linear_before_reset", 0))
+    mvm = gemm_cycles(B, I, G * H, cfg)
+    mvm += gemm_cycles(B, H, 2 * H, cfg) + gemm_cycles(B, H, H, cfg) if split else gemm_cycles(B, H, G * H, cfg)
+    n_ops = _RNN_STEP_OPS[n.op]
+    vec = _cdiv(n_ops, chain_ops) * _cdiv(B * G * H, mfu_rate)
+    steps = D * T
+    return {"m": steps * B, "k": I + H, "n": G * H, "macs": steps * B * G * H * (I + H),
+            "compute_cycles": steps * mvm, "vector_cycles": steps * vec, "fill_cycles": steps * fill,
+            "cycles": steps * (max(mvm, vec) + fill), "weight_bytes": int(math.ceil(D * G * H * (I + H) * bits / 8)),
+            "vector_ops": steps * n_ops * B * G * H, "mapped": f"{steps} serial steps: mvm + mfu chain",
+            "fused": [f"{n_ops} gate ops per step"]}
+
+
 def _vector_cost(n: Any, sh: _Shapes) -> int:
     """Element-operations an MFU spends on vector op ``n``."""
     out = sh.get(n.outputs[0])
@@ -1056,6 +1132,11 @@ def estimate(model: ModelLike, npu: Union[str, "os.PathLike[str]", NpuConfig] = 
                 d["_chain"].append((n.name + "/bias", int(np.prod(out_shape, dtype=np.int64))))
             chain_of[n.outputs[0]] = n.name
             continue
+        if n.op in _RECURRENT:
+            d = new_layer(n, "recurrent")
+            d.update(_rnn_layer(n, sh.get(n.inputs[0]), cfg, mfu_rate, chain_ops, fill, bits))
+            d["output_shape"] = list(out_shape) if out_shape is not None else None
+            continue
         if n.op in _LAYOUT or n.op.startswith("Constant"):
             ignored[n.op] = ignored.get(n.op, 0) + 1
             # a relabelling of one chain's single-use result keeps that chain going
@@ -1104,6 +1185,18 @@ def estimate(model: ModelLike, npu: Union[str, "os.PathLike[str]", NpuConfig] = 
                 d["resident"] = False
                 streamed.append(name)
         chain = d.pop("_chain")
+        if d["kind"] == "recurrent":  # its cycles are the sum over its serial time steps (_rnn_layer)
+            parts = {"compute": d["compute_cycles"], "vector": d["vector_cycles"]}
+            d["bound"] = max(parts, key=lambda k: (parts[k], k == "compute"))
+            d["ms"] = d["cycles"] / clock_hz * 1e3
+            d["utilisation"] = d["macs"] / (d["cycles"] * peak) if d["cycles"] else 0.0
+            total_cycles += d["cycles"]
+            total_macs += d["macs"]
+            rows.append({k: d[k] for k in ("name", "kind", "macs", "cycles", "bound", "utilisation", "op", "m", "k",
+                                           "n", "groups", "compute_cycles", "weight_cycles", "vector_cycles",
+                                           "fill_cycles", "weight_bytes", "resident", "vector_ops", "fused",
+                                           "output_shape", "mapped", "ms")})
+            continue
         if chain:
             n_ops = len(chain)
             elems = max(c for _, c in chain)
