@@ -265,3 +265,42 @@ def test_fp32_weights_in_a_block_program_are_rejected() -> None:
         _program_with(_good(recurrence_f32=[0.0] * (8 * 24)))
     with pytest.raises(ValueError, match="BFP recurrence weights in a program without format"):
         _program_with(_good(), fmt=None)
+
+
+def _rewrite_plan(src: str, dst: str, edit) -> str:
+    """A copy of plan file ``src`` with its manifest changed by ``edit(manifest)``."""
+    import hashlib
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(src) as z:
+        man = json.loads(z.read("plan.json"))
+        blob = z.read("consts.npz")
+    edit(man)
+    data = json.dumps(man).encode()
+    with zipfile.ZipFile(dst, "w") as z:
+        z.writestr("plan.json", data)
+        z.writestr("plan.json.sha256", hashlib.sha256(data).hexdigest())
+        z.writestr("consts.npz", blob)
+    return dst
+
+
+def _rnn_node(man: Dict[str, Any]) -> Dict[str, Any]:
+    return [n for n in man["nodes"] if n["op"] in ("LSTM", "GRU")][0]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda n: n["attrs"].update(hidden_size=H + 1), "does not fit"),
+    (lambda n: n["attrs"].pop("qrecurrence"), "exactly one of qrecurrence"),
+    (lambda n: n["attrs"].update(qrecurrence="nope"), "missing weight"),
+    (lambda n: n["attrs"].update(activations=["Sigmoid", "Gelu"]), r"activation\(s\) \['Gelu'\]"),
+    (lambda n: n["attrs"].update(activations="Sigmoid"), "list of activation names"),
+    (lambda n: n["inputs"].__setitem__(1, "X"), "inputs 1 and 2 must be empty"),
+    (lambda n: n["attrs"].update(direction="sideways"), "direction"),
+])
+def test_malformed_recurrent_plan_is_rejected_at_load(tmp_path, edit, match: str) -> None:
+    m, _, _, _ = _graph("GRU", {}, {}, seed=2)
+    good = bfpaccel.compile(m, format="msfp16").save(str(tmp_path / "good.bfpplan"))
+    bad = _rewrite_plan(good, str(tmp_path / "bad.bfpplan"), lambda man: edit(_rnn_node(man)))
+    with pytest.raises(bfpaccel.runtime.PlanError, match=match):
+        bfpaccel.runtime.load_plan(bad)
