@@ -369,13 +369,13 @@ def accuracy_report(model: str, formats: Sequence[str], images: str, *, vector_p
     if records:
         report["finetuned"] = {}
     for rec in records:
-        label = f"{rec['format']} fine-tuned"
-        if label in report["finetuned"]:
-            label = f"{rec['format']} fine-tuned ({os.path.basename(rec['dir'])})"
+        row_name = f"{rec['format']} fine-tuned"
+        if row_name in report["finetuned"]:
+            row_name = f"{rec['format']} fine-tuned ({os.path.basename(rec['dir'])})"
         log(f"compiling the fine-tuned {os.path.basename(rec['dir'])} for {rec['format']}")
         # weight format: the one it was trained with (the format itself), whatever --weight-format says
         run = factory(rec["onnx"], rec["format"], None, vector_precision, num_threads)
-        got = outputs_of(run, label)
+        got = outputs_of(run, row_name)
         st = _Stats()
         for i, (o, r) in enumerate(zip(got, ref)):
             yf, rf = o[out_names[0]].ravel(), r[out_names[0]].ravel()
@@ -386,7 +386,7 @@ def accuracy_report(model: str, formats: Sequence[str], images: str, *, vector_p
         row.update(format=rec["format"], dir=rec["dir"], steps=rec["steps"], batch_size=rec.get("batch_size"),
                    image_size=rec.get("image_size"), minutes=round(float(rec.get("seconds", 0.0)) / 60, 1),
                    cpu=rec.get("cpu"), photos=len(rec.get("photos", [])))
-        report["finetuned"][label] = row
+        report["finetuned"][row_name] = row
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report
 
