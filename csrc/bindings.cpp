@@ -117,6 +117,10 @@ PYBIND11_MODULE(_core, m) {
     py::enum_<UnaryKind>(m, "UnaryKind", py::arithmetic(), "Elementwise functions") BFP_UNARY_KINDS(BFP_PY_VALUE);
     py::enum_<PoolKind>(m, "PoolKind", py::arithmetic(), "2-D pooling") BFP_POOL_KINDS(BFP_PY_VALUE);
     py::enum_<ReduceKind>(m, "ReduceKind", py::arithmetic(), "Reductions") BFP_REDUCE_KINDS(BFP_PY_VALUE);
+    py::enum_<CompareKind>(m, "CompareKind", py::arithmetic(), "Comparisons and logic (0 / 1 results)")
+        BFP_COMPARE_KINDS(BFP_PY_VALUE);
+    py::enum_<ExactKind>(m, "ExactKind", py::arithmetic(), "Exact unary functions (not rounded)")
+        BFP_EXACT_KINDS(BFP_PY_VALUE);
     py::enum_<VecPrec>(m, "VecPrec", py::arithmetic(), "Vector precisions (docs/numerics.md#vector-unit)")
         BFP_VEC_PRECS(BFP_PY_VALUE);
     py::enum_<Activation>(m, "Activation", py::arithmetic(), "A conv's fused activation") BFP_ACTIVATIONS(BFP_PY_VALUE);

@@ -8,6 +8,11 @@
 // csrc/ops/ (BFP_REGISTER_OP)
 #define BFP_OP_KINDS(X)                                                                                      \
     X(kOpConv, CONV, ConvParams)       /* NHWC conv / dense on the BFP core (or fp32), fused epilogue */     \
+    X(kOpMatMul, MATMUL, MatMulParams) /* batched A x B, both run-time operands quantized along K */          \
+    X(kOpGather, GATHER, GatherParams) /* entries of an axis picked by run-time indices (checked) */         \
+    X(kOpWhere, WHERE, WhereParams)    /* broadcasting select: cond ? a : b (exact) */                        \
+    X(kOpCompare, COMPARE, CompareParams) /* broadcasting comparisons and logic -> 0 / 1 (exact) */           \
+    X(kOpExactUnary, EXACT_UNARY, ExactUnaryParams) /* Not, IsNaN, IsInf, casts to bool / int (exact) */     \
     X(kOpBinary, BINARY, BinaryParams) /* broadcasting elementwise */                                        \
     X(kOpUnary, UNARY, UnaryParams)    /* elementwise functions */                                           \
     X(kOpAffine, AFFINE, AffineParams) /* per-channel x * s + t (batch-norm not folded) */                   \
@@ -34,6 +39,15 @@
 #define BFP_REDUCE_KINDS(X) \
     X(kRedSum, SUM) X(kRedMean, MEAN) X(kRedMax, MAX) X(kRedMin, MIN) X(kRedSumSquare, SUM_SQUARE) X(kRedL2, L2)
 
+// kOpCompare: y = a op b as 0 / 1 (AND, OR, XOR: of a != 0 and b != 0)
+#define BFP_COMPARE_KINDS(X)                                                                        \
+    X(kCmpEqual, EQUAL) X(kCmpLess, LESS) X(kCmpLessEqual, LESS_EQUAL) X(kCmpGreater, GREATER)      \
+    X(kCmpGreaterEqual, GREATER_EQUAL) X(kCmpAnd, AND) X(kCmpOr, OR) X(kCmpXor, XOR)
+// kOpExactUnary: results that are exact (0 / 1 or an integer), never rounded
+#define BFP_EXACT_KINDS(X)                                                                          \
+    X(kExNot, NOT) X(kExIsNan, IS_NAN) X(kExIsInf, IS_INF) X(kExIsPosInf, IS_POS_INF)               \
+    X(kExIsNegInf, IS_NEG_INF) X(kExNonzero, NONZERO) X(kExTrunc, TRUNC)
+
 // vector precision (docs/numerics.md#vector-unit): every vector op rounds its result (RNE, IEEE overflow)
 #define BFP_VEC_PRECS(X) X(kVecFp32, FP32) X(kVecFp16, FP16) X(kVecBf16, BF16)
 
@@ -57,6 +71,8 @@ enum BinaryKind : int { BFP_BINARY_KINDS(BFP_ENUMERATOR) kBinaryCount };
 enum UnaryKind : int { BFP_UNARY_KINDS(BFP_ENUMERATOR) kUnaryCount };
 enum PoolKind : int { BFP_POOL_KINDS(BFP_ENUMERATOR) kPoolCount };
 enum ReduceKind : int { BFP_REDUCE_KINDS(BFP_ENUMERATOR) kReduceCount };
+enum CompareKind : int { BFP_COMPARE_KINDS(BFP_ENUMERATOR) kCompareCount };
+enum ExactKind : int { BFP_EXACT_KINDS(BFP_ENUMERATOR) kExactCount };
 enum VecPrec : int { BFP_VEC_PRECS(BFP_ENUMERATOR) kVecCount };
 enum Activation : int { BFP_ACTIVATIONS(BFP_ENUMERATOR) kActCount };
 enum RnnCell : int { BFP_RNN_CELLS(BFP_ENUMERATOR) kCellCount };

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <variant>
 #include <vector>
@@ -48,6 +49,32 @@ struct ConvGeometry {
     F(bool, quantize_input, "depthwise: fake-quantize the input to the format's one-element blocks")  \
     F(Activation, activation, "fused after bias and residual: NONE, RELU or CLIP")                    \
     F(float, clip_lo, "CLIP: lower bound") F(float, clip_hi, "CLIP: upper bound")
+// kOpMatMul: Y[j] = A[a(j)] x B[b(j)] for every index j of batch_shape (row-major Y [batch][m][n]);
+// a(j) = sum j_d * a_strides[d] picks one of A's a_count matrices [m][k] (0 strides: broadcast), b(j)
+// one of B's b_count matrices, stored [k][n] or, b_transposed, [n][k]. Both operands are quantized
+// at run time along k (A per row, B per column) and multiplied on the datapath of a dense layer.
+#define BFP_FIELDS_MatMulParams(F)                                                                      \
+    F(int64_t, m, "rows of A and Y") F(int64_t, k, "the reduced length") F(int64_t, n, "columns of B and Y") \
+    F(std::vector<int64_t>, batch_shape, "Y's batch dimensions")                                       \
+    F(std::vector<int64_t>, a_strides, "A's matrices per step of each batch dimension (0: broadcast)") \
+    F(std::vector<int64_t>, b_strides, "B's matrices per step of each batch dimension (0: broadcast)") \
+    F(int64_t, a_count, "matrices A holds") F(int64_t, b_count, "matrices B holds")                   \
+    F(bool, b_transposed, "B's matrices are stored [n][k] (a transposed operand read in place)")
+// kOpGather: y[o][i][r] = x[o][index_i][r] for o < outer, i < count, r < inner; an index is an integer
+// in [-length, length) (negative: from the end), any other is an error naming `indices`
+#define BFP_FIELDS_GatherParams(F)                                                                      \
+    F(int64_t, outer, "") F(int64_t, length, "entries along the gathered axis") F(int64_t, inner, "")  \
+    F(int64_t, count, "indices") F(std::string, indices, "what the indices are, for errors")
+// kOpWhere: y[i] = c[i . c_strides] != 0 ? a[i . a_strides] : b[i . b_strides] over i in shape
+#define BFP_FIELDS_WhereParams(F)                                                                       \
+    F(std::vector<int64_t>, shape, "the output's shape") F(std::vector<int64_t>, c_strides, "")        \
+    F(std::vector<int64_t>, a_strides, "") F(std::vector<int64_t>, b_strides, "")
+// kOpCompare: y[i] = a[i . a_strides] op b[i . b_strides] over i in shape, 1 or 0
+#define BFP_FIELDS_CompareParams(F)                                                                     \
+    F(CompareKind, op, "the comparison") F(std::vector<int64_t>, shape, "the output's shape")          \
+    F(std::vector<int64_t>, a_strides, "") F(std::vector<int64_t>, b_strides, "")
+// kOpExactUnary: y[i] = f(x[i]), i < count, not rounded
+#define BFP_FIELDS_ExactUnaryParams(F) F(ExactKind, op, "the function") F(int64_t, count, "elements")
 // kOpBinary: y[i] = a[i . a_strides] op b[i . b_strides] over i in shape (row-major y)
 #define BFP_FIELDS_BinaryParams(F)                                                                     \
     F(BinaryKind, op, "the operation") F(std::vector<int64_t>, shape, "the output's shape")            \

@@ -435,6 +435,9 @@ std::shared_ptr<Operand> make_operand(const int8_t* codes, const int16_t* exps, 
         op->build(codes, exps, shape[0], shape[1], 1, false);
     } else if (role == "cols") {  // B [K, N], blocked on axis 0
         op->build(codes, exps, 1, shape[0], shape[1], true);
+    } else if (role == "cols_t") {  // B^T [N, K], blocked on axis 1: the columns of B, stored as rows
+        op->role = "cols";
+        op->build(codes, exps, shape[0], shape[1], 1, false);
     } else if (role == "convw") {  // W [O, Cg, KH, KW], blocked on axis 1, K order tap-major
         op->kh = int(shape[2]);
         op->kw = int(shape[3]);

@@ -110,6 +110,8 @@ class Operand {
     ColsView cols_view() const;
 };
 
+// role: "rows" (A [M, K] blocked on axis 1), "cols" (B [K, N] blocked on axis 0), "cols_t" (B^T [N, K]
+// blocked on axis 1: a "cols" operand built from its columns stored as rows), "convw" (OIHW weights)
 std::shared_ptr<Operand> make_operand(const int8_t* codes, const int16_t* exps, const std::vector<int64_t>& shape,
                                       const FmtParams& f, const std::string& role, int taps, int groups);
 

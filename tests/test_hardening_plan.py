@@ -130,7 +130,7 @@ MANIFEST_CASES = [
     ("node-attrs-list", _set(lambda m: m["nodes"][0].__setitem__("attrs", [])), "attrs"),
     ("node-no-outputs", _set(lambda m: m["nodes"][0].__setitem__("outputs", [])), "output"),
     ("inputs-dict", _set(lambda m: m.__setitem__("inputs", {})), "inputs"),
-    ("input-int-dtype", _set(lambda m: m["inputs"][0].__setitem__("dtype", "int32")), "float"),
+    ("input-string-dtype", _set(lambda m: m["inputs"][0].__setitem__("dtype", "string")), "graph input must be one of"),
     ("input-neg-shape", _set(lambda m: m["inputs"][0].__setitem__("shape", [None, -4, 6, 6])), "shape"),
     ("metadata-list", _set(lambda m: m.__setitem__("metadata", [])), "metadata"),
     ("metadata-int", _set(lambda m: m.__setitem__("metadata", {"k": 1})), "metadata"),

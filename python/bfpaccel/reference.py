@@ -311,20 +311,45 @@ def matmul_quantized(
 
 
 def matmul(a, b, fmt: FormatLike, fmt_b: Optional[FormatLike] = None, seed: int = 0) -> np.ndarray:
-    """Reference ``a[M,K] @ b[K,N]`` with both operands quantized along K.
+    """Reference ``a @ b`` with both operands quantized along K.
+
+    ``a[M, K] @ b[K, N]``: ``a`` is blocked along axis 1 (each row), ``b`` along axis 0 (each
+    column).  Batched operands ``a[..., M, K]`` and ``b[..., K, N]`` (rank >= 2 each) broadcast
+    their leading axes as ``numpy.matmul`` does: each operand is quantized once, as a whole, along
+    its reduced axis (``a`` along its last axis, ``b`` along its second to last; stochastic bits
+    indexed by the element's flat index in that operand), and every output matrix is the 2-D
+    product of its pair of quantized matrices.
 
     Example:
         >>> matmul(np.ones((1, 16)), np.ones((16, 1)), "msfp16").tolist()
         [[16.0]]
+        >>> matmul(np.ones((2, 3, 1, 16)), np.ones((3, 16, 4)), "msfp16").shape
+        (2, 3, 1, 4)
     """
     fa = get_format(fmt)
     fb = get_format(fmt_b) if fmt_b is not None else fa
     if fa.block_size != fb.block_size:
         raise ValueError(f"block sizes differ: {fa.block_size} vs {fb.block_size}")
     a, b = _as_float32(a), _as_float32(b)
-    ac, ae = quantize_blocks(a, fa, axis=1, seed=seed)
-    bc, be = quantize_blocks(b, fb, axis=0, seed=seed)
-    return matmul_quantized(ac, ae, fa, bc, be, fb)
+    if a.ndim < 2 or b.ndim < 2:
+        raise ValueError(f"matmul takes operands of rank >= 2, got shapes {a.shape} and {b.shape}")
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"K mismatch: a is {a.shape}, b is {b.shape}")
+    ac, ae = quantize_blocks(a, fa, axis=-1, seed=seed)
+    bc, be = quantize_blocks(b, fb, axis=-2, seed=seed)
+    if a.ndim == 2 and b.ndim == 2:
+        return matmul_quantized(ac, ae, fa, bc, be, fb)
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    out = np.empty(batch + (a.shape[-2], b.shape[-1]), np.float32)
+
+    def pick(shape: Tuple[int, ...], idx: Tuple[int, ...]) -> Tuple[int, ...]:
+        own = idx[len(idx) - len(shape):]  # batch axes align from the right; size 1 broadcasts
+        return tuple(0 if s == 1 else i for i, s in zip(own, shape))
+
+    for idx in np.ndindex(*batch):
+        ia, ib = pick(a.shape[:-2], idx), pick(b.shape[:-2], idx)
+        out[idx] = matmul_quantized(ac[ia], ae[ia], fa, bc[ib], be[ib], fb)
+    return out
 
 
 def normalize_padding(padding) -> Tuple[int, int, int, int]:

@@ -33,7 +33,7 @@ _MAX_DIM = 1 << 40
 _MAX_ITEMS = 1 << 22  # nodes, consts, inputs, outputs, list attributes
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 _AUTO_PAD = ("NOTSET", "", "SAME_UPPER", "SAME_LOWER", "VALID")
-_INPUT_DTYPES = ("float32", "float64", "float16")
+_INPUT_DTYPES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
 
 
 class _Bad(Exception):
@@ -246,7 +246,7 @@ def _value_info(v: Any, where: str, is_input: bool) -> ValueInfo:
     name = _str(d["name"], f"{where}.name", nonempty=True)
     dtype = _str(d["dtype"], f"{where}.dtype")
     if is_input:
-        _need(dtype in _INPUT_DTYPES, f"{where}.dtype", f"a graph input must be float ({', '.join(_INPUT_DTYPES)}), "
+        _need(dtype in _INPUT_DTYPES, f"{where}.dtype", f"a graph input must be one of {', '.join(_INPUT_DTYPES)}, "
               f"got {dtype!r}")
     shape = d["shape"]
     if shape is not None:

@@ -1,7 +1,7 @@
 """ONNX -> a compiled BFP plan.
 
 ``compile`` reads an ONNX model, checks every op is one the runtime executes (an unsupported op
-is reported by name with its node), simplifies the graph (drops Identity/Dropout, cancels
+-- control flow such as If, Loop or Scan included -- is reported by name with its node), simplifies the graph (drops Identity/Dropout, cancels
 transpose pairs that tf2onnx leaves around NHWC ops, pushes constant elementwise ops through
 transposes), folds batch-norm and per-channel constant scale/shift into the preceding
 convolution or dense layer, turns MatMul/Gemm with constant weights into dense layers, and
@@ -292,18 +292,24 @@ def _check_supported(g: Graph) -> None:
         spec = _ops.find(n.op)
         if spec is None:
             bad.setdefault(n.op, []).append(n.name)
-        elif spec.weights == TO_DENSE and not all(i in g.consts for i in n.inputs[1:2]):
+        elif spec.weights == TO_DENSE and spec.lower is None and not all(i in g.consts for i in n.inputs[1:2]):
             bad.setdefault(f"{n.op} with a non-constant weight", []).append(n.name)
     if bad:
         raise UnsupportedOpError(bad)
 
 
+#: element types a graph input may have: float tensors, and integer / boolean ones (token ids,
+#: attention masks), which the session feeds as exact integers
+INPUT_DTYPES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8", "uint8", "bool")
+
+
 def _check_inputs(g: Graph) -> None:
     for vi in g.inputs:
-        if vi.dtype not in ("float32", "float64", "float16"):
+        if vi.dtype not in INPUT_DTYPES:
             raise ValueError(
-                f"graph input {vi.name!r} has dtype {vi.dtype}: the runtime takes float tensors (decode images "
-                "outside the graph; bfpaccel.preprocess does it the seed's way)")
+                f"graph input {vi.name!r} has dtype {vi.dtype}: the runtime takes float, integer or boolean tensors "
+                f"({', '.join(INPUT_DTYPES)}; decode images outside the graph: bfpaccel.preprocess does it the "
+                "seed's way)")
 
 
 def _resolve_format(fmt: Union[str, Format], what: str) -> Format:
@@ -342,7 +348,8 @@ def compile(
 
     Raises:
         UnsupportedOpError: an op the runtime does not execute (named with its node).
-        ValueError: bad formats, non-float graph inputs, an unreadable model.
+        ValueError: bad formats, graph inputs of another type than float, integer or bool, an
+            unreadable model.
 
     Example:
         >>> import bfpaccel  # doctest: +SKIP

@@ -13,7 +13,12 @@ Done once per input signature (``Session`` caches it), never per inference.  It 
 * **fusion**: a convolution's bias (always), a following residual ``Add`` and ``Relu``/``Clip``
   run in its epilogue; each still rounds to the vector precision as the separate ops would;
 * **buffers**: temporaries are reused once dead (greedy best fit), inputs and outputs own
-  theirs.
+  theirs;
+* **element types**: every buffer holds float32; integer and boolean tensors (token ids, masks)
+  are exact integers in it.  The lowering tracks each run-time value's ONNX element type: data
+  movement keeps it, comparisons make booleans, ``Cast`` converts, and an op that would compute
+  on integers with the vector unit's rounding (arithmetic, reductions) is refused, naming the
+  node.  Integer and boolean graph outputs come back in their declared type.
 
 What each node becomes is decided by its op's handler in ``ops/`` (registered with
 ``@lowers``); this module is the machinery they share (:class:`Lowering`).
@@ -95,6 +100,27 @@ def op_label(params: Any, op_type: str = "") -> str:
     return op_kind_name(type(params).kind, sub, op_type)
 
 
+#: ops whose outputs have the element type of their first input (data movement, selection)
+_SAME_DTYPE = {"Identity", "Dropout", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Slice",
+               "Split", "Pad", "Expand", "Tile", "Gather", "Trilu"}
+#: ops that produce booleans
+_BOOL_OUT = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Not", "IsNaN",
+             "IsInf"}
+#: ops that take integer or boolean run-time tensors (the others compute in float at the vector
+#: precision, which is not integer arithmetic)
+_INT_INPUTS = _SAME_DTYPE | _BOOL_OUT | {"Cast", "Where", "Shape", "Size"}
+_FLOAT = "float32"
+_INTEGER_TYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+
+
+def is_float(dtype: str) -> bool:
+    """True for the float element types (and unknown ones, which the float buffers carry as is)."""
+    try:
+        return np.dtype(dtype).kind == "f"
+    except TypeError:
+        return True
+
+
 @dataclasses.dataclass
 class LoweredOp:
     """One program op before buffers are assigned (virtual buffer ids)."""
@@ -115,15 +141,19 @@ class Lowered:
 
     def __init__(self, program: Any, inputs: Dict[str, Tuple[int, Tuple[int, ...]]],
                  outputs: Dict[str, Tuple[Optional[int], Tuple[int, ...], Optional[np.ndarray]]],
-                 op_names: List[str], op_kinds: Optional[List[str]] = None):
+                 op_names: List[str], op_kinds: Optional[List[str]] = None,
+                 out_dtypes: Optional[Dict[str, str]] = None):
         self.program = program
         self.inputs = inputs      # name -> (buffer, shape)
         self.outputs = outputs    # name -> (buffer or None, shape, constant value or None)
         self.op_names = op_names
         #: each op's kind (``op_kind_name``): a fused conv + add + relu counts as its conv
         self.op_kinds = list(op_kinds) if op_kinds is not None else [""] * len(op_names)
+        #: outputs returned in an integer or boolean type (the others: float32)
+        self.out_dtypes = dict(out_dtypes or {})
 
     def run(self, feeds: Dict[str, np.ndarray], names: Sequence[str]) -> Dict[str, np.ndarray]:
+        # integer feeds are exact in float32 (Session admits magnitudes <= 2^24)
         ins = [(self.inputs[k][0], np.ascontiguousarray(v, dtype=np.float32).reshape(-1)) for k, v in feeds.items()]
         bufs = [self.outputs[n][0] for n in names if self.outputs[n][0] is not None]
         res = self.program.run(ins, bufs)
@@ -132,6 +162,9 @@ class Lowered:
         for n in names:
             b, shape, const = self.outputs[n]
             out[n] = np.array(const, copy=True) if b is None else next(it).reshape(shape)
+            if b is not None and n in self.out_dtypes:
+                with np.errstate(invalid="ignore"):  # a NaN cast to an integer type: undefined, as in ONNX
+                    out[n] = out[n].astype(self.out_dtypes[n])
         return out
 
 
@@ -160,6 +193,10 @@ class Lowering:
         self.vinput: set = set()
         self.node: Optional[Node] = None
         self._final_roots: set = set()
+        #: run-time value -> its ONNX element type, where not float32 (see the module doc)
+        self.dtypes: Dict[str, str] = {}
+        #: the graph's input names
+        self.input_names = {vi.name for vi in plan.graph.inputs}
 
     @property
     def opset(self) -> int:
@@ -235,6 +272,41 @@ class Lowering:
         """The logical shape of a constant or runtime value."""
         return tuple(np.asarray(self.cv[name]).shape) if name in self.cv else self.get(name).shape
 
+    def dtype_of(self, name: str) -> str:
+        """The element type of a value: a constant's numpy dtype, a run-time value's ONNX type
+        (``"float32"`` for every float type)."""
+        if name in self.cv:
+            return str(np.asarray(self.cv[name]).dtype)
+        return self.dtypes.get(name, _FLOAT)
+
+    def set_dtype(self, name: str, dtype: str) -> None:
+        """Records a run-time value's element type (a handler that knows it better than the
+        default rules: ``Cast``)."""
+        if is_float(dtype):
+            self.dtypes.pop(name, None)
+        else:
+            self.dtypes[name] = str(np.dtype(dtype))
+
+    def _check_int_inputs(self, n: Node) -> None:
+        if n.op in _INT_INPUTS:
+            return
+        for i in n.inputs:
+            if i and i not in self.cv and not is_float(self.dtype_of(i)):
+                raise self.err(f"input {i!r} is a {self.dtype_of(i)} tensor computed at run time; {n.op} on "
+                               "integer or boolean run-time tensors is not supported (the vector unit computes "
+                               "in float and rounds)")
+
+    def _output_dtypes(self, n: Node) -> None:
+        for k, o in enumerate(n.outputs):
+            if not o or o in self.cv or o in self.dtypes:
+                continue
+            if n.op in _BOOL_OUT:
+                self.set_dtype(o, "bool")
+            elif n.op in _SAME_DTYPE and n.inputs:
+                self.set_dtype(o, self.dtype_of(n.inputs[0]))
+            elif n.op == "Where":
+                self.set_dtype(o, self.dtype_of(n.inputs[1]))
+
     def const_input(self, n: Node, i: int, what: str) -> Optional[np.ndarray]:
         """Input ``i`` of ``n`` as a known array (None when absent); an error when it is
         computed at run time."""
@@ -272,6 +344,7 @@ class Lowering:
             v = self.new_value(shp)
             self.vinput.add(v.vid)
             self.vals[vi.name] = v
+            self.set_dtype(vi.name, vi.dtype)
         for n in g.nodes:
             self.node = n
             try:
@@ -281,7 +354,9 @@ class Lowering:
                     continue
                 if spec is None or spec.lower is None:
                     raise self.err(f"op {n.op} is not supported on a computed (non-constant) input")
+                self._check_int_inputs(n)
                 spec.lower(self, n)
+                self._output_dtypes(n)
             except LoweringError:
                 raise
             except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError, AttributeError,
@@ -424,9 +499,14 @@ class Lowering:
                     free.append((self.vsize[root], cpp[root]))
         inputs = {vi.name: (cpp[self.vroot[self.vals[vi.name].vid]], tuple(self.shapes[vi.name])) for vi in self.g.inputs}
         outs2 = {}
+        out_dtypes: Dict[str, str] = {}
         for name, (vid, shape, const) in outputs.items():
             outs2[name] = (None if vid is None else cid(vid), shape, const)
-        return Lowered(prog, inputs, outs2, names, kinds)
+            declared = next((vo.dtype for vo in self.g.outputs if vo.name == name), "")
+            dt = declared if declared in _INTEGER_TYPES else self.dtype_of(name)
+            if not is_float(dt):
+                out_dtypes[name] = dt
+        return Lowered(prog, inputs, outs2, names, kinds, out_dtypes)
 
     # ------------------------------------------------------------ constant folding
     def fold(self, n: Node) -> None:

@@ -106,6 +106,12 @@ class Plan:
         return {v.name: v.shape for v in self.graph.inputs}
 
     @property
+    def input_dtypes(self) -> Dict[str, str]:
+        """Input name -> its declared element type (``"float32"``, ``"int64"``...): what
+        ``Session.run`` checks each feed against."""
+        return {v.name: v.dtype for v in self.graph.inputs}
+
+    @property
     def ops(self) -> Dict[str, int]:
         """Op type -> count, after compilation (folded batch-norms are gone)."""
         out: Dict[str, int] = {}

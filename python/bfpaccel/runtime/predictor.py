@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -125,10 +125,16 @@ class Predictor:
         arrs = [self._preprocess_fn(b) for b in images]
         return np.stack(arrs).astype(np.float32, copy=False)
 
-    def predict(self, x: np.ndarray, outputs: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
-        """Runs the plan on a float input batch; returns seed-named outputs."""
+    def predict(self, x: Union[np.ndarray, Mapping[str, np.ndarray]], outputs: Optional[Sequence[str]] = None
+                ) -> Dict[str, np.ndarray]:
+        """Runs the plan on an input batch; returns seed-named outputs.
+
+        ``x`` is the array of the model's (single) input, or a mapping input name -> array for a
+        model of several inputs (a text encoder's ``input_ids`` and ``attention_mask``: integer
+        arrays, kept integer)."""
         names = [self.resolve_output(o) for o in outputs] if outputs is not None else self.output_names
-        res = self.session.run([self.output_map[n] for n in names], {self.input_name: x})
+        feeds = dict(x) if isinstance(x, Mapping) else {self.input_name: x}
+        res = self.session.run([self.output_map[n] for n in names], feeds)
         return {n: res[self.output_map[n]] for n in names}
 
     def predict_images(self, images: Sequence[bytes], outputs: Optional[Sequence[str]] = None

@@ -19,6 +19,35 @@ from .profile import ProfileSummary
 __all__ = ["Session"]
 
 
+#: the largest integer magnitude an integer input may hold: the float32 buffers carry every
+#: integer up to 2^24 exactly
+MAX_EXACT_INT = 1 << 24
+
+
+def _typed_feed(name: str, arr: np.ndarray, declared: str) -> np.ndarray:
+    """A feed checked against its input's declared element type: a float input takes any numeric
+    array (as float32); an integer input takes integers (kept as they are, every value of
+    magnitude <= 2^24); a boolean input takes booleans."""
+    try:
+        kind = np.dtype(declared).kind
+    except TypeError:
+        kind = "f"
+    if kind == "f":
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    if kind == "b":
+        if arr.dtype.kind != "b":
+            raise ValueError(f"input {name!r} is declared bool, got dtype {arr.dtype}")
+        return np.ascontiguousarray(arr)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"input {name!r} is declared {declared} (integer), got dtype {arr.dtype}: feed integers "
+                         "(token ids, masks) as an integer array")
+    if arr.size and (int(arr.max()) > MAX_EXACT_INT or int(arr.min()) < -MAX_EXACT_INT):
+        bad = arr[(arr > MAX_EXACT_INT) | (arr < -MAX_EXACT_INT)].reshape(-1)[0]
+        raise ValueError(f"input {name!r} holds {int(bad)}: integer inputs must lie in [-2^24, 2^24] (the datapath "
+                         "carries them exactly in float32)")
+    return np.ascontiguousarray(arr)
+
+
 class Session:
     """Runs a :class:`~bfpaccel.runtime.plan.Plan` on the C++ core.
 
@@ -105,11 +134,12 @@ class Session:
         if missing:
             raise ValueError(f"missing input(s) {missing}")
         out: Dict[str, np.ndarray] = {}
+        types = self.plan.input_dtypes
         for k, v in feeds.items():
             arr = np.asarray(v)
             if arr.dtype.kind not in "fiub":
                 raise ValueError(f"input {k!r} must be numeric, got dtype {arr.dtype}")
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            arr = _typed_feed(k, arr, types.get(k, "float32"))
             shape = want[k]
             if shape is not None:
                 if arr.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, arr.shape)):
@@ -145,10 +175,17 @@ class Session:
 
         Args:
             output_names: outputs to return (``None``: all of them).
-            feed_dict: input name -> array (float; cast to float32).
+            feed_dict: input name -> array. A float input takes any numeric array (cast to
+                float32); an integer input (``int64`` token ids...) takes an integer array whose
+                values lie in [-2^24, 2^24]; a boolean input a boolean array.
 
         Returns:
-            dict output name -> float32 array.
+            dict output name -> array: float32, or the declared integer / boolean type of an
+            integer or boolean output.
+
+        Raises:
+            ValueError: an unknown or missing input, a shape or element type the plan does not
+                take, an integer out of range, or (from the core) an index outside its table.
         """
         feeds = self._check_feeds(feed_dict)
         names = list(self.plan.output_names if output_names is None else output_names)

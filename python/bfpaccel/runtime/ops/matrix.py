@@ -1,6 +1,8 @@
-"""Matrix ops on the BFP core: Conv, BfpDense (the compiler's dense layer), Gemm and MatMul.
+"""Matrix ops on the BFP core with a weight quantized once into the plan: Conv and BfpDense (the
+compiler's dense layer).
 
-The compiler turns ``Gemm`` / ``MatMul`` with a constant weight into ``BfpDense`` and quantizes
+The compiler turns ``Gemm`` / ``MatMul`` with a constant 2-D weight into ``BfpDense`` (the others
+run between run-time operands: ``matmul.py``) and quantizes
 every ``Conv`` / ``BfpDense`` weight once into the plan (``weights="quantized"``); lowering
 runs both as an NHWC convolution with the bias, a following residual ``Add`` and ``Relu`` /
 ``Clip`` fused into its epilogue (``lower.py``).  Depthwise convolutions (one channel per
@@ -19,7 +21,7 @@ from .._validate import Attr, need, prod
 from ..graph import Node
 from ..values import Value, ident
 from ._common import pads_2d
-from ._registry import QUANTIZED, declare, lowers
+from ._registry import QUANTIZED, lowers
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..lower import Lowering
@@ -79,9 +81,8 @@ def check_matrix_op(n: Node, where: str, consts: Dict[str, Any], fa: Any, fw: An
 
 _MATRIX = dict(inputs=(2, 3), attrs=CONV_ATTRS, check=check_matrix_op, weights=QUANTIZED, fold_constants=False)
 
-declare("Gemm", family=__name__, inputs=(2, 3),
-        attrs={"transA": Attr.FLAG, "transB": Attr.FLAG, "alpha": Attr.NUM, "beta": Attr.NUM}, weights="to_dense")
-declare("MatMul", family=__name__, inputs=(2, 2), weights="to_dense")
+# Gemm and MatMul: the compiler makes a dense layer of those with a constant 2-D weight; the others
+# lower in matmul.py (both operands quantized at run time)
 
 
 def _bias(cx: "Lowering", n: Node, O: int) -> np.ndarray:

@@ -66,12 +66,35 @@ def _check_cast(n: Node, where: str, consts: Dict[str, Any], fa: Any, fw: Any, o
     need("to" in n.attrs, where, "missing attribute 'to'")
 
 
+_FLOAT_TYPES = (1, 10, 11, 16)  # float, float16, double, bfloat16
+
+
 @lowers("Cast", attrs={"to": Attr.INT}, check=_check_cast)
 def _cast(cx: "Lowering", n: Node) -> None:
+    """A cast between float types, from an integer or boolean type, or between integer types is
+    an identity (the float buffers hold integers exactly; a cast to float16 does not round);
+    to bool it is ``x != 0``, from a float type to an integer type a truncation toward zero."""
+    from ..._core import ExactKind, ExactUnaryParams  # type: ignore[attr-defined]
+    from ..lower import is_float
+
     to = int(n.attrs.get("to", 1))
-    if to not in (1, 10, 11, 16):
-        raise cx.err("casting a computed tensor to a non-float type is not supported")
-    cx.set(n.outputs[0], cx.get(n.inputs[0]))
+    x = cx.get(n.inputs[0])
+    src_float = is_float(cx.dtype_of(n.inputs[0]))
+    if to in _FLOAT_TYPES:
+        cx.set(n.outputs[0], x)
+        return
+    if to not in NP_TYPES:
+        raise cx.err(f"casting to ONNX type {to} is not supported")
+    target = np.dtype(NP_TYPES[to])
+    kind = ExactKind.NONZERO if target == np.bool_ and cx.dtype_of(n.inputs[0]) != "bool" else \
+        ExactKind.TRUNC if src_float and target != np.bool_ else None
+    if kind is None:
+        cx.set(n.outputs[0], x)
+    else:
+        out = cx.new_value(x.shape, x.perm)
+        cx.emit(ExactUnaryParams(op=kind, count=x.size), [x.vid], [out.vid])
+        cx.set(n.outputs[0], out)
+    cx.set_dtype(n.outputs[0], str(target))
 
 
 @folds("Cast")
