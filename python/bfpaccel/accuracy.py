@@ -1,6 +1,7 @@
 """Accuracy of block-floating-point formats against float32, per format, on real images:
 ``bfpaccel accuracy --model resnet50|...|efficientnet-lite0|PATH.onnx --formats msfp16,...
---images DIR``.
+--images DIR``. Text encoders (``--model all-minilm-l6|paraphrase-minilm-l3``, no ``--images``)
+are measured on labelled sentences by :mod:`bfpaccel.text_accuracy`.
 
 For each format the model is compiled with ``bfpaccel.compile`` and run with
 ``bfpaccel.Session``; the float32 reference is onnxruntime on the same ONNX. Per format:
@@ -448,18 +449,23 @@ def add_accuracy_parser(subparsers: Any) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True,
                    help=f"{', '.join(ZOO_MODELS)}, efficientnet-lite0 (or efficientnet_lite0), g2p (words, no "
-                        "images), or PATH.onnx (converted by bfpaccel)")
-    p.add_argument("--formats", default="msfp16,msfp12,mxfp4_e2m1", help="comma-separated format names")
+                        "images), a text encoder (all-minilm-l6, paraphrase-minilm-l3: sentences, no images), or "
+                        "PATH.onnx (converted by bfpaccel)")
+    p.add_argument("--formats", default=None,
+                   help="comma-separated format names (default: msfp16,msfp12,mxfp4_e2m1; text encoders: "
+                        "msfp16,msfp12,mxint8,mxfp8_e4m3,mxfp4_e2m1)")
     p.add_argument("--images", default=None,
-                   help="directory of JPEG/PNG/GIF images, or 'foolbox' (its 20 photos); not for --model g2p")
+                   help="directory of JPEG/PNG/GIF images, or 'foolbox' (its 20 photos); not for g2p or text "
+                        "encoders")
     p.add_argument("--json", dest="json_path", help="also write the report as JSON here")
     p.add_argument("--vector-precision", default="fp16", help="fp16 (default), bf16 or fp32")
     p.add_argument("--weight-format", default=None, help="format of the weights (default: same as --formats)")
     p.add_argument("--weights", default="random",
                    help="zoo models: 'random' (default), 'store' (checkpoints in the cache), or a Keras .h5 file")
     p.add_argument("--threads", type=int, default=None, help="threads for both runtimes")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N images (g2p: words)")
-    p.add_argument("--batch", type=int, default=8, help="images per run call")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only the first N images (g2p: words; text encoders: sentences per topic)")
+    p.add_argument("--batch", type=int, default=None, help="images per run call (default 8; text encoders: 32)")
     p.add_argument("--cache-dir", default=None, help="where built ONNX models are kept (~/.cache/bfpaccel/models)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--finetuned", default=None,
@@ -471,10 +477,20 @@ def add_accuracy_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run_accuracy(args: argparse.Namespace) -> int:
     """Handler of ``bfpaccel accuracy``: prints the table, writes JSON if asked; 0 on success."""
+    from .models.text import TEXT_MODELS
+
+    text = args.model.strip().lower().replace("_", "-") in TEXT_MODELS
+    if args.formats is None:
+        args.formats = "msfp16,msfp12,mxint8,mxfp8_e4m3,mxfp4_e2m1" if text else "msfp16,msfp12,mxfp4_e2m1"
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if not formats:
         print("error: --formats is empty", file=sys.stderr)
         return 2
+    if text:
+        from .text_accuracy import run_text_accuracy
+
+        args.model = args.model.strip().lower().replace("_", "-")
+        return run_text_accuracy(args)
     g2p = args.model.strip().lower() == "g2p"
     if not g2p and not args.images:
         print("error: --images is required (a directory or 'foolbox')", file=sys.stderr)
@@ -498,7 +514,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
             return 0
         report = accuracy_report(args.model, formats, args.images, vector_precision=args.vector_precision,
                                  weight_format=args.weight_format, weights=args.weights, num_threads=args.threads,
-                                 limit=args.limit, batch_size=args.batch, cache_dir=args.cache_dir,
+                                 limit=args.limit, batch_size=args.batch or 8, cache_dir=args.cache_dir,
                                  progress=not args.no_progress,
                                  finetuned=[d.strip() for d in (args.finetuned or "").split(",") if d.strip()],
                                  log=lambda m: print(m, file=sys.stderr))
