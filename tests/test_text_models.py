@@ -190,3 +190,17 @@ def test_accuracy_cli_takes_text_models(l3, capsys):
     assert "msfp16" in capsys.readouterr().out
     args = parser.parse_args(["accuracy", "--model", "resnet50"])
     assert args.func(args) == 2  # an image model needs --images
+
+
+def test_bench_runs_a_text_encoder(l3):
+    pytest.importorskip("onnxruntime")
+    from bfpaccel.bench import run_benchmark
+
+    r = run_benchmark("paraphrase_minilm_l3", "bfp:msfp16,onnxruntime,serving", batches="1", threads=1, runs=2,
+                      warmup=1, block=2, pause_s=0.0, seq_len=12, progress=False, log=lambda m: None)
+    rows = {b["name"]: b for b in r["backends"]}
+    assert r["settings"]["seq_len"] == 12 and r["model"]["outputs"][0] == "461"
+    assert rows["bfp:msfp16"]["status"] == "ok" and rows["onnxruntime"]["status"] == "ok"
+    assert rows["bfp:msfp16"]["latency_ms"]["n"] == 2
+    assert 0 < rows["bfp:msfp16"]["output_rel_err"] < 0.1  # the sentence embedding, vs onnxruntime fp32
+    assert rows["serving"]["status"] == "unavailable" and "token ids" in rows["serving"]["reason"]

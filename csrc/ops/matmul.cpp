@@ -7,6 +7,7 @@
 // k order, a multiply and an add per term, as the fp32 dense layers do.
 #include <algorithm>
 #include <cstring>
+#include <exception>
 #include <memory>
 #include <vector>
 
@@ -143,20 +144,42 @@ static void exec_matmul(Program& p, const Op& op) {
     std::vector<int16_t> be(size_t(q.b_count * N * nb));
     if (stochastic) quantize_tensor(B, q.b_count, K, N, f, p.seed(), bc.data(), be.data());
     else quantize_tensor(B, q.b_count * N, K, 1, f, p.seed(), bc.data(), be.data());
+    // One parallel loop over the matrices (attention: one per head), each built and multiplied by
+    // one thread (the operands' and the GEMM's own loops then run inside it): a few parallel
+    // regions per op instead of several per head. The bits do not depend on the threads.
     std::vector<std::shared_ptr<Operand>> aop(size_t(q.a_count)), bop(size_t(q.b_count));
-    for (int64_t i = 0; i < q.a_count; ++i)
-        aop[size_t(i)] = make_operand(ac.data() + i * M * K, ae.data() + i * M * nb, {M, K}, f, "rows", 1, 1);
-    for (int64_t i = 0; i < q.b_count; ++i) {
-        const int8_t* c = bc.data() + i * K * N;
-        const int16_t* e = be.data() + i * N * nb;
-        bop[size_t(i)] = stochastic ? make_operand(c, e, {K, N}, f, "cols", 1, 1)
-                                    : make_operand(c, e, {N, K}, f, "cols_t", 1, 1);
+    const int64_t nops = q.a_count + q.b_count;
+    std::vector<std::exception_ptr> err(size_t(std::max(nops, batches)));
+#pragma omp parallel for num_threads(num_threads()) schedule(dynamic) if (nops > 2 && par(M * K + K * N))
+    for (int64_t t = 0; t < nops; ++t) {
+        try {
+            if (t < q.a_count) {
+                aop[size_t(t)] = make_operand(ac.data() + t * M * K, ae.data() + t * M * nb, {M, K}, f, "rows", 1, 1);
+            } else {
+                const int64_t i = t - q.a_count;
+                const int8_t* c = bc.data() + i * K * N;
+                const int16_t* e = be.data() + i * N * nb;
+                bop[size_t(i)] = stochastic ? make_operand(c, e, {K, N}, f, "cols", 1, 1)
+                                            : make_operand(c, e, {N, K}, f, "cols_t", 1, 1);
+            }
+        } catch (...) {
+            err[size_t(t)] = std::current_exception();
+        }
     }
+    for (const auto& e : err)
+        if (e) std::rethrow_exception(e);
+#pragma omp parallel for num_threads(num_threads()) schedule(dynamic) if (batches > 1 && par(M * K * N))
     for (int64_t j = 0; j < batches; ++j) {
-        int64_t ai, bi;
-        batch_operands(q, j, &ai, &bi);
-        gemm(*aop[size_t(ai)], *bop[size_t(bi)], Y + j * M * N);
+        try {
+            int64_t ai, bi;
+            batch_operands(q, j, &ai, &bi);
+            gemm(*aop[size_t(ai)], *bop[size_t(bi)], Y + j * M * N);
+        } catch (...) {
+            err[size_t(j)] = std::current_exception();
+        }
     }
+    for (const auto& e : err)
+        if (e) std::rethrow_exception(e);
 }
 
 BFP_REGISTER_OP(kOpMatMul, validate_matmul, exec_matmul);

@@ -96,3 +96,13 @@ def ort_int8_model(onnx_path: str, out_path: str, calibration: Sequence[np.ndarr
         quantize_static(pre, out_path, _Reader(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
     return out_path
+
+
+def ort_int8_dynamic_model(onnx_path: str, out_path: str) -> str:
+    """onnxruntime's dynamic int8 quantization of ``onnx_path`` (weights QInt8 per channel,
+    activations quantized per call to QUInt8): onnxruntime's int8 path for transformer encoders,
+    whose MatMuls take activations of every range. Writes ``out_path`` and returns it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(onnx_path, out_path, weight_type=QuantType.QInt8, per_channel=True)
+    return out_path

@@ -84,6 +84,9 @@ class BenchContext:
     metadata: Dict[str, str] = field(default_factory=dict)
     log: Callable[[str], None] = print
     kernel: Optional[str] = None
+    #: text encoders (bfpaccel.models.text): the sequence length of the token-id inputs; None: a
+    #: model of one float input
+    seq_len: Optional[int] = None
     _plans: Dict[str, Any] = field(default_factory=dict)
 
     def plan(self, fmt: str) -> Any:
@@ -95,10 +98,16 @@ class BenchContext:
             self._plans[fmt] = bfpaccel.compile(self.onnx_path, format=fmt)
         return self._plans[fmt]
 
-    def make_input(self, batch: int, seed: int) -> np.ndarray:
+    def make_input(self, batch: int, seed: int) -> Any:
         """A seeded float32 input batch of the model's shape; the seed's mean-subtracted RGB
-        pixels (zoo models) get pixel-sized values, anything else unit normal ones."""
+        pixels (zoo models) get pixel-sized values, anything else unit normal ones. A text
+        encoder gets feeds: ``input_ids`` (``[CLS]``, seeded word-piece ids, ``[SEP]``) and an
+        all-ones ``attention_mask``, int64 ``[batch, seq_len]``."""
         rng = np.random.default_rng(seed)
+        if self.seq_len is not None:
+            ids = rng.integers(1999, 30000, (batch, self.seq_len), dtype=np.int64)
+            ids[:, 0], ids[:, -1] = 101, 102
+            return {"input_ids": ids, "attention_mask": np.ones((batch, self.seq_len), np.int64)}
         scale = 50.0 if '"kind": "image"' in self.metadata.get("bfpaccel.preprocess", "") else 1.0
         return (rng.standard_normal((batch, *self.sample_shape)) * scale).astype(np.float32)
 
@@ -140,6 +149,17 @@ class Backend:
 
 
 # ----- onnxruntime ---------------------------------------------------------------------
+def _feeds(x: Any, input_name: str) -> Dict[str, np.ndarray]:
+    """A run's feeds: ``x`` itself when it is already name -> array (text encoders), else the
+    model's one input."""
+    return dict(x) if isinstance(x, dict) else {input_name: x}
+
+
+def _single_input_only(ctx: BenchContext, what: str) -> None:
+    if ctx.seq_len is not None:
+        raise Unavailable(f"{what} runs models of one float input; this text encoder takes token ids and a mask")
+
+
 class OnnxruntimeBackend(Backend):
     def __init__(self) -> None:
         super().__init__("onnxruntime", "onnxruntime fp32")
@@ -159,8 +179,8 @@ class OnnxruntimeBackend(Backend):
         self.input_name = self.sess.get_inputs()[0].name
         self.out_names = [o.name for o in self.sess.get_outputs()]
 
-    def bind(self, x: np.ndarray) -> Callable[[], Any]:
-        sess, feeds = self.sess, {self.input_name: x}
+    def bind(self, x: Any) -> Callable[[], Any]:
+        sess, feeds = self.sess, _feeds(x, self.input_name)
         return lambda: sess.run(None, feeds)
 
     def output(self, result: Any, ctx: BenchContext) -> Optional[np.ndarray]:
@@ -178,7 +198,15 @@ class OnnxruntimeInt8Backend(OnnxruntimeBackend):
         Backend.__init__(self, "onnxruntime-int8", "onnxruntime int8 (QDQ U8S8)")
 
     def _session_path(self, ctx: BenchContext) -> str:
-        from ..baselines import ort_int8_model
+        from ..baselines import ort_int8_dynamic_model, ort_int8_model
+
+        if ctx.seq_len is not None:  # a transformer: onnxruntime's dynamic int8 (its path for encoders)
+            q = os.path.join(ctx.workdir, os.path.basename(ctx.onnx_path)[:-5] + ".int8-dynamic.onnx")
+            self.label = "onnxruntime int8 (dynamic U8S8)"
+            self.info.update(quantization="dynamic: weights QInt8 per channel, activations QUInt8 per call",
+                             int8_model=q)
+            ctx.log(f"quantizing {os.path.basename(ctx.onnx_path)} to int8 with onnxruntime (dynamic)")
+            return ort_int8_dynamic_model(ctx.onnx_path, q)
 
         # zoo models: kept beside the cached float model (quantizing ResNet-50 takes ~1 min);
         # a user's PATH.onnx: in the run's work folder, so nothing is written next to it
@@ -216,12 +244,12 @@ class BfpBackend(Backend):
         self.info.update(format=self.fmt, vector_precision=plan.vector_precision, kernel=self.sess.kernel,
                          threads=self.sess.num_threads)
 
-    def profile(self, x: np.ndarray) -> Optional[Dict[str, Any]]:
-        s = self.sess.profile_summary({self.input_name: x}, runs=self.PROFILE_RUNS, top=5, warmup=False)
+    def profile(self, x: Any) -> Optional[Dict[str, Any]]:
+        s = self.sess.profile_summary(_feeds(x, self.input_name), runs=self.PROFILE_RUNS, top=5, warmup=False)
         return s.to_dict()
 
-    def bind(self, x: np.ndarray) -> Callable[[], Any]:
-        sess, feeds = self.sess, {self.input_name: x}
+    def bind(self, x: Any) -> Callable[[], Any]:
+        sess, feeds = self.sess, _feeds(x, self.input_name)
         return lambda: sess.run(None, feeds)
 
     def output(self, result: Any, ctx: BenchContext) -> Optional[np.ndarray]:
@@ -274,6 +302,7 @@ class TensorflowBackend(Backend):
         super().__init__("tensorflow", "tensorflow fp32")
 
     def prepare(self, ctx: BenchContext) -> None:
+        _single_input_only(ctx, "the tensorflow backend")
         self.tf, self.fn = _tf_keras_function(ctx, "/CPU:0")
         self.device = "/CPU:0"
         self.info.update(device="CPU", tensorflow=self.tf.__version__,
@@ -408,7 +437,7 @@ class CudaBackend(Backend):
 
     def bind(self, x: np.ndarray) -> Callable[[], Any]:
         if self.sess is not None:
-            sess, feeds = self.sess, {self.input_name: x}
+            sess, feeds = self.sess, _feeds(x, self.input_name)
             return lambda: sess.run(None, feeds)
         tf, fn = self.tf, self.fn
         with tf.device("/GPU:0"):
@@ -447,6 +476,7 @@ class FpgaModelBackend(Backend):
         self.npu = npu
 
     def prepare(self, ctx: BenchContext) -> None:
+        _single_input_only(ctx, "the FPGA performance model (convolution and dense layers)")
         try:
             from .. import perfmodel
         except ImportError as e:
@@ -495,6 +525,7 @@ class ServingBackend(Backend):
         self.client: Any = None
 
     def prepare(self, ctx: BenchContext) -> None:
+        _single_input_only(ctx, "the serving backend")
         if importlib.util.find_spec("grpc") is None:
             raise Unavailable("grpcio is not installed (pip install grpcio)")
         fmt = self.fmt or "msfp16"

@@ -2,6 +2,7 @@
 
     bfpaccel bench --model resnet50
     bfpaccel bench --model gru --backends bfp:msfp16,onnxruntime,fpga-model --batch 1
+    bfpaccel bench --model all-minilm-l6 --batch 1 --seq 128 --backends bfp:msfp16,onnxruntime,onnxruntime-int8
     bfpaccel bench --model model.onnx --backends bfp:msfp16,onnxruntime --batch 1,8 --runs 20 \\
         --json out.json --plot out.png
     bfpaccel bench --compare before.json after.json
@@ -30,8 +31,8 @@ import time
 from typing import Any, List, Optional
 
 from .backends import DEFAULT_BACKENDS, BenchArgumentError, parse_backends
-from .harness import (DEFAULT_BATCHES, DEFAULT_BLOCK, DEFAULT_PAUSE_S, DEFAULT_RUNS, DEFAULT_WARMUP, check_model,
-                      parse_batches, run_benchmark)
+from .harness import (DEFAULT_BATCHES, DEFAULT_BLOCK, DEFAULT_PAUSE_S, DEFAULT_RUNS, DEFAULT_SEQ_LEN, DEFAULT_WARMUP,
+                      check_model, parse_batches, run_benchmark)
 from .report import compare, format_table, load_result, plot
 
 __all__ = ["add_bench_parser", "run_bench", "main"]
@@ -51,7 +52,10 @@ def add_bench_parser(subparsers: Any) -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="resnet50",
                    help="resnet50 (default), resnet152, vgg16, densenet121, ssdvgg, efficientnet-lite0, gru or lstm "
-                        "(one recurrent layer, bfpaccel.models.rnn) or PATH.onnx")
+                        "(one recurrent layer, bfpaccel.models.rnn), a transformer text encoder (all-minilm-l6, "
+                        "paraphrase-minilm-l3) or PATH.onnx")
+    p.add_argument("--seq", type=int, default=DEFAULT_SEQ_LEN,
+                   help="text encoders: tokens per sequence (default %(default)s)")
     p.add_argument("--backends", default=DEFAULT_BACKENDS, help=f"comma-separated (default: {DEFAULT_BACKENDS})")
     p.add_argument("--batch", default=",".join(str(b) for b in DEFAULT_BATCHES),
                    help="comma-separated batch sizes (default %(default)s)")
@@ -110,6 +114,8 @@ def run_bench(args: argparse.Namespace) -> int:
             raise BenchArgumentError(f"--threads must be >= 1, got {args.threads}")
         if args.pause < 0:
             raise BenchArgumentError(f"--pause must be >= 0, got {args.pause}")
+        if args.seq < 2:
+            raise BenchArgumentError(f"--seq must be >= 2 tokens, got {args.seq}")
         if args.kernel is not None:
             from ..core import check_kernel
 
@@ -130,7 +136,8 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         result = run_benchmark(args.model, args.backends, batches=batches, threads=args.threads, kernel=args.kernel,
                                warmup=args.warmup, runs=args.runs, block=args.block, pause_s=args.pause,
-                               seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress, log=log)
+                               seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress,
+                               seq_len=args.seq, log=log)
     except (BenchArgumentError, FileNotFoundError) as e:
         _err(str(e))
         return 2

@@ -42,7 +42,7 @@ import numpy as np
 from .backends import (REFERENCE_BACKEND, Backend, BenchArgumentError, BenchContext, Unavailable, parse_backends)
 
 __all__ = ["run_benchmark", "check_model", "parse_batches", "environment", "latency_stats", "SCHEMA", "DEFAULT_WARMUP", "DEFAULT_RUNS",
-           "DEFAULT_BLOCK", "DEFAULT_BATCHES", "DEFAULT_PAUSE_S"]
+           "DEFAULT_BLOCK", "DEFAULT_BATCHES", "DEFAULT_PAUSE_S", "DEFAULT_SEQ_LEN"]
 
 SCHEMA = "bfpaccel.bench/1"
 DEFAULT_BATCHES = (1, 8)
@@ -50,6 +50,8 @@ DEFAULT_WARMUP = 2
 DEFAULT_RUNS = 15
 DEFAULT_BLOCK = 5
 DEFAULT_PAUSE_S = 1.0
+#: tokens per sequence of a text encoder's input
+DEFAULT_SEQ_LEN = 128
 
 #: CPU flags worth reading first when comparing runs of two machines.
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
@@ -183,8 +185,11 @@ def check_model(model: str) -> Optional[str]:
         >>> check_model("ResNet-50")
         'resnet50'
     """
+    from ..models.text import TEXT_MODELS
     from ..models.zoo import ZOO_MODELS
 
+    if model.strip().lower().replace("_", "-") in TEXT_MODELS:
+        return model.strip().lower().replace("_", "-")
     if model.endswith(".onnx"):
         if not os.path.isfile(model):
             raise FileNotFoundError(f"model file {model!r} does not exist")
@@ -198,8 +203,8 @@ def check_model(model: str) -> Optional[str]:
     n = model.lower().replace("_", "").replace("-", "")
     n = n[len("quantized"):] if n.startswith("quantized") else n
     if n not in ZOO_MODELS:
-        raise BenchArgumentError(f"unknown model {model!r}: expected PATH.onnx, efficientnet-lite0, gru, lstm or one of "
-                                 f"{', '.join(ZOO_MODELS)}")
+        raise BenchArgumentError(f"unknown model {model!r}: expected PATH.onnx, efficientnet-lite0, gru, lstm, a "
+                                 f"text encoder ({', '.join(TEXT_MODELS)}) or one of {', '.join(ZOO_MODELS)}")
     return n
 
 
@@ -278,12 +283,15 @@ def run_benchmark(model: str, backends: Union[str, Sequence[str], Sequence[Backe
                   kernel: Optional[str] = None,
                   warmup: int = DEFAULT_WARMUP, runs: int = DEFAULT_RUNS, block: int = DEFAULT_BLOCK,
                   pause_s: float = DEFAULT_PAUSE_S, seed: int = 0, cache_dir: Optional[str] = None,
-                  progress: bool = True, keep_samples: bool = True,
+                  progress: bool = True, keep_samples: bool = True, seq_len: int = DEFAULT_SEQ_LEN,
                   log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Benchmark ``model`` (a zoo name or PATH.onnx) on ``backends``; returns the JSON-ready
     result (see ``bfpaccel.bench`` for the schema).  ``threads`` (default: the usable CPUs)
     and ``kernel`` (the BFP kernel; default: the process default) are given to each backend's
-    session; nothing is set process-wide.
+    session; nothing is set process-wide.  A text encoder (``all-minilm-l6``,
+    ``paraphrase-minilm-l3``: :mod:`bfpaccel.models.text`) runs on seeded token ids of
+    ``seq_len`` tokens and an all-ones mask; its int8 baseline is onnxruntime's dynamic
+    quantization.
 
     Raises:
         BenchArgumentError: bad arguments (checked before anything heavy runs).
@@ -315,12 +323,27 @@ def run_benchmark(model: str, backends: Union[str, Sequence[str], Sequence[Backe
     if not blist:
         raise BenchArgumentError("no backends given")
     zoo_name = check_model(model)
+    from ..models.text import TEXT_MODELS
 
-    from ..accuracy import resolve_model
+    text = zoo_name in TEXT_MODELS
+    if text:
+        if not isinstance(seq_len, int) or seq_len < 2:
+            raise BenchArgumentError(f"the sequence length must be >= 2 tokens, got {seq_len!r}")
+        from ..models.text import text_model_onnx
 
-    onnx_path, weights_note = resolve_model(model, "random", cache_dir, log)
-    input_name, dims, output_names, meta = _model_io(onnx_path)
-    sample = _sample_shape(input_name, dims, bs)
+        log(f"resolving the text encoder {zoo_name}")
+        onnx_path, weights_note = text_model_onnx(zoo_name, cache_dir), TEXT_MODELS[zoo_name]["about"]
+        zoo_name = None
+        input_name, dims, output_names, meta = _model_io(onnx_path)
+        dims, sample = ["batch", seq_len], (seq_len,)
+        sentence = TEXT_MODELS[model.strip().lower().replace("_", "-")]["sentence"]
+        output_names = [sentence] + [o for o in output_names if o != sentence]  # compared across backends
+    else:
+        from ..accuracy import resolve_model
+
+        onnx_path, weights_note = resolve_model(model, "random", cache_dir, log)
+        input_name, dims, output_names, meta = _model_io(onnx_path)
+        sample = _sample_shape(input_name, dims, bs)
 
     if threads is None:
         try:
@@ -331,7 +354,7 @@ def run_benchmark(model: str, backends: Union[str, Sequence[str], Sequence[Backe
     ctx = BenchContext(onnx_path=onnx_path, model=model, zoo_name=zoo_name, input_name=input_name,
                        output_names=output_names, threads=threads, workdir=workdir, cache_dir=cache_dir,
                        is_cached_model=not model.endswith(".onnx"), batches=bs, sample_shape=sample, seed=seed,
-                       metadata=meta, log=log, kernel=kernel)
+                       metadata=meta, log=log, kernel=kernel, seq_len=seq_len if text else None)
     env_start = environment(threads, kernel)
     entries: List[Dict[str, Any]] = []
     try:
@@ -457,6 +480,7 @@ def run_benchmark(model: str, backends: Union[str, Sequence[str], Sequence[Backe
         "model": {"name": model, "onnx": onnx_path, "weights": weights_note, "zoo": zoo_name,
                   "input_name": input_name, "input_shape": dims, "outputs": output_names},
         "settings": {"backends": [b.name for b in blist], "batches": list(bs), "threads": threads, "kernel": kernel,
+                     "seq_len": seq_len if text else None,
                      "warmup": warmup, "runs": runs, "block": block, "pause_s": pause_s, "seed": seed,
                      "reference": REFERENCE_BACKEND,
                      "ratio": "speed-up vs onnxruntime fp32: its p50 / this p50 (> 1: faster)",
