@@ -204,3 +204,14 @@ def test_bench_runs_a_text_encoder(l3):
     assert rows["bfp:msfp16"]["latency_ms"]["n"] == 2
     assert 0 < rows["bfp:msfp16"]["output_rel_err"] < 0.1  # the sentence embedding, vs onnxruntime fp32
     assert rows["serving"]["status"] == "unavailable" and "token ids" in rows["serving"]["reason"]
+
+
+def test_plan_file_round_trip_and_predictor(l3, tok, tmp_path):
+    plan = bfpaccel.compile(l3, format="mxint8")
+    loaded = bfpaccel.load_plan(plan.save(tmp_path / "l3.bfpplan"))
+    assert loaded.input_dtypes == {"input_ids": "int64", "attention_mask": "int64"}
+    feeds = tok(TEXTS[0])
+    a = bfpaccel.Session(plan).run(None, feeds)
+    b = bfpaccel.Predictor(loaded).predict(feeds)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k].view(np.uint8), b[k].view(np.uint8)), k
