@@ -332,10 +332,12 @@ def run_benchmark(model: str, backends: Union[str, Sequence[str], Sequence[Backe
         from ..models.text import text_model_onnx
 
         log(f"resolving the text encoder {zoo_name}")
+        assert zoo_name is not None
         onnx_path, weights_note = text_model_onnx(zoo_name, cache_dir), TEXT_MODELS[zoo_name]["about"]
         zoo_name = None
         input_name, dims, output_names, meta = _model_io(onnx_path)
-        dims, sample = ["batch", seq_len], (seq_len,)
+        dims = ["batch", seq_len]
+        sample: Tuple[int, ...] = (seq_len,)
         sentence = TEXT_MODELS[model.strip().lower().replace("_", "-")]["sentence"]
         output_names = [sentence] + [o for o in output_names if o != sentence]  # compared across backends
     else:

@@ -194,7 +194,8 @@ def g2p_en_reference(checkpoint: Optional[str] = None) -> Any:
     methods = [n for n in (cls.body if cls else []) if isinstance(n, ast.FunctionDef) and n.name in wanted]
     if len(methods) != len(wanted):
         raise ValueError(f"{src_path}: class G2p with methods {', '.join(wanted)} not found (another g2p-en version?)")
-    body = ast.ClassDef(name="G2pNumpy", bases=[], keywords=[], body=methods, decorator_list=[])
+    stmts: List[ast.stmt] = list(methods)
+    body = ast.ClassDef(name="G2pNumpy", bases=[], keywords=[], body=stmts, decorator_list=[])
     mod = ast.Module(body=[body], type_ignores=[])
     ast.fix_missing_locations(mod)
     ns: Dict[str, Any] = {"np": np}

@@ -310,7 +310,7 @@ def MiniLM(model_dir: Optional[str] = None) -> Any:
         m.bias.data.copy_(w[prefix + ".bias"])
         return m
 
-    class Layer(nn.Module):
+    class Layer(nn.Module):  # type: ignore[name-defined]
         def __init__(self, i: int) -> None:
             super().__init__()
             p = f"encoder.layer.{i}."
@@ -331,7 +331,7 @@ def MiniLM(model_dir: Optional[str] = None) -> Any:
             x = self.ln1(self.o(ctx) + x)
             return self.ln2(self.down(F.gelu(self.up(x))) + x)
 
-    class Encoder(nn.Module):
+    class Encoder(nn.Module):  # type: ignore[name-defined]
         def __init__(self) -> None:
             super().__init__()
             self.word = nn.Embedding.from_pretrained(w["embeddings.word_embeddings.weight"], freeze=True)

@@ -201,6 +201,7 @@ def _check_recurrent(n: Node, where: str, consts: Dict[str, Any], fa: Any, fw: A
         shape = a.get(f"{key}_shape")
         need(isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s >= 1 for s in shape),
              f"{where}.attrs", f"needs {key}_shape [rows, K]")
+        assert isinstance(shape, list)  # need() raised otherwise
         need(shape[0] == D * G * H and (key == "weight" or shape[1] == H), f"{where}.attrs.{key}_shape",
              f"{shape} does not fit {D} direction(s) of {G} gates of {H}")
         q, f = f"q{key}" in a, f"f{key}" in a
