@@ -327,6 +327,7 @@ def compile(
     *,
     metadata: Optional[Dict[str, str]] = None,
     seed: int = 0,
+    text_front: Optional[Any] = None,
 ) -> Plan:
     """Compiles an ONNX model into a BFP plan.
 
@@ -342,6 +343,9 @@ def compile(
         metadata: extra key/value strings stored in the plan (the ONNX ``metadata_props`` are
             copied too: preprocessing and output names recorded by the converter).
         seed: seed of stochastic rounding, where a format uses it.
+        text_front: a :class:`bfpaccel.textfront.TextFront` to record in the plan (a tokenizer,
+            the inputs it feeds, the pooling into sentence embeddings), checked against the
+            compiled plan by :func:`bfpaccel.textfront.attach_text_front`.
 
     Returns:
         The :class:`~bfpaccel.runtime.plan.Plan` (``.save(path)`` writes it to one file).
@@ -349,7 +353,7 @@ def compile(
     Raises:
         UnsupportedOpError: an op the runtime does not execute (named with its node).
         ValueError: bad formats, graph inputs of another type than float, integer or bool, an
-            unreadable model.
+            unreadable model; a ``TextFrontError`` for a text front that does not fit the plan.
 
     Example:
         >>> import bfpaccel  # doctest: +SKIP
@@ -409,7 +413,7 @@ def compile(
         n.inputs[1] = ""
         if old not in [i for m in g.nodes for i in m.inputs]:
             g.consts.pop(old, None)
-    return Plan(
+    plan = Plan(
         graph=g,
         metadata=meta,
         format=fa,
@@ -417,3 +421,8 @@ def compile(
         vector_precision=vp,
         seed=seed,
     )
+    if text_front is not None:
+        from ..textfront import attach_text_front
+
+        plan = attach_text_front(plan, text_front)
+    return plan

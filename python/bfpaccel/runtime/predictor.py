@@ -6,6 +6,10 @@ tensor names and aliases of the outputs (``bfpaccel.outputs``); the plan keeps b
 ``Predictor`` applies exactly that preprocessing with numpy (bit-exact with the TF graph op)
 and answers with the seed's output names, so the server, the CLI and user code all run the
 same pipeline without TensorFlow.
+
+A plan may record a text front instead (:mod:`bfpaccel.textfront`: a tokenizer, the inputs it
+feeds, the pooling of an output into sentence embeddings); :meth:`Predictor.predict_texts` and
+:meth:`Predictor.embed` then take sentences.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from ..preprocess import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_RESIZE_PIXELS, _check_limit
+from ..textfront import TEXT_FRONT_KEY, TextFront
 from .plan import Plan, load_plan
 from .session import Session
+from .values import LoweringError
 
 __all__ = ["Predictor", "top_k"]
 
@@ -33,7 +39,8 @@ def top_k(probs: np.ndarray, k: int = 5, labels: Optional[Sequence[str]] = None)
 
 
 class Predictor:
-    """Runs a plan on encoded images (JPEG/PNG/GIF bytes) or on float tensors.
+    """Runs a plan on encoded images (JPEG/PNG/GIF bytes), on sentences (a plan with a text
+    front) or on tensors (float, or integer token ids and masks).
 
     Args:
         plan: a :class:`Plan` or a plan file path.
@@ -86,12 +93,29 @@ class Predictor:
         for k in ("string_input", "input_alias"):
             if spec.get(k):
                 self.input_aliases.add(spec[k])
+        #: the plan's text front (sentences in, embeddings out), or None
+        self.text_front: Optional["TextFront"] = None
+        if TEXT_FRONT_KEY in meta:
+            self.text_front = TextFront.from_json(meta[TEXT_FRONT_KEY])
+            self.input_aliases.add(self.text_front.input_alias)
+        # a model of several inputs (token ids and a mask) takes each under its name
+        self.input_aliases.update(self.plan.input_names)
         self._preprocess_fn: Optional[Callable[[bytes], np.ndarray]] = None
 
     @property
     def output_names(self) -> List[str]:
         """Output names in the seed's naming (TF tensor names where recorded)."""
         return list(self.output_map)
+
+    @property
+    def input_names(self) -> List[str]:
+        """The plan's tensor inputs (the model's own names)."""
+        return self.plan.input_names
+
+    @property
+    def takes_text(self) -> bool:
+        """True when the plan records a text front (sentences are accepted)."""
+        return self.text_front is not None
 
     @property
     def takes_images(self) -> bool:
@@ -134,8 +158,61 @@ class Predictor:
         arrays, kept integer)."""
         names = [self.resolve_output(o) for o in outputs] if outputs is not None else self.output_names
         feeds = dict(x) if isinstance(x, Mapping) else {self.input_name: x}
-        res = self.session.run([self.output_map[n] for n in names], feeds)
+        try:
+            res = self.session.run([self.output_map[n] for n in names], feeds)
+        except LoweringError as e:
+            ints = {k: list(np.shape(v)) for k, v in feeds.items() if np.asarray(v).dtype.kind in "iu"}
+            if not ints:
+                raise
+            raise LoweringError(f"the model cannot run inputs of shapes {ints}: {e} (a sequence longer than the "
+                                "model's position table, or inputs whose sequence lengths differ, fail this "
+                                "way)") from None
         return {n: res[self.output_map[n]] for n in names}
+
+    def predict_texts(self, texts: Union[str, Sequence[str]], outputs: Optional[Sequence[str]] = None
+                      ) -> Dict[str, np.ndarray]:
+        """Tokenizes sentences with the plan's text front, runs the plan and pools its output.
+
+        Args:
+            texts: a sentence or a list of them (one batch, padded as the front says).
+            outputs: names to return: the front's ``embedding_name`` and/or outputs of the
+                model (token embeddings...); default: the embedding only.
+
+        Returns:
+            name -> array; the embedding is float32 ``[len(texts), width]``.
+
+        Raises:
+            ValueError: the plan has no text front, no texts, a text over ``max_length``
+                (with ``truncation=False``), an unknown output name.
+        """
+        front = self.text_front
+        if front is None:
+            raise ValueError("this model records no text front: feed token ids (or attach a text front: "
+                             "bfpaccel.textfront.attach_text_front)")
+        emb_name = front.embedding_name
+        want = [emb_name] if outputs is None else list(dict.fromkeys(outputs))
+        pooled = self.resolve_output(front.output) if front.output is not None else self.output_names[0]
+        model_outs = [self.resolve_output(o) for o in want if o != emb_name]
+        if emb_name in want and pooled not in model_outs:
+            model_outs.append(pooled)
+        feeds = front.feeds(texts, self.plan.input_dtypes)
+        res = self.predict(feeds, model_outs)
+        out: Dict[str, np.ndarray] = {}
+        for o in want:
+            if o == emb_name:
+                mask = feeds[front.attention_mask] if front.attention_mask is not None else \
+                    np.ones(feeds[front.input_ids].shape, np.int64)
+                out[o] = front.pool(res[pooled], mask)
+            else:
+                out[o] = res[self.resolve_output(o)]
+        return out
+
+    def embed(self, texts: Union[str, Sequence[str]]) -> np.ndarray:
+        """Sentence embeddings ``[len(texts), width]`` (float32) of the plan's text front."""
+        front = self.text_front
+        if front is None:
+            raise ValueError("this model records no text front: feed token ids")
+        return self.predict_texts(texts)[front.embedding_name]
 
     def predict_images(self, images: Sequence[bytes], outputs: Optional[Sequence[str]] = None
                        ) -> Dict[str, np.ndarray]:
