@@ -209,6 +209,29 @@ def test_round_weights_on_a_cnn_puts_the_weights_on_the_grid_and_lowers_the_loss
     assert ft.round_weights(q, calib) == 3  # the stochastic layer is left alone
 
 
+def test_fit_to_targets_recovers_the_map_from_the_quantized_inputs():
+    torch.manual_seed(3)
+    layer = bt.quantize_model(nn.Linear(40, 6), "msfp12")
+    x = torch.randn(500, 40)
+    xq = bt.fake_quantize(x, "msfp12")
+    w_true, b_true = torch.randn(6, 40), torch.randn(6)
+    gram = ft._Gram()
+    gram.add(layer, x, 10_000, torch.Generator().manual_seed(0), xq @ w_true.T + b_true)
+    assert gram.rows == 500
+    fitted, h_c = ft._fit_to_targets(layer.weight.detach()[None], gram, reg=1e-9)
+    torch.testing.assert_close(fitted[0].float(), w_true, rtol=1e-4, atol=1e-4)
+    assert h_c.shape == (1, 40, 40)
+
+
+def test_round_weights_fitted_to_the_teacher():
+    r = ft.finetune(_tiny(), "mxfp4_e2m1", steps=0, image_size=32, photos=_photos(), eval_views=16,
+                    calibration_views=48, fit_targets=True, log=lambda m: None)
+    assert r.fit_targets and r.loss_rounded < r.loss_before, (r.loss_before, r.loss_rounded)
+    w = r.module.conv2.weight.detach().numpy()
+    np.testing.assert_array_equal(bfpaccel.fake_quantize(w, "mxfp4_e2m1", axis=1), w)
+    assert not torch.equal(r.module.conv2.bias, _tiny().conv2.bias)  # refitted
+
+
 # ----------------------------------------------------------------------------- a tiny run
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):

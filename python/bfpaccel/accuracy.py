@@ -370,9 +370,9 @@ def accuracy_report(model: str, formats: Sequence[str], images: str, *, vector_p
     if records:
         report["finetuned"] = {}
     for rec in records:
-        row_name = f"{rec['format']} fine-tuned"
+        row_name = f"{rec['format']} " + ("fine-tuned" if rec["steps"] else "rounded only")
         if row_name in report["finetuned"]:
-            row_name = f"{rec['format']} fine-tuned ({os.path.basename(rec['dir'])})"
+            row_name += f" ({os.path.basename(rec['dir'])})"
         log(f"compiling the fine-tuned {os.path.basename(rec['dir'])} for {rec['format']}")
         # weight format: the one it was trained with (the format itself), whatever --weight-format says
         run = factory(rec["onnx"], rec["format"], None, vector_precision, num_threads)
@@ -434,7 +434,8 @@ def format_report(report: Dict[str, Any]) -> str:
 
         lines += [row(name, d) for name, d in rows]
         if tuned:
-            lines += ["", "after fine-tuning (distillation from float32; these images were not trained on):"]
+            lines += ["", "after fine-tuning (bfpaccel finetune: error-compensating weight rounding, then distillation "
+                          "from float32, on other photos; none of these images was trained on):"]
             lines += [row(name, d) for name, d in tuned]
             lines += [f"  {name}: {d['steps']} steps, batch {d['batch_size']}, {d['image_size']}px views of "
                       f"{d['photos']} photos, {d['minutes']} min on {d['cpu']} ({d['dir']})" for name, d in tuned]

@@ -500,13 +500,19 @@ def _compensated_rounding(w: "torch.Tensor", h: "torch.Tensor", blocks: Sequence
 
 class _Gram:
     """Accumulates the Gram matrix of a layer's (quantized) inputs in the layout of
-    :func:`_compensated_rounding`: ``[G, K, K]`` with convolution columns tap-major."""
+    :func:`_compensated_rounding` -- ``[G, K, K]``, convolution columns tap-major -- and, when
+    target outputs are given, the sums that fit the layer to them: ``X^T Y [G, K, R]``, the
+    column sums of ``X [G, K]`` and of ``Y [G, R]``."""
 
     def __init__(self) -> None:
         self.h: Any = None
+        self.xy: Any = None
+        self.sx: Any = None
+        self.sy: Any = None
         self.rows = 0
 
-    def add(self, layer: Any, x: "torch.Tensor", max_rows: int, gen: "torch.Generator") -> None:
+    def add(self, layer: Any, x: "torch.Tensor", max_rows: int, gen: "torch.Generator",
+            y: Optional["torch.Tensor"] = None) -> None:
         _torch()
         import torch
         import torch.nn.functional as F
@@ -516,7 +522,7 @@ class _Gram:
         o = layer._bfp
         if isinstance(layer, BfpConv2d):
             if x.dim() == 3:
-                x = x.unsqueeze(0)
+                x, y = x.unsqueeze(0), (y.unsqueeze(0) if y is not None else None)
             n, c, hh, ww = x.shape
             g = layer.groups
             xq = _fake_quantize_ste(x.reshape(n, g, c // g, hh, ww), o.fx, 2, o.seed).reshape(n, c, hh, ww)
@@ -527,21 +533,35 @@ class _Gram:
                 cols = F.unfold(xq[i:i + 1], (kh, kw), dilation=layer.dilation, stride=layer.stride)
                 length = cols.shape[-1]
                 cols = cols.reshape(g, c // g, kh * kw, length).permute(0, 3, 2, 1).reshape(g, length, -1)
+                yi = None if y is None else y[i].reshape(g, -1, length).transpose(1, 2)  # [G, L, R]
                 keep = max(1, max_rows // n)
                 if length > keep:
-                    cols = cols[:, torch.randperm(length, generator=gen)[:keep]]
-                self._accumulate(cols)
+                    idx = torch.randperm(length, generator=gen)[:keep]
+                    cols = cols[:, idx]
+                    yi = None if yi is None else yi[:, idx]
+                self._accumulate(cols, yi)
         else:
             xq = _fake_quantize_ste(x, o.fx, -1, o.seed).reshape(1, -1, x.shape[-1])
+            y2 = None if y is None else y.reshape(1, -1, y.shape[-1])
             if xq.shape[1] > max_rows:
-                xq = xq[:, torch.randperm(xq.shape[1], generator=gen)[:max_rows]]
-            self._accumulate(xq)
+                idx = torch.randperm(xq.shape[1], generator=gen)[:max_rows]
+                xq = xq[:, idx]
+                y2 = None if y2 is None else y2[:, idx]
+            self._accumulate(xq, y2)
 
-    def _accumulate(self, cols: "torch.Tensor") -> None:
+    def _accumulate(self, cols: "torch.Tensor", y: Optional["torch.Tensor"]) -> None:
         _torch()
         import torch
-        part = torch.matmul(cols.transpose(1, 2), cols).to(torch.float64)
-        self.h = part if self.h is None else self.h + part
+
+        def acc(total: Any, part: "torch.Tensor") -> "torch.Tensor":
+            part = part.to(torch.float64)
+            return part if total is None else total + part
+
+        self.h = acc(self.h, torch.matmul(cols.transpose(1, 2), cols))
+        if y is not None:
+            self.xy = acc(self.xy, torch.matmul(cols.transpose(1, 2), y))
+            self.sx = acc(self.sx, cols.sum(1))
+            self.sy = acc(self.sy, y.sum(1))
         self.rows += cols.shape[1]
 
 
@@ -579,8 +599,28 @@ def _set_weight_groups(layer: Any, q: "torch.Tensor") -> None:
         layer.weight.copy_(_fake_quantize_ste(q32, layer._bfp.fw, 1, layer._bfp.seed))
 
 
-def round_weights(student: "nn.Module", calibration: "torch.Tensor", *, max_rows: int = 16384,
-                  damp: float = 0.01, seed: int = 0, log: Callable[[str], None] = lambda m: None) -> int:
+def _fit_to_targets(w: "torch.Tensor", gram: _Gram, reg: float) -> Tuple["torch.Tensor", "torch.Tensor"]:
+    """``(w*, h_c)``: the weights ``[G, R, K]`` that map the layer's quantized inputs best onto
+    the target outputs, bias free (inputs and targets centred), pulled towards ``w`` by a ridge
+    ``reg * mean(diag(h_c))`` (so that a layer with few input rows stays near its weights), and
+    the centred Gram matrix ``h_c`` to round them with."""
+    _torch()
+    import torch
+
+    n = float(gram.rows)
+    h = gram.h - gram.sx[:, :, None] * gram.sx[:, None, :] / n
+    xy = gram.xy - gram.sx[:, :, None] * gram.sy[:, None, :] / n
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)
+    lam = reg * diag.mean(-1).clamp(min=1e-12)
+    eye = torch.eye(h.shape[-1], dtype=torch.float64)
+    w64 = w.to(torch.float64)
+    sol = torch.linalg.solve(h + lam[:, None, None] * eye, xy + lam[:, None, None] * w64.transpose(1, 2))
+    return sol.transpose(1, 2), h
+
+
+def round_weights(student: "nn.Module", calibration: "torch.Tensor", *, teacher: Optional["nn.Module"] = None,
+                  max_rows: int = 16384, damp: float = 0.01, reg: float = 1.0, seed: int = 0,
+                  log: Callable[[str], None] = lambda m: None) -> int:
     """Error-compensating rounding of every Bfp layer's weights onto its block format, layer by
     layer in the order the forward reaches them, on the layer's own (quantized) inputs.
 
@@ -591,39 +631,68 @@ def round_weights(student: "nn.Module", calibration: "torch.Tensor", *, max_rows
     round so as to keep ``X w^T`` (the optimal-brain-quantization update, as in GPTQ, with the
     block exponents of the format); the layer then runs with its rounded weights, so every
     later layer sees the rounded ones before it. The weights end on the format's grid (the
-    plan's quantization leaves them as they are). Stochastic layers are skipped. Returns the
-    number of layers rounded.
+    plan's quantization leaves them as they are). Stochastic layers are skipped.
+
+    With ``teacher`` (the float model the student was quantized from, same layer names), each
+    layer is first fitted to the teacher's output of that layer on the same views -- least
+    squares from its quantized inputs, which carry every error made upstream, with a ridge
+    ``reg`` towards its current weights -- then rounded as above, and its bias set to the
+    least-squares value for the rounded weights: each layer absorbs what it can of the error
+    that reaches it.
+
+    Returns the number of layers rounded.
 
     Example:
-        >>> round_weights(qnet, PhotoViews(training_photos(), 128).batch(32))  # doctest: +SKIP
+        >>> round_weights(qnet, PhotoViews(training_photos(), 128).batch(32), teacher=net)  # doctest: +SKIP
         50
     """
     _torch()
     import torch
     from .torch.nn import BfpConv2d, BfpLinear
 
-    layers = [m for m in student.modules() if isinstance(m, (BfpConv2d, BfpLinear))
-              and "stochastic" not in (m.format.rounding, m.weight_format.rounding)]
+    named = [(n, m) for n, m in student.named_modules() if isinstance(m, (BfpConv2d, BfpLinear))
+             and "stochastic" not in (m.format.rounding, m.weight_format.rounding)]
+    targets: Dict[str, Any] = {}
+    if teacher is not None:
+        taps = _Taps(teacher, [n for n, _ in named])
+        with torch.no_grad(), taps.capture():
+            teacher(calibration)
+        targets = dict(zip(taps.names, taps.take()))
+        taps.remove()
+    names = {id(m): n for n, m in named}
     gen = torch.Generator().manual_seed(seed)
     done: List[Any] = []
 
     def hook(mod: Any, inputs: Any) -> None:
         if any(m is mod for m in done):
             return  # a shared layer: rounded at its first call
+        target = targets.pop(names[id(mod)], None)
         gram = _Gram()
-        gram.add(mod, inputs[0].detach(), max_rows, gen)
+        gram.add(mod, inputs[0].detach(), max_rows, gen, target)
         w3, blocks = _layer_weight_groups(mod)
-        _set_weight_groups(mod, _compensated_rounding(w3, gram.h, blocks, mod.weight_format, damp))
+        if target is None:
+            _set_weight_groups(mod, _compensated_rounding(w3, gram.h, blocks, mod.weight_format, damp))
+        else:
+            fitted, h_c = _fit_to_targets(w3, gram, reg)
+            q = _compensated_rounding(fitted, h_c, blocks, mod.weight_format, damp)
+            _set_weight_groups(mod, q)
+            if mod.bias is not None:
+                q_set, _ = _layer_weight_groups(mod)  # exactly the weights the datapath will use
+                n = float(gram.rows)
+                bias = gram.sy / n - torch.einsum("gk,grk->gr", gram.sx / n, q_set.to(torch.float64))
+                with torch.no_grad():
+                    mod.bias.copy_(bias.reshape(-1).to(mod.bias.dtype))
         done.append(mod)
 
-    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    handles = [m.register_forward_pre_hook(hook) for _, m in named]
     try:
         with torch.no_grad(), emulated_datapath(student):
             student(calibration)
     finally:
         for h in handles:
             h.remove()
-    log(f"rounded the weights of {len(done)} layers with error compensation ({calibration.shape[0]} views)")
+    how = " fitted to the float32 model's layer outputs" if teacher is not None else ""
+    log(f"rounded the weights of {len(done)} layers with error compensation{how} ({calibration.shape[0]} views)")
     return len(done)
 
 
@@ -736,6 +805,7 @@ class FinetuneResult:
     loss_before: float
     loss_after: float
     calibration_views: int = 0
+    fit_targets: bool = False
     loss_rounded: Optional[float] = None
     losses: List[float] = field(default_factory=list)
     weight_change: float = 0.0
@@ -775,10 +845,10 @@ def _check_positive_int(v: Any, what: str) -> int:
     return int(v)
 
 
-def finetune(model: Union[str, "nn.Module"] = "efficientnet_lite0", format: str = "msfp12", steps: int = 300, *,
+def finetune(model: Union[str, "nn.Module"] = "efficientnet_lite0", format: str = "msfp12", steps: int = 150, *,
              out_dir: Optional[str] = None, batch_size: int = 8, image_size: Optional[int] = None,
-             lr: float = 2e-4, temperature: float = 2.0, mse_weight: float = 0.1, feature_weight: float = 1.0,
-             calibration_views: int = 64, seed: int = 0,
+             lr: float = 1e-4, temperature: float = 2.0, mse_weight: float = 0.1, feature_weight: float = 1.0,
+             calibration_views: int = 64, fit_targets: bool = False, seed: int = 0,
              photos: Optional[Sequence[Tuple[str, np.ndarray]]] = None, eval_views: int = 16,
              input_name: str = "images", output_name: str = "logits", metadata: Optional[Dict[str, str]] = None,
              export_size: Optional[int] = None, compile_plan: bool = True,
@@ -795,14 +865,18 @@ def finetune(model: Union[str, "nn.Module"] = "efficientnet_lite0", format: str 
         out_dir: where to write ``weights.pt``, ``model.onnx``, ``model.bfpplan`` and
             ``finetune.json`` (None: nothing is written, the result still has the losses).
         batch_size: views per step.
-        image_size: side of the training views (default 128 for EfficientNet-Lite0 -- a third
-            of the cost of 224 a step, and what it learns carries over to the 224 it is
-            exported and measured at --, else 32).
+        image_size: side of the training views (default 224 for EfficientNet-Lite0, the size
+            it serves at: at 128 a step costs a third, but the quantization errors it sees there
+            are not those of 224; else 32).
         lr: peak learning rate.
         temperature, mse_weight: of :func:`distillation_loss`.
         calibration_views: views of the photos on which :func:`round_weights` rounds the
             weights before the distillation (0: plain rounding to nearest, as the plan does
             with the float weights).
+        fit_targets: fit each layer to the float32 model's output of that layer before rounding
+            it, and refit its bias (``round_weights(..., teacher=...)``): better where the
+            format is so coarse that errors pile up layer after layer (mxfp4), worse where
+            plain error-compensating rounding already does well (msfp12), see docs/torch.md.
         feature_weight: weight of :func:`feature_loss` over the outputs of every quantized
             layer (each matched to the same layer of the float32 model), added to the logit
             distillation loss while training (0: logits only). ``loss_before`` /
@@ -826,7 +900,7 @@ def finetune(model: Union[str, "nn.Module"] = "efficientnet_lite0", format: str 
         ImportError: PyTorch, the EfficientNet packages or every photo package missing.
 
     Example:
-        >>> r = finetune("efficientnet_lite0", "msfp12", steps=300, out_dir="ft-msfp12")  # doctest: +SKIP
+        >>> r = finetune("efficientnet_lite0", "msfp12", steps=150, out_dir="ft-msfp12")  # doctest: +SKIP
         >>> r.loss_after < r.loss_before  # doctest: +SKIP
         True
     """
@@ -853,7 +927,7 @@ def finetune(model: Union[str, "nn.Module"] = "efficientnet_lite0", format: str 
         name = _normalize_model_name(model)
         log(f"loading {name} (ImageNet weights), folding batch-norm")
         float_model = efficientnet_lite0_folded()
-        size = image_size or 128  # 3x cheaper a step than 224; the plan still serves 224
+        size = image_size or 224
         export_size = export_size or 224
         if metadata is None:
             from .models.efficientnet import EFFICIENTNET_LITE0_PREPROCESS
@@ -897,7 +971,8 @@ def finetune(model: Union[str, "nn.Module"] = "efficientnet_lite0", format: str 
     log(f"{name} at {fmt.name or format}: distillation loss on {eval_views} fixed views {loss_before:.4f}")
     loss_rounded = None
     if calibration_views:
-        round_weights(student, views.batch(calibration_views), seed=seed, log=log)
+        round_weights(student, views.batch(calibration_views), teacher=teacher if fit_targets else None, seed=seed,
+                      log=log)
         loss_rounded = fixed_loss()
         log(f"after the error-compensating rounding: {loss_rounded:.4f} ({time.perf_counter() - t0:.0f} s)")
     opt = torch.optim.Adam(student.parameters(), lr=lr)
@@ -949,8 +1024,16 @@ def finetune(model: Union[str, "nn.Module"] = "efficientnet_lite0", format: str 
         onnx_path = os.path.join(out_dir, "model.onnx")
         example = torch.zeros(2, 3, export_size, export_size)
         batch = torch.export.Dim("N", min=1, max=4096)
-        proto = export_onnx(student, (example,), input_names=[input_name], output_names=[output_name],
-                            dynamic_shapes=({0: batch},))
+        import logging
+
+        quiet = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            proto = export_onnx(student, (example,), input_names=[input_name], output_names=[output_name],
+                                dynamic_shapes=({0: batch},))
+        finally:
+            quiet.setLevel(level)
         for k, v in (metadata or {}).items():
             entry = next((p for p in proto.metadata_props if p.key == k), None) or proto.metadata_props.add()
             entry.key, entry.value = k, v
@@ -970,7 +1053,8 @@ def finetune(model: Union[str, "nn.Module"] = "efficientnet_lite0", format: str 
                             seconds=round(seconds, 1),
                             out_dir=out_dir, weights=weights_path, onnx=onnx_path, plan=plan_path,
                             photos=[n for n, _ in photo_list], loss_before=loss_before, loss_after=loss_after,
-                            calibration_views=calibration_views, loss_rounded=loss_rounded,
+                            calibration_views=calibration_views, fit_targets=bool(fit_targets),
+                            loss_rounded=loss_rounded,
                             losses=history, weight_change=change, cpu=_cpu_model(), threads=torch.get_num_threads(),
                             module=student)
     if out_dir is not None:
@@ -1012,12 +1096,12 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="efficientnet_lite0", help=", ".join(FINETUNE_MODELS))
     p.add_argument("--format", required=True, help="block format, e.g. msfp12 or mxfp4_e2m1")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps (default 150; 0: the weight rounding alone)")
     p.add_argument("--out", default=None, help="output folder (default finetuned/<model>-<format>)")
     p.add_argument("--batch", type=int, default=8, help="views per step (default 8)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="side of the training views (default 128; the exported model takes 224)")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of Adam (default 2e-4)")
+                   help="side of the training views (default 224; the exported model takes 224 whatever this is)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of Adam (default 1e-4)")
     p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term (default 2)")
     p.add_argument("--mse-weight", type=float, default=0.1, help="weight of the logit MSE term (default 0.1)")
     p.add_argument("--feature-weight", type=float, default=1.0,
@@ -1025,6 +1109,8 @@ def add_finetune_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--calibration-views", type=int, default=64,
                    help="views for the error-compensating weight rounding before the distillation (default 64; "
                         "0: none)")
+    p.add_argument("--fit-targets", action="store_true",
+                   help="fit each layer to the float32 model's layer outputs before rounding it, and refit its bias")
     p.add_argument("--seed", type=int, default=0, help="seed of the augmentation")
     p.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: PyTorch's)")
     p.add_argument("--no-plan", action="store_true", help="do not compile the plan")
@@ -1046,7 +1132,8 @@ def run_finetune(args: argparse.Namespace) -> int:
         out = args.out or os.path.join("finetuned", f"{name}-{fmt.name or args.format}")
         r = finetune(name, args.format, args.steps, out_dir=out, batch_size=args.batch, image_size=args.image_size,
                      lr=args.lr, temperature=args.temperature, mse_weight=args.mse_weight,
-                     feature_weight=args.feature_weight, calibration_views=args.calibration_views, seed=args.seed,
+                     feature_weight=args.feature_weight, calibration_views=args.calibration_views,
+                     fit_targets=args.fit_targets, seed=args.seed,
                      compile_plan=not args.no_plan, log=lambda m: print(m, file=sys.stderr))
     except (ValueError, FileNotFoundError, ImportError, RuntimeError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
