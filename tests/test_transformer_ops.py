@@ -246,3 +246,30 @@ def test_forged_layer_norm_is_rejected(params):
     a, b = p.add_buffer(16), p.add_buffer(16)
     with pytest.raises(ValueError):
         p.add_op(_core.LayerNormParams(**params), [a], [b], name="forged")
+
+
+@pytest.mark.parametrize("op,fn", [("Max", np.maximum), ("Min", np.minimum), ("Sum", np.add)])
+def test_variadic_max_min_sum_use_every_input(op, fn):
+    """Max / Min / Sum of 1, 2, 3 and 4 computed inputs with broadcasting: every input counts
+    (a run-time Max of three inputs once read only the first two)."""
+    rng = np.random.default_rng(5)
+    xs = {"a": rng.standard_normal((2, 3, 4)), "b": rng.standard_normal((3, 4)), "c": rng.standard_normal((4,)),
+          "d": rng.standard_normal((2, 1, 4))}
+    xs = {k: v.astype(np.float32) for k, v in xs.items()}
+    names = list(xs)
+    for k in range(1, 5):
+        ins = names[:k]
+        # Relu first so the inputs are computed, not graph inputs folded away
+        nodes = [helper.make_node("Relu", [n], [f"r{n}"]) for n in ins]
+        nodes.append(helper.make_node(op, [f"r{n}" for n in ins], ["y"]))
+        g = helper.make_graph(nodes, "v", [helper.make_tensor_value_info(n, TensorProto.FLOAT, xs[n].shape)
+                                           for n in ins], [helper.make_empty_tensor_value_info("y")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+        m.ir_version = 9
+        got = bfpaccel.Session(bfpaccel.compile(m, format="msfp16", vector_precision="fp32")).run(
+            None, {n: xs[n] for n in ins})["y"]
+        want = np.maximum(xs[ins[0]], 0)
+        for n in ins[1:]:
+            want = fn(want, np.maximum(xs[n], 0))
+        _same_bits(got, np.broadcast_to(want, got.shape).astype(np.float32), f"{op} of {k} inputs")
+        assert got.shape == np.broadcast_shapes(*(xs[n].shape for n in ins))

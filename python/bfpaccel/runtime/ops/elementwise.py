@@ -70,17 +70,19 @@ def binary(cx: "Lowering", op: str, a_name: str, b_name: str, out_name: str) -> 
 
 
 @lowers("Add", "Sub", "Mul", "Div", "Pow", inputs=2)
-@lowers("Max", "Min", inputs=(2, None))
 def _binop(cx: "Lowering", n: Node) -> None:
     binary(cx, n.op, n.inputs[0], n.inputs[1], n.outputs[0])
 
 
-@lowers("Sum", inputs=(1, None))
-def _sum(cx: "Lowering", n: Node) -> None:
+@lowers("Sum", "Max", "Min", inputs=(1, None))
+def _variadic(cx: "Lowering", n: Node) -> None:
+    """Sum / Max / Min of any number of inputs (multidirectional broadcasting): folded left to
+    right, one binary op per further input (``((a + b) + c) + ...``); one input is the identity."""
+    op = "Add" if n.op == "Sum" else n.op
     cur = n.inputs[0]
     for k, nxt in enumerate(n.inputs[1:]):
-        out = n.outputs[0] if k == len(n.inputs) - 2 else f"{n.outputs[0]}/sum{k}"
-        binary(cx, "Add", cur, nxt, out)
+        out = n.outputs[0] if k == len(n.inputs) - 2 else f"{n.outputs[0]}/{n.op.lower()}{k}"
+        binary(cx, op, cur, nxt, out)
         cur = out
     if len(n.inputs) == 1:
         cx.set(n.outputs[0], cx.get(cur))
@@ -93,7 +95,7 @@ _NP_BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Max": np.m
 @folds("Add", "Sub", "Mul", "Max", "Min", "Pow")
 def _fold_binary(n: Node, a: Arrays, opset: int) -> List[np.ndarray]:
     fn = _NP_BINARY[n.op]
-    if n.op in ("Max", "Min") and len(a) > 2:
+    if n.op in ("Max", "Min") and len(a) != 2:
         out = a[0]
         for v in a[1:]:
             out = fn(out, v)
