@@ -409,6 +409,15 @@ def test_cli_handlers(tmp_path, capsys, stand_in, monkeypatch):
 
     monkeypatch.setenv("BFPACCEL_REGISTRY", str(tmp_path / "ws"))
     onnx_path = _tiny_onnx(str(tmp_path / "m.onnx"))
+    # before anything is registered: reading commands never create the workspace
+    for argv in (("registry", "list"), ("image", "list"), ("deploy", "list")):
+        assert run(*argv) == 0
+    for argv in (("registry", "show", "m"), ("registry", "verify"), ("registry", "delete", "m:1"),
+                 ("image", "show", "img:1"), ("image", "create", "--name", "img", "--model", "m:1"),
+                 ("deploy", "show", "k")):
+        assert run(*argv) == 2, argv
+        assert "no registry at" in capsys.readouterr().err
+    assert not (tmp_path / "ws").exists()
     assert run("registry", "register", onnx_path, "--name", "m", "--tag", "k=v") == 0
     assert capsys.readouterr().out.strip() == "m:1"
     assert run("registry", "list", "--json") == 0

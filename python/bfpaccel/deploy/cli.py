@@ -24,10 +24,28 @@ def _registry_path(args: argparse.Namespace) -> str:
     return args.registry or os.environ.get("BFPACCEL_REGISTRY") or DEFAULT_REGISTRY
 
 
-def _open(args: argparse.Namespace) -> Any:
+def _open(args: argparse.Namespace, create: bool = True) -> Any:
+    """The registry of ``--registry`` / ``$BFPACCEL_REGISTRY``. Commands that only read or remove
+    pass ``create=False``: a path without a registry is then an error instead of a new, empty
+    workspace left behind (a mistyped path must not create folders)."""
+    from ..registry import Registry, RegistryError
+
+    path = _registry_path(args)
+    if not create and not os.path.isfile(os.path.join(path, Registry.DB_NAME)):
+        raise RegistryError(f"no registry at {os.path.abspath(path)} (bfpaccel registry register creates one; "
+                            f"--registry PATH or $BFPACCEL_REGISTRY choose another)")
+    return Registry(path)
+
+
+def _open_if_any(args: argparse.Namespace) -> Any:
+    """The registry, or None when there is none yet at the path (list commands print nothing)."""
     from ..registry import Registry
 
-    return Registry(_registry_path(args))
+    path = _registry_path(args)
+    if not os.path.isfile(os.path.join(path, Registry.DB_NAME)):
+        print(f"(no registry at {os.path.abspath(path)} yet)", file=sys.stderr)
+        return None
+    return Registry(path)
 
 
 def _kv(items: Optional[List[str]], what: str) -> Dict[str, str]:
@@ -83,7 +101,8 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
     for t in args.tag or []:
         k, sep, v = t.partition("=")
         tags.append([k, v] if sep else k)
-    models = Model.list(_open(args), name=args.name, tags=tags or None, latest=args.latest)
+    reg = _open_if_any(args)
+    models = [] if reg is None else Model.list(reg, name=args.name, tags=tags or None, latest=args.latest)
     if args.json:
         _print_json([m.serialize() for m in models])
         return 0
@@ -100,7 +119,7 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
 def cmd_registry_show(args: argparse.Namespace) -> int:
     from ..registry import Model
 
-    m = Model(_open(args), args.id)
+    m = Model(_open(args, create=False), args.id)
     info = m.serialize()
     info["dependents"] = m.dependents()
     if args.verify:
@@ -113,14 +132,14 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
 def cmd_registry_delete(args: argparse.Namespace) -> int:
     from ..registry import Model
 
-    m = Model(_open(args), args.id)
+    m = Model(_open(args, create=False), args.id)
     m.delete()
     print(f"deleted model {m.id}")
     return 0
 
 
 def cmd_registry_verify(args: argparse.Namespace) -> int:
-    reg = _open(args)
+    reg = _open(args, create=False)
     if args.gc:
         counts = reg.gc()
         print(f"removed {counts['staging']} staging dir(s) and {counts['objects']} unreferenced object(s)")
@@ -142,7 +161,7 @@ def cmd_image_create(args: argparse.Namespace) -> int:
         props["vector_precision"] = args.vector_precision
     cfg = AccelContainerImage.image_configuration(tags=_kv(args.tag, "--tag") or None, properties=props or None,
                                                   description=args.description)
-    im = Image.create(_open(args), args.name, [args.model], cfg)
+    im = Image.create(_open(args, create=False), args.name, [args.model], cfg)
     im.wait_for_creation(show_output=args.show_output)
     print(f"{im.id} {im.path}")
     return 0
@@ -151,7 +170,8 @@ def cmd_image_create(args: argparse.Namespace) -> int:
 def cmd_image_list(args: argparse.Namespace) -> int:
     from .image import Image
 
-    images = Image.list(_open(args), name=args.name)
+    reg = _open_if_any(args)
+    images = [] if reg is None else Image.list(reg, name=args.name)
     if args.json:
         _print_json([i.serialize() for i in images])
     elif not images:
@@ -165,14 +185,14 @@ def cmd_image_list(args: argparse.Namespace) -> int:
 def cmd_image_show(args: argparse.Namespace) -> int:
     from .image import Image
 
-    _print_json(Image(_open(args), args.id).serialize())
+    _print_json(Image(_open(args, create=False), args.id).serialize())
     return 0
 
 
 def cmd_image_delete(args: argparse.Namespace) -> int:
     from .image import Image
 
-    im = Image(_open(args), args.id)
+    im = Image(_open(args, create=False), args.id)
     im.delete()
     print(f"deleted image {im.id}")
     return 0
@@ -206,7 +226,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
                                                ssl_cert_pem_file=args.ssl_cert, ssl_key_pem_file=args.ssl_key,
                                                ssl_cname=args.ssl_cname, workers=args.workers,
                                                metrics_port=args.metrics_port)
-    svc = Webservice.deploy_from_image(_open(args), args.name, args.image, cfg, LocalTarget())
+    svc = Webservice.deploy_from_image(_open(args, create=False), args.name, args.image, cfg, LocalTarget())
     return _finish_deploy(svc, args)
 
 
@@ -221,7 +241,7 @@ def cmd_deploy_k8s(args: argparse.Namespace) -> int:
         ssl_cname=args.ssl_cname, workers=args.workers)
     target = KubernetesTarget(args.output_dir, namespace=args.namespace, image_registry=args.image_registry,
                               service_type=args.service_type)
-    svc = Webservice.deploy_from_image(_open(args), args.name, args.image, cfg, target)
+    svc = Webservice.deploy_from_image(_open(args, create=False), args.name, args.image, cfg, target)
     args.no_wait = True
     return _finish_deploy(svc, args)
 
@@ -250,7 +270,8 @@ def cmd_deploy_kserve(args: argparse.Namespace) -> int:
 def cmd_deploy_list(args: argparse.Namespace) -> int:
     from .webservice import Webservice
 
-    services = Webservice.list(_open(args))
+    reg = _open_if_any(args)
+    services = [] if reg is None else Webservice.list(reg)
     if args.json:
         _print_json([s.serialize() for s in services])
     elif not services:
@@ -264,7 +285,7 @@ def cmd_deploy_list(args: argparse.Namespace) -> int:
 def cmd_deploy_show(args: argparse.Namespace) -> int:
     from .webservice import Webservice
 
-    svc = Webservice(_open(args), args.name)
+    svc = Webservice(_open(args, create=False), args.name)
     info = svc.serialize()
     if args.keys:
         info["keys"] = list(svc.get_keys())
@@ -275,7 +296,7 @@ def cmd_deploy_show(args: argparse.Namespace) -> int:
 def cmd_deploy_delete(args: argparse.Namespace) -> int:
     from .webservice import Webservice
 
-    svc = Webservice(_open(args), args.name)
+    svc = Webservice(_open(args, create=False), args.name)
     svc.delete()
     print(f"deleted service {svc.name}" + ("" if svc.compute_type == "local"
                                            else f" (kubectl delete -f {svc.workdir} removes it from the cluster)"))
