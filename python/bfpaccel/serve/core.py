@@ -47,11 +47,15 @@ from ..preprocess import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_RESIZE_PIXELS, Im
 from .metrics import Metrics
 
 __all__ = ["Code", "ServingError", "ModelVersion", "ModelEntry", "ServingCore", "TensorSpec",
-           "check_array", "element_limit", "DEFAULT_MAX_MESSAGE_BYTES", "VersionState"]
+           "check_array", "element_limit", "DEFAULT_MAX_MESSAGE_BYTES", "VersionState", "v2_type", "check_dtype",
+           "typed_feed", "decode_texts", "MAX_EXACT_INT"]
 
 log = logging.getLogger("bfpaccel.serve")
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+#: integers a float input takes exactly (float32 carries every integer up to 2^24); integer
+#: inputs hold the same range (the runtime's rule)
+MAX_EXACT_INT = 1 << 24
 
 
 class Code(enum.Enum):
@@ -113,7 +117,7 @@ class VersionState(enum.Enum):
 @dataclass(frozen=True)
 class TensorSpec:
     """A model input or output as every protocol describes it: ``dtype`` is a KServe v2
-    datatype name (FP32, BYTES), ``shape`` uses None for a free dimension."""
+    datatype name (FP32, INT64, INT32, BOOL, BYTES), ``shape`` uses None for a free dimension."""
 
     name: str
     dtype: str
@@ -148,52 +152,98 @@ class ModelVersion:
 
     def inputs(self) -> List[TensorSpec]:
         """The inputs a client may send: encoded images (BYTES, when the plan has an image
-        front) under its alias, and the float tensor under the plan's input name."""
+        front) under its alias, sentences (BYTES, when the plan has a text front) under its
+        alias, and the tensors under the plan's input names with their declared types (FP32;
+        INT64/INT32 token ids and masks)."""
         p = self.first
         specs = []
         if p.takes_images:
             spec = p.preprocess_spec or {}
             specs.append(TensorSpec(spec.get("input_alias") or "images", "BYTES", (None,)))
-        shape = self.input_shape
-        specs.append(TensorSpec(p.input_name, "FP32", None if shape is None else tuple(shape)))
+        if p.text_front is not None:
+            specs.append(TensorSpec(p.text_front.input_alias, "BYTES", (None,)))
+        for name in p.input_names:
+            specs.append(self.tensor_spec(name))
         return specs
 
+    def tensor_spec(self, name: str) -> TensorSpec:
+        """A plan input as a :class:`TensorSpec` (its declared type as a v2 datatype)."""
+        plan = self.first.plan
+        shape = plan.input_shapes.get(name)
+        return TensorSpec(name, v2_type(plan.input_dtypes.get(name, "float32")),
+                          None if shape is None else tuple(shape))
+
     def outputs(self) -> List[TensorSpec]:
-        """Output tensors by name (aliases are listed by :meth:`output_aliases`)."""
+        """Output tensors by name (aliases are listed by :meth:`output_aliases`); with a text
+        front, its embedding (computed for sentence inputs) comes last."""
         p = self.first
         shapes = {v.name: v.shape for v in p.plan.graph.outputs}
         out = []
         for name in p.output_names:
             s = shapes.get(p.output_map[name])
             out.append(TensorSpec(name, "FP32", None if s is None else tuple(s)))
+        if p.text_front is not None:
+            out.append(TensorSpec(p.text_front.embedding_name, "FP32", (None, None)))
         return out
 
     def output_aliases(self) -> Dict[str, str]:
         """alias -> output tensor name."""
         return dict(self.first.aliases)
 
-    def resolve_outputs(self, filt: Sequence[str]) -> List[Tuple[str, str]]:
-        """(response key, tensor name) pairs: the filter's names, or every name and alias."""
+    def resolve_outputs(self, filt: Sequence[str], kind: str = "tensor") -> List[Tuple[str, str]]:
+        """(response key, tensor name) pairs: the filter's names, or every name and alias; for
+        a request of sentences (``kind="text"``) the default is the text front's embedding,
+        which only such a request can ask for."""
         p = self.first
+        emb = p.text_front.embedding_name if p.text_front is not None else None
         if not filt:
+            if kind == "text" and emb is not None:
+                return [(emb, emb)]
             pairs = [(n, n) for n in p.output_names]
             pairs += [(a, n) for a, n in p.aliases.items() if a not in p.output_map]
             return pairs
         pairs = []
         for k in dict.fromkeys(filt):
+            if emb is not None and k == emb:
+                if kind != "text":
+                    raise invalid(f"output {k!r} is the text front's sentence embedding: send sentences under "
+                                  f"{p.text_front.input_alias!r} to get it")
+                pairs.append((k, k))
+                continue
             try:
                 pairs.append((k, p.resolve_output(k)))
             except KeyError:
                 raise invalid(f"unknown output {k!r}; this model's outputs are {p.output_names}"
-                              + (f", aliases {sorted(p.aliases)}" if p.aliases else "")) from None
+                              + (f", aliases {sorted(p.aliases)}" if p.aliases else "")
+                              + (f", and {emb!r} for sentences" if emb else "")) from None
         return pairs
 
     def input_kind(self, key: str) -> str:
-        """``"images"`` or ``"tensor"`` for an input key; INVALID_ARGUMENT for an unknown key."""
+        """``"images"``, ``"text"`` or ``"tensor"`` for an input key; INVALID_ARGUMENT for an
+        unknown key."""
         p = self.first
         if key not in p.input_aliases:
             raise invalid(f"unknown input {key!r}; this model takes one of {sorted(p.input_aliases)}")
-        return "tensor" if key == p.input_name or not p.takes_images else "images"
+        if key in p.input_names:
+            return "tensor"
+        if p.text_front is not None and key == p.text_front.input_alias:
+            return "text"
+        return "images" if p.takes_images else "tensor"
+
+    def check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """Checks that a request's tensors are the plan's every input, with one batch size;
+        raises INVALID_ARGUMENT naming what is missing or differs."""
+        names = self.first.input_names
+        missing = [n for n in names if n not in feeds]
+        if missing:
+            hint = ""
+            if self.first.text_front is not None:
+                hint = f" (or send sentences under {self.first.text_front.input_alias!r})"
+            raise invalid(f"the request lacks input(s) {missing}; this model takes {names} together{hint}")
+        batches = {k: int(v.shape[0]) for k, v in feeds.items() if v.ndim}
+        if len(set(batches.values())) > 1:
+            raise invalid(f"the inputs have different batch sizes {batches}; give every input the same first "
+                          "dimension")
 
 
 @dataclass(eq=False)
@@ -241,6 +291,85 @@ def check_array(key: str, shape: Sequence[int], input_shape: Optional[Sequence[O
         raise invalid(f"input {key!r}: batch {shape[0]} over the limit {max_batch}")
     if n > max_elements:
         raise invalid(f"input {key!r} has shape {shape} = {n} elements, over this server's limit of {max_elements}")
+
+
+_V2 = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
+       "int16": "INT16", "int8": "INT8", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32",
+       "uint64": "UINT64", "bool": "BOOL"}
+
+
+def v2_type(declared: str) -> str:
+    """The v2 datatype name of a plan input's declared type (``"int64"`` -> ``"INT64"``);
+    float types other than these and unknown names read as FP32 (what the runtime feeds)."""
+    return _V2.get(str(declared), "FP32")
+
+
+def _kind(declared: str) -> str:
+    try:
+        return np.dtype(declared).kind
+    except TypeError:
+        return "f"
+
+
+def check_dtype(key: str, dtype: Any, declared: str, wire_name: str) -> None:
+    """Checks a request tensor's element type (``dtype``, a numpy dtype; ``wire_name`` as the
+    protocol names it, e.g. ``DT_INT64`` / ``INT64``) against the plan input's declared type:
+    a float input takes numbers, an integer input (token ids, masks) integers only -- never a
+    float that would be truncated -- and a bool input booleans.  Raises INVALID_ARGUMENT."""
+    dt = np.dtype(dtype)
+    want = _kind(declared)
+    if want == "f":
+        if dt.kind not in "fiu":
+            raise invalid(f"input {key!r} is a float input ({declared}); got {wire_name}")
+        return
+    if want == "b":
+        if dt.kind != "b":
+            raise invalid(f"input {key!r} is declared bool; got {wire_name}: send booleans")
+        return
+    if dt.kind not in "iu":
+        raise invalid(f"input {key!r} is declared {declared} (token ids, masks); got {wire_name}: send an integer "
+                      "tensor (TF Serving DT_INT64/DT_INT32, KServe v2 INT64/INT32, JSON integers)")
+
+
+def typed_feed(key: str, arr: np.ndarray, declared: str) -> np.ndarray:
+    """A request array as the plan input takes it: float32 for a float input (integers only
+    when float32 holds them exactly, magnitude <= 2^24), unchanged for an integer or bool
+    input (the runtime checks integer ranges).  Raises INVALID_ARGUMENT."""
+    if _kind(declared) != "f":
+        return np.ascontiguousarray(arr)
+    if arr.dtype.kind in "iu" and arr.size:
+        hi, lo = int(arr.max()), int(arr.min())
+        if hi > MAX_EXACT_INT or lo < -MAX_EXACT_INT:
+            bad = hi if hi > MAX_EXACT_INT else lo
+            raise invalid(f"input {key!r} is a float input and holds the integer {bad}, which float32 cannot carry "
+                          "exactly (integers up to 2^24 only): send floats")
+    with np.errstate(over="ignore"):  # float64 beyond float32's range -> inf, as a TF cast
+        return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def decode_texts(key: str, values: Sequence[bytes], max_batch: int) -> List[str]:
+    """A batch of sentences from the wire (UTF-8 bytes) as ``str``; INVALID_ARGUMENT for no
+    sentence, more than ``max_batch``, or bytes that are not UTF-8 (naming the sentence)."""
+    if not values:
+        raise invalid(f"input {key!r} holds no sentences")
+    if len(values) > max_batch:
+        raise invalid(f"input {key!r}: {len(values)} sentences in one request; the limit is {max_batch}")
+    out = []
+    for i, b in enumerate(values):
+        try:
+            out.append(bytes(b).decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise invalid(f"input {key!r}: sentence {i} is not UTF-8 text ({e})") from None
+    return out
+
+
+def _zero_feeds(plan: Any) -> Dict[str, np.ndarray]:
+    """A zero input of every plan input (free dimensions 1, the declared types): the warm-up."""
+    feeds = {}
+    for name, shape in plan.input_shapes.items():
+        dims = [1 if d is None else int(d) for d in (shape or [1])]
+        feeds[name] = np.zeros(dims, dtype=plan.input_dtypes.get(name, "float32"))
+    return feeds
 
 
 def _rss_bytes() -> int:
@@ -396,12 +525,16 @@ class ServingCore:
 
     # -- running a request ------------------------------------------------------------------
     def infer(self, mv: ModelVersion, *, x: Optional[np.ndarray] = None, images: Optional[List[bytes]] = None,
-              key: str = "", outputs: Optional[List[str]] = None,
-              timeout_s: Optional[float] = None) -> Dict[str, np.ndarray]:
-        """Runs one request (a float batch ``x`` or encoded ``images``) on a worker of ``mv``;
-        returns output name -> array.  Raises :class:`ServingError`."""
-        if (x is None) == (images is None):
-            raise ValueError("give exactly one of x and images")
+              key: str = "", outputs: Optional[List[str]] = None, timeout_s: Optional[float] = None,
+              feeds: Optional[Dict[str, np.ndarray]] = None,
+              texts: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
+        """Runs one request on a worker of ``mv``: a float batch ``x`` of the model's input,
+        encoded ``images``, ``feeds`` (input name -> array, every input of the plan: token ids
+        and masks) or ``texts`` (sentences, for a plan with a text front); returns output name
+        -> array.  Raises :class:`ServingError` (a runtime ``ValueError``, such as a token id
+        outside the embedding table, is INVALID_ARGUMENT with its message)."""
+        if sum(v is not None for v in (x, images, feeds, texts)) != 1:
+            raise ValueError("give exactly one of x, images, feeds and texts")
         deadline = None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
         with self._lock:
             # a request that resolved a version now retiring still runs on it (UNLOADING waits
@@ -441,13 +574,17 @@ class ServingCore:
             try:
                 if images is not None:
                     x = self.preprocess(pred, images, key)
-                assert x is not None
                 if self.simulated_latency_s:
                     time.sleep(self.simulated_latency_s)
                 try:
+                    if texts is not None:
+                        return pred.predict_texts(texts, outputs)
+                    if feeds is not None:
+                        return pred.predict(feeds, outputs)
+                    assert x is not None
                     return pred.predict(x, outputs)
                 except ValueError as e:
-                    raise invalid(str(e)) from None
+                    raise invalid(f"input {key!r}: {e}" if texts is not None else str(e)) from None
             finally:
                 self.metrics.observe_split(mv.name, queued, time.perf_counter() - t_c)
                 with self._lock:
@@ -515,9 +652,10 @@ class ServingCore:
                     if warmup_inputs:
                         for w in warmup_inputs:
                             w(pred) if callable(w) else pred.predict(w)
+                    elif pred.text_front is not None:
+                        pred.predict_texts(["warm-up"])
                     else:
-                        shape = [1 if d is None else d for d in (pred.plan.input_shapes.get(pred.input_name) or [1])]
-                        pred.predict(np.zeros(shape, np.float32))
+                        pred.predict(_zero_feeds(pred.plan))
                 mv.predictors.put(pred)
                 mv.first = mv.first or pred
             mv.loaded_s = time.perf_counter() - t0

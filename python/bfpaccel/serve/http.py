@@ -16,6 +16,10 @@ TensorFlow Serving REST (as TF Serving documents it):
   (row format, answered ``{"predictions": ...}``) or ``{"inputs": ...}`` (columnar, answered
   ``{"outputs": ...}``); encoded images as ``{"b64": "..."}``.  Each output tensor is
   answered once, under its tensor name (a model with one output answers a plain list).
+  Integer inputs (token ids, attention masks) are JSON integers, kept integer (a float there is
+  a 400); a model of several inputs takes them by name (``{"instances": [{"input_ids": [...],
+  "attention_mask": [...]}]}``).  A plan with a text front takes sentences as strings
+  (``{"instances": ["a sentence", ...]}``) and answers their embeddings.
   ``:classify`` and ``:regress`` answer 501.
 
 KServe v2 REST:
@@ -68,7 +72,8 @@ import numpy as np
 
 from . import _protos as pb
 from . import wire
-from .core import Code, ServingCore, ServingError, VersionState, check_array, element_limit, invalid
+from .core import (Code, ServingCore, ServingError, VersionState, check_array, check_dtype, decode_texts,
+                   element_limit, invalid, typed_feed)
 from .tfs_grpc import SIGNATURES, signature_def
 
 try:
@@ -508,54 +513,100 @@ class HttpServer:
         p = mv.first
         image_keys = sorted(k for k in p.input_aliases if mv.input_kind(k) == "images")
         hints = {k: "BYTES" for k in image_keys}
-        hints[p.input_name] = "FP32"
-        want = mv.input_shape
+        if p.text_front is not None:
+            hints[p.text_front.input_alias] = "BYTES"
+        for name in p.input_names:
+            hints[name] = mv.tensor_spec(name).dtype
         core = self.core
-        max_el = element_limit(want, core.max_batch, core.max_input_elements)
-        req = wire.parse_tf_rest_request(data, default_input=_UNNAMED, input_dtypes=hints, max_elements=max_el,
-                                         max_bytes=self.max_body_bytes)
+        max_el = self._max_elements(mv)
+        single = len(p.input_names) == 1
+        fronted = p.takes_images or p.text_front is not None
+        # an unnamed value is the model's one input (images or sentences when the value is text)
+        default = _UNNAMED if fronted else (p.input_name if single else None)
+        req = wire.parse_tf_rest_request(data, default_input=default, input_dtypes=hints, max_elements=max_el,
+                                         max_bytes=self.max_body_bytes,
+                                         default_numeric=hints[p.input_name] if single else "FP32")
         if req.signature_name is not None and req.signature_name not in SIGNATURES:
             raise invalid(f"unknown signature_name {req.signature_name!r}; this model has 'serving_default'")
-        if len(req.inputs) != 1:
-            raise invalid(f"the request has {len(req.inputs)} inputs {sorted(req.inputs)}; this model takes one, "
-                          f"named one of {sorted(p.input_aliases)}")
-        key, t = next(iter(req.inputs.items()))
-        if key == _UNNAMED:  # the one input, in the form the value has (images or a tensor)
+        tensors = dict(req.inputs)
+        if _UNNAMED in tensors:
+            t = tensors.pop(_UNNAMED)
             if t.is_bytes and image_keys:
                 key = (p.preprocess_spec or {}).get("input_alias") or image_keys[0]
-            else:
+            elif t.is_bytes and p.text_front is not None:
+                key = p.text_front.input_alias
+            elif single:
                 key = p.input_name
-        images, x = self._decode(mv, key, t)
-        info["images"] = len(images) if images is not None else 0
-        info["batch"] = len(images) if images is not None else (int(x.shape[0]) if x is not None and x.ndim else 1)
-        names = list(p.output_names)
-        result = core.infer(mv, x=x, images=images, key=key, outputs=names)
+            else:
+                raise invalid(f"the request gives an unnamed numeric value; this model takes {p.input_names}: name "
+                              "them ({\"input_ids\": ...})")
+            t.name = key
+            tensors[key] = t
+        kind, key, run = self._prepare(mv, tensors, info)
+        names = [n for _, n in mv.resolve_outputs([], kind)] if kind == "text" else list(p.output_names)
+        result = core.infer(mv, key=key, outputs=names, **run)
         return _Reply(body=wire.encode_tf_rest_response({n: result[n] for n in names}, row_format=req.row_format))
 
-    def _decode(self, mv: Any, key: str, t: wire.WireTensor) -> Tuple[Optional[List[bytes]], Optional[np.ndarray]]:
-        """A decoded input tensor -> (images, None) or (None, float32 array), checked against the
-        model (kind, datatype, shape, batch and element limits)."""
+    def _max_elements(self, mv: Any) -> int:
+        """Most elements one tensor of the request may have (the largest over the plan's inputs)."""
         core = self.core
-        kind = mv.input_kind(key)  # INVALID_ARGUMENT for an unknown input name
-        if kind == "images":
+        shapes = [mv.tensor_spec(n).shape for n in mv.first.input_names] or [None]
+        return max(element_limit(sh, core.max_batch, core.max_input_elements) for sh in shapes)
+
+    def _prepare(self, mv: Any, tensors: Mapping[str, wire.WireTensor], info: Dict[str, Any]
+                 ) -> Tuple[str, str, Dict[str, Any]]:
+        """A request's decoded tensors -> ``(kind, key, keyword arguments of core.infer)``:
+        encoded images, sentences, the float input ``x`` or every input as ``feeds``; each
+        checked against the model (names, datatypes, shapes, batch and element limits)."""
+        core = self.core
+        p = mv.first
+        n_plan = len(p.input_names)
+        if not tensors or (len(tensors) > 1 and len(tensors) > n_plan):
+            raise invalid(f"the request has {len(tensors)} inputs {sorted(tensors)}; this model takes "
+                          + (f"one, named one of {sorted(p.input_aliases)}" if n_plan == 1 else
+                             f"{p.input_names} together, or one of {sorted(p.input_aliases)}"))
+        kinds = {k: mv.input_kind(k) for k in tensors}  # INVALID_ARGUMENT for an unknown input name
+        alone = [k for k, kind in kinds.items() if kind != "tensor"]
+        if alone and len(tensors) > 1:
+            raise invalid(f"the request has inputs {sorted(tensors)}; {alone[0]!r} ({kinds[alone[0]]}) goes alone")
+        key, t = next(iter(tensors.items()))
+        kind = kinds[key]
+        if kind in ("images", "text"):
+            noun = "images" if kind == "images" else "sentences"
             if not t.is_bytes:
-                raise invalid(f"input {key!r} takes encoded images (BYTES), got {t.datatype}")
-            if len(t.shape) > 1:
-                raise invalid(f"input {key!r}: a batch of encoded images has shape [N], got {list(t.shape)}")
-            images = [bytes(b) for b in t.data]  # type: ignore[union-attr]
-            if not images:
+                raise invalid(f"input {key!r} takes " + ("encoded images" if kind == "images" else "sentences")
+                              + f" (BYTES), got {t.datatype}")
+            if len(t.shape) > 1 and not (len(t.shape) == 2 and t.shape[1] == 1 and kind == "text"):
+                raise invalid(f"input {key!r}: a batch of {noun} has shape [N], got {list(t.shape)}")
+            values = [bytes(b) for b in t.data]  # type: ignore[union-attr]
+            if kind == "text":
+                texts = decode_texts(key, values, core.max_batch)
+                info["batch"] = len(texts)
+                return kind, key, {"texts": texts}
+            if not values:
                 raise invalid(f"input {key!r} holds no images")
-            if len(images) > core.max_batch:
-                raise invalid(f"input {key!r}: {len(images)} images in one request; the limit is {core.max_batch}")
-            return images, None
-        if t.is_bytes or t.datatype == "BOOL":
-            want = mv.input_shape
-            raise invalid(f"input {key!r} takes a numeric tensor (FP32 preferred) of shape "
-                          f"{None if want is None else ['N' if d is None else d for d in want]}, got {t.datatype}")
-        want = mv.input_shape
-        check_array(key, t.shape, want, core.max_batch, element_limit(want, core.max_batch, core.max_input_elements))
-        with np.errstate(over="ignore"):  # float64 beyond float32's range -> inf, as a cast does
-            return None, np.ascontiguousarray(t.data, dtype=np.float32)
+            if len(values) > core.max_batch:
+                raise invalid(f"input {key!r}: {len(values)} images in one request; the limit is {core.max_batch}")
+            info["images"] = info["batch"] = len(values)
+            return kind, key, {"images": values}
+        feeds: Dict[str, np.ndarray] = {}
+        for k, tk in tensors.items():
+            spec = mv.tensor_spec(k)
+            declared = p.plan.input_dtypes.get(k, "float32")
+            if tk.is_bytes or (tk.datatype == "BOOL" and spec.dtype != "BOOL"):
+                raise invalid(f"input {k!r} takes a numeric tensor ({'FP32 preferred' if spec.dtype == 'FP32' else spec.dtype}) "
+                              f"of shape {None if spec.shape is None else ['N' if d is None else d for d in spec.shape]}, "
+                              f"got {tk.datatype}")
+            check_dtype(k, np.asarray(tk.data).dtype, declared, tk.datatype)
+            check_array(k, tk.shape, spec.shape, core.max_batch,
+                        element_limit(spec.shape, core.max_batch, core.max_input_elements))
+            feeds[k] = typed_feed(k, np.asarray(tk.data), declared)
+        first = feeds[key]
+        info["batch"] = int(first.shape[0]) if first.ndim else 1
+        if n_plan == 1 and key == p.input_name:
+            return kind, key, {"x": first}
+        mv.check_feeds(feeds)
+        return kind, key, {"feeds": feeds}
 
     # -- KServe v2 REST ----------------------------------------------------------------------
     def _v2_resolve(self, params: Mapping[str, Any], info: Dict[str, Any], check_ready: bool = True) -> Any:
@@ -610,8 +661,7 @@ class HttpServer:
                   info: Dict[str, Any]) -> _Reply:
         mv = self._v2_resolve(params, info)
         core = self.core
-        p = mv.first
-        max_el = element_limit(mv.input_shape, core.max_batch, core.max_input_elements)
+        max_el = self._max_elements(mv)
         req = wire.parse_v2_json_request(data, headers.get(wire.INFERENCE_HEADER_CONTENT_LENGTH),
                                          max_elements=max_el, max_bytes=self.max_body_bytes)
         timeout_s = None
@@ -620,16 +670,17 @@ class HttpServer:
             if isinstance(t_us, bool) or not isinstance(t_us, int) or t_us < 0:
                 raise invalid(f"parameter 'timeout' must be a non-negative integer (microseconds), got {t_us!r}")
             timeout_s = t_us / 1e6 if t_us else None
-        if len(req.inputs) != 1:
-            raise invalid(f"the request has {len(req.inputs)} inputs {sorted(req.inputs)}; this model takes one, "
-                          f"named one of {sorted(p.input_aliases)}")
-        pairs = mv.resolve_outputs(req.output_names) if req.outputs else [(n, n) for n in p.output_names]
-        key, t = next(iter(req.inputs.items()))
-        images, x = self._decode(mv, key, t)
-        info["images"] = len(images) if images is not None else 0
-        info["batch"] = len(images) if images is not None else (int(x.shape[0]) if x is not None and x.ndim else 1)
+        try:  # the outputs are checked first (the kind of request decides the text embedding's)
+            kind = mv.input_kind(next(iter(req.inputs)))
+        except ServingError:
+            kind = "tensor"
+        if req.outputs or kind == "text":
+            pairs = mv.resolve_outputs(req.output_names or [], kind)
+        else:
+            pairs = [(n, n) for n in mv.first.output_names]
+        kind, key, run = self._prepare(mv, req.inputs, info)
         wanted = list(dict.fromkeys(n for _, n in pairs))
-        result = core.infer(mv, x=x, images=images, key=key, outputs=wanted, timeout_s=timeout_s)
+        result = core.infer(mv, key=key, outputs=wanted, timeout_s=timeout_s, **run)
         outs = {k: result[n] for k, n in pairs}
         body, hlen = wire.encode_v2_json_response(mv.name, outs, model_version=str(mv.version), request_id=req.id,
                                                   binary=req.binary_outputs(outs))

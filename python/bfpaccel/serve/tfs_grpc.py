@@ -5,8 +5,13 @@ The AML front end's route header ``x-ms-aml-grpc-service-route: /api/v1/service/
 picks the model; with no header (or an empty name, which the seed's client sends when it has
 no service name) ``model_spec.name`` does, and with neither the single model is served, as on
 the edge box.  Inputs are a DT_STRING batch of encoded images keyed by the alias (``images``)
-or the tensor name (``Placeholder:0``), or a numeric tensor keyed by the plan's input name;
-outputs are float32 in ``float_val`` keyed by tensor name and by alias.
+or the tensor name (``Placeholder:0``), or a numeric tensor keyed by the plan's input name.
+A model of integer inputs (a text encoder's token ids and attention mask) takes DT_INT64 /
+DT_INT32 tensors (kept integer, never converted to float), one per plan input, together; a
+plan with a text front takes a DT_STRING batch of UTF-8 sentences under its alias (``text``)
+and answers the pooled sentence embedding (bit for bit the in-process
+``Predictor.predict_texts``).  Outputs are float32 in ``float_val`` keyed by tensor name and
+by alias.
 
 Status codes: INVALID_ARGUMENT (bad image, image over a size limit, dtype, shape,
 input/output/signature name), NOT_FOUND (unknown model name, version, label or route),
@@ -27,7 +32,8 @@ import numpy as np
 
 from . import _protos as pb
 from .codec import CodecError, check_tensor, float_tensor_proto, make_ndarray, numpy_dtype, tensor_shape
-from .core import Code, ServingCore, ServingError, check_array, element_limit, invalid
+from .core import (Code, ServingCore, ServingError, check_array, check_dtype, decode_texts, element_limit, invalid,
+                   typed_feed)
 from .grpc_face import GrpcFace
 
 __all__ = ["PredictionServiceFace", "ModelServiceFace", "add_model_service", "decode_input", "ROUTE_HEADER", "ROUTE_PREFIX", "SIGNATURES"]
@@ -41,9 +47,12 @@ SIGNATURES = ("", "serving_default", "predict")
 
 
 def decode_input(tp: Any, key: str, *, takes_images: bool, input_shape: Optional[Sequence[Optional[int]]],
-                 max_batch: int, max_elements: int) -> Tuple[Optional[List[bytes]], Optional[np.ndarray]]:
+                 max_batch: int, max_elements: int, declared: str = "float32"
+                 ) -> Tuple[Optional[List[bytes]], Optional[np.ndarray]]:
     """One Predict input -> ``(images, None)`` for a DT_STRING batch of encoded images or
-    ``(None, float32 array)``; raises ``ServingError(INVALID_ARGUMENT)`` for every client mistake.
+    ``(None, array)``: float32 for a float input (``declared``), the integers as sent for an
+    integer input (DT_INT64/DT_INT32 token ids; a float tensor there is refused, never
+    truncated); raises ``ServingError(INVALID_ARGUMENT)`` for every client mistake.
 
     Everything is checked before values are materialised: dtype, rank (codec ``MAX_RANK``),
     dimensions and element count as Python ints (no overflow), value counts against the shape,
@@ -75,9 +84,12 @@ def decode_input(tp: Any, key: str, *, takes_images: bool, input_shape: Optional
         npdt = numpy_dtype(tp.dtype)
     except CodecError as e:
         raise invalid(f"input {key!r}: {e}") from None
-    if npdt.kind not in "fiu":
-        raise invalid(f"input {key!r} has dtype {pb.DataTypeName.get(tp.dtype)}; send DT_STRING images "
-                      "or a numeric tensor (DT_FLOAT preferred)")
+    if npdt.kind not in "fiu" and np.dtype(declared).kind != "b":
+        raise invalid(f"input {key!r} has dtype {pb.DataTypeName.get(tp.dtype)}; send "
+                      + ("DT_STRING images or " if takes_images else "")
+                      + ("a numeric tensor (DT_FLOAT preferred)" if np.dtype(declared).kind == "f" else
+                         f"an integer tensor (DT_INT64 or DT_INT32: the input is declared {declared})"))
+    check_dtype(key, npdt, declared, str(pb.DataTypeName.get(tp.dtype)))
     try:
         _, shape, n = check_tensor(tp)  # shape, element count and value count; nothing allocated
     except CodecError as e:
@@ -87,8 +99,26 @@ def decode_input(tp: Any, key: str, *, takes_images: bool, input_shape: Optional
         arr = make_ndarray(tp, max_elements=max_elements)
     except CodecError as e:
         raise invalid(f"input {key!r}: {e}") from None
-    with np.errstate(over="ignore"):  # float64 beyond float32's range -> inf, as a TF cast
-        return None, np.ascontiguousarray(arr, dtype=np.float32)
+    return None, typed_feed(key, arr, declared)
+
+
+def decode_text_input(tp: Any, key: str, max_batch: int) -> List[str]:
+    """A DT_STRING batch of UTF-8 sentences (shape ``[N]``, or ``[]`` for one) -> ``str``s;
+    raises ``ServingError(INVALID_ARGUMENT)``."""
+    if tp.dtype != pb.DT_STRING:
+        raise invalid(f"input {key!r} takes sentences (DT_STRING, UTF-8), got {pb.DataTypeName.get(tp.dtype)}")
+    try:
+        shape = tensor_shape(tp)
+    except CodecError as e:
+        raise invalid(f"input {key!r}: {e}") from None
+    if len(shape) > 1:
+        raise invalid(f"input {key!r}: a batch of sentences has shape [N], got {shape}")
+    n = math.prod(shape)
+    if n > max_batch:
+        raise invalid(f"input {key!r}: {n} sentences in one request; the limit is {max_batch}")
+    if len(tp.string_val) != n:
+        raise invalid(f"input {key!r}: shape {shape} but {len(tp.string_val)} values in string_val")
+    return decode_texts(key, list(tp.string_val), max_batch)
 
 
 class PredictionServiceFace(GrpcFace):
@@ -134,24 +164,49 @@ class PredictionServiceFace(GrpcFace):
         p = mv.first
         if len(request.inputs) == 0:
             raise invalid(f"the request has no inputs; send the images under one of {sorted(p.input_aliases)}")
-        if len(request.inputs) > 1:
+        if len(request.inputs) > len(p.input_names) and len(request.inputs) > 1:
             raise invalid(f"the request has {len(request.inputs)} inputs {sorted(request.inputs)}; this model "
-                          f"takes one, named one of {sorted(p.input_aliases)}")
-        key, tp = next(iter(request.inputs.items()))
-        mv.input_kind(key)  # INVALID_ARGUMENT for an unknown key
-        outputs = mv.resolve_outputs(list(request.output_filter))
-        want = mv.input_shape
+                          f"takes " + (f"one, named one of {sorted(p.input_aliases)}" if len(p.input_names) == 1
+                                       else f"{p.input_names} together"))
         core = self.core
-        images, x = decode_input(tp, key, takes_images=p.takes_images, input_shape=want, max_batch=core.max_batch,
-                                 max_elements=element_limit(want, core.max_batch, core.max_input_elements))
-        info["images"] = len(images) if images is not None else 0
-        if images is not None:
-            info["batch"] = len(images)
-        elif x is not None:
-            info["batch"] = int(x.shape[0]) if x.ndim else 1
+        kinds = {k: mv.input_kind(k) for k in request.inputs}  # INVALID_ARGUMENT for an unknown key
+        alone = [k for k, kind in kinds.items() if kind != "tensor"]
+        if alone and len(kinds) > 1:
+            raise invalid(f"the request has inputs {sorted(kinds)}; {alone[0]!r} ({kinds[alone[0]]}) goes alone")
+        key, tp = next(iter(request.inputs.items()))
+        outputs = mv.resolve_outputs(list(request.output_filter), kinds[key])
         wanted = list(dict.fromkeys(name for _, name in outputs))
-        remaining = context.time_remaining()
-        result = core.infer(mv, x=x, images=images, key=key, outputs=wanted, timeout_s=remaining)
+        images: Optional[List[bytes]] = None
+        x: Optional[np.ndarray] = None
+        if kinds[key] == "text":
+            texts = decode_text_input(tp, key, core.max_batch)
+            info["batch"] = len(texts)
+            result = core.infer(mv, texts=texts, key=key, outputs=wanted, timeout_s=context.time_remaining())
+        elif len(p.input_names) > 1 or kinds[key] == "tensor" and key != p.input_name:
+            feeds = {}
+            for k, t in request.inputs.items():
+                spec = mv.tensor_spec(k)
+                declared = p.plan.input_dtypes.get(k, "float32")
+                _, arr = decode_input(t, k, takes_images=False, input_shape=spec.shape, max_batch=core.max_batch,
+                                      max_elements=element_limit(spec.shape, core.max_batch, core.max_input_elements),
+                                      declared=declared)
+                assert arr is not None
+                feeds[k] = arr
+            mv.check_feeds(feeds)
+            info["batch"] = int(feeds[key].shape[0]) if feeds[key].ndim else 1
+            result = core.infer(mv, feeds=feeds, key=key, outputs=wanted, timeout_s=context.time_remaining())
+        else:
+            want = mv.input_shape
+            images, x = decode_input(tp, key, takes_images=p.takes_images, input_shape=want,
+                                     max_batch=core.max_batch,
+                                     max_elements=element_limit(want, core.max_batch, core.max_input_elements),
+                                     declared=p.plan.input_dtypes.get(p.input_name, "float32"))
+            info["images"] = len(images) if images is not None else 0
+            if images is not None:
+                info["batch"] = len(images)
+            elif x is not None:
+                info["batch"] = int(x.shape[0]) if x.ndim else 1
+            result = core.infer(mv, x=x, images=images, key=key, outputs=wanted, timeout_s=context.time_remaining())
         resp = pb.PredictResponse()
         resp.model_spec.name = mv.name
         resp.model_spec.version.value = mv.version
@@ -201,13 +256,24 @@ def signature_def(mv: Any) -> Any:
     if p.takes_images:
         info_for(sig.inputs[spec.get("input_alias") or "images"], spec.get("string_input") or "images",
                  pb.DT_STRING, [None])
-    info_for(sig.inputs[p.input_name], p.input_name, pb.DT_FLOAT, mv.input_shape)
+    if p.text_front is not None:
+        info_for(sig.inputs[p.text_front.input_alias], p.text_front.input_alias, pb.DT_STRING, [None])
+    for name in p.input_names:
+        t = mv.tensor_spec(name)
+        info_for(sig.inputs[name], name, getattr(pb, _TF_TYPES.get(t.dtype, "DT_FLOAT")), t.shape)
     outs = {o.name: o.shape for o in mv.outputs()}
     for name in p.output_names:
         info_for(sig.outputs[name], name, pb.DT_FLOAT, outs.get(name))
     for alias, name in p.aliases.items():
         info_for(sig.outputs[alias], name, pb.DT_FLOAT, outs.get(name))
+    if p.text_front is not None:
+        emb = p.text_front.embedding_name
+        info_for(sig.outputs[emb], emb, pb.DT_FLOAT, outs.get(emb))
     return sig
+
+
+_TF_TYPES = {"FP32": "DT_FLOAT", "INT64": "DT_INT64", "INT32": "DT_INT32", "BOOL": "DT_BOOL", "FP16": "DT_HALF",
+             "FP64": "DT_DOUBLE", "INT16": "DT_INT16", "INT8": "DT_INT8", "UINT8": "DT_UINT8"}
 
 
 class ModelServiceFace:

@@ -18,7 +18,10 @@ call works:
   ``[N, 1]``, named as the image alias or the string input, e.g. ``images`` or
   ``Placeholder:0``), given in ``raw_input_contents`` (what ``tritonclient`` sends) or in the
   typed ``contents``.  Outputs come back in ``raw_output_contents`` as Triton answers (FP32,
-  little-endian); ``outputs`` picks them (an output's alias names it too; none: every output
+  little-endian).  A model of integer inputs (a text encoder's token ids and attention mask)
+  takes every input together as INT64 or INT32 (kept integer), and a plan with a text front
+  takes UTF-8 sentences as BYTES (``[N]`` or ``[N, 1]``) under its alias (``text``) and answers
+  the sentence embedding.  ``outputs`` picks them (an output's alias names it too; none: every output
   tensor), ``id`` is echoed and ``model_version`` is the version that ran.  A version is
   chosen by number (``"2"``), by label (``"stable"``) or, with ``""``, the newest available.
 
@@ -55,9 +58,10 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from . import _protos as pb
-from .core import Code, ModelVersion, ServingCore, ServingError, TensorSpec, check_array, element_limit, invalid
+from .core import (Code, ModelVersion, ServingCore, ServingError, TensorSpec, check_array, check_dtype, decode_texts,
+                   element_limit, invalid, typed_feed)
 from .grpc_face import GrpcFace
-from .wire import WireError, encode_v2_grpc_response, parse_v2_grpc_request
+from .wire import WireError, encode_v2_grpc_response, parse_v2_grpc_request, v2_numpy_dtype
 
 __all__ = ["V2GrpcFace", "add_v2_service", "SERVER_NAME", "PLATFORM", "V2_EXTENSIONS", "UNIMPLEMENTED_METHODS",
            "STREAMING_METHODS"]
@@ -190,58 +194,90 @@ class V2GrpcFace(GrpcFace):
         info["route"] = mv.name
         p = mv.first
         names = sorted(p.input_aliases)
-        if len(request.inputs) != 1:
+        n_plan = len(p.input_names)
+        if len(request.inputs) == 0 or (len(request.inputs) > 1 and len(request.inputs) > n_plan):
             raise invalid(f"the request has {len(request.inputs)} inputs"
                           + (f" {[i.name for i in request.inputs]}" if len(request.inputs) else "")
-                          + f"; this model takes one, named one of {names}")
+                          + (f"; this model takes one, named one of {names}" if n_plan == 1 else
+                             f"; this model takes {p.input_names} together, or one of {names}"))
+        kinds = {inp.name: mv.input_kind(inp.name) for inp in request.inputs}  # INVALID_ARGUMENT: unknown
+        alone = [k for k, kind in kinds.items() if kind != "tensor"]
+        if alone and len(request.inputs) > 1:
+            raise invalid(f"the request has inputs {[i.name for i in request.inputs]}; {alone[0]!r} "
+                          f"({kinds[alone[0]]}) goes alone")
         inp = request.inputs[0]
         key = inp.name
-        kind = mv.input_kind(key)  # INVALID_ARGUMENT for an unknown name
-        shape = [int(d) for d in inp.shape]
-        # everything about the input's size is checked here, with Python ints, before any
+        kind = kinds[key]
+        # everything about the inputs' sizes is checked here, with Python ints, before any
         # value is decoded
         max_bytes: Optional[int]
-        if kind == "images":
+        if kind in ("images", "text"):
+            what = "encoded images" if kind == "images" else "sentences (UTF-8)"
             if inp.datatype != "BYTES":
-                raise invalid(f"input {key!r} has datatype {inp.datatype!r}; encoded images are BYTES (the float "
-                              f"tensor is FP32 under the name {p.input_name!r})")
+                raise invalid(f"input {key!r} has datatype {inp.datatype!r}; {what} are BYTES"
+                              + (f" (the float tensor is FP32 under the name {p.input_name!r})"
+                                 if kind == "images" else ""))
+            shape = [int(d) for d in inp.shape]
             if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
-                raise invalid(f"input {key!r}: a batch of encoded images has shape [N] or [N, 1], got {shape}")
+                raise invalid(f"input {key!r}: a batch of {what} has shape [N] or [N, 1], got {shape}")
             n = shape[0]
+            noun = "images" if kind == "images" else "sentences"
             if n <= 0:
-                raise invalid(f"input {key!r} holds no images (shape {shape})")
+                raise invalid(f"input {key!r} holds no {noun} (shape {shape})")
             if n > core.max_batch:
-                raise invalid(f"input {key!r}: {n} images in one request; the limit is {core.max_batch}")
-            max_elements, max_bytes = n, None  # the message size limit bounds the images' bytes
+                raise invalid(f"input {key!r}: {n} {noun} in one request; the limit is {core.max_batch}")
+            max_elements, max_bytes = n, None  # the message size limit bounds the bytes
         else:
-            if inp.datatype != "FP32":
-                hint = (f"; encoded images go as BYTES under {sorted(p.input_aliases - {p.input_name})}"
-                        if p.takes_images else "")
-                raise invalid(f"input {key!r} has datatype {inp.datatype!r}; this model's input is FP32 of shape "
-                              f"{_shape_text(mv.input_shape)}{hint}")
-            want = mv.input_shape
-            max_elements = element_limit(want, core.max_batch, core.max_input_elements)
-            check_array(key, shape, want, core.max_batch, max_elements)
-            max_bytes = math.prod(shape) * 4
+            max_elements, max_bytes = 0, 0
+            for t in request.inputs:
+                spec = mv.tensor_spec(t.name)
+                declared = p.plan.input_dtypes.get(t.name, "float32")
+                if spec.dtype == "FP32":
+                    if t.datatype != "FP32":
+                        hint = (f"; encoded images go as BYTES under {sorted(p.input_aliases - {p.input_name})}"
+                                if p.takes_images else "")
+                        raise invalid(f"input {t.name!r} has datatype {t.datatype!r}; this model's input is FP32 of "
+                                      f"shape {_shape_text(spec.shape)}{hint}")
+                else:
+                    try:
+                        dt = v2_numpy_dtype(t.datatype)
+                    except WireError as e:
+                        raise invalid(f"input {t.name!r}: {e}") from None
+                    check_dtype(t.name, dt, declared, t.datatype)
+                shape = [int(d) for d in t.shape]
+                lim = element_limit(spec.shape, core.max_batch, core.max_input_elements)
+                check_array(t.name, shape, spec.shape, core.max_batch, lim)
+                max_elements = max(max_elements, lim)
+                max_bytes = max(max_bytes, math.prod(shape) * v2_numpy_dtype(t.datatype).itemsize)
         try:
             req = parse_v2_grpc_request(request, max_elements=max_elements, max_bytes=max_bytes)
         except WireError as e:
             raise invalid(str(e)) from None
         tensor = req.inputs[key]
-        if req.outputs:
-            outputs = mv.resolve_outputs([o.name for o in req.outputs])
+        if req.outputs or kind == "text":
+            outputs = mv.resolve_outputs([o.name for o in req.outputs], kind)
         else:
-            outputs = [(s.name, s.name) for s in mv.outputs()]
-        images: Optional[List[bytes]] = None
-        x: Optional[np.ndarray] = None
+            outputs = [(n, n) for n in p.output_names]
+        wanted = list(dict.fromkeys(name for _, name in outputs))
+        timeout_s = context.time_remaining()
         if kind == "images":
             images = list(tensor.data)  # type: ignore[arg-type]
             info["images"] = info["batch"] = len(images)
+            result = core.infer(mv, images=images, key=key, outputs=wanted, timeout_s=timeout_s)
+        elif kind == "text":
+            texts = decode_texts(key, list(tensor.data), core.max_batch)  # type: ignore[arg-type]
+            info["batch"] = len(texts)
+            result = core.infer(mv, texts=texts, key=key, outputs=wanted, timeout_s=timeout_s)
         else:
-            x = np.asarray(tensor.data, dtype=np.float32)
-            info["batch"] = int(x.shape[0]) if x.ndim else 1
-        wanted = list(dict.fromkeys(name for _, name in outputs))
-        result = core.infer(mv, x=x, images=images, key=key, outputs=wanted, timeout_s=context.time_remaining())
+            feeds = {k: typed_feed(k, np.asarray(t.data), p.plan.input_dtypes.get(k, "float32"))
+                     for k, t in req.inputs.items()}
+            first = feeds[key]
+            info["batch"] = int(first.shape[0]) if first.ndim else 1
+            if n_plan == 1 and key == p.input_name:
+                result = core.infer(mv, x=first, key=key, outputs=wanted, timeout_s=timeout_s)
+            else:
+                mv.check_feeds(feeds)
+                result = core.infer(mv, feeds=feeds, key=key, outputs=wanted, timeout_s=timeout_s)
         return encode_v2_grpc_response(mv.name, {k: result[name] for k, name in outputs},
                                        model_version=str(mv.version), request_id=req.id)
 
