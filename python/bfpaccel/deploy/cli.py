@@ -119,6 +119,9 @@ def cmd_registry_list(args: argparse.Namespace) -> int:
 def cmd_registry_show(args: argparse.Namespace) -> int:
     from ..registry import Model
 
+    from ..registry import parse_id
+
+    parse_id(args.id)  # a malformed id is the first thing to say
     m = Model(_open(args, create=False), args.id)
     info = m.serialize()
     info["dependents"] = m.dependents()
@@ -132,6 +135,9 @@ def cmd_registry_show(args: argparse.Namespace) -> int:
 def cmd_registry_delete(args: argparse.Namespace) -> int:
     from ..registry import Model
 
+    from ..registry import parse_id
+
+    parse_id(args.id)  # a malformed id is the first thing to say
     m = Model(_open(args, create=False), args.id)
     m.delete()
     print(f"deleted model {m.id}")
