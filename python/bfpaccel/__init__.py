@@ -29,6 +29,7 @@ from .registry import Model, Registry
 from .serve.client import PredictionClient, client_from_service
 from .runtime import Plan, PlanError, Predictor, Session, top_k, UnsupportedOpError, compile, load_plan
 from .formats import NAN_EXPONENT, PRESETS, ROUNDING_MODES, Format, get_format, list_formats
+from .textfront import TextFront, attach_text_front
 
 __version__ = "0.1.0"
 
@@ -65,6 +66,8 @@ __all__ = [
     "client_from_service",
     "Model",
     "UnsupportedOpError",
+    "TextFront",
+    "attach_text_front",
 ]
 
 _init_from_env()
