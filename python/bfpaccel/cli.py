@@ -403,6 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = add_accuracy_parser(sub)
     a.set_defaults(fn=lambda args: args.func(args))
+    from .compile_cli import add_compile_parser
+
+    add_compile_parser(sub)
     from .finetune import add_finetune_parser
 
     add_finetune_parser(sub).set_defaults(fn=lambda args: args.func(args))

@@ -398,7 +398,7 @@ def attach_text_front(plan: Any, front: TextFront, *, check_length: bool = True)
     out_map = _output_map(plan)
     if front.output is None:
         if len(out_map) != 1:
-            raise TextFrontError(f"the plan has {len(out_map)} outputs {list(out_map)}: give output= (the one to pool)")
+            raise TextFrontError(f"the plan has {len(out_map)} outputs {list(out_map)}: give output= (--text-output: the one to pool)")
         front = replace(front, output=next(iter(out_map)))
     assert front.output is not None
     onnx_out = out_map.get(front.output) or (front.output if front.output in plan.output_names else None)
