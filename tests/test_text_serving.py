@@ -312,7 +312,8 @@ def test_token_ids_over_v2_rest_json_and_binary(server, predictor):
     ids, mask = _ids(seq=6, seed=2)
     want = predictor.predict({"input_ids": ids, "attention_mask": mask})["token_embeddings"]
     url = f"http://127.0.0.1:{server.http_port}/v2/models/{MODEL}/infer"
-    doc = {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": list(ids.shape), "data": ids.ravel().tolist()},
+    doc = {"inputs": [{"name": "input_ids", "datatype": "INT64", "shape": list(ids.shape),
+                       "data": ids.ravel().tolist()},
                       {"name": "attention_mask", "datatype": "INT32", "shape": list(mask.shape),
                        "data": mask.ravel().tolist()}]}
     r = requests.post(url, json=doc, timeout=30)
@@ -538,3 +539,22 @@ def test_minilm_l3_text_front_served_bit_for_bit(tmp_path):
 def _with_name(req, name):
     req.model_spec.name = name
     return req
+
+
+def test_warmup_file_of_sentences_and_token_ids(plan_path, predictor, tmp_path):
+    """TF Serving warm-up records replay sentences and token ids; a bad token id fails the load."""
+    from bfpaccel.serve.lifecycle import write_warmup_file
+
+    ids, mask = _ids()
+    good = write_warmup_file(tmp_path / "good", [_predict_request({"text": SENTENCES[:2]}),
+                                                 _predict_request({"input_ids": ids, "attention_mask": mask})])
+    h = serve({MODEL: plan_path}, port=0, workers=1, warmup_file=good)
+    try:
+        resp = _tfs(h.port, _predict_request({"text": SENTENCES}))
+        assert_same_bits(make_ndarray(resp.outputs["embedding"]), predictor.embed(SENTENCES))
+    finally:
+        h.stop(grace=1)
+    ids[0, 0] = 999
+    bad = write_warmup_file(tmp_path / "bad", [_predict_request({"input_ids": ids, "attention_mask": mask})])
+    with pytest.raises(RuntimeError, match="input 'input_ids'"):
+        serve({MODEL: plan_path}, port=0, workers=1, warmup_file=bad)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -398,7 +398,8 @@ def attach_text_front(plan: Any, front: TextFront, *, check_length: bool = True)
     out_map = _output_map(plan)
     if front.output is None:
         if len(out_map) != 1:
-            raise TextFrontError(f"the plan has {len(out_map)} outputs {list(out_map)}: give output= (--text-output: the one to pool)")
+            raise TextFrontError(f"the plan has {len(out_map)} outputs {list(out_map)}: give output= (--text-output: "
+                                 "the one to pool)")
         front = replace(front, output=next(iter(out_map)))
     assert front.output is not None
     onnx_out = out_map.get(front.output) or (front.output if front.output in plan.output_names else None)
@@ -440,7 +441,7 @@ def _output_map(plan: Any) -> Dict[str, str]:
 def _check_length(plan: Any, front: TextFront) -> None:
     from .runtime.lower import lower
 
-    shapes = {n: (1, front.max_length) for n in front.model_inputs}
+    shapes: Dict[str, Tuple[int, ...]] = {n: (1, front.max_length) for n in front.model_inputs}
     try:
         lower(plan, shapes)
     except ValueError as e:

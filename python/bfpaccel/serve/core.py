@@ -368,8 +368,9 @@ def synthetic_call(pred: Any) -> None:
     input of every plan input (free dimensions 1, the declared types)."""
     if getattr(pred, "text_front", None) is not None:
         pred.predict_texts(["warm-up"])
-    else:
-        pred.predict(_zero_feeds(pred.plan))
+        return
+    feeds = _zero_feeds(pred.plan)
+    pred.predict(feeds if len(feeds) > 1 else feeds.get(pred.input_name, next(iter(feeds.values()))))
 
 
 def _zero_feeds(plan: Any) -> Dict[str, np.ndarray]:

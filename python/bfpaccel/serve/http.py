@@ -594,9 +594,9 @@ class HttpServer:
             spec = mv.tensor_spec(k)
             declared = p.plan.input_dtypes.get(k, "float32")
             if tk.is_bytes or (tk.datatype == "BOOL" and spec.dtype != "BOOL"):
-                raise invalid(f"input {k!r} takes a numeric tensor ({'FP32 preferred' if spec.dtype == 'FP32' else spec.dtype}) "
-                              f"of shape {None if spec.shape is None else ['N' if d is None else d for d in spec.shape]}, "
-                              f"got {tk.datatype}")
+                what = "FP32 preferred" if spec.dtype == "FP32" else spec.dtype
+                dims = None if spec.shape is None else ["N" if d is None else d for d in spec.shape]
+                raise invalid(f"input {k!r} takes a numeric tensor ({what}) of shape {dims}, got {tk.datatype}")
             check_dtype(k, np.asarray(tk.data).dtype, declared, tk.datatype)
             check_array(k, tk.shape, spec.shape, core.max_batch,
                         element_limit(spec.shape, core.max_batch, core.max_input_elements))

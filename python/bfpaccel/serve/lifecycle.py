@@ -348,25 +348,55 @@ def read_warmup_requests(path: PathLike, max_records: int = MAX_WARMUP_RECORDS) 
 
 # ---------------------------------------------------------------------- warm-up on a predictor
 def _replay_one(core: ServingCore, pred: Any, req: Any) -> None:
-    """Runs one PredictRequest on a predictor the way the TF Serving gRPC face would."""
+    """Runs one PredictRequest on a predictor the way the TF Serving gRPC face would: encoded
+    images, sentences (a plan with a text front), the float input, or every input of a model of
+    several (token ids and masks, kept integer)."""
     from .core import element_limit, invalid
-    from .tfs_grpc import decode_input
+    from .tfs_grpc import decode_input, decode_text_input
 
-    if len(req.inputs) != 1:
-        raise invalid(f"the request has {len(req.inputs)} inputs {sorted(req.inputs)}; this model takes one, "
-                      f"named one of {sorted(pred.input_aliases)}")
+    names = list(pred.plan.input_names)
+    if len(req.inputs) == 0 or (len(req.inputs) > 1 and len(req.inputs) > len(names)):
+        raise invalid(f"the request has {len(req.inputs)} inputs {sorted(req.inputs)}; this model takes "
+                      + (f"one, named one of {sorted(pred.input_aliases)}" if len(names) == 1 else
+                         f"{names} together"))
+    for k in req.inputs:
+        if k not in pred.input_aliases:
+            raise invalid(f"unknown input {k!r}; this model takes one of {sorted(pred.input_aliases)}")
     key, tp = next(iter(req.inputs.items()))
-    if key not in pred.input_aliases:
-        raise invalid(f"unknown input {key!r}; this model takes one of {sorted(pred.input_aliases)}")
+    front = getattr(pred, "text_front", None)
+    if front is not None and key == front.input_alias:
+        if len(req.inputs) > 1:
+            raise invalid(f"the request has inputs {sorted(req.inputs)}; {key!r} (text) goes alone")
+        try:
+            pred.predict_texts(decode_text_input(tp, key, core.max_batch), list(req.output_filter) or None)
+        except (ValueError, KeyError) as e:
+            raise invalid(f"input {key!r}: {e}") from None
+        return
     outputs: Optional[List[str]] = None
     if req.output_filter:
         try:
             outputs = list(dict.fromkeys(pred.resolve_output(o) for o in req.output_filter))
         except KeyError as e:
             raise invalid(f"unknown output {e}; this model's outputs are {pred.output_names}") from None
+    if len(names) > 1:
+        feeds = {}
+        for k, t in req.inputs.items():
+            if k not in names:
+                raise invalid(f"input {k!r} goes alone; this model takes {names} together")
+            sh = pred.plan.input_shapes.get(k)
+            _, arr = decode_input(t, k, takes_images=False, input_shape=sh, max_batch=core.max_batch,
+                                  max_elements=element_limit(sh, core.max_batch, core.max_input_elements),
+                                  declared=pred.plan.input_dtypes.get(k, "float32"))
+            feeds[k] = arr
+        try:
+            pred.predict(feeds, outputs)
+        except ValueError as e:
+            raise invalid(str(e)) from None
+        return
     shape = pred.plan.input_shapes.get(pred.input_name)
     images, x = decode_input(tp, key, takes_images=pred.takes_images, input_shape=shape, max_batch=core.max_batch,
-                             max_elements=element_limit(shape, core.max_batch, core.max_input_elements))
+                             max_elements=element_limit(shape, core.max_batch, core.max_input_elements),
+                             declared=pred.plan.input_dtypes.get(pred.input_name, "float32"))
     if images is not None:
         x = core.preprocess(pred, images, key)
     try:

@@ -12,7 +12,7 @@ import datetime
 import io
 import json
 import os
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
@@ -77,7 +77,7 @@ TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "a", "cat", "dog", "sat
 TINY_POSITIONS = 16
 
 
-def tiny_tokenizer() -> "object":
+def tiny_tokenizer() -> Any:
     """A ``tokenizers.Tokenizer`` over :data:`TINY_VOCAB` made on the spot: BERT's uncased
     normalizer and pre-tokenizer, WordPiece, ``[CLS] ... [SEP]``.
 
@@ -97,7 +97,7 @@ def tiny_tokenizer() -> "object":
 
 
 def build_tiny_text_plan(path: Optional[str] = None, format: str = "msfp16", seed: int = 0, width: int = 32,
-                         text_front: Optional[dict] = None) -> "object":
+                         text_front: Optional[Dict[str, Any]] = None) -> Any:
     """Compiles a tiny text encoder: token embeddings of :data:`TINY_VOCAB` plus a position
     table of :data:`TINY_POSITIONS` rows, a dense layer and ReLU, masked by the attention mask.
     Inputs ``input_ids`` / ``attention_mask`` (int64 ``[N, S]``), output ``token_embeddings``
@@ -148,7 +148,7 @@ def build_tiny_text_plan(path: Optional[str] = None, format: str = "msfp16", see
     if text_front is not None:
         from ..textfront import TextFront
 
-        kw = {"tokenizer": tiny_tokenizer(), "max_length": TINY_POSITIONS, "output": "token_embeddings"}
+        kw: Dict[str, Any] = {"tokenizer": tiny_tokenizer(), "max_length": TINY_POSITIONS, "output": "token_embeddings"}
         kw.update(text_front)
         front = TextFront(**kw)
     plan = bfp_compile(m, format=format, text_front=front)

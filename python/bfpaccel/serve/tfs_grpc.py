@@ -36,7 +36,8 @@ from .core import (Code, ServingCore, ServingError, check_array, check_dtype, de
                    typed_feed)
 from .grpc_face import GrpcFace
 
-__all__ = ["PredictionServiceFace", "ModelServiceFace", "add_model_service", "decode_input", "ROUTE_HEADER", "ROUTE_PREFIX", "SIGNATURES"]
+__all__ = ["PredictionServiceFace", "ModelServiceFace", "add_model_service", "decode_input", "decode_text_input",
+           "ROUTE_HEADER", "ROUTE_PREFIX", "SIGNATURES"]
 
 log = logging.getLogger("bfpaccel.serve")
 access_log = logging.getLogger("bfpaccel.serve.access")
