@@ -27,11 +27,31 @@ __all__ = [
     "get_format",
     "list_formats",
     "NAN_EXPONENT",
+    "VECTOR_PRECISIONS",
+    "vector_precision_code",
 ]
 
 #: Rounding modes (docs/numerics.md#element-rounding-and-saturation), in the order of their
 #: integer ids in the C++ core.
 ROUNDING_MODES = ("nearest_even", "nearest_away", "toward_zero", "stochastic")
+
+#: Vector precisions (docs/numerics.md#vector-unit), the default first.
+VECTOR_PRECISIONS = ("fp16", "bf16", "fp32")
+
+
+def vector_precision_code(vp: str) -> int:
+    """The C++ core's ``VecPrec`` value of a vector precision name (``"fp16"`` -> ``VecPrec.FP16``).
+
+    Raises:
+        ValueError: not one of :data:`VECTOR_PRECISIONS`.
+    """
+    from . import _core
+
+    v = str(vp).strip().upper()
+    if v.lower() not in VECTOR_PRECISIONS:
+        raise ValueError(f"vector_precision must be one of {', '.join(VECTOR_PRECISIONS)}, got {vp!r}")
+    return int(getattr(_core.VecPrec, v))
+
 
 #: Exponent value stored for a block that held a NaN or an Inf (all its elements read as NaN).
 NAN_EXPONENT = -32768

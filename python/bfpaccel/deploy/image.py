@@ -26,6 +26,7 @@ import sys
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+from ..formats import VECTOR_PRECISIONS
 from ..registry import InUseError, Model, NotFoundError, Registry, RegistryError, parse_id
 from ..registry._store import _fsync_dir, check_name, check_version, hash_file
 
@@ -115,7 +116,7 @@ class AccelImageConfiguration:
                 except (KeyError, ValueError) as e:
                     raise ImageError(f"image property {key}={props[key]!r}: {e}") from None
         vp = props.get("vector_precision")
-        if vp is not None and str(vp).lower() not in ("fp16", "bf16", "fp32"):
+        if vp is not None and str(vp).lower() not in VECTOR_PRECISIONS:
             raise ImageError(f"image property vector_precision={vp!r}: use fp16, bf16 or fp32")
 
     def build_create_payload(self, registry: Optional[Registry], name: str,

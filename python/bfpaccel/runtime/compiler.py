@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Set, Union
 import numpy as np
 
 from .. import core
-from ..formats import Format, get_format
+from ..formats import VECTOR_PRECISIONS, Format, get_format  # VECTOR_PRECISIONS re-exported here
 from . import ops as _ops
 from .graph import Graph, Node, from_onnx
 from .ops._registry import QUANTIZED, TO_DENSE
@@ -34,9 +34,6 @@ __all__ = ["compile", "SUPPORTED_OPS", "UnsupportedOpError", "VECTOR_PRECISIONS"
 #: (``bfpaccel.runtime.ops``) -- lowered onto the datapath, folded when its inputs are
 #: constants, or compiled into one that is (Gemm, MatMul).
 SUPPORTED_OPS: Set[str] = _ops.supported_ops()
-
-#: Vector precisions (docs/numerics.md#vector-unit).
-VECTOR_PRECISIONS = ("fp16", "bf16", "fp32")
 
 
 class UnsupportedOpError(ValueError):

@@ -33,7 +33,7 @@ import numpy as np
 
 from .. import _core  # type: ignore[attr-defined]
 from .. import core
-from ..formats import Format, get_format
+from ..formats import VECTOR_PRECISIONS, Format, get_format, vector_precision_code
 
 __all__ = [
     "VECTOR_PRECISIONS",
@@ -64,8 +64,6 @@ __all__ = [
 ]
 
 #: Vector precisions of the plan (``bfpaccel.compile(vector_precision=...)``).
-VECTOR_PRECISIONS = ("fp16", "bf16", "fp32")
-_VP_CODE = {"fp32": 0, "fp16": 1, "bf16": 2}
 F32 = np.float32
 
 Padding = Union[str, int, Sequence]
@@ -116,7 +114,7 @@ def round_vp(x: np.ndarray, vp: str) -> np.ndarray:
     x = _f32(x)
     if vp == "fp32":
         return x
-    return _core.round_vector(x, _VP_CODE[vp])
+    return _core.round_vector(x, vector_precision_code(vp))
 
 
 # ----------------------------------------------------------------------------- geometry

@@ -31,7 +31,7 @@ import torch
 
 from .. import _core  # type: ignore[attr-defined]
 from .. import core
-from ..formats import ROUNDING_MODES, Format, get_format
+from ..formats import ROUNDING_MODES, VECTOR_PRECISIONS, Format, get_format, vector_precision_code
 
 __all__ = [
     "encode_format",
@@ -45,8 +45,6 @@ __all__ = [
 FormatLike = Union[str, Format]
 
 #: Vector precisions of the epilogue (bias add), as ``bfpaccel.compile`` names them.
-VECTOR_PRECISIONS = ("fp16", "bf16", "fp32")
-_VP_CODE = {"fp32": 0, "fp16": 1, "bf16": 2}  # the C++ runtime's codes (runtime/lower.py)
 _SEED_LIMIT = 1 << 63  # op schemas carry a signed 64-bit int
 
 
@@ -127,7 +125,7 @@ def _epilogue(acc: np.ndarray, bias: Optional[np.ndarray], vp: str) -> np.ndarra
         return acc
     y = np.add(acc, bias, dtype=np.float32)
     if vp != "fp32":
-        y = _core.round_vector(y, _VP_CODE[vp])
+        y = _core.round_vector(y, vector_precision_code(vp))
     return y
 
 
