@@ -528,6 +528,11 @@ def test_minilm_l3_text_front_served_bit_for_bit(tmp_path):
     try:
         resp = _tfs(h.port, _with_name(_predict_request({"text": SENTENCES[:2]}), "l3"))
         assert_same_bits(make_ndarray(resp.outputs["embedding"]), want)
+        # the model's integer outputs (its attention mask passed through) keep their type
+        resp = _tfs(h.port, _with_name(_predict_request({"text": SENTENCES[:2]}, outputs=["output"]), "l3"))
+        assert resp.outputs["output"].dtype == pb.DT_INT64
+        np.testing.assert_array_equal(make_ndarray(resp.outputs["output"]),
+                                      pred.predict_texts(SENTENCES[:2], ["output"])["output"])
     finally:
         h.stop(grace=1)
     # the model's own mean-pooled output, normalised, is close to the front's embedding

@@ -178,10 +178,12 @@ class ModelVersion:
         front, its embedding (computed for sentence inputs) comes last."""
         p = self.first
         shapes = {v.name: v.shape for v in p.plan.graph.outputs}
+        types = {v.name: getattr(v, "dtype", None) or "float32" for v in p.plan.graph.outputs}
         out = []
         for name in p.output_names:
             s = shapes.get(p.output_map[name])
-            out.append(TensorSpec(name, "FP32", None if s is None else tuple(s)))
+            out.append(TensorSpec(name, v2_type(types.get(p.output_map[name], "float32")),
+                                  None if s is None else tuple(s)))
         if p.text_front is not None:
             out.append(TensorSpec(p.text_front.embedding_name, "FP32", (None, None)))
         return out

@@ -31,7 +31,8 @@ import grpc
 import numpy as np
 
 from . import _protos as pb
-from .codec import CodecError, check_tensor, float_tensor_proto, make_ndarray, numpy_dtype, tensor_shape
+from .codec import (CodecError, check_tensor, float_tensor_proto, make_ndarray, make_tensor_proto, numpy_dtype,
+                    tensor_shape)
 from .core import (Code, ServingCore, ServingError, check_array, check_dtype, decode_texts, element_limit, invalid,
                    typed_feed)
 from .grpc_face import GrpcFace
@@ -215,7 +216,11 @@ class PredictionServiceFace(GrpcFace):
         encoded: Dict[str, Any] = {}
         for key_out, name in outputs:
             if name not in encoded:
-                encoded[name] = float_tensor_proto(result[name])
+                r = np.asarray(result[name])
+                # float outputs in float_val (the seed's service); integer and bool outputs (a text
+                # encoder's masks) keep their type, in int64_val / int_val / bool_val
+                encoded[name] = (float_tensor_proto(r) if r.dtype.kind == "f" else
+                                 make_tensor_proto(r, use_tensor_content=False))
             resp.outputs[key_out].CopyFrom(encoded[name])
         return resp
 
@@ -263,10 +268,11 @@ def signature_def(mv: Any) -> Any:
         t = mv.tensor_spec(name)
         info_for(sig.inputs[name], name, getattr(pb, _TF_TYPES.get(t.dtype, "DT_FLOAT")), t.shape)
     outs = {o.name: o.shape for o in mv.outputs()}
+    otypes = {o.name: getattr(pb, _TF_TYPES.get(o.dtype, "DT_FLOAT")) for o in mv.outputs()}
     for name in p.output_names:
-        info_for(sig.outputs[name], name, pb.DT_FLOAT, outs.get(name))
+        info_for(sig.outputs[name], name, otypes.get(name, pb.DT_FLOAT), outs.get(name))
     for alias, name in p.aliases.items():
-        info_for(sig.outputs[alias], name, pb.DT_FLOAT, outs.get(name))
+        info_for(sig.outputs[alias], name, otypes.get(name, pb.DT_FLOAT), outs.get(name))
     if p.text_front is not None:
         emb = p.text_front.embedding_name
         info_for(sig.outputs[emb], emb, pb.DT_FLOAT, outs.get(emb))
