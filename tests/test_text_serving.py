@@ -563,3 +563,22 @@ def test_warmup_file_of_sentences_and_token_ids(plan_path, predictor, tmp_path):
     bad = write_warmup_file(tmp_path / "bad", [_predict_request({"input_ids": ids, "attention_mask": mask})])
     with pytest.raises(RuntimeError, match="input 'input_ids'"):
         serve({MODEL: plan_path}, port=0, workers=1, warmup_file=bad)
+
+
+def test_compile_cli_records_the_text_front(tmp_path, predictor, capsys):
+    import onnx
+
+    from bfpaccel.cli import main
+    from bfpaccel.serve.testing import tiny_text_model
+
+    model, tok, out = str(tmp_path / "enc.onnx"), str(tmp_path / "tokenizer.json"), str(tmp_path / "cli.bfpplan")
+    onnx.save(tiny_text_model(), model)
+    tiny_tokenizer().save(tok)
+    assert main(["compile", model, "-o", out, "--tokenizer", tok, "--max-length", str(TINY_POSITIONS),
+                 "--text-output", "token_embeddings", "--pooling", "mean", "--normalize", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip() == out
+    assert_same_bits(bfpaccel.Predictor(out).embed(SENTENCES), predictor.embed(SENTENCES))
+    assert main(["compile", model, "-o", out, "--pooling", "cls"]) == 2
+    assert "give --tokenizer too" in capsys.readouterr().err
+    assert main(["compile", model, "-o", out, "--tokenizer", tok, "--pooling", "none"]) == 2
+    assert "rank-2 output" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 __all__ = ["build_tiny_plan", "make_image", "self_signed_cert", "TINY_OUTPUT", "TINY_CLASSES",
-           "TINY_VOCAB", "TINY_POSITIONS", "tiny_tokenizer", "build_tiny_text_plan"]
+           "TINY_VOCAB", "TINY_POSITIONS", "tiny_tokenizer", "tiny_text_model", "build_tiny_text_plan"]
 
 #: The tiny plan's output tensor name (seed-style) and its class count.
 TINY_OUTPUT = "classifier/tiny/predictions/Softmax:0"
@@ -109,10 +109,26 @@ def build_tiny_text_plan(path: Optional[str] = None, format: str = "msfp16", see
     Example:
         >>> plan = build_tiny_text_plan(text_front={"pooling": "mean", "normalize": True})  # doctest: +SKIP
     """
+    from ..runtime import compile as bfp_compile
+
+    m = tiny_text_model(seed, width)
+    front = None
+    if text_front is not None:
+        from ..textfront import TextFront
+
+        kw: Dict[str, Any] = {"tokenizer": tiny_tokenizer(), "max_length": TINY_POSITIONS, "output": "token_embeddings"}
+        kw.update(text_front)
+        front = TextFront(**kw)
+    plan = bfp_compile(m, format=format, text_front=front)
+    if path is not None:
+        plan.save(path)
+    return plan
+
+
+def tiny_text_model(seed: int = 0, width: int = 32) -> Any:
+    """The ONNX model (``onnx.ModelProto``) of :func:`build_tiny_text_plan`'s encoder."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-
-    from ..runtime import compile as bfp_compile
 
     rng = np.random.default_rng(seed)
     V, P, H = len(TINY_VOCAB), TINY_POSITIONS, int(width)
@@ -144,17 +160,7 @@ def build_tiny_text_plan(path: Optional[str] = None, format: str = "msfp16", see
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     onnx.checker.check_model(m)
-    front = None
-    if text_front is not None:
-        from ..textfront import TextFront
-
-        kw: Dict[str, Any] = {"tokenizer": tiny_tokenizer(), "max_length": TINY_POSITIONS, "output": "token_embeddings"}
-        kw.update(text_front)
-        front = TextFront(**kw)
-    plan = bfp_compile(m, format=format, text_front=front)
-    if path is not None:
-        plan.save(path)
-    return plan
+    return m
 
 
 def make_image(kind: str = "jpeg", size: Tuple[int, int] = (64, 48), seed: int = 0) -> bytes:
