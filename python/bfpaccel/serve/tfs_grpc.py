@@ -268,11 +268,11 @@ def signature_def(mv: Any) -> Any:
         t = mv.tensor_spec(name)
         info_for(sig.inputs[name], name, getattr(pb, _TF_TYPES.get(t.dtype, "DT_FLOAT")), t.shape)
     outs = {o.name: o.shape for o in mv.outputs()}
-    otypes = {o.name: getattr(pb, _TF_TYPES.get(o.dtype, "DT_FLOAT")) for o in mv.outputs()}
+    otypes: Dict[str, int] = {o.name: getattr(pb, _TF_TYPES.get(o.dtype, "DT_FLOAT")) for o in mv.outputs()}
     for name in p.output_names:
-        info_for(sig.outputs[name], name, otypes.get(name, pb.DT_FLOAT), outs.get(name))
+        info_for(sig.outputs[name], name, otypes.get(name, int(pb.DT_FLOAT)), outs.get(name))
     for alias, name in p.aliases.items():
-        info_for(sig.outputs[alias], name, otypes.get(name, pb.DT_FLOAT), outs.get(name))
+        info_for(sig.outputs[alias], name, otypes.get(name, int(pb.DT_FLOAT)), outs.get(name))
     if p.text_front is not None:
         emb = p.text_front.embedding_name
         info_for(sig.outputs[emb], emb, pb.DT_FLOAT, outs.get(emb))
