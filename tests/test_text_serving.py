@@ -582,3 +582,24 @@ def test_compile_cli_records_the_text_front(tmp_path, predictor, capsys):
     assert "give --tokenizer too" in capsys.readouterr().err
     assert main(["compile", model, "-o", out, "--tokenizer", tok, "--pooling", "none"]) == 2
     assert "rank-2 output" in capsys.readouterr().err
+
+
+def test_triton_clients_send_token_ids_and_sentences(server, predictor):
+    tg = pytest.importorskip("tritonclient.grpc")
+    th = pytest.importorskip("tritonclient.http")
+    ids, mask = _ids(seq=7, seed=5)
+    want_tokens = predictor.predict({"input_ids": ids, "attention_mask": mask})["token_embeddings"]
+    want_emb = predictor.embed(SENTENCES)
+    for mod, url in ((tg, f"127.0.0.1:{server.port}"), (th, f"127.0.0.1:{server.http_port}")):
+        c = mod.InferenceServerClient(url=url)
+        try:
+            a, b = mod.InferInput("input_ids", list(ids.shape), "INT64"), mod.InferInput("attention_mask",
+                                                                                          list(mask.shape), "INT64")
+            a.set_data_from_numpy(ids)
+            b.set_data_from_numpy(mask)
+            assert_same_bits(c.infer(MODEL, [a, b]).as_numpy("token_embeddings"), want_tokens)
+            t = mod.InferInput("text", [len(SENTENCES)], "BYTES")
+            t.set_data_from_numpy(np.array([s.encode() for s in SENTENCES], dtype=object))
+            assert_same_bits(c.infer(MODEL, [t]).as_numpy("embedding"), want_emb)
+        finally:
+            c.close()
