@@ -261,6 +261,30 @@ def test_not_found_and_unimplemented(server):
         assert _code(lambda: _call(p, b"", method=m))[0] == C.UNIMPLEMENTED
 
 
+@pytest.mark.parametrize("service,method", [("PredictionService", "Predict"),
+                                            ("PredictionService", "GetModelMetadata"),
+                                            ("ModelService", "GetModelStatus")])
+def test_garbage_bytes_are_invalid_argument(server, service, method):
+    """Bytes that are no request message are the client's mistake (INVALID_ARGUMENT naming the
+    message type), counted and logged like every call -- not gRPC's INTERNAL of a failing
+    deserializer."""
+    before = server.metrics.count(method, "INVALID_ARGUMENT")
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        fn = ch.unary_unary(f"/tensorflow.serving.{service}/{method}")  # raw bytes both ways
+        for garbage in (b"\xff\xff\xff", b"\x0a\x80", b"not a protobuf message at all"):
+            with pytest.raises(grpc.RpcError) as ei:
+                fn(garbage, timeout=10)
+            assert ei.value.code() == C.INVALID_ARGUMENT, (garbage, ei.value.code(), ei.value.details())
+            assert "not a valid tensorflow.serving." in ei.value.details()
+        # a well-formed request still answers on the same channel
+        ok = ch.unary_unary(f"/tensorflow.serving.{service}/{method}")(
+            {"Predict": _seed_request(make_image()), "GetModelMetadata": pb.GetModelMetadataRequest(),
+             "GetModelStatus": pb.GetModelStatusRequest()}[method].SerializeToString(), timeout=10)
+        assert isinstance(ok, bytes) and ok
+    assert server.metrics.count(method, "INVALID_ARGUMENT") == before + 3
+    assert server.ready
+
+
 def test_message_size_limit(plans):
     with serve(plans["tiny"], port=0, max_message_bytes=1 << 20) as h:
         big = _seed_request(b"\xff" * (2 << 20))

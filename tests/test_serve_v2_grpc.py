@@ -289,9 +289,10 @@ def test_bad_requests_are_client_errors(server, case):
 
 
 def test_garbage_bytes_and_bad_metadata_requests(server):
-    for method in ("ModelInfer", "ModelMetadata", "ModelReady"):
-        got, details = _code(lambda: _raw_call(server.port, method, b"\xff\xff\xff"))
-        assert got == C.INVALID_ARGUMENT and "not a valid inference." in details
+    for method in pb.V2_METHODS:  # every method, the probes that need no key included
+        for garbage in (b"\xff\xff\xff", b"\x0a\x80"):
+            got, details = _code(lambda: _raw_call(server.port, method, garbage))
+            assert got == C.INVALID_ARGUMENT and "not a valid inference." in details, (method, got, details)
     got, details = _code(lambda: _raw_call(server.port, "ModelMetadata", pb.ModelMetadataRequest(name="nope"),
                                            pb.ModelMetadataResponse))
     assert got == C.NOT_FOUND and "nope" in details

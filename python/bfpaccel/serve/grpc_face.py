@@ -26,16 +26,31 @@ import time
 from typing import Any, Callable, Dict
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from .core import Code, ServingCore, ServingError
+from .core import Code, ServingCore, ServingError, invalid
 
-__all__ = ["GrpcFace", "Handler"]
+__all__ = ["GrpcFace", "Handler", "parse_request"]
 
 log = logging.getLogger("bfpaccel.serve")
 access_log = logging.getLogger("bfpaccel.serve.access")
 
 #: ``fn(request, context, metadata, info) -> response`` (see the module docstring).
 Handler = Callable[[Any, grpc.ServicerContext, Dict[str, str], Dict[str, Any]], Any]
+
+
+def parse_request(req_cls: Any, request: Any) -> Any:
+    """The request message of a call registered without a request deserializer: ``request``
+    is the call's bytes (a message passes through).  Bytes that do not parse as ``req_cls``
+    raise ``ServingError(INVALID_ARGUMENT)`` -- a deserializer given to gRPC that raises is
+    answered INTERNAL by gRPC itself, never counted or logged by the face, so parsing happens
+    here, inside :meth:`GrpcFace._call`."""
+    if not isinstance(request, (bytes, bytearray, memoryview)):
+        return request
+    try:
+        return req_cls.FromString(bytes(request))
+    except (DecodeError, RecursionError) as e:
+        raise invalid(f"the request is not a valid {req_cls.DESCRIPTOR.full_name} message: {e}") from None
 
 
 class GrpcFace:
@@ -78,3 +93,10 @@ class GrpcFace:
         if code is not Code.OK:
             context.abort(getattr(grpc.StatusCode, code.grpc_name), message)
         return response
+
+    def _parsed(self, req_cls: Any, fn: Handler) -> Handler:
+        """``fn`` with the call's bytes parsed as ``req_cls`` first (:func:`parse_request`:
+        INVALID_ARGUMENT when they do not parse)."""
+        def run(request: Any, context: grpc.ServicerContext, md: Dict[str, str], info: Dict[str, Any]) -> Any:
+            return fn(parse_request(req_cls, request), context, md, info)
+        return run

@@ -158,7 +158,7 @@ class PredictionServiceFace(GrpcFace):
 
     # -- Predict -----------------------------------------------------------------------------
     def predict(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._call("Predict", self._predict, request, context)
+        return self._call("Predict", self._parsed(pb.PredictRequest, self._predict), request, context)
 
     def _predict(self, request: Any, context: grpc.ServicerContext, md: Dict[str, str], info: Dict[str, Any]) -> Any:
         mv = self._select(md, request.model_spec if request.HasField("model_spec") else None)
@@ -226,7 +226,8 @@ class PredictionServiceFace(GrpcFace):
 
     # -- GetModelMetadata ----------------------------------------------------------------------
     def get_model_metadata(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._call("GetModelMetadata", self._metadata, request, context)
+        return self._call("GetModelMetadata", self._parsed(pb.GetModelMetadataRequest, self._metadata), request,
+                          context)
 
     def _metadata(self, request: Any, context: grpc.ServicerContext, md: Dict[str, str], info: Dict[str, Any]) -> Any:
         mv = self._select(md, request.model_spec if request.HasField("model_spec") else None)
@@ -296,7 +297,8 @@ class ModelServiceFace:
         self._predict = PredictionServiceFace(core)  # its auth, logging and metrics plumbing
 
     def get_model_status(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._predict._call("GetModelStatus", self._status, request, context)
+        return self._predict._call("GetModelStatus", self._predict._parsed(pb.GetModelStatusRequest, self._status),
+                                   request, context)
 
     def _status(self, request: Any, context: grpc.ServicerContext, md: Dict[str, str], info: Dict[str, Any]) -> Any:
         spec = request.model_spec if request.HasField("model_spec") else None
@@ -336,9 +338,9 @@ def add_model_service(server: grpc.Server, core: ServingCore) -> List[str]:
         return b""
 
     handlers = {
+        # no request deserializer: the face parses the bytes (a bad request is INVALID_ARGUMENT)
         "GetModelStatus": grpc.unary_unary_rpc_method_handler(
-            face.get_model_status, request_deserializer=pb.GetModelStatusRequest.FromString,
-            response_serializer=lambda m: m.SerializeToString()),
+            face.get_model_status, response_serializer=lambda m: m.SerializeToString()),
         **{n: grpc.unary_unary_rpc_method_handler(unimplemented) for n in pb.MODEL_SERVICE_UNIMPLEMENTED_METHODS}}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(pb.MODEL_SERVICE, handlers),))
     return [pb.MODEL_SERVICE]

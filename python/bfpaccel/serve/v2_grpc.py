@@ -55,7 +55,6 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from . import _protos as pb
 from .core import (Code, ModelVersion, ServingCore, ServingError, TensorSpec, check_array, check_dtype, decode_texts,
@@ -139,14 +138,7 @@ class V2GrpcFace(GrpcFace):
         req_cls = pb.V2_METHODS[method][0]
         fn = getattr(self, _HANDLERS[method])
 
-        def run(r: Any, c: grpc.ServicerContext, md: Dict[str, str], info: Dict[str, Any]) -> Any:
-            if isinstance(r, (bytes, bytearray, memoryview)):
-                try:
-                    r = req_cls.FromString(bytes(r))
-                except DecodeError as e:
-                    raise invalid(f"the request is not a valid {req_cls.DESCRIPTOR.full_name} message: {e}") from None
-            return fn(r, c, md, info)
-        return self._call(method, run, request, context, auth=method not in _NO_AUTH)
+        return self._call(method, self._parsed(req_cls, fn), request, context, auth=method not in _NO_AUTH)
 
     # -- health ------------------------------------------------------------------------------
     def _server_live(self, request: Any, context: grpc.ServicerContext, md: Dict[str, str],
