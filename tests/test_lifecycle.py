@@ -403,6 +403,22 @@ def test_labels(tmp_path, plans, caplog):
         h.stop(grace=1)
 
 
+def test_startup_log_names_model_root_models(tmp_path, plans, caplog):
+    """serve()'s startup line lists the models of --model-root with their versions, next to the
+    plans given directly."""
+    root = make_root(tmp_path, plans, [1, 2])
+    caplog.set_level(logging.INFO, logger="bfpaccel.serve")
+    h = serve({"direct": plans[3]}, port=0, model_root=root, version_policy="latest:2", workers=1)
+    try:
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving ")]
+        assert len(lines) == 1, lines
+        assert f"m (versions 1, 2; --model-root {root})" in lines[0], lines[0]
+        assert "direct (version 1)" in lines[0], lines[0]
+        assert f":{h.port} (plaintext)" in lines[0]
+    finally:
+        h.stop(grace=1)
+
+
 # ---------------------------------------------------------------------- warm-up
 def test_crc32c_and_tfrecord_framing(tmp_path):
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value

@@ -181,6 +181,20 @@ def _add_to_pool(file_descriptor: Any) -> None:
     pb.POOL.Add(fdp)
 
 
+def _models_text(core: ServingCore, folder_models: Mapping[str, Sequence[int]],
+                 model_root: Optional[PathLike]) -> str:
+    """The startup log's list of models: every plan given and every model of the model folder,
+    each with its versions (``tiny (version 1), m (versions 1, 2; --model-root models)``)."""
+    parts = []
+    for name in sorted(core.models):
+        versions = sorted(folder_models.get(name) or core.models[name].versions)
+        text = f"{name} (version{'s' if len(versions) != 1 else ''} {', '.join(str(v) for v in versions)}"
+        if name in folder_models and model_root is not None:
+            text += f"; --model-root {os.fspath(model_root)}"
+        parts.append(text + ")")
+    return ", ".join(parts) or "no models"
+
+
 def serve(plans: Union[Mapping[str, Any], PathLike, Any, None], port: int = 50051, host: str = "127.0.0.1",
           tls_cert: Optional[Union[bytes, PathLike]] = None, tls_key: Optional[Union[bytes, PathLike]] = None,
           auth_keys: Optional[Sequence[str]] = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
@@ -302,13 +316,14 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any, None], port: int = 5005
     for n, p in items.items():
         core.add_version(n, int(versions.get(n, 1)), p if isinstance(p, Plan) else os.fspath(p))
     folder = None
+    folder_models: Dict[str, List[int]] = {}
     if model_root is not None:  # <root>/<name>/<version>/ folders, a version policy, hot reload
         from .lifecycle import ModelFolder
 
         folder = ModelFolder(core, model_root, model_name=model_name, version_policy=version_policy,
                              version_labels=version_labels, poll_seconds=poll_seconds,
                              synthetic_warmup=synthetic_warmup, warmup_file=warmup_file, warmup=warmup)
-        folder.register()  # adds the versions found now (loaded by initial_load below)
+        folder_models = folder.register()  # adds the versions found now (loaded by initial_load below)
     if batching:
         from .batching import Batcher
 
@@ -406,8 +421,8 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any, None], port: int = 5005
         handle.on_stop(folder.stop)
         threading.Thread(target=lambda: (core.ready.wait(), folder.start()), name="bfpaccel-watch",
                          daemon=True).start()
-    log.info("serving %s on %s:%d (%s%s)", sorted(items), host, bound, "TLS" if tls_cert is not None else "plaintext",
-             ", auth on" if core.auth_keys else "")
+    log.info("serving %s on %s:%d (%s%s)", _models_text(core, folder_models, model_root), host, bound,
+             "TLS" if tls_cert is not None else "plaintext", ", auth on" if core.auth_keys else "")
     from .lifecycle import initial_load
 
     loader = threading.Thread(target=initial_load, args=(core, folder), name="bfpaccel-load", daemon=True,
