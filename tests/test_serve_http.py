@@ -458,6 +458,98 @@ def test_header_over_the_limit_is_refused(limited):
     assert status == 400
 
 
+@pytest.fixture
+def impatient(server):
+    from bfpaccel.serve.http import HttpServer
+
+    srv = HttpServer(server.core, "127.0.0.1", 0, body_timeout_s=0.5)
+    yield srv
+    srv.stop(grace=1)
+
+
+def _closed(s):
+    """True once the server has closed the connection (EOF or a reset)."""
+    try:
+        return s.recv(1) == b""
+    except OSError:
+        return True
+
+
+def test_stalled_or_trickled_body_is_408_and_closed(impatient):
+    """Slowloris: headers with a Content-Length, then the body stalls or trickles -- the server
+    answers 408 once body_timeout_s has passed and closes the connection."""
+    port = impatient.port
+    head = (b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n")
+    before = impatient.core.metrics.count("Predict", "DEADLINE_EXCEEDED", protocol="tfs-rest")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:  # 10 bytes, then nothing
+        t0 = time.monotonic()
+        s.sendall(head + b'{"instances')
+        status, headers, body = _read_response(s)
+        took = time.monotonic() - t0
+        assert status == 408, (status, body)
+        assert "0.5 s" in json.loads(body)["error"] and "--body-timeout-s" in json.loads(body)["error"]
+        assert headers.get("connection") == "close" and _closed(s)
+        assert 0.4 < took < 5, took
+
+    stop = threading.Event()
+
+    def trickle(s):  # one byte every 50 ms: 1000 bytes would take 50 s
+        def run():
+            for _ in range(200):
+                if stop.wait(0.05):
+                    return
+                try:
+                    s.sendall(b" ")
+                except OSError:
+                    return
+        threading.Thread(target=run, daemon=True).start()
+    try:
+        t0 = time.monotonic()
+        status, headers, body = _raw_http(port, head, then=trickle, timeout=10)
+        assert status == 408 and "was not complete" in json.loads(body)["error"]
+        assert time.monotonic() - t0 < 5
+    finally:
+        stop.set()
+    assert impatient.core.metrics.count("Predict", "DEADLINE_EXCEEDED", protocol="tfs-rest") == before + 2
+    # a client that sends its body in time is answered as usual on the same server
+    r = requests.post(f"http://127.0.0.1:{port}/v1/models/tiny:predict", json={"instances": [_b64(make_image())]},
+                      timeout=30)
+    assert r.status_code == 200
+
+
+def test_stalled_head_is_408_and_closed(impatient):
+    """A connection that never completes a request head (nothing sent, half a request line,
+    or a kept-alive connection that starts its next head and stalls) is closed with a 408."""
+    for first in (b"", b"POST /v1/models/tiny:pre", b"GET /v2 HTTP/1.1\r\nHost: x\r\n"):
+        with socket.create_connection(("127.0.0.1", impatient.port), timeout=10) as s:
+            t0 = time.monotonic()
+            if first:
+                s.sendall(first)
+            status, headers, body = _read_response(s)
+            assert status == 408 and "request head" in json.loads(body)["error"], (first, status, body)
+            assert headers.get("connection") == "close" and _closed(s)
+            assert 0.4 < time.monotonic() - t0 < 5
+    with socket.create_connection(("127.0.0.1", impatient.port), timeout=10) as s:  # kept alive, then a stall
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_response(s)[0] == 200
+        s.sendall(b"GET /v2/hea")
+        status, _, body = _read_response(s)
+        assert status == 408 and _closed(s)
+
+
+def test_body_timeout_option_reaches_the_http_port(plan):
+    from bfpaccel.serve.http import HttpServer
+
+    with pytest.raises(ValueError, match="body_timeout_s"):
+        HttpServer(None, "127.0.0.1", 0, body_timeout_s=0)  # type: ignore[arg-type]
+    with serve(plan, port=0, http_port=0, body_timeout_s=0.3) as h:
+        assert h._http.body_timeout_s == 0.3
+        status, _, body = _raw_http(h.http_port, b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n"
+                                    b"Content-Length: 10\r\n\r\n", timeout=10)
+        assert status == 408 and "0.3 s" in json.loads(body)["error"]
+
+
 def test_over_max_connections_is_503_not_a_hang(limited):
     held = [socket.create_connection(("127.0.0.1", limited.port), timeout=5) for _ in range(2)]
     try:

@@ -462,6 +462,10 @@ class ServerConfig:
     max_connections: int = _opt(256, "--max-connections", "open HTTP connections at most (default 256); more "
                                 "wait to be accepted", parse=_parse_int, check=_int_check(1, 1_000_000),
                                 metavar="N", serve_key=_KEY, group=_LIMITS)
+    body_timeout_s: float = _opt(30.0, "--body-timeout-s", "seconds an HTTP client has to send a request head, "
+                                 "and then its whole body (default 30); later: 408 and the connection closed",
+                                 parse=_parse_float, show=repr, check=_float_check(0.0, positive=True), metavar="S",
+                                 serve_key=_KEY, group=_LIMITS)
     max_image_pixels: Optional[int] = _opt(_DEFAULT_MAX_IMAGE_PIXELS, "--max-image-pixels", "largest declared width "
                                            "x height of an encoded image, checked from its header before decoding "
                                            "(default 67108864 = 8192x8192; 0: no limit); over it: INVALID_ARGUMENT",

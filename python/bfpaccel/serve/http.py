@@ -34,13 +34,19 @@ KServe v2 REST:
 
 Errors are ``{"error": "..."}`` with the HTTP status of the core's :class:`Code`: 400 (bad
 JSON, datatype, shape, input or output name), 401 (auth on, key missing or wrong), 404
-(unknown model, version, label or URL), 405, 413 (body over ``max_body_bytes``), 429 (queue
+(unknown model, version, label or URL), 405, 408 (head or body not sent within
+``body_timeout_s``), 413 (body over ``max_body_bytes``), 429 (queue
 full), 431 (head over ``max_header_bytes``), 501, 503 (loading, shutting down, or over
 ``max_connections``), 504 (deadline passed).
 A request head over ``max_header_bytes`` is answered 431 (JSON); a head that trickles in so that
 the HTTP parser would hold more than that unparsed is refused by the HTTP layer (a plain-text 400).
 Bodies are read as a stream and refused at ``max_body_bytes`` (at once when Content-Length
 says so); ``Content-Encoding: gzip``/``deflate`` bodies are inflated up to the same limit.
+A client has ``body_timeout_s`` to send a request head (from connecting, or from the previous
+response on a kept-alive connection) and then as long again for the whole body; one that
+stalls or trickles either is answered 408 and the connection is closed, so a slow client holds
+a connection (and a request slot) for a bounded time.  Idle kept-alive connections close after
+5 s.
 Auth (``Authorization: Bearer <key>``) guards every route except ``/v2/health/*`` and
 ``/metrics``, which load balancers and Prometheus call without keys.
 
@@ -152,6 +158,59 @@ def _inflate(body: bytearray, encoding: str, limit: int) -> bytearray:
     return bytearray(out)
 
 
+class _ReadTimeout(Exception):
+    """The request body did not arrive within ``body_timeout_s`` (answered 408, connection closed)."""
+
+
+def _head_deadline_protocol(http: "HttpServer") -> type:
+    """uvicorn's h11 protocol with a deadline on the request head: a connection that has not
+    sent a complete head ``http.body_timeout_s`` after connecting (or after its previous
+    response) is answered 408 and closed.  uvicorn arms no timer before the first head, and
+    its keep-alive timer stops at the first byte of the next one, so without this a client
+    that connects and trickles (or never sends) a head holds the connection forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = _error_body(f"the request head was not complete within {http.body_timeout_s:g} s "
+                       "(body_timeout_s / --body-timeout-s)")
+    reply = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: "
+             + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+    class HeadDeadlineProtocol(H11Protocol):  # type: ignore[misc]
+        _head_timer: Optional[asyncio.TimerHandle] = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_head_deadline()
+
+        def connection_lost(self, exc: Optional[Exception]) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            super().connection_lost(exc)
+
+        def _arm_head_deadline(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = None if self.transport.is_closing() else \
+                self.loop.call_later(http.body_timeout_s, self._head_deadline_passed)
+
+        def _head_deadline_passed(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing():
+                return
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # a request is being answered (its body has its own deadline)
+            self.transport.write(reply)
+            self.transport.close()
+            http.core.metrics.observe("HTTP", "", Code.DEADLINE_EXCEEDED.grpc_name, 0.0, 0, "http")
+
+    return HeadDeadlineProtocol
+
+
 class _TempPem:
     """PEM bytes or a path as a file uvicorn can read; bytes go to a 0600 file in a 0700
     folder, removed by :meth:`cleanup`."""
@@ -191,6 +250,8 @@ class HttpServer:
         max_body_bytes: largest request body (after inflating); over it: 413.
         max_connections: concurrent connections (and requests); a request beyond: 503.
         max_header_bytes: largest request head (request line and headers).
+        body_timeout_s: seconds a client has to send a request head, and then its whole
+            body; later: 408 and the connection closed (> 0).
 
     Example:
         >>> srv = HttpServer(core, "127.0.0.1", 0)  # doctest: +SKIP
@@ -202,16 +263,20 @@ class HttpServer:
     def __init__(self, core: ServingCore, host: str = "127.0.0.1", port: int = 0,
                  tls_cert: Optional[Union[bytes, PathLike]] = None, tls_key: Optional[Union[bytes, PathLike]] = None,
                  max_body_bytes: int = 64 * 1024 * 1024, max_connections: int = 256,
-                 max_header_bytes: int = 64 * 1024) -> None:
+                 max_header_bytes: int = 64 * 1024, body_timeout_s: float = 30.0) -> None:
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("TLS needs both tls_cert and tls_key")
         if max_body_bytes < 1 or max_connections < 1 or max_header_bytes < 256:
             raise ValueError("max_body_bytes and max_connections must be >= 1, max_header_bytes >= 256")
+        if isinstance(body_timeout_s, bool) or not isinstance(body_timeout_s, (int, float)) \
+                or not 0 < body_timeout_s < float("inf"):
+            raise ValueError(f"body_timeout_s must be a finite number of seconds > 0, got {body_timeout_s!r}")
         self.core = core
         self.host = host
         self.max_body_bytes = int(max_body_bytes)
         self.max_connections = int(max_connections)
         self.max_header_bytes = int(max_header_bytes)
+        self.body_timeout_s = float(body_timeout_s)
         self.tls = tls_cert is not None
         self._limiter: Any = None  # an anyio.CapacityLimiter, made on the server's loop
         self._stopped = False
@@ -222,7 +287,9 @@ class HttpServer:
         pem = _TempPem()
         try:
             config = uvicorn.Config(
-                self._asgi, host=host, port=self.port, http="h11", interface="asgi3", lifespan="off",
+                # h11 with a deadline on each request head (uvicorn itself waits for a head forever)
+                self._asgi, host=host, port=self.port, http=_head_deadline_protocol(self), interface="asgi3",
+                lifespan="off",
                 log_config=None, log_level="warning", access_log=False, proxy_headers=False, server_header=False,
                 # the app answers over max_connections itself (a JSON 503); uvicorn's own plain-text
                 # 503 is a backstop beyond that
@@ -391,7 +458,8 @@ class HttpServer:
 
     async def _read_body(self, request: Request) -> bytearray:
         """The body, refused (TOO_LARGE) as soon as it passes ``max_body_bytes``: at once when
-        Content-Length says so, else while streaming -- never buffered past the limit."""
+        Content-Length says so, else while streaming -- never buffered past the limit; and
+        :class:`_ReadTimeout` when it is not complete within ``body_timeout_s``."""
         limit = self.max_body_bytes
         too_large = ServingError(Code.TOO_LARGE, f"the request body is over this server's limit of {limit} bytes "
                                  "(max_body_bytes / --max-body-mb)")
@@ -399,10 +467,15 @@ class HttpServer:
         if cl is not None and cl.strip().isdigit() and int(cl) > limit:
             raise too_large
         buf = bytearray()
-        async for chunk in request.stream():
-            if len(buf) + len(chunk) > limit:
-                raise too_large
-            buf += chunk
+        try:
+            with anyio.fail_after(self.body_timeout_s):
+                async for chunk in request.stream():
+                    if len(buf) + len(chunk) > limit:
+                        raise too_large
+                    buf += chunk
+        except TimeoutError:
+            raise _ReadTimeout(f"the request body was not complete within {self.body_timeout_s:g} s "
+                               f"({len(buf)} bytes arrived; body_timeout_s / --body-timeout-s)") from None
         return buf
 
     async def _dispatch(self, request: Request, protocol: str, method: str, fn: Handler, *, auth: bool,
@@ -429,6 +502,9 @@ class HttpServer:
             code, message = Code.INVALID_ARGUMENT, str(e)
         except ClientDisconnect:
             code, message = Code.INVALID_ARGUMENT, "the client closed the connection before the body was complete"
+        except _ReadTimeout as e:  # a stalled or trickled body: 408, and the connection closes
+            code, message = Code.DEADLINE_EXCEEDED, str(e)
+            reply = _Reply(408, _error_body(message), headers={"connection": "close"}, code=code)
         except MemoryError:
             log.warning("%s ran out of memory", method)
             code, message = Code.RESOURCE_EXHAUSTED, "the server ran out of memory for this request"

@@ -206,7 +206,7 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any, None], port: int = 5005
           max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
           max_resize_pixels: Optional[int] = DEFAULT_MAX_RESIZE_PIXELS,
           http_port: Optional[int] = None, max_body_bytes: Optional[int] = None, max_connections: int = 256,
-          max_header_bytes: int = 64 * 1024,
+          max_header_bytes: int = 64 * 1024, body_timeout_s: float = 30.0,
           batching: bool = False, max_batch_size: int = 8, batch_timeout_ms: float = 2.0,
           preferred_batch_sizes: Optional[Sequence[int]] = None,
           model_root: Optional[PathLike] = None, model_name: Optional[str] = None,
@@ -252,6 +252,9 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any, None], port: int = 5005
         max_body_bytes: largest HTTP request body (default ``max_message_bytes``; over it: 413).
         max_connections: concurrent HTTP connections (over it: 503).
         max_header_bytes: largest HTTP request head.
+        body_timeout_s: seconds an HTTP client has to send a request head, and then the whole
+            body (a client that stalls or trickles them holds a connection no longer): 408 and
+            the connection closed.
         batching: dynamic batching -- requests to one model arriving within
             ``batch_timeout_ms`` run as one batch of at most ``max_batch_size`` rows
             (``preferred_batch_sizes``: sizes worth waiting for); each row's result is
@@ -401,7 +404,8 @@ def serve(plans: Union[Mapping[str, Any], PathLike, Any, None], port: int = 5005
         try:
             http = HttpServer(core, host=host, port=http_port, tls_cert=tls_cert, tls_key=tls_key,
                               max_body_bytes=int(max_body_bytes or max_message_bytes),
-                              max_connections=max_connections, max_header_bytes=max_header_bytes)
+                              max_connections=max_connections, max_header_bytes=max_header_bytes,
+                              body_timeout_s=body_timeout_s)
         except BaseException:
             server.stop(0)
             core.stop()
