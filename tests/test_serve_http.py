@@ -231,6 +231,46 @@ def test_unknown_route_and_method(url):
     assert r.status_code == 404 and "POST" in r.json()["error"]
 
 
+@pytest.fixture(scope="module")
+def two_outputs(tmp_path_factory):
+    """A plan of two output tensors ``a`` [N, 3] and ``b`` [N, 2] of one input ``x`` [N, 4]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    inits = {"wa": rng.standard_normal((4, 3)).astype(np.float32), "wb": rng.standard_normal((4, 2)).astype(np.float32)}
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "wa"], ["a"]), helper.make_node("MatMul", ["x", "wb"], ["b"])],
+                          "two", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3]),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 2])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    m.ir_version = 8
+    path = str(tmp_path_factory.mktemp("two") / "two.bfpplan")
+    bfpaccel.compile(m, format="msfp16").save(path)
+    return path
+
+
+def test_tf_rest_response_layout_of_several_outputs(two_outputs):
+    """TF Serving's documented predict response: row format -> "predictions", a list with one
+    object per instance keyed by output name; columnar -> "outputs", an object keyed by output
+    name holding each whole tensor (one output: the value itself, as the tiny model shows)."""
+    x = np.random.default_rng(4).standard_normal((3, 4)).astype(np.float32)
+    want = bfpaccel.Predictor(two_outputs).predict(x)
+    with serve({"two": two_outputs}, port=0, http_port=0) as h:
+        u = f"http://127.0.0.1:{h.http_port}/v1/models/two:predict"
+        for doc in ({"instances": x.tolist()}, {"instances": [{"x": row} for row in x.tolist()]}):
+            preds = requests.post(u, json=doc, timeout=30).json()["predictions"]
+            assert isinstance(preds, list) and len(preds) == 3
+            assert all(set(p) == {"a", "b"} for p in preds)
+            for name in ("a", "b"):
+                assert_same_bits([p[name] for p in preds], want[name])
+        for doc in ({"inputs": x.tolist()}, {"inputs": {"x": x.tolist()}}):
+            body = requests.post(u, json=doc, timeout=30).json()
+            assert set(body) == {"outputs"} and set(body["outputs"]) == {"a", "b"}
+            for name in ("a", "b"):
+                assert_same_bits(body["outputs"][name], want[name])
+
+
 # -- KServe v2 REST through tritonclient ----------------------------------------------------------
 
 @pytest.mark.parametrize("binary_in", [True, False])
