@@ -431,7 +431,8 @@ def test_errors_reach_every_member(tiny):
         threads, results, errors = _start(core, mv, [_rows(i) for i in range(3)])
         _release(mv, held)
         _join(threads)
-        assert sizes == [3] and results == [None] * 3
+        # a ValueError (a client's bad values) reruns each member alone: only those at fault fail
+        assert sizes == ([3, 1, 1, 1] if isinstance(fail, ValueError) else [3]) and results == [None] * 3
         assert all(check(e) for e in errors), errors
         assert mv.predictors.qsize() == core.workers  # the worker came back
         core.stop()
@@ -469,6 +470,170 @@ def test_unloaded_version_ends_its_scheduler(tiny, ref):
 
 
 # -- the server: concurrent gRPC calls ---------------------------------------------------------
+# -- token inputs and sentences ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_plan(tmp_path_factory) -> str:
+    pytest.importorskip("tokenizers")
+    from bfpaccel.serve.testing import build_tiny_text_plan
+
+    path = str(tmp_path_factory.mktemp("text") / "enc.bfpplan")
+    build_tiny_text_plan(path, text_front={"pooling": "mean", "normalize": True})
+    return path
+
+
+class _FeedRecording(_Recording):
+    """A worker predictor that records each model call's (rows, sequence length)."""
+
+    def predict(self, x: Any, outputs: Any = None) -> Dict[str, np.ndarray]:
+        ids = x["input_ids"] if isinstance(x, dict) else x
+        self._sizes.append((int(ids.shape[0]), int(ids.shape[1])))  # type: ignore[arg-type]
+        return self._pred.predict(x, outputs)
+
+
+def _infer_all(core: ServingCore, mv: Any, calls: List[Dict[str, Any]]) -> tuple:
+    """One thread per ``core.infer(mv, **kw)``, each started once the previous one is queued."""
+    results: List[Any] = [None] * len(calls)
+    errors: List[Any] = [None] * len(calls)
+
+    def call(i: int) -> None:
+        try:
+            results[i] = core.infer(mv, **calls[i])
+        except Exception as e:
+            errors[i] = e
+
+    threads = []
+    for i in range(len(calls)):
+        before = core.batcher.pending(mv)
+        t = threading.Thread(target=call, args=(i,), daemon=True)
+        t.start()
+        threads.append(t)
+        _until(lambda: core.batcher.pending(mv) > before or errors[i] is not None or results[i] is not None)
+    return threads, results, errors
+
+
+def _tokens(seed: int, rows: int, length: int, dtype: Any = np.int64) -> Dict[str, np.ndarray]:
+    """Token ids of the tiny vocabulary (20 entries) and a mask with padding at the end of some rows."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, 20, (rows, length)).astype(dtype)
+    mask = np.ones((rows, length), dtype)
+    for r in range(rows):
+        n = int(rng.integers(1, length + 1))
+        ids[r, n:] = 0
+        mask[r, n:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_accepts_token_inputs_and_sentences(text_plan):
+    core = _core(text_plan, name="enc", max_batch_size=4)
+    mv = core.resolve("enc")
+    b = core.batcher
+    assert b.accepts(mv, _tokens(0, 3, 5)) and b.accepts(mv, _tokens(0, 1, 9, np.int32))
+    assert not b.accepts(mv, _tokens(0, 4, 5))  # max_batch_size rows: alone
+    assert not b.accepts(mv, {"input_ids": _tokens(0, 1, 5)["input_ids"]})  # an input missing
+    f = _tokens(0, 2, 5)
+    assert not b.accepts(mv, {"input_ids": f["input_ids"], "attention_mask": f["attention_mask"][:1]})
+    assert not b.accepts(mv, {k: v.astype(np.float32) for k, v in f.items()})  # float token ids
+    assert not b.accepts(mv, {"input_ids": f["input_ids"][0], "attention_mask": f["attention_mask"][0]})  # no batch
+    assert b.accepts(mv, ["the cat", "a dog"]) and not b.accepts(mv, ["a"] * 4) and not b.accepts(mv, [b"the"])
+    core.stop()
+
+
+def test_token_requests_of_one_sequence_length_merge_bit_identical(text_plan):
+    """Token-id requests merge with those of the same sequence length only (in arrival order of
+    each length); every request's rows equal the request run alone, bit for bit."""
+    ref = bfpaccel.Predictor(text_plan)
+    core = _core(text_plan, name="enc", max_batch_size=8, timeout_s=0.05)
+    mv = core.resolve("enc")
+    calls: List[Any] = []
+    held = [_FeedRecording(p, calls) for p in _take_workers(core, mv)]
+    reqs = [_tokens(1, 2, 5), _tokens(2, 1, 7), _tokens(3, 1, 5), _tokens(4, 3, 5), _tokens(5, 1, 7),
+            _tokens(6, 2, 7, np.int32)]  # int32 ids: not merged with the int64 ones of their length
+    threads, results, errors = _infer_all(core, mv, [{"feeds": f, "key": "input_ids"} for f in reqs])
+    _release(mv, held)
+    _join(threads)
+    assert errors == [None] * len(reqs)
+    assert sorted(calls) == sorted([(6, 5), (2, 7), (2, 7)]), calls  # 2+1+3 rows of length 5; 1+1; the int32 pair
+    for f, got in zip(reqs, results):
+        _assert_same(got, ref.predict(f))
+    core.stop()
+
+
+def test_first_token_batch_is_checked_against_requests_alone(text_plan):
+    ref = bfpaccel.Predictor(text_plan)
+    core = _core(text_plan, name="enc", max_batch_size=8, timeout_s=0.05, check_rows=True)
+    mv = core.resolve("enc")
+    held = _take_workers(core, mv)
+    reqs = [_tokens(10 + i, 1 + i % 2, 6) for i in range(4)]
+    threads, results, errors = _infer_all(core, mv, [{"feeds": f} for f in reqs])
+    _release(mv, held)
+    _join(threads)
+    assert errors == [None] * 4 and core.batcher._lanes[mv].verified  # rows matched their batch-1 runs
+    for f, got in zip(reqs, results):
+        _assert_same(got, ref.predict(f))
+    core.stop()
+
+
+def test_a_bad_token_id_fails_only_its_request(text_plan):
+    ref = bfpaccel.Predictor(text_plan)
+    core = _core(text_plan, name="enc", max_batch_size=8, timeout_s=0.05)
+    mv = core.resolve("enc")
+    held = _take_workers(core, mv)
+    bad = _tokens(21, 1, 5)
+    bad["input_ids"][0, 0] = 99  # outside the 20-entry table
+    reqs = [_tokens(20, 2, 5), bad, _tokens(22, 1, 5)]
+    threads, results, errors = _infer_all(core, mv, [{"feeds": f, "key": "input_ids"} for f in reqs])
+    _release(mv, held)
+    _join(threads)
+    assert errors[0] is None and errors[2] is None
+    assert isinstance(errors[1], ServingError) and errors[1].code is Code.INVALID_ARGUMENT
+    assert "out of range" in errors[1].message
+    _assert_same(results[0], ref.predict(reqs[0]))
+    _assert_same(results[2], ref.predict(reqs[2]))
+    core.stop()
+
+
+def test_sentence_requests_merge_when_their_padded_lengths_are_equal(text_plan):
+    """Sentences are tokenized per request, padded as they would be alone; requests whose padded
+    lengths are equal run as one batch, the others apart -- each answer bit for bit
+    ``Predictor.predict_texts`` of the request alone (the embedding and the token outputs)."""
+    ref = bfpaccel.Predictor(text_plan)
+    front = ref.text_front
+    groups = [["Hello, world!", "a dog is running"], ["the cat"], ["the cats sat"], ["a dog", "the cat"]]
+    lengths = [front.tokenize(g)["input_ids"].shape[1] for g in groups]
+    assert lengths == [6, 4, 6, 4]
+    core = _core(text_plan, name="enc", max_batch_size=8, timeout_s=0.05)
+    mv = core.resolve("enc")
+    calls: List[Any] = []
+    held = [_FeedRecording(p, calls) for p in _take_workers(core, mv)]
+    emb = front.embedding_name
+    outs = [[emb], [emb, "token_embeddings"], [emb], ["token_embeddings"]]
+    threads, results, errors = _infer_all(core, mv, [{"texts": g, "key": "text", "outputs": o}
+                                                     for g, o in zip(groups, outs)])
+    _release(mv, held)
+    _join(threads)
+    assert errors == [None] * 4
+    assert sorted(calls) == [(3, 4), (3, 6)], calls
+    for g, o, got in zip(groups, outs, results):
+        _assert_same(got, ref.predict_texts(g, o))
+    core.stop()
+
+
+def test_sentence_the_front_refuses_is_invalid_argument(tmp_path):
+    pytest.importorskip("tokenizers")
+    from bfpaccel.serve.testing import build_tiny_text_plan
+
+    path = str(tmp_path / "strict.bfpplan")
+    build_tiny_text_plan(path, text_front={"truncation": False, "max_length": 6})
+    core = _core(path, name="enc", max_batch_size=8, timeout_s=0.01)
+    mv = core.resolve("enc")
+    assert core.batcher.accepts(mv, ["the cat sat on the mat"])
+    with pytest.raises(ServingError) as ei:
+        core.infer(mv, texts=["the cat sat on the mat"], key="text")
+    assert ei.value.code is Code.INVALID_ARGUMENT and "'text'" in ei.value.message and "max_length" in ei.value.message
+    core.stop()
+
+
 @pytest.fixture(scope="module")
 def server(tiny):
     h = serve(tiny, port=0, metrics_port=0, workers=2, batching=True, max_batch_size=8, batch_timeout_ms=2.0)

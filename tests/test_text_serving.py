@@ -603,3 +603,36 @@ def test_triton_clients_send_token_ids_and_sentences(server, predictor):
             assert_same_bits(c.infer(MODEL, [t]).as_numpy("embedding"), want_emb)
         finally:
             c.close()
+
+
+def test_batching_merges_sentences_and_token_ids_bit_for_bit(plan_path, predictor):
+    """Dynamic batching on: concurrent TF Serving gRPC sentence requests and token-id requests
+    (one sequence length) are merged into shared model calls, and every answer is bit for bit
+    the request run alone in process."""
+    import concurrent.futures
+
+    emb = predictor.text_front.embedding_name
+    with serve({MODEL: plan_path}, port=0, workers=1, batching=True, max_batch_size=8, batch_timeout_ms=20,
+               simulated_latency_ms=40) as h:
+        sentence_reqs = [["the cat sat", "a dog is running"], ["hello, world!"], ["the cats sat"], ["a dog"]] * 2
+        token_reqs = [_ids(rows=1 + i % 2, seq=6, seed=i) for i in range(6)]
+
+        def ask_sentences(texts):
+            t = make_tensor_proto(np.array([x.encode() for x in texts], dtype=object))
+            return make_ndarray(_tfs(h.port, _predict_request({"text": t})).outputs[emb])
+
+        def ask_tokens(ids_mask):
+            ids, mask = ids_mask
+            resp = _tfs(h.port, _predict_request({"input_ids": ids, "attention_mask": mask}, ["token_embeddings"]))
+            return make_ndarray(resp.outputs["token_embeddings"])
+
+        with concurrent.futures.ThreadPoolExecutor(8) as ex:
+            fs = [ex.submit(ask_sentences, t) for t in sentence_reqs] + [ex.submit(ask_tokens, t) for t in token_reqs]
+            got = [f.result(timeout=60) for f in fs]
+        for texts, g in zip(sentence_reqs, got):
+            assert_same_bits(g, predictor.predict_texts(texts)[emb])
+        for (ids, mask), g in zip(token_reqs, got[len(sentence_reqs):]):
+            assert_same_bits(g, predictor.predict({"input_ids": ids, "attention_mask": mask})["token_embeddings"])
+        rows, calls = h.metrics.batch_totals(MODEL)
+        n = len(sentence_reqs) + len(token_reqs)
+        assert 0 < calls < n and rows >= n, (rows, calls)  # requests were merged

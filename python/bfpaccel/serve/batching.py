@@ -1,15 +1,23 @@
-"""Dynamic batching: concurrent float requests to one model version run as one model call.
+"""Dynamic batching: concurrent requests to one model version run as one model call.
 
 Off by default (the NPU's point is batch 1); ``serve(batching=True)`` / ``bfpaccel serve
 --batching`` installs a :class:`Batcher` as ``ServingCore.batcher``, and
 :meth:`ServingCore.infer <bfpaccel.serve.core.ServingCore.infer>` hands it every request it
 :meth:`~Batcher.accepts`.
 
-* **What is merged**: float tensors whose first dimension is the model's free batch dimension
-  and whose other dimensions are the model's fixed ones, with fewer rows than
-  ``max_batch_size`` (a request of ``max_batch_size`` rows or more runs alone, unbatched).
-  Everything else -- encoded images, integer tensors, models with other free dimensions --
-  takes the unbatched path.
+* **What is merged**: tensors whose first dimension is the model's free batch dimension and
+  whose other dimensions fit the model's input, with fewer rows than ``max_batch_size`` (a
+  request of ``max_batch_size`` rows or more runs alone, unbatched): float tensors, the
+  integer tensor of a one-input integer model, every input of a several-input model together
+  (a text encoder's token ids and attention mask, ``core.infer(feeds=)``), and sentences for a
+  plan with a text front (``core.infer(texts=)``).  Only requests of the same *shape* merge:
+  the same input names, integer types and non-batch dimensions -- for token inputs, the same
+  sequence length.  Sentences are tokenized per request, as they would be alone (padded to the
+  request's own longest sentence, or as the front says), before they queue; so sentence
+  requests merge exactly when their padded lengths are equal.  They are never re-padded to a
+  batch's longest sequence: a longer sequence changes the model's activation blocks along the
+  sequence (attention) and so the bits of every row, and would change an answer with the
+  traffic around it.  Encoded images take the unbatched path (see below).
 * **When a batch runs**: each model version has a queue of pending requests and a scheduler
   thread.  A batch is ready when the queued rows reach ``max_batch_size`` (or the next request
   would not fit), when a prefix of the queue adds up to a preferred size, or when the oldest
@@ -18,7 +26,8 @@ Off by default (the NPU's point is batch 1); ``serve(batching=True)`` / ``bfpacc
   calls run per version -- and, once it has one, cuts the batch from what is queued *then*
   (requests keep joining while every worker is busy): the longest prefix whose rows are a
   preferred size (``max_batch_size`` counts as preferred), else the longest prefix that fits.
-  Requests run in arrival order.
+  A batch takes, in arrival order, the requests of the head's shape (others wait for the
+  next batch); the queue's head always runs in the next batch.
 * **Bit identity**: each request's rows are sliced out of the batch's outputs.  The runtime
   computes every batch row exactly as it computes that row alone (convolutions run every
   image's pixels as rows of one GEMM, activations are quantized in blocks along the channel /
@@ -31,9 +40,10 @@ Off by default (the NPU's point is batch 1); ``serve(batching=True)`` / ``bfpacc
 * **Deadlines and errors**: a request whose deadline passes while it is queued gets
   DEADLINE_EXCEEDED (once its batch runs, it waits for the result, as an unbatched call
   does); at most ``max(core.queue_size, max_batch_size)`` requests queue per version (then
-  RESOURCE_EXHAUSTED); an error of a batch's model call is every member's error (a
-  ``ValueError`` is INVALID_ARGUMENT, out of memory RESOURCE_EXHAUSTED); :meth:`Batcher.stop`
-  answers the queued requests UNAVAILABLE.
+  RESOURCE_EXHAUSTED); when a batch's model call fails with a ``ValueError`` (a token id
+  outside the embedding table...) each member runs again alone, so a bad request fails only
+  itself (INVALID_ARGUMENT); other errors are every member's (out of memory
+  RESOURCE_EXHAUSTED); :meth:`Batcher.stop` answers the queued requests UNAVAILABLE.
 * **Metrics**: per request, ``core.metrics.observe_split(model, queue_s, compute_s)`` -- queue
   time from submission until the batch's model call starts (waiting for the batch to form and
   for a worker), compute time of that call; per model call ``bfpaccel_batch_size`` (rows);
@@ -44,11 +54,12 @@ most ``workers`` images per version are decoded at once and their float tensors 
 while the model runs.  Decoding before queueing would keep every queued request's decoded
 tensor (600 KiB per 224x224 image) in memory for the whole batching wait, and bounding that
 to ``workers`` requests would cap every batch at ``workers`` requests; the core's batcher hook
-is only called for float tensors, so image requests keep today's path and bound.
+is never called for images, so image requests keep today's path and bound.
 
 Each batch size a session meets is lowered into its own program (built on first use, kept):
-with batching on a worker holds up to ``max_batch_size`` programs, and the first batch of each
-size pays for its lowering.
+with batching on a worker holds up to ``max_batch_size`` programs per input shape (per
+sequence length for token inputs and sentences: ``pad_to_multiple_of`` bounds them), and the
+first batch of each size pays for its lowering.
 
 Example:
     >>> h = serve("tiny.bfpplan", port=0, batching=True, max_batch_size=8,  # doctest: +SKIP
@@ -65,7 +76,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Deque, Dict, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -79,14 +90,34 @@ log = logging.getLogger("bfpaccel.serve")
 _POLL_S = 0.1
 
 
+#: A request's model input: the array of the model's one input, or input name -> array.
+Feed = Union[np.ndarray, Dict[str, np.ndarray]]
+#: A request's own step after the model (a text front's pooling of its rows).
+Post = Callable[[Dict[str, np.ndarray]], Dict[str, np.ndarray]]
+
+
+def _shape_key(x: Feed) -> Hashable:
+    """What requests must share to merge: input names, integer types, non-batch dimensions
+    (float arrays merge across float types: a batch is float32, as each would be alone)."""
+    def one(a: np.ndarray) -> Tuple[str, Tuple[int, ...]]:
+        return ("f" if a.dtype.kind == "f" else a.dtype.str), tuple(int(d) for d in a.shape[1:])
+    if isinstance(x, dict):
+        return tuple((k, *one(v)) for k, v in sorted(x.items()))
+    return one(x)
+
+
 class _Request:
     """One submitted request: its rows, wanted outputs and, once answered, result or error."""
 
-    __slots__ = ("x", "rows", "names", "deadline", "t_submit", "done", "result", "error")
+    __slots__ = ("x", "rows", "key", "names", "post", "deadline", "t_submit", "done", "result", "error")
 
-    def __init__(self, x: np.ndarray, names: Optional[List[str]], deadline: Optional[float]) -> None:
+    def __init__(self, x: Feed, names: Optional[List[str]], deadline: Optional[float],
+                 post: Optional[Post] = None) -> None:
         self.x = x
-        self.rows = int(x.shape[0])
+        first = next(iter(x.values())) if isinstance(x, dict) else x
+        self.rows = int(first.shape[0])
+        self.key = _shape_key(x)
+        self.post = post  # applied to the request's rows of the model outputs
         self.names = names  # resolved output names, None: every output
         self.deadline = deadline  # time.monotonic() value or None
         self.t_submit = time.perf_counter()
@@ -114,7 +145,7 @@ class _Lane:
 
 
 class Batcher:
-    """Merges concurrent float requests of a model version into batches (see the module).
+    """Merges concurrent requests of a model version into batches (see the module).
 
     Args:
         core: the serving core whose workers (``mv.predictors``) run the batches.
@@ -161,22 +192,40 @@ class Batcher:
         self._unbatchable: "weakref.WeakSet[ModelVersion]" = weakref.WeakSet()
         self._shape_ok: "weakref.WeakKeyDictionary[ModelVersion, bool]" = weakref.WeakKeyDictionary()
         self._stopping = False
+        self._tokenize_lock = threading.Lock()  # one tokenizer per version, shared by request threads
         core.metrics.gauge("bfpaccel_batch_queue_depth", self._queued)
         core.on_change(self._on_change)
 
     # -- the core's hook ---------------------------------------------------------------------
     def accepts(self, mv: ModelVersion, x: Any) -> bool:
-        """True for a float array whose first dimension is ``mv``'s free batch dimension, whose
-        other dimensions are the model's fixed ones, with 1..max_batch_size-1 rows (and a
-        version that batches bit-identically)."""
-        if self._stopping or not isinstance(x, np.ndarray) or x.dtype.kind != "f" or x.ndim < 1:
+        """True for what the batcher merges (and a version that batches bit-identically), with
+        1..max_batch_size-1 rows:
+
+        * an array of the model's one input (float, or integer where the plan declares the
+          input integer) whose first dimension is the model's free batch dimension and whose
+          other dimensions fit the model's (fixed ones equal);
+        * a mapping input name -> array holding every input of the plan, each as above, with
+          one batch size (token ids and attention masks);
+        * a list of sentences (``str``) for a plan with a text front.
+        """
+        if self._stopping or mv in self._unbatchable:
             return False
-        if not 1 <= x.shape[0] < self.max_batch_size or mv in self._unbatchable:
+        p = mv.first
+        if p is None:
             return False
-        want = mv.input_shape
-        if want is None or len(want) != x.ndim or want[0] is not None:
-            return False
-        if any(w is None or int(w) != d for w, d in zip(want[1:], x.shape[1:])):
+        if isinstance(x, list):
+            if p.text_front is None or not 1 <= len(x) < self.max_batch_size or \
+                    not all(isinstance(t, str) for t in x):
+                return False
+        elif isinstance(x, Mapping):
+            names = list(p.input_names)
+            if set(x) != set(names) or not all(self._fits(mv, n, x[n]) for n in names):
+                return False
+            rows = {int(a.shape[0]) for a in x.values()}
+            if len(rows) != 1 or not 1 <= rows.pop() < self.max_batch_size:
+                return False
+        elif not (len(p.input_names) == 1 and self._fits(mv, p.input_name, x)
+                  and 1 <= x.shape[0] < self.max_batch_size):
             return False
         ok = self._shape_ok.get(mv)
         if ok is None:  # outputs of a known shape must have the batch first
@@ -188,35 +237,83 @@ class Batcher:
                                           for o in outs)
         return ok
 
-    def submit(self, mv: ModelVersion, x: np.ndarray, outputs: Optional[Sequence[str]] = None,
-               deadline: Optional[float] = None) -> Dict[str, np.ndarray]:
-        """Queues ``x`` (an accepted array) for ``mv`` and waits for its rows of a batch's
-        outputs; returns output name -> array, exactly as ``Predictor.predict(x, outputs)``.
+    @staticmethod
+    def _fits(mv: ModelVersion, name: str, a: Any) -> bool:
+        """An array for plan input ``name``: its declared kind of values (float; integer for an
+        integer input; bool), the model's rank, a free batch dimension first and the fixed
+        dimensions equal (a free one, such as a sequence length, takes any size)."""
+        if not isinstance(a, np.ndarray) or a.ndim < 1:
+            return False
+        declared = np.dtype(mv.first.plan.input_dtypes.get(name, "float32")).kind
+        if not (a.dtype.kind == declared or (declared in "iu" and a.dtype.kind in "iu")):
+            return False
+        want = mv.first.plan.input_shapes.get(name)
+        if want is None or len(want) != a.ndim or want[0] is not None:
+            return False
+        return all(w is None or int(w) == d for w, d in zip(want[1:], a.shape[1:]))
+
+    def submit(self, mv: ModelVersion, x: Union[np.ndarray, Mapping[str, np.ndarray], List[str]],
+               outputs: Optional[Sequence[str]] = None, deadline: Optional[float] = None, *,
+               key: str = "") -> Dict[str, np.ndarray]:
+        """Queues ``x`` (what :meth:`accepts` took) for ``mv`` and waits for its rows of a
+        batch's outputs; returns output name -> array, exactly as ``Predictor.predict(x,
+        outputs)`` (``Predictor.predict_texts(x, outputs)`` for sentences).
 
         Args:
             mv: the model version.
-            x: the request's rows.
-            outputs: output names or aliases (``None``: every output).
+            x: the request's rows: an array, input name -> array, or sentences.
+            outputs: output names or aliases (``None``: every output; for sentences the
+                text front's embedding).
             deadline: ``time.monotonic()`` after which a still queued request fails.
+            key: the request's input name, for error messages about sentences.
 
         Raises:
-            ServingError: INVALID_ARGUMENT (an unknown output, a model error), DEADLINE_EXCEEDED,
-                RESOURCE_EXHAUSTED (queue full, out of memory), UNAVAILABLE (stopping).
+            ServingError: INVALID_ARGUMENT (an unknown output, a sentence the front refuses, a
+                model error), DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED (queue full, out of memory),
+                UNAVAILABLE (stopping).
         """
         pred = mv.first
         if pred is None or mv.state in (VersionState.UNLOADING, VersionState.END):
             raise ServingError(Code.UNAVAILABLE, f"model {mv.name!r} version {mv.version} is being unloaded")
         names: Optional[List[str]] = None
-        if outputs is not None:
-            try:
-                names = list(dict.fromkeys(pred.resolve_output(o) for o in outputs))
-            except KeyError as e:
-                raise ServingError(Code.INVALID_ARGUMENT, str(e.args[0]) if e.args else str(e)) from None
+        post: Optional[Post] = None
+        try:
+            if isinstance(x, list):
+                feed, names, post = self._text_request(pred, x, outputs)
+            else:
+                feed = dict(x) if isinstance(x, Mapping) else x
+                if outputs is not None:
+                    names = list(dict.fromkeys(pred.resolve_output(o) for o in outputs))
+        except KeyError as e:
+            raise ServingError(Code.INVALID_ARGUMENT, str(e.args[0]) if e.args else str(e)) from None
+        except (ValueError, TypeError) as e:  # the text front refuses a sentence, as unbatched
+            raise ServingError(Code.INVALID_ARGUMENT, f"input {key!r}: {e}") from None
         if deadline is not None and time.monotonic() >= deadline:
             raise ServingError(Code.DEADLINE_EXCEEDED, "the deadline passed before the request was queued")
-        req = _Request(x, names, deadline)
+        req = _Request(feed, names, deadline, post)
         lane = self._enqueue(mv, req)
         return self._wait(lane, req)
+
+    def _text_request(self, pred: Any, texts: List[str], outputs: Optional[Sequence[str]]
+                      ) -> Tuple[Dict[str, np.ndarray], List[str], Post]:
+        """Sentences -> (the model feeds, tokenized as ``Predictor.predict_texts`` tokenizes
+        them alone, the model outputs to fetch, the step that turns the request's rows of those
+        outputs into ``predict_texts``'s answer: the pooled embedding and/or model outputs)."""
+        front = pred.text_front
+        emb = front.embedding_name
+        want = [emb] if outputs is None else list(dict.fromkeys(outputs))
+        pooled = pred.resolve_output(front.output) if front.output is not None else pred.output_names[0]
+        model_outs = [pred.resolve_output(o) for o in want if o != emb]
+        if emb in want and pooled not in model_outs:
+            model_outs.append(pooled)
+        with self._tokenize_lock:
+            feeds = front.feeds(texts, pred.plan.input_dtypes)
+        mask = feeds[front.attention_mask] if front.attention_mask is not None else \
+            np.ones(feeds[front.input_ids].shape, np.int64)
+
+        def post(res: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+            return {o: front.pool(res[pooled], mask) if o == emb else res[pred.resolve_output(o)] for o in want}
+        return feeds, model_outs, post
 
     def stop(self) -> None:
         """Stops batching: queued requests get UNAVAILABLE, running batches finish, the
@@ -321,29 +418,39 @@ class Batcher:
                     keep.append(r)
             lane.pending = keep
 
-    def _prefix(self, lane: _Lane) -> int:
-        """How many requests, from the head of the queue, the batch takes now: the longest
-        prefix whose rows are a cut size, else the longest that fits (lane.cond held)."""
-        rows, best, fit = 0, 0, 0
+    def _group(self, lane: _Lane) -> Tuple[List[int], bool]:
+        """The queue positions the next batch takes -- of the requests of the head's shape, in
+        arrival order, the longest run from the head whose rows are a cut size, else the longest
+        that fits -- and whether the batch is ready now: a cut size reached, or the next
+        request of that shape does not fit (lane.cond held, queue not empty)."""
+        head = lane.pending[0].key
+        rows, best, taken, full = 0, 0, [], False
         for i, r in enumerate(lane.pending):
+            if r.key != head:
+                continue
             if rows + r.rows > self.max_batch_size:
+                full = True  # the batch is as full as it gets
                 break
             rows += r.rows
-            fit = i + 1
+            taken.append(i)
             if rows in self._cut_sizes:
-                best = fit
-        return best or fit
+                best = len(taken)
+        return taken[:best or len(taken)], full or best > 0
+
+    def _take(self, lane: _Lane) -> List[_Request]:
+        """Removes and returns the next batch's requests (lane.cond held)."""
+        if not lane.pending:
+            return []
+        chosen = set(self._group(lane)[0])
+        batch = [r for i, r in enumerate(lane.pending) if i in chosen]
+        lane.pending = collections.deque(r for i, r in enumerate(lane.pending) if i not in chosen)
+        return batch
 
     def _wait_s(self, lane: _Lane) -> float:
         """0 when a batch is ready, else how long until the oldest request's timeout (lane.cond
         held, queue not empty)."""
-        rows = 0
-        for r in lane.pending:
-            if rows + r.rows > self.max_batch_size:
-                return 0.0  # the next request does not fit: the batch is as full as it gets
-            rows += r.rows
-            if rows in self._cut_sizes:
-                return 0.0
+        if self._group(lane)[1]:
+            return 0.0
         return lane.pending[0].t_submit + self.timeout_s - time.perf_counter()
 
     def _schedule(self, lane: _Lane) -> None:
@@ -388,7 +495,7 @@ class Batcher:
             return True
         with lane.cond:
             self._expire(lane)
-            batch = [lane.pending.popleft() for _ in range(self._prefix(lane))]
+            batch = self._take(lane)
         if not batch:
             mv.predictors.put(pred)
             return True
@@ -425,18 +532,26 @@ class Batcher:
         results: Optional[List[Dict[str, np.ndarray]]] = None
         error: Optional[BaseException] = None
         t0 = t1 = time.perf_counter()
+        errors: List[Optional[BaseException]] = [None] * len(batch)
         try:
-            if len(batch) == 1:
-                x = batch[0].x
-            else:
-                with np.errstate(over="ignore"):  # float64 beyond float32's range -> inf, as alone
-                    x = np.concatenate([r.x for r in batch], axis=0, dtype=np.float32)
+            x = _merge([r.x for r in batch])
             t0 = time.perf_counter()
             if self.core.simulated_latency_s:
                 time.sleep(self.core.simulated_latency_s)
-            out = pred.predict(x, names)
-            del x
-            results = self._split(lane, pred, batch, rows, out)
+            try:
+                out = pred.predict(x, names)
+            except ValueError:
+                if len(batch) == 1:
+                    raise
+                # one request's mistake (a token id outside the table): each runs alone, so
+                # only the requests at fault fail
+                del x
+                results, errors = self._alone(pred, batch)
+            else:
+                del x
+                results = self._split(lane, pred, batch, rows, out)
+            results = [r.post(res) if (r.post is not None and res is not None) else res
+                       for r, res in zip(batch, results)]
         except ServingError as e:
             error = e
         except ValueError as e:
@@ -451,13 +566,27 @@ class Batcher:
         self.core.metrics.observe_batch(mv.name, rows)
         for i, r in enumerate(batch):
             self.core.metrics.observe_split(mv.name, max(0.0, t0 - r.t_submit), t1 - t0)
-            if results is not None:
+            if results is not None and results[i] is not None:
                 r.finish(result=results[i])
             else:
-                r.finish(error=error)
+                r.finish(error=errors[i] if results is not None else error)
+
+    @staticmethod
+    def _alone(pred: Any, batch: List[_Request]) -> Tuple[List[Any], List[Optional[BaseException]]]:
+        """Each request run alone: (result or None, error or None) per request."""
+        results: List[Any] = []
+        errors: List[Optional[BaseException]] = []
+        for r in batch:
+            try:
+                results.append(pred.predict(r.x, r.names))
+                errors.append(None)
+            except ValueError as e:
+                results.append(None)
+                errors.append(ServingError(Code.INVALID_ARGUMENT, str(e)))
+        return results, errors
 
     def _split(self, lane: _Lane, pred: Any, batch: List[_Request], rows: int,
-               out: Dict[str, np.ndarray]) -> List[Dict[str, np.ndarray]]:
+               out: Dict[str, np.ndarray]) -> List[Any]:
         """Each request's rows of the batch's outputs; the first batch of several requests of
         a version is checked against running each request alone."""
         mv = lane.mv
@@ -485,6 +614,20 @@ class Batcher:
                     mv.name, mv.version, why)
         self._unbatchable.add(mv)
         return alone
+
+
+def _merge(xs: List[Feed]) -> Feed:
+    """The batch's input: the requests' rows one after the other (float arrays as float32, as
+    each would run alone; integer arrays keep their type; input name -> array per input)."""
+    if len(xs) == 1:
+        return xs[0]
+    first = xs[0]
+    if isinstance(first, dict):
+        return {k: np.concatenate([x[k] for x in xs], axis=0) for k in first}  # type: ignore[index]
+    if first.dtype.kind == "f":
+        with np.errstate(over="ignore"):  # float64 beyond float32's range -> inf, as alone
+            return np.concatenate(xs, axis=0, dtype=np.float32)  # type: ignore[arg-type]
+    return np.concatenate(xs, axis=0)  # type: ignore[arg-type]
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:

@@ -560,12 +560,14 @@ class ServingCore:
             self.waiting += 1
             mv.inflight += 1
         try:
-            if self.batcher is not None and x is not None and self.batcher.accepts(mv, x):
+            # dynamic batching: float or token tensors, or sentences (never encoded images)
+            item: Any = x if x is not None else feeds if feeds is not None else texts
+            if self.batcher is not None and item is not None and self.batcher.accepts(mv, item):
                 with self._lock:
                     self.waiting -= 1
                     self.running += 1
                 try:
-                    return self.batcher.submit(mv, x, outputs, deadline)
+                    return self.batcher.submit(mv, item, outputs, deadline, key=key)
                 finally:
                     with self._lock:
                         self.running -= 1
