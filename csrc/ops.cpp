@@ -4,6 +4,7 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -649,26 +650,33 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
         amin.assign(size_t(NG * npix), INT32_MAX);
         amax.assign(size_t(NG * npix), INT32_MIN);
     }
-    if (!int8 || g.pt || g.pl || g.pb || g.pr) {
-        const bool padded = g.pt || g.pl || g.pb || g.pr;
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (NG * npix > 4096)
-        for (int64_t pp = 0; pp < NG * npix; ++pp) {
-            const int64_t py = (pp % npix) / Wp, px = pp % Wp;
-            const bool border = py < g.pt || py >= g.pt + H || px < g.pl || px >= g.pl + W;
-            if (!int8 || (padded && !border)) {
-                if (!int8) for (int b = 0; b < nbc; ++b) ae[pp * nbc + b] = int16_t(fx.exp_min);
+    if (!int8) {  // wide units: every block's exponent starts at exp_min (a64 is zero-filled)
+        std::fill(ae.data(), ae.data() + nblocks, int16_t(fx.exp_min));
+    } else if (g.pt || g.pl || g.pb || g.pr) {
+        // the padding ring: zero blocks (the rows above / below the image, the columns left
+        // and right of each image row), walked directly -- never a test per interior pixel
+        auto clear = [&](int64_t pp, int64_t n) {  // n padded pixels from pp
+            for (int64_t q = pp; q < pp + n; ++q)
+                for (int b = 0; b < nbc; ++b) {
+                    ae[q * nbc + b] = int16_t(fx.exp_min);
+                    if (simd) {
+                        as[q * nbc + b] = 1.0f;
+                        ac[q * nbc + b] = 0;
+                    }
+                }
+            if (rows16) std::memset(&a16[pp * plen], 0, sizeof(int16_t) * size_t(n * plen));
+            else std::memset(&a8[pp * plen], 0, size_t(n * plen));
+        };
+        const int64_t nrows = NG * Hp, ring = NG * npix - NG * H * W;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (ring * plen > 65536)
+        for (int64_t r = 0; r < nrows; ++r) {
+            const int64_t py = r % Hp, pp = r * Wp;
+            if (py < g.pt || py >= g.pt + H) {
+                clear(pp, Wp);
                 continue;
             }
-            if (!border) continue;
-            for (int b = 0; b < nbc; ++b) {
-                ae[pp * nbc + b] = int16_t(fx.exp_min);
-                if (simd) {
-                    as[pp * nbc + b] = 1.0f;
-                    ac[pp * nbc + b] = 0;
-                }
-            }
-            if (rows16) std::memset(&a16[pp * plen], 0, sizeof(int16_t) * size_t(plen));
-            else std::memset(&a8[pp * plen], 0, size_t(plen));
+            if (g.pl) clear(pp, g.pl);
+            if (g.pr) clear(pp + g.pl + W, g.pr);
         }
     }
     const bool fast = int8 && fast_quant_ok(fx);
@@ -774,19 +782,23 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
                         : rows16 ? static_cast<const void*>(a16.data()) : static_cast<const void*>(a8.data());
     for (int64_t ng = 0; ng < ngemm; ++ng) {
         const int64_t n = ng / G, gi = ng % G;
+        // one output row (OW pixels) at a time: offsets by increments
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (RB * taps > 65536)
-        for (int64_t q = 0; q < RB; ++q) {
-            const int64_t p = q % P, img = one_gemm ? q / P : ng;  // img: the (image, group) slice
-            const int64_t r = q;
-            roff[r] = img * npix + (p / g.OW) * g.sh * Wp + (p % g.OW) * g.sw;
-            if (simd) {
-                int32_t mn = INT32_MAX, mx = INT32_MIN;
-                for (int t = 0; t < taps; ++t) {
-                    mn = std::min(mn, amin[roff[r] + toff[t]]);
-                    mx = std::max(mx, amax[roff[r] + toff[t]]);
+        for (int64_t qr = 0; qr < RB / g.OW; ++qr) {
+            const int64_t oy = qr % g.OH, img = one_gemm ? qr / g.OH : ng;  // img: the (image, group) slice
+            const int64_t base = img * npix + oy * g.sh * Wp;
+            for (int64_t ox = 0; ox < g.OW; ++ox) {
+                const int64_t r = qr * g.OW + ox, ro = base + ox * g.sw;
+                roff[r] = ro;
+                if (simd) {
+                    int32_t mn = INT32_MAX, mx = INT32_MIN;
+                    for (int t = 0; t < taps; ++t) {
+                        mn = std::min(mn, amin[ro + toff[t]]);
+                        mx = std::max(mx, amax[ro + toff[t]]);
+                    }
+                    rmin[r] = mn;
+                    rmax[r] = mx;
                 }
-                rmin[r] = mn;
-                rmax[r] = mx;
             }
         }
         for (int64_t o = 0; o < Og; ++o) {

@@ -184,6 +184,25 @@ static inline void store_units16(__m512 av, __m512 x, int rounding, __m512 cap, 
     }
 }
 
+// The signed units of 16 elements x whose magnitudes are already scaled (see store_units16).
+static inline __m512i units16(__m512 av, __m512 x, int rounding, __m512 cap, __m512 maxu) {
+    const __m512 q = _mm512_min_ps(round_units16(_mm512_min_ps(av, cap), rounding), maxu);
+    const __m512i qi = _mm512_cvttps_epi32(q);
+    const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    return _mm512_mask_sub_epi32(qi, neg, _mm512_setzero_si512(), qi);
+}
+
+// The first min(n, 16) bytes of b8 at ub.
+static inline void store_bytes16(__m128i b8, int8_t* ub, int n) {
+    if (n >= 16) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(ub), b8);
+    } else {
+        alignas(16) int8_t tmp[16];
+        _mm_store_si128(reinterpret_cast<__m128i*>(tmp), b8);
+        std::memcpy(ub, tmp, size_t(n));
+    }
+}
+
 // A block's exponent, scale and VNNI correction from store_units16's sums over nv vectors;
 // returns whether any unit is non-zero.
 static inline bool finish_block(const QuantRowsArgs& a, int64_t blk, int E, __m128i sum, __m128i any, int nv) {
@@ -204,34 +223,44 @@ static inline void nan_block(const QuantRowsArgs& a, int64_t blk, int8_t* ub) {
     if (a.corr) a.corr[blk] = 0;
 }
 
-// Lane r of the result: the maximum of the 16 lanes of v[r] (a tree of shuffles that
-// reduces 16 vectors at once; the lane order it leaves is undone by one permutation, found
-// once by running the tree on v[r] = r).
-static inline __m512i hmax16_raw(const __m512i (&v)[16]) {
+// Lane r of the result: the maximum (Add: the sum) of the 16 lanes of v[r] (a tree of
+// shuffles that reduces 16 vectors at once; the lane order it leaves is undone by one
+// permutation, found once by running the tree on v[r] = r -- the same for either operation).
+struct MaxOp {
+    __m512i operator()(__m512i a, __m512i b) const { return _mm512_max_epi32(a, b); }
+};
+struct AddOp {
+    __m512i operator()(__m512i a, __m512i b) const { return _mm512_add_epi32(a, b); }
+};
+template <class Op>
+static inline __m512i hreduce16_raw(const __m512i (&v)[16], Op op) {
     __m512i b[8], c[4], e[2];
     for (int j = 0; j < 8; ++j)
-        b[j] = _mm512_max_epi32(_mm512_shuffle_i32x4(v[j], v[j + 8], _MM_SHUFFLE(1, 0, 1, 0)),
-                                _mm512_shuffle_i32x4(v[j], v[j + 8], _MM_SHUFFLE(3, 2, 3, 2)));
+        b[j] = op(_mm512_shuffle_i32x4(v[j], v[j + 8], _MM_SHUFFLE(1, 0, 1, 0)),
+                  _mm512_shuffle_i32x4(v[j], v[j + 8], _MM_SHUFFLE(3, 2, 3, 2)));
     for (int j = 0; j < 4; ++j)
-        c[j] = _mm512_max_epi32(_mm512_shuffle_i32x4(b[j], b[j + 4], _MM_SHUFFLE(2, 0, 2, 0)),
-                                _mm512_shuffle_i32x4(b[j], b[j + 4], _MM_SHUFFLE(3, 1, 3, 1)));
+        c[j] = op(_mm512_shuffle_i32x4(b[j], b[j + 4], _MM_SHUFFLE(2, 0, 2, 0)),
+                  _mm512_shuffle_i32x4(b[j], b[j + 4], _MM_SHUFFLE(3, 1, 3, 1)));
     for (int j = 0; j < 2; ++j)
-        e[j] = _mm512_max_epi32(_mm512_unpacklo_epi64(c[j], c[j + 2]), _mm512_unpackhi_epi64(c[j], c[j + 2]));
+        e[j] = op(_mm512_unpacklo_epi64(c[j], c[j + 2]), _mm512_unpackhi_epi64(c[j], c[j + 2]));
     const __m512i x = _mm512_unpacklo_epi32(e[0], e[1]), y = _mm512_unpackhi_epi32(e[0], e[1]);
-    return _mm512_max_epi32(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
+    return op(_mm512_unpacklo_epi64(x, y), _mm512_unpackhi_epi64(x, y));
 }
 
 static __m512i hmax16_order() {  // idx[r] = the lane where row r's maximum lands
     __m512i v[16];
     for (int r = 0; r < 16; ++r) v[r] = _mm512_set1_epi32(r);
     alignas(64) int32_t lane_row[16], idx[16];
-    _mm512_store_si512(lane_row, hmax16_raw(v));
+    _mm512_store_si512(lane_row, hreduce16_raw(v, MaxOp{}));
     for (int l = 0; l < 16; ++l) idx[lane_row[l] & 15] = l;
     return _mm512_load_si512(idx);
 }
 
 static inline __m512i hmax16(const __m512i (&v)[16], __m512i order) {
-    return _mm512_permutexvar_epi32(order, hmax16_raw(v));
+    return _mm512_permutexvar_epi32(order, hreduce16_raw(v, MaxOp{}));
+}
+static inline __m512i hsum16(const __m512i (&v)[16], __m512i order) {
+    return _mm512_permutexvar_epi32(order, hreduce16_raw(v, AddOp{}));
 }
 
 // Blocks of at most 16 units (one vector), 16 rows at a time: the block maxima come from one
@@ -279,24 +308,48 @@ static bool quantize_rows16(const QuantRowsArgs& a, int64_t i0, int nr, const __
         const __m512 s2 = _mm512_castsi512_ps(
             _mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(k, k1), _mm512_set1_epi32(127)), 23));
         const bool two = _mm512_cmpgt_epi32_mask(k, _mm512_set1_epi32(127)) != 0;
-        alignas(64) int32_t Ev[16];
-        _mm512_store_si512(Ev, E);
-        __mmask16 nzm = 0;
-        for (int r = 0; r < nr; ++r) {
-            const int64_t blk = (i0 + r) * nbc + b;
-            int8_t* ub = a.u + (i0 + r) * a.us + b * Bp;
-            if ((bad >> r) & 1) {
-                nan_block(a, blk, ub);
+        // units row by row; each row's sum of units and of |units| packed in one lane sum:
+        // (u + 128) + (|u| << 12) over 16 lanes -- the low 12 bits hold sum(u) + 2048 (each
+        // term in [1, 255]), the rest sum(|u|) (> 0: a non-zero unit)
+        __m512i w[16];
+        const __m512i c128 = _mm512_set1_epi32(128);
+        for (int r = 0; r < 16; ++r) {
+            if (r >= nr) {
+                w[r] = _mm512_setzero_si512();
                 continue;
             }
             const __m512i ri = _mm512_set1_epi32(r);
             __m512 av = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v[r]), absm)),
                                       _mm512_permutexvar_ps(ri, s1));
             if (two) av = _mm512_mul_ps(av, _mm512_permutexvar_ps(ri, s2));
-            __m128i sum = _mm_setzero_si128(), any = _mm_setzero_si128();
-            store_units16(av, v[r], f.rounding, cap, maxu, ub, Bp, &sum, &any);
-            const bool nz = finish_block(a, blk, Ev[r], sum, any, 1);
-            nzm |= __mmask16(nz) << r;
+            const __m512i qi = units16(av, v[r], f.rounding, cap, maxu);
+            store_bytes16(_mm512_cvtsepi32_epi8(qi), a.u + (i0 + r) * a.us + b * Bp, Bp);
+            w[r] = _mm512_add_epi32(_mm512_add_epi32(qi, c128), _mm512_slli_epi32(_mm512_abs_epi32(qi), 12));
+        }
+        const __m512i tot = hsum16(w, order);  // lane r: row r
+        const __mmask16 nzm =
+            _mm512_cmpgt_epi32_mask(_mm512_srli_epi32(tot, 12), _mm512_setzero_si512()) & rows & __mmask16(~bad);
+        const __m512i usum = _mm512_sub_epi32(_mm512_and_si512(tot, _mm512_set1_epi32(0xfff)), _mm512_set1_epi32(2048));
+        const __m512i corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(usum, 7));  // -128 * sum
+        // block_scale: 2^(E - unit_shift) (normal or subnormal), 1.0 for an all-zero block
+        const __m512i kk = _mm512_sub_epi32(E, _mm512_set1_epi32(f.unit_shift));
+        const __m512i nrm = _mm512_slli_epi32(_mm512_add_epi32(kk, _mm512_set1_epi32(127)), 23);
+        const __m512i sbn = _mm512_sllv_epi32(_mm512_set1_epi32(1), _mm512_add_epi32(kk, _mm512_set1_epi32(149)));
+        __m512i sc = _mm512_mask_mov_epi32(sbn, _mm512_cmpge_epi32_mask(kk, _mm512_set1_epi32(-126)), nrm);
+        sc = _mm512_mask_mov_epi32(_mm512_castps_si512(_mm512_set1_ps(1.0f)), nzm, sc);
+        alignas(64) int32_t Ev[16], cv[16], sv[16];
+        _mm512_store_si512(Ev, E);
+        _mm512_store_si512(cv, corr);
+        _mm512_store_si512(sv, sc);
+        for (int r = 0; r < nr; ++r) {
+            const int64_t blk = (i0 + r) * nbc + b;
+            if ((bad >> r) & 1) {
+                nan_block(a, blk, a.u + (i0 + r) * a.us + b * Bp);
+                continue;
+            }
+            a.E[blk] = int16_t(Ev[r]);
+            std::memcpy(&a.scale[blk], &sv[r], 4);
+            if (a.corr) a.corr[blk] = cv[r];
         }
         const __m512i ee = _mm512_sub_epi32(E, _mm512_set1_epi32(f.unit_shift));
         vmn = _mm512_mask_min_epi32(vmn, nzm, vmn, ee);

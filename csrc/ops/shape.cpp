@@ -72,19 +72,28 @@ static void exec_strided(Program& p, const Op& op) {
     const int64_t* st = q.strides.data();
     const float* x = p.buf(op.in[0]);
     float* y = p.buf(op.out[0]);
+    // rows of the last axis, walked in runs along the axis before it (offsets by increments,
+    // not a division per row: a transpose to channels-last has rows of a few elements)
     const int64_t inner = rank ? shape[rank - 1] : 1, is = rank ? st[rank - 1] : 0;
+    const int64_t mid = rank >= 2 ? shape[rank - 2] : 1, ms = rank >= 2 ? st[rank - 2] : 0;
     int64_t outer = 1;
-    for (int d = 0; d + 1 < rank; ++d) outer *= shape[d];
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(outer * inner))
-    for (int64_t r = 0; r < outer; ++r) {
-        int64_t o = off, rem = r;
-        for (int d = rank - 2; d >= 0; --d) {
+    for (int d = 0; d + 2 < rank; ++d) outer *= shape[d];
+    constexpr int64_t kRun = 64;  // rows per work item
+    const int64_t nrun = (mid + kRun - 1) / kRun;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(outer * mid * inner))
+    for (int64_t it = 0; it < outer * nrun; ++it) {
+        const int64_t r2 = it / nrun, j0 = (it % nrun) * kRun, j1 = j0 + kRun < mid ? j0 + kRun : mid;
+        int64_t o = off, rem = r2;
+        for (int d = rank - 3; d >= 0; --d) {
             o += (rem % shape[d]) * st[d];
             rem /= shape[d];
         }
-        float* d = y + r * inner;
-        if (is == 1) std::memcpy(d, x + o, sizeof(float) * size_t(inner));
-        else for (int64_t i = 0; i < inner; ++i) d[i] = x[o + i * is];
+        for (int64_t j = j0; j < j1; ++j) {
+            float* d = y + (r2 * mid + j) * inner;
+            const float* s = x + o + j * ms;
+            if (is == 1) std::memcpy(d, s, sizeof(float) * size_t(inner));
+            else for (int64_t i = 0; i < inner; ++i) d[i] = s[i * is];
+        }
     }
 }
 
