@@ -364,11 +364,88 @@ static bool quantize_rows16(const QuantRowsArgs& a, int64_t i0, int nr, const __
     return true;
 }
 
+// Rows of at most 4 channels (a stem's pixels: one block per row, Bp = 4), 16 contiguous rows
+// (x and units) at a time: lane r of channel vector c holds x[r*C + c], so every per-block
+// step runs on 16 rows at once and the 16 rows' units are one 64-byte store. The caller checks
+// the layout and that unit_shift - exp_max >= -126.
+static void quantize_tiny16(const QuantRowsArgs& a, int64_t i0) {
+    const FmtParams& f = *a.f;
+    const int C = a.C;
+    const float* x = a.x + i0 * C;
+    const __m512 v0 = load_lanes(x, 16 * C), v1 = load_lanes(x + 16, 16 * C - 16);
+    const __m512 v2 = load_lanes(x + 32, 16 * C - 32), v3 = load_lanes(x + 48, 16 * C - 48);
+    const __m512i absm = _mm512_set1_epi32(0x7fffffff);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 ch[4];
+    __m512i amax = _mm512_setzero_si512();
+    for (int c = 0; c < 4; ++c) {
+        if (c >= C) {
+            ch[c] = _mm512_setzero_ps();
+            continue;
+        }
+        const __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(C)), _mm512_set1_epi32(c));
+        const __m512 lo = _mm512_permutex2var_ps(v0, idx, v1);  // element idx of v0:v1 (idx mod 32)
+        const __m512 hi = _mm512_permutex2var_ps(v2, idx, v3);  // element idx - 32 of v2:v3
+        ch[c] = _mm512_mask_mov_ps(lo, _mm512_cmpge_epi32_mask(idx, _mm512_set1_epi32(32)), hi);
+        amax = _mm512_max_epi32(amax, _mm512_and_si512(_mm512_castps_si512(ch[c]), absm));
+    }
+    // the block exponent of each row, as in quantize_rows16
+    const __mmask16 bad = _mm512_cmpge_epi32_mask(amax, _mm512_set1_epi32(0x7f800000));
+    const __mmask16 zero = _mm512_cmpeq_epi32_mask(amax, _mm512_setzero_si512());
+    const __mmask16 sub = _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(0x00800000), amax) & ~zero;
+    __m512i fl = _mm512_sub_epi32(_mm512_srli_epi32(amax, 23), _mm512_set1_epi32(127));
+    const __m512i mf = _mm512_castps_si512(_mm512_cvtepi32_ps(amax));
+    fl = _mm512_mask_sub_epi32(fl, sub, _mm512_srli_epi32(mf, 23), _mm512_set1_epi32(127 + 149));
+    __m512i E = _mm512_sub_epi32(fl, _mm512_set1_epi32(f.emax_elem));
+    E = _mm512_min_epi32(_mm512_max_epi32(E, _mm512_set1_epi32(f.exp_min)), _mm512_set1_epi32(f.exp_max));
+    E = _mm512_mask_mov_epi32(E, zero, _mm512_set1_epi32(f.exp_min));
+    const __m512i k = _mm512_sub_epi32(_mm512_set1_epi32(f.unit_shift), E);
+    const __m512i k1 = _mm512_min_epi32(k, _mm512_set1_epi32(127));
+    const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(k1, _mm512_set1_epi32(127)), 23));
+    const __m512 s2 = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(k, k1), _mm512_set1_epi32(127)), 23));
+    const bool two = _mm512_cmpgt_epi32_mask(k, _mm512_set1_epi32(127)) != 0;
+    const __m512 maxu = _mm512_set1_ps(float(f.max_units));
+    const __m512 cap = _mm512_set1_ps(float(f.max_units + 1));
+    __m512i packed = _mm512_setzero_si512(), usum = _mm512_setzero_si512(), anyu = _mm512_setzero_si512();
+    for (int c = 0; c < C; ++c) {
+        __m512 av = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(ch[c]), absm)), s1);
+        if (two) av = _mm512_mul_ps(av, s2);
+        const __m512i qi = units16(av, ch[c], f.rounding, cap, maxu);
+        usum = _mm512_add_epi32(usum, qi);
+        anyu = _mm512_or_si512(anyu, qi);
+        packed = _mm512_or_si512(packed, _mm512_slli_epi32(_mm512_and_si512(qi, _mm512_set1_epi32(0xff)), 8 * c));
+    }
+    const __mmask16 nzm = _mm512_test_epi32_mask(anyu, anyu) & __mmask16(~bad);
+    // a NaN/Inf row: units 0, exponent kNanExp, scale NaN, correction 0 (see nan_block)
+    packed = _mm512_maskz_mov_epi32(__mmask16(~bad), packed);
+    _mm512_storeu_si512(a.u + i0 * 4, packed);
+    const __m512i kk = _mm512_sub_epi32(E, _mm512_set1_epi32(f.unit_shift));
+    const __m512i nrm = _mm512_slli_epi32(_mm512_add_epi32(kk, _mm512_set1_epi32(127)), 23);
+    const __m512i sbn = _mm512_sllv_epi32(_mm512_set1_epi32(1), _mm512_add_epi32(kk, _mm512_set1_epi32(149)));
+    __m512i sc = _mm512_mask_mov_epi32(sbn, _mm512_cmpge_epi32_mask(kk, _mm512_set1_epi32(-126)), nrm);
+    sc = _mm512_mask_mov_epi32(_mm512_castps_si512(_mm512_set1_ps(1.0f)), nzm, sc);
+    sc = _mm512_mask_mov_epi32(sc, bad, _mm512_castps_si512(_mm512_set1_ps(__builtin_nanf(""))));
+    _mm512_storeu_si512(a.scale + i0, sc);
+    if (a.corr)
+        _mm512_storeu_si512(a.corr + i0,
+                            _mm512_maskz_sub_epi32(__mmask16(~bad), _mm512_setzero_si512(), _mm512_slli_epi32(usum, 7)));
+    const __m512i Ew = _mm512_mask_mov_epi32(E, bad, _mm512_set1_epi32(kNanExp));
+    alignas(64) int32_t ev[16];
+    _mm512_store_si512(ev, Ew);
+    for (int r = 0; r < 16; ++r) a.E[i0 + r] = int16_t(ev[r]);
+    const __m512i mn = _mm512_loadu_si512(a.emin + i0), mx = _mm512_loadu_si512(a.emax + i0);
+    _mm512_storeu_si512(a.emin + i0, _mm512_mask_min_epi32(mn, nzm, mn, kk));
+    _mm512_storeu_si512(a.emax + i0, _mm512_mask_max_epi32(mx, nzm, mx, kk));
+}
+
 void quantize_rows(const QuantRowsArgs& a) {
     const FmtParams& f = *a.f;
     const int B = f.block, Bp = a.Bp, nbc = (a.C + B - 1) / B, nv = (Bp + 15) / 16;
     int64_t i_start = 0;
-    if (nv == 1 && B <= 16 && a.n >= 4) {
+    if (a.C >= 1 && a.C <= 4 && a.C <= B && Bp == 4 && a.xs == a.C && a.us == 4 && f.unit_shift - f.exp_max >= -126)
+        for (; i_start + 16 <= a.n; i_start += 16) quantize_tiny16(a, i_start);
+    if (nv == 1 && B <= 16 && a.n - i_start >= 4) {
         static const __m512i order = hmax16_order();
         while (i_start < a.n) {
             const int nr = int(a.n - i_start < 16 ? a.n - i_start : 16);
