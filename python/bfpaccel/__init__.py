@@ -8,6 +8,9 @@ Example:
     (2, 16)
 """
 
+from ._omp import load_core as _load_core
+
+_load_core()  # first: the OpenMP runtime reads its wait policy as the extension loads
 from . import reference
 from .core import (
     BfpTensor,
