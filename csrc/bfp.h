@@ -169,6 +169,11 @@ struct KernelDesc {
     // null: avx2::fake_quantize8_i.
     void (*fake_quantize_elems)(const float* x, int64_t n, const FmtParams& f, float* out,
                                 float (*fix)(const void* ctx, int64_t i), const void* ctx);
+    // The vector unit's exp/erf/tanh loops (ops/vmath.h) compiled for this kernel's ISA, the same
+    // bits as the portable build; null: the portable build. y[i] = R(f(x[i])), f a vm::VecFn.
+    void (*fn_row)(int fn, int vp, const float* x, float* y, int64_t n);
+    // softmax of one contiguous row (vm::softmax_row); null: the portable build
+    void (*softmax_row)(int vp, const float* s, float* d, int64_t L);
     bool simd() const { return gemm != nullptr; }   // every SIMD kernel's CPU has AVX2 + FMA + F16C
 };
 int kernel_count();
@@ -183,6 +188,11 @@ void quantize_rows(const QuantRowsArgs& a);
 void dwconv(const DwArgs& a);  // dw_avx512.cpp
 void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
                          float (*fix)(const void* ctx, int64_t i), const void* ctx);
+}  // namespace avx512
+
+namespace avx512 {  // ops/vmath.h's row loops compiled for AVX-512 (kernels/vec_avx512.cpp)
+void fn_row(int fn, int vp, const float* x, float* y, int64_t n);
+void softmax_row(int vp, const float* s, float* d, int64_t L);
 }  // namespace avx512
 
 namespace avx512emu {  // the same kernel on SIMDe, built only with BFPACCEL_AVX512_EMULATION
@@ -228,6 +238,9 @@ int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* uni
 // One row of a conv's output in the runtime: + bias, rounded; + residual, rounded;
 // activation (1 ReLU, 2 clip to [lo, hi]), rounded -- vp: 0 fp32, 1 fp16, 2 bf16 (F16C).
 void epilogue_row(float* d, const float* b, const float* r, int64_t n, int vp, int act, float lo, float hi);
+// ops/vmath.h's row loops compiled for AVX2 (kernels/vec_avx2.cpp)
+void fn_row(int fn, int vp, const float* x, float* y, int64_t n);
+void softmax_row(int vp, const float* s, float* d, int64_t L);
 // Eight one-element blocks of an int(p) format (deterministic rounding) -> their values;
 // returns the mask of lanes written (others need the scalar path).
 int fake_quantize8_i(const float* x, const FmtParams& f, float* out);

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include "../bfp.h"
+#include "../ops/vmath.h"
 
 namespace bfp {
 namespace avx2 {
@@ -66,6 +67,10 @@ void epilogue_row(float* d, const float* b, const float* r, int64_t n, int vp, i
     else if (vp == 2) epi<2>(d, b, r, n, act, lo, hi);
     else epi<0>(d, b, r, n, act, lo, hi);
 }
+
+// ops/vmath.h's loops, vectorised by the compiler for AVX2 (the same operations, so the same bits)
+void fn_row(int fn, int vp, const float* x, float* y, int64_t n) { vm::fn_row(fn, vp, x, y, n); }
+void softmax_row(int vp, const float* s, float* d, int64_t L) { vm::softmax_row(vp, s, d, L); }
 
 }  // namespace avx2
 }  // namespace bfp

@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "ops/vec.h"
+#include "ops/vmath.h"
 #include "runtime.h"
 
 namespace bfp {
@@ -65,16 +66,11 @@ static void binary_vp(int k, const float* A, const float* B, float* Y, const int
     }
 }
 
-// ONNX Gelu (opset 20) in fp32, in the order of the operator's function body: approximate="none"
-// 0.5 x * (1 + erf(x / sqrt(2))); approximate="tanh" 0.5 x * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-static inline float gelu(float x) {
-    const float sqrt2 = std::sqrt(2.0f);  // folded by the compiler (correctly rounded)
-    return (0.5f * x) * (1.0f + std::erf(x / sqrt2));
-}
-
+// ONNX Gelu (opset 20) approximate="tanh" in fp32, in the order of the operator's function body:
+// 0.5 x * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); Gelu approximate="none" is vm::gelu
 static inline float gelu_tanh(float x) {
     const float sqrt_2_over_pi = std::sqrt(0.636619747f);  // sqrt of the float nearest 2/pi
-    return (0.5f * x) * (1.0f + std::tanh(sqrt_2_over_pi * (x + 0.044715f * std::pow(x, 3.0f))));
+    return (0.5f * x) * (1.0f + vm::tanh(sqrt_2_over_pi * (x + 0.044715f * std::pow(x, 3.0f))));
 }
 
 // One element of a unary op: its function (k, with q's parameters) in fp32; the caller rounds
@@ -85,27 +81,39 @@ static inline float unary(int k, float x, const UnaryParams& q) {
         case kClip: return x != x ? x : std::min(std::max(x, q.lo), q.hi);
         case kSqrt: return std::sqrt(x);
         case kRecip: return 1.0f / x;
-        case kExp: return std::exp(x);
-        case kSigmoid: return 1.0f / (1.0f + std::exp(-x));
-        case kTanh: return std::tanh(x);
+        case kExp: return vm::exp(x);
+        case kSigmoid: return vm::sigmoid(x);
+        case kTanh: return vm::tanh(x);
         case kNeg: return -x;
         case kAbs: return std::fabs(x);
         case kLeakyRelu: return x >= 0.0f ? x : x * q.alpha;
         case kIdentity: return x;
         case kLog: return std::log(x);
-        case kErf: return std::erf(x);
+        case kErf: return vm::erf(x);
         case kHardSigmoid: return std::max(0.0f, std::min(1.0f, q.alpha * x + q.beta));
         case kHardSwish: return x * std::max(0.0f, std::min(1.0f, x / 6.0f + 0.5f));
-        case kSwish: return x / (1.0f + std::exp(-x));
+        case kSwish: return vm::swish(x);
         case kRsqrt: return 1.0f / std::sqrt(x);
         case kFloor: return std::floor(x);
         case kCeil: return std::ceil(x);
-        case kGelu: return gelu(x);
+        case kGelu: return vm::gelu(x);
         case kGeluTanh: return gelu_tanh(x);
         default: return x;
     }
 }
 
+// the row-loop function (vm::VecFn) of unary op k, -1 if none
+static int vec_fn(int k) {
+    switch (k) {
+        case kExp: return vm::kFnExp;
+        case kErf: return vm::kFnErf;
+        case kTanh: return vm::kFnTanh;
+        case kSigmoid: return vm::kFnSigmoid;
+        case kSwish: return vm::kFnSwish;
+        case kGelu: return vm::kFnGelu;
+        default: return -1;
+    }
+}
 
 static void validate_binary(const Program& p, const Op& op, OpCheck& c) {
     const BinaryParams& q = op.get<BinaryParams>();
@@ -154,6 +162,16 @@ static void exec_unary(Program& p, const Op& op) {
     const float* x = p.buf(op.in[0]);
     float* y = p.buf(op.out[0]);
     const int k = q.op;
+    const int fn = vec_fn(k);
+    if (fn >= 0) {  // exp, erf, tanh and the functions built on them: the kernel's vector loop
+        const KernelDesc& kd = current_kernel();
+        const auto row = kd.fn_row ? kd.fn_row : vm::fn_row;
+        const int vp = p.vec_prec();
+        const int64_t chunk = 16384, nc = (n + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(n))
+        for (int64_t c = 0; c < nc; ++c) row(fn, vp, x + c * chunk, y + c * chunk, std::min(chunk, n - c * chunk));
+        return;
+    }
     with_vp(p.vec_prec(), [&](auto V) {
         constexpr int vp = decltype(V)::value;
         if (k == kRelu) {

@@ -11,6 +11,7 @@
 
 #include "op_kinds.h"
 #include "ops/vec.h"
+#include "ops/vmath.h"
 
 namespace bfp {
 
@@ -18,21 +19,21 @@ static inline float mn(float a, float b) { return b < a ? b : a; }
 static inline float mx(float a, float b) { return a < b ? b : a; }
 
 // ---------------------------------------------------------------- activations
-// The activation functions in fp32 (ONNX's definitions; exp, tanh and log from the C library,
-// as the elementwise ops); the caller rounds the result.
+// The activation functions in fp32 (ONNX's definitions; exp and tanh are ops/vmath.h's, as in
+// the elementwise ops, log the C library's); the caller rounds the result.
 static inline float act_f32(int k, float x, float a, float b) {
     switch (k) {
-        case kRnnSigmoid: return 1.0f / (1.0f + expf(-x));
-        case kRnnTanh: return tanhf(x);
+        case kRnnSigmoid: return vm::sigmoid(x);
+        case kRnnTanh: return vm::tanh(x);
         case kRnnRelu: return x > 0.0f ? x : (x != x ? x : 0.0f);
         case kRnnHardSigmoid: return x != x ? x : mx(0.0f, mn(1.0f, a * x + b));
         case kRnnLeakyRelu: return x >= 0.0f ? x : x * a;
         case kRnnAffine: return a * x + b;
         case kRnnThresholdedRelu: return x > a ? x : 0.0f;
-        case kRnnScaledTanh: return a * tanhf(b * x);
-        case kRnnElu: return x >= 0.0f ? x : a * (expf(x) - 1.0f);
+        case kRnnScaledTanh: return a * vm::tanh(b * x);
+        case kRnnElu: return x >= 0.0f ? x : a * (vm::exp(x) - 1.0f);
         case kRnnSoftsign: return x / (1.0f + fabsf(x));
-        case kRnnSoftplus: return logf(1.0f + expf(x));
+        case kRnnSoftplus: return logf(1.0f + vm::exp(x));
         default: return x;
     }
 }

@@ -1,5 +1,5 @@
-// Softmax and LogSoftmax of (outer, L, inner) along L: max-subtracted, float32 sums, the result
-// rounded to the vector precision.
+// Softmax and LogSoftmax of (outer, L, inner) along L: max-subtracted, float32 sums in order, the
+// result rounded to the vector precision; exp is vm::exp (ops/vmath.h), log the C library's.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "ops/vec.h"
+#include "ops/vmath.h"
 #include "runtime.h"
 
 namespace bfp {
@@ -26,9 +27,17 @@ static void exec_softmax(Program& p, const Op& op) {
     const float* x = p.buf(op.in[0]);
     float* y = p.buf(op.out[0]);
     const bool logsm = q.log;
-    with_vp(p.vec_prec(), [&](auto V) {
+    const int vpr = p.vec_prec();
+    if (!logsm && inner == 1) {  // rows contiguous: the kernel's vector loop, one row at a time
+        const KernelDesc& kd = current_kernel();
+        const auto row = kd.softmax_row ? kd.softmax_row : vm::softmax_row;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(outer * L * 2))
+        for (int64_t o = 0; o < outer; ++o) row(vpr, x + o * L, y + o * L, L);
+        return;
+    }
+    with_vp(vpr, [&](auto V) {
         constexpr int vp = decltype(V)::value;
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(outer * L * inner * 8))
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(outer * L * inner * 2))
         for (int64_t oi = 0; oi < outer * inner; ++oi) {
             const int64_t o = oi / inner, i = oi % inner;
             const float* s = x + o * L * inner + i;
@@ -36,12 +45,12 @@ static void exec_softmax(Program& p, const Op& op) {
             float m = -std::numeric_limits<float>::infinity();
             for (int64_t l = 0; l < L; ++l) m = std::max(m, s[l * inner]);
             float sum = 0.0f;
-            for (int64_t l = 0; l < L; ++l) sum = sum + std::exp(s[l * inner] - m);
+            for (int64_t l = 0; l < L; ++l) sum = sum + vm::exp(s[l * inner] - m);
             if (logsm) {
                 const float ls = std::log(sum);
                 for (int64_t l = 0; l < L; ++l) d[l * inner] = R<vp>((s[l * inner] - m) - ls);
             } else {
-                for (int64_t l = 0; l < L; ++l) d[l * inner] = R<vp>(std::exp(s[l * inner] - m) / sum);
+                for (int64_t l = 0; l < L; ++l) d[l * inner] = R<vp>(vm::exp(s[l * inner] - m) / sum);
             }
         }
     });

@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from . import vmath
 from .formats import NAN_EXPONENT, Format, get_format
 
 __all__ = [
@@ -445,8 +446,9 @@ def conv2d(
 # ONNX LSTM / GRU on the datapath (docs/numerics.md#recurrent-cells): the matrix products on
 # the BFP datapath (weights quantized once, blocked along K per output row; h quantized as an
 # activation every step), the gate arithmetic as separate vector ops, each result rounded once to
-# the vector precision. exp, tanh and log are the C library's float32 functions, as in the C++
-# core (its vector ops call them), so the reference gives the same bits.
+# the vector precision. exp and tanh are the vector unit's own float32 functions
+# (bfpaccel.vmath, the core's bits on every platform); log is the C library's float32 logf, as
+# in the C++ core.
 
 _LIBM = None
 
@@ -458,17 +460,14 @@ def _libm():
         import ctypes.util
 
         lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-        fns = {}
-        for name in ("expf", "tanhf", "logf"):
-            f = getattr(lib, name)
-            f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
-            fns[name] = f
-        _LIBM = fns
+        f = lib.logf
+        f.restype, f.argtypes = ctypes.c_float, [ctypes.c_float]
+        _LIBM = {"logf": f}
     return _LIBM
 
 
 def _libm_map(name: str, x: np.ndarray) -> np.ndarray:
-    """The C library's float32 function ``name`` applied to every element of ``x``."""
+    """The C library's float32 function ``name`` (``logf``) applied to every element of ``x``."""
     f = _libm()[name]
     x = np.asarray(x, np.float32)
     return np.array([f(float(v)) for v in x.ravel()], np.float32).reshape(x.shape)
@@ -494,9 +493,9 @@ def rnn_activation(name: str, x: np.ndarray, alpha: float = 0.0, beta: float = 0
     one = f32(1.0)
     with np.errstate(all="ignore"):
         if name == "Sigmoid":
-            return (one / (one + _libm_map("expf", -x))).astype(f32)
+            return vmath.sigmoid(x)
         if name == "Tanh":
-            return _libm_map("tanhf", x)
+            return vmath.tanh(x)
         if name == "Relu":
             return np.where(x > 0, x, np.where(np.isnan(x), x, f32(0))).astype(f32)
         if name == "HardSigmoid":
@@ -508,13 +507,13 @@ def rnn_activation(name: str, x: np.ndarray, alpha: float = 0.0, beta: float = 0
         if name == "ThresholdedRelu":
             return np.where(x > a, x, f32(0)).astype(f32)
         if name == "ScaledTanh":
-            return (a * _libm_map("tanhf", (b * x).astype(f32))).astype(f32)
+            return (a * vmath.tanh((b * x).astype(f32))).astype(f32)
         if name == "Elu":
-            return np.where(x >= 0, x, (a * (_libm_map("expf", x) - one)).astype(f32)).astype(f32)
+            return np.where(x >= 0, x, (a * (vmath.exp(x) - one)).astype(f32)).astype(f32)
         if name == "Softsign":
             return (x / (one + np.abs(x))).astype(f32)
         if name == "Softplus":
-            return _libm_map("logf", (one + _libm_map("expf", x)).astype(f32))
+            return _libm_map("logf", (one + vmath.exp(x)).astype(f32))
     raise ValueError(f"unknown RNN activation {name!r} (known: {', '.join(RNN_ACTIVATIONS)})")
 
 

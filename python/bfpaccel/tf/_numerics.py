@@ -13,7 +13,8 @@
   (``W * gamma / sqrt(var + eps)``, the shift joins the bias); any other batch norm is an affine
   vector op ``round(x * s + t)`` with ``s``, ``t`` from the same float64 formula;
 * **vector ops** in float32, each result rounded to the vector precision: reductions and pools
-  sum in order (first element first), softmax with the C library's ``expf``.
+  sum in order (first element first), softmax with the vector unit's own float32 ``exp``
+  (:mod:`bfpaccel.vmath`).
 
 Each function here reproduces one of these exactly, so a TensorFlow graph made of them
 computes what the plan computes. Rounding to the vector precision is the runtime's own
@@ -22,9 +23,6 @@ computes what the plan computes. Rounding to the vector precision is the runtime
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import hashlib
 import threading
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
@@ -415,34 +413,17 @@ def max_pool_round(y: np.ndarray, vp: str) -> np.ndarray:
     return round_vp(y, vp)
 
 
-@functools.lru_cache(maxsize=1)
-def _libm_expf() -> Optional[Callable[[float], float]]:
-    name = ctypes.util.find_library("m")
-    try:
-        lib = ctypes.CDLL(name) if name else ctypes.CDLL("libm.so.6")
-        fn = lib.expf
-    except (OSError, AttributeError):
-        return None
-    fn.restype = ctypes.c_float
-    fn.argtypes = [ctypes.c_float]
-    return fn
-
-
 def expf(x: np.ndarray) -> np.ndarray:
-    """float32 ``exp`` of the C library that the runtime calls (``expf``); numpy's float32 exp
-    where the C library cannot be loaded (then softmax may differ in the last bit)."""
-    x = _f32(x)
-    fn = _libm_expf()
-    if fn is None:
-        return np.exp(x)
-    flat = x.reshape(-1)
-    out = np.fromiter((fn(float(v)) for v in flat), dtype=F32, count=flat.size)
-    return out.reshape(x.shape)
+    """float32 ``exp`` as the runtime's vector unit computes it (:func:`bfpaccel.vmath.exp`, the
+    same bits on every platform)."""
+    from .. import vmath
+
+    return vmath.exp(_f32(x))
 
 
 def softmax(x: np.ndarray, vp: str, axis: int = -1) -> np.ndarray:
     """The plan's softmax along ``axis``: max, then ``sum += expf(x - max)`` in order, then
-    ``round(expf(x - max) / sum)``."""
+    ``round(expf(x - max) / sum)`` (``expf``: :func:`expf`)."""
     x = np.moveaxis(_f32(x), axis, -1)
     m = np.max(x, axis=-1, keepdims=True)
     e = expf(np.subtract(x, m, dtype=F32))

@@ -435,7 +435,7 @@ def vector_spatial_mean(x: Any, vector_precision: str = "fp16", name: Optional[s
 
 
 def vector_softmax(x: Any, vector_precision: str = "fp16", name: Optional[str] = None) -> Any:
-    """Softmax over the last axis as the plan computes it (C library ``expf``, sums in order),
+    """Softmax over the last axis as the plan computes it (the vector unit's ``exp``, sums in order),
     rounded."""
     vp = nm.check_vector_precision(vector_precision, None)
     return _unary_vector(x, lambda v: nm.softmax(v, vp), tf.nn.softmax, "softmax", {"vector_precision": vp}, None,
