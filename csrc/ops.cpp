@@ -1,6 +1,7 @@
 // Operators: threads and kernel choice, tensor quantization, operands, GEMM and conv drivers,
 // and the exact scalar datapath (the "scalar" kernel, and the fallback of the SIMD ones).
 #include "ops.h"
+#include "pool.h"
 
 #include <omp.h>
 
@@ -143,13 +144,15 @@ template <class Fn>
 static void for_each_block(int64_t outer, int64_t K, int64_t inner, int block, Fn fn) {
     const int64_t nb = (K + block - 1) / block;
     const int64_t total = outer * nb * inner;
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (total * block > 32768)
-    for (int64_t i = 0; i < total; ++i) {
-        const int64_t o = i / (nb * inner), b = (i / inner) % nb, in = i % inner;
-        const int64_t k0 = b * block;
-        const int n = int(K - k0 < block ? K - k0 : block);
-        fn(o, b, in, (o * K + k0) * inner + in, n);
-    }
+    parallel_ranges(total * block > 32768 ? num_threads() : 1, total, std::max<int64_t>(1, 8192 / block),
+                    [&](int64_t lo, int64_t hi) {
+                        for (int64_t i = lo; i < hi; ++i) {
+                            const int64_t o = i / (nb * inner), b = (i / inner) % nb, in = i % inner;
+                            const int64_t k0 = b * block;
+                            const int n = int(K - k0 < block ? K - k0 : block);
+                            fn(o, b, in, (o * K + k0) * inner + in, n);
+                        }
+                    });
 }
 
 void quantize_tensor(const float* x, int64_t outer, int64_t K, int64_t inner, const FmtParams& f, uint64_t seed,
@@ -205,12 +208,11 @@ void fake_quantize_elements(const float* x, int64_t n, const FmtParams& f, uint6
         const KernelDesc& k = current_kernel();
         constexpr int64_t kChunk = 16384;
         const int64_t nchunk = (n + kChunk - 1) / kChunk;
-#pragma omp parallel for num_threads(num_threads()) schedule(dynamic) if (n > 32768)
-        for (int64_t c = 0; c < nchunk; ++c) {
+        parallel_for(n > 32768 ? num_threads() : 1, nchunk, [&](int64_t c) {
             const int64_t i0 = c * kChunk, len = std::min<int64_t>(kChunk, n - i0);
             const ElemFix ctx{x, &f, seed, i0};
             k.fake_quantize_elems(x + i0, len, f, out + i0, fix_element, &ctx);
-        }
+        });
         return;
     }
     if (!current_kernel().simd() || !simd_elements(f)) {
@@ -218,16 +220,17 @@ void fake_quantize_elements(const float* x, int64_t n, const FmtParams& f, uint6
         return;
     }
     const int64_t n8 = n / 8;
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (n > 32768)
-    for (int64_t c = 0; c < n8 + 1; ++c) {
-        const int64_t i0 = c * 8, len = std::min<int64_t>(8, n - i0);
-        if (len <= 0) continue;
-        int m = 0;
-        if (len == 8) m = avx2::fake_quantize8_i(x + i0, f, out + i0);
-        const ElemFix ctx{x, &f, seed, i0};
-        for (int j = 0; j < len; ++j)
-            if (!(m >> j & 1)) out[i0 + j] = fix_element(&ctx, j);
-    }
+    parallel_ranges(n > 32768 ? num_threads() : 1, n8 + 1, 1024, [&](int64_t lo, int64_t hi) {
+        for (int64_t c = lo; c < hi; ++c) {
+            const int64_t i0 = c * 8, len = std::min<int64_t>(8, n - i0);
+            if (len <= 0) continue;
+            int m = 0;
+            if (len == 8) m = avx2::fake_quantize8_i(x + i0, f, out + i0);
+            const ElemFix ctx{x, &f, seed, i0};
+            for (int j = 0; j < len; ++j)
+                if (!(m >> j & 1)) out[i0 + j] = fix_element(&ctx, j);
+        }
+    });
 }
 
 void dequantize_tensor(const int8_t* codes, const int16_t* exps, int64_t outer, int64_t K, int64_t inner,
@@ -302,20 +305,21 @@ void Operand::build_rows_from_float(const float* x, int64_t rows, int64_t Kdim, 
         emin.assign(size_t(R), INT32_MAX);
         emax.assign(size_t(R), INT32_MIN);
         const int64_t chunk = 16;
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (R * K > 32768)
-        for (int64_t r0 = 0; r0 < R; r0 += chunk) {
+        parallel_for(R * K > 32768 ? num_threads() : 1, (R + chunk - 1) / chunk, [&](int64_t ci) {
+            const int64_t r0 = ci * chunk;
             const int64_t n = std::min<int64_t>(chunk, R - r0);
             const QuantRowsArgs qa{x + r0 * K, n, K, int(K), &f, Bp, u8.data() + r0 * rlen, rlen,
                                    exp.data() + r0 * nbt, scale.data() + r0 * nbt, corr.data() + r0 * nbt,
                                    emin.data() + r0, emax.data() + r0};
             k.quantize_rows(qa);
-        }
+        });
         extras_ready = true;
         return;
     }
     const int64_t total = R * nbt;
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (total * f.block > 32768)
-    for (int64_t i = 0; i < total; ++i) {
+    parallel_ranges(total * f.block > 32768 ? num_threads() : 1, total, std::max<int64_t>(1, 8192 / f.block),
+                    [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
         const int64_t r = i / nbt, bt = i % nbt, k0 = bt * f.block;
         const int n = int(K - k0 < f.block ? K - k0 : f.block);
         const uint64_t idx0 = uint64_t(r * K + k0);
@@ -325,6 +329,7 @@ void Operand::build_rows_from_float(const float* x, int64_t rows, int64_t Kdim, 
             exp[i] = quantize_block(x + r * K + k0, 1, n, idx0, 1, f, seed, u64.data() + r * rlen + bt * Bp);
         }
     }
+                    });
 }
 
 std::shared_ptr<Operand> quantize_rows(const float* x, int64_t rows, int64_t K, const FmtParams& f, uint64_t seed) {
@@ -724,18 +729,18 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
     } else if (fast && nhwc && k.quantize_rows && !rows16 && Bp <= 128 && fx.kind == kInt) {
         // the kernel's row quantizer, one input row of pixels at a time (contiguous in NHWC,
         // consecutive in the padded layout)
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (NG * HW * Cg > 16384)
-        for (int64_t row = 0; row < NG * H; ++row) {
+        parallel_for(NG * HW * Cg > 16384 ? num_threads() : 1, NG * H, [&](int64_t row) {
             const int64_t ng = row / H, xh = row % H, n = ng / G, gi = ng % G;
             const int64_t ppix = ng * npix + (xh + g.pt) * Wp + g.pl;
             const QuantRowsArgs qa{x + ((n * H + xh) * W) * C + gi * Cg, W, C, int(Cg), &fx, Bp,
                                    a8.data() + ppix * plen, plen, ae.data() + ppix * nbc, as.data() + ppix * nbc,
                                    ac.data() + ppix * nbc, amin.data() + ppix, amax.data() + ppix};
             k.quantize_rows(qa);
-        }
+        });
     } else {
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
-        for (int64_t pix = 0; pix < NG * HW; ++pix) {
+        parallel_ranges(num_threads(), NG * HW, std::max<int64_t>(1, 4096 / std::max<int64_t>(Cg, 1)),
+                        [&](int64_t lo, int64_t hi) {
+        for (int64_t pix = lo; pix < hi; ++pix) {
             const int64_t xw = pix % W, xh = (pix / W) % H, ng = pix / HW, n = ng / G, gi = ng % G;
             const int64_t ppix = ng * npix + (xh + g.pt) * Wp + (xw + g.pl);
             int64_t units[4096];
@@ -762,6 +767,7 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
                 }
             }
         }
+                        });
     }
 
     // rows: output pixel p's tap t reads padded pixel roff[p] + toff[t]. Channels-last without

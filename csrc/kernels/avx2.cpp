@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "../bfp.h"
+#include "../pool.h"
 
 namespace bfp {
 namespace avx2 {

@@ -27,6 +27,7 @@
 #include <cstring>
 
 #include "../bfp.h"
+#include "../pool.h"
 
 namespace bfp {
 namespace BFP_AVX512_NS {

@@ -6,6 +6,7 @@
 
 #include "ops/vec.h"
 #include "ops/vmath.h"
+#include "pool.h"
 #include "runtime.h"
 
 namespace bfp {
@@ -168,8 +169,8 @@ static void exec_unary(Program& p, const Op& op) {
         const auto row = kd.fn_row ? kd.fn_row : vm::fn_row;
         const int vp = p.vec_prec();
         const int64_t chunk = 16384, nc = (n + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(n))
-        for (int64_t c = 0; c < nc; ++c) row(fn, vp, x + c * chunk, y + c * chunk, std::min(chunk, n - c * chunk));
+        parallel_for(par(n) ? num_threads() : 1, nc,
+                     [&](int64_t c) { row(fn, vp, x + c * chunk, y + c * chunk, std::min(chunk, n - c * chunk)); });
         return;
     }
     with_vp(p.vec_prec(), [&](auto V) {

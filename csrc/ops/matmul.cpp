@@ -11,10 +11,14 @@
 #include <memory>
 #include <vector>
 
+#include "ops.h"
 #include "ops/vec.h"
 #include "runtime.h"
 
 namespace bfp {
+
+// below this many multiply-adds (all matrices of the op together) a MatMul runs single-threaded
+constexpr int64_t kMatMulParallelMacs = int64_t(1) << 25;
 
 static void validate_matmul(const Program& p, const Op& op, OpCheck& c) {
     const MatMulParams& q = op.get<MatMulParams>();
@@ -123,6 +127,15 @@ static void exec_matmul(Program& p, const Op& op) {
     float* Y = p.buf(op.out[0]);
     if (M == 0 || N == 0 || batches == 0) return;
     const int64_t nb = (K + f.block - 1) / f.block;
+    // A small product (attention at short sequences: a few million multiply-adds) runs on this
+    // thread alone: each parallel region is a fork and a join, and on a loaded machine a join
+    // waits for a descheduled thread far longer than the op takes. Larger ones share the
+    // threads; their loops below run each matrix on one thread under this thread's kernel and
+    // thread settings (ExecScope: they are per thread). The bits do not depend on the threads.
+    const KernelDesc& kern = current_kernel();
+    const bool small = double(batches) * double(M) * double(K) * double(N) < double(kMatMulParallelMacs);
+    ExecScope serial(nullptr, small ? 1 : 0);
+    const int nthreads = num_threads();
     // A: every row of every matrix, blocked along k; stochastic bits indexed by A's flat index
     std::vector<int8_t> ac(size_t(q.a_count * M * K));
     std::vector<int16_t> ae(size_t(q.a_count * M * nb));
@@ -153,6 +166,7 @@ static void exec_matmul(Program& p, const Op& op) {
 #pragma omp parallel for num_threads(num_threads()) schedule(dynamic) if (nops > 2 && par(M * K + K * N))
     for (int64_t t = 0; t < nops; ++t) {
         try {
+            ExecScope scope(&kern, nthreads);
             if (t < q.a_count) {
                 aop[size_t(t)] = make_operand(ac.data() + t * M * K, ae.data() + t * M * nb, {M, K}, f, "rows", 1, 1);
             } else {
@@ -171,6 +185,7 @@ static void exec_matmul(Program& p, const Op& op) {
 #pragma omp parallel for num_threads(num_threads()) schedule(dynamic) if (batches > 1 && par(M * K * N))
     for (int64_t j = 0; j < batches; ++j) {
         try {
+            ExecScope scope(&kern, nthreads);
             int64_t ai, bi;
             batch_operands(q, j, &ai, &bi);
             gemm(*aop[size_t(ai)], *bop[size_t(bi)], Y + j * M * N);

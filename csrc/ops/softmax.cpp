@@ -8,6 +8,7 @@
 
 #include "ops/vec.h"
 #include "ops/vmath.h"
+#include "pool.h"
 #include "runtime.h"
 
 namespace bfp {
@@ -31,8 +32,11 @@ static void exec_softmax(Program& p, const Op& op) {
     if (!logsm && inner == 1) {  // rows contiguous: the kernel's vector loop, one row at a time
         const KernelDesc& kd = current_kernel();
         const auto row = kd.softmax_row ? kd.softmax_row : vm::softmax_row;
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(outer * L * 2))
-        for (int64_t o = 0; o < outer; ++o) row(vpr, x + o * L, y + o * L, L);
+        // rows handed out by parallel_ranges (pool.h): no join on a thread that has not started
+        parallel_ranges(par(outer * L * 2) ? num_threads() : 1, outer, std::max<int64_t>(1, 8192 / std::max<int64_t>(L, 1)),
+                        [&](int64_t lo, int64_t hi) {
+                            for (int64_t o = lo; o < hi; ++o) row(vpr, x + o * L, y + o * L, L);
+                        });
         return;
     }
     with_vp(vpr, [&](auto V) {

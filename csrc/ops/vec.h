@@ -55,7 +55,9 @@ static void with_vp(int vp, F&& f) {
     else f(std::integral_constant<int, kVecFp32>{});
 }
 
-// enough work to share among threads
-static inline bool par(int64_t work) { return work > 32768; }
+// enough work to share among threads: a parallel region is a fork and a join, and on a machine
+// shared with other processes the join waits for a descheduled thread (milliseconds), so loops
+// of under ~a megabyte of memory traffic run on the calling thread
+static inline bool par(int64_t work) { return work > (int64_t(1) << 18); }
 
 }  // namespace bfp

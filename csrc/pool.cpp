@@ -1,0 +1,137 @@
+// parallel_items (pool.h): persistent helper threads that claim loop items from a counter.
+#include "pool.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace bfp {
+
+namespace {
+
+thread_local bool t_in_item = false;  // this thread runs an item: a nested loop runs inline
+
+struct Pool {
+    // the current loop (valid while `active`)
+    void (*fn)(void*, int64_t) = nullptr;
+    void* ctx = nullptr;
+    int64_t n = 0;
+    std::atomic<int> helpers{0};       // helpers 0 .. helpers-1 take part
+    std::atomic<int64_t> next{0};      // the next unclaimed item
+    std::atomic<int64_t> done{0};      // items finished
+    std::atomic<int> inside{0};        // helpers between entering and leaving the loop
+    std::atomic<bool> active{false};
+    std::atomic<uint64_t> gen{0};      // bumped for every loop
+    std::exception_ptr err;
+    std::mutex err_mu;
+
+    std::mutex mu;                     // sleeping helpers wait on cv
+    std::condition_variable cv;
+    std::mutex busy;                   // one loop at a time
+    std::vector<std::thread> threads;
+
+    void run_items() {
+        for (;;) {
+            const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+            if (i >= n) return;
+            try {
+                fn(ctx, i);
+            } catch (...) {
+                std::lock_guard<std::mutex> lk(err_mu);
+                if (!err) err = std::current_exception();
+            }
+            done.fetch_add(1, std::memory_order_release);
+        }
+    }
+
+    void helper(int id) {
+        uint64_t seen = 0;
+        for (;;) {
+            // wait for a new loop: spin a little (the next layer follows soon), then sleep
+            uint64_t g = gen.load(std::memory_order_acquire);
+            for (int spin = 0; g == seen && spin < 20000; ++spin) {
+#if defined(__x86_64__) || defined(__i386__)
+                __builtin_ia32_pause();
+#endif
+                g = gen.load(std::memory_order_acquire);
+            }
+            if (g == seen) {
+                std::unique_lock<std::mutex> lk(mu);
+                cv.wait(lk, [&] { return gen.load(std::memory_order_acquire) != seen; });
+                g = gen.load(std::memory_order_acquire);
+            }
+            seen = g;
+            // sequentially consistent: either the caller sees this helper inside, or the helper
+            // sees the loop inactive (the caller waits for `inside` after clearing `active`)
+            inside.fetch_add(1);
+            if (active.load() && gen.load() == g && id < helpers.load()) {
+                t_in_item = true;
+                run_items();
+                t_in_item = false;
+            }
+            inside.fetch_sub(1);
+        }
+    }
+};
+
+Pool& pool() {
+    static Pool* p = new Pool();  // never destroyed: helpers may still be waiting at exit
+    return *p;
+}
+
+}  // namespace
+
+void parallel_items(int nt, int64_t n, void (*fn)(void* ctx, int64_t i), void* ctx) {
+    if (n <= 0) return;
+    Pool& P = pool();
+    std::unique_lock<std::mutex> own(P.busy, std::defer_lock);
+    if (nt <= 1 || n == 1 || t_in_item || !own.try_lock()) {
+        for (int64_t i = 0; i < n; ++i) fn(ctx, i);
+        return;
+    }
+    const int helpers = int(std::min<int64_t>(nt - 1, n - 1));
+    while (int(P.threads.size()) < helpers) {
+        const int id = int(P.threads.size());
+        P.threads.emplace_back([&P, id] { P.helper(id); });
+        P.threads.back().detach();
+    }
+    P.fn = fn;
+    P.ctx = ctx;
+    P.n = n;
+    P.helpers.store(helpers);
+    P.err = nullptr;
+    P.next.store(0, std::memory_order_relaxed);
+    P.done.store(0, std::memory_order_relaxed);
+    P.active.store(true);
+    {
+        std::lock_guard<std::mutex> lk(P.mu);
+        P.gen.fetch_add(1, std::memory_order_acq_rel);
+    }
+    P.cv.notify_all();
+    t_in_item = true;
+    P.run_items();
+    t_in_item = false;
+    // every item is claimed; wait for the ones still running on helpers
+    for (int spin = 0; P.done.load(std::memory_order_acquire) < n; ++spin) {
+        if (spin < 4096) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        } else {
+            std::this_thread::yield();  // the item's thread was descheduled: let it run
+        }
+    }
+    P.active.store(false);
+    while (P.inside.load() != 0) std::this_thread::yield();
+    std::exception_ptr e = P.err;
+    P.err = nullptr;
+    own.unlock();
+    if (e) std::rethrow_exception(e);
+}
+
+}  // namespace bfp
