@@ -22,6 +22,19 @@ static inline float bin(float a, float b) {
     else return std::pow(a, b);
 }
 
+// One row of a binary op: y[i] = R(a[i] op b[i * ib]) (ib 0: b broadcast). Compiled for AVX-512,
+// AVX2 and baseline x86-64 and chosen by the CPU: the same IEEE operations, so the same bits.
+template <int K, int VP>
+__attribute__((target_clones("avx512f", "avx2", "default"))) static void bin_row(const float* a, const float* b,
+                                                                                   int64_t ib, float* y, int64_t n) {
+    if (ib == 1) {
+        for (int64_t i = 0; i < n; ++i) y[i] = R<VP>(bin<K>(a[i], b[i]));
+    } else {
+        const float bv = b[0];
+        for (int64_t i = 0; i < n; ++i) y[i] = R<VP>(bin<K>(a[i], bv));
+    }
+}
+
 template <int K, int VP>
 static void binary_t(const float* A, const float* B, float* Y, const int64_t* shape, const int64_t* sa,
                      const int64_t* sb, int rank) {
@@ -41,11 +54,8 @@ static void binary_t(const float* A, const float* B, float* Y, const int64_t* sh
         const float* a = A + oa;
         const float* b = B + ob;
         float* y = Y + r * inner;
-        if (ia == 1 && ib == 1) {
-            for (int64_t i = 0; i < inner; ++i) y[i] = R<VP>(bin<K>(a[i], b[i]));
-        } else if (ia == 1 && ib == 0) {
-            const float bv = b[0];
-            for (int64_t i = 0; i < inner; ++i) y[i] = R<VP>(bin<K>(a[i], bv));
+        if (K != kPow && ia == 1 && (ib == 1 || ib == 0)) {
+            bin_row<K, VP>(a, b, ib, y, inner);
         } else {
             for (int64_t i = 0; i < inner; ++i) y[i] = R<VP>(bin<K>(a[i * ia], b[i * ib]));
         }

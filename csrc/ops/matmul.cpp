@@ -137,14 +137,17 @@ static void exec_matmul(Program& p, const Op& op) {
     ExecScope serial(nullptr, small ? 1 : 0);
     const int nthreads = num_threads();
     // A: every row of every matrix, blocked along k; stochastic bits indexed by A's flat index
-    std::vector<int8_t> ac(size_t(q.a_count * M * K));
-    std::vector<int16_t> ae(size_t(q.a_count * M * nb));
-    quantize_tensor(p.buf(op.in[0]), q.a_count * M, K, 1, f, p.seed(), ac.data(), ae.data());
+    // (deterministic rounding: each matrix's rows straight to the kernel's operand, as a dense
+    // layer's activations -- the same blocks, no intermediate codes)
+    const bool stochastic = f.rounding == kStochastic;
+    std::vector<int8_t> ac(stochastic ? size_t(q.a_count * M * K) : 0);
+    std::vector<int16_t> ae(stochastic ? size_t(q.a_count * M * nb) : 0);
+    if (stochastic) quantize_tensor(p.buf(op.in[0]), q.a_count * M, K, 1, f, p.seed(), ac.data(), ae.data());
+    const float* A = p.buf(op.in[0]);
     // B: every column blocked along k. Deterministic rounding quantizes the columns as contiguous
     // rows of B^T (the fast path); stochastic rounding indexes the bits by B's logical [k][n]
     // flat index, whatever its storage
     const float* B = p.buf(op.in[1]);
-    const bool stochastic = f.rounding == kStochastic;
     const bool need_t = stochastic == q.b_transposed;  // the storage differs from what is quantized
     std::vector<float> bt;
     if (need_t) {
@@ -168,7 +171,9 @@ static void exec_matmul(Program& p, const Op& op) {
         try {
             ExecScope scope(&kern, nthreads);
             if (t < q.a_count) {
-                aop[size_t(t)] = make_operand(ac.data() + t * M * K, ae.data() + t * M * nb, {M, K}, f, "rows", 1, 1);
+                aop[size_t(t)] = stochastic ? make_operand(ac.data() + t * M * K, ae.data() + t * M * nb, {M, K}, f,
+                                                           "rows", 1, 1)
+                                            : quantize_rows(A + t * M * K, M, K, f, p.seed());
             } else {
                 const int64_t i = t - q.a_count;
                 const int8_t* c = bc.data() + i * K * N;

@@ -183,8 +183,17 @@ static inline void fn_row(int fn, int vp, const float* x, float* y, int64_t n) {
 // std::max(m, s)), e_l = exp(s_l - m) kept in d, sum = ((e_0 + e_1) + ...) in order, d_l = R(e_l / sum)
 template <int VP>
 static void softmax_row_t(const float* s, float* d, int64_t L) {
+    // the maximum in 16 running lanes, then across them: the maximum of one running comparison
+    // up to the sign of a zero maximum, on which no result depends (s - (+0) and s - (-0) differ
+    // only for s = -0, and exp(+0) = exp(-0) = 1)
+    float lane[16];
+    for (int j = 0; j < 16; ++j) lane[j] = -__builtin_inff();
+    int64_t l = 0;
+    for (; l + 16 <= L; l += 16)
+        for (int j = 0; j < 16; ++j) lane[j] = lane[j] < s[l + j] ? s[l + j] : lane[j];
     float m = -__builtin_inff();
-    for (int64_t l = 0; l < L; ++l) m = m < s[l] ? s[l] : m;
+    for (int j = 0; j < 16; ++j) m = m < lane[j] ? lane[j] : m;
+    for (; l < L; ++l) m = m < s[l] ? s[l] : m;
     for (int64_t l = 0; l < L; ++l) d[l] = exp(s[l] - m);
     float sum = 0.0f;
     for (int64_t l = 0; l < L; ++l) sum = sum + d[l];
