@@ -5,7 +5,7 @@ once to the vector precision, as every vector op does.  Checked on a transformer
 (MatMul on the BFP core -> Gelu -> LayerNormalization) for every format and vector precision:
 
 * the fused ops at vector precision fp32 equal the function bodies run as separate ops (same
-  order, same libm), bit for bit; LayerNormalization equals a numpy float32 reference in the
+  order, same exp and erf), bit for bit; LayerNormalization equals a numpy float32 reference in the
   same order, bit for bit;
 * at fp16 / bf16 each result is the fp32 result rounded once (RNE), bit for bit;
 * everything is within the vector precision's tolerance of a float64 reference, and of

@@ -1,5 +1,6 @@
-// Softmax and LogSoftmax of (outer, L, inner) along L: max-subtracted, float32 sums in order, the
-// result rounded to the vector precision; exp is vm::exp (ops/vmath.h), log the C library's.
+// Softmax and LogSoftmax of (outer, L, inner) along L: max-subtracted, float32 sums in 16 lanes
+// (vm::softmax_row's order), the result rounded to the vector precision; exp is vm::exp
+// (ops/vmath.h), log the C library's.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -48,8 +49,9 @@ static void exec_softmax(Program& p, const Op& op) {
             float* d = y + o * L * inner + i;
             float m = -std::numeric_limits<float>::infinity();
             for (int64_t l = 0; l < L; ++l) m = std::max(m, s[l * inner]);
-            float sum = 0.0f;
-            for (int64_t l = 0; l < L; ++l) sum = sum + vm::exp(s[l * inner] - m);
+            float part[16] = {};  // the lanes of vm::softmax_row: element l in lane l % 16
+            for (int64_t l = 0; l < L; ++l) part[l % 16] = part[l % 16] + vm::exp(s[l * inner] - m);
+            const float sum = vm::lane_sum16(part);
             if (logsm) {
                 const float ls = std::log(sum);
                 for (int64_t l = 0; l < L; ++l) d[l * inner] = R<vp>((s[l * inner] - m) - ls);

@@ -179,8 +179,16 @@ static inline void fn_row(int fn, int vp, const float* x, float* y, int64_t n) {
     else fn_row_vp<kVecFp32>(fn, x, y, n);
 }
 
+// The sum of 16 lane partials in a fixed tree: halves added lane by lane (8, 4, 2, 1 lanes)
+BFP_AI float lane_sum16(float* p) {
+    for (int w = 8; w >= 1; w /= 2)
+        for (int j = 0; j < w; ++j) p[j] = p[j] + p[j + w];
+    return p[0];
+}
+
 // Softmax of one contiguous row s[0, L) into d: m = max (NaN ignored by the comparisons, as
-// std::max(m, s)), e_l = exp(s_l - m) kept in d, sum = ((e_0 + e_1) + ...) in order, d_l = R(e_l / sum)
+// std::max(m, s)), e_l = exp(s_l - m) kept in d; sum: lane j (0..15) adds e_j, e_{j+16}, ...
+// in order from 0, then lane_sum16; d_l = R(e_l / sum)
 template <int VP>
 static void softmax_row_t(const float* s, float* d, int64_t L) {
     // the maximum in 16 running lanes, then across them: the maximum of one running comparison
@@ -195,9 +203,14 @@ static void softmax_row_t(const float* s, float* d, int64_t L) {
     for (int j = 0; j < 16; ++j) m = m < lane[j] ? lane[j] : m;
     for (; l < L; ++l) m = m < s[l] ? s[l] : m;
     for (int64_t l = 0; l < L; ++l) d[l] = exp(s[l] - m);
-    float sum = 0.0f;
-    for (int64_t l = 0; l < L; ++l) sum = sum + d[l];
-    for (int64_t l = 0; l < L; ++l) d[l] = R<VP>(d[l] / sum);
+    float part[16];
+    for (int j = 0; j < 16; ++j) part[j] = 0.0f;
+    l = 0;
+    for (; l + 16 <= L; l += 16)
+        for (int j = 0; j < 16; ++j) part[j] = part[j] + d[l + j];
+    for (int j = 0; l + j < L; ++j) part[j] = part[j] + d[l + j];
+    const float sum = lane_sum16(part);
+    for (int64_t l2 = 0; l2 < L; ++l2) d[l2] = R<VP>(d[l2] / sum);
 }
 
 static inline void softmax_row(int vp, const float* s, float* d, int64_t L) {

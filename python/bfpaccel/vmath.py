@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["exp", "erf", "tanh", "sigmoid", "swish", "gelu", "EXP_COEFFS", "ERF_SMALL_COEFFS", "ERFC_COEFFS",
+__all__ = ["exp", "erf", "tanh", "sigmoid", "swish", "gelu", "lane_sum", "softmax", "EXP_COEFFS", "ERF_SMALL_COEFFS", "ERFC_COEFFS",
            "TANH_COEFFS"]
 
 _F = np.float32
@@ -163,3 +163,35 @@ def gelu(x) -> np.ndarray:
     x = _f32(x)
     with np.errstate(all="ignore"):
         return ((_HALF * x) * (_ONE + erf(x / _SQRT2))).astype(_F)
+
+
+def lane_sum(e) -> np.ndarray:
+    """float32 sum along the last axis in the vector unit's order: element ``l`` goes to lane
+    ``l % 16``, each lane adds its elements in order starting from 0, then the lanes are added in
+    a fixed tree (lane j + lane j + 8, then j + 4, j + 2, j + 1)."""
+    e = _f32(e)
+    L = e.shape[-1]
+    pad = (-L) % 16
+    if pad:  # + 0 changes no partial: they start at +0 and exp is never -0
+        e = np.concatenate([e, np.zeros(e.shape[:-1] + (pad,), _F)], axis=-1)
+    e = e.reshape(e.shape[:-1] + (-1, 16))
+    with np.errstate(all="ignore"):
+        part = np.zeros(e.shape[:-2] + (16,), _F)
+        for i in range(e.shape[-2]):
+            part = (part + e[..., i, :]).astype(_F)
+        w = 8
+        while w >= 1:
+            part = (part[..., :w] + part[..., w:2 * w]).astype(_F)
+            w //= 2
+    return part[..., 0]
+
+
+def softmax(x, axis: int = -1) -> np.ndarray:
+    """float32 softmax along ``axis`` as the core computes it, before rounding to the vector
+    precision: ``m`` = max (NaN ignored), ``e = exp(x - m)``, ``e / lane_sum(e)``."""
+    x = np.moveaxis(_f32(x), axis, -1)
+    with np.errstate(all="ignore"):
+        m = np.fmax.reduce(x, axis=-1, keepdims=True, initial=-np.inf)
+        e = exp((x - m).astype(_F))
+        y = (e / lane_sum(e)[..., None]).astype(_F)
+    return np.moveaxis(y, -1, axis)

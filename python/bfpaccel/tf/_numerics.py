@@ -422,16 +422,11 @@ def expf(x: np.ndarray) -> np.ndarray:
 
 
 def softmax(x: np.ndarray, vp: str, axis: int = -1) -> np.ndarray:
-    """The plan's softmax along ``axis``: max, then ``sum += expf(x - max)`` in order, then
-    ``round(expf(x - max) / sum)`` (``expf``: :func:`expf`)."""
-    x = np.moveaxis(_f32(x), axis, -1)
-    m = np.max(x, axis=-1, keepdims=True)
-    e = expf(np.subtract(x, m, dtype=F32))
-    s = np.zeros(x.shape[:-1], F32)
-    for i in range(x.shape[-1]):
-        s += e[..., i]
-    y = round_vp(np.divide(e, s[..., None], dtype=F32), vp)
-    return np.ascontiguousarray(np.moveaxis(y, -1, axis))
+    """The plan's softmax along ``axis``: max, ``e = expf(x - max)``, the sum of ``e`` in the
+    vector unit's lane order, then ``round(e / sum)`` (:func:`bfpaccel.vmath.softmax`)."""
+    from .. import vmath
+
+    return np.ascontiguousarray(round_vp(vmath.softmax(_f32(x), axis), vp))
 
 
 def l2_normalize(x: np.ndarray, gamma: np.ndarray, eps: float, vp: str) -> np.ndarray:
