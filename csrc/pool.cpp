@@ -14,6 +14,10 @@ namespace bfp {
 
 namespace {
 
+// pause instructions a helper spins for the next loop before it sleeps (tens of microseconds: a
+// spinning helper on a machine without a free core takes the caller's core away)
+constexpr int kHelperSpins = 2000;
+
 thread_local bool t_in_item = false;  // this thread runs an item: a nested loop runs inline
 
 struct Pool {
@@ -54,7 +58,7 @@ struct Pool {
         for (;;) {
             // wait for a new loop: spin a little (the next layer follows soon), then sleep
             uint64_t g = gen.load(std::memory_order_acquire);
-            for (int spin = 0; g == seen && spin < 20000; ++spin) {
+            for (int spin = 0; g == seen && spin < kHelperSpins; ++spin) {
 #if defined(__x86_64__) || defined(__i386__)
                 __builtin_ia32_pause();
 #endif
