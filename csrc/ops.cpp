@@ -343,6 +343,18 @@ std::shared_ptr<Operand> quantize_rows(const float* x, int64_t rows, int64_t K, 
     return op;
 }
 
+static void prepare_cols(Operand& op, const KernelDesc& k, int groups);
+
+std::shared_ptr<Operand> quantize_cols_t(const float* x, int64_t n, int64_t K, const FmtParams& f, uint64_t seed) {
+    auto op = std::make_shared<Operand>();
+    op->f = f;
+    op->role = "cols";
+    op->kern = &current_kernel();
+    op->build_rows_from_float(x, n, K, seed);  // rows of B^T = columns of B, blocked along K
+    prepare_cols(*op, op->int8() ? *op->kern : kernel_at(0), 1);
+    return op;
+}
+
 void Operand::ensure_u64() {
     // made on first use by a GEMM with a wide-unit partner; callers run without the GIL
     std::call_once(u64_once, [this] {

@@ -117,6 +117,9 @@ std::shared_ptr<Operand> make_operand(const int8_t* codes, const int16_t* exps, 
 
 // A [rows, K] float quantized straight into a "rows" operand (blocks along K).
 std::shared_ptr<Operand> quantize_rows(const float* x, int64_t rows, int64_t K, const FmtParams& f, uint64_t seed);
+// The columns of B given as the rows of B^T [n, K] (float), quantized along K (deterministic
+// rounding: the bits of quantize_tensor + make_operand(..., "cols_t")), packed for the kernel.
+std::shared_ptr<Operand> quantize_cols_t(const float* x, int64_t n, int64_t K, const FmtParams& f, uint64_t seed);
 
 // out[M][N] = rows (A[M,K]) x cols (B[K,N]) on the BFP datapath.
 void gemm(Operand& a, Operand& b, float* out);

@@ -60,3 +60,23 @@ def test_threads_and_concurrent_sessions_same_bits(fmt, tmp_path):
         assert not th.is_alive()
     for o in out:
         assert np.array_equal(o.view(np.uint32), want.view(np.uint32))
+
+
+def test_large_matmul_between_activations_threads_same_bits(tmp_path):
+    """A MatMul of run-time tensors above the single-thread bound (2^25 multiply-adds) shares
+    the threads; each matrix runs under the session's kernel: the single-threaded bits, and
+    those of reference.matmul."""
+    a = RNG.standard_normal((4, 192, 256)).astype(np.float32)
+    b = RNG.standard_normal((4, 256, 192)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "m",
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape)),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, list(b.shape))],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    plan = bfpaccel.compile(m, format="msfp16")
+    want = bfpaccel.reference.matmul(a, b, "msfp16")
+    for k in bfpaccel.available_kernels():
+        for t in (1, 2):
+            got = bfpaccel.Session(plan, num_threads=t, kernel=k).run(None, {"a": a, "b": b})["y"]
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (k, t)

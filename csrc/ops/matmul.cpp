@@ -156,10 +156,10 @@ static void exec_matmul(Program& p, const Op& op) {
         else transpose_matrices(B, q.b_count, K, N, bt.data());                 // -> [n][k]
         B = bt.data();
     }
-    std::vector<int8_t> bc(size_t(q.b_count * K * N));
-    std::vector<int16_t> be(size_t(q.b_count * N * nb));
+    // (deterministic rounding: the rows of B^T straight to the kernel's column operand)
+    std::vector<int8_t> bc(stochastic ? size_t(q.b_count * K * N) : 0);
+    std::vector<int16_t> be(stochastic ? size_t(q.b_count * N * nb) : 0);
     if (stochastic) quantize_tensor(B, q.b_count, K, N, f, p.seed(), bc.data(), be.data());
-    else quantize_tensor(B, q.b_count * N, K, 1, f, p.seed(), bc.data(), be.data());
     // One parallel loop over the matrices (attention: one per head), each built and multiplied by
     // one thread (the operands' and the GEMM's own loops then run inside it): a few parallel
     // regions per op instead of several per head. The bits do not depend on the threads.
@@ -176,10 +176,9 @@ static void exec_matmul(Program& p, const Op& op) {
                                             : quantize_rows(A + t * M * K, M, K, f, p.seed());
             } else {
                 const int64_t i = t - q.a_count;
-                const int8_t* c = bc.data() + i * K * N;
-                const int16_t* e = be.data() + i * N * nb;
-                bop[size_t(i)] = stochastic ? make_operand(c, e, {K, N}, f, "cols", 1, 1)
-                                            : make_operand(c, e, {N, K}, f, "cols_t", 1, 1);
+                bop[size_t(i)] = stochastic ? make_operand(bc.data() + i * K * N, be.data() + i * N * nb, {K, N}, f,
+                                                           "cols", 1, 1)
+                                            : quantize_cols_t(B + i * K * N, N, K, f, p.seed());
             }
         } catch (...) {
             err[size_t(t)] = std::current_exception();
