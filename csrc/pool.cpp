@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <exception>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <vector>
 
@@ -83,9 +84,20 @@ struct Pool {
     }
 };
 
+std::atomic<Pool*> g_pool{nullptr};
+
+// A child of fork() has none of the parent's helpers, and a lock they held stays held: it
+// starts with a fresh pool (the old one is left as it is, never touched again).
+void reset_in_child() { g_pool.store(new Pool()); }
+
 Pool& pool() {
-    static Pool* p = new Pool();  // never destroyed: helpers may still be waiting at exit
-    return *p;
+    static const bool once = [] {
+        g_pool.store(new Pool());  // never destroyed: helpers may still be waiting at exit
+        pthread_atfork(nullptr, nullptr, reset_in_child);
+        return true;
+    }();
+    (void)once;
+    return *g_pool.load();
 }
 
 }  // namespace
