@@ -42,8 +42,9 @@ static void binary_t(const float* A, const float* B, float* Y, const int64_t* sh
     int64_t outer = 1;
     for (int d = 0; d + 1 < rank; ++d) outer *= shape[d];
     const int64_t ia = rank ? sa[rank - 1] : 0, ib = rank ? sb[rank - 1] : 0;
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(outer * inner))
-    for (int64_t r = 0; r < outer; ++r) {
+    parallel_ranges(par_pool(outer * inner) ? num_threads() : 1, outer, std::max<int64_t>(1, 16384 / std::max<int64_t>(inner, 1)),
+                    [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
         int64_t oa = 0, ob = 0, rem = r;
         for (int d = rank - 2; d >= 0; --d) {
             const int64_t i = rem % shape[d];
@@ -60,6 +61,7 @@ static void binary_t(const float* A, const float* B, float* Y, const int64_t* sh
             for (int64_t i = 0; i < inner; ++i) y[i] = R<VP>(bin<K>(a[i * ia], b[i * ib]));
         }
     }
+                    });
 }
 
 template <int VP>
@@ -179,7 +181,7 @@ static void exec_unary(Program& p, const Op& op) {
         const auto row = kd.fn_row ? kd.fn_row : vm::fn_row;
         const int vp = p.vec_prec();
         const int64_t chunk = 16384, nc = (n + chunk - 1) / chunk;
-        parallel_for(par(n) ? num_threads() : 1, nc,
+        parallel_for(par_pool(n) ? num_threads() : 1, nc,
                      [&](int64_t c) { row(fn, vp, x + c * chunk, y + c * chunk, std::min(chunk, n - c * chunk)); });
         return;
     }

@@ -13,6 +13,7 @@
 
 #include "ops.h"
 #include "ops/vec.h"
+#include "pool.h"
 #include "runtime.h"
 
 namespace bfp {
@@ -134,6 +135,7 @@ static void exec_matmul(Program& p, const Op& op) {
     // thread settings (ExecScope: they are per thread). The bits do not depend on the threads.
     const KernelDesc& kern = current_kernel();
     const bool small = double(batches) * double(M) * double(K) * double(N) < double(kMatMulParallelMacs);
+    const int team = num_threads();  // a small op shares its matrices among them (parallel_for)
     ExecScope serial(nullptr, small ? 1 : 0);
     const int nthreads = num_threads();
     // A: every row of every matrix, blocked along k; stochastic bits indexed by A's flat index
@@ -166,6 +168,28 @@ static void exec_matmul(Program& p, const Op& op) {
     std::vector<std::shared_ptr<Operand>> aop(size_t(q.a_count)), bop(size_t(q.b_count));
     const int64_t nops = q.a_count + q.b_count;
     std::vector<std::exception_ptr> err(size_t(std::max(nops, batches)));
+    if (small) {  // matrices on parallel_for, each on one thread (no join on a late helper)
+        parallel_for(team, nops, [&](int64_t t) {
+            ExecScope scope(&kern, 1);
+            if (t < q.a_count) {
+                aop[size_t(t)] = stochastic ? make_operand(ac.data() + t * M * K, ae.data() + t * M * nb, {M, K}, f,
+                                                           "rows", 1, 1)
+                                            : quantize_rows(A + t * M * K, M, K, f, p.seed());
+            } else {
+                const int64_t i = t - q.a_count;
+                bop[size_t(i)] = stochastic ? make_operand(bc.data() + i * K * N, be.data() + i * N * nb, {K, N}, f,
+                                                           "cols", 1, 1)
+                                            : quantize_cols_t(B + i * K * N, N, K, f, p.seed());
+            }
+        });
+        parallel_for(team, batches, [&](int64_t j) {
+            ExecScope scope(&kern, 1);
+            int64_t ai, bi;
+            batch_operands(q, j, &ai, &bi);
+            gemm(*aop[size_t(ai)], *bop[size_t(bi)], Y + j * M * N);
+        });
+        return;
+    }
 #pragma omp parallel for num_threads(num_threads()) schedule(dynamic) if (nops > 2 && par(M * K + K * N))
     for (int64_t t = 0; t < nops; ++t) {
         try {

@@ -7,6 +7,7 @@
 #include <stdexcept>
 
 #include "ops/vec.h"
+#include "pool.h"
 #include "runtime.h"
 
 namespace bfp {
@@ -91,8 +92,10 @@ static void exec_layer_norm(Program& p, const Op& op) {
     const float eps = q.epsilon;
     with_vp(p.vec_prec(), [&](auto V) {
         constexpr int vp = decltype(V)::value;
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(rows * L * 4))
-        for (int64_t r = 0; r < rows; ++r) layer_norm_row<vp>(x + r * L, y + r * L, L, s, b, eps);
+        parallel_ranges(par_pool(rows * L) ? num_threads() : 1, rows, std::max<int64_t>(1, 8192 / std::max<int64_t>(L, 1)),
+                        [&](int64_t r0, int64_t r1) {
+                            for (int64_t r = r0; r < r1; ++r) layer_norm_row<vp>(x + r * L, y + r * L, L, s, b, eps);
+                        });
     });
 }
 

@@ -34,7 +34,7 @@ static void exec_softmax(Program& p, const Op& op) {
         const KernelDesc& kd = current_kernel();
         const auto row = kd.softmax_row ? kd.softmax_row : vm::softmax_row;
         // rows handed out by parallel_ranges (pool.h): no join on a thread that has not started
-        parallel_ranges(par(outer * L * 2) ? num_threads() : 1, outer, std::max<int64_t>(1, 8192 / std::max<int64_t>(L, 1)),
+        parallel_ranges(par_pool(outer * L) ? num_threads() : 1, outer, std::max<int64_t>(1, 8192 / std::max<int64_t>(L, 1)),
                         [&](int64_t lo, int64_t hi) {
                             for (int64_t o = lo; o < hi; ++o) row(vpr, x + o * L, y + o * L, L);
                         });

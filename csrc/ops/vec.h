@@ -59,5 +59,8 @@ static void with_vp(int vp, F&& f) {
 // shared with other processes the join waits for a descheduled thread (milliseconds), so loops
 // of under ~a megabyte of memory traffic run on the calling thread
 static inline bool par(int64_t work) { return work > (int64_t(1) << 18); }
+// loops run by parallel_for (pool.h), whose caller never waits for a helper that has not
+// started: worth sharing from far less work
+static inline bool par_pool(int64_t work) { return work > 32768; }
 
 }  // namespace bfp
