@@ -35,6 +35,8 @@ struct FmtParams {
 struct KernelDesc;
 const KernelDesc& current_kernel();
 int num_threads();
+// true in a child of fork(): num_threads() is then 1 (see ops.cpp)
+bool in_forked_child();
 
 // The rows operand of a GEMM (broadcast by the kernels). Row r's units for tap t are nbt
 // blocks of Bp units (block rounded up to a multiple of 4, zero padded) starting at

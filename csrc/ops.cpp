@@ -4,6 +4,7 @@
 #include "pool.h"
 
 #include <omp.h>
+#include <pthread.h>
 
 #include <algorithm>
 #include <atomic>
@@ -81,7 +82,17 @@ static int checked_threads(int n) {
     return n;
 }
 
+// GNU OpenMP cannot start a team in a child of fork() once the parent has run one (the child
+// waits forever for the parent's threads, which it does not have): a forked child runs every
+// op on its calling thread. The bits do not depend on the thread count.
+static std::atomic<bool> g_forked_child{false};
+static void mark_forked_child() { g_forked_child.store(true); }
+static const bool g_atfork_registered = [] { return pthread_atfork(nullptr, nullptr, mark_forked_child) == 0; }();
+
+bool in_forked_child() { return g_forked_child.load(std::memory_order_relaxed); }
+
 int num_threads() {
+    if (in_forked_child()) return 1;
     if (t_threads > 0) return t_threads;
     int n = g_threads.load();
     if (n <= 0) {

@@ -38,6 +38,12 @@ IntOrPair = Union[int, Sequence[int]]
 def set_num_threads(n: int) -> None:
     """Threads the kernels use (default: the CPU count, or ``BFPACCEL_NUM_THREADS``).
 
+    In a child of ``os.fork()`` (``multiprocessing``'s "fork" start method, a forking server)
+    every op runs on the calling thread whatever this says: GNU OpenMP cannot start a team of
+    threads in a forked child once the parent has used one (the child would wait forever). The
+    results are the same bits; for multi-threaded workers start them with "spawn" or
+    "forkserver".
+
     Example:
         >>> set_num_threads(1); get_num_threads()
         1
