@@ -216,6 +216,7 @@ size_t panel_bytes(int nb, int Bp);
 void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
 void gemm(const GemmArgs& a);
 bool os_ready();
+bool load_foreign_config_for_tests();
 }  // namespace amx
 
 namespace amxemu {  // the same kernel on SIMDe + emulated tiles, built only with BFPACCEL_AVX512_EMULATION
@@ -224,6 +225,7 @@ size_t panel_bytes(int nb, int Bp);
 void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
 void gemm(const GemmArgs& a);
 bool os_ready();
+bool load_foreign_config_for_tests();
 }  // namespace amxemu
 
 namespace avx2 {

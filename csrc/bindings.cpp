@@ -150,6 +150,17 @@ PYBIND11_MODULE(_core, m) {
     m.def("get_num_threads", &num_threads);
     m.def("max_threads", &max_threads);
     m.def("available_kernels", &available_kernels);
+    // tests only: load another tile configuration on the calling thread, as oneDNN or a user's own
+    // AMX code would ("amx" needs the hardware; "amx-emu" exists in emulation builds)
+    m.def("_amx_load_foreign_config", [](const std::string& kernel) {
+        const auto names = available_kernels();
+        if (std::find(names.begin(), names.end(), kernel) == names.end()) return false;
+        if (kernel == "amx") return amx::load_foreign_config_for_tests();
+#ifdef BFPACCEL_HAVE_AVX512_EMU
+        if (kernel == "amx-emu") return amxemu::load_foreign_config_for_tests();
+#endif
+        return false;
+    }, py::arg("kernel"));
     m.def("kernel_names", []() {
         std::vector<std::string> v;
         for (int i = 0; i < kernel_count(); ++i) v.push_back(kernel_at(i).name);

@@ -112,6 +112,22 @@ def test_threads_and_repeats_identical(amx_kernel, restore_threads):
     assert_bits_equal(outs[0], expected)
 
 
+def test_tile_configuration_reloaded_after_other_amx_code(amx_kernel, restore_threads):
+    """Other AMX code on the same thread (oneDNN inside PyTorch or onnxruntime) loads its own tile
+    configuration between our calls: the next GEMM must load ours again, not compute with the
+    stale one (garbage on the hardware, without a fault)."""
+    from bfpaccel import _core
+
+    rng = np.random.default_rng(8)
+    a = rng.normal(size=(64, 256)).astype(f32)
+    b = rng.normal(size=(256, 192)).astype(f32)
+    want = ref.matmul(a, b, "msfp16")
+    bfpaccel.set_num_threads(1)  # the calling thread runs the tiles
+    assert_bits_equal(bfpaccel.matmul(a, b, "msfp16"), want, "before")
+    assert _core._amx_load_foreign_config(amx_kernel)
+    assert_bits_equal(bfpaccel.matmul(a, b, "msfp16"), want, "after another tile configuration")
+
+
 CONVS = {
     "3x3_s2_p1": ((1, 32, 17, 15), (140, 32, 3, 3), {"stride": 2, "padding": 1}),
     "3x3_p1_C64": ((2, 64, 9, 9), (170, 64, 3, 3), {"padding": 1}),

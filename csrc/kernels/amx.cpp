@@ -41,6 +41,7 @@
 
 #include <climits>
 #include <cstdlib>
+#include <atomic>
 #include <cstring>
 
 #include "../bfp.h"
@@ -141,11 +142,15 @@ struct alignas(64) TileConfig {
 };
 
 // Tiles: 0-3 C (16 x 16 fp32), 4-5 A (16 rows x Bp bf16), 6-7 B (Bp/2 rows x 16 pairs).
-// The configuration is per thread: each worker loads it before its first tile instruction.
-static thread_local int tl_config = 0;
+// The configuration is per thread: each worker loads it before its first tile instruction of
+// each GEMM call. Not cached across calls: other code on the same thread (oneDNN inside PyTorch
+// or onnxruntime, a user's own tiles) may load its own configuration or release the tiles in
+// between, and a stale configuration computes garbage without any fault.
+static std::atomic<uint64_t> g_gemm_calls{0};
+static thread_local uint64_t tl_config_call = 0;
 
-static inline void ensure_config(int Bp) {
-    if (tl_config == Bp) return;
+static inline void ensure_config(int Bp, uint64_t call) {
+    if (tl_config_call == call) return;
     TileConfig cfg;
     std::memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
@@ -164,7 +169,24 @@ static inline void ensure_config(int Bp) {
     BFP_MEM_BARRIER();
     _tile_loadconfig(&cfg);
     BFP_MEM_BARRIER();
-    tl_config = Bp;
+    tl_config_call = call;
+}
+
+// Tests: load another tile configuration on the calling thread, as other AMX code sharing the
+// thread would (1 row x 4 bytes per tile); false when the tiles are not usable here.
+bool load_foreign_config_for_tests() {
+    if (!os_ready()) return false;
+    TileConfig cfg;
+    std::memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; ++t) {
+        cfg.rows[t] = 1;
+        cfg.colsb[t] = 4;
+    }
+    BFP_MEM_BARRIER();
+    _tile_loadconfig(&cfg);
+    BFP_MEM_BARRIER();
+    return true;
 }
 
 // ---------------------------------------------------------------- rows -> A tiles
@@ -429,11 +451,12 @@ void gemm(const GemmArgs& a) {
     }
     const int64_t nrg = (nrt + mg - 1) / mg, npg = (npanels + pg - 1) / pg;
     const int64_t items = nrg * npg;
+    const uint64_t call = g_gemm_calls.fetch_add(1, std::memory_order_relaxed) + 1;  // never 0
 
 #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t it = 0; it < items; ++it) {
         alignas(64) float cbuf[4 * 256];
-        ensure_config(Bp);
+        ensure_config(Bp, call);
         const int64_t g = it / npg, q = it % npg;
         const int64_t rt0 = g * mg, rt1 = (rt0 + mg) < nrt ? rt0 + mg : nrt;
         const int64_t p0 = q * pg, p1 = (p0 + pg) < npanels ? p0 + pg : npanels;
