@@ -387,6 +387,8 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("last_times", &Program::last_times)
         .def_property_readonly("last_gemm_times", &Program::last_gemm_times)
         .def_property_readonly("op_kinds", &Program::op_kinds)
+        .def_property_readonly("last_reused", &Program::last_reused,
+                               "convs of the last run that reused another's quantized input (share_input)")
         .def("set_profile", &Program::set_profile, py::arg("on"))
         .def(
             "run",

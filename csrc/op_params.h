@@ -48,7 +48,9 @@ struct ConvGeometry {
     F(bool, depthwise, "one channel per group, multiplier 1: one-element blocks in fp32")              \
     F(bool, quantize_input, "depthwise: fake-quantize the input to the format's one-element blocks")  \
     F(Activation, activation, "fused after bias and residual: NONE, RELU or CLIP")                    \
-    F(float, clip_lo, "CLIP: lower bound") F(float, clip_hi, "CLIP: upper bound")
+    F(float, clip_lo, "CLIP: lower bound") F(float, clip_hi, "CLIP: upper bound")                     \
+    F(int64_t, share_input, "BFP convs: 0, or a slot in [1, 256] where the convs reading one input with " \
+      "the same quantization keep its quantized operand for the run (made once, reused by the others)")
 // kOpMatMul: Y[j] = A[a(j)] x B[b(j)] for every index j of batch_shape (row-major Y [batch][m][n]);
 // a(j) = sum j_d * a_strides[d] picks one of A's a_count matrices [m][k] (0 strides: broadcast), b(j)
 // one of B's b_count matrices, stored [k][n] or, b_transposed, [n][k]. Both operands are quantized

@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <mutex>
 #include <thread>
+#include <tuple>
 
 #include "quantize.h"
 
@@ -646,8 +647,18 @@ void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, cons
 
 // nhwc: x is [N][H][W][C] and out [N][OH][OW][O] (the runtime's layout: the GEMM's pixel rows
 // are stored as they come); otherwise NCHW in and out.
-void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
-                 const float* bias, float* out, bool nhwc, const VecEpilogue* epi) {
+bool ConvActs::Key::operator==(const Key& o) const {
+    const auto fk = [](const FmtParams& q) {
+        return std::make_tuple(q.block, q.kind, q.mbits, q.ebits, q.bias, q.specials, q.unit_shift, q.max_units,
+                               q.exp_min, q.exp_max, q.emax_elem, q.rounding);
+    };
+    return x == o.x && N == o.N && C == o.C && H == o.H && W == o.W && G == o.G && pt == o.pt && pl == o.pl &&
+           pb == o.pb && pr == o.pr && nbc == o.nbc && Bp == o.Bp && k == o.k && cur == o.cur && int8 == o.int8 &&
+           nhwc == o.nhwc && seed == o.seed && fk(f) == fk(o.f);
+}
+
+bool conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
+                 const float* bias, float* out, bool nhwc, const VecEpilogue* epi, ConvActs* share) {
     const int G = g.groups;
     const int64_t C = g.C, H = g.H, W = g.W, Cg = C / G, O = w.R, Og = O / G;
     const int64_t Hp = H + g.pt + g.pb, Wp = W + g.pl + g.pr, P = g.OH * g.OW, NG = g.N * G;
@@ -657,23 +668,54 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
     if (int8 && w.kern != kp) kp = &kernel_at(0);  // weights were packed for another kernel
     const KernelDesc& k = *kp;
     if (!int8) w.ensure_u64();
-    if (P == 0 || O == 0 || g.N == 0) return;
+    if (P == 0 || O == 0 || g.N == 0) return false;
     const bool rows16 = k.rows16;  // e.g. the AVX2 kernel broadcasts int16 units
     const bool simd = k.simd();
 
     // activations: per (image, group, padded pixel) nbc blocks of Bp units; padding = zero blocks
     const int64_t npix = Hp * Wp, plen = int64_t(nbc) * Bp;
     const size_t nunits = size_t(NG * npix * plen), nblocks = size_t(NG * npix * nbc);
+    // The operand is a pure function of this key: another conv's (share) is used when it matches.
+    ConvActs::Key key;
+    key.x = x;
+    key.N = g.N;
+    key.C = C;
+    key.H = H;
+    key.W = W;
+    key.G = G;
+    key.pt = g.pt;
+    key.pl = g.pl;
+    key.pb = g.pb;
+    key.pr = g.pr;
+    key.nbc = nbc;
+    key.Bp = Bp;
+    key.k = &k;
+    key.cur = &current_kernel();
+    key.int8 = int8;
+    key.nhwc = nhwc;
+    key.seed = seed;
+    key.f = fx;
+    const bool reuse = share && share->valid && share->key == key;
+    ConvActs local;
+    ConvActs& A = share ? *share : local;
+    auto& a8 = A.a8;
+    auto& a16 = A.a16;
+    auto& a64 = A.a64;
+    auto& ae = A.ae;
+    auto& as = A.as;
+    auto& ac = A.ac;
+    auto& amin = A.amin;
+    auto& amax = A.amax;
+    if (!reuse) {
+    A.valid = false;  // until the quantization below completes
     // Interior pixels are written in full by the quantization below; only the zero padding
     // ring needs filling (the buffers are not value-initialized: they are MBs per conv).
-    RawBuf<int8_t> a8(int8 && !rows16 ? nunits : 0);
-    RawBuf<int16_t> a16(int8 && rows16 ? nunits : 0);
-    std::vector<int64_t> a64;
+    a8.size_to(int8 && !rows16 ? nunits : 0);
+    a16.size_to(int8 && rows16 ? nunits : 0);
     if (!int8) a64.assign(nunits, 0);
-    RawBuf<int16_t> ae(nblocks);
-    RawBuf<float> as(simd ? nblocks : 0);
-    RawBuf<int32_t> ac(simd ? nblocks : 0);
-    std::vector<int32_t> amin, amax;
+    ae.size_to(nblocks);
+    as.size_to(simd ? nblocks : 0);
+    ac.size_to(simd ? nblocks : 0);
     if (simd) {
         amin.assign(size_t(NG * npix), INT32_MAX);
         amax.assign(size_t(NG * npix), INT32_MIN);
@@ -792,6 +834,9 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
         }
                         });
     }
+    A.key = key;
+    A.valid = true;
+    }  // !reuse
 
     // rows: output pixel p's tap t reads padded pixel roff[p] + toff[t]. Channels-last without
     // groups: every image's pixels are rows of one GEMM (the weights stream past once per
@@ -862,6 +907,7 @@ void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
             }
         }
     }
+    return reuse;
 }
 
 }  // namespace bfp

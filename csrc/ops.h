@@ -129,12 +129,59 @@ struct ConvGeom {
     int groups, sh, sw, pt, pl, pb, pr, dh, dw;
     int64_t OH, OW;
 };
+// An array kept across calls: grown (uninitialized) only when a larger one is asked for.
+template <class T>
+struct GrowBuf {
+    std::unique_ptr<T[]> p;
+    size_t cap = 0;
+    void size_to(size_t n) {
+        if (n > cap) {
+            p.reset(new T[n]);
+            cap = n;
+        }
+    }
+    T& operator[](size_t i) { return p[i]; }
+    const T& operator[](size_t i) const { return p[i]; }
+    T* data() { return p.get(); }
+    const T* data() const { return p.get(); }
+};
+
+// A BFP convolution's activation operand as conv2d_impl lays it out: every (image, group,
+// padded pixel)'s blocks of units, their exponents and the kernels' per-block extras. It is a
+// pure function of its key -- the input buffer and its geometry, the format and seed, the
+// weights' blocking and the kernels -- so convs (dense layers) that read the same buffer with
+// the same key can share one: the program keeps it for the run (ConvParams::share_input).
+struct ConvActs {
+    struct Key {
+        const float* x = nullptr;
+        int64_t N = 0, C = 0, H = 0, W = 0;
+        int G = 0, pt = 0, pl = 0, pb = 0, pr = 0, nbc = 0, Bp = 0;
+        const KernelDesc* k = nullptr;    // the GEMM's kernel (the operand's layout and extras)
+        const KernelDesc* cur = nullptr;  // the calling thread's kernel (picks the quantizer)
+        bool int8 = false, nhwc = false;
+        uint64_t seed = 0;
+        FmtParams f{};
+        bool operator==(const Key& o) const;
+    };
+    Key key;
+    bool valid = false;  // the buffers hold key's operand
+    GrowBuf<int8_t> a8;
+    GrowBuf<int16_t> a16, ae;
+    std::vector<int64_t> a64;
+    GrowBuf<float> as;
+    GrowBuf<int32_t> ac;
+    std::vector<int32_t> amin, amax;
+};
+
 // out[N][O][OH][OW] = conv(x, weights) (+ bias if not null).
 void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g, const float* bias,
             float* out);
 // The same with nhwc = true: x [N][H][W][C] -> out [N][OH][OW][O].
 // epi (nhwc only): applied to each output tile as the GEMM finishes it.
-void conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
-                 const float* bias, float* out, bool nhwc, const VecEpilogue* epi = nullptr);
+// share: null, or the activation operand to use when its key matches this call's (it is made
+// there otherwise); returns true when the activation came from share unchanged.
+bool conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
+                 const float* bias, float* out, bool nhwc, const VecEpilogue* epi = nullptr,
+                 ConvActs* share = nullptr);
 
 }  // namespace bfp

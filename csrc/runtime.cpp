@@ -138,6 +138,10 @@ void Program::add_op(Op op) {
     const OpImpl* impl = find_op(op.kind());
     if (!impl) c.fail("unknown op kind " + std::to_string(op.kind()));
     impl->validate(*this, op, c);
+    if (op.kind() == kOpConv) {
+        const int64_t slot = op.get<ConvParams>().share_input;
+        while (slot > 0 && shared_.size() < size_t(slot)) shared_.push_back(std::make_unique<ConvActs>());
+    }
     ops_.push_back(std::move(op));
     impls_.push_back(impl);
 }
@@ -155,6 +159,9 @@ void Program::run(const std::vector<std::pair<int, const float*>>& inputs) {
     }
     times_.assign(profile_ ? ops_.size() : 0, 0.0);
     gemm_times_.assign(profile_ ? ops_.size() : 0, 0.0);
+    // shared activations never outlive the run, nor a write to the buffer they were made from
+    for (auto& a : shared_) a->valid = false;
+    reused_ = 0;
     for (size_t i = 0; i < ops_.size(); ++i) {
         if (profile_) {
             const GemmTimer gt(&gemm_times_[i]);
@@ -164,6 +171,10 @@ void Program::run(const std::vector<std::pair<int, const float*>>& inputs) {
         } else {
             impls_[i]->exec(*this, ops_[i]);
         }
+        for (auto& a : shared_)
+            if (a->valid)
+                for (int id : ops_[i].out)
+                    if (a->key.x == data(id)) a->valid = false;
     }
 }
 

@@ -109,6 +109,11 @@ class Program {
     const FmtParams& format() const { return fx_; }
     uint64_t seed() const { return seed_; }
     std::vector<float>& scratch() { return scratch_; }  // reused across ops and runs
+    // ConvParams::share_input's slots: a conv's quantized activation, kept until its input buffer
+    // is written or the run ends (the buffers themselves are kept across runs)
+    ConvActs* shared_acts(int64_t slot) { return shared_[size_t(slot - 1)].get(); }  // slot in [1, 256]
+    void note_reused() { ++reused_; }
+    int last_reused() const { return reused_; }  // convs of the last run that reused a shared activation
 
   private:
     int vp_;
@@ -122,6 +127,8 @@ class Program {
     std::vector<const OpImpl*> impls_;  // ops_[i]'s implementation
     std::vector<double> times_, gemm_times_;
     std::vector<float> scratch_;
+    std::vector<std::unique_ptr<ConvActs>> shared_;
+    int reused_ = 0;
 };
 
 // fp32 reference conv (format "fp32"): NHWC, weights [G][taps][Cg][Og], sequential sums over

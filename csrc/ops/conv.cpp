@@ -117,6 +117,8 @@ static void validate_conv(const Program& p, const Op& op, OpCheck& c) {
     c.ins(1);
     if (!op.w && op.wf < 0) c.fail("conv without weights");
     if (op.w && !p.has_format()) c.fail("BFP conv in a program without format");
+    c.range(q.share_input, 0, 256, "share_input");
+    if (q.share_input && (!op.w || q.depthwise)) c.fail("share_input is for convs with BFP weights");
     if (q.activation < 0 || q.activation >= kActCount)
         c.fail("unknown conv activation " + std::to_string(q.activation));
     check_window(g, c);
@@ -205,11 +207,12 @@ static void exec_conv(Program& p, const Op& op) {
         }
         dwconv_nhwc(xin, p.buf(op.wf), g, kh, kw, y);
     } else if (op.w) {
-        if (k.fused_epilogue && epi) {  // applied to each tile in registers
-            conv2d_impl(x, p.format(), p.seed(), *op.w, g, nullptr, y, true, &ve);
-            return;
-        }
-        conv2d_impl(x, p.format(), p.seed(), *op.w, g, nullptr, y, true);
+        // an input read by several convs alike: quantized by the first, reused by the others
+        ConvActs* share = q.share_input ? p.shared_acts(q.share_input) : nullptr;
+        const bool fused = k.fused_epilogue && epi;  // applied to each tile in registers
+        if (conv2d_impl(x, p.format(), p.seed(), *op.w, g, nullptr, y, true, fused ? &ve : nullptr, share))
+            p.note_reused();
+        if (fused) return;
     } else {
         conv2d_fp32_nhwc(x, p.buf(op.wf), g, O, kh, kw, y);
     }

@@ -110,6 +110,8 @@ _BOOL_OUT = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And",
 #: precision, which is not integer arithmetic)
 _INT_INPUTS = _SAME_DTYPE | _BOOL_OUT | {"Cast", "Where", "Shape", "Size"}
 _FLOAT = "float32"
+#: ConvParams.share_input's slots (the executor's limit)
+_MAX_SHARED_SLOTS = 256
 _INTEGER_TYPES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")
 
 
@@ -179,6 +181,10 @@ class Lowering:
     and names its results with :meth:`set`. Errors are :meth:`err` (a LoweringError naming
     the node).
     """
+
+    #: quantize an input that several BFP convs / dense layers read alike once per run
+    #: (:meth:`share_inputs`); False quantizes it for each of them (the same bits)
+    share_quantized_inputs: bool = True
 
     def __init__(self, plan: Plan, shapes: Dict[str, Tuple[int, ...]]):
         self.plan = plan
@@ -384,6 +390,8 @@ class Lowering:
         # a graph output's buffer must stay where the output is read: never fused away
         self._final_roots = {self.vroot[self.vals[vo.name].vid] for vo in g.outputs if vo.name in self.vals}
         self.fuse()
+        if self.share_quantized_inputs:
+            self.share_inputs()
         return self.build(outputs, out_vids)
 
     # ------------------------------------------------------------ fusion
@@ -444,6 +452,36 @@ class Lowering:
             # stay on the same conv (now at j-1) to try fusing the next op too
             i = 0
         self.ops = ops
+
+    # ------------------------------------------------------------ shared input quantization
+    def share_inputs(self) -> None:
+        """Convs and dense layers on the BFP core that read the same value with the same input
+        geometry (attention's query, key and value projections) quantize it once per run: each
+        group gets a ``ConvParams.share_input`` slot (1, 2, ...; a slot is reused once its group's
+        last op has run); the first op of a run quantizes the input into it, the others reuse it.
+        The quantized operand is a pure function of the input, the format, the seed, the geometry
+        and the kernel (the executor checks all of them, and drops it when its buffer is written),
+        so the bits are those of quantizing it again."""
+        groups: Dict[Tuple[int, ...], List[int]] = {}
+        for i, op in enumerate(self.ops):
+            p = op.params
+            if not isinstance(p, _core.ConvParams) or op.w is None or p.depthwise:
+                continue
+            g = p.geometry
+            key = (self.vroot[op.ins[0]], g.batch, g.channels, g.height, g.width, g.groups, g.pad_top, g.pad_left,
+                   g.pad_bottom, g.pad_right)
+            groups.setdefault(key, []).append(i)
+        ends: List[int] = []  # per slot: the last op of the group holding it
+        for idxs in sorted((v for v in groups.values() if len(v) > 1), key=lambda v: v[0]):
+            slot = next((s for s, end in enumerate(ends) if end < idxs[0]), None)
+            if slot is None:
+                if len(ends) >= _MAX_SHARED_SLOTS:
+                    continue
+                ends.append(-1)
+                slot = len(ends) - 1
+            ends[slot] = idxs[-1]
+            for i in idxs:
+                self.ops[i].params.share_input = slot + 1
 
     # ------------------------------------------------------------ build
     def build(self, outputs: Dict[str, Any], out_vids: List[int]) -> Lowered:
