@@ -636,3 +636,23 @@ def test_batching_merges_sentences_and_token_ids_bit_for_bit(plan_path, predicto
         rows, calls = h.metrics.batch_totals(MODEL)
         n = len(sentence_reqs) + len(token_reqs)
         assert 0 < calls < n and rows >= n, (rows, calls)  # requests were merged
+
+
+def test_predict_cli_sends_sentences(server, predictor):
+    """``bfpaccel predict --text`` sends sentences as DT_STRING and prints each embedding."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "bfpaccel", "predict", "--address", f"127.0.0.1:{server.port}", "--service", MODEL,
+           "--text", SENTENCES[0], "--text", SENTENCES[1]]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    want = predictor.embed(SENTENCES[:2])
+    lines = r.stdout.splitlines()
+    assert lines[0] == SENTENCES[0] and lines[2] == SENTENCES[1]
+    assert f"embedding: {want.shape[1]} values" in lines[1]
+    assert f"L2 norm {np.linalg.norm(want[1].astype(np.float64)):.5f}" in lines[3]
+    assert f"first [{want[0][0]:.5f}" in lines[1]
+    for bad in (["--text", SENTENCES[0], "img.jpg"], [], ["--text", " "]):
+        r = subprocess.run(cmd[:7] + bad, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (bad, r.stderr)

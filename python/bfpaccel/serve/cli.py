@@ -179,9 +179,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Adds ``predict`` (score images against a running service, print top-5) to a sub-command set."""
-    p = subparsers.add_parser("predict", help="score images on a running service and print the top-5 labels")
-    p.add_argument("files", nargs="+", metavar="FILE", help="JPEG/PNG/GIF images")
+    """Adds ``predict`` (score images against a running service, print top-5; or embed sentences
+    with ``--text``) to a sub-command set."""
+    p = subparsers.add_parser("predict", help="score images on a running service and print the top-5 labels, or "
+                                              "send sentences (--text) to a plan with a text front")
+    p.add_argument("files", nargs="*", metavar="FILE", help="JPEG/PNG/GIF images")
+    p.add_argument("--text", action="append", default=None, metavar="SENTENCE",
+                   help="a sentence for a plan with a text front (repeat for several; sent together as DT_STRING "
+                        "under --input-name, default 'text'); prints each embedding's size, norm and first values")
     p.add_argument("--address", required=True, help="HOST or HOST:PORT (default port 80, 443 with --ssl)")
     p.add_argument("--service", default="", help="service (route) name")
     p.add_argument("--key-file", default=None, metavar="FILE",
@@ -189,7 +194,7 @@ def add_predict_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--key", default="", help="service key (deprecated: other local users can read a command line)")
     p.add_argument("--ssl", action="store_true", help="TLS")
     p.add_argument("--ca", default=None, help="PEM CA file to trust (self-signed servers)")
-    p.add_argument("--input-name", default="images", help="input key (images or Placeholder:0)")
+    p.add_argument("--input-name", default=None, help="input key (default: images, or text with --text)")
     p.add_argument("--output", default=None, help="output tensor name or alias (default: the model's output)")
     p.add_argument("--top", type=int, default=5, help="how many classes (default 5)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
@@ -236,6 +241,11 @@ def run_predict(args: argparse.Namespace) -> int:
     host, port = _split_address(args.address, None, args.ssl)
     if not 0 < port <= 65535:
         raise ValueError(f"invalid port {port} in --address {args.address!r}: ports run from 1 to 65535")
+    if bool(args.files) == bool(args.text):
+        raise ValueError("give image FILEs or --text SENTENCE (not both, not neither)")
+    if args.text and any(not t.strip() for t in args.text):
+        raise ValueError("--text: a sentence is empty")
+    input_name = args.input_name or ("text" if args.text else "images")
     for path in args.files:
         if not os.path.isfile(path):
             raise ValueError(f"image not found: {path}")
@@ -249,10 +259,30 @@ def run_predict(args: argparse.Namespace) -> int:
                else "connection refused, unreachable or the TLS handshake failed")
         raise ConnectionError(f"cannot connect to {host}:{port}: {why} (is the service running there"
                               + ("? Is it a TLS service?)" if args.ssl else "? Add --ssl for a TLS service)"))
+    if args.text:
+        try:
+            out = client.predict({input_name: [t.encode("utf-8") for t in args.text]},
+                                 outputs=[args.output] if args.output else None, timeout=args.timeout)
+        except grpc.RpcError as e:
+            client.close()
+            code = e.code().name if hasattr(e, "code") and e.code() is not None else "ERROR"
+            details = e.details() if hasattr(e, "details") else str(e)
+            raise ConnectionError(f"the service at {host}:{port} answered {code}: {details}") from None
+        client.close()
+        if len(out) != 1:
+            print(f"{len(out)} outputs ({', '.join(sorted(out))}); choose one with --output")
+            return 0
+        (name, emb), = out.items()
+        emb = np.asarray(emb)
+        for t, row in zip(args.text, emb.reshape(len(args.text), -1)):
+            head = " ".join(f"{x:.5f}" for x in row[:5])
+            print(f"{t}\n  {name}: {row.size} values, L2 norm {float(np.linalg.norm(row.astype(np.float64))):.5f}, "
+                  f"first [{head}{' ...' if row.size > 5 else ''}]")
+        return 0
     labels: Optional[List[str]] = None
     for path in args.files:
         try:
-            res = client.score_file(path, input_name=args.input_name, outputs=args.output, timeout=args.timeout)
+            res = client.score_file(path, input_name=input_name, outputs=args.output, timeout=args.timeout)
         except grpc.RpcError as e:
             client.close()
             code = e.code().name if hasattr(e, "code") and e.code() is not None else "ERROR"
