@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -185,27 +185,37 @@ class Predictor:
             ValueError: the plan has no text front, no texts, a text over ``max_length``
                 (with ``truncation=False``), an unknown output name.
         """
+        feeds, model_outs, post = self.text_request(texts, outputs)
+        return post(self.predict(feeds, model_outs))
+
+    def text_request(self, texts: Union[str, Sequence[str]], outputs: Optional[Sequence[str]] = None
+                     ) -> Tuple[Dict[str, np.ndarray], List[str], Callable[[Dict[str, np.ndarray]],
+                                                                          Dict[str, np.ndarray]]]:
+        """The three steps of :meth:`predict_texts` apart, for callers that run the model
+        themselves (the server's batching): ``(feeds, model outputs to fetch, post)`` where
+        ``post(results)`` turns the model's results of these feeds (rows in order) into
+        ``predict_texts``'s answer (the pooled embedding and/or model outputs).
+
+        Raises:
+            ValueError: as :meth:`predict_texts`.
+        """
         front = self.text_front
         if front is None:
             raise ValueError("this model records no text front: feed token ids (or attach a text front: "
                              "bfpaccel.textfront.attach_text_front)")
-        emb_name = front.embedding_name
-        want = [emb_name] if outputs is None else list(dict.fromkeys(outputs))
+        emb = front.embedding_name
+        want = [emb] if outputs is None else list(dict.fromkeys(outputs))
         pooled = self.resolve_output(front.output) if front.output is not None else self.output_names[0]
-        model_outs = [self.resolve_output(o) for o in want if o != emb_name]
-        if emb_name in want and pooled not in model_outs:
+        model_outs = [self.resolve_output(o) for o in want if o != emb]
+        if emb in want and pooled not in model_outs:
             model_outs.append(pooled)
         feeds = front.feeds(texts, self.plan.input_dtypes)
-        res = self.predict(feeds, model_outs)
-        out: Dict[str, np.ndarray] = {}
-        for o in want:
-            if o == emb_name:
-                mask = feeds[front.attention_mask] if front.attention_mask is not None else \
-                    np.ones(feeds[front.input_ids].shape, np.int64)
-                out[o] = front.pool(res[pooled], mask)
-            else:
-                out[o] = res[self.resolve_output(o)]
-        return out
+        mask = feeds[front.attention_mask] if front.attention_mask is not None else \
+            np.ones(feeds[front.input_ids].shape, np.int64)
+
+        def post(res: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+            return {o: front.pool(res[pooled], mask) if o == emb else res[self.resolve_output(o)] for o in want}
+        return feeds, model_outs, post
 
     def embed(self, texts: Union[str, Sequence[str]]) -> np.ndarray:
         """Sentence embeddings ``[len(texts), width]`` (float32) of the plan's text front."""

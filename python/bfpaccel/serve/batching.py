@@ -299,21 +299,8 @@ class Batcher:
         """Sentences -> (the model feeds, tokenized as ``Predictor.predict_texts`` tokenizes
         them alone, the model outputs to fetch, the step that turns the request's rows of those
         outputs into ``predict_texts``'s answer: the pooled embedding and/or model outputs)."""
-        front = pred.text_front
-        emb = front.embedding_name
-        want = [emb] if outputs is None else list(dict.fromkeys(outputs))
-        pooled = pred.resolve_output(front.output) if front.output is not None else pred.output_names[0]
-        model_outs = [pred.resolve_output(o) for o in want if o != emb]
-        if emb in want and pooled not in model_outs:
-            model_outs.append(pooled)
         with self._tokenize_lock:
-            feeds = front.feeds(texts, pred.plan.input_dtypes)
-        mask = feeds[front.attention_mask] if front.attention_mask is not None else \
-            np.ones(feeds[front.input_ids].shape, np.int64)
-
-        def post(res: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-            return {o: front.pool(res[pooled], mask) if o == emb else res[pred.resolve_output(o)] for o in want}
-        return feeds, model_outs, post
+            return pred.text_request(texts, outputs)
 
     def stop(self) -> None:
         """Stops batching: queued requests get UNAVAILABLE, running batches finish, the
