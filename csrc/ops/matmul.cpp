@@ -168,19 +168,23 @@ static void exec_matmul(Program& p, const Op& op) {
     std::vector<std::shared_ptr<Operand>> aop(size_t(q.a_count)), bop(size_t(q.b_count));
     const int64_t nops = q.a_count + q.b_count;
     std::vector<std::exception_ptr> err(size_t(std::max(nops, batches)));
+    // operand t: A's matrices first, then B's
+    auto build_operand = [&](int64_t t) {
+        if (t < q.a_count) {
+            aop[size_t(t)] = stochastic ? make_operand(ac.data() + t * M * K, ae.data() + t * M * nb, {M, K}, f,
+                                                       "rows", 1, 1)
+                                        : quantize_rows(A + t * M * K, M, K, f, p.seed());
+        } else {
+            const int64_t i = t - q.a_count;
+            bop[size_t(i)] = stochastic ? make_operand(bc.data() + i * K * N, be.data() + i * N * nb, {K, N}, f,
+                                                       "cols", 1, 1)
+                                        : quantize_cols_t(B + i * K * N, N, K, f, p.seed());
+        }
+    };
     if (small) {  // matrices on parallel_for, each on one thread (no join on a late helper)
         parallel_for(team, nops, [&](int64_t t) {
             ExecScope scope(&kern, 1);
-            if (t < q.a_count) {
-                aop[size_t(t)] = stochastic ? make_operand(ac.data() + t * M * K, ae.data() + t * M * nb, {M, K}, f,
-                                                           "rows", 1, 1)
-                                            : quantize_rows(A + t * M * K, M, K, f, p.seed());
-            } else {
-                const int64_t i = t - q.a_count;
-                bop[size_t(i)] = stochastic ? make_operand(bc.data() + i * K * N, be.data() + i * N * nb, {K, N}, f,
-                                                           "cols", 1, 1)
-                                            : quantize_cols_t(B + i * K * N, N, K, f, p.seed());
-            }
+            build_operand(t);
         });
         parallel_for(team, batches, [&](int64_t j) {
             ExecScope scope(&kern, 1);
@@ -194,16 +198,7 @@ static void exec_matmul(Program& p, const Op& op) {
     for (int64_t t = 0; t < nops; ++t) {
         try {
             ExecScope scope(&kern, nthreads);
-            if (t < q.a_count) {
-                aop[size_t(t)] = stochastic ? make_operand(ac.data() + t * M * K, ae.data() + t * M * nb, {M, K}, f,
-                                                           "rows", 1, 1)
-                                            : quantize_rows(A + t * M * K, M, K, f, p.seed());
-            } else {
-                const int64_t i = t - q.a_count;
-                bop[size_t(i)] = stochastic ? make_operand(bc.data() + i * K * N, be.data() + i * N * nb, {K, N}, f,
-                                                           "cols", 1, 1)
-                                            : quantize_cols_t(B + i * K * N, N, K, f, p.seed());
-            }
+            build_operand(t);
         } catch (...) {
             err[size_t(t)] = std::current_exception();
         }
