@@ -43,6 +43,7 @@
 #include <cstdlib>
 #include <atomic>
 #include <cstring>
+#include <utility>
 
 #include "../bfp.h"
 
@@ -316,8 +317,10 @@ static void out_tile(const uint8_t* A, const uint8_t* B, int nb, float* cbuf, fl
     __m512 acc[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
     tile_k<Bp>(A, B, nb, cbuf, acc);
-    if (ve)  // the conv epilogue while the tile is in registers (never with trans)
-        for (int i = 0; i < mr; ++i) acc[i] = vepilogue512(acc[i], *ve, out + i * ldo, nc);
+    if (ve) {  // the conv epilogue while the tile is in registers (never with trans)
+        const float* b = epi_bias(*ve, out);
+        for (int i = 0; i < mr; ++i) acc[i] = vepilogue512(acc[i], *ve, out + i * ldo, b, nc);
+    }
     if (trans) transpose16(acc);  // acc[j]: column j
     if (mr == MT && nc == HT) {
         for (int i = 0; i < MT; ++i) _mm512_storeu_ps(out + i * ldo, acc[i]);

@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "../bfp.h"
 #include "../pool.h"
@@ -124,10 +125,12 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
             }
         }
     }
-    if (ve) {  // the conv epilogue while the tile is in registers
+    if (ve && trans) {  // the conv epilogue in registers, before the transposed store
+        const float* b0 = epi_bias(*ve, out);
+        const float* b1 = b0 ? b0 + 16 : nullptr;
         for (int i = 0; i < mr; ++i) {
-            acc0[i] = vepilogue512(acc0[i], *ve, out + i * ldo, nc);
-            if (nc > 16) acc1[i] = vepilogue512(acc1[i], *ve, out + i * ldo + 16, nc - 16);
+            acc0[i] = vepilogue512(acc0[i], *ve, out + i * ldo, b0, nc);
+            if (nc > 16) acc1[i] = vepilogue512(acc1[i], *ve, out + i * ldo + 16, b1, nc - 16);
         }
     }
     if (nc == NR && !trans) {
@@ -135,16 +138,18 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
             _mm512_storeu_ps(out + i * ldo, acc0[i]);
             _mm512_storeu_ps(out + i * ldo + 16, acc1[i]);
         }
-        return;
+    } else {
+        // edge and transposed tiles go through the stack (plain stores: no masked store, whose
+        // emulation on other ISAs reads and rewrites the masked-off lanes)
+        alignas(64) float tmp[mr][NR];
+        for (int i = 0; i < mr; ++i) {
+            _mm512_store_ps(tmp[i], acc0[i]);
+            _mm512_store_ps(tmp[i] + 16, acc1[i]);
+        }
+        store_tile(tmp, nc, out, ldo, trans);
     }
-    // edge and transposed tiles go through the stack (plain stores: no masked store, whose
-    // emulation on other ISAs reads and rewrites the masked-off lanes)
-    alignas(64) float tmp[mr][NR];
-    for (int i = 0; i < mr; ++i) {
-        _mm512_store_ps(tmp[i], acc0[i]);
-        _mm512_store_ps(tmp[i] + 16, acc1[i]);
-    }
-    store_tile(tmp, nc, out, ldo, trans);
+    // the conv epilogue on the stored tile (still in L1), specialised per configuration
+    if (ve && !trans) epi_tile(*ve, out, mr, nc, ldo);
 }
 
 // ---------------------------------------------------------------- activation quantizer
