@@ -4,14 +4,15 @@
 // (((0 + x_t0*w_t0) + x_t1*w_t1) + ...) over the taps in order, each product rounded to fp32
 // and then added (vmulps + vaddps, never an FMA: -ffp-contract=off); a padded tap adds 0 * w
 // (a NaN/Inf weight still makes NaN). The epilogue (bias, residual, activation, each rounded
-// to the vector precision) is applied in registers before the store.
+// to the vector precision) is applied to each stored strip while it is in L1 (epi_tile).
 //
 // Blocking: one work item is (image, output row(s), 16 channels); it walks each row in strips
 // of up to 8 output pixels: 8 accumulators, taps in order, the tap's 16 weights loaded once
 // and used for the 8 pixels. Channel tails (C % 16) use masked loads and stores.
-// With DwArgs::fq the item first quantizes the input rows under its block of output rows
-// (16 channels) into a small tile (L2), which the strips then read: the input is read once
-// and no fake-quantized copy of it goes through memory.
+// With DwArgs::fq an item is (image, block of output rows, group of 16-channel blocks): it first
+// quantizes the input rows under its output rows, for its channels, into a tile (L2), reading
+// each pixel's channels in one run; the strips then read the tile: the input is read once and
+// no fake-quantized copy of it goes through memory.
 #ifdef BFP_AVX512_EMULATED
 // Test-only build of this same file on SIMDe's portable AVX-512 ("avx512-emu").
 #define SIMDE_ENABLE_NATIVE_ALIASES
@@ -25,6 +26,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include "../bfp.h"
 
@@ -33,21 +35,6 @@ namespace BFP_AVX512_NS {
 namespace {
 
 #include "epi512.inc"
-
-// Stores lanes [0, n) of v at p (never touching memory past p + n).
-static inline void store_lanes(float* p, __m512 v, int n) {
-    if (n >= 16) {
-        _mm512_storeu_ps(p, v);
-        return;
-    }
-#ifdef BFP_AVX512_EMULATED
-    alignas(64) float t[16];
-    _mm512_store_ps(t, v);
-    std::memcpy(p, t, sizeof(float) * size_t(n > 0 ? n : 0));
-#else
-    _mm512_mask_storeu_ps(p, lanes(n), v);
-#endif
-}
 
 template <bool FULL>
 static inline __m512 ld(const float* p, int n) {
@@ -158,11 +145,8 @@ static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy,
     }
     float* d = a.out + ((n * a.OH + oy) * a.OW + ox0) * C + c0;
 #pragma GCC unroll 8
-    for (int j = 0; j < NP; ++j) {
-        __m512 v = acc[j];
-        if (a.epi) v = vepilogue512(v, *a.epi, d + j * C, nl);
-        store_lanes(d + j * C, v, nl);
-    }
+    for (int j = 0; j < NP; ++j) store_lanes(d + j * C, acc[j], nl);
+    if (a.epi) epi_tile(*a.epi, d, NP, nl, C);  // the epilogue on the strip, still in L1
 }
 
 template <bool FX, bool FW>
@@ -181,23 +165,30 @@ static void row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t oy, i
     }
 }
 
-// Input rows [lo, hi] of image n, channels [c0, c0 + nl), quantized into tile (16 floats a
-// pixel, W pixels a row; lanes past nl hold +0).
-static void quantize_tile(const DwArgs& a, const Quant16& q, int64_t n, int64_t lo, int64_t hi, int64_t c0, int nl,
-                          float* tile) {
+// Input rows [lo, hi] of image n, channel blocks [cb0, cb1), quantized into tile: block cb's
+// rows at tile + (cb - cb0) * plane, 16 floats a pixel, W pixels a row (lanes past C hold +0).
+// Each pixel's channels are read in one run.
+static void quantize_tile(const DwArgs& a, const Quant16& q, int64_t n, int64_t lo, int64_t hi, int64_t cb0,
+                          int64_t cb1, int64_t plane, float* tile) {
     const int64_t C = a.C, W = a.W;
     for (int64_t iy = lo; iy <= hi; ++iy) {
-        const int64_t src0 = ((n * a.H + iy) * W) * C + c0;
-        float* dst = tile + (iy - lo) * W * 16;
+        const int64_t row0 = ((n * a.H + iy) * W) * C;
+        float* dst0 = tile + (iy - lo) * W * 16;
         for (int64_t ix = 0; ix < W; ++ix) {
-            const float* src = a.x + src0 + ix * C;
-            __mmask16 ok;
-            const __m512 v = q(nl == 16 ? _mm512_loadu_ps(src) : load_lanes(src, nl), ok);
-            _mm512_store_ps(dst + ix * 16, v);
-            ok |= __mmask16(~lanes(nl));
-            if (ok != 0xffff)
-                for (int j = 0; j < nl; ++j)
-                    if (!(ok >> j & 1)) dst[ix * 16 + j] = a.fq_fix(a.fq_ctx, src0 + ix * C + j);
+            for (int64_t cb = cb0; cb < cb1; ++cb) {
+                const int64_t c0 = cb * 16;
+                const int nl = int(C - c0 < 16 ? C - c0 : 16);
+                const int64_t src0 = row0 + ix * C + c0;
+                const float* src = a.x + src0;
+                float* dst = dst0 + (cb - cb0) * plane + ix * 16;
+                __mmask16 ok;
+                const __m512 v = q(nl == 16 ? _mm512_loadu_ps(src) : load_lanes(src, nl), ok);
+                _mm512_store_ps(dst, v);
+                ok |= __mmask16(~lanes(nl));
+                if (ok != 0xffff)
+                    for (int j = 0; j < nl; ++j)
+                        if (!(ok >> j & 1)) dst[j] = a.fq_fix(a.fq_ctx, src0 + j);
+            }
         }
     }
 }
@@ -252,14 +243,30 @@ void dwconv(const DwArgs& a) {
         }
         return;
     }
-    // blocks of R output rows; the input rows under them (a tile of <= 256 KiB) quantized once
+    // Items: (image, block of R output rows, group of cg 16-channel blocks). The item quantizes
+    // the input rows under its output rows, for its channel blocks, into a tile in L2 (read in
+    // whole pixels: one contiguous run of 16 * cg channels per pixel, not a 64-byte piece of
+    // every pixel, which the memory system streams far worse), then runs its strips from there.
+    // Tile <= 512 KiB; R as large as fits (the rows under two neighbouring blocks overlap and are
+    // quantized twice), channel groups split first when there are too few items for the threads.
     auto rows_in = [&](int64_t R) { return (R - 1) * a.sh + int64_t(a.kh - 1) * a.dh + 1; };
-    int64_t R = a.OH < 8 ? a.OH : 8;
-    while (R > 1 && rows_in(R) * a.W * 64 > 262144) --R;
-    int64_t tile_rows = rows_in(R);
-    if (tile_rows > a.H) tile_rows = a.H;
-    const int64_t nrb = (a.OH + R - 1) / R, items = a.N * nrb * ncb;
-    const size_t tile_bytes = (size_t(tile_rows) * size_t(a.W) * 64 + 63) / 64 * 64;
+    auto tile_of = [&](int64_t R, int64_t cg) {
+        const int64_t r = rows_in(R) < a.H ? rows_in(R) : a.H;
+        return r * a.W * 64 * cg;
+    };
+    const int64_t budget = int64_t(512) << 10;
+    int64_t R = a.OH < 8 ? a.OH : 8, cg = ncb;
+    while (R > 1 && tile_of(R, cg) > budget) --R;
+    while (cg > 1 && tile_of(R, cg) > budget) cg = (cg + 1) / 2;
+    auto n_items = [&](int64_t R_, int64_t cg_) { return a.N * ((a.OH + R_ - 1) / R_) * ((ncb + cg_ - 1) / cg_); };
+    if (nt > 1) {
+        while (cg > 1 && n_items(R, cg) < 4 * int64_t(nt)) cg = (cg + 1) / 2;
+        while (R > 1 && n_items(R, cg) < 2 * int64_t(nt)) R = (R + 1) / 2;
+    }
+    const int64_t tile_rows = rows_in(R) < a.H ? rows_in(R) : a.H;
+    const int64_t nrb = (a.OH + R - 1) / R, ncg = (ncb + cg - 1) / cg, items = a.N * nrb * ncg;
+    const int64_t plane = tile_rows * a.W * 16;  // floats of one channel block's rows in the tile
+    const size_t tile_bytes = (size_t(plane * cg) * 4 + 63) / 64 * 64;
     const Quant16 q(*a.fq);
     const bool par = nt > 1 && items > 1 && a.N * a.OH * ncb * a.OW * taps * 16 > 32768;
 #pragma omp parallel num_threads(nt) if (par)
@@ -267,17 +274,21 @@ void dwconv(const DwArgs& a) {
         float* tile = static_cast<float*>(std::aligned_alloc(64, tile_bytes));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; ++it) {
-            const int64_t cb = it % ncb, rb = (it / ncb) % nrb, n = it / (ncb * nrb);
-            const int64_t c0 = cb * 16, oy0 = rb * R, oy1 = oy0 + R < a.OH ? oy0 + R : a.OH;
-            const int nl = int(a.C - c0 < 16 ? a.C - c0 : 16);
+            const int64_t gi = it % ncg, rb = (it / ncg) % nrb, n = it / (ncg * nrb);
+            const int64_t cb0 = gi * cg, cb1 = cb0 + cg < ncb ? cb0 + cg : ncb;
+            const int64_t oy0 = rb * R, oy1 = oy0 + R < a.OH ? oy0 + R : a.OH;
             int64_t lo = oy0 * a.sh - a.pt, hi = (oy1 - 1) * a.sh - a.pt + int64_t(a.kh - 1) * a.dh;
             if (lo < 0) lo = 0;
             if (hi > a.H - 1) hi = a.H - 1;
-            if (lo <= hi) quantize_tile(a, q, n, lo, hi, c0, nl, tile);
-            const XView X{tile, lo, a.W * 16, 16};
-            for (int64_t oy = oy0; oy < oy1; ++oy) {
-                if (nl == 16) row_strips<true, true>(a, X, n, oy, c0, nl);
-                else row_strips<true, false>(a, X, n, oy, c0, nl);
+            if (lo <= hi) quantize_tile(a, q, n, lo, hi, cb0, cb1, plane, tile);
+            for (int64_t cb = cb0; cb < cb1; ++cb) {
+                const int64_t c0 = cb * 16;
+                const int nl = int(a.C - c0 < 16 ? a.C - c0 : 16);
+                const XView X{tile + (cb - cb0) * plane, lo, a.W * 16, 16};
+                for (int64_t oy = oy0; oy < oy1; ++oy) {
+                    if (nl == 16) row_strips<true, true>(a, X, n, oy, c0, nl);
+                    else row_strips<true, false>(a, X, n, oy, c0, nl);
+                }
             }
         }
         std::free(tile);
