@@ -430,3 +430,23 @@ def test_batch_rows_equal_batch_one(kernel):
         for name, y in one.items():
             np.testing.assert_array_equal(batch[name][i:i + 1].view(np.uint32), y.view(np.uint32),
                                           err_msg=f"{kernel} {name} image {i}")
+
+
+@pytest.mark.parametrize("pads,value", [
+    ([0, 1, 2, 0, 0, 1, 0, 3], 0.0),      # NCHW: channels, rows and columns padded
+    ([0, 0, -1, 2, 0, 0, 1, -2], 1.5),    # negative pads crop rows and columns
+    ([1, 0, 0, 0, 0, 0, 0, 0], -2.0),     # a whole new image of the pad value
+    ([0, 0, -3, 0, 0, 0, 0, 0], 0.0),     # every row cropped away from one side
+])
+def test_pad_constant_matches_numpy(pads, value):
+    """Pad (constant mode): each output row written once (pad value, the input row's part, pad
+    value), positive and negative pads on every axis, as numpy.pad plus slicing."""
+    x = RNG.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    m = _model([helper.make_node("Pad", ["x", "pads", "v"], ["y"], mode="constant")], [("x", list(x.shape))], ["y"],
+               {"pads": np.array(pads, np.int64), "v": np.array(value, np.float32)})
+    got = bfpaccel.Session(bfpaccel.compile(m, format="fp32")).run(None, {"x": x})["y"]
+    r = len(x.shape)
+    lo, hi = pads[:r], pads[r:]
+    want = np.pad(x, [(max(a, 0), max(b, 0)) for a, b in zip(lo, hi)], constant_values=value)
+    want = want[tuple(slice(-min(a, 0), want.shape[i] + min(b, 0)) for i, (a, b) in enumerate(zip(lo, hi)))]
+    np.testing.assert_array_equal(got, want)

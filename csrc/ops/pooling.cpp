@@ -21,6 +21,17 @@ static void validate_pool(const Program& p, const Op& op, OpCheck& c) {
     (void)p;
 }
 
+// d[c] = the NaN-propagating max / the sum of d[c] and s[c] (restrict: the loops vectorise; a
+// clone per vector width, picked once from the CPU: both are exact, so every clone gives the
+// same bits)
+#define BFP_POOL_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+BFP_POOL_CLONES static void max_into(float* __restrict d, const float* __restrict s, int64_t C) {
+    for (int64_t c = 0; c < C; ++c) d[c] = (s[c] > d[c] || s[c] != s[c]) ? s[c] : d[c];
+}
+BFP_POOL_CLONES static void add_into(float* __restrict d, const float* __restrict s, int64_t C) {
+    for (int64_t c = 0; c < C; ++c) d[c] = d[c] + s[c];
+}
+
 static void exec_pool(Program& p, const Op& op) {
     const PoolParams& q = op.get<PoolParams>();
     const ConvGeometry& g = q.window;
@@ -50,11 +61,8 @@ static void exec_pool(Program& p, const Op& op) {
                     }
                     ++cnt;
                     const float* s = x + ((n * H + iy) * W + ix) * C;
-                    if (mx) {
-                        for (int64_t c = 0; c < C; ++c) d[c] = (s[c] > d[c] || s[c] != s[c]) ? s[c] : d[c];
-                    } else {
-                        for (int64_t c = 0; c < C; ++c) d[c] = d[c] + s[c];
-                    }
+                    if (mx) max_into(d, s, C);
+                    else add_into(d, s, C);
                 }
             }
             if (mx) {

@@ -117,31 +117,40 @@ static void exec_pad(Program& p, const Op& op) {
     const int64_t* beg = q.begin.data();
     const float* x = p.buf(op.in[0]);
     float* y = p.buf(op.out[0]);
-    int64_t total = 1, outer = 1;
+    int64_t total = 1;
     for (int d = 0; d < rank; ++d) total *= osh[d];
-    for (int d = 0; d + 1 < rank; ++d) outer *= ish[d];
-    std::fill(y, y + total, q.value);
     const int64_t inner = rank ? ish[rank - 1] : 1;
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(outer * inner))
-    for (int64_t r = 0; r < outer; ++r) {
-        int64_t rem = r, o = 0;
+    const int64_t oinner = rank ? osh[rank - 1] : 1;
+    const int64_t b_in = rank ? beg[rank - 1] : 0;
+    // the part of an input row that lands in its output row: [c_lo, c_hi) of the input row
+    const int64_t c_lo = b_in < 0 ? -b_in : 0;
+    const int64_t c_hi = inner + b_in > oinner ? oinner - b_in : inner;
+    // Output rows (all axes but the last), each written once: the pad value, the input row's
+    // part, the pad value again; rows with no input row under them are the pad value.
+    int64_t orows = 1;
+    for (int d = 0; d + 1 < rank; ++d) orows *= osh[d];
+    const float v = q.value;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(total))
+    for (int64_t r = 0; r < orows; ++r) {
+        float* out = y + r * oinner;
+        // the input row under output row r: i_d = o_d - beg_d on every axis but the last
+        int64_t rem = r, src = 0, istr = 1;
         bool ok = true;
-        // output row offset: sum (i_d + beg_d) * ostride_d
-        int64_t ostr = rank ? osh[rank - 1] : 1;
-        o = rank ? beg[rank - 1] : 0;
         for (int d = rank - 2; d >= 0; --d) {
-            const int64_t i = rem % ish[d] + beg[d];
-            rem /= ish[d];
-            if (i < 0 || i >= osh[d]) ok = false;
-            o += i * ostr;
-            ostr *= osh[d];
+            const int64_t i = rem % osh[d] - beg[d];
+            rem /= osh[d];
+            if (i < 0 || i >= ish[d]) ok = false;
+            src += i * istr;
+            istr *= ish[d];
         }
-        if (!ok) continue;
-        const float* s = x + r * inner;
-        for (int64_t i = 0; i < inner; ++i) {
-            const int64_t c = i + (rank ? beg[rank - 1] : 0);
-            if (c >= 0 && c < (rank ? osh[rank - 1] : 1)) y[o - (rank ? beg[rank - 1] : 0) + c] = s[i];
+        if (!ok || c_lo >= c_hi) {
+            std::fill(out, out + oinner, v);
+            continue;
         }
+        const int64_t o_lo = c_lo + b_in, o_hi = c_hi + b_in;
+        std::fill(out, out + o_lo, v);
+        std::memcpy(out + o_lo, x + src * inner + c_lo, sizeof(float) * size_t(c_hi - c_lo));
+        std::fill(out + o_hi, out + oinner, v);
     }
 }
 
