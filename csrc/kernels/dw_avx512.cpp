@@ -26,9 +26,11 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <utility>
 
 #include "../bfp.h"
+#include "../pool.h"
 
 namespace bfp {
 namespace BFP_AVX512_NS {
@@ -231,16 +233,19 @@ void dwconv(const DwArgs& a) {
         if (chunk > cap) chunk = cap;
         if (chunk < 1) chunk = 1;
         const bool par = nt > 1 && items > 1 && items * a.OW * taps * 16 > 32768;
-        // dynamic: a descheduled thread (shared machine) does not stall the rest
-#pragma omp parallel for num_threads(nt) schedule(dynamic, chunk) if (par)
-        for (int64_t it = 0; it < items; ++it) {
-            const int64_t cb = it % ncb, r = it / ncb, oy = r % a.OH, n = r / a.OH;
-            const int64_t c0 = cb * 16;
-            const int nl = int(a.C - c0 < 16 ? a.C - c0 : 16);
-            const XView X{a.x + n * a.H * a.W * a.C + c0, 0, a.W * a.C, a.C};
-            if (nl == 16) row_strips<true, true>(a, X, n, oy, c0, nl);
-            else row_strips<false, false>(a, X, n, oy, c0, nl);
-        }
+        // items from the pool (pool.h): a descheduled thread (shared machine) does not stall the rest
+        const int64_t nchunks = (items + chunk - 1) / chunk;
+        parallel_for(par ? nt : 1, nchunks, [&](int64_t ci) {
+            const int64_t it_end = (ci + 1) * chunk < items ? (ci + 1) * chunk : items;
+            for (int64_t it = ci * chunk; it < it_end; ++it) {
+                const int64_t cb = it % ncb, r = it / ncb, oy = r % a.OH, n = r / a.OH;
+                const int64_t c0 = cb * 16;
+                const int nl = int(a.C - c0 < 16 ? a.C - c0 : 16);
+                const XView X{a.x + n * a.H * a.W * a.C + c0, 0, a.W * a.C, a.C};
+                if (nl == 16) row_strips<true, true>(a, X, n, oy, c0, nl);
+                else row_strips<false, false>(a, X, n, oy, c0, nl);
+            }
+        });
         return;
     }
     // Items: (image, block of R output rows, group of cg 16-channel blocks). The item quantizes
@@ -269,30 +274,33 @@ void dwconv(const DwArgs& a) {
     const size_t tile_bytes = (size_t(plane * cg) * 4 + 63) / 64 * 64;
     const Quant16 q(*a.fq);
     const bool par = nt > 1 && items > 1 && a.N * a.OH * ncb * a.OW * taps * 16 > 32768;
-#pragma omp parallel num_threads(nt) if (par)
-    {
-        float* tile = static_cast<float*>(std::aligned_alloc(64, tile_bytes));
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < items; ++it) {
-            const int64_t gi = it % ncg, rb = (it / ncg) % nrb, n = it / (ncg * nrb);
-            const int64_t cb0 = gi * cg, cb1 = cb0 + cg < ncb ? cb0 + cg : ncb;
-            const int64_t oy0 = rb * R, oy1 = oy0 + R < a.OH ? oy0 + R : a.OH;
-            int64_t lo = oy0 * a.sh - a.pt, hi = (oy1 - 1) * a.sh - a.pt + int64_t(a.kh - 1) * a.dh;
-            if (lo < 0) lo = 0;
-            if (hi > a.H - 1) hi = a.H - 1;
-            if (lo <= hi) quantize_tile(a, q, n, lo, hi, cb0, cb1, plane, tile);
-            for (int64_t cb = cb0; cb < cb1; ++cb) {
-                const int64_t c0 = cb * 16;
-                const int nl = int(a.C - c0 < 16 ? a.C - c0 : 16);
-                const XView X{tile + (cb - cb0) * plane, lo, a.W * 16, 16};
-                for (int64_t oy = oy0; oy < oy1; ++oy) {
-                    if (nl == 16) row_strips<true, true>(a, X, n, oy, c0, nl);
-                    else row_strips<true, false>(a, X, n, oy, c0, nl);
-                }
+    // items from the pool (pool.h); each thread keeps its tile across calls (<= 512 KiB + a line)
+    parallel_for(par ? nt : 1, items, [&](int64_t it) {
+        static thread_local float* tile = nullptr;
+        static thread_local size_t tile_cap = 0;
+        if (tile_cap < tile_bytes) {
+            std::free(tile);
+            tile = static_cast<float*>(std::aligned_alloc(64, tile_bytes));
+            tile_cap = tile ? tile_bytes : 0;
+            if (!tile) throw std::bad_alloc();
+        }
+        const int64_t gi = it % ncg, rb = (it / ncg) % nrb, n = it / (ncg * nrb);
+        const int64_t cb0 = gi * cg, cb1 = cb0 + cg < ncb ? cb0 + cg : ncb;
+        const int64_t oy0 = rb * R, oy1 = oy0 + R < a.OH ? oy0 + R : a.OH;
+        int64_t lo = oy0 * a.sh - a.pt, hi = (oy1 - 1) * a.sh - a.pt + int64_t(a.kh - 1) * a.dh;
+        if (lo < 0) lo = 0;
+        if (hi > a.H - 1) hi = a.H - 1;
+        if (lo <= hi) quantize_tile(a, q, n, lo, hi, cb0, cb1, plane, tile);
+        for (int64_t cb = cb0; cb < cb1; ++cb) {
+            const int64_t c0 = cb * 16;
+            const int nl = int(a.C - c0 < 16 ? a.C - c0 : 16);
+            const XView X{tile + (cb - cb0) * plane, lo, a.W * 16, 16};
+            for (int64_t oy = oy0; oy < oy1; ++oy) {
+                if (nl == 16) row_strips<true, true>(a, X, n, oy, c0, nl);
+                else row_strips<true, false>(a, X, n, oy, c0, nl);
             }
         }
-        std::free(tile);
-    }
+    });
 }
 
 }  // namespace BFP_AVX512_NS
