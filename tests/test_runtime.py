@@ -8,6 +8,7 @@ must round to the vector precision.
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Dict, List, Optional
 
@@ -450,3 +451,14 @@ def test_pad_constant_matches_numpy(pads, value):
     want = np.pad(x, [(max(a, 0), max(b, 0)) for a, b in zip(lo, hi)], constant_values=value)
     want = want[tuple(slice(-min(a, 0), want.shape[i] + min(b, 0)) for i, (a, b) in enumerate(zip(lo, hi)))]
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("perm", list(itertools.permutations(range(4))))
+def test_transpose_every_perm_matches_numpy(perm):
+    """Transposes of a 4-D tensor (wide enough on every axis for the tiled path of the strided
+    copy: NCHW <-> NHWC with many channels), as numpy.transpose, bit for bit."""
+    x = RNG.standard_normal((2, 37, 6, 40)).astype(np.float32)
+    m = _model([helper.make_node("Transpose", ["x"], ["t"], perm=list(perm)),
+                helper.make_node("Relu", ["t"], ["y"])], [("x", list(x.shape))], ["y"], {})
+    got = bfpaccel.Session(bfpaccel.compile(m, format="fp32")).run(None, {"x": x})["y"]
+    np.testing.assert_array_equal(got, np.maximum(np.transpose(x, perm), 0))

@@ -5,8 +5,10 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <vector>
 
 #include "ops/vec.h"
+#include "pool.h"
 #include "runtime.h"
 
 namespace bfp {
@@ -72,6 +74,48 @@ static void exec_strided(Program& p, const Op& op) {
     const int64_t* st = q.strides.data();
     const float* x = p.buf(op.in[0]);
     float* y = p.buf(op.out[0]);
+    // A transpose whose input is contiguous along an earlier output axis k (NCHW <-> NHWC with
+    // many channels): 32 x 32 tiles of (axis k, last axis), so that neither side walks one
+    // element per cache line across the whole tensor.
+    int kax = -1;
+    if (rank >= 2 && shape[rank - 1] > 4 && st[rank - 1] != 1)
+        for (int d = rank - 2; d >= 0; --d)
+            if (st[d] == 1 && shape[d] > 4) {
+                kax = d;
+                break;
+            }
+    if (kax >= 0) {
+        std::vector<int64_t> ostr(static_cast<size_t>(rank), 1);
+        for (int d = rank - 2; d >= 0; --d) ostr[d] = ostr[d + 1] * shape[d + 1];
+        const int64_t K = shape[kax], L = shape[rank - 1], ls = st[rank - 1], ok = ostr[kax];
+        int64_t outer = 1, total = 1;
+        for (int d = 0; d < rank; ++d) {
+            total *= shape[d];
+            if (d != kax && d != rank - 1) outer *= shape[d];
+        }
+        constexpr int64_t T = 32;
+        const int64_t nkt = (K + T - 1) / T;
+        parallel_for(par_pool(total) ? num_threads() : 1, outer * nkt, [&](int64_t it) {
+            const int64_t k0 = (it % nkt) * T, k1 = k0 + T < K ? k0 + T : K;
+            int64_t rem = it / nkt, ib = off, ob = 0;
+            for (int d = rank - 2; d >= 0; --d) {
+                if (d == kax) continue;
+                const int64_t i = rem % shape[d];
+                rem /= shape[d];
+                ib += i * st[d];
+                ob += i * ostr[d];
+            }
+            for (int64_t l0 = 0; l0 < L; l0 += T) {
+                const int64_t l1 = l0 + T < L ? l0 + T : L;
+                for (int64_t l = l0; l < l1; ++l) {
+                    const float* s = x + ib + l * ls;
+                    float* d = y + ob + l;
+                    for (int64_t k = k0; k < k1; ++k) d[k * ok] = s[k];
+                }
+            }
+        });
+        return;
+    }
     // rows of the last axis, walked in runs along the axis before it (offsets by increments,
     // not a division per row: a transpose to channels-last has rows of a few elements)
     const int64_t inner = rank ? shape[rank - 1] : 1, is = rank ? st[rank - 1] : 0;
