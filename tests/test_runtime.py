@@ -462,3 +462,32 @@ def test_transpose_every_perm_matches_numpy(perm):
                 helper.make_node("Relu", ["t"], ["y"])], [("x", list(x.shape))], ["y"], {})
     got = bfpaccel.Session(bfpaccel.compile(m, format="fp32")).run(None, {"x": x})["y"]
     np.testing.assert_array_equal(got, np.maximum(np.transpose(x, perm), 0))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("C,k,H,W,O", [
+    (160, 3, 5, 7, 37),     # K = 1440: the kernel runs K in chunks; a 5-column panel, a 5-row tile
+    (2048, 1, 3, 5, 70),    # a 1x1 conv with K = 2048, 15 rows, a 6-column panel
+])
+def test_long_k_conv_bit_exact(kernel, restore_threads, threads, C, k, H, W, O):
+    """Convs whose K the SIMD kernel splits into chunks (accumulators resumed from the output)
+    give the datapath's bits: with a fused bias + residual + ReLU epilogue, row tiles whose
+    exponents send them to the exact path (extreme input rows), edge panels and short tiles."""
+    bfpaccel.set_num_threads(threads)
+    rng = np.random.default_rng(C + O)
+    w, b = _w(O, C, k, k), (rng.standard_normal(O) * 10).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[k // 2] * 4),
+             helper.make_node("Add", ["c", "r"], ["a"]), helper.make_node("Relu", ["a"], ["y"])]
+    x = (rng.standard_normal((1, C, H, W)) * np.exp(rng.uniform(-3, 3, (1, C, H, W)))).astype(np.float32)
+    w[3] *= np.float32(2.0 ** 105)   # with the large pixel: tiles past the fast path's range (exact path)
+    x[0, :, 1, 2] *= np.float32(2.0 ** 20)
+    x[0, :, 2, 0] *= np.float32(2.0 ** -100)
+    m = _model(nodes, [("x", [1, C, H, W]), ("r", [1, O, H, W])], ["y"], {"w": w, "b": b})
+    r = rng.standard_normal((1, O, H, W)).astype(np.float32)
+    plan = bfpaccel.compile(m, format="msfp16", vector_precision="fp32")
+    got = bfpaccel.Session(plan).run(None, {"x": x, "r": r})["y"]
+    acc = reference.conv2d(x, w, bfpaccel.get_format("msfp16"), padding=k // 2).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = np.maximum((acc + b.reshape(1, -1, 1, 1)) + r, np.float32(0))
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), int((~same).sum())

@@ -82,14 +82,27 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
 }
 
 // KS > 0: the block's k-steps known at compile time (fully unrolled); 0: any block.
+// Blocks [kb0, kb1) of the taps x nbt blocks (ascending); first: the accumulators start at 0,
+// else at the values a previous chunk left in out; last: the epilogue and the final store, else
+// the raw accumulators go to out (not transposed) for the next chunk -- the same fp32 sums in
+// the same order as one pass (see BFP_KCHUNK in driver.inc).
 template <int mr, int KS>
 static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
-                            int nc, bool trans, const VecEpilogue* ve) {
+                            int nc, bool trans, const VecEpilogue* ve, int kb0, int kb1, bool first, bool last) {
     const int Bp = R.Bp, B4 = KS > 0 ? KS : Bp / 4, nbt = R.nbt;
     const size_t bstride = size_t(Bp) * NR + NR * 4;
     __m512 acc0[mr], acc1[mr];
-    for (int i = 0; i < mr; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
-    for (int t = 0; t < R.taps; ++t) {
+    if (first) {
+        for (int i = 0; i < mr; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+    } else {
+        for (int i = 0; i < mr; ++i) {
+            acc0[i] = load_lanes(out + i * ldo, nc);
+            acc1[i] = nc > 16 ? load_lanes(out + i * ldo + 16, nc - 16) : _mm512_setzero_ps();
+        }
+    }
+    for (int t = kb0 / nbt; t < R.taps && t * nbt < kb1; ++t) {
+        const int bt0 = t * nbt < kb0 ? kb0 - t * nbt : 0;
+        const int bt1 = (t + 1) * nbt > kb1 ? kb1 - t * nbt : nbt;
         const int8_t* ap[mr];
         const float* sp[mr];
         const int32_t* cp[mr];
@@ -99,7 +112,7 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
             sp[i] = R.scale + pix * nbt;
             cp[i] = R.corr + pix * nbt;
         }
-        for (int bt = 0; bt < nbt; ++bt) {
+        for (int bt = bt0; bt < bt1; ++bt) {
             const uint8_t* pb = panel + size_t(t * nbt + bt) * bstride;
             __m512i s0[mr], s1[mr];
             for (int i = 0; i < mr; ++i) s0[i] = s1[i] = _mm512_set1_epi32(cp[i][bt]);
@@ -124,6 +137,13 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
                 acc1[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s1[i]), c1), ra, acc1[i]);
             }
         }
+    }
+    if (!last) {  // a chunk: the raw accumulators wait in out (never transposed)
+        for (int i = 0; i < mr; ++i) {
+            store_lanes(out + i * ldo, acc0[i], nc);
+            if (nc > 16) store_lanes(out + i * ldo + 16, acc1[i], nc - 16);
+        }
+        return;
     }
     if (ve && trans) {  // the conv epilogue in registers, before the transposed store
         const float* b0 = epi_bias(*ve, out);
@@ -511,6 +531,7 @@ void quantize_rows(const QuantRowsArgs& a) {
     }
 }
 
+#define BFP_KCHUNK 1  // run_tile_k takes block ranges (driver.inc)
 #include "driver.inc"
 
 }  // namespace BFP_AVX512_NS
