@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <type_traits>
 #include <utility>
 
 #include "../bfp.h"
@@ -64,14 +65,35 @@ static inline __m512 round_mode512(__m512 a, int mode) {
 }
 
 // 16 one-element blocks of an int(p) format (emax_elem == 0, deterministic rounding) -> their
-// values: the 16-lane twin of avx2::fake_quantize8_i (quant_avx2.cpp), the same arithmetic:
-// the element's mantissa moved to the binade [2^us, 2^(us+1)) by replacing its exponent bits
-// (exact), rounded, saturated, scaled back by two exact power-of-two multiplies. ok: the
-// lanes computed (the others -- exponent out of range, subnormal, NaN/Inf -- need the scalar path).
+// values. Two paths, the same bits:
+// - integer (every format whose max_units is 2^(unit_shift+1) - 1, i.e. each int(p), and
+//   unit_shift <= 22): the fp32 bit pattern rounded to unit_shift fraction bits (add-and-mask:
+//   nearest-even adds half - 1 plus the kept LSB, nearest-away adds half, toward-zero adds
+//   nothing); a carry into the next binade is clamped to max_units * 2^(E - unit_shift), the
+//   binade's largest pattern, by an unsigned min (the sign bit is the same on both sides);
+// - float (others): the 16-lane twin of avx2::fake_quantize8_i (quant_avx2.cpp): the element's
+//   mantissa moved to the binade [2^us, 2^(us+1)) by replacing its exponent bits (exact),
+//   rounded, saturated, scaled back by two exact power-of-two multiplies.
+// Either way a zero (+0 or -0) gives +0, and bad: the lanes left to the scalar path (exponent
+// out of range, subnormal, NaN/Inf).
+enum QuantPath : int { kIntEven, kIntAway, kIntZero, kFloatPath };
+
 struct Quant16 {
+    // float path
     __m512i absm, mantm, e127, emin1, emax1, vexp, maxsub, inf, signm, b127;
     __m512 maxu, ps;
     int mode;
+    // integer path: x's bits doubled (sign out) minus lo2 below span2 <=> exponent in range
+    __m512i lo2, span2, half, lsbbit, keep;
+    int path;
+    static int path_of(const FmtParams& f) {
+        if (f.unit_shift < 0 || f.unit_shift > 22 || f.max_units != (int64_t(2) << f.unit_shift) - 1 || f.emax_elem != 0)
+            return kFloatPath;
+        if (f.rounding == kNearestEven) return kIntEven;
+        if (f.rounding == kNearestAway) return kIntAway;
+        return f.rounding == kTowardZero ? kIntZero : kFloatPath;
+    }
+    static uint32_t field2(int e) { return uint32_t(e) << 24; }  // exponent field e of bits << 1
     explicit Quant16(const FmtParams& f)
         : absm(_mm512_set1_epi32(0x7fffffff)), mantm(_mm512_set1_epi32(0x007fffff)),
           e127(_mm512_set1_epi32(127 + f.emax_elem)), emin1(_mm512_set1_epi32(f.exp_min - 1)),
@@ -80,23 +102,60 @@ struct Quant16 {
           signm(_mm512_set1_epi32(int(0x80000000u))), b127(_mm512_set1_epi32(127)),
           maxu(_mm512_set1_ps(float(f.max_units))),
           ps(_mm512_castsi512_ps(_mm512_set1_epi32((127 - f.unit_shift) << 23))),  // 2^-unit_shift
-          mode(f.rounding) {}
-    inline __m512 operator()(__m512 xv, __mmask16& ok) const {
+          mode(f.rounding), path(path_of(f)) {
+        // normal and E in [exp_min, exp_max]: exponent field in [lo, hi] (empty when lo > hi)
+        const int lo = f.exp_min + 127 > 1 ? f.exp_min + 127 : 1, hi = f.exp_max + 127 < 254 ? f.exp_max + 127 : 254;
+        lo2 = _mm512_set1_epi32(int(field2(lo)));
+        span2 = _mm512_set1_epi32(int(lo <= hi ? field2(hi + 1) - field2(lo) : 0u));
+        const int d = path == kFloatPath ? 1 : 23 - f.unit_shift;  // mantissa bits dropped, 1..23
+        half = _mm512_set1_epi32(path == kIntEven ? (1 << (d - 1)) - 1 : path == kIntAway ? 1 << (d - 1) : 0);
+        lsbbit = _mm512_set1_epi32(1 << d);
+        keep = _mm512_set1_epi32(int(~((1u << d) - 1)));
+    }
+    template <int P>
+    inline __m512 quant(__m512 xv, __mmask16& bad) const {
         const __m512i bits = _mm512_castps_si512(xv);
-        const __m512i a = _mm512_and_si512(bits, absm);
-        const __m512i E = _mm512_sub_epi32(_mm512_srli_epi32(a, 23), e127);
-        const __mmask16 zero = _mm512_cmpeq_epi32_mask(a, _mm512_setzero_si512());
-        const __mmask16 normal = _mm512_cmpgt_epi32_mask(a, maxsub) & _mm512_cmpgt_epi32_mask(inf, a);
-        const __mmask16 inrange = _mm512_cmpgt_epi32_mask(E, emin1) & _mm512_cmpgt_epi32_mask(emax1, E);
-        ok = zero | (normal & inrange);
-        const __m512 v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(a, mantm), vexp));
-        const __m512 q = _mm512_min_ps(round_mode512(v, mode), maxu);
-        const __m512 pE = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(E, b127), 23));
-        __m512i val = _mm512_castps_si512(_mm512_mul_ps(_mm512_mul_ps(q, ps), pE));
-        val = _mm512_or_si512(val, _mm512_and_si512(bits, signm));
-        return _mm512_castsi512_ps(_mm512_maskz_mov_epi32(__mmask16(~zero), val));  // zero block: +0
+        if constexpr (P != kFloatPath) {
+            const __m512i a2 = _mm512_add_epi32(bits, bits);
+            const __mmask16 nz = _mm512_test_epi32_mask(a2, a2);
+            bad = _mm512_mask_cmpge_epu32_mask(nz, _mm512_sub_epi32(a2, lo2), span2);
+            __m512i r = bits;
+            if constexpr (P == kIntEven) {
+                r = _mm512_add_epi32(bits, half);
+                r = _mm512_mask_add_epi32(r, _mm512_test_epi32_mask(bits, lsbbit), r, _mm512_set1_epi32(1));
+            } else if constexpr (P == kIntAway) {
+                r = _mm512_add_epi32(bits, half);
+            }
+            // a carry into the next binade: its largest pattern; a zero: +0
+            r = _mm512_maskz_min_epu32(nz, r, _mm512_or_si512(bits, mantm));
+            return _mm512_castsi512_ps(_mm512_and_si512(r, keep));
+        } else {
+            const __m512i a = _mm512_and_si512(bits, absm);
+            const __m512i E = _mm512_sub_epi32(_mm512_srli_epi32(a, 23), e127);
+            const __mmask16 zero = _mm512_cmpeq_epi32_mask(a, _mm512_setzero_si512());
+            const __mmask16 normal = _mm512_cmpgt_epi32_mask(a, maxsub) & _mm512_cmpgt_epi32_mask(inf, a);
+            const __mmask16 inrange = _mm512_cmpgt_epi32_mask(E, emin1) & _mm512_cmpgt_epi32_mask(emax1, E);
+            bad = __mmask16(~(zero | (normal & inrange)));
+            const __m512 v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(a, mantm), vexp));
+            const __m512 q = _mm512_min_ps(round_mode512(v, mode), maxu);
+            const __m512 pE = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(E, b127), 23));
+            __m512i val = _mm512_castps_si512(_mm512_mul_ps(_mm512_mul_ps(q, ps), pE));
+            val = _mm512_or_si512(val, _mm512_and_si512(bits, signm));
+            return _mm512_castsi512_ps(_mm512_maskz_mov_epi32(__mmask16(~zero), val));  // zero block: +0
+        }
     }
 };
+
+// f(std::integral_constant<int, q.path>())
+template <class F>
+static inline void with_path(const Quant16& q, F&& f) {
+    switch (q.path) {
+        case kIntEven: f(std::integral_constant<int, kIntEven>()); break;
+        case kIntAway: f(std::integral_constant<int, kIntAway>()); break;
+        case kIntZero: f(std::integral_constant<int, kIntZero>()); break;
+        default: f(std::integral_constant<int, kFloatPath>()); break;
+    }
+}
 
 // The input the strips read: pixel ix of input row iy at base + (iy - iy0) * rs + ix * xs.
 struct XView {
@@ -169,42 +228,59 @@ static void row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t oy, i
 
 // Input rows [lo, hi] of image n, channel blocks [cb0, cb1), quantized into tile: block cb's
 // rows at tile + (cb - cb0) * plane, 16 floats a pixel, W pixels a row (lanes past C hold +0).
-// Each pixel's channels are read in one run.
-static void quantize_tile(const DwArgs& a, const Quant16& q, int64_t n, int64_t lo, int64_t hi, int64_t cb0,
+// Each pixel's channels are read in one run. The lanes that need the scalar path are rare: a
+// row's vectors only gather them (one mask OR a vector), and a row that has any is walked again.
+template <int P>
+static void quantize_tile(const DwArgs& a, const Quant16& qa, int64_t n, int64_t lo, int64_t hi, int64_t cb0,
                           int64_t cb1, int64_t plane, float* tile) {
+    const Quant16 q = qa;  // a local copy: no tile store can alias its constants
     const int64_t C = a.C, W = a.W;
+    const int tail = int(C - (cb1 - 1) * 16 < 16 ? C - (cb1 - 1) * 16 : 16);  // lanes of the last block
+    const int64_t nfull = tail == 16 ? cb1 - cb0 : cb1 - cb0 - 1;
     for (int64_t iy = lo; iy <= hi; ++iy) {
-        const int64_t row0 = ((n * a.H + iy) * W) * C;
-        float* dst0 = tile + (iy - lo) * W * 16;
+        const int64_t s0 = ((n * a.H + iy) * W) * C + cb0 * 16;  // element index of the row's first channel
+        const float* srow = a.x + s0;
+        float* drow = tile + (iy - lo) * W * 16;
+        __mmask16 any = 0;
         for (int64_t ix = 0; ix < W; ++ix) {
-            for (int64_t cb = cb0; cb < cb1; ++cb) {
-                const int64_t c0 = cb * 16;
-                const int nl = int(C - c0 < 16 ? C - c0 : 16);
-                const int64_t src0 = row0 + ix * C + c0;
-                const float* src = a.x + src0;
-                float* dst = dst0 + (cb - cb0) * plane + ix * 16;
-                __mmask16 ok;
-                const __m512 v = q(nl == 16 ? _mm512_loadu_ps(src) : load_lanes(src, nl), ok);
-                _mm512_store_ps(dst, v);
-                ok |= __mmask16(~lanes(nl));
-                if (ok != 0xffff)
-                    for (int j = 0; j < nl; ++j)
-                        if (!(ok >> j & 1)) dst[j] = a.fq_fix(a.fq_ctx, src0 + j);
+            const float* s = srow + ix * C;
+            float* d = drow + ix * 16;
+            for (int64_t k = 0; k < nfull; ++k) {
+                __mmask16 bad;
+                _mm512_store_ps(d + k * plane, q.quant<P>(_mm512_loadu_ps(s + k * 16), bad));
+                any |= bad;
+            }
+            if (tail != 16) {
+                __mmask16 bad;
+                _mm512_store_ps(d + nfull * plane, q.quant<P>(load_lanes(s + nfull * 16, tail), bad));
+                any |= bad & lanes(tail);
             }
         }
+        if (__builtin_expect(any == 0, 1)) continue;
+        for (int64_t ix = 0; ix < W; ++ix)
+            for (int64_t k = 0; k <= nfull && k < cb1 - cb0; ++k) {
+                const int nl = k < nfull ? 16 : tail;
+                __mmask16 bad;
+                q.quant<P>(load_lanes(srow + ix * C + k * 16, nl), bad);
+                bad &= lanes(nl);
+                for (int j = 0; j < nl; ++j)
+                    if (bad >> j & 1) drow[k * plane + ix * 16 + j] = a.fq_fix(a.fq_ctx, s0 + ix * C + k * 16 + j);
+            }
     }
 }
 
 }  // namespace
 
-void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
-                         float (*fix)(const void* ctx, int64_t i), const void* ctx) {
-    const Quant16 q(f);
+namespace {
+template <int P>
+void fake_quantize_elems_t(const float* x, int64_t n, const Quant16& qa, float* out,
+                           float (*fix)(const void* ctx, int64_t i), const void* ctx) {
+    const Quant16 q = qa;
     for (int64_t i = 0; i < n; i += 16) {
         const int nl = int(n - i < 16 ? n - i : 16);
-        __mmask16 ok;
-        const __m512 val = q(nl == 16 ? _mm512_loadu_ps(x + i) : load_lanes(x + i, nl), ok);
-        ok &= lanes(nl);
+        __mmask16 bad;
+        const __m512 val = q.quant<P>(nl == 16 ? _mm512_loadu_ps(x + i) : load_lanes(x + i, nl), bad);
+        const __mmask16 ok = __mmask16(~bad) & lanes(nl);
         if (ok == 0xffff) {
             _mm512_storeu_ps(out + i, val);
             continue;
@@ -220,6 +296,13 @@ void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* o
         for (int j = 0; j < nl; ++j)
             if (!(ok >> j & 1)) out[i + j] = fix(ctx, i + j);
     }
+}
+}  // namespace
+
+void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
+                         float (*fix)(const void* ctx, int64_t i), const void* ctx) {
+    const Quant16 q(f);
+    with_path(q, [&](auto p) { fake_quantize_elems_t<decltype(p)::value>(x, n, q, out, fix, ctx); });
 }
 
 void dwconv(const DwArgs& a) {
@@ -290,7 +373,7 @@ void dwconv(const DwArgs& a) {
         int64_t lo = oy0 * a.sh - a.pt, hi = (oy1 - 1) * a.sh - a.pt + int64_t(a.kh - 1) * a.dh;
         if (lo < 0) lo = 0;
         if (hi > a.H - 1) hi = a.H - 1;
-        if (lo <= hi) quantize_tile(a, q, n, lo, hi, cb0, cb1, plane, tile);
+        if (lo <= hi) with_path(q, [&](auto p) { quantize_tile<decltype(p)::value>(a, q, n, lo, hi, cb0, cb1, plane, tile); });
         for (int64_t cb = cb0; cb < cb1; ++cb) {
             const int64_t c0 = cb * 16;
             const int nl = int(a.C - c0 < 16 ? a.C - c0 : 16);
