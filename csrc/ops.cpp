@@ -793,8 +793,25 @@ bool conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
         }
     } else if (fast && nhwc && k.quantize_rows && !rows16 && Bp <= 128 && fx.kind == kInt) {
         // the kernel's row quantizer, one input row of pixels at a time (contiguous in NHWC,
-        // consecutive in the padded layout)
-        parallel_for(NG * HW * Cg > 16384 ? num_threads() : 1, NG * H, [&](int64_t row) {
+        // consecutive in the padded layout); without left/right padding an image's pixels are
+        // consecutive there too, and one call takes a run of them (a multiple of 16, the
+        // quantizer's group of rows, so that short rows such as 7 or 14 pixels fill its groups)
+        const int nthr = NG * HW * Cg > 16384 ? num_threads() : 1;
+        if (g.pl == 0 && g.pr == 0) {
+            // runs of 16..128 pixels, at least 4 items per thread where the image allows
+            const int64_t run = 16 * std::max<int64_t>(1, std::min<int64_t>(8, HW / (16 * 4 * nthr)));
+            const int64_t nrun = std::max<int64_t>(1, HW / run);  // the last run takes the rest
+            parallel_for(nthr, NG * nrun, [&](int64_t it) {
+                const int64_t ng = it / nrun, j = it % nrun, n = ng / G, gi = ng % G;
+                const int64_t p0 = j * run, p1 = j + 1 == nrun ? HW : p0 + run;
+                const int64_t ppix = ng * npix + g.pt * Wp + p0;
+                const QuantRowsArgs qa{x + (n * HW + p0) * C + gi * Cg, p1 - p0, C, int(Cg), &fx, Bp,
+                                       a8.data() + ppix * plen, plen, ae.data() + ppix * nbc, as.data() + ppix * nbc,
+                                       ac.data() + ppix * nbc, amin.data() + ppix, amax.data() + ppix};
+                k.quantize_rows(qa);
+            });
+        } else
+        parallel_for(nthr, NG * H, [&](int64_t row) {
             const int64_t ng = row / H, xh = row % H, n = ng / G, gi = ng % G;
             const int64_t ppix = ng * npix + (xh + g.pt) * Wp + g.pl;
             const QuantRowsArgs qa{x + ((n * H + xh) * W) * C + gi * Cg, W, C, int(Cg), &fx, Bp,

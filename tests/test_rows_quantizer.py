@@ -67,3 +67,48 @@ def test_row_quantizer_other_int_formats(kernel, fmt):
     b = rng.normal(size=(32, 9)).astype(f32)
     f = bfpaccel.get_format(fmt)
     assert_bits_equal(bfpaccel.matmul(a, b, f, seed=SEED), ref.matmul(a, b, f, seed=SEED), fmt)
+
+
+def _conv_input(N: int, C: int, H: int, W: int, rng: np.random.Generator) -> np.ndarray:
+    """Pixels whose 16-channel blocks take every branch: NaN/Inf, all zero, subnormal, huge,
+    units that saturate; the rest normal data over a wide range of magnitudes."""
+    x = (rng.standard_normal((N, C, H, W)) * np.exp(rng.uniform(-6, 6, (N, C, H, W)))).astype(f32)
+    x[0, :, 0, 0] = 0.0
+    x[0, :min(C, 16), 1 % H, 2 % W] = 0.0
+    x[0, 3, 2 % H, 1 % W] = np.nan
+    x[-1, C - 1, H - 1, W - 1] = -np.inf
+    x[-1, :, 1 % H, 1 % W] = (x[-1, :, 1 % H, 1 % W] * 1e-40).astype(f32)  # subnormal blocks
+    x[0, :, H - 1, 0] = 127.9  # every unit saturates
+    x[-1, :, 0, W - 1] = (x[-1, :, 0, W - 1] * 1e33).astype(f32)
+    return x
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("C,H,W,groups,kh,pads", [
+    (64, 7, 7, 1, 1, [0, 0, 0, 0]),
+    (40, 14, 14, 1, 1, [0, 0, 0, 0]),
+    (72, 14, 14, 1, 1, [0, 0, 0, 0]),
+    (48, 5, 9, 2, 1, [0, 0, 0, 0]),
+    (32, 7, 7, 1, 3, [1, 0, 1, 0]),
+    (20, 3, 28, 1, 1, [0, 0, 0, 0]),
+])
+def test_conv_rows_runs_across_image_rows(kernel, threads, C, H, W, groups, kh, pads):
+    """Convolutions without left/right padding quantize their input in runs of pixels that span
+    image rows (short rows fill the quantizer's 16-row groups): the result equals
+    reference.conv2d bit for bit, for every thread count, batch image and group."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(C * H + W)
+    N, O = 2, 24
+    w = (rng.standard_normal((O, C // groups, kh, 1)) * 0.3).astype(f32)
+    node = helper.make_node("Conv", ["x", "w"], ["y"], group=groups, pads=pads)
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [N, C, H, W])],
+                          [helper.make_empty_tensor_value_info("y")], [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    x = _conv_input(N, C, H, W, rng)
+    plan = bfpaccel.compile(m, format="msfp16", vector_precision="fp32")
+    got = bfpaccel.Session(plan, kernel=kernel, num_threads=threads).run(None, {"x": x})["y"]
+    want = ref.conv2d(x, w, bfpaccel.get_format("msfp16"), padding=pads, groups=groups).astype(f32)
+    assert_bits_equal(got, want, f"C={C} {H}x{W} groups={groups} kh={kh}")

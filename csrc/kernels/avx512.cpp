@@ -249,14 +249,11 @@ static inline void nan_block(const QuantRowsArgs& a, int64_t blk, int8_t* ub) {
     if (a.corr) a.corr[blk] = 0;
 }
 
-// Lane r of the result: the maximum (Add: the sum) of the 16 lanes of v[r] (a tree of
-// shuffles that reduces 16 vectors at once; the lane order it leaves is undone by one
-// permutation, found once by running the tree on v[r] = r -- the same for either operation).
+// Lane r of the result: the maximum of the 16 lanes of v[r] (a tree of shuffles that reduces
+// 16 vectors at once; the lane order it leaves is undone by one permutation, found once by
+// running the tree on v[r] = r).
 struct MaxOp {
     __m512i operator()(__m512i a, __m512i b) const { return _mm512_max_epi32(a, b); }
-};
-struct AddOp {
-    __m512i operator()(__m512i a, __m512i b) const { return _mm512_add_epi32(a, b); }
 };
 template <class Op>
 static inline __m512i hreduce16_raw(const __m512i (&v)[16], Op op) {
@@ -285,35 +282,65 @@ static __m512i hmax16_order() {  // idx[r] = the lane where row r's maximum land
 static inline __m512i hmax16(const __m512i (&v)[16], __m512i order) {
     return _mm512_permutexvar_epi32(order, hreduce16_raw(v, MaxOp{}));
 }
-static inline __m512i hsum16(const __m512i (&v)[16], __m512i order) {
-    return _mm512_permutexvar_epi32(order, hreduce16_raw(v, AddOp{}));
+
+// The signed units of a vector y = x * 2^(unit_shift - E) already clamped to [-max_units,
+// max_units]: rounding is odd-symmetric in every deterministic mode and commutes with the
+// clamp (monotone, integer bounds), so this equals sign(x) * min(round(|y|), max_units).
+template <int RM>
+static inline __m512i round_signed16(__m512 y) {
+    if constexpr (RM == kNearestEven) {
+#ifdef BFP_AVX512_EMULATED
+        return _mm512_cvttps_epi32(_mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+        return _mm512_cvt_roundps_epi32(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#endif
+    } else if constexpr (RM == kTowardZero) {
+        return _mm512_cvttps_epi32(y);
+    } else {  // ties away from zero: truncate, then one step away where |fraction| >= 1/2
+        __m512i t = _mm512_cvttps_epi32(y);
+        const __m512 fr = _mm512_sub_ps(y, _mm512_cvtepi32_ps(t));  // exact
+        t = _mm512_mask_add_epi32(t, _mm512_cmp_ps_mask(fr, _mm512_set1_ps(0.5f), _CMP_GE_OQ), t,
+                                  _mm512_set1_epi32(1));
+        return _mm512_mask_sub_epi32(t, _mm512_cmp_ps_mask(fr, _mm512_set1_ps(-0.5f), _CMP_LE_OQ), t,
+                                     _mm512_set1_epi32(1));
+    }
 }
 
 // Blocks of at most 16 units (one vector), 16 rows at a time: the block maxima come from one
 // reduction tree and the exponents are computed for the 16 rows together. Returns false
 // (nothing written) for a group that needs the per-row path (a scale below 2^-126).
+// Rows past nr repeat row nr - 1 (their results are never stored).
+template <int RM>
 static bool quantize_rows16(const QuantRowsArgs& a, int64_t i0, int nr, const __m512i order) {
     const FmtParams& f = *a.f;
-    const int B = f.block, Bp = a.Bp, nbc = (a.C + B - 1) / B;
-    const __m512i absm = _mm512_set1_epi32(0x7fffffff);
-    const __m512 maxu = _mm512_set1_ps(float(f.max_units));
-    const __m512 cap = _mm512_set1_ps(float(f.max_units + 1));
-    const __mmask16 rows = lanes(nr);
-    alignas(64) int32_t mn[16], mx[16];
-    for (int r = 0; r < 16; ++r) {
-        mn[r] = r < nr ? a.emin[i0 + r] : INT32_MAX;
-        mx[r] = r < nr ? a.emax[i0 + r] : INT32_MIN;
-    }
-    __m512i vmn = _mm512_load_si512(mn), vmx = _mm512_load_si512(mx);
+    const int B = f.block, Bp = a.Bp, C = a.C, nbc = (C + B - 1) / B;
+    const int unit_shift = f.unit_shift, emax_elem = f.emax_elem, exp_min = f.exp_min, exp_max = f.exp_max;
     // k1 = unit_shift - E must not fall below -126 (E <= exp_max): else the per-row path
-    if (f.unit_shift - f.exp_max < -126) return false;
+    if (unit_shift - exp_max < -126) return false;
+    const float* const x0 = a.x + i0 * a.xs;
+    int8_t* const u0 = a.u + i0 * a.us;
+    int16_t* const E0 = a.E + i0 * nbc;
+    float* const sc0 = a.scale + i0 * nbc;
+    int32_t* const corr0 = a.corr ? a.corr + i0 * nbc : nullptr;
+    const int64_t xs = a.xs, us = a.us;
+    const __m512i absm = _mm512_set1_epi32(0x7fffffff);
+    const __m512 maxu = _mm512_set1_ps(float(f.max_units)), minu = _mm512_set1_ps(-float(f.max_units));
+    const __m512 cap = _mm512_set1_ps(float(f.max_units + 1));
+    const __m512i maxui = _mm512_set1_epi32(int32_t(f.max_units));
+    const __m512i tr4 = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);  // 4x4 transpose
+    const __mmask16 rows = lanes(nr);
+    int64_t xoff[16];  // row r's floats at x0 + xoff[r]
+    for (int r = 0; r < 16; ++r) xoff[r] = (r < nr ? r : nr - 1) * xs;
+    __m512i vmn = _mm512_set1_epi32(INT32_MAX), vmx = _mm512_set1_epi32(INT32_MIN);
+    const float nan_scale = block_scale(kNanExp, unit_shift, true);
     for (int b = 0; b < nbc; ++b) {
-        const int len = a.C - b * B < B ? a.C - b * B : B;
-        __m512 v[16];
+        const int len = C - b * B < B ? C - b * B : B;
+        const float* xb = x0 + b * B;
         __m512i ab[16];
-        for (int r = 0; r < 16; ++r) {
-            v[r] = r < nr ? load_lanes(a.x + (i0 + r) * a.xs + b * B, len) : _mm512_setzero_ps();
-            ab[r] = _mm512_and_si512(_mm512_castps_si512(v[r]), absm);
+        if (len == 16) {
+            for (int r = 0; r < 16; ++r) ab[r] = _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(xb + xoff[r])), absm);
+        } else {
+            for (int r = 0; r < 16; ++r) ab[r] = _mm512_and_si512(_mm512_castps_si512(load_lanes(xb + xoff[r], len)), absm);
         }
         const __m512i amax = hmax16(ab, order);  // lane r: row r's max |x| bits
         const __mmask16 bad = _mm512_cmpge_epi32_mask(amax, _mm512_set1_epi32(0x7f800000)) & rows;  // NaN/Inf
@@ -324,68 +351,99 @@ static bool quantize_rows16(const QuantRowsArgs& a, int64_t i0, int nr, const __
         // a subnormal's bits m (< 2^23) convert exactly: floor(log2(m * 2^-149)) from float(m)
         const __m512i mf = _mm512_castps_si512(_mm512_cvtepi32_ps(amax));
         fl = _mm512_mask_sub_epi32(fl, sub, _mm512_srli_epi32(mf, 23), _mm512_set1_epi32(127 + 149));
-        __m512i E = _mm512_sub_epi32(fl, _mm512_set1_epi32(f.emax_elem));
-        E = _mm512_min_epi32(_mm512_max_epi32(E, _mm512_set1_epi32(f.exp_min)), _mm512_set1_epi32(f.exp_max));
-        E = _mm512_mask_mov_epi32(E, zero, _mm512_set1_epi32(f.exp_min));
-        // v = |x| * 2^k1 * 2^k2, k1 = min(unit_shift - E, 127), each step exact
-        const __m512i k = _mm512_sub_epi32(_mm512_set1_epi32(f.unit_shift), E);
+        __m512i E = _mm512_sub_epi32(fl, _mm512_set1_epi32(emax_elem));
+        E = _mm512_min_epi32(_mm512_max_epi32(E, _mm512_set1_epi32(exp_min)), _mm512_set1_epi32(exp_max));
+        E = _mm512_mask_mov_epi32(E, zero, _mm512_set1_epi32(exp_min));
+        // y = x * 2^k1 * 2^k2, k1 = min(unit_shift - E, 127), each step exact
+        const __m512i k = _mm512_sub_epi32(_mm512_set1_epi32(unit_shift), E);
         const __m512i k1 = _mm512_min_epi32(k, _mm512_set1_epi32(127));
         const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(k1, _mm512_set1_epi32(127)), 23));
         const __m512 s2 = _mm512_castsi512_ps(
             _mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(k, k1), _mm512_set1_epi32(127)), 23));
         const bool two = _mm512_cmpgt_epi32_mask(k, _mm512_set1_epi32(127)) != 0;
-        // units row by row; each row's sum of units and of |units| packed in one lane sum:
-        // (u + 128) + (|u| << 12) over 16 lanes -- the low 12 bits hold sum(u) + 2048 (each
-        // term in [1, 255]), the rest sum(|u|) (> 0: a non-zero unit)
-        __m512i w[16];
-        const __m512i c128 = _mm512_set1_epi32(128);
-        for (int r = 0; r < 16; ++r) {
-            if (r >= nr) {
-                w[r] = _mm512_setzero_si512();
-                continue;
+        // a block is non-zero iff the unit of its largest magnitude is (units grow with |x|);
+        // when no row's largest unit passes max_units, no unit needs the clamp
+        __m512 ym = _mm512_mul_ps(_mm512_castsi512_ps(amax), s1);
+        if (two) ym = _mm512_mul_ps(ym, s2);
+        const __m512i qm = round_signed16<RM>(_mm512_min_ps(ym, cap));
+        const __mmask16 nzm = _mm512_cmpgt_epi32_mask(qm, _mm512_setzero_si512()) & rows & __mmask16(~bad);
+        const bool clamp = bad != 0 || _mm512_cmpgt_epi32_mask(qm, maxui) != 0;
+        alignas(64) float s1v[16], s2v[16];
+        _mm512_store_ps(s1v, s1);
+        if (two) _mm512_store_ps(s2v, s2);
+        // units 4 rows at a time: packed to bytes (signed saturation, as vpmovsdb) with row j's
+        // 16 units in 128-bit lane j after a 4x4 dword transpose, stored row by row; each row's
+        // sum from 4-unit partial sums (vpdpbusd with ones) and a short shuffle tree
+        int8_t* ub = u0 + b * Bp;
+        __m512i D[4];
+        for (int g = 0; g < 4; ++g) {
+            __m512i q[4];
+            for (int j = 0; j < 4; ++j) {
+                const int r = 4 * g + j;
+                const __m512 xv = len == 16 ? _mm512_loadu_ps(xb + xoff[r]) : load_lanes(xb + xoff[r], len);
+                __m512 y = _mm512_mul_ps(xv, _mm512_set1_ps(s1v[r]));
+                if (two) y = _mm512_mul_ps(y, _mm512_set1_ps(s2v[r]));
+                if (clamp) y = _mm512_min_ps(_mm512_max_ps(y, minu), maxu);
+                q[j] = round_signed16<RM>(y);
             }
-            const __m512i ri = _mm512_set1_epi32(r);
-            __m512 av = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v[r]), absm)),
-                                      _mm512_permutexvar_ps(ri, s1));
-            if (two) av = _mm512_mul_ps(av, _mm512_permutexvar_ps(ri, s2));
-            const __m512i qi = units16(av, v[r], f.rounding, cap, maxu);
-            store_bytes16(_mm512_cvtsepi32_epi8(qi), a.u + (i0 + r) * a.us + b * Bp, Bp);
-            w[r] = _mm512_add_epi32(_mm512_add_epi32(qi, c128), _mm512_slli_epi32(_mm512_abs_epi32(qi), 12));
+            const __m512i bq = _mm512_permutexvar_epi32(
+                tr4, _mm512_packs_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3])));
+            D[g] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), bq);
+            if (Bp == 16) {
+                if (4 * g + 0 < nr) _mm_storeu_si128(reinterpret_cast<__m128i*>(ub + (4 * g + 0) * us), _mm512_castsi512_si128(bq));
+                if (4 * g + 1 < nr) _mm_storeu_si128(reinterpret_cast<__m128i*>(ub + (4 * g + 1) * us), _mm512_extracti32x4_epi32(bq, 1));
+                if (4 * g + 2 < nr) _mm_storeu_si128(reinterpret_cast<__m128i*>(ub + (4 * g + 2) * us), _mm512_extracti32x4_epi32(bq, 2));
+                if (4 * g + 3 < nr) _mm_storeu_si128(reinterpret_cast<__m128i*>(ub + (4 * g + 3) * us), _mm512_extracti32x4_epi32(bq, 3));
+            } else {
+                alignas(64) int8_t tmp[64];
+                _mm512_store_si512(tmp, bq);
+                for (int j = 0; j < 4 && 4 * g + j < nr; ++j) std::memcpy(ub + (4 * g + j) * us, tmp + 16 * j, size_t(Bp));
+            }
         }
-        const __m512i tot = hsum16(w, order);  // lane r: row r
-        const __mmask16 nzm =
-            _mm512_cmpgt_epi32_mask(_mm512_srli_epi32(tot, 12), _mm512_setzero_si512()) & rows & __mmask16(~bad);
-        const __m512i usum = _mm512_sub_epi32(_mm512_and_si512(tot, _mm512_set1_epi32(0xfff)), _mm512_set1_epi32(2048));
-        const __m512i corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(usum, 7));  // -128 * sum
+        // lane j of D[g]: row 4g + j's partial sums; after two levels lane 4j + m holds row 4m + j
+        const __m512i X = _mm512_add_epi32(_mm512_unpacklo_epi32(D[0], D[1]), _mm512_unpackhi_epi32(D[0], D[1]));
+        const __m512i Y = _mm512_add_epi32(_mm512_unpacklo_epi32(D[2], D[3]), _mm512_unpackhi_epi32(D[2], D[3]));
+        const __m512i usum = _mm512_permutexvar_epi32(
+            tr4, _mm512_add_epi32(_mm512_unpacklo_epi64(X, Y), _mm512_unpackhi_epi64(X, Y)));  // lane r: row r
+        __m512i corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(usum, 7));  // -128 * sum
         // block_scale: 2^(E - unit_shift) (normal or subnormal), 1.0 for an all-zero block
-        const __m512i kk = _mm512_sub_epi32(E, _mm512_set1_epi32(f.unit_shift));
+        const __m512i kk = _mm512_sub_epi32(E, _mm512_set1_epi32(unit_shift));
         const __m512i nrm = _mm512_slli_epi32(_mm512_add_epi32(kk, _mm512_set1_epi32(127)), 23);
         const __m512i sbn = _mm512_sllv_epi32(_mm512_set1_epi32(1), _mm512_add_epi32(kk, _mm512_set1_epi32(149)));
         __m512i sc = _mm512_mask_mov_epi32(sbn, _mm512_cmpge_epi32_mask(kk, _mm512_set1_epi32(-126)), nrm);
         sc = _mm512_mask_mov_epi32(_mm512_castps_si512(_mm512_set1_ps(1.0f)), nzm, sc);
-        alignas(64) int32_t Ev[16], cv[16], sv[16];
-        _mm512_store_si512(Ev, E);
-        _mm512_store_si512(cv, corr);
-        _mm512_store_si512(sv, sc);
-        for (int r = 0; r < nr; ++r) {
-            const int64_t blk = (i0 + r) * nbc + b;
-            if ((bad >> r) & 1) {
-                nan_block(a, blk, a.u + (i0 + r) * a.us + b * Bp);
-                continue;
-            }
-            a.E[blk] = int16_t(Ev[r]);
-            std::memcpy(&a.scale[blk], &sv[r], 4);
-            if (a.corr) a.corr[blk] = cv[r];
+        // a NaN/Inf row: exponent kNanExp, scale NaN, correction 0 (its units are zeroed below)
+        __m512i Ew = E;
+        if (bad) {
+            Ew = _mm512_mask_mov_epi32(E, bad, _mm512_set1_epi32(kNanExp));
+            sc = _mm512_mask_mov_epi32(sc, bad, _mm512_castps_si512(_mm512_set1_ps(nan_scale)));
+            corr = _mm512_mask_mov_epi32(corr, bad, _mm512_setzero_si512());
         }
-        const __m512i ee = _mm512_sub_epi32(E, _mm512_set1_epi32(f.unit_shift));
+        alignas(64) int32_t Ev[16], cv[16];
+        alignas(64) float sv[16];
+        _mm512_store_si512(Ev, Ew);
+        _mm512_store_ps(sv, _mm512_castsi512_ps(sc));
+        for (int r = 0; r < nr; ++r) {
+            E0[r * nbc + b] = int16_t(Ev[r]);
+            sc0[r * nbc + b] = sv[r];
+        }
+        if (corr0) {
+            _mm512_store_si512(cv, corr);
+            for (int r = 0; r < nr; ++r) corr0[r * nbc + b] = cv[r];
+        }
+        if (bad)
+            for (int r = 0; r < nr; ++r)
+                if ((bad >> r) & 1) std::memset(ub + r * us, 0, size_t(Bp));
+        const __m512i ee = _mm512_sub_epi32(E, _mm512_set1_epi32(unit_shift));
         vmn = _mm512_mask_min_epi32(vmn, nzm, vmn, ee);
         vmx = _mm512_mask_max_epi32(vmx, nzm, vmx, ee);
     }
+    alignas(64) int32_t mn[16], mx[16];
     _mm512_store_si512(mn, vmn);
     _mm512_store_si512(mx, vmx);
     for (int r = 0; r < nr; ++r) {
-        a.emin[i0 + r] = mn[r];
-        a.emax[i0 + r] = mx[r];
+        if (mn[r] < a.emin[i0 + r]) a.emin[i0 + r] = mn[r];
+        if (mx[r] > a.emax[i0 + r]) a.emax[i0 + r] = mx[r];
     }
     return true;
 }
@@ -473,9 +531,12 @@ void quantize_rows(const QuantRowsArgs& a) {
         for (; i_start + 16 <= a.n; i_start += 16) quantize_tiny16(a, i_start);
     if (nv == 1 && B <= 16 && a.n - i_start >= 4) {
         static const __m512i order = hmax16_order();
+        bool (*q16)(const QuantRowsArgs&, int64_t, int, __m512i) =
+            f.rounding == kNearestEven ? quantize_rows16<kNearestEven>
+            : f.rounding == kTowardZero ? quantize_rows16<kTowardZero> : quantize_rows16<kNearestAway>;
         while (i_start < a.n) {
             const int nr = int(a.n - i_start < 16 ? a.n - i_start : 16);
-            if (!quantize_rows16(a, i_start, nr, order)) break;
+            if (!q16(a, i_start, nr, order)) break;
             i_start += nr;
         }
     }
