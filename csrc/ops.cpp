@@ -873,25 +873,44 @@ bool conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
                         : rows16 ? static_cast<const void*>(a16.data()) : static_cast<const void*>(a8.data());
     for (int64_t ng = 0; ng < ngemm; ++ng) {
         const int64_t n = ng / G, gi = ng % G;
-        // one output row (OW pixels) at a time: offsets by increments
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (RB * taps > 65536)
-        for (int64_t qr = 0; qr < RB / g.OW; ++qr) {
+        // one output row (OW pixels) at a time: offsets by increments; a pixel's exponent range
+        // over its window is separable: the extremes over the kernel's rows for each padded
+        // column the row's windows cover (contiguous, vectorised), then over the columns
+        const int kw_ = w.kw, kh_ = taps / w.kw;
+        const int64_t span = (g.OW - 1) * g.sw + int64_t(kw_ - 1) * g.dw + 1;  // padded columns read
+        parallel_for(RB * taps > 65536 ? num_threads() : 1, RB / g.OW, [&](int64_t qr) {
             const int64_t oy = qr % g.OH, img = one_gemm ? qr / g.OH : ng;  // img: the (image, group) slice
             const int64_t base = img * npix + oy * g.sh * Wp;
-            for (int64_t ox = 0; ox < g.OW; ++ox) {
-                const int64_t r = qr * g.OW + ox, ro = base + ox * g.sw;
-                roff[r] = ro;
-                if (simd) {
-                    int32_t mn = INT32_MAX, mx = INT32_MIN;
-                    for (int t = 0; t < taps; ++t) {
-                        mn = std::min(mn, amin[ro + toff[t]]);
-                        mx = std::max(mx, amax[ro + toff[t]]);
-                    }
-                    rmin[r] = mn;
-                    rmax[r] = mx;
+            for (int64_t ox = 0; ox < g.OW; ++ox) roff[qr * g.OW + ox] = base + ox * g.sw;
+            if (!simd) return;
+            if (taps == 1) {
+                for (int64_t ox = 0; ox < g.OW; ++ox) {
+                    rmin[qr * g.OW + ox] = amin[base + ox * g.sw];
+                    rmax[qr * g.OW + ox] = amax[base + ox * g.sw];
+                }
+                return;
+            }
+            thread_local std::vector<int32_t> cmn, cmx;
+            cmn.assign(size_t(span), INT32_MAX);
+            cmx.assign(size_t(span), INT32_MIN);
+            for (int ky = 0; ky < kh_; ++ky) {
+                const int32_t* mnr = amin.data() + base + int64_t(ky) * g.dh * Wp;
+                const int32_t* mxr = amax.data() + base + int64_t(ky) * g.dh * Wp;
+                for (int64_t c = 0; c < span; ++c) {
+                    cmn[c] = std::min(cmn[c], mnr[c]);
+                    cmx[c] = std::max(cmx[c], mxr[c]);
                 }
             }
-        }
+            for (int64_t ox = 0; ox < g.OW; ++ox) {
+                int32_t mn = INT32_MAX, mx = INT32_MIN;
+                for (int kx = 0; kx < kw_; ++kx) {
+                    mn = std::min(mn, cmn[ox * g.sw + int64_t(kx) * g.dw]);
+                    mx = std::max(mx, cmx[ox * g.sw + int64_t(kx) * g.dw]);
+                }
+                rmin[qr * g.OW + ox] = mn;
+                rmax[qr * g.OW + ox] = mx;
+            }
+        });
         for (int64_t o = 0; o < Og; ++o) {
             const int64_t oo = gi * Og + o;
             cu[o] = int8 ? static_cast<const void*>(w.u8.data() + oo * clen) : static_cast<const void*>(w.u64.data() + oo * clen);

@@ -492,3 +492,27 @@ def test_long_k_conv_bit_exact(kernel, restore_threads, threads, C, k, H, W, O):
         want = np.maximum((acc + b.reshape(1, -1, 1, 1)) + r, np.float32(0))
     same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
     assert same.all(), int((~same).sum())
+
+
+@pytest.mark.parametrize("k,stride,dil,pad", [(3, 2, 1, 1), (7, 2, 1, 3), (3, 1, 2, 2), (5, 1, 1, 2), (1, 2, 1, 0)])
+def test_window_exponent_range_routes_exact_tiles(kernel, k, stride, dil, pad):
+    """Strided, dilated and padded convs whose windows hold large and tiny input pixels, against a
+    huge and a tiny output channel (the window's exponent range picks each tile's path): every
+    output equals the datapath's bits."""
+    rng = np.random.default_rng(k * 31 + stride * 7 + dil)
+    C, O, H, W = 16, 40, 13, 11
+    w = _w(O, C, k, k)
+    w[3] *= np.float32(2.0 ** 105)
+    w[5] *= np.float32(2.0 ** -30)   # with the tiny pixels: products near the subnormal range
+    x = rng.standard_normal((1, C, H, W)).astype(np.float32)
+    for yy, xx in [(0, 0), (4, 7), (12, 10), (6, 0), (9, 5)]:
+        x[0, :, yy, xx] *= np.float32(2.0 ** 20)
+    for yy, xx in [(2, 3), (8, 8), (11, 1), (0, 9), (5, 5)]:
+        x[0, :, yy, xx] *= np.float32(2.0 ** -100)
+    m = _model([helper.make_node("Conv", ["x", "w"], ["y"], pads=[pad] * 4, strides=[stride] * 2,
+                                 dilations=[dil] * 2)], [("x", [1, C, H, W])], ["y"], {"w": w})
+    got = bfpaccel.Session(bfpaccel.compile(m, format="msfp16", vector_precision="fp32")).run(None, {"x": x})["y"]
+    want = reference.conv2d(x, w, bfpaccel.get_format("msfp16"), stride=stride, padding=pad,
+                            dilation=dil).astype(np.float32)
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), int((~same).sum())
