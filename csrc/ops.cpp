@@ -199,8 +199,11 @@ void fake_quantize_tensor(const float* x, int64_t outer, int64_t K, int64_t inne
 }
 
 // One-element blocks of int elements with deterministic rounding: the SIMD loops' domain.
+// every int(p) format (units of unit_shift + 1 bits, max_units 2^(unit_shift+1) - 1), rounded
+// deterministically: the SIMD element quantizers' formats
 static bool simd_elements(const FmtParams& f) {
-    return f.kind == kInt && f.rounding != kStochastic && f.emax_elem == 0;
+    return f.kind == kInt && f.rounding != kStochastic && f.emax_elem == 0 && f.unit_shift >= 0 &&
+           f.unit_shift <= 22 && f.max_units == (int64_t(2) << f.unit_shift) - 1;
 }
 
 bool kernel_quantizes_elements(const FmtParams& f) {

@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <stdexcept>
 #include <type_traits>
 #include <utility>
 
@@ -45,69 +46,33 @@ static inline __m512 ld(const float* p, int n) {
     else return load_lanes(p, n);
 }
 
-template <int IMM>
-static inline __m512 roundscale(__m512 a) {
-#ifdef BFP_AVX512_EMULATED  // the portable roundscale does not honour every mode: two 8-lane roundings
-    const __m256 lo = _mm256_round_ps(_mm512_castps512_ps256(a), IMM);
-    const __m256 hi = _mm256_round_ps(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)), IMM);
-    return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(lo)), _mm256_castps_pd(hi), 1));
-#else
-    return _mm512_roundscale_ps(a, IMM);
-#endif
-}
+// 16 one-element blocks of an int(p) format (emax_elem == 0, deterministic rounding; the caller
+// checks quant16_ok) -> their values: the fp32 bit pattern rounded to unit_shift fraction bits
+// (add-and-mask: nearest-even adds half - 1 plus the kept LSB, nearest-away adds half,
+// toward-zero adds nothing); a carry into the next binade is clamped to
+// max_units * 2^(E - unit_shift) = 2^(unit_shift+1) - 1 units, the binade's largest pattern, by
+// an unsigned min (the sign bit is the same on both sides). A zero (+0 or -0) gives +0; bad: the
+// lanes left to the scalar path (exponent out of range, subnormal, NaN/Inf).
+enum QuantPath : int { kIntEven, kIntAway, kIntZero };
 
-static inline __m512 round_mode512(__m512 a, int mode) {
-    if (mode == kNearestEven) return roundscale<_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC>(a);
-    if (mode == kTowardZero) return roundscale<_MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC>(a);
-    const __m512 fl = roundscale<_MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC>(a);
-    const __mmask16 up = _mm512_cmp_ps_mask(_mm512_sub_ps(a, fl), _mm512_set1_ps(0.5f), _CMP_GE_OQ);
-    return _mm512_mask_add_ps(fl, up, fl, _mm512_set1_ps(1.0f));
+static inline bool quant16_ok(const FmtParams& f) {  // every int(p), p <= 23, of the formats
+    return f.unit_shift >= 0 && f.unit_shift <= 22 && f.max_units == (int64_t(2) << f.unit_shift) - 1 &&
+           f.emax_elem == 0 && (f.rounding == kNearestEven || f.rounding == kNearestAway || f.rounding == kTowardZero);
 }
-
-// 16 one-element blocks of an int(p) format (emax_elem == 0, deterministic rounding) -> their
-// values. Two paths, the same bits:
-// - integer (every format whose max_units is 2^(unit_shift+1) - 1, i.e. each int(p), and
-//   unit_shift <= 22): the fp32 bit pattern rounded to unit_shift fraction bits (add-and-mask:
-//   nearest-even adds half - 1 plus the kept LSB, nearest-away adds half, toward-zero adds
-//   nothing); a carry into the next binade is clamped to max_units * 2^(E - unit_shift), the
-//   binade's largest pattern, by an unsigned min (the sign bit is the same on both sides);
-// - float (others): the 16-lane twin of avx2::fake_quantize8_i (quant_avx2.cpp): the element's
-//   mantissa moved to the binade [2^us, 2^(us+1)) by replacing its exponent bits (exact),
-//   rounded, saturated, scaled back by two exact power-of-two multiplies.
-// Either way a zero (+0 or -0) gives +0, and bad: the lanes left to the scalar path (exponent
-// out of range, subnormal, NaN/Inf).
-enum QuantPath : int { kIntEven, kIntAway, kIntZero, kFloatPath };
 
 struct Quant16 {
-    // float path
-    __m512i absm, mantm, e127, emin1, emax1, vexp, maxsub, inf, signm, b127;
-    __m512 maxu, ps;
-    int mode;
-    // integer path: x's bits doubled (sign out) minus lo2 below span2 <=> exponent in range
-    __m512i lo2, span2, half, lsbbit, keep;
+    // x's bits doubled (sign out) minus lo2 below span2 <=> exponent in range
+    __m512i lo2, span2, half, lsbbit, keep, mantm;
     int path;
-    static int path_of(const FmtParams& f) {
-        if (f.unit_shift < 0 || f.unit_shift > 22 || f.max_units != (int64_t(2) << f.unit_shift) - 1 || f.emax_elem != 0)
-            return kFloatPath;
-        if (f.rounding == kNearestEven) return kIntEven;
-        if (f.rounding == kNearestAway) return kIntAway;
-        return f.rounding == kTowardZero ? kIntZero : kFloatPath;
-    }
     static uint32_t field2(int e) { return uint32_t(e) << 24; }  // exponent field e of bits << 1
     explicit Quant16(const FmtParams& f)
-        : absm(_mm512_set1_epi32(0x7fffffff)), mantm(_mm512_set1_epi32(0x007fffff)),
-          e127(_mm512_set1_epi32(127 + f.emax_elem)), emin1(_mm512_set1_epi32(f.exp_min - 1)),
-          emax1(_mm512_set1_epi32(f.exp_max + 1)), vexp(_mm512_set1_epi32((f.unit_shift + f.emax_elem + 127) << 23)),
-          maxsub(_mm512_set1_epi32(0x007fffff)), inf(_mm512_set1_epi32(0x7f800000)),
-          signm(_mm512_set1_epi32(int(0x80000000u))), b127(_mm512_set1_epi32(127)),
-          maxu(_mm512_set1_ps(float(f.max_units))),
-          ps(_mm512_castsi512_ps(_mm512_set1_epi32((127 - f.unit_shift) << 23))),  // 2^-unit_shift
-          mode(f.rounding), path(path_of(f)) {
+        : mantm(_mm512_set1_epi32(0x007fffff)),
+          path(f.rounding == kNearestEven ? kIntEven : f.rounding == kNearestAway ? kIntAway : kIntZero) {
         // normal and E in [exp_min, exp_max]: exponent field in [lo, hi] (empty when lo > hi)
         const int lo = f.exp_min + 127 > 1 ? f.exp_min + 127 : 1, hi = f.exp_max + 127 < 254 ? f.exp_max + 127 : 254;
         lo2 = _mm512_set1_epi32(int(field2(lo)));
         span2 = _mm512_set1_epi32(int(lo <= hi ? field2(hi + 1) - field2(lo) : 0u));
-        const int d = path == kFloatPath ? 1 : 23 - f.unit_shift;  // mantissa bits dropped, 1..23
+        const int d = 23 - f.unit_shift;  // mantissa bits dropped, 1..23
         half = _mm512_set1_epi32(path == kIntEven ? (1 << (d - 1)) - 1 : path == kIntAway ? 1 << (d - 1) : 0);
         lsbbit = _mm512_set1_epi32(1 << d);
         keep = _mm512_set1_epi32(int(~((1u << d) - 1)));
@@ -115,34 +80,19 @@ struct Quant16 {
     template <int P>
     inline __m512 quant(__m512 xv, __mmask16& bad) const {
         const __m512i bits = _mm512_castps_si512(xv);
-        if constexpr (P != kFloatPath) {
-            const __m512i a2 = _mm512_add_epi32(bits, bits);
-            const __mmask16 nz = _mm512_test_epi32_mask(a2, a2);
-            bad = _mm512_mask_cmpge_epu32_mask(nz, _mm512_sub_epi32(a2, lo2), span2);
-            __m512i r = bits;
-            if constexpr (P == kIntEven) {
-                r = _mm512_add_epi32(bits, half);
-                r = _mm512_mask_add_epi32(r, _mm512_test_epi32_mask(bits, lsbbit), r, _mm512_set1_epi32(1));
-            } else if constexpr (P == kIntAway) {
-                r = _mm512_add_epi32(bits, half);
-            }
-            // a carry into the next binade: its largest pattern; a zero: +0
-            r = _mm512_maskz_min_epu32(nz, r, _mm512_or_si512(bits, mantm));
-            return _mm512_castsi512_ps(_mm512_and_si512(r, keep));
-        } else {
-            const __m512i a = _mm512_and_si512(bits, absm);
-            const __m512i E = _mm512_sub_epi32(_mm512_srli_epi32(a, 23), e127);
-            const __mmask16 zero = _mm512_cmpeq_epi32_mask(a, _mm512_setzero_si512());
-            const __mmask16 normal = _mm512_cmpgt_epi32_mask(a, maxsub) & _mm512_cmpgt_epi32_mask(inf, a);
-            const __mmask16 inrange = _mm512_cmpgt_epi32_mask(E, emin1) & _mm512_cmpgt_epi32_mask(emax1, E);
-            bad = __mmask16(~(zero | (normal & inrange)));
-            const __m512 v = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(a, mantm), vexp));
-            const __m512 q = _mm512_min_ps(round_mode512(v, mode), maxu);
-            const __m512 pE = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(E, b127), 23));
-            __m512i val = _mm512_castps_si512(_mm512_mul_ps(_mm512_mul_ps(q, ps), pE));
-            val = _mm512_or_si512(val, _mm512_and_si512(bits, signm));
-            return _mm512_castsi512_ps(_mm512_maskz_mov_epi32(__mmask16(~zero), val));  // zero block: +0
+        const __m512i a2 = _mm512_add_epi32(bits, bits);
+        const __mmask16 nz = _mm512_test_epi32_mask(a2, a2);
+        bad = _mm512_mask_cmpge_epu32_mask(nz, _mm512_sub_epi32(a2, lo2), span2);
+        __m512i r = bits;
+        if constexpr (P == kIntEven) {
+            r = _mm512_add_epi32(bits, half);
+            r = _mm512_mask_add_epi32(r, _mm512_test_epi32_mask(bits, lsbbit), r, _mm512_set1_epi32(1));
+        } else if constexpr (P == kIntAway) {
+            r = _mm512_add_epi32(bits, half);
         }
+        // a carry into the next binade: its largest pattern; a zero: +0
+        r = _mm512_maskz_min_epu32(nz, r, _mm512_or_si512(bits, mantm));
+        return _mm512_castsi512_ps(_mm512_and_si512(r, keep));
     }
 };
 
@@ -152,8 +102,7 @@ static inline void with_path(const Quant16& q, F&& f) {
     switch (q.path) {
         case kIntEven: f(std::integral_constant<int, kIntEven>()); break;
         case kIntAway: f(std::integral_constant<int, kIntAway>()); break;
-        case kIntZero: f(std::integral_constant<int, kIntZero>()); break;
-        default: f(std::integral_constant<int, kFloatPath>()); break;
+        default: f(std::integral_constant<int, kIntZero>()); break;
     }
 }
 
@@ -301,11 +250,16 @@ void fake_quantize_elems_t(const float* x, int64_t n, const Quant16& qa, float* 
 
 void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
                          float (*fix)(const void* ctx, int64_t i), const void* ctx) {
+    if (!quant16_ok(f)) {  // not a format of this quantizer (the runtime never passes one): scalar
+        for (int64_t i = 0; i < n; ++i) out[i] = fix(ctx, i);
+        return;
+    }
     const Quant16 q(f);
     with_path(q, [&](auto p) { fake_quantize_elems_t<decltype(p)::value>(x, n, q, out, fix, ctx); });
 }
 
 void dwconv(const DwArgs& a) {
+    if (a.fq && !quant16_ok(*a.fq)) throw std::invalid_argument("dwconv: the input's format is not an int(p) format");
     const int64_t ncb = (a.C + 15) / 16, taps = int64_t(a.kh) * a.kw;
     const int nt = num_threads();
     if (!a.fq) {
