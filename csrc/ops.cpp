@@ -198,9 +198,8 @@ void fake_quantize_tensor(const float* x, int64_t outer, int64_t K, int64_t inne
     });
 }
 
-// One-element blocks of int elements with deterministic rounding: the SIMD loops' domain.
-// every int(p) format (units of unit_shift + 1 bits, max_units 2^(unit_shift+1) - 1), rounded
-// deterministically: the SIMD element quantizers' formats
+// One-element blocks of every int(p) format (units of unit_shift + 1 bits, max_units
+// 2^(unit_shift+1) - 1) with deterministic rounding: the SIMD element quantizers' domain.
 static bool simd_elements(const FmtParams& f) {
     return f.kind == kInt && f.rounding != kStochastic && f.emax_elem == 0 && f.unit_shift >= 0 &&
            f.unit_shift <= 22 && f.max_units == (int64_t(2) << f.unit_shift) - 1;
@@ -597,6 +596,7 @@ GemmTimer::~GemmTimer() { t_gemm_seconds = prev_; }
 static void run_gemm(const RowsView& rv, const ExactCtx& ex, const ColsView& cv, const FmtParams& fa,
                      const FmtParams& fb, const KernelDesc& k, float* out, int64_t ldo, const VecEpilogue* epi = nullptr) {
     const auto t0 = t_gemm_seconds ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+    if (epi && ex.trans) throw std::logic_error("a fused epilogue needs a channels-last (untransposed) output");
     if (!k.simd()) {
         exact_gemm(ex, rv.R, cv.N, out, ldo, epi);
     } else {

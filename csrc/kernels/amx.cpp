@@ -317,24 +317,21 @@ static void out_tile(const uint8_t* A, const uint8_t* B, int nb, float* cbuf, fl
     __m512 acc[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
     tile_k<Bp>(A, B, nb, cbuf, acc);
-    if (ve) {  // the conv epilogue while the tile is in registers (never with trans)
-        const float* b = epi_bias(*ve, out);
-        for (int i = 0; i < mr; ++i) acc[i] = vepilogue512(acc[i], *ve, out + i * ldo, b, nc);
-    }
     if (trans) transpose16(acc);  // acc[j]: column j
     if (mr == MT && nc == HT) {
         for (int i = 0; i < MT; ++i) _mm512_storeu_ps(out + i * ldo, acc[i]);
-        return;
-    }
-    alignas(64) float tmp[MT][HT];
-    for (int i = 0; i < MT; ++i) _mm512_store_ps(tmp[i], acc[i]);
-    if (trans) {
-        for (int j = 0; j < nc; ++j)
-            for (int i = 0; i < mr; ++i) out[j * ldo + i] = tmp[j][i];
     } else {
-        for (int i = 0; i < mr; ++i)
-            for (int j = 0; j < nc; ++j) out[i * ldo + j] = tmp[i][j];
+        alignas(64) float tmp[MT][HT];
+        for (int i = 0; i < MT; ++i) _mm512_store_ps(tmp[i], acc[i]);
+        if (trans) {
+            for (int j = 0; j < nc; ++j)
+                for (int i = 0; i < mr; ++i) out[j * ldo + i] = tmp[j][i];
+        } else {
+            for (int i = 0; i < mr; ++i)
+                for (int j = 0; j < nc; ++j) out[i * ldo + j] = tmp[i][j];
+        }
     }
+    if (ve) epi_tile(*ve, out, mr, nc, ldo);  // the conv epilogue on the stored tile (never with trans)
 }
 
 // ---------------------------------------------------------------- the VNNI kernel, panel by panel

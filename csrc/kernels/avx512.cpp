@@ -149,14 +149,6 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
         }
         return;
     }
-    if (ve && trans) {  // the conv epilogue in registers, before the transposed store
-        const float* b0 = epi_bias(*ve, out);
-        const float* b1 = b0 ? b0 + 16 : nullptr;
-        BFP_ROWS for (int i = 0; i < mr; ++i) {
-            acc0[i] = vepilogue512(acc0[i], *ve, out + i * ldo, b0, nc);
-            if (nc > 16) acc1[i] = vepilogue512(acc1[i], *ve, out + i * ldo + 16, b1, nc - 16);
-        }
-    }
     if (nc == NR && !trans) {
         BFP_ROWS for (int i = 0; i < mr; ++i) {
             _mm512_storeu_ps(out + i * ldo, acc0[i]);
@@ -173,7 +165,7 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
         store_tile(tmp, nc, out, ldo, trans);
     }
     // the conv epilogue on the stored tile (still in L1), specialised per configuration
-    if (ve && !trans) epi_tile(*ve, out, mr, nc, ldo);
+    if (ve) epi_tile(*ve, out, mr, nc, ldo);  // GemmArgs::epi: never with trans
 }
 
 // ---------------------------------------------------------------- activation quantizer
