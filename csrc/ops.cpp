@@ -800,28 +800,27 @@ bool conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
         // consecutive there too, and one call takes a run of them (a multiple of 16, the
         // quantizer's group of rows, so that short rows such as 7 or 14 pixels fill its groups)
         const int nthr = NG * HW * Cg > 16384 ? num_threads() : 1;
+        // count pixels of (image, group) ng from its pixel p0, which sits at padded pixel ppix
+        auto quantize_run = [&](int64_t ng, int64_t p0, int64_t count, int64_t ppix) {
+            const QuantRowsArgs qa{x + ((ng / G) * HW + p0) * C + (ng % G) * Cg, count, C, int(Cg), &fx, Bp,
+                                   a8.data() + ppix * plen, plen, ae.data() + ppix * nbc, as.data() + ppix * nbc,
+                                   ac.data() + ppix * nbc, amin.data() + ppix, amax.data() + ppix};
+            k.quantize_rows(qa);
+        };
         if (g.pl == 0 && g.pr == 0) {
             // runs of 16..128 pixels, at least 4 items per thread where the image allows
             const int64_t run = 16 * std::max<int64_t>(1, std::min<int64_t>(8, HW / (16 * 4 * nthr)));
             const int64_t nrun = std::max<int64_t>(1, HW / run);  // the last run takes the rest
             parallel_for(nthr, NG * nrun, [&](int64_t it) {
-                const int64_t ng = it / nrun, j = it % nrun, n = ng / G, gi = ng % G;
-                const int64_t p0 = j * run, p1 = j + 1 == nrun ? HW : p0 + run;
-                const int64_t ppix = ng * npix + g.pt * Wp + p0;
-                const QuantRowsArgs qa{x + (n * HW + p0) * C + gi * Cg, p1 - p0, C, int(Cg), &fx, Bp,
-                                       a8.data() + ppix * plen, plen, ae.data() + ppix * nbc, as.data() + ppix * nbc,
-                                       ac.data() + ppix * nbc, amin.data() + ppix, amax.data() + ppix};
-                k.quantize_rows(qa);
+                const int64_t ng = it / nrun, j = it % nrun, p0 = j * run, p1 = j + 1 == nrun ? HW : p0 + run;
+                quantize_run(ng, p0, p1 - p0, ng * npix + g.pt * Wp + p0);
             });
-        } else
-        parallel_for(nthr, NG * H, [&](int64_t row) {
-            const int64_t ng = row / H, xh = row % H, n = ng / G, gi = ng % G;
-            const int64_t ppix = ng * npix + (xh + g.pt) * Wp + g.pl;
-            const QuantRowsArgs qa{x + ((n * H + xh) * W) * C + gi * Cg, W, C, int(Cg), &fx, Bp,
-                                   a8.data() + ppix * plen, plen, ae.data() + ppix * nbc, as.data() + ppix * nbc,
-                                   ac.data() + ppix * nbc, amin.data() + ppix, amax.data() + ppix};
-            k.quantize_rows(qa);
-        });
+        } else {
+            parallel_for(nthr, NG * H, [&](int64_t row) {
+                const int64_t ng = row / H, xh = row % H;
+                quantize_run(ng, xh * W, W, ng * npix + (xh + g.pt) * Wp + g.pl);
+            });
+        }
     } else {
         parallel_ranges(num_threads(), NG * HW, std::max<int64_t>(1, 4096 / std::max<int64_t>(Cg, 1)),
                         [&](int64_t lo, int64_t hi) {
