@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 namespace bfp {
 
@@ -97,6 +98,17 @@ struct VecEpilogue {
         for (int i = 0; i < nr; ++i) {
             float* d = o + i * ld;
             row(d, bias ? bias + (d - y) % ldo : nullptr, res ? res + (d - y) : nullptr, nc, vp, act, lo, hi);
+        }
+    }
+    // The same for a raw tile at src (nr rows of nc, lds apart; overwritten) written to o: a
+    // row's residual is read before that row of o is written, so the residual may be the
+    // output buffer itself (a residual add in place).
+    void rows_from(float* src, int64_t lds, float* o, int nr, int nc, int64_t ld) const {
+        for (int i = 0; i < nr; ++i) {
+            float* s = src + i * lds;
+            float* d = o + i * ld;
+            row(s, bias ? bias + (d - y) % ldo : nullptr, res ? res + (d - y) : nullptr, nc, vp, act, lo, hi);
+            std::memcpy(d, s, sizeof(float) * size_t(nc));
         }
     }
 };

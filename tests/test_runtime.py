@@ -418,6 +418,58 @@ def test_fused_epilogue_bit_exact(kernel, vp, act, parts):
     assert same.all(), int((~same).sum())
 
 
+@pytest.mark.parametrize("vp", ["fp16", "fp32"])
+@pytest.mark.parametrize("O,k", [(37, 1), (160, 1), (40, 3)])
+@pytest.mark.parametrize("extra_reader", [False, True])
+def test_residual_add_in_place_bit_exact(kernel, vp, O, k, extra_reader, restore_threads):
+    """A conv whose fused residual is read by nothing after it writes its output into the
+    residual's buffer: the same bits as the reference on every kernel, for full and edge
+    panels, the AMX tiles (>= 16 rows, > 128 columns), tiles routed to the exact path (tiny
+    and huge pixels), NaN/Inf residuals and 2 threads; and with another reader of the
+    residual after the conv."""
+    bfpaccel.set_num_threads(2)
+    rng = np.random.default_rng(5)
+    C, H, W = 24, 6, 7
+    w, b = _w(O, C, k, k), (rng.standard_normal(O) * 10).astype(np.float32)
+    w[::5] *= np.float32(2.0 ** -24)  # with the tiny pixels below: products past the fast paths' range
+    nodes = [helper.make_node("Relu", ["r0"], ["r"]),  # the residual: an intermediate value
+             helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[k // 2] * 4),
+             helper.make_node("Add", ["c", "r"], ["a"]),
+             helper.make_node("Relu", ["a"], ["y"])]
+    outs = ["y"]
+    if extra_reader:
+        nodes.append(helper.make_node("Sub", ["y", "r"], ["z"]))  # reads the residual after the conv
+        outs.append("z")
+    m = _model(nodes, [("x", [1, C, H, W]), ("r0", [1, O, H, W])], outs, {"w": w, "b": b})
+    x = (rng.standard_normal((1, C, H, W)) * np.exp(rng.uniform(-4, 8, (1, C, H, W)))).astype(np.float32)
+    x[0, :, 1, :] *= np.float32(2.0 ** -120)  # products below the fast paths' range: exact tiles
+    x[0, :, 4, 2:5] *= np.float32(2.0 ** 115)  # sums past it
+    x[0, :, 3, 0] = np.nan
+    r0 = (rng.standard_normal((1, O, H, W)) * np.exp(rng.uniform(-10, 12, (1, O, H, W)))).astype(np.float32)
+    r0[0, 0, 0, :3] = [np.nan, np.inf, 1.0]
+    plan = bfpaccel.compile(m, format="msfp16", vector_precision=vp)
+    sess = bfpaccel.Session(plan)
+    feeds = {"x": x, "r0": r0}
+    lw = sess.program({n: a.shape for n, a in feeds.items()})
+    fused = [n for n in lw.op_names if n.startswith("Conv_1+")]
+    assert fused and "Add" in fused[0], lw.op_names
+    if not extra_reader:
+        assert lw.in_place == fused, lw.in_place
+    got = sess.run(None, feeds)
+    R = {"fp16": _fp16, "fp32": lambda a: a.astype(np.float32)}[vp]
+    with np.errstate(invalid="ignore", over="ignore"):
+        r = R(np.where(r0 > 0, r0, np.where(np.isnan(r0), r0, 0)))
+        acc = reference.conv2d(x, w, bfpaccel.get_format("msfp16"), padding=(k // 2,) * 4).astype(np.float32)
+        v = R(R(acc + b.reshape(1, -1, 1, 1)) + r)
+        v = R(np.where(v > 0, v, np.where(np.isnan(v), v, 0)))
+    same = (got["y"].view(np.uint32) == v.view(np.uint32)) | (np.isnan(got["y"]) & np.isnan(v))
+    assert same.all(), int((~same).sum())
+    if extra_reader:
+        with np.errstate(invalid="ignore", over="ignore"):
+            z = R(got["y"] - r)
+        np.testing.assert_array_equal(got["z"].view(np.uint32), z.view(np.uint32))
+
+
 @pytest.mark.parametrize("kernel", bfpaccel.available_kernels())
 def test_batch_rows_equal_batch_one(kernel):
     """A batch runs every image's pixels as rows of one GEMM per conv: each row of a batch

@@ -317,6 +317,12 @@ static void out_tile(const uint8_t* A, const uint8_t* B, int nb, float* cbuf, fl
     __m512 acc[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
     tile_k<Bp>(A, B, nb, cbuf, acc);
+    if (ve && ve->res) {  // the raw tile on the stack: the residual may be the output (see epi_tile_t)
+        alignas(64) float tmp[MT][HT];
+        for (int i = 0; i < MT; ++i) _mm512_store_ps(tmp[i], acc[i]);
+        epi_tile(*ve, &tmp[0][0], HT, out, mr, nc, ldo);  // never with trans
+        return;
+    }
     if (trans) transpose16(acc);  // acc[j]: column j
     if (mr == MT && nc == HT) {
         for (int i = 0; i < MT; ++i) _mm512_storeu_ps(out + i * ldo, acc[i]);
@@ -473,8 +479,13 @@ void gemm(const GemmArgs& a) {
                     const int64_t cc = c0 + h * HT;
                     float* o = a.trans ? a.out + cc * a.ldo + r0 : a.out + r0 * a.ldo + cc;
                     if (!tile_is_exact_bf16(rrange[rt], rrange[nrt + rt], pmin[p], pmax[p], a.bits_s)) {
-                        a.exact.fn(a.exact.ctx, r0, mr, cc, nch, o, a.ldo);
-                        if (a.epi) a.epi->rows(o, mr, nch, a.ldo);
+                        if (a.epi) {  // via the stack: the residual may be the output (in place)
+                            alignas(64) float tmp[MT * HT];
+                            a.exact.fn(a.exact.ctx, r0, mr, cc, nch, tmp, HT);
+                            a.epi->rows_from(tmp, HT, o, mr, nch, a.ldo);
+                        } else {
+                            a.exact.fn(a.exact.ctx, r0, mr, cc, nch, o, a.ldo);
+                        }
                         continue;
                     }
                     const uint8_t* At = abuf + rt * astride;

@@ -149,6 +149,18 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
         }
         return;
     }
+    if (ve && ve->res) {
+        // the raw tile waits on the stack and the epilogue writes out, reading each residual
+        // vector before that vector of out is written: the residual may be the output buffer
+        // (a residual add in place); never transposed (GemmArgs::epi)
+        alignas(64) float tmp[mr][NR];
+        BFP_ROWS for (int i = 0; i < mr; ++i) {
+            _mm512_store_ps(tmp[i], acc0[i]);
+            _mm512_store_ps(tmp[i] + 16, acc1[i]);
+        }
+        epi_tile(*ve, &tmp[0][0], NR, out, mr, nc, ldo);
+        return;
+    }
     if (nc == NR && !trans) {
         BFP_ROWS for (int i = 0; i < mr; ++i) {
             _mm512_storeu_ps(out + i * ldo, acc0[i]);

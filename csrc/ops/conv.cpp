@@ -183,10 +183,19 @@ static void exec_conv(Program& p, const Op& op) {
     const KernelDesc& k = current_kernel();
     // bias, residual and activation, each rounded as the separate vector ops would be: applied
     // in registers by kernels that can, else by a pass over the output below
-    const VecEpilogue ve{y, O, op.bias >= 0 ? p.buf(op.bias) : nullptr, op.res >= 0 ? p.buf(op.res) : nullptr,
-                         p.vec_prec(), int(q.activation), q.clip_lo, q.clip_hi,
-                         k.simd() ? avx2::epilogue_row : epilogue_row};  // every SIMD kernel's CPU has AVX2 + F16C
+    VecEpilogue ve{y, O, op.bias >= 0 ? p.buf(op.bias) : nullptr, op.res >= 0 ? p.buf(op.res) : nullptr,
+                   p.vec_prec(), int(q.activation), q.clip_lo, q.clip_hi,
+                   k.simd() ? avx2::epilogue_row : epilogue_row};  // every SIMD kernel's CPU has AVX2 + F16C
     const bool epi = ve.bias || ve.res || ve.act;
+    // A residual add in place (the lowering gives the output the residual's buffer when this op
+    // is the residual's last reader): the BFP GEMM's fused epilogue reads each residual value
+    // before writing that output value; every other path writes raw values first, so it gets a
+    // copy of the residual.
+    std::vector<float> res_copy;
+    if (ve.res && ve.res == y && !(op.w && !q.depthwise && k.fused_epilogue)) {
+        res_copy.assign(ve.res, ve.res + g.N * g.OH * g.OW * O);
+        ve.res = res_copy.data();
+    }
     if (q.depthwise) {  // one-element blocks (see dwconv_nhwc)
         const bool quant = p.has_format() && q.quantize_input;
         const bool kq = quant && k.dwconv && kernel_quantizes_elements(p.format());  // the kernel quantizes x itself

@@ -27,7 +27,7 @@ What each node becomes is decided by its op's handler in ``ops/`` (registered wi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -144,7 +144,7 @@ class Lowered:
     def __init__(self, program: Any, inputs: Dict[str, Tuple[int, Tuple[int, ...]]],
                  outputs: Dict[str, Tuple[Optional[int], Tuple[int, ...], Optional[np.ndarray]]],
                  op_names: List[str], op_kinds: Optional[List[str]] = None,
-                 out_dtypes: Optional[Dict[str, str]] = None):
+                 out_dtypes: Optional[Dict[str, str]] = None, in_place: Optional[List[str]] = None):
         self.program = program
         self.inputs = inputs      # name -> (buffer, shape)
         self.outputs = outputs    # name -> (buffer or None, shape, constant value or None)
@@ -153,6 +153,8 @@ class Lowered:
         self.op_kinds = list(op_kinds) if op_kinds is not None else [""] * len(op_names)
         #: outputs returned in an integer or boolean type (the others: float32)
         self.out_dtypes = dict(out_dtypes or {})
+        #: convs whose fused residual add writes its output into the residual's buffer
+        self.in_place = list(in_place or [])
 
     def run(self, feeds: Dict[str, np.ndarray], names: Sequence[str]) -> Dict[str, np.ndarray]:
         # integer feeds are exact in float32 (Session admits magnitudes <= 2^24)
@@ -484,6 +486,24 @@ class Lowering:
                 self.ops[i].params.share_input = slot + 1
 
     # ------------------------------------------------------------ build
+    def residual_in_place(self, prog: Any, op: Any, i: int, cpp: Dict[int, int], keep: Set[int],
+                          dying: Dict[int, List[int]]) -> bool:
+        """A BFP conv whose fused residual dies with it writes its output into the residual's
+        buffer: the epilogue reads each residual value just before writing that output value
+        (every kernel path allows it, see ``exec_conv``), so the output needs no buffer of its
+        own and its stores go to lines the epilogue has just read."""
+        p = op.params
+        if op.res < 0 or op.w is None or len(op.outs) != 1 or not isinstance(p, _core.ConvParams) or p.depthwise:
+            return False
+        rr, orr = self.vroot[op.res], self.vroot[op.outs[0]]
+        others = {self.vroot[v] for v in op.ins + [op.bias, op.wf] if v >= 0}
+        if rr not in dying.get(i, []) or rr in others or rr not in cpp or orr in cpp or orr in keep \
+                or self.vsize[rr] != self.vsize[orr]:
+            return False
+        cpp[orr] = prog.alias(cpp[rr])
+        dying[i].remove(rr)  # its buffer lives on as the output's
+        return True
+
     def build(self, outputs: Dict[str, Any], out_vids: List[int]) -> Lowered:
         vp = getattr(_core.VecPrec, self.plan.vector_precision.upper())
         f = self.plan.format
@@ -525,9 +545,12 @@ class Lowering:
         for vid in self.vinput:
             materialize(vid)
         names, kinds = [], []
+        in_place: List[str] = []
         for i, op in enumerate(self.ops):
             ins = [cid(v) for v in op.ins]
             res, bias, wf = cid(op.res), cid(op.bias), cid(op.wf)
+            if self.residual_in_place(prog, op, i, cpp, keep, dying):
+                in_place.append(op.name)
             outs = [cid(v) for v in op.outs]
             prog.add_op(op.params, ins, outs, op.w, wf, bias, res, op.name)
             names.append(op.name)
@@ -544,7 +567,7 @@ class Lowering:
             dt = declared if declared in _INTEGER_TYPES else self.dtype_of(name)
             if not is_float(dt):
                 out_dtypes[name] = dt
-        return Lowered(prog, inputs, outs2, names, kinds, out_dtypes)
+        return Lowered(prog, inputs, outs2, names, kinds, out_dtypes, in_place)
 
     # ------------------------------------------------------------ constant folding
     def fold(self, n: Node) -> None:
