@@ -167,6 +167,8 @@ PYBIND11_MODULE(_core, m) {
         return v;
     }, "every kernel of this build, slowest first (available or not)");
     m.def("get_kernel", []() { return std::string(current_kernel().name); });
+    m.def("kernel_fuses_epilogue", []() { return current_kernel().fused_epilogue; },
+          "whether the kernel in use applies a conv's bias / residual / activation to each tile itself");
     m.def("set_kernel", [](std::optional<std::string> s) { set_kernel(s ? &find_kernel(*s) : nullptr); },
           py::arg("name"));
 

@@ -490,9 +490,12 @@ class Lowering:
                           dying: Dict[int, List[int]]) -> bool:
         """A BFP conv whose fused residual dies with it writes its output into the residual's
         buffer: the epilogue reads each residual value just before writing that output value
-        (every kernel path allows it, see ``exec_conv``), so the output needs no buffer of its
-        own and its stores go to lines the epilogue has just read."""
+        (see ``exec_conv``), so the output needs no buffer of its own and its stores go to lines
+        the epilogue has just read. Only with a kernel that fuses the epilogue (the program is
+        lowered per kernel): the others would need a copy of the residual."""
         p = op.params
+        if not _core.kernel_fuses_epilogue():
+            return False
         if op.res < 0 or op.w is None or len(op.outs) != 1 or not isinstance(p, _core.ConvParams) or p.depthwise:
             return False
         rr, orr = self.vroot[op.res], self.vroot[op.outs[0]]
