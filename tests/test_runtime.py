@@ -529,6 +529,7 @@ def test_transpose_every_perm_matches_numpy(perm):
     (160, 3, 5, 7, 37),     # K = 1440: the kernel runs K in chunks; a 5-column panel, a 5-row tile
     (2048, 1, 3, 5, 70),    # a 1x1 conv with K = 2048, 15 rows, a 6-column panel
     (40, 1, 9, 11, 70),     # short K: row tiles run over all the panels in turn (99 rows)
+    (512, 3, 5, 7, 256),    # 1.5 MB of panels: all 6 row tiles in one group, one pass over the weights
 ])
 def test_long_k_conv_bit_exact(kernel, restore_threads, threads, C, k, H, W, O):
     """Convs whose K the SIMD kernel splits into chunks (accumulators resumed from the output),
