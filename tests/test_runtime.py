@@ -418,6 +418,27 @@ def test_fused_epilogue_bit_exact(kernel, vp, act, parts):
     assert same.all(), int((~same).sum())
 
 
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_fused_clip_with_min_above_max(kernel, depthwise):
+    """Clip with min > max is min(max(x, min), max) (ONNX, numpy): max everywhere, NaN kept -- the
+    same whether the Clip is fused into the conv's epilogue or runs alone."""
+    rng = np.random.default_rng(3)
+    C = 24
+    w = _w(C, 1, 3, 3) if depthwise else _w(40, C, 1, 1)
+    conv = helper.make_node("Conv", ["x", "w"], ["c"], group=C, pads=[1] * 4) if depthwise else \
+        helper.make_node("Conv", ["x", "w"], ["c"])
+    m = _model([conv, helper.make_node("Clip", ["c", "lo", "hi"], ["y"])], [("x", [1, C, 5, 6])], ["y"],
+               {"w": w, "lo": np.float32(6.0), "hi": np.float32(-3.0)})
+    x = rng.standard_normal((1, C, 5, 6)).astype(np.float32) * 4
+    x[0, :, 2, 3] = np.nan
+    plan = bfpaccel.compile(m, format="msfp16", vector_precision="fp32")
+    names = bfpaccel.Session(plan).program({"x": x.shape}).op_names
+    assert any("+Clip" in n for n in names), names  # fused
+    got = bfpaccel.Session(plan).run(None, {"x": x})["y"]
+    nan = np.isnan(got)
+    assert nan.any() and (got[~nan] == np.float32(-3.0)).all()
+
+
 @pytest.mark.parametrize("vp", ["fp16", "fp32"])
 @pytest.mark.parametrize("O,k", [(37, 1), (160, 1), (40, 3)])
 @pytest.mark.parametrize("extra_reader", [False, True])

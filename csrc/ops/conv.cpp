@@ -183,8 +183,11 @@ static void exec_conv(Program& p, const Op& op) {
     const KernelDesc& k = current_kernel();
     // bias, residual and activation, each rounded as the separate vector ops would be: applied
     // in registers by kernels that can, else by a pass over the output below
+    // Clip is min(max(x, lo), hi) (ONNX, and the unary op): hi everywhere when lo > hi, which the
+    // epilogues' v < lo ? lo : (v > hi ? hi : v) gives with lo = hi
+    const float clip_lo = q.clip_lo > q.clip_hi ? q.clip_hi : q.clip_lo;
     VecEpilogue ve{y, O, op.bias >= 0 ? p.buf(op.bias) : nullptr, op.res >= 0 ? p.buf(op.res) : nullptr,
-                   p.vec_prec(), int(q.activation), q.clip_lo, q.clip_hi,
+                   p.vec_prec(), int(q.activation), clip_lo, q.clip_hi,
                    k.simd() ? avx2::epilogue_row : epilogue_row};  // every SIMD kernel's CPU has AVX2 + F16C
     const bool epi = ve.bias || ve.res || ve.act;
     // A residual add in place (the lowering gives the output the residual's buffer when this op
