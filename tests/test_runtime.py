@@ -418,6 +418,55 @@ def test_fused_epilogue_bit_exact(kernel, vp, act, parts):
     assert same.all(), int((~same).sum())
 
 
+@pytest.mark.parametrize("vp", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("op,k,stride,pads,dil,cip", [
+    ("MaxPool", 3, 2, [1, 1, 1, 1], 1, 0),      # ResNet's pool
+    ("MaxPool", 2, 1, [0, 1, 1, 0], 2, 0),      # dilated, uneven pads
+    ("AveragePool", 3, 1, [1, 1, 1, 1], 1, 0),  # padding not counted
+    ("AveragePool", 3, 2, [1, 0, 1, 2], 1, 1),  # padding counted
+    ("MaxPool", 9, 1, [4, 4, 4, 4], 1, 0),      # a window past 8x8 (the generic loop)
+    ("AveragePool", 9, 3, [0, 0, 0, 0], 1, 0),
+])
+def test_pooling_matches_numpy(vp, op, k, stride, pads, dil, cip):
+    """Max and average pools: the NaN-propagating max / the fp32 sum in tap order divided by the
+    window's count, rounded once to the vector precision, bit for bit."""
+    rng = np.random.default_rng(k * 7 + stride)
+    N, C, H, W = 2, 40, 11, 10
+    attrs = dict(kernel_shape=[k, k], strides=[stride] * 2, pads=pads)
+    if op == "MaxPool":
+        attrs["dilations"] = [dil] * 2
+    else:
+        attrs["count_include_pad"] = cip
+    m = _model([helper.make_node(op, ["x"], ["y"], **attrs)], [("x", [N, C, H, W])], ["y"], {})
+    x = (rng.standard_normal((N, C, H, W)) * np.exp(rng.uniform(-3, 3, (N, C, H, W)))).astype(np.float32)
+    x[0, 3, 2, 2] = np.nan
+    x[1, 5, 4, :] = -np.inf
+    got = bfpaccel.Session(bfpaccel.compile(m, format="msfp16", vector_precision=vp)).run(None, {"x": x})["y"]
+    pt, pl, pb, pr = pads[0], pads[1], pads[2], pads[3]
+    OH = (H + pt + pb - dil * (k - 1) - 1) // stride + 1
+    OW = (W + pl + pr - dil * (k - 1) - 1) // stride + 1
+    want = np.zeros((N, C, OH, OW), np.float32)
+    for oy in range(OH):
+        for ox in range(OW):
+            acc = np.full((N, C), -np.inf if op == "MaxPool" else 0.0, np.float32)
+            cnt = 0
+            for ky in range(k):
+                for kx in range(k):
+                    iy, ix = oy * stride - pt + ky * dil, ox * stride - pl + kx * dil
+                    if 0 <= iy < H and 0 <= ix < W:
+                        v = x[:, :, iy, ix]
+                        acc = np.where((v > acc) | np.isnan(v), v, acc) if op == "MaxPool" else (acc + v).astype(np.float32)
+                        cnt += 1
+                    elif cip and -pt <= iy < H + pb and -pl <= ix < W + pr:
+                        cnt += 1
+            want[:, :, oy, ox] = acc if op == "MaxPool" else acc / np.float32(max(cnt, 1))
+    R = {"fp16": _fp16, "bf16": _bf16, "fp32": lambda a: a.astype(np.float32)}[vp]
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = R(want)
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), int((~same).sum())
+
+
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_fused_clip_with_min_above_max(kernel, depthwise):
     """Clip with min > max is min(max(x, min), max) (ONNX, numpy): max everywhere, NaN kept -- the

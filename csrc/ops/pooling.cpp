@@ -32,6 +32,18 @@ BFP_POOL_CLONES static void add_into(float* __restrict d, const float* __restric
     for (int64_t c = 0; c < C; ++c) d[c] = d[c] + s[c];
 }
 
+// The end of an output pixel: divided by div (average; div = 0: max), rounded to the vector
+// precision, in one clone (at the CPU's vector width; the pool's own loop runs at the baseline)
+BFP_POOL_CLONES static void pool_finish(float* __restrict d, int64_t C, float div, int vp) {
+    if (div != 0.0f)
+        for (int64_t c = 0; c < C; ++c) d[c] = d[c] / div;
+    if (vp == kVecFp16) {
+        for (int64_t c = 0; c < C; ++c) d[c] = rnd16(d[c]);
+    } else if (vp == kVecBf16) {
+        for (int64_t c = 0; c < C; ++c) d[c] = rnd_bf(d[c]);
+    }
+}
+
 static void exec_pool(Program& p, const Op& op) {
     const PoolParams& q = op.get<PoolParams>();
     const ConvGeometry& g = q.window;
@@ -42,6 +54,36 @@ static void exec_pool(Program& p, const Op& op) {
     const float* x = p.buf(op.in[0]);
     float* y = p.buf(op.out[0]);
     const bool mx = q.op == kPoolMax;
+    if (kh * kw <= 64) {  // windows of up to 8x8 (ResNet's 3x3 max pool, global pools of 7x7)
+        const int vp = p.vec_prec();
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(N * OH * OW * C * kh * kw))
+        for (int64_t p = 0; p < N * OH * OW; ++p) {
+            const int64_t n = p / (OH * OW), oy = (p / OW) % OH, ox = p % OW;
+            const float* src[64];
+            int nt = 0;
+            int64_t cnt = 0;
+            for (int64_t ky = 0; ky < kh; ++ky) {
+                const int64_t iy = oy * sh - pt + ky * dh;
+                for (int64_t kx = 0; kx < kw; ++kx) {
+                    const int64_t ix = ox * sw - pl + kx * dw;
+                    if (iy >= 0 && iy < H && ix >= 0 && ix < W) {
+                        src[nt++] = x + ((n * H + iy) * W + ix) * C;
+                        ++cnt;
+                    } else if (cip && iy >= -pt && iy < H + pb && ix >= -pl && ix < W + pr) {
+                        ++cnt;
+                    }
+                }
+            }
+            float* d = y + p * C;
+            std::fill(d, d + C, mx ? -std::numeric_limits<float>::infinity() : 0.0f);
+            for (int t = 0; t < nt; ++t) {
+                if (mx) max_into(d, src[t], C);
+                else add_into(d, src[t], C);
+            }
+            pool_finish(d, C, mx ? 0.0f : float(cnt ? cnt : 1), vp);
+        }
+        return;
+    }
     with_vp(p.vec_prec(), [&](auto V) {
         constexpr int vp = decltype(V)::value;
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(N * OH * OW * C * kh * kw))
