@@ -94,7 +94,9 @@ struct ConvGeometry {
 // kOpPool: NHWC windows
 #define BFP_FIELDS_PoolParams(F)                                                                       \
     F(PoolKind, op, "MAX or AVERAGE") F(ConvGeometry, window, "shapes, window, strides, padding, dilation") \
-    F(bool, count_include_pad, "AVERAGE: padded positions count in the divisor")
+    F(bool, count_include_pad, "AVERAGE: padded positions count in the divisor")                     \
+    F(bool, pad_with_value, "MAX: padded positions hold pad_value (a constant Pad fused in), not skipped") \
+    F(float, pad_value, "MAX with pad_with_value: the padding's value")
 // kOpReduce: (outer, length, inner) -> (outer, inner)
 #define BFP_FIELDS_ReduceParams(F) \
     F(ReduceKind, op, "the reduction") F(int64_t, outer, "") F(int64_t, length, "reduced") F(int64_t, inner, "")

@@ -467,6 +467,57 @@ def test_pooling_matches_numpy(vp, op, k, stride, pads, dil, cip):
     assert same.all(), int((~same).sum())
 
 
+@pytest.mark.parametrize("k,stride,pads,value", [
+    (3, 2, [0, 0, 1, 1, 0, 0, 1, 1], 0.0),     # TF-slim's ResNet pool1
+    (3, 1, [0, 0, 0, 2, 0, 0, 1, 0], -1.5),    # uneven pads, a negative value
+    (2, 2, [0, 0, 1, 0, 0, 0, 0, 1], 1e30),    # a value above every input
+    (9, 1, [0, 0, 4, 4, 0, 0, 4, 4], 0.5),     # a window past 8x8 (the generic loop)
+])
+@pytest.mark.parametrize("vp", ["fp16", "fp32"])
+def test_pad_then_max_pool_fused(k, stride, pads, value, vp):
+    """A constant Pad whose only reader is a max pool becomes the pool's padding (one op, no
+    padded copy): the same bits as padding with numpy and pooling; with another reader of the
+    padded tensor it stays a Pad."""
+    rng = np.random.default_rng(k + stride)
+    N, C, H, W = 2, 24, 9, 10
+    # tf2onnx's layout: an NHWC input padded on its spatial axes, transposed for the pool
+    nhwc = [0, pads[2], pads[3], 0, 0, pads[6], pads[7], 0]
+    nodes = [helper.make_node("Pad", ["x", "pads", "v"], ["xp"], mode="constant"),
+             helper.make_node("Transpose", ["xp"], ["xt"], perm=[0, 3, 1, 2]),
+             helper.make_node("MaxPool", ["xt"], ["y"], kernel_shape=[k, k], strides=[stride] * 2)]
+    inits = {"pads": np.array(nhwc, np.int64), "v": np.array(value, np.float32)}
+    m = _model(nodes, [("x", [N, H, W, C])], ["y"], inits)
+    x = rng.standard_normal((N, H, W, C)).astype(np.float32) * 3
+    x[0, 0, 0, 2] = np.nan
+    x[1, :, 0, 4] = -np.inf
+    sess = bfpaccel.Session(bfpaccel.compile(m, format="msfp16", vector_precision=vp))
+    names = sess.program({"x": x.shape}).op_names
+    assert "Pad_0+MaxPool_2" in names and "Pad_0" not in names, names
+    got = sess.run(None, {"x": x})["y"]
+    xp = np.pad(x.transpose(0, 3, 1, 2), [(0, 0), (0, 0), (pads[2], pads[6]), (pads[3], pads[7])],
+                constant_values=np.float32(value))
+    OH, OW = (xp.shape[2] - k) // stride + 1, (xp.shape[3] - k) // stride + 1
+    want = np.full((N, C, OH, OW), -np.inf, np.float32)
+    for oy in range(OH):
+        for ox in range(OW):
+            acc = want[:, :, oy, ox]
+            for ky in range(k):
+                for kx in range(k):
+                    v = xp[:, :, oy * stride + ky, ox * stride + kx]
+                    acc = np.where((v > acc) | np.isnan(v), v, acc)
+            want[:, :, oy, ox] = acc
+    with np.errstate(over="ignore"):
+        want = _fp16(want) if vp == "fp16" else want
+    same = (got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))
+    assert same.all(), int((~same).sum())
+    # the padded tensor read twice: no fusion, the same pooled bits
+    m2 = _model(nodes + [helper.make_node("Neg", ["xp"], ["z"])], [("x", [N, H, W, C])], ["y", "z"], inits)
+    sess2 = bfpaccel.Session(bfpaccel.compile(m2, format="msfp16", vector_precision=vp))
+    assert "Pad_0" in sess2.program({"x": x.shape}).op_names
+    got2 = sess2.run(None, {"x": x})["y"]
+    assert np.array_equal(got2.view(np.uint32), got.view(np.uint32))
+
+
 @pytest.mark.parametrize("depthwise", [False, True])
 def test_fused_clip_with_min_above_max(kernel, depthwise):
     """Clip with min > max is min(max(x, min), max) (ONNX, numpy): max everywhere, NaN kept -- the

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <vector>
 
 #include "ops/vec.h"
 #include "runtime.h"
@@ -14,6 +15,7 @@ static void validate_pool(const Program& p, const Op& op, OpCheck& c) {
     const PoolParams& q = op.get<PoolParams>();
     const ConvGeometry& g = q.window;
     if (q.op < 0 || q.op >= kPoolCount) c.fail("unknown pool kind " + std::to_string(q.op));
+    if (q.pad_with_value && q.op != kPoolMax) c.fail("pad_with_value is for max pools");
     c.ins(1);
     check_window(g, c);
     c.fits(op.in[0], c.mul(c.mul(g.batch, g.height), c.mul(g.width, g.channels)), "input");
@@ -54,6 +56,10 @@ static void exec_pool(Program& p, const Op& op) {
     const float* x = p.buf(op.in[0]);
     float* y = p.buf(op.out[0]);
     const bool mx = q.op == kPoolMax;
+    // a fused constant Pad: its positions are taps holding pad_value (one row of C of them)
+    const bool pv = mx && q.pad_with_value;
+    std::vector<float> padrow(pv ? size_t(C) : 0, q.pad_value);
+    auto in_ring = [&](int64_t iy, int64_t ix) { return iy >= -pt && iy < H + pb && ix >= -pl && ix < W + pr; };
     if (kh * kw <= 64) {  // windows of up to 8x8 (ResNet's 3x3 max pool, global pools of 7x7)
         const int vp = p.vec_prec();
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(N * OH * OW * C * kh * kw))
@@ -69,7 +75,9 @@ static void exec_pool(Program& p, const Op& op) {
                     if (iy >= 0 && iy < H && ix >= 0 && ix < W) {
                         src[nt++] = x + ((n * H + iy) * W + ix) * C;
                         ++cnt;
-                    } else if (cip && iy >= -pt && iy < H + pb && ix >= -pl && ix < W + pr) {
+                    } else if (pv && in_ring(iy, ix)) {
+                        src[nt++] = padrow.data();
+                    } else if (cip && in_ring(iy, ix)) {
                         ++cnt;
                     }
                 }
@@ -98,7 +106,8 @@ static void exec_pool(Program& p, const Op& op) {
                     const int64_t ix = ox * sw - pl + kx * dw;
                     const bool in = iy >= 0 && iy < H && ix >= 0 && ix < W;
                     if (!in) {
-                        if (cip && iy >= -pt && iy < H + pb && ix >= -pl && ix < W + pr) ++cnt;
+                        if (pv && in_ring(iy, ix)) max_into(d, padrow.data(), C);
+                        else if (cip && in_ring(iy, ix)) ++cnt;
                         continue;
                     }
                     ++cnt;

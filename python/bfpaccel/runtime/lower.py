@@ -391,12 +391,55 @@ class Lowering:
             outputs[name] = (v.vid, v.shape, None)
         # a graph output's buffer must stay where the output is read: never fused away
         self._final_roots = {self.vroot[self.vals[vo.name].vid] for vo in g.outputs if vo.name in self.vals}
+        self.fuse_pad_pool()
         self.fuse()
         if self.share_quantized_inputs:
             self.share_inputs()
         return self.build(outputs, out_vids)
 
     # ------------------------------------------------------------ fusion
+    def fuse_pad_pool(self) -> None:
+        """A constant ``Pad`` of the spatial axes whose only reader is a max pool without padding
+        of its own (TF-slim's ResNet: ``Pad`` then ``MaxPool`` VALID) becomes the pool's padding,
+        its positions taps holding the pad value: the same maximum over the same taps in the same
+        order, without writing the padded copy."""
+        readers: Dict[int, int] = {}
+        for op in self.ops:
+            for v in op.ins + ([op.res] if op.res >= 0 else []):
+                readers[self.vroot[v]] = readers.get(self.vroot[v], 0) + 1
+        producer = {self.vroot[op.outs[0]]: op for op in self.ops if len(op.outs) == 1}
+        dead = []
+        for op in self.ops:
+            p = op.params
+            if not isinstance(p, _core.PoolParams) or p.op != _core.PoolKind.MAX or p.pad_with_value:
+                continue
+            w = p.window
+            if w.pad_top or w.pad_left or w.pad_bottom or w.pad_right:
+                continue
+            root = self.vroot[op.ins[0]]
+            pad = producer.get(root)
+            if pad is None or not isinstance(pad.params, _core.PadParams) or readers.get(root) != 1 \
+                    or root in self._final_roots:
+                continue
+            q = pad.params
+            ins, outs, beg = list(q.in_shape), list(q.out_shape), list(q.begin)
+            end = [o - i - b for o, i, b in zip(outs, ins, beg)]
+            if len(ins) != 4 or outs != [w.batch, w.height, w.width, w.channels] or np.isnan(q.value) \
+                    or beg[0] or beg[3] or end[0] or end[3] or min(beg + end) < 0:
+                continue
+            g = _core.ConvGeometry(batch=w.batch, channels=w.channels, height=ins[1], width=ins[2],
+                                   out_channels=w.out_channels, kernel_h=w.kernel_h, kernel_w=w.kernel_w,
+                                   stride_h=w.stride_h, stride_w=w.stride_w, pad_top=beg[1], pad_left=beg[2],
+                                   pad_bottom=end[1], pad_right=end[2], dilation_h=w.dilation_h,
+                                   dilation_w=w.dilation_w, groups=1, out_h=w.out_h, out_w=w.out_w)
+            op.params = _core.PoolParams(op=p.op, window=g, count_include_pad=False, pad_with_value=True,
+                                         pad_value=float(q.value))
+            op.ins = list(pad.ins)
+            op.name = pad.name + "+" + op.name
+            dead.append(pad)
+        if dead:
+            self.ops = [op for op in self.ops if not any(op is d for d in dead)]
+
     def fuse(self) -> None:
         """Folds a residual ``Add`` and a ``Relu`` / ``Clip`` that are a conv's only reader into
         the conv's epilogue (each still rounded as the separate op would be)."""
