@@ -48,7 +48,7 @@ def _rows(K: int, rng: np.random.Generator) -> np.ndarray:
 
 
 @pytest.mark.parametrize("rounding", ROUNDING_MODES)
-@pytest.mark.parametrize("K", [1, 2, 3, 4, 16, 40])
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 16, 40, 300, 520])  # 300, 520: 19 and 33 blocks (extras written 16 blocks at a time)
 @pytest.mark.parametrize("M", [16, 21, 5])
 def test_row_quantizer_edge_rows(kernel, M, K, rounding):
     rng = np.random.default_rng(M * 100 + K)

@@ -318,8 +318,67 @@ static inline __m512i round_signed16(__m512 y) {
 // reduction tree and the exponents are computed for the 16 rows together. Returns false
 // (nothing written) for a group that needs the per-row path (a scale below 2^-126).
 // Rows past nr repeat row nr - 1 (their results are never stored).
-template <int RM>
-static bool quantize_rows16(const QuantRowsArgs& a, int64_t i0, int nr, const __m512i order) {
+// v[i] := column i of the 16 x 16 dword matrix whose rows are v[0..15]
+static inline void transpose16_epi32(__m512i (&v)[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; ++i) {
+        t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        v[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
+        v[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
+        v[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        v[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int i = 0; i < 4; ++i) {
+        t[i] = _mm512_shuffle_i32x4(v[i], v[4 + i], 0x88);
+        t[4 + i] = _mm512_shuffle_i32x4(v[i], v[4 + i], 0xDD);
+        t[8 + i] = _mm512_shuffle_i32x4(v[8 + i], v[12 + i], 0x88);
+        t[12 + i] = _mm512_shuffle_i32x4(v[8 + i], v[12 + i], 0xDD);
+    }
+    for (int i = 0; i < 4; ++i) {
+        v[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+        v[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xDD);
+        v[4 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0x88);
+        v[12 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0xDD);
+    }
+}
+
+// The first n dwords / int16 of a vector at p (never touching memory past them)
+static inline void store_dwords(void* p, __m512i v, int n) { store_lanes(static_cast<float*>(p), _mm512_castsi512_ps(v), n); }
+static inline void store_i16(int16_t* p, __m512i v, int n) {
+    const __m256i h = _mm512_cvtsepi32_epi16(v);  // exponents fit: no saturation
+    if (n >= 16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+    } else {
+        alignas(32) int16_t t[16];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(t), h);
+        std::memcpy(p, t, sizeof(int16_t) * size_t(n > 0 ? n : 0));
+    }
+}
+
+// Rows r < 16 of a group: the per-block extras of blocks [b0, b0 + n), kept block by block in
+// buf[slot][16 rows], written row by row (E, scale, corr at row r * nbc + b0) after one 16 x 16
+// transpose each, instead of 16 scalar stores per block and array.
+static inline void flush_extras(const int32_t* Eb, const int32_t* sb, const int32_t* cb, int n, int16_t* E0,
+                                float* sc0, int32_t* corr0, int nbc, int b0) {
+    __m512i v[16];
+    for (int i = 0; i < 16; ++i) v[i] = _mm512_load_si512(Eb + 16 * i);
+    transpose16_epi32(v);
+    for (int r = 0; r < 16; ++r) store_i16(E0 + int64_t(r) * nbc + b0, v[r], n);
+    for (int i = 0; i < 16; ++i) v[i] = _mm512_load_si512(sb + 16 * i);
+    transpose16_epi32(v);
+    for (int r = 0; r < 16; ++r) store_dwords(sc0 + int64_t(r) * nbc + b0, v[r], n);
+    if (!corr0) return;
+    for (int i = 0; i < 16; ++i) v[i] = _mm512_load_si512(cb + 16 * i);
+    transpose16_epi32(v);
+    for (int r = 0; r < 16; ++r) store_dwords(corr0 + int64_t(r) * nbc + b0, v[r], n);
+}
+
+template <int RM, bool FULL>
+static bool quantize_rows16_t(const QuantRowsArgs& a, int64_t i0, int nr_in, const __m512i order) {
+    const int nr = FULL ? 16 : nr_in;  // a full group: every per-row loop unrolled, no row tests
     const FmtParams& f = *a.f;
     const int B = f.block, Bp = a.Bp, C = a.C, nbc = (C + B - 1) / B;
     const int unit_shift = f.unit_shift, emax_elem = f.emax_elem, exp_min = f.exp_min, exp_max = f.exp_max;
@@ -341,6 +400,7 @@ static bool quantize_rows16(const QuantRowsArgs& a, int64_t i0, int nr, const __
     for (int r = 0; r < 16; ++r) xoff[r] = (r < nr ? r : nr - 1) * xs;
     __m512i vmn = _mm512_set1_epi32(INT32_MAX), vmx = _mm512_set1_epi32(INT32_MIN);
     const float nan_scale = block_scale(kNanExp, unit_shift, true);
+    alignas(64) int32_t Eb[FULL ? 256 : 1], sb[FULL ? 256 : 1], cb[FULL ? 256 : 1];  // see flush_extras
     for (int b = 0; b < nbc; ++b) {
         const int len = C - b * B < B ? C - b * B : B;
         const float* xb = x0 + b * B;
@@ -427,17 +487,25 @@ static bool quantize_rows16(const QuantRowsArgs& a, int64_t i0, int nr, const __
             sc = _mm512_mask_mov_epi32(sc, bad, _mm512_castps_si512(_mm512_set1_ps(nan_scale)));
             corr = _mm512_mask_mov_epi32(corr, bad, _mm512_setzero_si512());
         }
-        alignas(64) int32_t Ev[16], cv[16];
-        alignas(64) float sv[16];
-        _mm512_store_si512(Ev, Ew);
-        _mm512_store_ps(sv, _mm512_castsi512_ps(sc));
-        for (int r = 0; r < nr; ++r) {
-            E0[r * nbc + b] = int16_t(Ev[r]);
-            sc0[r * nbc + b] = sv[r];
-        }
-        if (corr0) {
-            _mm512_store_si512(cv, corr);
-            for (int r = 0; r < nr; ++r) corr0[r * nbc + b] = cv[r];
+        if constexpr (FULL) {
+            const int slot = b & 15;
+            _mm512_store_si512(Eb + 16 * slot, Ew);
+            _mm512_store_si512(sb + 16 * slot, sc);
+            _mm512_store_si512(cb + 16 * slot, corr);
+            if (slot == 15 || b == nbc - 1) flush_extras(Eb, sb, cb, slot + 1, E0, sc0, corr0, nbc, b - slot);
+        } else {
+            alignas(64) int32_t Ev[16], cv[16];
+            alignas(64) float sv[16];
+            _mm512_store_si512(Ev, Ew);
+            _mm512_store_ps(sv, _mm512_castsi512_ps(sc));
+            for (int r = 0; r < nr; ++r) {
+                E0[r * nbc + b] = int16_t(Ev[r]);
+                sc0[r * nbc + b] = sv[r];
+            }
+            if (corr0) {
+                _mm512_store_si512(cv, corr);
+                for (int r = 0; r < nr; ++r) corr0[r * nbc + b] = cv[r];
+            }
         }
         if (bad)
             for (int r = 0; r < nr; ++r)
@@ -449,11 +517,17 @@ static bool quantize_rows16(const QuantRowsArgs& a, int64_t i0, int nr, const __
     alignas(64) int32_t mn[16], mx[16];
     _mm512_store_si512(mn, vmn);
     _mm512_store_si512(mx, vmx);
+    #pragma GCC unroll 16
     for (int r = 0; r < nr; ++r) {
         if (mn[r] < a.emin[i0 + r]) a.emin[i0 + r] = mn[r];
         if (mx[r] > a.emax[i0 + r]) a.emax[i0 + r] = mx[r];
     }
     return true;
+}
+
+template <int RM>
+static bool quantize_rows16(const QuantRowsArgs& a, int64_t i0, int nr, const __m512i order) {
+    return nr == 16 ? quantize_rows16_t<RM, true>(a, i0, 16, order) : quantize_rows16_t<RM, false>(a, i0, nr, order);
 }
 
 // Rows of at most 4 channels (a stem's pixels: one block per row, Bp = 4), 16 contiguous rows
