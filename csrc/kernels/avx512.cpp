@@ -318,33 +318,6 @@ static inline __m512i round_signed16(__m512 y) {
 // reduction tree and the exponents are computed for the 16 rows together. Returns false
 // (nothing written) for a group that needs the per-row path (a scale below 2^-126).
 // Rows past nr repeat row nr - 1 (their results are never stored).
-// v[i] := column i of the 16 x 16 dword matrix whose rows are v[0..15]
-static inline void transpose16_epi32(__m512i (&v)[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 8; ++i) {
-        t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; ++i) {
-        v[4 * i + 0] = _mm512_unpacklo_epi64(t[4 * i + 0], t[4 * i + 2]);
-        v[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i + 0], t[4 * i + 2]);
-        v[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-        v[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-    }
-    for (int i = 0; i < 4; ++i) {
-        t[i] = _mm512_shuffle_i32x4(v[i], v[4 + i], 0x88);
-        t[4 + i] = _mm512_shuffle_i32x4(v[i], v[4 + i], 0xDD);
-        t[8 + i] = _mm512_shuffle_i32x4(v[8 + i], v[12 + i], 0x88);
-        t[12 + i] = _mm512_shuffle_i32x4(v[8 + i], v[12 + i], 0xDD);
-    }
-    for (int i = 0; i < 4; ++i) {
-        v[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
-        v[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xDD);
-        v[4 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0x88);
-        v[12 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0xDD);
-    }
-}
-
 // The first n dwords / int16 of a vector at p (never touching memory past them)
 static inline void store_dwords(void* p, __m512i v, int n) { store_lanes(static_cast<float*>(p), _mm512_castsi512_ps(v), n); }
 static inline void store_i16(int16_t* p, __m512i v, int n) {
