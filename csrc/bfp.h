@@ -113,6 +113,16 @@ struct VecEpilogue {
     }
 };
 
+// Tile (r0, c0) of nr x nc by the exact path, written to o (ldo apart), then the epilogue if
+// there is one: the raw values wait in tmp (room for nr x nc floats) and rows_from writes o,
+// so the residual may be the output buffer (an add in place).
+inline void exact_tile_epi(const ExactTile& ex, const VecEpilogue* epi, int64_t r0, int nr, int64_t c0, int nc,
+                           float* o, int64_t ldo, float* tmp) {
+    if (!epi) return ex.fn(ex.ctx, r0, nr, c0, nc, o, ldo);
+    ex.fn(ex.ctx, r0, nr, c0, nc, tmp, nc);
+    epi->rows_from(tmp, nc, o, nr, nc, ldo);
+}
+
 struct GemmArgs {
     RowsView rows;
     ColsView cols;

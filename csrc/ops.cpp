@@ -581,14 +581,9 @@ static void exact_gemm(const ExactCtx& c, int64_t R, int64_t N, float* out, int6
     for (int64_t it = 0; it < nrt * nct; ++it) {
         const int64_t r0 = (it / nct) * RT, c0 = (it % nct) * CT;
         float* o = c.trans ? out + c0 * ldo + r0 : out + r0 * ldo + c0;
-        const int nr = int(std::min(RT, R - r0)), nc = int(std::min(CT, N - c0));
-        if (epi) {  // the raw tile waits on the stack: the residual may be the output (in place)
-            float tmp[RT * CT];
-            exact_tile(&c, r0, nr, c0, nc, tmp, CT);
-            epi->rows_from(tmp, CT, o, nr, nc, ldo);
-        } else {
-            exact_tile(&c, r0, nr, c0, nc, o, ldo);
-        }
+        float tmp[RT * CT];
+        exact_tile_epi(ExactTile{&c, exact_tile}, epi, r0, int(std::min(RT, R - r0)), c0, int(std::min(CT, N - c0)),
+                       o, ldo, tmp);
     }
 }
 

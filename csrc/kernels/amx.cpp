@@ -290,7 +290,7 @@ static void out_tile(const uint8_t* A, const uint8_t* B, int nb, float* cbuf, fl
     __m512 acc[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
     tile_k<Bp>(A, B, nb, cbuf, acc);
-    if (ve && ve->res) {  // the raw tile on the stack: the residual may be the output (see epi_tile_t)
+    if (ve) {  // the epilogue from the raw tile on the stack: the residual may be the output (epi_tile_t)
         alignas(64) float tmp[MT][HT];
         for (int i = 0; i < MT; ++i) _mm512_store_ps(tmp[i], acc[i]);
         epi_tile(*ve, &tmp[0][0], HT, out, mr, nc, ldo);  // never with trans
@@ -310,7 +310,6 @@ static void out_tile(const uint8_t* A, const uint8_t* B, int nb, float* cbuf, fl
                 for (int j = 0; j < nc; ++j) out[i * ldo + j] = tmp[i][j];
         }
     }
-    if (ve) epi_tile(*ve, out, mr, nc, ldo);  // the conv epilogue on the stored tile (never with trans)
 }
 
 // ---------------------------------------------------------------- the VNNI kernel, panel by panel
@@ -452,13 +451,8 @@ void gemm(const GemmArgs& a) {
                     const int64_t cc = c0 + h * HT;
                     float* o = a.trans ? a.out + cc * a.ldo + r0 : a.out + r0 * a.ldo + cc;
                     if (!tile_is_exact_bf16(rrange[rt], rrange[nrt + rt], pmin[p], pmax[p], a.bits_s)) {
-                        if (a.epi) {  // via the stack: the residual may be the output (in place)
-                            alignas(64) float tmp[MT * HT];
-                            a.exact.fn(a.exact.ctx, r0, mr, cc, nch, tmp, HT);
-                            a.epi->rows_from(tmp, HT, o, mr, nch, a.ldo);
-                        } else {
-                            a.exact.fn(a.exact.ctx, r0, mr, cc, nch, o, a.ldo);
-                        }
+                        float tmp[MT * HT];
+                        exact_tile_epi(a.exact, a.epi, r0, mr, cc, nch, o, a.ldo, tmp);
                         continue;
                     }
                     const uint8_t* At = abuf + rt * astride;

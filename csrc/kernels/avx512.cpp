@@ -149,10 +149,11 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
         }
         return;
     }
-    if (ve && ve->res) {
-        // the raw tile waits on the stack and the epilogue writes out, reading each residual
-        // vector before that vector of out is written: the residual may be the output buffer
-        // (a residual add in place); never transposed (GemmArgs::epi)
+    if (ve) {
+        // the conv epilogue (specialised per configuration): the raw tile waits on the stack and
+        // the epilogue writes out once, reading each residual vector before that vector of out
+        // is written, so the residual may be the output buffer (an add in place); never
+        // transposed (GemmArgs::epi)
         alignas(64) float tmp[mr][NR];
         BFP_ROWS for (int i = 0; i < mr; ++i) {
             _mm512_store_ps(tmp[i], acc0[i]);
@@ -176,8 +177,6 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
         }
         store_tile(tmp, nc, out, ldo, trans);
     }
-    // the conv epilogue on the stored tile (still in L1), specialised per configuration
-    if (ve) epi_tile(*ve, out, mr, nc, ldo);  // GemmArgs::epi: never with trans
 }
 
 // ---------------------------------------------------------------- activation quantizer
