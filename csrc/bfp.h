@@ -30,6 +30,12 @@ struct FmtParams {
     int emax_elem;
     int rounding;
     bool int8_units() const { return max_units <= 127; }
+    // One-element blocks of an int(p) format (units of unit_shift + 1 bits, p <= 23, max_units
+    // 2^(unit_shift+1) - 1) with deterministic rounding: the SIMD element quantizers' domain.
+    bool simd_elements() const {
+        return kind == kInt && (rounding == kNearestEven || rounding == kNearestAway || rounding == kTowardZero) &&
+               emax_elem == 0 && unit_shift >= 0 && unit_shift <= 22 && max_units == (int64_t(2) << unit_shift) - 1;
+    }
 };
 
 // ---------------------------------------------------------------- kernels & dispatch

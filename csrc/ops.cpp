@@ -198,15 +198,8 @@ void fake_quantize_tensor(const float* x, int64_t outer, int64_t K, int64_t inne
     });
 }
 
-// One-element blocks of every int(p) format (units of unit_shift + 1 bits, max_units
-// 2^(unit_shift+1) - 1) with deterministic rounding: the SIMD element quantizers' domain.
-static bool simd_elements(const FmtParams& f) {
-    return f.kind == kInt && f.rounding != kStochastic && f.emax_elem == 0 && f.unit_shift >= 0 &&
-           f.unit_shift <= 22 && f.max_units == (int64_t(2) << f.unit_shift) - 1;
-}
-
 bool kernel_quantizes_elements(const FmtParams& f) {
-    return current_kernel().fake_quantize_elems && simd_elements(f);
+    return current_kernel().fake_quantize_elems && f.simd_elements();
 }
 
 float fix_element(const void* ctx, int64_t i) {
@@ -229,7 +222,7 @@ void fake_quantize_elements(const float* x, int64_t n, const FmtParams& f, uint6
         });
         return;
     }
-    if (!current_kernel().simd() || !simd_elements(f)) {
+    if (!current_kernel().simd() || !f.simd_elements()) {
         fake_quantize_tensor(x, n, 1, 1, f, seed, out);
         return;
     }

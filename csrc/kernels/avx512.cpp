@@ -199,25 +199,8 @@ static inline __m512 round_units16(__m512 v, int mode) {
 // Units of 16 elements x (signs from x) whose magnitudes are already scaled to
 // |x| * 2^(unit_shift - E): rounded, capped, stored as the first min(n, 16) bytes at ub;
 // the biased bytes (units + 128) are summed into *sum (two 64-bit lanes), OR-ed into *any.
-static inline void store_units16(__m512 av, __m512 x, int rounding, __m512 cap, __m512 maxu, int8_t* ub, int n,
-                                 __m128i* sum, __m128i* any) {
-    const __m512 q = _mm512_min_ps(round_units16(_mm512_min_ps(av, cap), rounding), maxu);
-    __m512i qi = _mm512_cvttps_epi32(q);
-    const __mmask16 neg = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
-    qi = _mm512_mask_sub_epi32(qi, neg, _mm512_setzero_si512(), qi);
-    const __m128i b8 = _mm512_cvtsepi32_epi8(qi);  // |units| <= 127: no saturation
-    *any = _mm_or_si128(*any, b8);
-    *sum = _mm_add_epi64(*sum, _mm_sad_epu8(_mm_xor_si128(b8, _mm_set1_epi8(-128)), _mm_setzero_si128()));
-    if (n >= 16) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(ub), b8);
-    } else {
-        alignas(16) int8_t tmp[16];
-        _mm_store_si128(reinterpret_cast<__m128i*>(tmp), b8);
-        std::memcpy(ub, tmp, size_t(n));
-    }
-}
-
-// The signed units of 16 elements x whose magnitudes are already scaled (see store_units16).
+// The signed units of 16 elements x whose magnitudes are already scaled to
+// |x| * 2^(unit_shift - E): rounded, capped.
 static inline __m512i units16(__m512 av, __m512 x, int rounding, __m512 cap, __m512 maxu) {
     const __m512 q = _mm512_min_ps(round_units16(_mm512_min_ps(av, cap), rounding), maxu);
     const __m512i qi = _mm512_cvttps_epi32(q);
@@ -234,6 +217,16 @@ static inline void store_bytes16(__m128i b8, int8_t* ub, int n) {
         _mm_store_si128(reinterpret_cast<__m128i*>(tmp), b8);
         std::memcpy(ub, tmp, size_t(n));
     }
+}
+
+// units16 stored as the first min(n, 16) bytes at ub; the biased bytes (units + 128) are
+// summed into *sum (two 64-bit lanes), OR-ed into *any.
+static inline void store_units16(__m512 av, __m512 x, int rounding, __m512 cap, __m512 maxu, int8_t* ub, int n,
+                                 __m128i* sum, __m128i* any) {
+    const __m128i b8 = _mm512_cvtsepi32_epi8(units16(av, x, rounding, cap, maxu));  // |units| <= 127: no saturation
+    *any = _mm_or_si128(*any, b8);
+    *sum = _mm_add_epi64(*sum, _mm_sad_epu8(_mm_xor_si128(b8, _mm_set1_epi8(-128)), _mm_setzero_si128()));
+    store_bytes16(b8, ub, n);
 }
 
 // A block's exponent, scale and VNNI correction from store_units16's sums over nv vectors;
@@ -313,10 +306,6 @@ static inline __m512i round_signed16(__m512 y) {
     }
 }
 
-// Blocks of at most 16 units (one vector), 16 rows at a time: the block maxima come from one
-// reduction tree and the exponents are computed for the 16 rows together. Returns false
-// (nothing written) for a group that needs the per-row path (a scale below 2^-126).
-// Rows past nr repeat row nr - 1 (their results are never stored).
 // The first n dwords / int16 of a vector at p (never touching memory past them)
 static inline void store_dwords(void* p, __m512i v, int n) { store_lanes(static_cast<float*>(p), _mm512_castsi512_ps(v), n); }
 static inline void store_i16(int16_t* p, __m512i v, int n) {
@@ -348,6 +337,10 @@ static inline void flush_extras(const int32_t* Eb, const int32_t* sb, const int3
     for (int r = 0; r < 16; ++r) store_dwords(corr0 + int64_t(r) * nbc + b0, v[r], n);
 }
 
+// Blocks of at most 16 units (one vector), 16 rows at a time: the block maxima come from one
+// reduction tree and the exponents are computed for the 16 rows together. Returns false
+// (nothing written) for a group that needs the per-row path (a scale below 2^-126).
+// Rows past nr repeat row nr - 1 (their results are never stored).
 template <int RM, bool FULL>
 static bool quantize_rows16_t(const QuantRowsArgs& a, int64_t i0, int nr_in, const __m512i order) {
     const int nr = FULL ? 16 : nr_in;  // a full group: every per-row loop unrolled, no row tests

@@ -46,19 +46,13 @@ static inline __m512 ld(const float* p, int n) {
     else return load_lanes(p, n);
 }
 
-// 16 one-element blocks of an int(p) format (emax_elem == 0, deterministic rounding; the caller
-// checks quant16_ok) -> their values: the fp32 bit pattern rounded to unit_shift fraction bits
-// (add-and-mask: nearest-even adds half - 1 plus the kept LSB, nearest-away adds half,
+// 16 one-element blocks of an int(p) format (FmtParams::simd_elements; the caller checks) ->
+// their values: the fp32 bit pattern rounded to unit_shift fraction bits (add-and-mask: nearest-even adds half - 1 plus the kept LSB, nearest-away adds half,
 // toward-zero adds nothing); a carry into the next binade is clamped to
 // max_units * 2^(E - unit_shift) = 2^(unit_shift+1) - 1 units, the binade's largest pattern, by
 // an unsigned min (the sign bit is the same on both sides). A zero (+0 or -0) gives +0; bad: the
 // lanes left to the scalar path (exponent out of range, subnormal, NaN/Inf).
 enum QuantPath : int { kIntEven, kIntAway, kIntZero };
-
-static inline bool quant16_ok(const FmtParams& f) {  // every int(p), p <= 23, of the formats
-    return f.unit_shift >= 0 && f.unit_shift <= 22 && f.max_units == (int64_t(2) << f.unit_shift) - 1 &&
-           f.emax_elem == 0 && (f.rounding == kNearestEven || f.rounding == kNearestAway || f.rounding == kTowardZero);
-}
 
 struct Quant16 {
     // x's bits doubled (sign out) minus lo2 below span2 <=> exponent in range
@@ -250,7 +244,7 @@ void fake_quantize_elems_t(const float* x, int64_t n, const Quant16& qa, float* 
 
 void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
                          float (*fix)(const void* ctx, int64_t i), const void* ctx) {
-    if (!quant16_ok(f)) {  // not a format of this quantizer (the runtime never passes one): scalar
+    if (!f.simd_elements()) {  // not a format of this quantizer (the runtime never passes one): scalar
         for (int64_t i = 0; i < n; ++i) out[i] = fix(ctx, i);
         return;
     }
@@ -259,7 +253,7 @@ void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* o
 }
 
 void dwconv(const DwArgs& a) {
-    if (a.fq && !quant16_ok(*a.fq)) throw std::invalid_argument("dwconv: the input's format is not an int(p) format");
+    if (a.fq && !a.fq->simd_elements()) throw std::invalid_argument("dwconv: the input's format is not an int(p) format");
     const int64_t ncb = (a.C + 15) / 16, taps = int64_t(a.kh) * a.kw;
     const int nt = num_threads();
     if (!a.fq) {
