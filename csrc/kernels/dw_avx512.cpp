@@ -108,21 +108,27 @@ struct XView {
 
 // One strip: output pixels [ox0, ox0 + NP) of row oy of image n, channels [c0, c0 + nl).
 // FX / FW: the input / weight loads are whole vectors (else the first nl lanes).
-template <int NP, bool FX, bool FW>
+// SW > 0: the geometry is known here -- stride SW, KW taps a row, no dilation, 16 floats a
+// pixel (the quantized tile) -- so every load's offset is a constant (no pixel pointers to keep
+// in registers) and the tap loop unrolls; SW == 0: any geometry.
+template <int NP, bool FX, bool FW, int SW = 0, int KW = 0>
 static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t ox0, int64_t c0, int nl) {
-    const int64_t C = a.C, W = a.W, xs = X.xs, sC = int64_t(a.sw) * xs;
+    static_assert((SW == 0) == (KW == 0), "SW and KW are given together");
+    const int64_t C = a.C, W = a.W, xs = SW ? 16 : X.xs, sw = SW ? SW : a.sw, sC = sw * xs;
+    const int kw = KW ? KW : a.kw, dw = SW ? 1 : a.dw;
     __m512 acc[NP];  // every loop over j fully unrolled: the accumulators stay in registers
 #pragma GCC unroll 8
     for (int j = 0; j < NP; ++j) acc[j] = _mm512_setzero_ps();
-    const int64_t ixs = ox0 * a.sw - a.pl;  // input column of pixel 0 under tap kx = 0
-    const bool cols_in = ixs >= 0 && ixs + int64_t(NP - 1) * a.sw + int64_t(a.kw - 1) * a.dw < W;
+    const int64_t ixs = ox0 * sw - a.pl;  // input column of pixel 0 under tap kx = 0
+    const bool cols_in = ixs >= 0 && ixs + int64_t(NP - 1) * sw + int64_t(kw - 1) * dw < W;
     const __m512 zero = _mm512_setzero_ps();
     for (int ky = 0; ky < a.kh; ++ky) {
         const int64_t iy = oy * a.sh - a.pt + int64_t(ky) * a.dh;
         const bool row_in = iy >= 0 && iy < a.H;
-        const float* wt = a.w + int64_t(ky) * a.kw * C + c0;
+        const float* wt = a.w + int64_t(ky) * kw * C + c0;
         if (!row_in) {  // the whole row is padding: 0 * w per tap
-            for (int kx = 0; kx < a.kw; ++kx) {
+#pragma GCC unroll 8
+            for (int kx = 0; kx < kw; ++kx) {
                 const __m512 zw = _mm512_mul_ps(zero, ld<FW>(wt + kx * C, nl));
 #pragma GCC unroll 8
                 for (int j = 0; j < NP; ++j) acc[j] = _mm512_add_ps(acc[j], zw);
@@ -130,20 +136,26 @@ static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy,
             continue;
         }
         const float* row = X.base + (iy - X.iy0) * X.rs;
-        for (int kx = 0; kx < a.kw; ++kx) {
+        if (cols_in) {
+            const float* b = row + ixs * xs;
+#pragma GCC unroll 8
+            for (int kx = 0; kx < kw; ++kx) {
+                const __m512 wv = ld<FW>(wt + kx * C, nl);
+                const float* bk = b + int64_t(kx) * dw * xs;
+#pragma GCC unroll 8
+                for (int j = 0; j < NP; ++j) acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(ld<FX>(bk + j * sC, nl), wv));
+            }
+            continue;
+        }
+#pragma GCC unroll 8
+        for (int kx = 0; kx < kw; ++kx) {
             const __m512 wv = ld<FW>(wt + kx * C, nl);
-            const int64_t ix0 = ixs + int64_t(kx) * a.dw;
-            if (cols_in) {
-                const float* b = row + ix0 * xs;
+            const int64_t ix0 = ixs + int64_t(kx) * dw;
 #pragma GCC unroll 8
-                for (int j = 0; j < NP; ++j) acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(ld<FX>(b + j * sC, nl), wv));
-            } else {
-#pragma GCC unroll 8
-                for (int j = 0; j < NP; ++j) {
-                    const int64_t ix = ix0 + int64_t(j) * a.sw;
-                    const __m512 xv = (ix >= 0 && ix < W) ? ld<FX>(row + ix * xs, nl) : zero;
-                    acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(xv, wv));
-                }
+            for (int j = 0; j < NP; ++j) {
+                const int64_t ix = ix0 + int64_t(j) * sw;
+                const __m512 xv = (ix >= 0 && ix < W) ? ld<FX>(row + ix * xs, nl) : zero;
+                acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(xv, wv));
             }
         }
     }
@@ -153,19 +165,33 @@ static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy,
     if (a.epi) epi_tile(*a.epi, d, NP, nl, C);  // the epilogue on the strip, still in L1
 }
 
-template <bool FX, bool FW>
+template <bool FX, bool FW, int SW = 0, int KW = 0>
 static void row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t c0, int nl) {
     int64_t ox0 = 0;
-    for (; ox0 + 8 <= a.OW; ox0 += 8) strip<8, FX, FW>(a, X, n, oy, ox0, c0, nl);
+    for (; ox0 + 8 <= a.OW; ox0 += 8) strip<8, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl);
     switch (int(a.OW - ox0)) {
-        case 7: strip<7, FX, FW>(a, X, n, oy, ox0, c0, nl); break;
-        case 6: strip<6, FX, FW>(a, X, n, oy, ox0, c0, nl); break;
-        case 5: strip<5, FX, FW>(a, X, n, oy, ox0, c0, nl); break;
-        case 4: strip<4, FX, FW>(a, X, n, oy, ox0, c0, nl); break;
-        case 3: strip<3, FX, FW>(a, X, n, oy, ox0, c0, nl); break;
-        case 2: strip<2, FX, FW>(a, X, n, oy, ox0, c0, nl); break;
-        case 1: strip<1, FX, FW>(a, X, n, oy, ox0, c0, nl); break;
+        case 7: strip<7, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
+        case 6: strip<6, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
+        case 5: strip<5, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
+        case 4: strip<4, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
+        case 3: strip<3, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
+        case 2: strip<2, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
+        case 1: strip<1, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
         default: break;
+    }
+}
+
+// One output row's strips from the quantized tile: the common geometries (3x3 and 5x5, stride
+// 1 or 2, no dilation) with every offset a constant, any other through the generic strips.
+template <bool FW>
+static void tile_row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t c0, int nl) {
+    const int g = a.dw != 1 ? 0 : a.sw * 8 + a.kw;
+    switch (g) {
+        case 1 * 8 + 3: row_strips<true, FW, 1, 3>(a, X, n, oy, c0, nl); break;
+        case 2 * 8 + 3: row_strips<true, FW, 2, 3>(a, X, n, oy, c0, nl); break;
+        case 1 * 8 + 5: row_strips<true, FW, 1, 5>(a, X, n, oy, c0, nl); break;
+        case 2 * 8 + 5: row_strips<true, FW, 2, 5>(a, X, n, oy, c0, nl); break;
+        default: row_strips<true, FW>(a, X, n, oy, c0, nl); break;
     }
 }
 
@@ -327,8 +353,8 @@ void dwconv(const DwArgs& a) {
             const int nl = int(a.C - c0 < 16 ? a.C - c0 : 16);
             const XView X{tile + (cb - cb0) * plane, lo, a.W * 16, 16};
             for (int64_t oy = oy0; oy < oy1; ++oy) {
-                if (nl == 16) row_strips<true, true>(a, X, n, oy, c0, nl);
-                else row_strips<true, false>(a, X, n, oy, c0, nl);
+                if (nl == 16) tile_row_strips<true>(a, X, n, oy, c0, nl);
+                else tile_row_strips<false>(a, X, n, oy, c0, nl);
             }
         }
     });
