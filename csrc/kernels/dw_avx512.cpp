@@ -4,11 +4,11 @@
 // (((0 + x_t0*w_t0) + x_t1*w_t1) + ...) over the taps in order, each product rounded to fp32
 // and then added (vmulps + vaddps, never an FMA: -ffp-contract=off); a padded tap adds 0 * w
 // (a NaN/Inf weight still makes NaN). The epilogue (bias, residual, activation, each rounded
-// to the vector precision) is applied to each stored strip while it is in L1 (epi_tile).
+// to the vector precision) is applied to each stored row of 16 channels while it is in L1 (epi_tile).
 //
 // Blocking: one work item is (image, output row(s), 16 channels); it walks each row in strips
 // of up to 8 output pixels: 8 accumulators, taps in order, the tap's 16 weights loaded once
-// and used for the 8 pixels. Channel tails (C % 16) use masked loads and stores.
+// and used for the 8 pixels; the epilogue then runs over the row. Channel tails (C % 16) use masked loads and stores.
 // With DwArgs::fq an item is (image, block of output rows, group of 16-channel blocks): it first
 // quantizes the input rows under its output rows, for its channels, into a tile (L2), reading
 // each pixel's channels in one run; the strips then read the tile: the input is read once and
@@ -162,7 +162,6 @@ static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy,
     float* d = a.out + ((n * a.OH + oy) * a.OW + ox0) * C + c0;
 #pragma GCC unroll 8
     for (int j = 0; j < NP; ++j) store_lanes(d + j * C, acc[j], nl);
-    if (a.epi) epi_tile(*a.epi, d, NP, nl, C);  // the epilogue on the strip, still in L1
 }
 
 template <bool FX, bool FW, int SW = 0, int KW = 0>
@@ -179,6 +178,11 @@ static void row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t oy, i
         case 1: strip<1, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
         default: break;
     }
+    // the epilogue on the row's outputs, still in L1: one call a row, not one a strip
+    if (!a.epi) return;
+    float* d = a.out + (n * a.OH + oy) * a.OW * a.C + c0;
+    for (int64_t o = 0; o < a.OW; o += 4096)
+        epi_tile(*a.epi, d + o * a.C, int(a.OW - o < 4096 ? a.OW - o : 4096), nl, a.C);
 }
 
 // One output row's strips from the quantized tile: the common geometries (3x3 and 5x5, stride
