@@ -1,7 +1,10 @@
 // Operators over the kernels: quantize, pre-packed operands, GEMM and convolution drivers.
 #pragma once
 
+#include <cstdint>
+#include <cstdlib>
 #include <memory>
+#include <new>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -31,6 +34,30 @@ class ExecScope {
     const KernelDesc* prev_k_;
     int prev_t_;
 };
+
+// An allocator of 64-byte aligned memory (a cache line, one AVX-512 vector): std::vector's own
+// comes from malloc, 16-byte aligned for large blocks, so every vector load and store of a
+// kernel would span two cache lines and threads writing neighbouring channel groups would share
+// a line.
+template <class T>
+struct Aligned64 {
+    using value_type = T;
+    Aligned64() = default;
+    template <class U>
+    Aligned64(const Aligned64<U>&) noexcept {}
+    T* allocate(size_t n) {
+        if (n > (SIZE_MAX - 63) / sizeof(T)) throw std::bad_alloc();
+        void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+        if (!p) throw std::bad_alloc();
+        return static_cast<T*>(p);
+    }
+    void deallocate(T* p, size_t) noexcept { std::free(p); }
+    template <class U>
+    bool operator==(const Aligned64<U>&) const noexcept { return true; }
+    template <class U>
+    bool operator!=(const Aligned64<U>&) const noexcept { return false; }
+};
+using FloatVec = std::vector<float, Aligned64<float>>;
 
 // 64-byte aligned buffer
 struct AlignedBuf {

@@ -108,7 +108,7 @@ class Program {
     bool has_format() const { return has_fmt_; }
     const FmtParams& format() const { return fx_; }
     uint64_t seed() const { return seed_; }
-    std::vector<float>& scratch() { return scratch_; }  // reused across ops and runs
+    FloatVec& scratch() { return scratch_; }  // reused across ops and runs
     // ConvParams::share_input's slots: a conv's quantized activation, kept until its input buffer
     // is written or the run ends (the buffers themselves are kept across runs)
     ConvActs* shared_acts(int64_t slot) { return shared_[size_t(slot - 1)].get(); }  // slot in [1, 256]
@@ -121,12 +121,12 @@ class Program {
     FmtParams fx_;
     uint64_t seed_;
     bool profile_ = false;
-    std::vector<std::vector<float>> bufs_;
+    std::vector<FloatVec> bufs_;  // 64-byte aligned
     std::vector<int> slot_;
     std::vector<Op> ops_;
     std::vector<const OpImpl*> impls_;  // ops_[i]'s implementation
     std::vector<double> times_, gemm_times_;
-    std::vector<float> scratch_;
+    FloatVec scratch_;
     std::vector<std::unique_ptr<ConvActs>> shared_;
     int reused_ = 0;
 };
