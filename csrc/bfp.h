@@ -179,6 +179,28 @@ struct DwArgs {
     const void* fq_ctx;
 };
 
+// A convolution of an input with at most 4 channels (an image network's stem: every tap is one
+// block of the input, C <= block) on fake-quantized operands. The input comes quantized: 4 units
+// a pixel (u, [N][H][W][4], the channels past C zero) and each pixel's block scale (scale,
+// 2^(E - unit_shift), 1.0 for an all-zero block); the kernel first writes their values into xq
+// [N][Hp][Wp][cp] with a zero ring (cp = 3 for C = 3, else 4), then convolves them with w
+// [kh*kw][cp][Op] (each weight block's values; Op = O rounded up to 16, zero padded) into out
+// [N][OH][OW][O]. The caller guarantees that every product and every block sum is exact in fp32
+// (no NaN block; the exponents' range, see try_stem_conv in ops.cpp), so t = x_0 w_0 + ... +
+// x_{C-1} w_{C-1} computed in fp32 is the datapath's block sum fp32(S) * 2^(Ea + Eb - shifts),
+// and acc = fp32(acc + t) over the taps in order is its accumulation, bit for bit. epi (null:
+// none) is applied to each output row.
+struct StemArgs {
+    const int8_t* u;
+    const float* scale;
+    float* xq;
+    const float* w;
+    float* out;
+    int64_t N, H, W, Hp, Wp, OH, OW, O, Op;
+    int C, cp, pt, pl, kh, kw, sh, sw, dh, dw;
+    const VecEpilogue* epi;
+};
+
 // One entry of the kernel table (csrc/kernels/table.cpp): everything generic code needs to
 // know about a kernel. Generic code never names an ISA; it reads these fields.
 struct KernelDesc {
@@ -204,6 +226,8 @@ struct KernelDesc {
     void (*fn_row)(int fn, int vp, const float* x, float* y, int64_t n);
     // softmax of one contiguous row (vm::softmax_row); null: the portable build
     void (*softmax_row)(int vp, const float* s, float* d, int64_t L);
+    // StemArgs' convolution; null: stems run as any other conv (quantized rows, integer GEMM)
+    void (*stem_conv)(const StemArgs& a);
     bool simd() const { return gemm != nullptr; }   // every SIMD kernel's CPU has AVX2 + FMA + F16C
 };
 int kernel_count();
@@ -216,6 +240,7 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
 void gemm(const GemmArgs& a);
 void quantize_rows(const QuantRowsArgs& a);
 void dwconv(const DwArgs& a);  // dw_avx512.cpp
+void stem_conv(const StemArgs& a);  // stem_avx512.cpp
 void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
                          float (*fix)(const void* ctx, int64_t i), const void* ctx);
 }  // namespace avx512
@@ -232,6 +257,7 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
 void gemm(const GemmArgs& a);
 void quantize_rows(const QuantRowsArgs& a);
 void dwconv(const DwArgs& a);
+void stem_conv(const StemArgs& a);
 void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
                          float (*fix)(const void* ctx, int64_t i), const void* ctx);
 }  // namespace avx512emu

@@ -169,6 +169,8 @@ PYBIND11_MODULE(_core, m) {
     m.def("get_kernel", []() { return std::string(current_kernel().name); });
     m.def("kernel_fuses_epilogue", []() { return current_kernel().fused_epilogue; },
           "whether the kernel in use applies a conv's bias / residual / activation to each tile itself");
+    m.def("kernel_has_stem_path", []() { return current_kernel().stem_conv != nullptr; },
+          "whether the kernel in use has a path of its own for convs of <= 4 input channels (StemArgs)");
     m.def("set_kernel", [](std::optional<std::string> s) { set_kernel(s ? &find_kernel(*s) : nullptr); },
           py::arg("name"));
 
@@ -391,6 +393,8 @@ PYBIND11_MODULE(_core, m) {
         .def_property_readonly("op_kinds", &Program::op_kinds)
         .def_property_readonly("last_reused", &Program::last_reused,
                                "convs of the last run that reused another's quantized input (share_input)")
+        .def_property_readonly("last_stems", &Program::last_stems,
+                               "convs of the last run on the kernel's stem path (inputs of <= 4 channels)")
         .def("set_profile", &Program::set_profile, py::arg("on"))
         .def(
             "run",

@@ -634,6 +634,111 @@ void gemm(Operand& a, Operand& b, float* out) {
 }
 
 // ---------------------------------------------------------------- convolution
+// The kernel's stem path (StemArgs): a channels-last conv without groups whose input has at
+// most 4 channels (every tap one block). The input is quantized by the kernel's row quantizer
+// (the same bits as the GEMM path's operand) and expanded into values; weights and input then
+// meet in fp32, which is the datapath bit for bit when every product and block sum is exact:
+// every non-zero block's value exponent k = E - unit_shift in [-149, 120] (units * 2^k exact)
+// and, for an input block and a weight block, ka + kb in [-149, 111] (a sum of <= 4 products of
+// |units| <= 127 stays below 2^16 * 2^(ka + kb)); no NaN/Inf block. Returns false (nothing
+// written) where that does not hold or the path does not apply: the GEMM path runs instead.
+static bool try_stem_conv(const float* x, const FmtParams& fx, Operand& w, const ConvGeom& g, float* out,
+                          const VecEpilogue* epi) {
+    const KernelDesc& k = current_kernel();
+    const int64_t C = g.C, O = w.R;
+    if (!k.stem_conv || !k.quantize_rows || k.rows16 || g.groups != 1 || C < 1 || C > 4 || C > fx.block ||
+        padded_block(fx.block, C) != 4 ||
+        w.nbt != 1 || w.taps != w.kh * w.kw || !w.int8() || w.u8.empty() || !fx.int8_units() || fx.kind != kInt ||
+        !fast_quant_ok(fx) || w.f.kind != kInt || O < 1)
+        return false;
+    // a residual in place would be read after the raw output overwrote it
+    if (epi && epi->res && epi->res < out + g.N * g.OH * g.OW * O && out < epi->res + g.N * g.OH * g.OW * O)
+        return false;
+    const int cp = C == 3 ? 3 : 4;
+    const int64_t Op = (O + 15) / 16 * 16, taps = w.taps;
+    std::call_once(w.stem_once, [&] {
+        const int64_t rlen = taps * w.Bp;
+        FloatVec v(size_t(taps * cp * Op), 0.0f);
+        bool ok = true;
+        for (int64_t o = 0; o < O && ok; ++o)
+            for (int64_t t = 0; t < taps && ok; ++t) {
+                const int8_t* u = w.u8.data() + o * rlen + t * w.Bp;
+                const int16_t e = w.exp[size_t(o * taps + t)];
+                bool nz = false;
+                for (int c = 0; c < C; ++c) nz |= u[c] != 0;
+                if (e == kNanExp) ok = false;
+                if (!nz || !ok) continue;
+                const int32_t kb = int32_t(e) - w.f.unit_shift;
+                if (kb < -149 || kb > 120) ok = false;
+                w.stem_kmin = std::min(w.stem_kmin, kb);
+                w.stem_kmax = std::max(w.stem_kmax, kb);
+                for (int c = 0; c < C; ++c) v[size_t((t * cp + c) * Op + o)] = std::ldexp(float(u[c]), kb);
+            }
+        w.stem_ok = ok;
+        if (ok) w.stem_w = std::move(v);
+    });
+    if (!w.stem_ok) return false;
+    // the input's blocks, as the GEMM path quantizes them
+    const int64_t n = g.N * g.H * g.W;
+    const int Bp = 4;
+    // kept by the calling thread across calls; the workers below reach them through these names
+    // (a thread_local named inside the lambda would be the worker's own)
+    thread_local std::vector<int8_t> t_u;
+    thread_local std::vector<int16_t> t_E;
+    thread_local std::vector<float> t_sc;
+    thread_local std::vector<int32_t> t_corr, t_emn, t_emx, t_range;
+    thread_local FloatVec t_xq;
+    auto& u = t_u;
+    auto& E = t_E;
+    auto& sc = t_sc;
+    auto& corr = t_corr;
+    auto& emn = t_emn;
+    auto& emx = t_emx;
+    auto& range = t_range;
+    auto& xq = t_xq;
+    u.resize(size_t(n * Bp));
+    E.resize(size_t(n));
+    sc.resize(size_t(n));
+    corr.resize(size_t(n));
+    emn.assign(size_t(n), INT32_MAX);
+    emx.assign(size_t(n), INT32_MIN);
+    const int64_t chunk = 1024, nchunk = (n + chunk - 1) / chunk;
+    range.resize(size_t(3 * nchunk));  // per chunk: min, max, any NaN block
+    const int nt = n * C > 32768 ? num_threads() : 1;
+    parallel_for(nt, nchunk, [&](int64_t ci) {
+        const int64_t r0 = ci * chunk, len = std::min(chunk, n - r0);
+        const QuantRowsArgs qa{x + r0 * C, len, C, int(C), &fx, Bp, u.data() + r0 * Bp, Bp, E.data() + r0,
+                               sc.data() + r0, corr.data() + r0, emn.data() + r0, emx.data() + r0};
+        k.quantize_rows(qa);
+        int32_t mn = INT32_MAX, mx = INT32_MIN, bad = 0;
+        for (int64_t i = r0; i < r0 + len; ++i) {
+            mn = std::min(mn, emn[size_t(i)]);
+            mx = std::max(mx, emx[size_t(i)]);
+            bad |= E[size_t(i)] == kNanExp;
+        }
+        range[size_t(3 * ci)] = mn;
+        range[size_t(3 * ci + 1)] = mx;
+        range[size_t(3 * ci + 2)] = bad;
+    });
+    int32_t amin = INT32_MAX, amax = INT32_MIN;
+    for (int64_t ci = 0; ci < nchunk; ++ci) {
+        if (range[size_t(3 * ci + 2)]) return false;  // a NaN/Inf block
+        amin = std::min(amin, range[size_t(3 * ci)]);
+        amax = std::max(amax, range[size_t(3 * ci + 1)]);
+    }
+    if (amin <= amax && w.stem_kmin <= w.stem_kmax &&
+        (amin < -149 || amax > 120 || amin + w.stem_kmin < -149 || amax + w.stem_kmax > 111))
+        return false;
+    const int64_t Hp = g.H + g.pt + g.pb, Wp = g.W + g.pl + g.pr;
+    xq.resize(size_t(g.N * Hp * Wp * cp));  // every value written by the kernel
+    const StemArgs sa{u.data(), sc.data(), xq.data(), w.stem_w.data(), out, g.N, g.H, g.W, Hp, Wp, g.OH, g.OW, O,
+                      Op, int(C), cp, g.pt, g.pl, w.kh, w.kw, g.sh, g.sw, g.dh, g.dw, epi};
+    const auto t0 = t_gemm_seconds ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+    k.stem_conv(sa);
+    if (t_gemm_seconds) *t_gemm_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return true;
+}
+
 // Implicit GEMM per (image, group): rows = output pixels (one pointer per kernel tap into the
 // quantized, zero-padded channels-last activation), columns = output channels (the weights,
 // packed once). Result [pixels][channels] is transposed into NCHW with the bias added.
@@ -654,7 +759,7 @@ bool ConvActs::Key::operator==(const Key& o) const {
            nhwc == o.nhwc && seed == o.seed && fk(f) == fk(o.f);
 }
 
-bool conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
+ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
                  const float* bias, float* out, bool nhwc, const VecEpilogue* epi, ConvActs* share) {
     const int G = g.groups;
     const int64_t C = g.C, H = g.H, W = g.W, Cg = C / G, O = w.R, Og = O / G;
@@ -665,7 +770,8 @@ bool conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
     if (int8 && w.kern != kp) kp = &kernel_at(0);  // weights were packed for another kernel
     const KernelDesc& k = *kp;
     if (!int8) w.ensure_u64();
-    if (P == 0 || O == 0 || g.N == 0) return false;
+    if (P == 0 || O == 0 || g.N == 0) return kConvGemm;
+    if (nhwc && !share && !bias && try_stem_conv(x, fx, w, g, out, epi)) return kConvStem;
     const bool rows16 = k.rows16;  // e.g. the AVX2 kernel broadcasts int16 units
     const bool simd = k.simd();
 
@@ -939,7 +1045,7 @@ bool conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w,
             }
         }
     }
-    return reuse;
+    return reuse ? kConvReused : kConvGemm;
 }
 
 }  // namespace bfp

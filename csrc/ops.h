@@ -127,6 +127,12 @@ class Operand {
     std::vector<int32_t> pmin, pmax;
     std::vector<const int8_t*> cu8;
     std::vector<const int16_t*> ce;
+    // convw with one block per tap (an input of <= 4 channels): the weights' values for the
+    // kernel's stem path (StemArgs::w), made on first use; stem_ok false: the path cannot take them
+    std::once_flag stem_once;
+    FloatVec stem_w;
+    bool stem_ok = false;
+    int32_t stem_kmin = INT32_MAX, stem_kmax = INT32_MIN;  // E - unit_shift over non-zero blocks
 
     int nb() const { return taps * nbt; }
     bool int8() const { return f.int8_units(); }
@@ -206,8 +212,10 @@ void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, cons
 // The same with nhwc = true: x [N][H][W][C] -> out [N][OH][OW][O].
 // epi (nhwc only): applied to each output tile as the GEMM finishes it.
 // share: null, or the activation operand to use when its key matches this call's (it is made
-// there otherwise); returns true when the activation came from share unchanged.
-bool conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
+// there otherwise). Returns how it ran: kConvReused when the activation came from share
+// unchanged, kConvStem on the kernel's stem path (StemArgs; nhwc, no share, no bias).
+enum ConvRun : int { kConvGemm = 0, kConvReused = 1, kConvStem = 2 };
+ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
                  const float* bias, float* out, bool nhwc, const VecEpilogue* epi = nullptr,
                  ConvActs* share = nullptr);
 

@@ -162,6 +162,7 @@ void Program::run(const std::vector<std::pair<int, const float*>>& inputs) {
     // shared activations never outlive the run, nor a write to the buffer they were made from
     for (auto& a : shared_) a->valid = false;
     reused_ = 0;
+    stems_ = 0;
     for (size_t i = 0; i < ops_.size(); ++i) {
         if (profile_) {
             const GemmTimer gt(&gemm_times_[i]);

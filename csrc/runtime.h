@@ -114,6 +114,8 @@ class Program {
     ConvActs* shared_acts(int64_t slot) { return shared_[size_t(slot - 1)].get(); }  // slot in [1, 256]
     void note_reused() { ++reused_; }
     int last_reused() const { return reused_; }  // convs of the last run that reused a shared activation
+    void note_stem() { ++stems_; }
+    int last_stems() const { return stems_; }  // convs of the last run on the kernel's stem path
 
   private:
     int vp_;
@@ -129,6 +131,7 @@ class Program {
     FloatVec scratch_;
     std::vector<std::unique_ptr<ConvActs>> shared_;
     int reused_ = 0;
+    int stems_ = 0;
 };
 
 // fp32 reference conv (format "fp32"): NHWC, weights [G][taps][Cg][Og], sequential sums over

@@ -222,8 +222,9 @@ static void exec_conv(Program& p, const Op& op) {
         // an input read by several convs alike: quantized by the first, reused by the others
         ConvActs* share = q.share_input ? p.shared_acts(q.share_input) : nullptr;
         const bool fused = k.fused_epilogue && epi;  // applied to each tile in registers
-        if (conv2d_impl(x, p.format(), p.seed(), *op.w, g, nullptr, y, true, fused ? &ve : nullptr, share))
-            p.note_reused();
+        const ConvRun run = conv2d_impl(x, p.format(), p.seed(), *op.w, g, nullptr, y, true, fused ? &ve : nullptr, share);
+        if (run == kConvReused) p.note_reused();
+        if (run == kConvStem) p.note_stem();
         if (fused) return;
     } else {
         conv2d_fp32_nhwc(x, p.buf(op.wf), g, O, kh, kw, y);
