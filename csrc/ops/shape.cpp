@@ -132,6 +132,16 @@ static void exec_strided(Program& p, const Op& op) {
             o += (rem % shape[d]) * st[d];
             rem /= shape[d];
         }
+        if (ms == 1 && is != 1 && inner <= 8) {
+            // a few planes interleaved (NCHW -> NHWC of an image's channels): each plane's run is
+            // read in order and written every inner-th float, not one element per plane per row
+            for (int64_t i = 0; i < inner; ++i) {
+                const float* s = x + o + j0 + i * is;
+                float* d = y + (r2 * mid + j0) * inner + i;
+                for (int64_t j = 0; j < j1 - j0; ++j) d[j * inner] = s[j];
+            }
+            continue;
+        }
         for (int64_t j = j0; j < j1; ++j) {
             float* d = y + (r2 * mid + j) * inner;
             const float* s = x + o + j * ms;
