@@ -111,7 +111,7 @@ struct XView {
 // SW > 0: the geometry is known here -- stride SW, KW taps a row, no dilation, 16 floats a
 // pixel (the quantized tile) -- so every load's offset is a constant (no pixel pointers to keep
 // in registers) and the tap loop unrolls; SW == 0: any geometry.
-template <int NP, bool FX, bool FW, int SW = 0, int KW = 0>
+template <int NP, bool FX, bool FW, int SW, int KW, bool IN>
 static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t ox0, int64_t c0, int nl) {
     static_assert((SW == 0) == (KW == 0), "SW and KW are given together");
     const int64_t C = a.C, W = a.W, xs = SW ? 16 : X.xs, sw = SW ? SW : a.sw, sC = sw * xs;
@@ -120,7 +120,6 @@ static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy,
 #pragma GCC unroll 8
     for (int j = 0; j < NP; ++j) acc[j] = _mm512_setzero_ps();
     const int64_t ixs = ox0 * sw - a.pl;  // input column of pixel 0 under tap kx = 0
-    const bool cols_in = ixs >= 0 && ixs + int64_t(NP - 1) * sw + int64_t(kw - 1) * dw < W;
     const __m512 zero = _mm512_setzero_ps();
     for (int ky = 0; ky < a.kh; ++ky) {
         const int64_t iy = oy * a.sh - a.pt + int64_t(ky) * a.dh;
@@ -136,7 +135,7 @@ static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy,
             continue;
         }
         const float* row = X.base + (iy - X.iy0) * X.rs;
-        if (cols_in) {
+        if constexpr (IN) {  // every column of the strip's windows inside the input
             const float* b = row + ixs * xs;
 #pragma GCC unroll 8
             for (int kx = 0; kx < kw; ++kx) {
@@ -145,17 +144,17 @@ static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy,
 #pragma GCC unroll 8
                 for (int j = 0; j < NP; ++j) acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(ld<FX>(bk + j * sC, nl), wv));
             }
-            continue;
-        }
+        } else {
 #pragma GCC unroll 8
-        for (int kx = 0; kx < kw; ++kx) {
-            const __m512 wv = ld<FW>(wt + kx * C, nl);
-            const int64_t ix0 = ixs + int64_t(kx) * dw;
+            for (int kx = 0; kx < kw; ++kx) {
+                const __m512 wv = ld<FW>(wt + kx * C, nl);
+                const int64_t ix0 = ixs + int64_t(kx) * dw;
 #pragma GCC unroll 8
-            for (int j = 0; j < NP; ++j) {
-                const int64_t ix = ix0 + int64_t(j) * sw;
-                const __m512 xv = (ix >= 0 && ix < W) ? ld<FX>(row + ix * xs, nl) : zero;
-                acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(xv, wv));
+                for (int j = 0; j < NP; ++j) {
+                    const int64_t ix = ix0 + int64_t(j) * sw;
+                    const __m512 xv = (ix >= 0 && ix < W) ? ld<FX>(row + ix * xs, nl) : zero;
+                    acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(xv, wv));
+                }
             }
         }
     }
@@ -164,18 +163,27 @@ static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy,
     for (int j = 0; j < NP; ++j) store_lanes(d + j * C, acc[j], nl);
 }
 
+// A strip whose windows stay inside the input's columns takes the loop without column tests
+template <int NP, bool FX, bool FW, int SW, int KW>
+static inline void strip_any(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t ox0, int64_t c0, int nl) {
+    const int64_t sw = SW ? SW : a.sw, dw = SW ? 1 : a.dw, kw = KW ? KW : a.kw;
+    const int64_t ixs = ox0 * sw - a.pl;
+    if (ixs >= 0 && ixs + int64_t(NP - 1) * sw + (kw - 1) * dw < a.W) strip<NP, FX, FW, SW, KW, true>(a, X, n, oy, ox0, c0, nl);
+    else strip<NP, FX, FW, SW, KW, false>(a, X, n, oy, ox0, c0, nl);
+}
+
 template <bool FX, bool FW, int SW = 0, int KW = 0>
 static void row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t c0, int nl) {
     int64_t ox0 = 0;
-    for (; ox0 + 8 <= a.OW; ox0 += 8) strip<8, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl);
+    for (; ox0 + 8 <= a.OW; ox0 += 8) strip_any<8, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl);
     switch (int(a.OW - ox0)) {
-        case 7: strip<7, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
-        case 6: strip<6, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
-        case 5: strip<5, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
-        case 4: strip<4, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
-        case 3: strip<3, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
-        case 2: strip<2, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
-        case 1: strip<1, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
+        case 7: strip_any<7, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
+        case 6: strip_any<6, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
+        case 5: strip_any<5, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
+        case 4: strip_any<4, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
+        case 3: strip_any<3, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
+        case 2: strip_any<2, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
+        case 1: strip_any<1, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
         default: break;
     }
     // the epilogue on the row's outputs, still in L1: one call a row, not one a strip
