@@ -700,13 +700,15 @@ static bool try_stem_conv(const float* x, const FmtParams& fx, Operand& w, const
     E.resize(size_t(n));
     sc.resize(size_t(n));
     corr.resize(size_t(n));
-    emn.assign(size_t(n), INT32_MAX);
-    emx.assign(size_t(n), INT32_MIN);
+    emn.resize(size_t(n));
+    emx.resize(size_t(n));
     const int64_t chunk = 1024, nchunk = (n + chunk - 1) / chunk;
     range.resize(size_t(3 * nchunk));  // per chunk: min, max, any NaN block
     const int nt = n * C > 32768 ? num_threads() : 1;
     parallel_for(nt, nchunk, [&](int64_t ci) {
         const int64_t r0 = ci * chunk, len = std::min(chunk, n - r0);
+        std::fill(emn.begin() + r0, emn.begin() + r0 + len, INT32_MAX);
+        std::fill(emx.begin() + r0, emx.begin() + r0 + len, INT32_MIN);
         const QuantRowsArgs qa{x + r0 * C, len, C, int(C), &fx, Bp, u.data() + r0 * Bp, Bp, E.data() + r0,
                                sc.data() + r0, corr.data() + r0, emn.data() + r0, emx.data() + r0};
         k.quantize_rows(qa);

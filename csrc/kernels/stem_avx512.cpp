@@ -138,7 +138,7 @@ static void expand_row(const StemArgs& a, int64_t r) {
         const __m512 sv = _mm512_permutexvar_ps(rep, _mm512_castps128_ps512(_mm_loadu_ps(s + p)));
         const __m512 v = _mm512_maskz_mul_ps(ch, _mm512_cvtepi32_ps(ui), sv);
         if constexpr (CP == 4) _mm512_storeu_ps(o + p * 4, v);
-        else _mm512_mask_compressstoreu_ps(o + p * 3, 0x7777, v);
+        else _mm512_mask_storeu_ps(o + p * 3, 0x0fff, _mm512_maskz_compress_ps(0x7777, v));  // (a compress to memory is microcoded)
     }
     for (; p < a.W; ++p)
         for (int c = 0; c < CP; ++c) o[p * CP + c] = c < a.C ? float(u[p * 4 + c]) * s[p] : 0.0f;
@@ -154,11 +154,14 @@ static void row_sw(const StemArgs& a, int64_t n, int64_t oy) {
 }  // namespace
 
 void stem_conv(const StemArgs& a) {
-    const int64_t prow = a.N * a.Hp;
-    parallel_for(num_threads() > 1 && prow * a.Wp > 16384 ? num_threads() : 1, prow, [&](int64_t r) {
-        if (a.cp == 3) expand_row<3>(a, r);
-        else expand_row<4>(a, r);
-    });
+    const int64_t prow = a.N * a.Hp, pchunk = 8;  // padded rows, 8 an item
+    parallel_for(num_threads() > 1 && prow * a.Wp > 16384 ? num_threads() : 1, (prow + pchunk - 1) / pchunk,
+                 [&](int64_t ci) {
+                     for (int64_t r = ci * pchunk; r < prow && r < (ci + 1) * pchunk; ++r) {
+                         if (a.cp == 3) expand_row<3>(a, r);
+                         else expand_row<4>(a, r);
+                     }
+                 });
     const int64_t rows = a.N * a.OH;
     const bool par = num_threads() > 1 && rows > 1 && rows * a.OW * a.O * a.kh * a.kw > 65536;
     // rows from the pool (pool.h), a few per step
