@@ -71,6 +71,8 @@ _GEOMS = [  # N, C, H, W, O, k, stride, pads (top, left, bottom, right), dilatio
     (1, 2, 9, 10, 40, 3, 1, (2, 2, 2, 2), 2),     # two channels, dilation 2, 40 = 2 vectors + 8 lanes
     (1, 4, 6, 5, 48, 3, 2, (1, 1, 1, 1), 1),      # four channels; 3 output columns: pixels one at a time
     (1, 3, 8, 64, 16, 1, 1, (0, 0, 0, 0), 1),     # 1x1 kernel
+    (2, 3, 64, 64, 8, 4, 4, (0, 0, 0, 0), 1),     # 8 outputs (< one vector), 4x4 stride 4, no padding:
+                                                  # the last pixels end the input's buffer
 ]
 
 

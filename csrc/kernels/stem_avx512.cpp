@@ -138,7 +138,7 @@ static void expand_row(const StemArgs& a, int64_t r) {
         const __m512 sv = _mm512_permutexvar_ps(rep, _mm512_castps128_ps512(_mm_loadu_ps(s + p)));
         const __m512 v = _mm512_maskz_mul_ps(ch, _mm512_cvtepi32_ps(ui), sv);
         if constexpr (CP == 4) _mm512_storeu_ps(o + p * 4, v);
-        else _mm512_mask_storeu_ps(o + p * 3, 0x0fff, _mm512_maskz_compress_ps(0x7777, v));  // (a compress to memory is microcoded)
+        else store_lanes(o + p * 3, _mm512_maskz_compress_ps(0x7777, v), 12);  // (a compress to memory is microcoded)
     }
     for (; p < a.W; ++p)
         for (int c = 0; c < CP; ++c) o[p * CP + c] = c < a.C ? float(u[p * 4 + c]) * s[p] : 0.0f;

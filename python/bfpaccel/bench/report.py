@@ -92,7 +92,7 @@ _HEAD = ["p50 ms", "p90 ms", "p99 ms", "mean ms", "items/s", "vs ort fp32", "out
 #: the BFP rows' share of time in the integer GEMM kernel ("-" for other rows and old results)
 _SHARE_HEAD = "kernel share"
 _SHARE_NOTE = ("kernel share: the part of a bfp: row's time spent in the integer GEMM kernel "
-               "(Session.profile_summary after the timed runs)")
+               "(a stem conv's fp32 block sums included; Session.profile_summary after the timed runs)")
 
 
 def _has_share(r: Dict[str, Any]) -> bool:

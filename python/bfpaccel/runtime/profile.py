@@ -17,7 +17,8 @@ __all__ = ["OpProfile", "ProfileSummary"]
 @dataclass
 class OpProfile:
     """One op of a profiled run: its name (fused ops joined by ``+``), kind, seconds and the
-    seconds of the integer GEMM kernel inside it (0 for ops off the BFP core)."""
+    seconds of the integer GEMM kernel inside it (0 for ops off the BFP core; a conv on the
+    kernel's stem path counts its fp32 block sums, which stand in for that kernel)."""
 
     name: str
     kind: str
@@ -39,7 +40,8 @@ class ProfileSummary:
             ``max pool``, ``transpose``...; see ``bfpaccel.runtime.lower.op_kind_name``),
             largest first.  A conv with a fused add/relu counts as ``conv``.
         kind_counts: ops per kind.
-        kernel_seconds: seconds in the integer GEMM kernel (``Program.last_gemm_times``).
+        kernel_seconds: seconds in the integer GEMM kernel (``Program.last_gemm_times``; for a
+            conv on the kernel's stem path, its fp32 block sums -- the same datapath).
         kernel_share: ``kernel_seconds / total_seconds`` (0 when nothing was timed).
         ops: every op of that run, in execution order.
         top_ops: the ``top`` slowest ops, slowest first.
