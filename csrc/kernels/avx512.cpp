@@ -324,6 +324,16 @@ static inline void store_i16(int16_t* p, __m512i v, int n) {
 // transpose each, instead of 16 scalar stores per block and array.
 static inline void flush_extras(const int32_t* Eb, const int32_t* sb, const int32_t* cb, int n, int16_t* E0,
                                 float* sc0, int32_t* corr0, int nbc, int b0) {
+    if (n <= 4) {  // short rows (a few blocks): element copies cost less than three transposes
+        for (int r = 0; r < 16; ++r)
+            for (int j = 0; j < n; ++j) {
+                const int64_t o = int64_t(r) * nbc + b0 + j;
+                E0[o] = int16_t(Eb[16 * j + r]);
+                std::memcpy(sc0 + o, sb + 16 * j + r, sizeof(float));
+                if (corr0) corr0[o] = cb[16 * j + r];
+            }
+        return;
+    }
     __m512i v[16];
     for (int i = 0; i < 16; ++i) v[i] = _mm512_load_si512(Eb + 16 * i);
     transpose16_epi32(v);
