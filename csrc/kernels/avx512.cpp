@@ -89,10 +89,11 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
 // Blocks [kb0, kb1) of the taps x nbt blocks (ascending); first: the accumulators start at 0,
 // else at the values a previous chunk left in out; last: the epilogue and the final store, else
 // the raw accumulators go to out (not transposed) for the next chunk -- the same fp32 sums in
-// the same order as one pass (see BFP_KCHUNK in driver.inc).
-template <int mr, int KS>
-static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
-                            int nc, bool trans, const VecEpilogue* ve, int kb0, int kb1, bool first, bool last) {
+// the same order as one pass (see BFP_KCHUNK in driver.inc). HALF: the tile's columns fit the
+// panel's first 16 (nc <= 16: a narrow layer or a panel at the edge): only that half is computed.
+template <int mr, int KS, bool HALF>
+static inline void run_tile_kh(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
+                               int nc, bool trans, const VecEpilogue* ve, int kb0, int kb1, bool first, bool last) {
     const int Bp = R.Bp, B4 = KS > 0 ? KS : Bp / 4, nbt = R.nbt;
     const size_t bstride = size_t(Bp) * NR + NR * 4;
     __m512 acc0[mr], acc1[mr];
@@ -101,7 +102,7 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
     } else {
         BFP_ROWS for (int i = 0; i < mr; ++i) {
             acc0[i] = load_lanes(out + i * ldo, nc);
-            acc1[i] = nc > 16 ? load_lanes(out + i * ldo + 16, nc - 16) : _mm512_setzero_ps();
+            acc1[i] = !HALF && nc > 16 ? load_lanes(out + i * ldo + 16, nc - 16) : _mm512_setzero_ps();
         }
     }
     for (int t = kb0 / nbt; t < R.taps && t * nbt < kb1; ++t) {
@@ -123,29 +124,29 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
 #pragma GCC unroll 16
             for (int k4 = 0; k4 < B4; ++k4) {
                 const __m512i b0 = _mm512_load_si512(pb + k4 * 128);
-                const __m512i b1 = _mm512_load_si512(pb + k4 * 128 + 64);
+                const __m512i b1 = HALF ? b0 : _mm512_load_si512(pb + k4 * 128 + 64);
                 BFP_ROWS for (int i = 0; i < mr; ++i) {
                     int32_t w;
                     std::memcpy(&w, ap[i] + bt * Bp + 4 * k4, 4);
                     const __m512i av = _mm512_set1_epi32(w);
                     s0[i] = _mm512_dpbusd_epi32(s0[i], b0, av);
-                    s1[i] = _mm512_dpbusd_epi32(s1[i], b1, av);
+                    if constexpr (!HALF) s1[i] = _mm512_dpbusd_epi32(s1[i], b1, av);
                     BFP_PIN(s0[i], s1[i]);
                 }
             }
             const __m512 c0 = _mm512_load_ps(reinterpret_cast<const float*>(pb + size_t(Bp) * NR));
-            const __m512 c1 = _mm512_load_ps(reinterpret_cast<const float*>(pb + size_t(Bp) * NR + 64));
+            const __m512 c1 = HALF ? c0 : _mm512_load_ps(reinterpret_cast<const float*>(pb + size_t(Bp) * NR + 64));
             BFP_ROWS for (int i = 0; i < mr; ++i) {
                 const __m512 ra = _mm512_set1_ps(sp[i][bt]);
                 acc0[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s0[i]), c0), ra, acc0[i]);
-                acc1[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s1[i]), c1), ra, acc1[i]);
+                if constexpr (!HALF) acc1[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s1[i]), c1), ra, acc1[i]);
             }
         }
     }
     if (!last) {  // a chunk: the raw accumulators wait in out (never transposed)
         BFP_ROWS for (int i = 0; i < mr; ++i) {
             store_lanes(out + i * ldo, acc0[i], nc);
-            if (nc > 16) store_lanes(out + i * ldo + 16, acc1[i], nc - 16);
+            if (!HALF && nc > 16) store_lanes(out + i * ldo + 16, acc1[i], nc - 16);
         }
         return;
     }
@@ -157,12 +158,12 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
         alignas(64) float tmp[mr][NR];
         BFP_ROWS for (int i = 0; i < mr; ++i) {
             _mm512_store_ps(tmp[i], acc0[i]);
-            _mm512_store_ps(tmp[i] + 16, acc1[i]);
+            if constexpr (!HALF) _mm512_store_ps(tmp[i] + 16, acc1[i]);
         }
         epi_tile(*ve, &tmp[0][0], NR, out, mr, nc, ldo);
         return;
     }
-    if (nc == NR && !trans) {
+    if (!HALF && nc == NR && !trans) {
         BFP_ROWS for (int i = 0; i < mr; ++i) {
             _mm512_storeu_ps(out + i * ldo, acc0[i]);
             _mm512_storeu_ps(out + i * ldo + 16, acc1[i]);
@@ -173,10 +174,17 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
         alignas(64) float tmp[mr][NR];
         BFP_ROWS for (int i = 0; i < mr; ++i) {
             _mm512_store_ps(tmp[i], acc0[i]);
-            _mm512_store_ps(tmp[i] + 16, acc1[i]);
+            if constexpr (!HALF) _mm512_store_ps(tmp[i] + 16, acc1[i]);
         }
         store_tile(tmp, nc, out, ldo, trans);
     }
+}
+
+template <int mr, int KS>
+static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
+                              int nc, bool trans, const VecEpilogue* ve, int kb0, int kb1, bool first, bool last) {
+    if (nc <= 16) run_tile_kh<mr, KS, true>(R, r0, panel, out, ldo, nc, trans, ve, kb0, kb1, first, last);
+    else run_tile_kh<mr, KS, false>(R, r0, panel, out, ldo, nc, trans, ve, kb0, kb1, first, last);
 }
 
 // ---------------------------------------------------------------- activation quantizer
