@@ -20,7 +20,7 @@ def _fp16(a):
         return a.astype(np.float16).astype(np.float32)
 
 
-def _stem_model(N, C, H, W, O, k, stride, pads, dil, act):
+def _stem_nodes(k, stride, pads, dil, act):
     nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2]),
              helper.make_node("Conv", ["xt", "w", "b"], ["c"], pads=list(pads), strides=[stride] * 2,
                               dilations=[dil] * 2, kernel_shape=[k, k])]
@@ -34,9 +34,8 @@ def _stem_model(N, C, H, W, O, k, stride, pads, dil, act):
 
 
 def _run(x, w, b, fmt, stride, pads, dil, act, threads=1, vp="fp16"):
-    N, H, W, C = x.shape
-    O, _, k, _ = w.shape
-    nodes = _stem_model(N, C, H, W, O, k, stride, pads, dil, act)
+    k = w.shape[2]
+    nodes = _stem_nodes(k, stride, pads, dil, act)
     inits = {"w": w, "b": b, "lo": np.float32(-1.0), "hi": np.float32(6.0)}
     g = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
                           [helper.make_empty_tensor_value_info("y")],

@@ -6,19 +6,12 @@
 // Per block and output: t = float(S) * col_scale, acc = fma(t, row_scale, acc): the same bits
 // as fp32(acc + fp32(S) * 2^(Ea+Eb-shifts)) whenever that product is exact, which the driver
 // checks per tile (else it calls the exact fallback).
+#include "isa512.h"  // native or emulated (avx512-emu) build
 #ifdef BFP_AVX512_EMULATED
-// Test-only build of this same file on SIMDe's portable AVX-512 (see CMake option
-// BFPACCEL_AVX512_EMULATION): checks the kernel's logic bit for bit on CPUs without AVX-512.
-#define SIMDE_ENABLE_NATIVE_ALIASES
-#include <simde/x86/avx512.h>
-#define BFP_AVX512_NS avx512emu
-#define BFP_NO_512_CVTPS_PH 1
 #define BFP_PIN(a, b) ((void)0)
 #else
 // keep each accumulator a running sum in one register (no reassociation into a spilled tree)
 #define BFP_PIN(a, b) __asm__("" : "+v"(a), "+v"(b))
-#include <immintrin.h>
-#define BFP_AVX512_NS avx512
 #endif
 
 #include <climits>

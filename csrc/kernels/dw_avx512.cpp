@@ -13,16 +13,7 @@
 // quantizes the input rows under its output rows, for its channels, into a tile (L2), reading
 // each pixel's channels in one run; the strips then read the tile: the input is read once and
 // no fake-quantized copy of it goes through memory.
-#ifdef BFP_AVX512_EMULATED
-// Test-only build of this same file on SIMDe's portable AVX-512 ("avx512-emu").
-#define SIMDE_ENABLE_NATIVE_ALIASES
-#include <simde/x86/avx512.h>
-#define BFP_AVX512_NS avx512emu
-#define BFP_NO_512_CVTPS_PH 1
-#else
-#include <immintrin.h>
-#define BFP_AVX512_NS avx512
-#endif
+#include "isa512.h"  // native or emulated (avx512-emu) build
 
 #include <cstdlib>
 #include <cstring>

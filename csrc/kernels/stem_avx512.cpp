@@ -8,16 +8,7 @@
 // NP x OV accumulators and each tap's weights in registers, the input values are broadcast from
 // the padded pixel array (no bounds tests: the padding ring holds zeros, and 0 * w adds +-0,
 // which leaves an accumulator that started at +0 unchanged).
-#ifdef BFP_AVX512_EMULATED
-// Test-only build of this same file on SIMDe's portable AVX-512 ("avx512-emu", "amx-emu").
-#define SIMDE_ENABLE_NATIVE_ALIASES
-#include <simde/x86/avx512.h>
-#define BFP_AVX512_NS avx512emu
-#define BFP_NO_512_CVTPS_PH 1
-#else
-#include <immintrin.h>
-#define BFP_AVX512_NS avx512
-#endif
+#include "isa512.h"  // native or emulated (avx512-emu) build
 
 #include <cstring>
 #include <utility>
