@@ -4,11 +4,13 @@
 // (((0 + x_t0*w_t0) + x_t1*w_t1) + ...) over the taps in order, each product rounded to fp32
 // and then added (vmulps + vaddps, never an FMA: -ffp-contract=off); a padded tap adds 0 * w
 // (a NaN/Inf weight still makes NaN). The epilogue (bias, residual, activation, each rounded
-// to the vector precision) is applied to each stored row of 16 channels while it is in L1 (epi_tile).
+// to the vector precision) is applied to each stored row of 16 channels while it is in L1
+// (epi_tile).
 //
 // Blocking: one work item is (image, output row(s), 16 channels); it walks each row in strips
 // of up to 8 output pixels: 8 accumulators, taps in order, the tap's 16 weights loaded once
-// and used for the 8 pixels; the epilogue then runs over the row. Channel tails (C % 16) use masked loads and stores.
+// and used for the 8 pixels; the epilogue then runs over the row. Channel tails (C % 16) use
+// masked loads and stores.
 // With DwArgs::fq an item is (image, block of output rows, group of 16-channel blocks): it first
 // quantizes the input rows under its output rows, for its channels, into a tile (L2), reading
 // each pixel's channels in one run; the strips then read the tile: the input is read once and
@@ -159,8 +161,10 @@ template <int NP, bool FX, bool FW, int SW, int KW>
 static inline void strip_any(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t ox0, int64_t c0, int nl) {
     const int64_t sw = SW ? SW : a.sw, dw = SW ? 1 : a.dw, kw = KW ? KW : a.kw;
     const int64_t ixs = ox0 * sw - a.pl;
-    if (ixs >= 0 && ixs + int64_t(NP - 1) * sw + (kw - 1) * dw < a.W) strip<NP, FX, FW, SW, KW, true>(a, X, n, oy, ox0, c0, nl);
-    else strip<NP, FX, FW, SW, KW, false>(a, X, n, oy, ox0, c0, nl);
+    if (ixs >= 0 && ixs + int64_t(NP - 1) * sw + (kw - 1) * dw < a.W)
+        strip<NP, FX, FW, SW, KW, true>(a, X, n, oy, ox0, c0, nl);
+    else
+        strip<NP, FX, FW, SW, KW, false>(a, X, n, oy, ox0, c0, nl);
 }
 
 template <bool FX, bool FW, int SW = 0, int KW = 0>

@@ -125,7 +125,8 @@ static void expand_row(const StemArgs& a, int64_t r) {
     const __mmask16 ch = __mmask16(0x1111 * ((1 << a.C) - 1));
     int64_t p = 0;
     for (; p + 4 <= a.W; p += 4) {
-        const __m512i ui = _mm512_cvtepi16_epi32(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u + p * 4))));
+        const __m128i u16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + p * 4));  // 4 pixels' units
+        const __m512i ui = _mm512_cvtepi16_epi32(_mm256_cvtepi8_epi16(u16));
         const __m512 sv = _mm512_permutexvar_ps(rep, _mm512_castps128_ps512(_mm_loadu_ps(s + p)));
         const __m512 v = _mm512_maskz_mul_ps(ch, _mm512_cvtepi32_ps(ui), sv);
         if constexpr (CP == 4) _mm512_storeu_ps(o + p * 4, v);
