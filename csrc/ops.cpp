@@ -587,9 +587,20 @@ static thread_local double* t_gemm_seconds = nullptr;
 GemmTimer::GemmTimer(double* sink) : prev_(t_gemm_seconds) { t_gemm_seconds = sink; }
 GemmTimer::~GemmTimer() { t_gemm_seconds = prev_; }
 
+// While alive, the matrix kernel runs: its wall time goes to this thread's GemmTimer sink, if any
+struct KernelSpan {
+    std::chrono::steady_clock::time_point t0;
+    KernelSpan() : t0(t_gemm_seconds ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{}) {}
+    ~KernelSpan() {
+        if (t_gemm_seconds) *t_gemm_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    KernelSpan(const KernelSpan&) = delete;
+    KernelSpan& operator=(const KernelSpan&) = delete;
+};
+
 static void run_gemm(const RowsView& rv, const ExactCtx& ex, const ColsView& cv, const FmtParams& fa,
                      const FmtParams& fb, const KernelDesc& k, float* out, int64_t ldo, const VecEpilogue* epi = nullptr) {
-    const auto t0 = t_gemm_seconds ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+    const KernelSpan span;
     if (epi && ex.trans) throw std::logic_error("a fused epilogue needs a channels-last (untransposed) output");
     if (!k.simd()) {
         exact_gemm(ex, rv.R, cv.N, out, ldo, epi);
@@ -597,7 +608,6 @@ static void run_gemm(const RowsView& rv, const ExactCtx& ex, const ColsView& cv,
         GemmArgs g{rv, cv, sum_bits(fa, fb), out, ldo, ex.trans, ExactTile{&ex, exact_tile}, num_threads(), epi};
         k.gemm(g);
     }
-    if (t_gemm_seconds) *t_gemm_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 static int exact_kind(bool int8, bool rows16, const FmtParams& fa, const FmtParams& fb) {
@@ -666,10 +676,9 @@ static bool try_stem_conv(const float* x, const FmtParams& fx, Operand& w, const
                 const int16_t e = w.exp[size_t(o * taps + t)];
                 bool nz = false;
                 for (int c = 0; c < C; ++c) nz |= u[c] != 0;
-                if (e == kNanExp) ok = false;
-                if (!nz || !ok) continue;
                 const int32_t kb = int32_t(e) - w.f.unit_shift;
-                if (kb < -149 || kb > 120) ok = false;
+                if (e == kNanExp || (nz && (kb < -149 || kb > 120))) ok = false;
+                if (!nz || !ok) continue;
                 w.stem_kmin = std::min(w.stem_kmin, kb);
                 w.stem_kmax = std::max(w.stem_kmax, kb);
                 for (int c = 0; c < C; ++c) v[size_t((t * cp + c) * Op + o)] = std::ldexp(float(u[c]), kb);
@@ -735,9 +744,10 @@ static bool try_stem_conv(const float* x, const FmtParams& fx, Operand& w, const
     xq.resize(size_t(g.N * Hp * Wp * cp));  // every value written by the kernel
     const StemArgs sa{u.data(), sc.data(), xq.data(), w.stem_w.data(), out, g.N, g.H, g.W, Hp, Wp, g.OH, g.OW, O,
                       Op, int(C), cp, g.pt, g.pl, w.kh, w.kw, g.sh, g.sw, g.dh, g.dw, epi};
-    const auto t0 = t_gemm_seconds ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
-    k.stem_conv(sa);
-    if (t_gemm_seconds) *t_gemm_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    {
+        const KernelSpan span;
+        k.stem_conv(sa);
+    }
     return true;
 }
 

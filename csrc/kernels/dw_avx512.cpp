@@ -184,8 +184,7 @@ static void row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t oy, i
     // the epilogue on the row's outputs, still in L1: one call a row, not one a strip
     if (!a.epi) return;
     float* d = a.out + (n * a.OH + oy) * a.OW * a.C + c0;
-    for (int64_t o = 0; o < a.OW; o += 4096)
-        epi_tile(*a.epi, d + o * a.C, int(a.OW - o < 4096 ? a.OW - o : 4096), nl, a.C);
+    epi_rows(*a.epi, d, a.OW, nl, a.C);
 }
 
 // One output row's strips from the quantized tile: the common geometries (3x3 and 5x5, stride

@@ -100,8 +100,7 @@ static void row(const StemArgs& a, int64_t n, int64_t oy) {
     }
     // the epilogue on the row, still in L1
     if (a.epi)
-        for (int64_t o = 0; o < a.OW; o += 4096)
-            epi_tile(*a.epi, drow + o * a.O, int(a.OW - o < 4096 ? a.OW - o : 4096), int(a.O), a.O);
+        epi_rows(*a.epi, drow, a.OW, int(a.O), a.O);
 }
 
 // Padded input row r (of N * Hp) of xq: zeros in the padding ring, else each pixel's values,
