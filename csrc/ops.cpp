@@ -767,15 +767,15 @@ bool ConvActs::Key::operator==(const Key& o) const {
                                q.exp_min, q.exp_max, q.emax_elem, q.rounding);
     };
     return x == o.x && N == o.N && C == o.C && H == o.H && W == o.W && G == o.G && pt == o.pt && pl == o.pl &&
-           pb == o.pb && pr == o.pr && nbc == o.nbc && Bp == o.Bp && k == o.k && cur == o.cur && int8 == o.int8 &&
+           pb == o.pb && pr == o.pr && sh == o.sh && sw == o.sw && nbc == o.nbc && Bp == o.Bp && k == o.k && cur == o.cur && int8 == o.int8 &&
            nhwc == o.nhwc && seed == o.seed && fk(f) == fk(o.f);
 }
 
 ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
                  const float* bias, float* out, bool nhwc, const VecEpilogue* epi, ConvActs* share) {
     const int G = g.groups;
-    const int64_t C = g.C, H = g.H, W = g.W, Cg = C / G, O = w.R, Og = O / G;
-    const int64_t Hp = H + g.pt + g.pb, Wp = W + g.pl + g.pr, P = g.OH * g.OW, NG = g.N * G;
+    const int64_t C = g.C, Cg = C / G, O = w.R, Og = O / G;
+    const int64_t P = g.OH * g.OW, NG = g.N * G;
     const int nbc = w.nbt, Bp = w.Bp, B = fx.block, taps = w.taps;
     const bool int8 = fx.int8_units() && w.int8();
     const KernelDesc* kp = int8 ? &current_kernel() : &kernel_at(0);
@@ -786,6 +786,15 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     if (nhwc && !share && !bias && try_stem_conv(x, fx, w, g, out, epi)) return kConvStem;
     const bool rows16 = k.rows16;  // e.g. the AVX2 kernel broadcasts int16 units
     const bool simd = k.simd();
+    const bool fast = int8 && fast_quant_ok(fx);
+    const bool row_quant = fast && nhwc && k.quantize_rows && !rows16 && Bp <= 128 && fx.kind == kInt;
+    // A strided 1x1 conv without padding (a ResNet's downsampling shortcut and conv1) reads
+    // only every sh-th row and sw-th column of its input: those pixels alone are quantized,
+    // as the input of a stride-1 conv of OH x OW pixels (the same blocks, a quarter of the work)
+    const bool sub = row_quant && taps == 1 && G == 1 && !(g.pt || g.pl || g.pb || g.pr) && (g.sh > 1 || g.sw > 1);
+    const int64_t H = sub ? g.OH : g.H, W = sub ? g.OW : g.W;  // the pixels quantized
+    const int64_t sh = sub ? 1 : g.sh, sw = sub ? 1 : g.sw;    // the GEMM's strides over them
+    const int64_t Hp = H + g.pt + g.pb, Wp = W + g.pl + g.pr;
 
     // activations: per (image, group, padded pixel) nbc blocks of Bp units; padding = zero blocks
     const int64_t npix = Hp * Wp, plen = int64_t(nbc) * Bp;
@@ -795,8 +804,10 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     key.x = x;
     key.N = g.N;
     key.C = C;
-    key.H = H;
-    key.W = W;
+    key.H = g.H;
+    key.W = g.W;
+    key.sh = sub ? g.sh : 1;
+    key.sw = sub ? g.sw : 1;
     key.G = G;
     key.pt = g.pt;
     key.pl = g.pl;
@@ -864,7 +875,6 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
             if (g.pr) clear(pp + g.pl + W, g.pr);
         }
     }
-    const bool fast = int8 && fast_quant_ok(fx);
     const bool fast_nchw = fast && !nhwc;
     // one pixel's blocks: units (int8 scratch) -> buffer, plus the kernels' per-block extras
     auto store_pixel = [&](int64_t ppix, int cb, const int8_t* u8, int16_t e) {
@@ -906,7 +916,16 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
                 }
             }
         }
-    } else if (fast && nhwc && k.quantize_rows && !rows16 && Bp <= 128 && fx.kind == kInt) {
+    } else if (sub) {  // output row oy's pixels: input row oy * sh, every sw-th column
+        const int nthr = g.N * H * W * Cg > 16384 ? num_threads() : 1;
+        parallel_for(nthr, g.N * H, [&](int64_t row) {
+            const int64_t n = row / H, oy = row % H, ppix = row * W;
+            const QuantRowsArgs qa{x + ((n * g.H + oy * g.sh) * g.W) * C, W, g.sw * C, int(C), &fx, Bp,
+                                   a8.data() + ppix * plen, plen, ae.data() + ppix * nbc, as.data() + ppix * nbc,
+                                   ac.data() + ppix * nbc, amin.data() + ppix, amax.data() + ppix};
+            k.quantize_rows(qa);
+        });
+    } else if (row_quant) {
         // the kernel's row quantizer, one input row of pixels at a time (contiguous in NHWC,
         // consecutive in the padded layout); without left/right padding an image's pixels are
         // consecutive there too, and one call takes a run of them (a multiple of 16, the
@@ -991,16 +1010,16 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
         // over its window is separable: the extremes over the kernel's rows for each padded
         // column the row's windows cover (contiguous, vectorised), then over the columns
         const int kw_ = w.kw, kh_ = taps / w.kw;
-        const int64_t span = (g.OW - 1) * g.sw + int64_t(kw_ - 1) * g.dw + 1;  // padded columns read
+        const int64_t span = (g.OW - 1) * sw + int64_t(kw_ - 1) * g.dw + 1;  // padded columns read
         parallel_for(RB * taps > 65536 ? num_threads() : 1, RB / g.OW, [&](int64_t qr) {
             const int64_t oy = qr % g.OH, img = one_gemm ? qr / g.OH : ng;  // img: the (image, group) slice
-            const int64_t base = img * npix + oy * g.sh * Wp;
-            for (int64_t ox = 0; ox < g.OW; ++ox) roff[qr * g.OW + ox] = base + ox * g.sw;
+            const int64_t base = img * npix + oy * sh * Wp;
+            for (int64_t ox = 0; ox < g.OW; ++ox) roff[qr * g.OW + ox] = base + ox * sw;
             if (!simd) return;
             if (taps == 1) {
                 for (int64_t ox = 0; ox < g.OW; ++ox) {
-                    rmin[qr * g.OW + ox] = amin[base + ox * g.sw];
-                    rmax[qr * g.OW + ox] = amax[base + ox * g.sw];
+                    rmin[qr * g.OW + ox] = amin[base + ox * sw];
+                    rmax[qr * g.OW + ox] = amax[base + ox * sw];
                 }
                 return;
             }
@@ -1018,8 +1037,8 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
             for (int64_t ox = 0; ox < g.OW; ++ox) {
                 int32_t mn = INT32_MAX, mx = INT32_MIN;
                 for (int kx = 0; kx < kw_; ++kx) {
-                    mn = std::min(mn, cmn[ox * g.sw + int64_t(kx) * g.dw]);
-                    mx = std::max(mx, cmx[ox * g.sw + int64_t(kx) * g.dw]);
+                    mn = std::min(mn, cmn[ox * sw + int64_t(kx) * g.dw]);
+                    mx = std::max(mx, cmx[ox * sw + int64_t(kx) * g.dw]);
                 }
                 rmin[qr * g.OW + ox] = mn;
                 rmax[qr * g.OW + ox] = mx;

@@ -189,6 +189,7 @@ struct ConvActs {
         const float* x = nullptr;
         int64_t N = 0, C = 0, H = 0, W = 0;
         int G = 0, pt = 0, pl = 0, pb = 0, pr = 0, nbc = 0, Bp = 0;
+        int64_t sh = 1, sw = 1;  // > 1: only every sh-th row / sw-th column was quantized (strided 1x1)
         const KernelDesc* k = nullptr;    // the GEMM's kernel (the operand's layout and extras)
         const KernelDesc* cur = nullptr;  // the calling thread's kernel (picks the quantizer)
         bool int8 = false, nhwc = false;
