@@ -51,8 +51,14 @@ bool in_forked_child();
 // per-block scales and corrections at scale/corr + (roff[r] + toff[t]) * nbt. matmul: taps = 1,
 // roff[r] = r; conv: rows are output pixels and (roff + toff) the padded input pixel under
 // each kernel tap -- an implicit GEMM, nothing is copied. scale = 2^(E - unit_shift) (NaN for a
-// NaN block, 1.0 for an all-zero block), corr = -128 * sum(units); emin/emax: per row, the
-// range of (E - unit_shift) over its non-zero, non-NaN blocks.
+// NaN block, 1.0 for an all-zero block), corr = kVnniSumStart - 128 * sum(units); emin/emax:
+// per row, the range of (E - unit_shift) over its non-zero, non-NaN blocks.
+// The AVX-512 kernels' int32 block sums start from the bits of the float 1.5 * 2^23 (folded
+// into each row block's correction), so a finished sum S (|S| < 2^22) read as a float is
+// 1.5 * 2^23 + S exactly: the tile turns it into S * (column scale) with one fma (avx512.cpp).
+constexpr int32_t kVnniSumStart = 0x4B400000;
+constexpr float kVnniSumStartValue = 12582912.0f;  // 1.5 * 2^23
+
 struct RowsView {
     int64_t R;
     int taps, nbt, Bp;

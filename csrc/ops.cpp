@@ -308,7 +308,7 @@ void Operand::build_rows_from_float(const float* x, int64_t rows, int64_t Kdim, 
     if (i8 && fast && k.quantize_rows && !k.rows16 && Bp <= 128 && f.kind == kInt) {
         // the kernel's row quantizer writes the units and the kernels' extras in one pass
         scale.assign(size_t(R * nbt), 1.0f);
-        corr.assign(size_t(R * nbt), 0);
+        corr.assign(size_t(R * nbt), kVnniSumStart);
         emin.assign(size_t(R), INT32_MAX);
         emax.assign(size_t(R), INT32_MIN);
         const int64_t chunk = 16;
@@ -385,7 +385,7 @@ static inline void block_extras(const int8_t* u, int Bp, int16_t e, int unit_shi
         sum += u[k];
         any |= u[k] != 0;
     }
-    *corr = -128 * sum;
+    *corr = kVnniSumStart - 128 * sum;
     *scale = block_scale(e, unit_shift, !any);
     if (e != kNanExp && any) {
         const int32_t ee = int32_t(e) - unit_shift;
@@ -402,7 +402,7 @@ static void prepare_rows(Operand& op, const KernelDesc& k) {
         return;
     }
     op.scale.assign(size_t(R * nbk), 1.0f);
-    op.corr.assign(size_t(R * nbk), 0);
+    op.corr.assign(size_t(R * nbk), kVnniSumStart);
     op.emin.assign(size_t(R), INT32_MAX);
     op.emax.assign(size_t(R), INT32_MIN);
     for (int64_t r = 0; r < R; ++r)
@@ -857,7 +857,7 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
                     ae[q * nbc + b] = int16_t(fx.exp_min);
                     if (simd) {
                         as[q * nbc + b] = 1.0f;
-                        ac[q * nbc + b] = 0;
+                        ac[q * nbc + b] = kVnniSumStart;
                     }
                 }
             if (rows16) std::memset(&a16[pp * plen], 0, sizeof(int16_t) * size_t(n * plen));

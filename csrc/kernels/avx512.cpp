@@ -2,8 +2,9 @@
 //
 // Rows (activations of a matmul, weights of a conv) are broadcast 4 units at a time as the
 // signed operand; columns are packed into panels of NR=32 as unsigned bytes (units + 128),
-// so each block's integer sum is S = corr + sum(u8 * s8) with corr = -128 * sum(row units).
-// Per block and output: t = float(S) * col_scale, acc = fma(t, row_scale, acc): the same bits
+// so each block's integer sum is S = sum(u8 * s8) - 128 * sum(row units), started from
+// kVnniSumStart (folded into the rows' corrections, see kVnniSumStart below).
+// Per block and output: t = S * col_scale, acc = fma(t, row_scale, acc): the same bits
 // as fp32(acc + fp32(S) * 2^(Ea+Eb-shifts)) whenever that product is exact, which the driver
 // checks per tile (else it calls the exact fallback).
 #include "isa512.h"  // native or emulated (avx512-emu) build
@@ -36,6 +37,12 @@ namespace BFP_AVX512_NS {
 #define BFP_ROWS _Pragma("GCC unroll 8")
 static constexpr int MR = 6;
 static constexpr int KSTEP = 4;  // k values per int32 lane of a panel
+// A block's int32 sum S starts from kVnniSumStart (the bits of the float 1.5 * 2^23, folded into
+// the rows' corrections), so the finished lane read as a float is 1.5 * 2^23 + S exactly
+// whenever |S| < 2^22 (the same binade; the int32 additions on the way wrap harmlessly):
+// fma(that, c, -1.5 * 2^23 * c) is S * c in one rounding, exact wherever S * c is (the
+// driver's range check, which also keeps 1.5 * 2^23 * c finite and |S| < 2^22) -- one
+// instruction instead of a conversion and a multiply.
 
 // Panel layout, per block b: [Bp/4][NR] uint32 (4 biased bytes of one column), then [NR] float scales.
 size_t panel_bytes(int nb, int Bp) { return size_t(nb) * (size_t(Bp) * NR + NR * 4); }
@@ -113,6 +120,7 @@ static inline void run_tile_kh(const RowsView& R, int64_t r0, const uint8_t* pan
         for (int bt = bt0; bt < bt1; ++bt) {
             const uint8_t* pb = panel + size_t(t * nbt + bt) * bstride;
             __m512i s0[mr], s1[mr];
+            // (each correction includes kVnniSumStart, see RowsView)
             BFP_ROWS for (int i = 0; i < mr; ++i) s0[i] = s1[i] = _mm512_set1_epi32(cp[i][bt]);
 #pragma GCC unroll 16
             for (int k4 = 0; k4 < B4; ++k4) {
@@ -129,10 +137,14 @@ static inline void run_tile_kh(const RowsView& R, int64_t r0, const uint8_t* pan
             }
             const __m512 c0 = _mm512_load_ps(reinterpret_cast<const float*>(pb + size_t(Bp) * NR));
             const __m512 c1 = HALF ? c0 : _mm512_load_ps(reinterpret_cast<const float*>(pb + size_t(Bp) * NR + 64));
+            // the sums' bits are the floats 1.5 * 2^23 + S: S * c = fma(that, c, -1.5 * 2^23 * c), exact
+            const __m512 m0 = _mm512_mul_ps(c0, _mm512_set1_ps(-kVnniSumStartValue));
+            const __m512 m1 = HALF ? m0 : _mm512_mul_ps(c1, _mm512_set1_ps(-kVnniSumStartValue));
             BFP_ROWS for (int i = 0; i < mr; ++i) {
                 const __m512 ra = _mm512_set1_ps(sp[i][bt]);
-                acc0[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s0[i]), c0), ra, acc0[i]);
-                if constexpr (!HALF) acc1[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(s1[i]), c1), ra, acc1[i]);
+                acc0[i] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_castsi512_ps(s0[i]), c0, m0), ra, acc0[i]);
+                if constexpr (!HALF)
+                    acc1[i] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_castsi512_ps(s1[i]), c1, m1), ra, acc1[i]);
             }
         }
     }
@@ -238,16 +250,16 @@ static inline bool finish_block(const QuantRowsArgs& a, int64_t blk, int E, __m1
     const int32_t usum = int32_t(_mm_cvtsi128_si64(sum) + _mm_extract_epi64(sum, 1)) - 128 * 16 * nv;
     a.E[blk] = int16_t(E);
     a.scale[blk] = block_scale(int16_t(E), a.f->unit_shift, !nz);
-    if (a.corr) a.corr[blk] = -128 * usum;
+    if (a.corr) a.corr[blk] = kVnniSumStart - 128 * usum;
     return nz;
 }
 
-// A block that held NaN/Inf: units 0, its exponent marks it, its scale is NaN.
+// A block that held NaN/Inf: units 0, its exponent marks it, its scale is NaN (a sum of 0).
 static inline void nan_block(const QuantRowsArgs& a, int64_t blk, int8_t* ub) {
     std::memset(ub, 0, size_t(a.Bp));
     a.E[blk] = kNanExp;
     a.scale[blk] = block_scale(kNanExp, a.f->unit_shift, true);
-    if (a.corr) a.corr[blk] = 0;
+    if (a.corr) a.corr[blk] = kVnniSumStart;
 }
 
 // Lane r of the result: the maximum of the 16 lanes of v[r] (a tree of shuffles that reduces
@@ -449,19 +461,19 @@ static bool quantize_rows16_t(const QuantRowsArgs& a, int64_t i0, int nr_in, con
         const __m512i Y = _mm512_add_epi32(_mm512_unpacklo_epi32(D[2], D[3]), _mm512_unpackhi_epi32(D[2], D[3]));
         const __m512i usum = _mm512_permutexvar_epi32(
             tr4, _mm512_add_epi32(_mm512_unpacklo_epi64(X, Y), _mm512_unpackhi_epi64(X, Y)));  // lane r: row r
-        __m512i corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(usum, 7));  // -128 * sum
+        __m512i corr = _mm512_sub_epi32(_mm512_set1_epi32(kVnniSumStart), _mm512_slli_epi32(usum, 7));  // - 128 * sum
         // block_scale: 2^(E - unit_shift) (normal or subnormal), 1.0 for an all-zero block
         const __m512i kk = _mm512_sub_epi32(E, _mm512_set1_epi32(unit_shift));
         const __m512i nrm = _mm512_slli_epi32(_mm512_add_epi32(kk, _mm512_set1_epi32(127)), 23);
         const __m512i sbn = _mm512_sllv_epi32(_mm512_set1_epi32(1), _mm512_add_epi32(kk, _mm512_set1_epi32(149)));
         __m512i sc = _mm512_mask_mov_epi32(sbn, _mm512_cmpge_epi32_mask(kk, _mm512_set1_epi32(-126)), nrm);
         sc = _mm512_mask_mov_epi32(_mm512_castps_si512(_mm512_set1_ps(1.0f)), nzm, sc);
-        // a NaN/Inf row: exponent kNanExp, scale NaN, correction 0 (its units are zeroed below)
+        // a NaN/Inf row: exponent kNanExp, scale NaN, correction kVnniSumStart (its units are zeroed below)
         __m512i Ew = E;
         if (bad) {
             Ew = _mm512_mask_mov_epi32(E, bad, _mm512_set1_epi32(kNanExp));
             sc = _mm512_mask_mov_epi32(sc, bad, _mm512_castps_si512(_mm512_set1_ps(nan_scale)));
-            corr = _mm512_mask_mov_epi32(corr, bad, _mm512_setzero_si512());
+            corr = _mm512_mask_mov_epi32(corr, bad, _mm512_set1_epi32(kVnniSumStart));
         }
         if constexpr (FULL) {
             const int slot = b & 15;
@@ -559,7 +571,7 @@ static void quantize_tiny16(const QuantRowsArgs& a, int64_t i0) {
         packed = _mm512_or_si512(packed, _mm512_slli_epi32(_mm512_and_si512(qi, _mm512_set1_epi32(0xff)), 8 * c));
     }
     const __mmask16 nzm = _mm512_test_epi32_mask(anyu, anyu) & __mmask16(~bad);
-    // a NaN/Inf row: units 0, exponent kNanExp, scale NaN, correction 0 (see nan_block)
+    // a NaN/Inf row: units 0, exponent kNanExp, scale NaN, correction kVnniSumStart (see nan_block)
     packed = _mm512_maskz_mov_epi32(__mmask16(~bad), packed);
     _mm512_storeu_si512(a.u + i0 * 4, packed);
     const __m512i kk = _mm512_sub_epi32(E, _mm512_set1_epi32(f.unit_shift));
@@ -570,8 +582,8 @@ static void quantize_tiny16(const QuantRowsArgs& a, int64_t i0) {
     sc = _mm512_mask_mov_epi32(sc, bad, _mm512_castps_si512(_mm512_set1_ps(__builtin_nanf(""))));
     _mm512_storeu_si512(a.scale + i0, sc);
     if (a.corr)
-        _mm512_storeu_si512(a.corr + i0,
-                            _mm512_maskz_sub_epi32(__mmask16(~bad), _mm512_setzero_si512(), _mm512_slli_epi32(usum, 7)));
+        _mm512_storeu_si512(a.corr + i0, _mm512_mask_sub_epi32(_mm512_set1_epi32(kVnniSumStart), __mmask16(~bad),
+                                                               _mm512_set1_epi32(kVnniSumStart), _mm512_slli_epi32(usum, 7)));
     const __m512i Ew = _mm512_mask_mov_epi32(E, bad, _mm512_set1_epi32(kNanExp));
     alignas(64) int32_t ev[16];
     _mm512_store_si512(ev, Ew);
@@ -650,7 +662,8 @@ void quantize_rows(const QuantRowsArgs& a) {
     }
 }
 
-#define BFP_KCHUNK 1  // run_tile_k takes block ranges (driver.inc)
+#define BFP_KCHUNK 1     // run_tile_k takes block ranges (driver.inc)
+#define BFP_SUM_MAGIC 1  // the tiles read block sums through kSumMagic (driver.inc's range check)
 #include "driver.inc"
 
 }  // namespace BFP_AVX512_NS
