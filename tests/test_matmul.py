@@ -359,3 +359,20 @@ def test_block_sum_rounds_once_mixed_fp8(kernel):
     assert bfpaccel.matmul(a, b, "mxfp8_e5m2", "mxfp8_e4m3").tolist() == [[536870976.0]]
     # the same products with the operands' roles swapped
     assert bfpaccel.matmul(b.T, a.T, "mxfp8_e4m3", "mxfp8_e5m2").tolist() == [[536870976.0]]
+
+
+@pytest.mark.parametrize("fmt", ["msfp16", "mxint8", "msfp12"])
+@pytest.mark.parametrize("log2_w", [100, 112, 120, 122, 124])
+def test_huge_weight_scales(kernel, fmt, log2_w):
+    """Weights whose block scales sit at the top of fp32 (values up to 2^114, scales up to 2^108;
+    activations near 1, so every output is finite): the AVX-512 tile reads its block sums as
+    floats offset by 1.5 * 2^23 and times them by each column's scale, so columns past 2^103 must
+    take the exact path -- the same bits as the oracle either way (a stray Inf or NaN shows here)."""
+    rng = np.random.default_rng(log2_w)
+    M, K, N = 13, 40, 70  # 3 blocks, 3 panels, a partial tile
+    a = rng.standard_normal((M, K)).astype(f32)
+    b = (rng.standard_normal((K, N)) * np.float32(2.0 ** (log2_w - 12))).astype(f32)
+    b[:, :8] *= np.float32(2.0 ** -40)  # ordinary columns beside the huge ones
+    want = ref.matmul(a, b, bfpaccel.get_format(fmt), bfpaccel.get_format(fmt))
+    assert np.isfinite(want).all()
+    assert_bits_equal(bfpaccel.matmul(a, b, fmt), want, f"{fmt} 2^{log2_w}")
