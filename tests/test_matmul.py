@@ -376,3 +376,20 @@ def test_huge_weight_scales(kernel, fmt, log2_w):
     want = ref.matmul(a, b, bfpaccel.get_format(fmt), bfpaccel.get_format(fmt))
     assert np.isfinite(want).all()
     assert_bits_equal(bfpaccel.matmul(a, b, fmt), want, f"{fmt} 2^{log2_w}")
+
+
+@pytest.mark.parametrize("block", [256, 264, 512])
+def test_blocks_whose_sums_pass_2_to_22(kernel, block):
+    """Blocks long enough that an int8 block sum can reach 2^22 (> 260 elements of 127 x 127): the
+    AVX-512 tile's float-read sums are exact only below 2^22, so such formats take the exact path
+    (the sums here are near their maximum), bit for bit."""
+    f = bfpaccel.get_format("msfp16", block=block)
+    K = 2 * block
+    top = f32(127 / 64)  # units of 127 (the block's largest value sets the exponent)
+    a = np.full((5, K), top, f32)
+    b = np.full((K, 40), top, f32)
+    a[1] = -top
+    a[2, ::2] = 0.5
+    b[:, 3] = -top
+    want = ref.matmul(a, b, f, f)
+    assert_bits_equal(bfpaccel.matmul(a, b, f), want, f"block {block}")
