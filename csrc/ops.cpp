@@ -822,8 +822,11 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     key.seed = seed;
     key.f = fx;
     const bool reuse = share && share->valid && share->key == key;
-    ConvActs local;
-    ConvActs& A = share ? *share : local;
+    // without a shared slot: this thread's own operand buffers, kept across calls (allocated
+    // per call, every MB-sized buffer came back from the OS as fresh pages: page faults and
+    // zeroing in every run until the allocator's thresholds had grown)
+    thread_local ConvActs t_local;
+    ConvActs& A = share ? *share : t_local;
     auto& a8 = A.a8;
     auto& a16 = A.a16;
     auto& a64 = A.a64;
@@ -993,9 +996,17 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     // batch, not once per image); otherwise one GEMM per (image, group).
     const bool one_gemm = nhwc && G == 1;
     const int64_t RB = one_gemm ? g.N * P : P, ngemm = one_gemm ? 1 : NG;
-    std::vector<int64_t> roff(static_cast<size_t>(RB)), toff(static_cast<size_t>(taps));
+    // per-row offsets and exponent ranges: this thread's buffers, kept across calls (as above)
+    thread_local std::vector<int64_t> t_roff;
+    thread_local std::vector<int32_t> t_rmin, t_rmax;
+    std::vector<int64_t>& roff = t_roff;
+    roff.resize(static_cast<size_t>(RB));
+    std::vector<int64_t> toff(static_cast<size_t>(taps));
     for (int t = 0; t < taps; ++t) toff[t] = (t / w.kw) * g.dh * Wp + (t % w.kw) * g.dw;
-    std::vector<int32_t> rmin(simd ? size_t(RB) : 0), rmax(simd ? size_t(RB) : 0);
+    std::vector<int32_t>& rmin = t_rmin;
+    std::vector<int32_t>& rmax = t_rmax;
+    rmin.resize(simd ? size_t(RB) : 0);
+    rmax.resize(simd ? size_t(RB) : 0);
     std::vector<const void*> cu(static_cast<size_t>(Og));
     std::vector<const int16_t*> ce(static_cast<size_t>(Og));
     const int64_t clen = int64_t(w.nb()) * Bp;
