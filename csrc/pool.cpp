@@ -15,14 +15,13 @@ namespace bfp {
 
 namespace {
 
-// pause instructions a helper spins for the next loop before it sleeps (tens of microseconds: a
-// spinning helper on a machine without a free core takes the caller's core away)
 // How long an idle helper spins before it sleeps: long enough to bridge the gaps between one
 // layer's parallel loops and the next (single-threaded ops, OpenMP regions, the run's Python
 // call) so that a loop rarely waits for a sleeping helper to wake (a futex wake-up on a shared
 // VM took tens of microseconds or more: EfficientNet-Lite0 at 2 threads ran 5 ms per call
 // back to back but ~8 ms in the benchmark's blocks after 1 s pauses with a 20 us spin, ~5 ms
-// with ~100 us). Timed, not counted: a pause instruction takes ~10 ns on one CPU, ~40 on another.
+// with ~100 us), short enough that a helper without a free core of its own gives the core back
+// soon. Timed, not counted: a pause instruction takes ~10 ns on one CPU, ~40 on another.
 constexpr auto kHelperSpin = std::chrono::microseconds(100);
 
 thread_local bool t_in_item = false;  // this thread runs an item: a nested loop runs inline
@@ -33,7 +32,11 @@ struct Pool {
     void* ctx = nullptr;
     int64_t n = 0;
     std::atomic<int> helpers{0};       // helpers 0 .. helpers-1 take part
-    std::atomic<int64_t> next{0};      // the next unclaimed item
+    // the unclaimed items [front, back), packed as front | back << 32 (loops of < 2^31 items;
+    // longer ones hand out items from the front only, through next)
+    std::atomic<uint64_t> ends{0};
+    bool two_ended = false;
+    std::atomic<int64_t> next{0};      // the next unclaimed item (loops of >= 2^31 items)
     std::atomic<int64_t> done{0};      // items finished
     std::atomic<int> inside{0};        // helpers between entering and leaving the loop
     std::atomic<bool> active{false};
@@ -46,10 +49,29 @@ struct Pool {
     std::mutex busy;                   // one loop at a time
     std::vector<std::thread> threads;
 
-    void run_items() {
-        for (;;) {
+    // The next item for this thread, or -1: the caller and the helpers but one take items from
+    // the front, the first helper from the back. Loops over the same rows in the same order (a
+    // layer's GEMM, the next layer's quantizer, a depthwise conv: their items run along the
+    // image) then give each of two threads mostly the same rows in every loop, so a layer reads
+    // what its own core wrote (its L2) instead of lines the other core holds.
+    int64_t claim(bool from_back) {
+        if (!two_ended) {
             const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-            if (i >= n) return;
+            return i < n ? i : -1;
+        }
+        uint64_t w = ends.load(std::memory_order_relaxed);
+        for (;;) {
+            const uint64_t f = w & 0xffffffffu, b = w >> 32;
+            if (f >= b) return -1;
+            const uint64_t nw = from_back ? (f | ((b - 1) << 32)) : ((f + 1) | (b << 32));
+            if (ends.compare_exchange_weak(w, nw, std::memory_order_relaxed)) return int64_t(from_back ? b - 1 : f);
+        }
+    }
+
+    void run_items(bool from_back = false) {
+        for (;;) {
+            const int64_t i = claim(from_back);
+            if (i < 0) return;
             try {
                 fn(ctx, i);
             } catch (...) {
@@ -84,7 +106,7 @@ struct Pool {
             inside.fetch_add(1);
             if (active.load() && gen.load() == g && id < helpers.load()) {
                 t_in_item = true;
-                run_items();
+                run_items(id == 0);
                 t_in_item = false;
             }
             inside.fetch_sub(1);
@@ -130,6 +152,8 @@ void parallel_items(int nt, int64_t n, void (*fn)(void* ctx, int64_t i), void* c
     P.helpers.store(helpers);
     P.err = nullptr;
     P.next.store(0, std::memory_order_relaxed);
+    P.two_ended = n < (int64_t(1) << 31);
+    P.ends.store(P.two_ended ? uint64_t(n) << 32 : 0, std::memory_order_relaxed);
     P.done.store(0, std::memory_order_relaxed);
     P.active.store(true);
     {
