@@ -8,6 +8,7 @@
 #include <exception>
 #include <mutex>
 #include <pthread.h>
+#include <sched.h>
 #include <thread>
 #include <vector>
 
@@ -26,6 +27,22 @@ constexpr auto kHelperSpin = std::chrono::microseconds(100);
 
 thread_local bool t_in_item = false;  // this thread runs an item: a nested loop runs inline
 
+// A helper woken on the CPU its caller runs on moves to another CPU it may use. Measured on 2
+// vCPUs: once another runtime's threads had run in the process (onnxruntime sessions beside a
+// BFP one, as in `bfpaccel bench`), the scheduler often placed the woken helper on the caller's
+// CPU while the other one stayed idle; the two then shared one CPU (EfficientNet-Lite0 at 2
+// threads: 8-13 ms calls instead of 4; in ~40 % of the loops the helper did not run at all).
+// Narrowing this thread's CPU mask moves it at once; the mask is restored right after, so the
+// scheduler may place it anywhere later. Nothing happens where the mask allows only that CPU.
+void leave_cpu(int cpu) {
+    cpu_set_t all;
+    if (cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof(all), &all) != 0) return;
+    if (!CPU_ISSET(cpu, &all) || CPU_COUNT(&all) < 2) return;
+    cpu_set_t others = all;
+    CPU_CLR(cpu, &others);
+    if (sched_setaffinity(0, sizeof(others), &others) == 0) sched_setaffinity(0, sizeof(all), &all);
+}
+
 struct Pool {
     // the current loop (valid while `active`)
     void (*fn)(void*, int64_t) = nullptr;
@@ -41,6 +58,7 @@ struct Pool {
     std::atomic<int> inside{0};        // helpers between entering and leaving the loop
     std::atomic<bool> active{false};
     std::atomic<uint64_t> gen{0};      // bumped for every loop
+    std::atomic<int> caller_cpu{-1};   // the CPU the current loop's caller started on
     std::exception_ptr err;
     std::mutex err_mu;
 
@@ -93,7 +111,12 @@ struct Pool {
                 __builtin_ia32_pause();
 #endif
                 g = gen.load(std::memory_order_acquire);
-                if (spin % 64 == 0 && std::chrono::steady_clock::now() >= spin_end) break;
+                if (spin % 64 == 0) {
+                    if (std::chrono::steady_clock::now() >= spin_end) break;
+                    // spinning on the CPU the caller now runs on would take it from the caller
+                    const int cc = caller_cpu.load(std::memory_order_relaxed);
+                    if (cc >= 0 && sched_getcpu() == cc) leave_cpu(cc);
+                }
             }
             if (g == seen) {
                 std::unique_lock<std::mutex> lk(mu);
@@ -105,6 +128,8 @@ struct Pool {
             // sees the loop inactive (the caller waits for `inside` after clearing `active`)
             inside.fetch_add(1);
             if (active.load() && gen.load() == g && id < helpers.load()) {
+                const int cc = caller_cpu.load(std::memory_order_relaxed);
+                if (cc >= 0 && sched_getcpu() == cc) leave_cpu(cc);
                 t_in_item = true;
                 run_items(id == 0);
                 t_in_item = false;
@@ -147,6 +172,7 @@ void parallel_items(int nt, int64_t n, void (*fn)(void* ctx, int64_t i), void* c
         P.threads.back().detach();
     }
     P.fn = fn;
+    P.caller_cpu.store(sched_getcpu(), std::memory_order_relaxed);
     P.ctx = ctx;
     P.n = n;
     P.helpers.store(helpers);
