@@ -33,14 +33,17 @@ thread_local bool t_in_item = false;  // this thread runs an item: a nested loop
 // CPU while the other one stayed idle; the two then shared one CPU (EfficientNet-Lite0 at 2
 // threads: 8-13 ms calls instead of 4; in ~40 % of the loops the helper did not run at all).
 // Narrowing this thread's CPU mask moves it at once; the mask is restored right after, so the
-// scheduler may place it anywhere later. Nothing happens where the mask allows only that CPU.
-void leave_cpu(int cpu) {
+// scheduler may place it anywhere later. Returns false where the mask allows only that CPU (the
+// helper cannot leave it).
+bool leave_cpu(int cpu) {
     cpu_set_t all;
-    if (cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof(all), &all) != 0) return;
-    if (!CPU_ISSET(cpu, &all) || CPU_COUNT(&all) < 2) return;
+    if (cpu < 0 || cpu >= CPU_SETSIZE || sched_getaffinity(0, sizeof(all), &all) != 0) return true;
+    if (!CPU_ISSET(cpu, &all)) return true;
+    if (CPU_COUNT(&all) < 2) return false;
     cpu_set_t others = all;
     CPU_CLR(cpu, &others);
     if (sched_setaffinity(0, sizeof(others), &others) == 0) sched_setaffinity(0, sizeof(all), &all);
+    return true;
 }
 
 struct Pool {
@@ -106,6 +109,7 @@ struct Pool {
             // wait for a new loop: spin a little (the next layer follows soon), then sleep
             uint64_t g = gen.load(std::memory_order_acquire);
             const auto spin_end = std::chrono::steady_clock::now() + kHelperSpin;
+            bool checked_cpu = false;  // at most one move per wait (none is possible on one CPU)
             for (int spin = 1; g == seen; ++spin) {
 #if defined(__x86_64__) || defined(__i386__)
                 __builtin_ia32_pause();
@@ -113,9 +117,13 @@ struct Pool {
                 g = gen.load(std::memory_order_acquire);
                 if (spin % 64 == 0) {
                     if (std::chrono::steady_clock::now() >= spin_end) break;
-                    // spinning on the CPU the caller now runs on would take it from the caller
+                    // spinning on the CPU the caller now runs on would take it from the caller:
+                    // move, or (more threads than allowed CPUs) sleep at once
                     const int cc = caller_cpu.load(std::memory_order_relaxed);
-                    if (cc >= 0 && sched_getcpu() == cc) leave_cpu(cc);
+                    if (!checked_cpu && cc >= 0 && sched_getcpu() == cc) {
+                        if (!leave_cpu(cc)) break;
+                        checked_cpu = true;
+                    }
                 }
             }
             if (g == seen) {
