@@ -769,8 +769,8 @@ bool ConvActs::Key::operator==(const Key& o) const {
                                q.exp_min, q.exp_max, q.emax_elem, q.rounding);
     };
     return x == o.x && N == o.N && C == o.C && H == o.H && W == o.W && G == o.G && pt == o.pt && pl == o.pl &&
-           pb == o.pb && pr == o.pr && sh == o.sh && sw == o.sw && nbc == o.nbc && Bp == o.Bp && k == o.k && cur == o.cur && int8 == o.int8 &&
-           nhwc == o.nhwc && seed == o.seed && fk(f) == fk(o.f);
+           pb == o.pb && pr == o.pr && sh == o.sh && sw == o.sw && nbc == o.nbc && Bp == o.Bp && k == o.k &&
+           cur == o.cur && int8 == o.int8 && nhwc == o.nhwc && seed == o.seed && fk(f) == fk(o.f);
 }
 
 ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
@@ -921,29 +921,30 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
                 }
             }
         }
-    } else if (sub) {  // output row oy's pixels: input row oy * sh, every sw-th column
-        const int nthr = g.N * H * W * Cg > 16384 ? num_threads() : 1;
-        parallel_for(nthr, g.N * H, [&](int64_t row) {
-            const int64_t n = row / H, oy = row % H, ppix = row * W;
-            const QuantRowsArgs qa{x + ((n * g.H + oy * g.sh) * g.W) * C, W, g.sw * C, int(C), &fx, Bp,
-                                   a8.data() + ppix * plen, plen, ae.data() + ppix * nbc, as.data() + ppix * nbc,
-                                   ac.data() + ppix * nbc, amin.data() + ppix, amax.data() + ppix};
-            k.quantize_rows(qa);
-        });
     } else if (row_quant) {
-        // the kernel's row quantizer, one input row of pixels at a time (contiguous in NHWC,
-        // consecutive in the padded layout); without left/right padding an image's pixels are
-        // consecutive there too, and one call takes a run of them (a multiple of 16, the
-        // quantizer's group of rows, so that short rows such as 7 or 14 pixels fill its groups)
+        // the kernel's row quantizer: count pixels whose Cg channels start at xp, xs floats
+        // apart, into the padded pixels from ppix on
         const int nthr = NG * HW * Cg > 16384 ? num_threads() : 1;
-        // count pixels of (image, group) ng from its pixel p0, which sits at padded pixel ppix
-        auto quantize_run = [&](int64_t ng, int64_t p0, int64_t count, int64_t ppix) {
-            const QuantRowsArgs qa{x + ((ng / G) * HW + p0) * C + (ng % G) * Cg, count, C, int(Cg), &fx, Bp,
-                                   a8.data() + ppix * plen, plen, ae.data() + ppix * nbc, as.data() + ppix * nbc,
-                                   ac.data() + ppix * nbc, amin.data() + ppix, amax.data() + ppix};
+        auto quantize_pixels = [&](const float* xp, int64_t count, int64_t xs, int64_t ppix) {
+            const QuantRowsArgs qa{xp, count, xs, int(Cg), &fx, Bp, a8.data() + ppix * plen, plen,
+                                   ae.data() + ppix * nbc, as.data() + ppix * nbc, ac.data() + ppix * nbc,
+                                   amin.data() + ppix, amax.data() + ppix};
             k.quantize_rows(qa);
         };
-        if (g.pl == 0 && g.pr == 0) {
+        // one input row of pixels at a time (contiguous in NHWC, consecutive in the padded
+        // layout); without left/right padding an image's pixels are consecutive there too, and
+        // one call takes a run of them (a multiple of 16, the quantizer's group of rows, so that
+        // short rows such as 7 or 14 pixels fill its groups); count pixels of (image, group) ng
+        // from its pixel p0, which sits at padded pixel ppix
+        auto quantize_run = [&](int64_t ng, int64_t p0, int64_t count, int64_t ppix) {
+            quantize_pixels(x + ((ng / G) * HW + p0) * C + (ng % G) * Cg, count, C, ppix);
+        };
+        if (sub) {  // output row oy's pixels: input row oy * sh, every sw-th column (G == 1)
+            parallel_for(nthr, g.N * H, [&](int64_t row) {
+                const int64_t n = row / H, oy = row % H;
+                quantize_pixels(x + ((n * g.H + oy * g.sh) * g.W) * C, W, g.sw * C, row * W);
+            });
+        } else if (g.pl == 0 && g.pr == 0) {
             // runs of 16..128 pixels, at least 4 items per thread where the image allows
             const int64_t run = 16 * std::max<int64_t>(1, std::min<int64_t>(8, HW / (16 * 4 * nthr)));
             const int64_t nrun = std::max<int64_t>(1, HW / run);  // the last run takes the rest

@@ -62,6 +62,12 @@ struct Pool {
     std::atomic<bool> active{false};
     std::atomic<uint64_t> gen{0};      // bumped for every loop
     std::atomic<int> caller_cpu{-1};   // the CPU the current loop's caller started on
+
+    // this thread runs on the CPU of the (current or last) loop's caller: that CPU, else -1
+    int on_caller_cpu() const {
+        const int cc = caller_cpu.load(std::memory_order_relaxed);
+        return cc >= 0 && sched_getcpu() == cc ? cc : -1;
+    }
     std::exception_ptr err;
     std::mutex err_mu;
 
@@ -119,8 +125,8 @@ struct Pool {
                     if (std::chrono::steady_clock::now() >= spin_end) break;
                     // spinning on the CPU the caller now runs on would take it from the caller:
                     // move, or (more threads than allowed CPUs) sleep at once
-                    const int cc = caller_cpu.load(std::memory_order_relaxed);
-                    if (!checked_cpu && cc >= 0 && sched_getcpu() == cc) {
+                    const int cc = checked_cpu ? -1 : on_caller_cpu();
+                    if (cc >= 0) {
                         if (!leave_cpu(cc)) break;
                         checked_cpu = true;
                     }
@@ -136,8 +142,8 @@ struct Pool {
             // sees the loop inactive (the caller waits for `inside` after clearing `active`)
             inside.fetch_add(1);
             if (active.load() && gen.load() == g && id < helpers.load()) {
-                const int cc = caller_cpu.load(std::memory_order_relaxed);
-                if (cc >= 0 && sched_getcpu() == cc) leave_cpu(cc);
+                const int cc = on_caller_cpu();
+                if (cc >= 0) leave_cpu(cc);
                 t_in_item = true;
                 run_items(id == 0);
                 t_in_item = false;

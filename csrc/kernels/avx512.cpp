@@ -37,12 +37,6 @@ namespace BFP_AVX512_NS {
 #define BFP_ROWS _Pragma("GCC unroll 8")
 static constexpr int MR = 6;
 static constexpr int KSTEP = 4;  // k values per int32 lane of a panel
-// A block's int32 sum S starts from kVnniSumStart (the bits of the float 1.5 * 2^23, folded into
-// the rows' corrections), so the finished lane read as a float is 1.5 * 2^23 + S exactly
-// whenever |S| < 2^22 (the same binade; the int32 additions on the way wrap harmlessly):
-// fma(that, c, -1.5 * 2^23 * c) is S * c in one rounding, exact wherever S * c is (the
-// driver's range check, which also keeps 1.5 * 2^23 * c finite and |S| < 2^22) -- one
-// instruction instead of a conversion and a multiply.
 
 // Panel layout, per block b: [Bp/4][NR] uint32 (4 biased bytes of one column), then [NR] float scales.
 size_t panel_bytes(int nb, int Bp) { return size_t(nb) * (size_t(Bp) * NR + NR * 4); }
@@ -137,7 +131,10 @@ static inline void run_tile_kh(const RowsView& R, int64_t r0, const uint8_t* pan
             }
             const __m512 c0 = _mm512_load_ps(reinterpret_cast<const float*>(pb + size_t(Bp) * NR));
             const __m512 c1 = HALF ? c0 : _mm512_load_ps(reinterpret_cast<const float*>(pb + size_t(Bp) * NR + 64));
-            // the sums' bits are the floats 1.5 * 2^23 + S: S * c = fma(that, c, -1.5 * 2^23 * c), exact
+            // the sums' bits are the floats 1.5 * 2^23 + S (|S| < 2^22; the int32 additions on the
+            // way wrap harmlessly), so S * c = fma(that, c, -1.5 * 2^23 * c) in one rounding,
+            // exact wherever S * c is -- one instruction instead of a conversion and a multiply
+            // (the driver's range check keeps |S| < 2^22 and 1.5 * 2^23 * c finite)
             const __m512 m0 = _mm512_mul_ps(c0, _mm512_set1_ps(-kVnniSumStartValue));
             const __m512 m1 = HALF ? m0 : _mm512_mul_ps(c1, _mm512_set1_ps(-kVnniSumStartValue));
             BFP_ROWS for (int i = 0; i < mr; ++i) {
@@ -663,7 +660,7 @@ void quantize_rows(const QuantRowsArgs& a) {
 }
 
 #define BFP_KCHUNK 1     // run_tile_k takes block ranges (driver.inc)
-#define BFP_SUM_MAGIC 1  // the tiles read block sums through kSumMagic (driver.inc's range check)
+#define BFP_SUM_MAGIC 1  // the tiles read block sums as floats (kVnniSumStart; driver.inc's range check)
 #include "driver.inc"
 
 }  // namespace BFP_AVX512_NS
