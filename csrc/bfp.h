@@ -234,6 +234,9 @@ struct KernelDesc {
     void (*softmax_row)(int vp, const float* s, float* d, int64_t L);
     // StemArgs' convolution; null: stems run as any other conv (quantized rows, integer GEMM)
     void (*stem_conv)(const StemArgs& a);
+    // A max pool's output pixel: d[c] = the NaN-propagating max over src[0..nt)[c] in tap order,
+    // c in [0, C) (unrounded); null: the portable per-tap loop (ops/pooling.cpp)
+    void (*max_window)(float* d, const float* const* src, int nt, int64_t C);
     bool simd() const { return gemm != nullptr; }   // every SIMD kernel's CPU has AVX2 + FMA + F16C
 };
 int kernel_count();
@@ -247,6 +250,7 @@ void gemm(const GemmArgs& a);
 void quantize_rows(const QuantRowsArgs& a);
 void dwconv(const DwArgs& a);  // dw_avx512.cpp
 void stem_conv(const StemArgs& a);  // stem_avx512.cpp
+void max_window(float* d, const float* const* src, int nt, int64_t C);  // pool_avx512.cpp
 void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
                          float (*fix)(const void* ctx, int64_t i), const void* ctx);
 }  // namespace avx512
@@ -264,6 +268,7 @@ void gemm(const GemmArgs& a);
 void quantize_rows(const QuantRowsArgs& a);
 void dwconv(const DwArgs& a);
 void stem_conv(const StemArgs& a);
+void max_window(float* d, const float* const* src, int nt, int64_t C);
 void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
                          float (*fix)(const void* ctx, int64_t i), const void* ctx);
 }  // namespace avx512emu

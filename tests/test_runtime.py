@@ -427,9 +427,9 @@ def test_fused_epilogue_bit_exact(kernel, vp, act, parts):
     ("MaxPool", 9, 1, [4, 4, 4, 4], 1, 0),      # a window past 8x8 (the generic loop)
     ("AveragePool", 9, 3, [0, 0, 0, 0], 1, 0),
 ])
-def test_pooling_matches_numpy(vp, op, k, stride, pads, dil, cip):
-    """Max and average pools: the NaN-propagating max / the fp32 sum in tap order divided by the
-    window's count, rounded once to the vector precision, bit for bit."""
+def test_pooling_matches_numpy(kernel, vp, op, k, stride, pads, dil, cip):
+    """Max and average pools on every kernel: the NaN-propagating max / the fp32 sum in tap order
+    divided by the window's count, rounded once to the vector precision, bit for bit."""
     rng = np.random.default_rng(k * 7 + stride)
     # max pools: 104 channels, one run of 64 in registers and a tail of 40 (2 vectors and a part)
     N, C, H, W = 2, 104 if op == "MaxPool" else 40, 11, 10
@@ -478,7 +478,7 @@ def test_pooling_matches_numpy(vp, op, k, stride, pads, dil, cip):
     (9, 1, [0, 0, 4, 4, 0, 0, 4, 4], 0.5),     # a window past 8x8 (the generic loop)
 ])
 @pytest.mark.parametrize("vp", ["fp16", "fp32"])
-def test_pad_then_max_pool_fused(k, stride, pads, value, vp):
+def test_pad_then_max_pool_fused(kernel, k, stride, pads, value, vp):
     """A constant Pad whose only reader is a max pool becomes the pool's padding (one op, no
     padded copy): the same bits as padding with numpy and pooling; with another reader of the
     padded tensor it stays a Pad."""

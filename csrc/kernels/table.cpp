@@ -32,25 +32,25 @@ static bool always() { return true; }
 
 static const KernelDesc kTable[] = {
     {"scalar", false, always, 0, false, nullptr, nullptr, nullptr, nullptr, true, nullptr, nullptr, nullptr, nullptr,
-     nullptr},
+     nullptr, nullptr},
 #ifdef BFPACCEL_HAVE_AVX512_EMU
     {"avx512-emu", true, has_avx2, avx512emu::NR, false, avx512emu::panel_bytes, avx512emu::pack_panel,
      avx512emu::gemm, avx512emu::quantize_rows, true, avx512emu::dwconv,
-     avx512emu::fake_quantize_elems, avx2::fn_row, avx2::softmax_row, avx512emu::stem_conv},
+     avx512emu::fake_quantize_elems, avx2::fn_row, avx2::softmax_row, avx512emu::stem_conv, avx512emu::max_window},
     {"amx-emu", true, has_avx2, amxemu::NR, false, amxemu::panel_bytes, amxemu::pack_panel, amxemu::gemm,
      avx512emu::quantize_rows, true, avx512emu::dwconv,
-     avx512emu::fake_quantize_elems, avx2::fn_row, avx2::softmax_row, avx512emu::stem_conv},
+     avx512emu::fake_quantize_elems, avx2::fn_row, avx2::softmax_row, avx512emu::stem_conv, avx512emu::max_window},
 #endif
     {"avx2", false, has_avx2, avx2::NR, true, avx2::panel_bytes, avx2::pack_panel, avx2::gemm, nullptr, false,
-     nullptr, nullptr, avx2::fn_row, avx2::softmax_row, nullptr},
+     nullptr, nullptr, avx2::fn_row, avx2::softmax_row, nullptr, nullptr},
     // amx before avx512: selectable, not the default -- on whole models (ResNet-50,
     // EfficientNet-Lite0, msfp16) it measured ~5-10% slower than avx512 on a Sapphire-Rapids-class
     // CPU: its tile loop streams A and B from L2, and its panels take 2.6x the weight bytes.
     {"amx", false, has_amx, amx::NR, false, amx::panel_bytes, amx::pack_panel, amx::gemm, avx512::quantize_rows, true,
-     avx512::dwconv, avx512::fake_quantize_elems, avx512::fn_row, avx512::softmax_row, avx512::stem_conv},
+     avx512::dwconv, avx512::fake_quantize_elems, avx512::fn_row, avx512::softmax_row, avx512::stem_conv, avx512::max_window},
     {"avx512", false, has_avx512, avx512::NR, false, avx512::panel_bytes, avx512::pack_panel, avx512::gemm,
      avx512::quantize_rows, true, avx512::dwconv,
-     avx512::fake_quantize_elems, avx512::fn_row, avx512::softmax_row, avx512::stem_conv},
+     avx512::fake_quantize_elems, avx512::fn_row, avx512::softmax_row, avx512::stem_conv, avx512::max_window},
 };
 
 int kernel_count() { return int(sizeof(kTable) / sizeof(kTable[0])); }

@@ -1,6 +1,4 @@
 // 2-D pooling: NHWC max / average windows, the result rounded to the vector precision.
-#include <immintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -36,35 +34,6 @@ BFP_POOL_CLONES static void add_into(float* __restrict d, const float* __restric
     for (int64_t c = 0; c < C; ++c) d[c] = d[c] + s[c];
 }
 
-// One output pixel of a max pool with AVX-512 (checked once per process): the NaN-propagating
-// max of its nt taps in tap order (as max_into), 64 channels at a time in registers -- one call
-// per pixel instead of a pass over d per tap. The vector precision's rounding follows
-// (pool_finish).
-__attribute__((target("avx512f"))) static void max_window_512(float* d, const float* const* src, int nt, int64_t C) {
-    int64_t c0 = 0;
-    for (; c0 + 64 <= C; c0 += 64) {
-        __m512 acc[4];
-        for (int j = 0; j < 4; ++j) acc[j] = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-        for (int t = 0; t < nt; ++t)
-            for (int j = 0; j < 4; ++j) {
-                const __m512 v = _mm512_loadu_ps(src[t] + c0 + 16 * j);
-                const __mmask16 take = _mm512_cmp_ps_mask(v, acc[j], _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-                acc[j] = _mm512_mask_mov_ps(acc[j], take, v);
-            }
-        for (int j = 0; j < 4; ++j) _mm512_storeu_ps(d + c0 + 16 * j, acc[j]);
-    }
-    for (; c0 < C; c0 += 16) {
-        const __mmask16 m = C - c0 >= 16 ? __mmask16(0xffff) : __mmask16((1u << (C - c0)) - 1);
-        __m512 acc = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-        for (int t = 0; t < nt; ++t) {
-            const __m512 v = _mm512_maskz_loadu_ps(m, src[t] + c0);
-            const __mmask16 take = _mm512_cmp_ps_mask(v, acc, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-            acc = _mm512_mask_mov_ps(acc, take, v);
-        }
-        _mm512_mask_storeu_ps(d + c0, m, acc);
-    }
-}
-
 // The end of an output pixel: divided by div (average; div = 0: max), rounded to the vector
 // precision, in one clone (at the CPU's vector width; the pool's own loop runs at the baseline)
 BFP_POOL_CLONES static void pool_finish(float* __restrict d, int64_t C, float div, int vp) {
@@ -93,7 +62,9 @@ static void exec_pool(Program& p, const Op& op) {
     auto in_ring = [&](int64_t iy, int64_t ix) { return iy >= -pt && iy < H + pb && ix >= -pl && ix < W + pr; };
     if (kh * kw <= 64) {  // windows of up to 8x8 (ResNet's 3x3 max pool, global pools of 7x7)
         const int vp = p.vec_prec();
-        static const bool avx512 = __builtin_cpu_supports("avx512f");
+        // the kernel's max over a pixel's taps (registers, one call a pixel), else a pass per tap;
+        // read here: the OpenMP threads below do not see this thread's session options
+        const auto max_window = current_kernel().max_window;
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(N * OH * OW * C * kh * kw))
         for (int64_t p = 0; p < N * OH * OW; ++p) {
             const int64_t n = p / (OH * OW), oy = (p / OW) % OH, ox = p % OW;
@@ -115,8 +86,8 @@ static void exec_pool(Program& p, const Op& op) {
                 }
             }
             float* d = y + p * C;
-            if (mx && avx512) {
-                max_window_512(d, src, nt, C);
+            if (mx && max_window) {
+                max_window(d, src, nt, C);
                 pool_finish(d, C, 0.0f, vp);
                 continue;
             }
