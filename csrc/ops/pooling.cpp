@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "ops/vec.h"
+#include "pool.h"
 #include "runtime.h"
 
 namespace bfp {
@@ -63,10 +64,13 @@ static void exec_pool(Program& p, const Op& op) {
     if (kh * kw <= 64) {  // windows of up to 8x8 (ResNet's 3x3 max pool, global pools of 7x7)
         const int vp = p.vec_prec();
         // the kernel's max over a pixel's taps (registers, one call a pixel), else a pass per tap;
-        // read here: the OpenMP threads below do not see this thread's session options
+        // read here: the pool's threads below do not see this thread's session options
         const auto max_window = current_kernel().max_window;
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(N * OH * OW * C * kh * kw))
-        for (int64_t p = 0; p < N * OH * OW; ++p) {
+        // an item is an output row, on the runtime's thread pool (its helper is the thread that
+        // spins between a run's layers; an OpenMP team here would wait for a core while it does)
+        const int nthr = par(N * OH * OW * C * kh * kw) ? num_threads() : 1;
+        parallel_for(nthr, N * OH, [&](int64_t row) {
+        for (int64_t p = row * OW; p < (row + 1) * OW; ++p) {
             const int64_t n = p / (OH * OW), oy = (p / OW) % OH, ox = p % OW;
             const float* src[64];
             int nt = 0;
@@ -98,6 +102,7 @@ static void exec_pool(Program& p, const Op& op) {
             }
             pool_finish(d, C, mx ? 0.0f : float(cnt ? cnt : 1), vp);
         }
+        });
         return;
     }
     with_vp(p.vec_prec(), [&](auto V) {
