@@ -93,11 +93,44 @@ struct ExactTile {
     void (*fn)(const void* ctx, int64_t r0, int nr, int64_t c0, int nc, float* out, int64_t ldo);
 };
 
+// One-element blocks of a format with simd_elements(), as the SIMD element quantizers apply
+// them to a float's bits: a normal x whose block exponent lies in [exp_min, exp_max] is its
+// bits rounded to unit_shift fraction bits (add-and-mask: nearest-even adds half - 1 plus the
+// kept LSB, nearest-away adds half, toward-zero adds nothing), a carry into the next binade
+// clamped to the binade's largest pattern; +-0 gives +0. Every other x (exponent out of range,
+// subnormal, NaN/Inf) takes the exact scalar path, quantize_element.
+enum ElemQuantPath : int { kElemEven, kElemAway, kElemZero };
+struct ElemQuant {
+    // x's bits doubled (sign out) minus lo2 below span2 <=> exponent in range
+    uint32_t lo2 = 0, span2 = 0, half = 0, lsbbit = 0, keep = 0;
+    int path = kElemEven;
+};
+inline ElemQuant elem_quant(const FmtParams& f) {  // f.simd_elements() (the callers check)
+    ElemQuant q;
+    q.path = f.rounding == kNearestEven ? kElemEven : f.rounding == kNearestAway ? kElemAway : kElemZero;
+    // normal and E in [exp_min, exp_max]: exponent field in [lo, hi] (empty when lo > hi)
+    const int lo = f.exp_min + 127 > 1 ? f.exp_min + 127 : 1, hi = f.exp_max + 127 < 254 ? f.exp_max + 127 : 254;
+    const auto field2 = [](int e) { return uint32_t(e) << 24; };  // exponent field e of bits << 1
+    q.lo2 = field2(lo);
+    q.span2 = lo <= hi ? field2(hi + 1) - field2(lo) : 0u;
+    const int d = 23 - f.unit_shift;  // mantissa bits dropped, 1..23
+    q.half = q.path == kElemEven ? (1u << (d - 1)) - 1 : q.path == kElemAway ? 1u << (d - 1) : 0u;
+    q.lsbbit = 1u << d;
+    q.keep = ~((1u << d) - 1);
+    return q;
+}
+// v as a one-element block of f (deterministic rounding: f.simd_elements()), by the exact
+// scalar quantizer (ops.cpp)
+float quantize_element(float v, const FmtParams& f);
+
 // A conv's epilogue, applied by the GEMM kernels to each output tile while it is still in
 // registers: + bias (per column), rounded to the vector precision vp (0 fp32, 1 fp16, 2 bf16);
 // + residual (laid out as the output), rounded; activation (1 ReLU, 2 clip to [lo, hi]),
 // rounded -- the separate vector ops' results, bit for bit. An element p of the output sits
 // in column (p - y) % ldo. `row` does the same for a row in memory (tiles of the exact path).
+// fq (null: none; a format with simd_elements()): last, every output is quantized as a
+// one-element block of fq (fqc: its constants), as a depthwise conv reading this output would
+// quantize its input (ConvParams::quantize_output) -- so the value stored is the one it reads.
 struct VecEpilogue {
     const float* y;
     int64_t ldo;
@@ -106,10 +139,15 @@ struct VecEpilogue {
     int vp, act;
     float lo, hi;
     void (*row)(float* d, const float* b, const float* r, int64_t n, int vp, int act, float lo, float hi);
+    const FmtParams* fq = nullptr;
+    ElemQuant fqc{};
+    bool any() const { return bias || res || act || fq; }  // anything to apply
     void rows(float* o, int nr, int nc, int64_t ld) const {  // nr rows of nc at o, ld apart
         for (int i = 0; i < nr; ++i) {
             float* d = o + i * ld;
             row(d, bias ? bias + (d - y) % ldo : nullptr, res ? res + (d - y) : nullptr, nc, vp, act, lo, hi);
+            if (fq)
+                for (int j = 0; j < nc; ++j) d[j] = quantize_element(d[j], *fq);
         }
     }
     // The same for a raw tile at src (nr rows of nc, lds apart; overwritten) written to o: a
@@ -120,6 +158,8 @@ struct VecEpilogue {
             float* s = src + i * lds;
             float* d = o + i * ld;
             row(s, bias ? bias + (d - y) % ldo : nullptr, res ? res + (d - y) : nullptr, nc, vp, act, lo, hi);
+            if (fq)
+                for (int j = 0; j < nc; ++j) s[j] = quantize_element(s[j], *fq);
             std::memcpy(d, s, sizeof(float) * size_t(nc));
         }
     }
@@ -183,6 +223,13 @@ struct DwArgs {
     const FmtParams* fq;
     float (*fq_fix)(const void* ctx, int64_t i);
     const void* fq_ctx;
+    // non-null (with fq): x is not read; the kernel's tile of input rows [lo, hi] of image n,
+    // channel blocks [cb0, cb1) (block cb's rows at tile + (cb - cb0) * plane, 16 floats a
+    // pixel, W pixels a row, lanes past C +0) is made by produce(produce_ctx, ...) instead,
+    // already quantized: the depthwise conv of a fused expansion (ConvParams::expand_channels)
+    void (*produce)(const void* ctx, int64_t n, int64_t lo, int64_t hi, int64_t cb0, int64_t cb1, int64_t plane,
+                    float* tile) = nullptr;
+    const void* produce_ctx = nullptr;
 };
 
 // A convolution of an input with at most 4 channels (an image network's stem: every tap is one

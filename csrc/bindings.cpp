@@ -137,7 +137,10 @@ PYBIND11_MODULE(_core, m) {
 
     // typed parameters (op_params.h): a block format, a conv / pool window, each op kind's
     BFP_BIND_STRUCT(FmtParams, "A block format's parameters, as the kernels take them (see formats.Format)")
-        .def(py::init(&from_tuple), py::arg("kernel_params"), "From the 12-tuple of Format.kernel_params()");
+        .def(py::init(&from_tuple), py::arg("kernel_params"), "From the 12-tuple of Format.kernel_params()")
+        .def_property_readonly("simd_elements", &FmtParams::simd_elements,
+                               "one-element blocks of an int(p) format with deterministic rounding (what the "
+                               "element quantizers and ConvParams.quantize_output take)");
     py::implicitly_convertible<py::tuple, FmtParams>();
     BFP_BIND_STRUCT(ConvGeometry, "A 2-D window over NHWC data: a convolution's geometry or a pooling window");
 #define BFP_PY_PARAMS(k, pyname, P)                                                                    \

@@ -50,7 +50,13 @@ struct ConvGeometry {
     F(Activation, activation, "fused after bias and residual: NONE, RELU or CLIP")                    \
     F(float, clip_lo, "CLIP: lower bound") F(float, clip_hi, "CLIP: upper bound")                     \
     F(int64_t, share_input, "BFP convs: 0, or a slot in [1, 256] where the convs reading one input with " \
-      "the same quantization keep its quantized operand for the run (made once, reused by the others)")
+      "the same quantization keep its quantized operand for the run (made once, reused by the others)") \
+    F(int64_t, expand_channels, "depthwise with quantize_input: 0, or the input channels of a fused 1x1 " \
+      "expansion conv (stride 1, no padding or groups) whose output is this conv's input: the op's input " \
+      "is the expansion's [N][H][W][expand_channels], Op::w its BFP weights, a second input its bias")  \
+    F(Activation, expand_activation, "the fused expansion's activation: NONE, RELU or CLIP")            \
+    F(float, expand_clip_lo, "the expansion's CLIP: lower bound")                                       \
+    F(float, expand_clip_hi, "the expansion's CLIP: upper bound")
 // kOpMatMul: Y[j] = A[a(j)] x B[b(j)] for every index j of batch_shape (row-major Y [batch][m][n]);
 // a(j) = sum j_d * a_strides[d] picks one of A's a_count matrices [m][k] (0 strides: broadcast), b(j)
 // one of B's b_count matrices, stored [k][n] or, b_transposed, [n][k]. Both operands are quantized

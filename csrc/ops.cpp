@@ -202,6 +202,12 @@ bool kernel_quantizes_elements(const FmtParams& f) {
     return current_kernel().fake_quantize_elems && f.simd_elements();
 }
 
+float quantize_element(float v, const FmtParams& f) {
+    int64_t u;
+    const int16_t e = quantize_block(&v, 1, 1, 0, 1, f, 0, &u);  // deterministic rounding: no seed, no index
+    return unit_value(u, e, f);
+}
+
 float fix_element(const void* ctx, int64_t i) {
     const ElemFix& c = *static_cast<const ElemFix*>(ctx);
     const int64_t g = c.base + i;
@@ -1091,6 +1097,75 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
         }
     }
     return reuse ? kConvReused : kConvGemm;
+}
+
+bool PointwiseRows::make(const float* x, int64_t npix, const FmtParams& fx, uint64_t seed, Operand& w) {
+    (void)seed;  // deterministic rounding only (fast_quant_ok)
+    const KernelDesc& k = current_kernel();
+    const int B = fx.block, Bp = w.Bp, nbc = w.nbt;
+    if (!(fx.int8_units() && w.int8() && w.kern == &k && w.taps == 1 && w.groups == 1 && fast_quant_ok(fx) &&
+          k.quantize_rows && !k.rows16 && Bp <= 128 && fx.kind == kInt && B == w.f.block))
+        return false;
+    const int64_t C = w.K, plen = int64_t(nbc) * Bp;
+    a8_.size_to(size_t(npix * plen));
+    ae_.size_to(size_t(npix * nbc));
+    as_.size_to(size_t(npix * nbc));
+    ac_.size_to(size_t(npix * nbc));
+    amin_.size_to(size_t(npix));
+    amax_.size_to(size_t(npix));
+    std::fill(amin_.data(), amin_.data() + npix, INT32_MAX);
+    std::fill(amax_.data(), amax_.data() + npix, INT32_MIN);
+    // runs of 16..128 pixels (the quantizer's groups of 16 rows), as conv2d_impl's row quantizer
+    const int nthr = npix * C > 16384 ? num_threads() : 1;
+    const int64_t run = 16 * std::max<int64_t>(1, std::min<int64_t>(8, npix / (16 * 4 * nthr)));
+    const int64_t nrun = std::max<int64_t>(1, npix / run);
+    parallel_for(nthr, nrun, [&](int64_t j) {
+        const int64_t p0 = j * run, p1 = j + 1 == nrun ? npix : p0 + run;
+        const QuantRowsArgs qa{x + p0 * C, p1 - p0, C, int(C), &fx, Bp, a8_.data() + p0 * plen, plen,
+                               ae_.data() + p0 * nbc, as_.data() + p0 * nbc, ac_.data() + p0 * nbc,
+                               amin_.data() + p0, amax_.data() + p0};
+        k.quantize_rows(qa);
+    });
+    if (int64_t(roff_.size()) < npix) {
+        const size_t old = roff_.size();
+        roff_.resize(size_t(npix));
+        for (size_t i = old; i < roff_.size(); ++i) roff_[i] = int64_t(i);
+    }
+    const int64_t O = w.R, clen = int64_t(w.nb()) * Bp;
+    cu_.resize(size_t(O));
+    ce_.resize(size_t(O));
+    for (int64_t o = 0; o < O; ++o) {
+        cu_[size_t(o)] = w.u8.data() + o * clen;
+        ce_[size_t(o)] = w.exp.data() + o * w.nb();
+    }
+    fx_ = &fx;
+    w_ = &w;
+    k_ = &k;
+    nbc_ = nbc;
+    Bp_ = Bp;
+    nr_ = k.nr;
+    pbytes_ = k.panel_bytes(w.nb(), Bp);
+    return true;
+}
+
+void PointwiseRows::run(int64_t p0, int64_t n, int64_t c0, int64_t nc, float* out, int64_t ldo,
+                        const VecEpilogue* epi) const {
+    static const int64_t toff[1] = {0};
+    const Operand& w = *w_;
+    const int64_t* roff = roff_.data() + p0;
+    const ExactCtx ex{a8_.data(), ae_.data(), roff, toff, cu_.data() + c0, ce_.data() + c0, 1, nbc_, Bp_,
+                      fx_->unit_shift, w.f.unit_shift, exact_kind(true, false, *fx_, w.f), false};
+    const RowsView rv{n, 1, nbc_, Bp_, a8_.data(), as_.data(), ac_.data(), roff, toff, amin_.data() + p0,
+                      amax_.data() + p0};
+    const int64_t pan = c0 / nr_;
+    const ColsView cv{nc, 1, w.nb(), Bp_, reinterpret_cast<const int8_t* const*>(cu_.data() + c0), ce_.data() + c0,
+                      w.f.unit_shift, w.panels->p + pan * pbytes_, w.pmin.data() + pan, w.pmax.data() + pan};
+    if (!epi) return run_gemm(rv, ex, cv, *fx_, w.f, *k_, out, ldo);
+    VecEpilogue e = *epi;
+    e.y = out;
+    e.ldo = ldo;
+    if (e.bias) e.bias += c0;
+    run_gemm(rv, ex, cv, *fx_, w.f, *k_, out, ldo, &e);
 }
 
 }  // namespace bfp

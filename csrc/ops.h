@@ -220,4 +220,34 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
                  const float* bias, float* out, bool nhwc, const VecEpilogue* epi = nullptr,
                  ConvActs* share = nullptr);
 
+// A 1x1 convolution (stride 1, no padding, no groups) over NHWC pixels, computed in pieces on
+// the calling thread: an expansion conv fused into the depthwise conv that reads it (its output
+// rows are made where the depthwise conv needs them, never stored whole). make() quantizes the
+// input of all npix pixels once, as conv2d_impl's row quantizer does (the same operand, so the
+// same bits); false (nothing made) where that path does not apply: the weights were packed for
+// another kernel, a format without int8 units or deterministic rounding, a kernel without a
+// row quantizer -- the caller then runs the conv whole. run() is the GEMM of pixels
+// [p0, p0 + n) and output channels [c0, c0 + nc) (c0 a multiple of the kernel's NR) written to
+// out (ldo apart) through epi (its y, ldo and bias re-based to out; null: none).
+class PointwiseRows {
+  public:
+    bool make(const float* x, int64_t npix, const FmtParams& fx, uint64_t seed, Operand& w);
+    void run(int64_t p0, int64_t n, int64_t c0, int64_t nc, float* out, int64_t ldo, const VecEpilogue* epi) const;
+    int nr() const { return nr_; }
+
+  private:
+    const FmtParams* fx_ = nullptr;
+    Operand* w_ = nullptr;
+    const KernelDesc* k_ = nullptr;
+    int nbc_ = 0, Bp_ = 0, nr_ = 1;
+    size_t pbytes_ = 0;
+    GrowBuf<int8_t> a8_;
+    GrowBuf<int16_t> ae_;
+    GrowBuf<float> as_;
+    GrowBuf<int32_t> ac_, amin_, amax_;
+    std::vector<int64_t> roff_;
+    std::vector<const void*> cu_;
+    std::vector<const int16_t*> ce_;
+};
+
 }  // namespace bfp

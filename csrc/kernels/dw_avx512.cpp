@@ -14,7 +14,9 @@
 // With DwArgs::fq an item is (image, block of output rows, group of 16-channel blocks): it first
 // quantizes the input rows under its output rows, for its channels, into a tile (L2), reading
 // each pixel's channels in one run; the strips then read the tile: the input is read once and
-// no fake-quantized copy of it goes through memory.
+// no fake-quantized copy of it goes through memory. With DwArgs::produce the tile comes from
+// the producer (a fused expansion conv computes those rows' channels into it) and the input
+// never exists in memory at all.
 #include "isa512.h"  // native or emulated (avx512-emu) build
 
 #include <cstdlib>
@@ -39,57 +41,13 @@ static inline __m512 ld(const float* p, int n) {
     else return load_lanes(p, n);
 }
 
-// 16 one-element blocks of an int(p) format (FmtParams::simd_elements; the caller checks) ->
-// their values: the fp32 bit pattern rounded to unit_shift fraction bits (add-and-mask: nearest-even adds half - 1 plus the kept LSB, nearest-away adds half,
-// toward-zero adds nothing); a carry into the next binade is clamped to
-// max_units * 2^(E - unit_shift) = 2^(unit_shift+1) - 1 units, the binade's largest pattern, by
-// an unsigned min (the sign bit is the same on both sides). A zero (+0 or -0) gives +0; bad: the
-// lanes left to the scalar path (exponent out of range, subnormal, NaN/Inf).
-enum QuantPath : int { kIntEven, kIntAway, kIntZero };
-
-struct Quant16 {
-    // x's bits doubled (sign out) minus lo2 below span2 <=> exponent in range
-    __m512i lo2, span2, half, lsbbit, keep, mantm;
-    int path;
-    static uint32_t field2(int e) { return uint32_t(e) << 24; }  // exponent field e of bits << 1
-    explicit Quant16(const FmtParams& f)
-        : mantm(_mm512_set1_epi32(0x007fffff)),
-          path(f.rounding == kNearestEven ? kIntEven : f.rounding == kNearestAway ? kIntAway : kIntZero) {
-        // normal and E in [exp_min, exp_max]: exponent field in [lo, hi] (empty when lo > hi)
-        const int lo = f.exp_min + 127 > 1 ? f.exp_min + 127 : 1, hi = f.exp_max + 127 < 254 ? f.exp_max + 127 : 254;
-        lo2 = _mm512_set1_epi32(int(field2(lo)));
-        span2 = _mm512_set1_epi32(int(lo <= hi ? field2(hi + 1) - field2(lo) : 0u));
-        const int d = 23 - f.unit_shift;  // mantissa bits dropped, 1..23
-        half = _mm512_set1_epi32(path == kIntEven ? (1 << (d - 1)) - 1 : path == kIntAway ? 1 << (d - 1) : 0);
-        lsbbit = _mm512_set1_epi32(1 << d);
-        keep = _mm512_set1_epi32(int(~((1u << d) - 1)));
-    }
-    template <int P>
-    inline __m512 quant(__m512 xv, __mmask16& bad) const {
-        const __m512i bits = _mm512_castps_si512(xv);
-        const __m512i a2 = _mm512_add_epi32(bits, bits);
-        const __mmask16 nz = _mm512_test_epi32_mask(a2, a2);
-        bad = _mm512_mask_cmpge_epu32_mask(nz, _mm512_sub_epi32(a2, lo2), span2);
-        __m512i r = bits;
-        if constexpr (P == kIntEven) {
-            r = _mm512_add_epi32(bits, half);
-            r = _mm512_mask_add_epi32(r, _mm512_test_epi32_mask(bits, lsbbit), r, _mm512_set1_epi32(1));
-        } else if constexpr (P == kIntAway) {
-            r = _mm512_add_epi32(bits, half);
-        }
-        // a carry into the next binade: its largest pattern; a zero: +0
-        r = _mm512_maskz_min_epu32(nz, r, _mm512_or_si512(bits, mantm));
-        return _mm512_castsi512_ps(_mm512_and_si512(r, keep));
-    }
-};
-
 // f(std::integral_constant<int, q.path>())
 template <class F>
 static inline void with_path(const Quant16& q, F&& f) {
     switch (q.path) {
-        case kIntEven: f(std::integral_constant<int, kIntEven>()); break;
-        case kIntAway: f(std::integral_constant<int, kIntAway>()); break;
-        default: f(std::integral_constant<int, kIntZero>()); break;
+        case kElemEven: f(std::integral_constant<int, kElemEven>()); break;
+        case kElemAway: f(std::integral_constant<int, kElemAway>()); break;
+        default: f(std::integral_constant<int, kElemZero>()); break;
     }
 }
 
@@ -280,12 +238,13 @@ void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* o
         for (int64_t i = 0; i < n; ++i) out[i] = fix(ctx, i);
         return;
     }
-    const Quant16 q(f);
+    const Quant16 q(elem_quant(f));
     with_path(q, [&](auto p) { fake_quantize_elems_t<decltype(p)::value>(x, n, q, out, fix, ctx); });
 }
 
 void dwconv(const DwArgs& a) {
     if (a.fq && !a.fq->simd_elements()) throw std::invalid_argument("dwconv: the input's format is not an int(p) format");
+    if (a.produce && !a.fq) throw std::invalid_argument("dwconv: a produced input needs its format");
     const int64_t ncb = (a.C + 15) / 16, taps = int64_t(a.kh) * a.kw;
     const int nt = num_threads();
     if (!a.fq) {
@@ -335,7 +294,7 @@ void dwconv(const DwArgs& a) {
     const int64_t nrb = (a.OH + R - 1) / R, ncg = (ncb + cg - 1) / cg, items = a.N * nrb * ncg;
     const int64_t plane = tile_rows * a.W * 16;  // floats of one channel block's rows in the tile
     const size_t tile_bytes = (size_t(plane * cg) * 4 + 63) / 64 * 64;
-    const Quant16 q(*a.fq);
+    const Quant16 q(elem_quant(*a.fq));
     const bool par = nt > 1 && items > 1 && a.N * a.OH * ncb * a.OW * taps * 16 > 32768;
     // items from the pool (pool.h); each thread keeps its tile across calls (<= 512 KiB + a line)
     parallel_for(par ? nt : 1, items, [&](int64_t it) {
@@ -353,7 +312,8 @@ void dwconv(const DwArgs& a) {
         int64_t lo = oy0 * a.sh - a.pt, hi = (oy1 - 1) * a.sh - a.pt + int64_t(a.kh - 1) * a.dh;
         if (lo < 0) lo = 0;
         if (hi > a.H - 1) hi = a.H - 1;
-        if (lo <= hi) with_path(q, [&](auto p) { quantize_tile<decltype(p)::value>(a, q, n, lo, hi, cb0, cb1, plane, tile); });
+        if (lo <= hi && a.produce) a.produce(a.produce_ctx, n, lo, hi, cb0, cb1, plane, tile);
+        else if (lo <= hi) with_path(q, [&](auto p) { quantize_tile<decltype(p)::value>(a, q, n, lo, hi, cb0, cb1, plane, tile); });
         for (int64_t cb = cb0; cb < cb1; ++cb) {
             const int64_t c0 = cb * 16;
             const int nl = int(a.C - c0 < 16 ? a.C - c0 : 16);

@@ -111,10 +111,41 @@ void check_window(const ConvGeometry& g, OpCheck& c) {
         if (v < 0 || v > kBig) c.fail("padding out of range");
 }
 
+// A depthwise conv with a fused 1x1 expansion (ConvParams::expand_channels): the expansion's
+// input, BFP weights (Op::w) and bias (a second input) in place of the depthwise conv's input.
+static void validate_expand_dw(const Program& p, const Op& op, OpCheck& c) {
+    const ConvParams& q = op.get<ConvParams>();
+    const ConvGeometry& g = q.geometry;
+    if (!q.depthwise || !q.quantize_input) c.fail("expand_channels is for depthwise convs with quantize_input");
+    if (!p.has_format()) c.fail("a fused expansion in a program without format");
+    c.range(q.expand_channels, 1, int64_t(1) << 30, "expand_channels");
+    if (q.share_input) c.fail("share_input is for convs with BFP weights");
+    if (op.res >= 0) c.fail("a depthwise conv with a fused expansion takes no residual");
+    if (q.activation < 0 || q.activation >= kActCount || q.expand_activation < 0 || q.expand_activation >= kActCount)
+        c.fail("unknown conv activation");
+    if (op.in.size() > 2) c.fail("a fused expansion takes its input and at most a bias");
+    check_window(g, c);
+    const int64_t N = g.batch, H = g.height, W = g.width, C = g.channels;
+    if (g.out_channels != C || g.groups != C) c.fail("depthwise conv needs groups == channels == outputs");
+    const int64_t OH = (H + g.pad_top + g.pad_bottom - g.dilation_h * (g.kernel_h - 1) - 1) / g.stride_h + 1;
+    const int64_t OW = (W + g.pad_left + g.pad_right - g.dilation_w * (g.kernel_w - 1) - 1) / g.stride_w + 1;
+    if (OH != g.out_h || OW != g.out_w || OH < 1 || OW < 1) c.fail("output size does not match the geometry");
+    if (!op.w) c.fail("a fused expansion needs its BFP weights (w)");
+    const Operand& w = *op.w;
+    if (w.R != C || w.K != q.expand_channels || w.kh != 1 || w.kw != 1 || w.groups != 1)
+        c.fail("the packed weight does not match the fused expansion (1x1, expand_channels -> channels)");
+    c.fits(op.in[0], c.mul(c.mul(N, H), c.mul(W, q.expand_channels)), "input");
+    if (op.in.size() == 2) c.fits(op.in[1], C, "expansion bias");
+    c.fits(op.out[0], c.mul(c.mul(N, OH), c.mul(OW, C)), "output");
+    if (op.bias >= 0) c.fits(op.bias, C, "bias");
+    c.fits(op.wf, c.mul(c.mul(g.kernel_h, g.kernel_w), C), "depthwise weight");
+}
+
 static void validate_conv(const Program& p, const Op& op, OpCheck& c) {
     const ConvParams& q = op.get<ConvParams>();
     const ConvGeometry& g = q.geometry;
     c.ins(1);
+    if (q.expand_channels) return validate_expand_dw(p, op, c);
     if (!op.w && op.wf < 0) c.fail("conv without weights");
     if (op.w && !p.has_format()) c.fail("BFP conv in a program without format");
     c.range(q.share_input, 0, 256, "share_input");
@@ -173,6 +204,47 @@ static void epilogue_row(float* d, const float* b, const float* r,
     else epi_t<kVecFp32>(d, b, r, n, act, lo, hi);
 }
 
+// The depthwise conv of a fused expansion (ConvParams::expand_channels): each work item of the
+// kernel's depthwise loop gets the expansion's output for its input rows and channel blocks
+// from the expansion's GEMM (PointwiseRows), epilogue and element quantization applied in
+// registers, copied into its tile -- the expanded activation (4.8 MB at 112^2 x 96 channels in
+// EfficientNet-Lite0) is never stored whole, nor read back.
+struct ExpandTile {
+    const PointwiseRows* pw;
+    const VecEpilogue* epi;  // the expansion's, with the element quantization (fq)
+    int64_t H, W, C;
+};
+
+static void produce_expanded(const void* ctx, int64_t n, int64_t lo, int64_t hi, int64_t cb0, int64_t cb1,
+                             int64_t plane, float* tile) {
+    const ExpandTile& e = *static_cast<const ExpandTile*>(ctx);
+    const int64_t NR = e.pw->nr();
+    // the GEMM's columns: whole panels around the tile's channel blocks
+    const int64_t c0 = cb0 * 16 / NR * NR, c1 = std::min<int64_t>(e.C, (cb1 * 16 + NR - 1) / NR * NR), nc = c1 - c0;
+    const int64_t rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, e.W * nc));  // <= 64 KB a GEMM
+    thread_local std::vector<float> buf;
+    for (int64_t iy = lo; iy <= hi; iy += rows) {
+        const int64_t np = std::min<int64_t>(rows, hi + 1 - iy) * e.W;
+        buf.resize(size_t(np * nc));
+        e.pw->run((n * e.H + iy) * e.W, np, c0, nc, buf.data(), nc, e.epi);
+        for (int64_t j = 0; j < np; ++j) {  // pixel j of these rows -> the tile (W pixels a row, 16 floats each)
+            const float* src = buf.data() + j * nc - c0;
+            float* dst = tile + ((iy - lo) * e.W + j) * 16;
+            for (int64_t cb = cb0; cb < cb1; ++cb) {
+                float* d = dst + (cb - cb0) * plane;
+                const float* sc = src + cb * 16;
+                const int64_t len = std::min<int64_t>(16, e.C - cb * 16);
+                if (len == 16) {
+                    std::memcpy(d, sc, 64);
+                } else {
+                    std::memcpy(d, sc, size_t(len) * 4);
+                    std::memset(d + len, 0, size_t(16 - len) * 4);  // lanes past C: +0
+                }
+            }
+        }
+    }
+}
+
 static void exec_conv(Program& p, const Op& op) {
     const ConvParams& q = op.get<ConvParams>();
     const ConvGeom g = q.geometry.geom();
@@ -189,7 +261,7 @@ static void exec_conv(Program& p, const Op& op) {
     VecEpilogue ve{y, O, op.bias >= 0 ? p.buf(op.bias) : nullptr, op.res >= 0 ? p.buf(op.res) : nullptr,
                    p.vec_prec(), int(q.activation), clip_lo, q.clip_hi,
                    k.simd() ? avx2::epilogue_row : epilogue_row};  // every SIMD kernel's CPU has AVX2 + F16C
-    const bool epi = ve.bias || ve.res || ve.act;
+    const bool epi = ve.any();
     // A residual add in place (the lowering gives the output the residual's buffer when this op
     // is the residual's last reader): the BFP GEMM's fused epilogue reads each residual value
     // before writing that output value; every other path writes raw values first, so it gets a
@@ -198,6 +270,39 @@ static void exec_conv(Program& p, const Op& op) {
     if (ve.res && ve.res == y && !(op.w && !q.depthwise && k.fused_epilogue)) {
         res_copy.assign(ve.res, ve.res + g.N * g.OH * g.OW * O);
         ve.res = res_copy.data();
+    }
+    if (q.depthwise && q.expand_channels) {  // a fused expansion: its output made where it is read
+        const FmtParams& f = p.format();
+        const int64_t npix = g.N * g.H * g.W;
+        const float elo = q.expand_clip_lo > q.expand_clip_hi ? q.expand_clip_hi : q.expand_clip_lo;
+        VecEpilogue ve1{nullptr, O, op.in.size() > 1 ? p.buf(op.in[1]) : nullptr, nullptr, p.vec_prec(),
+                        int(q.expand_activation), elo, q.expand_clip_hi, ve.row};
+        thread_local PointwiseRows pw;  // the expansion's quantized input, kept across calls
+        if (k.dwconv && k.fused_epilogue && kernel_quantizes_elements(f) && pw.make(x, npix, f, p.seed(), *op.w)) {
+            ve1.fq = &f;
+            ve1.fqc = elem_quant(f);
+            const ExpandTile et{&pw, &ve1, g.H, g.W, g.C};
+            DwArgs da{nullptr, p.buf(op.wf), y, g.N, g.C, g.H, g.W, g.OH, g.OW, kh, kw, g.sh, g.sw, g.pt, g.pl,
+                      g.dh, g.dw, epi ? &ve : nullptr, &f, fix_element, nullptr};
+            da.produce = produce_expanded;
+            da.produce_ctx = &et;
+            k.dwconv(da);
+            return;
+        }
+        // elsewhere (a kernel without that path, a weight packed for another): the expansion
+        // whole into a buffer, then the depthwise conv on it below -- the same bits
+        thread_local FloatVec t_expanded;
+        if (t_expanded.size() < size_t(npix * O)) t_expanded.resize(size_t(npix * O));
+        float* t = t_expanded.data();  // (this thread's buffer: the OpenMP team below gets the pointer)
+        ve1.y = t;
+        const ConvGeom ge{g.N, q.expand_channels, g.H, g.W, 1, 1, 1, 0, 0, 0, 0, 1, 1, g.H, g.W};
+        const bool fused1 = k.fused_epilogue && ve1.any();
+        conv2d_impl(x, f, p.seed(), *op.w, ge, nullptr, t, true, fused1 ? &ve1 : nullptr);
+        if (!fused1 && ve1.any()) {
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(npix * O))
+            for (int64_t i = 0; i < npix; ++i) ve1.rows(t + i * O, 1, int(O), O);
+        }
+        x = t;
     }
     if (q.depthwise) {  // one-element blocks (see dwconv_nhwc)
         const bool quant = p.has_format() && q.quantize_input;

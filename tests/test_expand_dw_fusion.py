@@ -1,0 +1,143 @@
+"""A 1x1 expansion conv whose only reader is a depthwise conv runs inside it
+(``ConvParams.expand_channels``, ``Lowering.fuse_expansions``): the depthwise conv's work items
+compute the expansion's output rows they need, epilogue and element quantization applied in
+registers, and the expanded activation is never stored. The outputs keep the bits of the two
+convs run one after the other -- on every kernel (those without the fused path run the
+expansion whole), for channel tails, channel groups that split a kernel panel, strides,
+padding, batches, NaN/Inf and out-of-range values, formats of int and fp elements, stochastic
+rounding (no fused path) and 1 or 2 threads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bfpaccel
+from bfpaccel import _core
+from bfpaccel.runtime import lower as lower_mod
+from conftest import assert_bits_equal
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+F = TensorProto.FLOAT
+N_ = helper.make_node
+RNG = np.random.default_rng(31)
+SEED = 7
+
+# (batch, input channels, expanded channels, H, W, depthwise kernel, stride, expansion activation, bias)
+CASES = [
+    (1, 16, 96, 12, 12, 3, 2, "clip", True),    # an MBConv block 1 in miniature: six full blocks, stride 2
+    (2, 24, 40, 13, 11, 3, 1, "relu", True),    # a channel tail (40 = 2 x 16 + 8), odd sizes, batch 2
+    (1, 40, 144, 8, 8, 5, 1, "none", False),    # 9 channel blocks: with 2 threads groups of one block
+    (1, 3, 20, 7, 9, 3, 2, "clip", True),       # a stem-sized expansion input (one block of 3)
+]
+FORMATS = [("msfp16", "nearest_even"), ("msfp12", "nearest_away"), ("mxint8", "toward_zero"),
+           ("mxfp8_e4m3", "nearest_even"), ("msfp16", "stochastic")]
+
+
+def _mbconv(n: int, cin: int, c: int, h: int, w: int, k: int, s: int, act: str, bias: bool):
+    """x -> 1x1 expansion (+ bias) (+ act) -> depthwise k x k, stride s, 'same' padding, + bias,
+    Clip -> 1x1 projection: y."""
+    we = (RNG.standard_normal((c, cin, 1, 1)) / np.sqrt(cin)).astype(np.float32)
+    wd = RNG.standard_normal((c, 1, k, k)).astype(np.float32) * 0.3
+    wp = (RNG.standard_normal((8, c, 1, 1)) / np.sqrt(c)).astype(np.float32)
+    inits = {"we": we, "wd": wd, "bd": RNG.standard_normal(c).astype(np.float32), "wp": wp,
+             "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)}
+    nodes = []
+    if bias:
+        inits["be"] = RNG.standard_normal(c).astype(np.float32)
+    nodes.append(N_("Conv", ["x", "we"] + (["be"] if bias else []), ["e"], kernel_shape=[1, 1], name="expand"))
+    e = "e"
+    if act == "relu":
+        nodes.append(N_("Relu", ["e"], ["ea"], name="expand_act"))
+        e = "ea"
+    elif act == "clip":
+        nodes.append(N_("Clip", ["e", "lo", "hi"], ["ea"], name="expand_act"))
+        e = "ea"
+    p = k // 2
+    nodes += [N_("Conv", [e, "wd", "bd"], ["d"], kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p], group=c,
+                 name="dw"),
+              N_("Clip", ["d", "lo", "hi"], ["da"], name="dw_act"),
+              N_("Conv", ["da", "wp"], ["y"], kernel_shape=[1, 1], name="project")]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", F, [n, cin, h, w])],
+                          [helper.make_empty_tensor_value_info("y")],
+                          [numpy_helper.from_array(v, name) for name, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    return m
+
+
+def _x(n: int, cin: int, h: int, w: int, specials: bool) -> np.ndarray:
+    x = RNG.standard_normal((n, cin, h, w)).astype(np.float32) * 2.0
+    if specials:
+        x[0, :, 0, 1] *= 1e30   # expanded values past the format's range
+        x[0, :, 1, 2] *= 1e-33  # and below it (subnormal and zero units)
+        x[0, 0, 2, 3] = np.nan
+        x[-1, -1, -1, -1] = np.inf
+        x[0, :, 3, 0] = 0.0     # an all-zero pixel
+    return x
+
+
+def _run(plan, shape, x: np.ndarray, fuse: bool, threads: int) -> tuple:
+    low = lower_mod.Lowering(plan, {"x": shape})
+    low.fuse_expansion_convs = fuse
+    lw = low.run()
+    with bfpaccel.Session(plan, num_threads=threads).options():
+        y = lw.run({"x": x}, ["y"])["y"]
+    return y, low, lw
+
+
+@pytest.fixture
+def fuse_every_size(monkeypatch):
+    """Fuse expansions of any size (the default fuses only those past the caches)."""
+    monkeypatch.setattr(lower_mod, "_FUSE_EXPANSION_BYTES", 0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("fmt,rounding", FORMATS)
+@pytest.mark.parametrize("case", CASES, ids=[f"c{i}" for i in range(len(CASES))])
+@pytest.mark.parametrize("specials", [False, True])
+def test_fused_expansion_keeps_the_bits(kernel, fuse_every_size, case, fmt, rounding, threads, specials):
+    n, cin, c, h, w, k, s, act, bias = case
+    plan = bfpaccel.compile(_mbconv(*case), format=bfpaccel.get_format(fmt, rounding=rounding), seed=SEED)
+    x = _x(n, cin, h, w, specials)
+    want, low0, lw0 = _run(plan, x.shape, x, False, threads)
+    got, low1, lw1 = _run(plan, x.shape, x, True, threads)
+    fused = [op for op in low1.ops if isinstance(op.params, _core.ConvParams) and op.params.expand_channels]
+    assert len(fused) == 1 and fused[0].params.expand_channels == cin
+    assert fused[0].name.startswith("expand") and "dw" in fused[0].name
+    assert len(lw1.op_names) == len(lw0.op_names) - 1
+    assert_bits_equal(got, want)
+    if specials:
+        assert np.isnan(want).any()
+    got2, _, _ = _run(plan, x.shape, x * 0.5, True, threads)  # a second run with other numbers
+    want2, _, _ = _run(plan, x.shape, x * 0.5, False, threads)
+    assert_bits_equal(got2, want2)
+
+
+def test_only_large_expansions_are_fused_by_default():
+    """Below the size threshold (the expanded tensor stays in cache between the two ops) the
+    convs stay separate; above it they are fused."""
+    case = CASES[1]
+    plan = bfpaccel.compile(_mbconv(*case), format="msfp16", seed=SEED)
+    x = _x(case[0], case[1], case[3], case[4], False)
+    _, low, _ = _run(plan, x.shape, x, True, 1)
+    assert not any(isinstance(op.params, _core.ConvParams) and op.params.expand_channels for op in low.ops)
+    big = (1, 16, 96, 112, 112, 3, 2, "clip", True)  # 4.8 MB expanded: EfficientNet-Lite0's block 1
+    plan = bfpaccel.compile(_mbconv(*big), format="msfp16", seed=SEED)
+    xb = _x(1, 16, 112, 112, False)
+    got, low, _ = _run(plan, xb.shape, xb, True, 2)
+    assert sum(1 for op in low.ops if isinstance(op.params, _core.ConvParams) and op.params.expand_channels) == 1
+    want, _, _ = _run(plan, xb.shape, xb, False, 2)
+    assert_bits_equal(got, want)
+
+
+def test_an_expansion_with_another_reader_is_not_fused(fuse_every_size):
+    """The expanded activation is also a graph output: it must be stored, so nothing is fused."""
+    m = _mbconv(*CASES[0])
+    m.graph.output.append(helper.make_empty_tensor_value_info("ea"))
+    plan = bfpaccel.compile(m, format="msfp16", seed=SEED)
+    low = lower_mod.Lowering(plan, {"x": (1, 16, 12, 12)})
+    low.run()
+    assert not any(isinstance(op.params, _core.ConvParams) and op.params.expand_channels for op in low.ops)
