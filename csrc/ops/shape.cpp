@@ -124,8 +124,9 @@ static void exec_strided(Program& p, const Op& op) {
     for (int d = 0; d + 2 < rank; ++d) outer *= shape[d];
     constexpr int64_t kRun = 64;  // rows per work item
     const int64_t nrun = (mid + kRun - 1) / kRun;
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(outer * mid * inner))
-    for (int64_t it = 0; it < outer * nrun; ++it) {
+    // items on the runtime's pool (pool.h), as every op between the convs: an OpenMP team here
+    // would wait for a core held by the pool's spinning helper (a network's input transpose)
+    parallel_for(par_pool(outer * mid * inner) ? num_threads() : 1, outer * nrun, [&](int64_t it) {
         const int64_t r2 = it / nrun, j0 = (it % nrun) * kRun, j1 = j0 + kRun < mid ? j0 + kRun : mid;
         int64_t o = off, rem = r2;
         for (int d = rank - 3; d >= 0; --d) {
@@ -140,7 +141,7 @@ static void exec_strided(Program& p, const Op& op) {
                 float* d = y + (r2 * mid + j0) * inner + i;
                 for (int64_t j = 0; j < j1 - j0; ++j) d[j * inner] = s[j];
             }
-            continue;
+            return;
         }
         for (int64_t j = j0; j < j1; ++j) {
             float* d = y + (r2 * mid + j) * inner;
@@ -148,7 +149,7 @@ static void exec_strided(Program& p, const Op& op) {
             if (is == 1) std::memcpy(d, s, sizeof(float) * size_t(inner));
             else for (int64_t i = 0; i < inner; ++i) d[i] = s[i * is];
         }
-    }
+    });
 }
 
 static void validate_pad(const Program& p, const Op& op, OpCheck& c) {
