@@ -129,8 +129,8 @@ float quantize_element(float v, const FmtParams& f);
 // rounded -- the separate vector ops' results, bit for bit. An element p of the output sits
 // in column (p - y) % ldo. `row` does the same for a row in memory (tiles of the exact path).
 // fq (null: none; a format with simd_elements()): last, every output is quantized as a
-// one-element block of fq (fqc: its constants), as a depthwise conv reading this output would
-// quantize its input (ConvParams::quantize_output) -- so the value stored is the one it reads.
+// one-element block of fq (fqc: its constants), as the depthwise conv reading this output
+// quantizes its input (an expansion fused into it, ConvParams::expand_channels).
 struct VecEpilogue {
     const float* y;
     int64_t ldo;
@@ -205,6 +205,9 @@ struct QuantRowsArgs {
     int32_t* corr;
     int32_t* emin;
     int32_t* emax;
+    // 1: a row's C floats are contiguous. Otherwise (rows of at most 4 channels with xs == 1, an
+    // NCHW image's pixels) channel c of row i is x[c * cs + i].
+    int64_t cs = 1;
 };
 
 // A depthwise convolution (C groups of one channel, multiplier 1) on fake-quantized operands

@@ -56,7 +56,9 @@ struct ConvGeometry {
       "is the expansion's [N][H][W][expand_channels], Op::w its BFP weights, a second input its bias")  \
     F(Activation, expand_activation, "the fused expansion's activation: NONE, RELU or CLIP")            \
     F(float, expand_clip_lo, "the expansion's CLIP: lower bound")                                       \
-    F(float, expand_clip_hi, "the expansion's CLIP: upper bound")
+    F(float, expand_clip_hi, "the expansion's CLIP: upper bound")                                        \
+    F(bool, input_nchw, "BFP convs of at most 4 input channels without groups (a stem): the input is "   \
+      "[N][C][H][W] as the network gives it, read on the kernel's stem path without a channels-last copy")
 // kOpMatMul: Y[j] = A[a(j)] x B[b(j)] for every index j of batch_shape (row-major Y [batch][m][n]);
 // a(j) = sum j_d * a_strides[d] picks one of A's a_count matrices [m][k] (0 strides: broadcast), b(j)
 // one of B's b_count matrices, stored [k][n] or, b_transposed, [n][k]. Both operands are quantized

@@ -660,8 +660,9 @@ void gemm(Operand& a, Operand& b, float* out) {
 // and, for an input block and a weight block, ka + kb in [-149, 111] (a sum of <= 4 products of
 // |units| <= 127 stays below 2^16 * 2^(ka + kb)); no NaN/Inf block. Returns false (nothing
 // written) where that does not hold or the path does not apply: the GEMM path runs instead.
+// nchw: x is [N][C][H][W] (the network's input as given: no transposed copy), else [N][H][W][C].
 static bool try_stem_conv(const float* x, const FmtParams& fx, Operand& w, const ConvGeom& g, float* out,
-                          const VecEpilogue* epi) {
+                          const VecEpilogue* epi, bool nchw = false) {
     const KernelDesc& k = current_kernel();
     const int64_t C = g.C, O = w.R;
     if (!k.stem_conv || !k.quantize_rows || k.rows16 || g.groups != 1 || C < 1 || C > 4 || C > fx.block ||
@@ -719,15 +720,23 @@ static bool try_stem_conv(const float* x, const FmtParams& fx, Operand& w, const
     corr.resize(size_t(n));
     emn.resize(size_t(n));
     emx.resize(size_t(n));
-    const int64_t chunk = 1024, nchunk = (n + chunk - 1) / chunk;
+    // chunks of up to 1024 pixels (NCHW: within one image, whose channel planes are HW apart)
+    const int64_t chunk = 1024, HW = g.H * g.W, per_img = (HW + chunk - 1) / chunk;
+    const int64_t nchunk = nchw ? g.N * per_img : (n + chunk - 1) / chunk;
     range.resize(size_t(3 * nchunk));  // per chunk: min, max, any NaN block
     const int nt = n * C > 32768 ? num_threads() : 1;
     parallel_for(nt, nchunk, [&](int64_t ci) {
-        const int64_t r0 = ci * chunk, len = std::min(chunk, n - r0);
+        const int64_t img = nchw ? ci / per_img : 0, p0 = nchw ? (ci % per_img) * chunk : ci * chunk;
+        const int64_t r0 = nchw ? img * HW + p0 : p0, len = std::min(chunk, (nchw ? HW : n) - p0);
         std::fill(emn.begin() + r0, emn.begin() + r0 + len, INT32_MAX);
         std::fill(emx.begin() + r0, emx.begin() + r0 + len, INT32_MIN);
-        const QuantRowsArgs qa{x + r0 * C, len, C, int(C), &fx, Bp, u.data() + r0 * Bp, Bp, E.data() + r0,
-                               sc.data() + r0, corr.data() + r0, emn.data() + r0, emx.data() + r0};
+        QuantRowsArgs qa{x + r0 * C, len, C, int(C), &fx, Bp, u.data() + r0 * Bp, Bp, E.data() + r0,
+                         sc.data() + r0, corr.data() + r0, emn.data() + r0, emx.data() + r0};
+        if (nchw) {  // pixel p0 of image img's planes
+            qa.x = x + img * C * HW + p0;
+            qa.xs = 1;
+            qa.cs = HW;
+        }
         k.quantize_rows(qa);
         int32_t mn = INT32_MAX, mx = INT32_MIN, bad = 0;
         for (int64_t i = r0; i < r0 + len; ++i) {
@@ -757,6 +766,12 @@ static bool try_stem_conv(const float* x, const FmtParams& fx, Operand& w, const
         k.stem_conv(sa);
     }
     return true;
+}
+
+bool conv2d_stem_nchw(const float* x, const FmtParams& fx, Operand& w, const ConvGeom& g, float* out,
+                      const VecEpilogue* epi) {
+    if (g.OH * g.OW == 0 || w.R == 0 || g.N == 0) return true;
+    return fx.int8_units() && w.int8() && try_stem_conv(x, fx, w, g, out, epi, true);
 }
 
 // Implicit GEMM per (image, group): rows = output pixels (one pointer per kernel tap into the

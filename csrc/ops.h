@@ -216,6 +216,11 @@ void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, cons
 // there otherwise). Returns how it ran: kConvReused when the activation came from share
 // unchanged, kConvStem on the kernel's stem path (StemArgs; nhwc, no share, no bias).
 enum ConvRun : int { kConvGemm = 0, kConvReused = 1, kConvStem = 2 };
+// The conv of an NCHW input x (N x C x H x W, C <= 4: an image network's stem) into NHWC out on
+// the kernel's stem path (nhwc conv2d_impl's, without the transposed copy of x); false: that
+// path does not take it (nothing written) -- the caller runs conv2d_impl on x in NHWC.
+bool conv2d_stem_nchw(const float* x, const FmtParams& fx, Operand& w, const ConvGeom& g, float* out,
+                      const VecEpilogue* epi);
 ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
                  const float* bias, float* out, bool nhwc, const VecEpilogue* epi = nullptr,
                  ConvActs* share = nullptr);

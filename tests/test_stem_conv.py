@@ -20,10 +20,13 @@ def _fp16(a):
         return a.astype(np.float16).astype(np.float32)
 
 
-def _stem_nodes(k, stride, pads, dil, act):
-    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2]),
-             helper.make_node("Conv", ["xt", "w", "b"], ["c"], pads=list(pads), strides=[stride] * 2,
-                              dilations=[dil] * 2, kernel_shape=[k, k])]
+def _stem_nodes(k, stride, pads, dil, act, nchw=False):
+    """NHWC input transposed to the conv's NCHW (the seed's graphs), or nchw: the conv reads the
+    network's NCHW input itself (ConvParams.input_nchw on kernels with a stem path)."""
+    conv_in = "x" if nchw else "xt"
+    nodes = [] if nchw else [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 3, 1, 2])]
+    nodes.append(helper.make_node("Conv", [conv_in, "w", "b"], ["c"], pads=list(pads), strides=[stride] * 2,
+                                  dilations=[dil] * 2, kernel_shape=[k, k]))
     if act == "Relu":
         nodes.append(helper.make_node("Relu", ["c"], ["y"]))
     elif act == "Clip":
@@ -33,18 +36,20 @@ def _stem_nodes(k, stride, pads, dil, act):
     return nodes
 
 
-def _run(x, w, b, fmt, stride, pads, dil, act, threads=1, vp="fp16"):
+def _run(x, w, b, fmt, stride, pads, dil, act, threads=1, vp="fp16", nchw=False):
+    """x is NHWC; nchw feeds the model its NCHW transpose instead."""
     k = w.shape[2]
-    nodes = _stem_nodes(k, stride, pads, dil, act)
+    nodes = _stem_nodes(k, stride, pads, dil, act, nchw)
+    xin = np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if nchw else x
     inits = {"w": w, "b": b, "lo": np.float32(-1.0), "hi": np.float32(6.0)}
-    g = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
+    g = helper.make_graph(nodes, "stem", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(xin.shape))],
                           [helper.make_empty_tensor_value_info("y")],
                           [numpy_helper.from_array(np.asarray(v), n) for n, v in inits.items()])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
     m.ir_version = 8
     s = bfpaccel.Session(bfpaccel.compile(m, format=fmt, vector_precision=vp), num_threads=threads)
-    lw = s.program({"x": x.shape})
-    got = s.run(None, {"x": x})["y"]
+    lw = s.program({"x": xin.shape})
+    got = s.run(None, {"x": xin})["y"]
     want = reference.conv2d(x.transpose(0, 3, 1, 2), w, bfpaccel.get_format(fmt), stride=stride, padding=pads,
                             dilation=dil).astype(np.float32)
     R = _fp16 if vp == "fp16" else (lambda a: a.astype(np.float32))
@@ -54,6 +59,8 @@ def _run(x, w, b, fmt, stride, pads, dil, act, threads=1, vp="fp16"):
             v = R(np.where(v > 0, v, np.where(np.isnan(v), v, 0)))
         elif act == "Clip":
             v = np.where(np.isnan(v), v, R(np.clip(v, -1.0, 6.0)))
+    if nchw and x.shape[-1] > 1:  # no channels-last copy of the input where the kernel has the stem path
+        assert (lw.op_kinds[0] == "transpose") != bfpaccel._core.kernel_has_stem_path(), lw.op_kinds
     return got, v, lw.program.last_stems
 
 
@@ -75,10 +82,11 @@ _GEOMS = [  # N, C, H, W, O, k, stride, pads (top, left, bottom, right), dilatio
 ]
 
 
+@pytest.mark.parametrize("nchw", [False, True], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("vp", ["fp16", "fp32"])
 @pytest.mark.parametrize("act", ["Relu", "Clip", None])
 @pytest.mark.parametrize("geom", range(len(_GEOMS)))
-def test_stem_conv_bit_exact(kernel, geom, act, vp):
+def test_stem_conv_bit_exact(kernel, geom, act, vp, nchw):
     """Every geometry the kernel's loops distinguish; fp32 vector precision shows the
     accumulation's own bits."""
     N, C, H, W, O, k, stride, pads, dil = _GEOMS[geom]
@@ -88,25 +96,27 @@ def test_stem_conv_bit_exact(kernel, geom, act, vp):
     w = (rng.standard_normal((O, C, k, k)) * 0.2).astype(np.float32)
     w[1] = 0.0  # an output channel of zero weight blocks
     b = rng.standard_normal(O).astype(np.float32)
-    got, want, stems = _run(x, w, b, "msfp16", stride, pads, dil, act, vp=vp)
+    got, want, stems = _run(x, w, b, "msfp16", stride, pads, dil, act, vp=vp, nchw=nchw)
     assert _same(got, want) == 0
     assert stems == (1 if bfpaccel._core.kernel_has_stem_path() else 0)
 
 
+@pytest.mark.parametrize("nchw", [False, True], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("fmt", ["msfp12", "msfp16", "mxint8", "msfp9"])
-def test_stem_conv_formats_and_threads(kernel, fmt):
+def test_stem_conv_formats_and_threads(kernel, fmt, nchw):
     """Other int formats (block 16, 32, 128; 5-bit shared exponents) and two threads."""
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 40, 37, 3)).astype(np.float32)
     w = (rng.standard_normal((32, 3, 3, 3)) * 0.3).astype(np.float32)
     b = rng.standard_normal(32).astype(np.float32)
-    got, want, stems = _run(x, w, b, fmt, 2, (1, 1, 1, 1), 1, "Clip", threads=2)
+    got, want, stems = _run(x, w, b, fmt, 2, (1, 1, 1, 1), 1, "Clip", threads=2, nchw=nchw)
     assert _same(got, want) == 0
     assert stems == (1 if bfpaccel._core.kernel_has_stem_path() else 0)
 
 
+@pytest.mark.parametrize("nchw", [False, True], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("case", ["nan", "inf", "tiny", "huge", "subnormal_product", "nan_weight"])
-def test_stem_conv_outside_its_range_takes_the_gemm_path(kernel, case):
+def test_stem_conv_outside_its_range_takes_the_gemm_path(kernel, case, nchw):
     """Inputs whose products or sums would not be exact in fp32 (or NaN/Inf blocks) go to the
     GEMM path: the same bits as the oracle either way, and the stem path is not used."""
     rng = np.random.default_rng(11)
@@ -128,19 +138,43 @@ def test_stem_conv_outside_its_range_takes_the_gemm_path(kernel, case):
         w *= 1e-12
     else:
         w[3, 1, 0, 2] = np.nan
-    got, want, stems = _run(x, w, b, "msfp16", 1, (1, 1, 1, 1), 1, None)
+    got, want, stems = _run(x, w, b, "msfp16", 1, (1, 1, 1, 1), 1, None, nchw=nchw)
     assert _same(got, want) == 0
     assert stems == 0
 
 
-def test_stem_conv_in_range_extremes_stay_on_the_path(kernel):
+@pytest.mark.parametrize("nchw", [False, True], ids=["nhwc", "nchw"])
+def test_stem_conv_in_range_extremes_stay_on_the_path(kernel, nchw):
     """Exponents near the edges of the range the path takes (subnormal-sized products that are
     still exact, sums near the top of fp32) run on it, bit for bit."""
     rng = np.random.default_rng(12)
     x = rng.standard_normal((1, 16, 17, 3)).astype(np.float32) * np.float32(2.0 ** -60)
     w = (rng.standard_normal((16, 3, 3, 3)) * 2.0 ** -70).astype(np.float32)
     b = np.zeros(16, np.float32)
-    got, want, stems = _run(x, w, b, "msfp16", 1, (1, 1, 1, 1), 1, None, vp="fp32")
+    got, want, stems = _run(x, w, b, "msfp16", 1, (1, 1, 1, 1), 1, None, vp="fp32", nchw=nchw)
     assert _same(got, want) == 0
     assert stems == (1 if bfpaccel._core.kernel_has_stem_path() else 0)
     assert np.any((got != 0) & (np.abs(got) < 2.0 ** -126)), "expected subnormal block sums"
+
+
+def test_two_stems_on_one_nchw_input(kernel):
+    """Two convs reading the network's NCHW input alike: each on the stem path from the planes
+    (no shared quantized operand between them, which is for channels-last inputs), each with the
+    bits of that conv alone."""
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((1, 3, 19, 23)).astype(np.float32)
+    ws = [(rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32) for _ in range(2)]
+    nodes = [helper.make_node("Conv", ["x", f"w{i}"], [f"y{i}"], pads=[1, 1, 1, 1], kernel_shape=[3, 3])
+             for i in range(2)]
+    g = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
+                          [helper.make_empty_tensor_value_info("y0"), helper.make_empty_tensor_value_info("y1")],
+                          [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(ws)])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    m.ir_version = 8
+    s = bfpaccel.Session(bfpaccel.compile(m, format="msfp16"))
+    got = s.run(None, {"x": x})
+    for i, w in enumerate(ws):
+        want = reference.conv2d(x, w, bfpaccel.get_format("msfp16"), stride=1, padding=(1, 1, 1, 1)).astype(np.float32)
+        assert _same(got[f"y{i}"], want) == 0
+    if bfpaccel._core.kernel_has_stem_path():
+        assert s.program({"x": x.shape}).program.last_stems == 2

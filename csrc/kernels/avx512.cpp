@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <utility>
 
 #include "../bfp.h"
@@ -519,26 +520,35 @@ static bool quantize_rows16(const QuantRowsArgs& a, int64_t i0, int nr, const __
 // (x and units) at a time: lane r of channel vector c holds x[r*C + c], so every per-block
 // step runs on 16 rows at once and the 16 rows' units are one 64-byte store. The caller checks
 // the layout and that unit_shift - exp_max >= -126.
+// PLANAR: the rows' channels are planes (QuantRowsArgs::cs): each channel vector is one load.
+template <bool PLANAR>
 static void quantize_tiny16(const QuantRowsArgs& a, int64_t i0) {
     const FmtParams& f = *a.f;
     const int C = a.C;
-    const float* x = a.x + i0 * C;
-    const __m512 v0 = load_lanes(x, 16 * C), v1 = load_lanes(x + 16, 16 * C - 16);
-    const __m512 v2 = load_lanes(x + 32, 16 * C - 32), v3 = load_lanes(x + 48, 16 * C - 48);
     const __m512i absm = _mm512_set1_epi32(0x7fffffff);
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512 ch[4];
     __m512i amax = _mm512_setzero_si512();
-    for (int c = 0; c < 4; ++c) {
-        if (c >= C) {
-            ch[c] = _mm512_setzero_ps();
-            continue;
+    if constexpr (PLANAR) {
+        for (int c = 0; c < 4; ++c) {
+            ch[c] = c < C ? _mm512_loadu_ps(a.x + c * a.cs + i0) : _mm512_setzero_ps();
+            amax = _mm512_max_epi32(amax, _mm512_and_si512(_mm512_castps_si512(ch[c]), absm));
         }
-        const __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(C)), _mm512_set1_epi32(c));
-        const __m512 lo = _mm512_permutex2var_ps(v0, idx, v1);  // element idx of v0:v1 (idx mod 32)
-        const __m512 hi = _mm512_permutex2var_ps(v2, idx, v3);  // element idx - 32 of v2:v3
-        ch[c] = _mm512_mask_mov_ps(lo, _mm512_cmpge_epi32_mask(idx, _mm512_set1_epi32(32)), hi);
-        amax = _mm512_max_epi32(amax, _mm512_and_si512(_mm512_castps_si512(ch[c]), absm));
+    } else {
+        const float* x = a.x + i0 * C;
+        const __m512 v0 = load_lanes(x, 16 * C), v1 = load_lanes(x + 16, 16 * C - 16);
+        const __m512 v2 = load_lanes(x + 32, 16 * C - 32), v3 = load_lanes(x + 48, 16 * C - 48);
+        const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        for (int c = 0; c < 4; ++c) {
+            if (c >= C) {
+                ch[c] = _mm512_setzero_ps();
+                continue;
+            }
+            const __m512i idx = _mm512_add_epi32(_mm512_mullo_epi32(lane, _mm512_set1_epi32(C)), _mm512_set1_epi32(c));
+            const __m512 lo = _mm512_permutex2var_ps(v0, idx, v1);  // element idx of v0:v1 (idx mod 32)
+            const __m512 hi = _mm512_permutex2var_ps(v2, idx, v3);  // element idx - 32 of v2:v3
+            ch[c] = _mm512_mask_mov_ps(lo, _mm512_cmpge_epi32_mask(idx, _mm512_set1_epi32(32)), hi);
+            amax = _mm512_max_epi32(amax, _mm512_and_si512(_mm512_castps_si512(ch[c]), absm));
+        }
     }
     // the block exponent of each row, as in quantize_rows16
     const __mmask16 bad = _mm512_cmpge_epi32_mask(amax, _mm512_set1_epi32(0x7f800000));
@@ -590,12 +600,44 @@ static void quantize_tiny16(const QuantRowsArgs& a, int64_t i0) {
     _mm512_storeu_si512(a.emax + i0, _mm512_mask_max_epi32(mx, nzm, mx, kk));
 }
 
+// Rows of at most 4 channels held in planes (QuantRowsArgs::cs; xs == 1): 16 rows at a time
+// straight from the planes where quantize_tiny16 applies, every other group of up to 16 rows
+// gathered into a contiguous copy first (the same arithmetic either way).
+static void quantize_planar(const QuantRowsArgs& a) {
+    const FmtParams& f = *a.f;
+    const int C = a.C;
+    if (C < 1 || C > 4 || a.xs != 1) throw std::invalid_argument("quantize_rows: planar rows take 1 to 4 channels");
+    const int nbc = (C + f.block - 1) / f.block;
+    int64_t i = 0;
+    if (C <= f.block && a.Bp == 4 && a.us == 4 && f.unit_shift - f.exp_max >= -126)
+        for (; i + 16 <= a.n; i += 16) quantize_tiny16<true>(a, i);
+    for (; i < a.n; i += 16) {
+        const int r = int(a.n - i < 16 ? a.n - i : 16);
+        alignas(64) float g[64];
+        for (int j = 0; j < r; ++j)
+            for (int c = 0; c < C; ++c) g[j * C + c] = a.x[c * a.cs + i + j];
+        QuantRowsArgs b = a;
+        b.x = g;
+        b.n = r;
+        b.xs = C;
+        b.cs = 1;
+        b.u = a.u + i * a.us;
+        b.E = a.E + i * nbc;
+        b.scale = a.scale + i * nbc;
+        b.corr = a.corr ? a.corr + i * nbc : nullptr;
+        b.emin = a.emin + i;
+        b.emax = a.emax + i;
+        quantize_rows(b);
+    }
+}
+
 void quantize_rows(const QuantRowsArgs& a) {
+    if (a.cs != 1) return quantize_planar(a);
     const FmtParams& f = *a.f;
     const int B = f.block, Bp = a.Bp, nbc = (a.C + B - 1) / B, nv = (Bp + 15) / 16;
     int64_t i_start = 0;
     if (a.C >= 1 && a.C <= 4 && a.C <= B && Bp == 4 && a.xs == a.C && a.us == 4 && f.unit_shift - f.exp_max >= -126)
-        for (; i_start + 16 <= a.n; i_start += 16) quantize_tiny16(a, i_start);
+        for (; i_start + 16 <= a.n; i_start += 16) quantize_tiny16<false>(a, i_start);
     if (nv == 1 && B <= 16 && a.n - i_start >= 4) {
         static const __m512i order = hmax16_order();
         bool (*q16)(const QuantRowsArgs&, int64_t, int, __m512i) =

@@ -150,6 +150,8 @@ static void validate_conv(const Program& p, const Op& op, OpCheck& c) {
     if (op.w && !p.has_format()) c.fail("BFP conv in a program without format");
     c.range(q.share_input, 0, 256, "share_input");
     if (q.share_input && (!op.w || q.depthwise)) c.fail("share_input is for convs with BFP weights");
+    if (q.input_nchw && (!op.w || q.depthwise || q.share_input || g.groups != 1 || g.channels > 4))
+        c.fail("input_nchw is for BFP convs of at most 4 channels without groups or a shared input");
     if (q.activation < 0 || q.activation >= kActCount)
         c.fail("unknown conv activation " + std::to_string(q.activation));
     check_window(g, c);
@@ -270,6 +272,25 @@ static void exec_conv(Program& p, const Op& op) {
     if (ve.res && ve.res == y && !(op.w && !q.depthwise && k.fused_epilogue)) {
         res_copy.assign(ve.res, ve.res + g.N * g.OH * g.OW * O);
         ve.res = res_copy.data();
+    }
+    if (q.input_nchw) {  // an NCHW stem input: the stem path reads it as it is
+        const bool fused = k.fused_epilogue && epi;
+        if (conv2d_stem_nchw(x, p.format(), *op.w, g, y, fused ? &ve : nullptr)) {
+            p.note_stem();
+            if (fused || !epi) return;
+            const int64_t rows = g.N * g.OH * g.OW;
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(rows * O))
+            for (int64_t i = 0; i < rows; ++i) ve.rows(y + i * O, 1, int(O), O);
+            return;
+        }
+        // elsewhere: a channels-last copy (this thread's buffer), then the usual path
+        thread_local FloatVec t_nhwc;
+        const int64_t HW = g.H * g.W;
+        if (t_nhwc.size() < size_t(g.N * HW * g.C)) t_nhwc.resize(size_t(g.N * HW * g.C));
+        for (int64_t n = 0; n < g.N; ++n)
+            for (int64_t c = 0; c < g.C; ++c)
+                for (int64_t i = 0; i < HW; ++i) t_nhwc[size_t((n * HW + i) * g.C + c)] = x[(n * g.C + c) * HW + i];
+        x = t_nhwc.data();
     }
     if (q.depthwise && q.expand_channels) {  // a fused expansion: its output made where it is read
         const FmtParams& f = p.format();

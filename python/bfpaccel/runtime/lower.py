@@ -538,7 +538,7 @@ class Lowering:
             ex = self.ops[j]
             e = ex.params
             if not isinstance(e, _core.ConvParams) or e.depthwise or ex.w is None or ex.res >= 0 \
-                    or e.expand_channels or e.share_input:
+                    or e.expand_channels or e.share_input or e.input_nchw:
                 continue
             eg, g = e.geometry, p.geometry
             if (eg.kernel_h, eg.kernel_w, eg.stride_h, eg.stride_w, eg.dilation_h, eg.dilation_w, eg.groups) \
@@ -567,7 +567,7 @@ class Lowering:
         groups: Dict[Tuple[int, ...], List[int]] = {}
         for i, op in enumerate(self.ops):
             p = op.params
-            if not isinstance(p, _core.ConvParams) or op.w is None or p.depthwise:
+            if not isinstance(p, _core.ConvParams) or op.w is None or p.depthwise or p.input_nchw:
                 continue
             g = p.geometry
             key = (self.vroot[op.ins[0]], g.batch, g.channels, g.height, g.width, g.groups, g.pad_top, g.pad_left,
