@@ -178,3 +178,19 @@ def test_two_stems_on_one_nchw_input(kernel):
         assert _same(got[f"y{i}"], want) == 0
     if bfpaccel._core.kernel_has_stem_path():
         assert s.program({"x": x.shape}).program.last_stems == 2
+
+
+def test_one_channel_one_output_conv_on_an_nchw_input(kernel):
+    """C = O = groups = 1 is a depthwise conv (one-element blocks), not a stem: it takes its input
+    through the usual layout, with the oracle's bits."""
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((1, 1, 9, 8)).astype(np.float32)
+    w = rng.standard_normal((1, 1, 3, 3)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1], kernel_shape=[3, 3])], "one",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x.shape))],
+                          [helper.make_empty_tensor_value_info("y")], [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    m.ir_version = 8
+    got = bfpaccel.Session(bfpaccel.compile(m, format="msfp16")).run(None, {"x": x})["y"]
+    want = reference.conv2d(x, w, bfpaccel.get_format("msfp16"), stride=1, padding=(1, 1, 1, 1), groups=1)
+    assert _same(got, want.astype(np.float32)) == 0

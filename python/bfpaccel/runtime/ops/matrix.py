@@ -133,11 +133,12 @@ def conv_nhwc(cx: "Lowering", n: Node, x: Value, O: int, kh: int, kw: int, group
     # a stem (<= 4 channels, BFP weights) reads an NCHW input as it is on the kernel's stem path:
     # no channels-last copy of the network's input (the executor makes one where that path does
     # not take it)
-    nchw = (tuple(x.perm) == (0, 1, 2, 3) and "qweight" in n.attrs and groups == 1 and C <= 4
-            and _core.kernel_has_stem_path())
+    Wshape = n.attrs["weight_shape"]
+    depthwise = groups == C and Wshape[1] == 1 and O == C
+    nchw = (tuple(x.perm) == (0, 1, 2, 3) and "qweight" in n.attrs and groups == 1 and 1 < C <= 4
+            and not depthwise and _core.kernel_has_stem_path())
     xn = x if nchw else cx.layout(x, (0, 2, 3, 1))
     out = cx.new_value((N, O, OH, OW), (0, 2, 3, 1))
-    Wshape = n.attrs["weight_shape"]
     if Wshape[1] * groups != C:
         raise cx.err(f"input has {C} channels, the weight expects {Wshape[1] * groups}")
     geom = _core.ConvGeometry(batch=N, channels=C, height=H, width=W, out_channels=O, kernel_h=kh, kernel_w=kw,
@@ -145,7 +146,7 @@ def conv_nhwc(cx: "Lowering", n: Node, x: Value, O: int, kh: int, kw: int, group
                               dilation_h=dh, dilation_w=dw, groups=groups, out_h=OH, out_w=OW)
     params = _core.ConvParams(geometry=geom, input_nchw=nchw)
     w, wf = None, -1
-    if groups == C and Wshape[1] == 1 and O == C:  # depthwise: one-element blocks, see ops/conv.cpp
+    if depthwise:  # one-element blocks, see ops/conv.cpp
         wf = cx.const_vid(_depthwise_weights(cx, n, O, kh, kw))
         params.depthwise, params.quantize_input = True, "qweight" in n.attrs
     elif "qweight" in n.attrs:
