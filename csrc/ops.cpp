@@ -784,6 +784,20 @@ void conv2d(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, cons
 
 // nhwc: x is [N][H][W][C] and out [N][OH][OW][O] (the runtime's layout: the GEMM's pixel rows
 // are stored as they come); otherwise NCHW in and out.
+// f(image, p0, p1) over runs [p0, p1) of an image's n pixels, for each of `images`, as items on
+// nthr threads: runs of 16..128 pixels (the row quantizer's groups of 16 rows; short image rows
+// such as 7 or 14 pixels still fill them), at least 4 items per thread where the image allows;
+// the last run of an image takes the rest
+template <class F>
+static void for_pixel_runs(int nthr, int64_t images, int64_t n, F&& f) {
+    const int64_t run = 16 * std::max<int64_t>(1, std::min<int64_t>(8, n / (16 * 4 * nthr)));
+    const int64_t nrun = std::max<int64_t>(1, n / run);
+    parallel_for(nthr, images * nrun, [&](int64_t it) {
+        const int64_t img = it / nrun, j = it % nrun, p0 = j * run;
+        f(img, p0, j + 1 == nrun ? n : p0 + run);
+    });
+}
+
 bool ConvActs::Key::operator==(const Key& o) const {
     const auto fk = [](const FmtParams& q) {
         return std::make_tuple(q.block, q.kind, q.mbits, q.ebits, q.bias, q.specials, q.unit_shift, q.max_units,
@@ -966,11 +980,7 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
                 quantize_pixels(x + ((n * g.H + oy * g.sh) * g.W) * C, W, g.sw * C, row * W);
             });
         } else if (g.pl == 0 && g.pr == 0) {
-            // runs of 16..128 pixels, at least 4 items per thread where the image allows
-            const int64_t run = 16 * std::max<int64_t>(1, std::min<int64_t>(8, HW / (16 * 4 * nthr)));
-            const int64_t nrun = std::max<int64_t>(1, HW / run);  // the last run takes the rest
-            parallel_for(nthr, NG * nrun, [&](int64_t it) {
-                const int64_t ng = it / nrun, j = it % nrun, p0 = j * run, p1 = j + 1 == nrun ? HW : p0 + run;
+            for_pixel_runs(nthr, NG, HW, [&](int64_t ng, int64_t p0, int64_t p1) {
                 quantize_run(ng, p0, p1 - p0, ng * npix + g.pt * Wp + p0);
             });
         } else {
@@ -1130,12 +1140,8 @@ bool PointwiseRows::make(const float* x, int64_t npix, const FmtParams& fx, uint
     amax_.size_to(size_t(npix));
     std::fill(amin_.data(), amin_.data() + npix, INT32_MAX);
     std::fill(amax_.data(), amax_.data() + npix, INT32_MIN);
-    // runs of 16..128 pixels (the quantizer's groups of 16 rows), as conv2d_impl's row quantizer
     const int nthr = npix * C > 16384 ? num_threads() : 1;
-    const int64_t run = 16 * std::max<int64_t>(1, std::min<int64_t>(8, npix / (16 * 4 * nthr)));
-    const int64_t nrun = std::max<int64_t>(1, npix / run);
-    parallel_for(nthr, nrun, [&](int64_t j) {
-        const int64_t p0 = j * run, p1 = j + 1 == nrun ? npix : p0 + run;
+    for_pixel_runs(nthr, 1, npix, [&](int64_t, int64_t p0, int64_t p1) {
         const QuantRowsArgs qa{x + p0 * C, p1 - p0, C, int(C), &fx, Bp, a8_.data() + p0 * plen, plen,
                                ae_.data() + p0 * nbc, as_.data() + p0 * nbc, ac_.data() + p0 * nbc,
                                amin_.data() + p0, amax_.data() + p0};

@@ -247,6 +247,13 @@ static void produce_expanded(const void* ctx, int64_t n, int64_t lo, int64_t hi,
     }
 }
 
+// The epilogue as a pass over rows already stored (n rows of O at y): kernels that do not
+// apply it in registers
+static void epilogue_pass(const VecEpilogue& ve, float* y, int64_t n, int64_t O) {
+#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(n * O))
+    for (int64_t i = 0; i < n; ++i) ve.rows(y + i * O, 1, int(O), O);
+}
+
 static void exec_conv(Program& p, const Op& op) {
     const ConvParams& q = op.get<ConvParams>();
     const ConvGeom g = q.geometry.geom();
@@ -277,10 +284,7 @@ static void exec_conv(Program& p, const Op& op) {
         const bool fused = k.fused_epilogue && epi;
         if (conv2d_stem_nchw(x, p.format(), *op.w, g, y, fused ? &ve : nullptr)) {
             p.note_stem();
-            if (fused || !epi) return;
-            const int64_t rows = g.N * g.OH * g.OW;
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(rows * O))
-            for (int64_t i = 0; i < rows; ++i) ve.rows(y + i * O, 1, int(O), O);
+            if (!fused && epi) epilogue_pass(ve, y, g.N * g.OH * g.OW, O);
             return;
         }
         // elsewhere: a channels-last copy (this thread's buffer), then the usual path
@@ -319,10 +323,7 @@ static void exec_conv(Program& p, const Op& op) {
         const ConvGeom ge{g.N, q.expand_channels, g.H, g.W, 1, 1, 1, 0, 0, 0, 0, 1, 1, g.H, g.W};
         const bool fused1 = k.fused_epilogue && ve1.any();
         conv2d_impl(x, f, p.seed(), *op.w, ge, nullptr, t, true, fused1 ? &ve1 : nullptr);
-        if (!fused1 && ve1.any()) {
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(npix * O))
-            for (int64_t i = 0; i < npix; ++i) ve1.rows(t + i * O, 1, int(O), O);
-        }
+        if (!fused1 && ve1.any()) epilogue_pass(ve1, t, npix, O);
         x = t;
     }
     if (q.depthwise) {  // one-element blocks (see dwconv_nhwc)
@@ -355,10 +356,7 @@ static void exec_conv(Program& p, const Op& op) {
     } else {
         conv2d_fp32_nhwc(x, p.buf(op.wf), g, O, kh, kw, y);
     }
-    if (!epi) return;  // the matrix unit's fp32 output goes on as it is
-    const int64_t rows = g.N * g.OH * g.OW;
-#pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(rows * O))
-    for (int64_t i = 0; i < rows; ++i) ve.rows(y + i * O, 1, int(O), O);
+    if (epi) epilogue_pass(ve, y, g.N * g.OH * g.OW, O);  // else the matrix unit's fp32 output goes on as it is
 }
 
 BFP_REGISTER_OP(kOpConv, validate_conv, exec_conv);

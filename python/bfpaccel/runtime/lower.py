@@ -410,15 +410,20 @@ class Lowering:
         return self.build(outputs, out_vids)
 
     # ------------------------------------------------------------ fusion
+    def _readers(self) -> Dict[int, List[int]]:
+        """Buffer root -> the indices of the ops that read it (inputs and fused residuals)."""
+        readers: Dict[int, List[int]] = {}
+        for i, op in enumerate(self.ops):
+            for v in op.ins + ([op.res] if op.res >= 0 else []):
+                readers.setdefault(self.vroot[v], []).append(i)
+        return readers
+
     def fuse_pad_pool(self) -> None:
         """A constant ``Pad`` of the spatial axes whose only reader is a max pool without padding
         of its own (TF-slim's ResNet: ``Pad`` then ``MaxPool`` VALID) becomes the pool's padding,
         its positions taps holding the pad value: the same maximum over the same taps in the same
         order, without writing the padded copy."""
-        readers: Dict[int, int] = {}
-        for op in self.ops:
-            for v in op.ins + ([op.res] if op.res >= 0 else []):
-                readers[self.vroot[v]] = readers.get(self.vroot[v], 0) + 1
+        readers = self._readers()
         producer = {self.vroot[op.outs[0]]: op for op in self.ops if len(op.outs) == 1}
         dead = []
         for op in self.ops:
@@ -430,7 +435,7 @@ class Lowering:
                 continue
             root = self.vroot[op.ins[0]]
             pad = producer.get(root)
-            if pad is None or not isinstance(pad.params, _core.PadParams) or readers.get(root) != 1 \
+            if pad is None or not isinstance(pad.params, _core.PadParams) or len(readers.get(root, [])) != 1 \
                     or root in self._final_roots:
                 continue
             q = pad.params
@@ -455,16 +460,8 @@ class Lowering:
     def fuse(self) -> None:
         """Folds a residual ``Add`` and a ``Relu`` / ``Clip`` that are a conv's only reader into
         the conv's epilogue (each still rounded as the separate op would be)."""
-        ops = self.ops
-        readers: Dict[int, List[int]] = {}
-
-        def index() -> None:
-            readers.clear()
-            for i, op in enumerate(ops):
-                for v in op.ins + ([op.res] if op.res >= 0 else []):
-                    readers.setdefault(self.vroot[v], []).append(i)
-
-        index()
+        ops = self.ops  # edited in place: _readers() sees every fusion
+        readers = self._readers()
         i = 0
         while i < len(ops):
             op = ops[i]
@@ -505,7 +502,7 @@ class Lowering:
             op.name = op.name + "+" + nxt.name
             ops[j] = op
             del ops[i]
-            index()
+            readers = self._readers()
             # stay on the same conv (now at j-1) to try fusing the next op too
             i = 0
         self.ops = ops
@@ -520,10 +517,7 @@ class Lowering:
         runs the two convs one after the other where the kernel has no such path)."""
         if not self.plan.format.is_block:
             return
-        readers: Dict[int, List[int]] = {}
-        for i, op in enumerate(self.ops):
-            for v in op.ins + ([op.res] if op.res >= 0 else []):
-                readers.setdefault(self.vroot[v], []).append(i)
+        readers = self._readers()
         producer = {self.vroot[op.outs[0]]: i for i, op in enumerate(self.ops) if len(op.outs) == 1}
         drop: Set[int] = set()
         for i, op in enumerate(self.ops):
