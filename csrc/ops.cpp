@@ -771,7 +771,7 @@ static bool try_stem_conv(const float* x, const FmtParams& fx, Operand& w, const
 bool conv2d_stem_nchw(const float* x, const FmtParams& fx, Operand& w, const ConvGeom& g, float* out,
                       const VecEpilogue* epi) {
     if (g.OH * g.OW == 0 || w.R == 0 || g.N == 0) return true;
-    return fx.int8_units() && w.int8() && try_stem_conv(x, fx, w, g, out, epi, true);
+    return try_stem_conv(x, fx, w, g, out, epi, true);  // (it checks the formats)
 }
 
 // Implicit GEMM per (image, group): rows = output pixels (one pointer per kernel tap into the
