@@ -208,6 +208,21 @@ struct QuantRowsArgs {
     // 1: a row's C floats are contiguous. Otherwise (rows of at most 4 channels with xs == 1, an
     // NCHW image's pixels) channel c of row i is x[c * cs + i].
     int64_t cs = 1;
+    // These arguments' rows [i0, i0 + count), their floats at rows (stride floats apart)
+    QuantRowsArgs rows_at(const float* rows, int64_t i0, int64_t count, int64_t stride) const {
+        const int64_t nbc = (C + f->block - 1) / f->block;
+        QuantRowsArgs b = *this;
+        b.x = rows;
+        b.n = count;
+        b.xs = stride;
+        b.u += i0 * us;
+        b.E += i0 * nbc;
+        b.scale += i0 * nbc;
+        if (b.corr) b.corr += i0 * nbc;
+        b.emin += i0;
+        b.emax += i0;
+        return b;
+    }
 };
 
 // A depthwise convolution (C groups of one channel, multiplier 1) on fake-quantized operands
@@ -233,6 +248,14 @@ struct DwArgs {
     void (*produce)(const void* ctx, int64_t n, int64_t lo, int64_t hi, int64_t cb0, int64_t cb1, int64_t plane,
                     float* tile) = nullptr;
     const void* produce_ctx = nullptr;
+    // non-null (with fq): out is not written; each work item keeps its output rows (every channel,
+    // epilogue applied) in a buffer of its own and quantizes them with oq_fn into the operand that
+    // *oq describes for output pixel 0 (QuantRowsArgs::rows_at; oq->C == C): the input of the 1x1
+    // conv reading this output (ConvParams::quantize_output). epi must not have a residual.
+    const QuantRowsArgs* oq = nullptr;
+    void (*oq_fn)(const QuantRowsArgs& a) = nullptr;
+    // the image row (n * OH + oy) that out's first row is (an item's own buffer); 0 otherwise
+    int64_t orow0 = 0;
 };
 
 // A convolution of an input with at most 4 channels (an image network's stem: every tap is one

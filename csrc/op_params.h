@@ -58,7 +58,10 @@ struct ConvGeometry {
     F(float, expand_clip_lo, "the expansion's CLIP: lower bound")                                       \
     F(float, expand_clip_hi, "the expansion's CLIP: upper bound")                                        \
     F(bool, input_nchw, "BFP convs of at most 4 input channels without groups (a stem): the input is "   \
-      "[N][C][H][W] as the network gives it, read on the kernel's stem path without a channels-last copy")
+      "[N][C][H][W] as the network gives it, read on the kernel's stem path without a channels-last copy") \
+    F(int64_t, quantize_output, "depthwise with quantize_input: 0, or the share_input slot of the BFP 1x1 " \
+      "conv (stride 1, no padding or groups) that is this conv's only reader: where the kernel can, the " \
+      "conv writes that conv's quantized input into the slot instead of writing its own output")
 // kOpMatMul: Y[j] = A[a(j)] x B[b(j)] for every index j of batch_shape (row-major Y [batch][m][n]);
 // a(j) = sum j_d * a_strides[d] picks one of A's a_count matrices [m][k] (0 strides: broadcast), b(j)
 // one of B's b_count matrices, stored [k][n] or, b_transposed, [n][k]. Both operands are quantized

@@ -808,6 +808,49 @@ bool ConvActs::Key::operator==(const Key& o) const {
            cur == o.cur && int8 == o.int8 && nhwc == o.nhwc && seed == o.seed && fk(f) == fk(o.f);
 }
 
+// The kernel conv2d_impl runs a conv with weights w on: the calling thread's, or the scalar one
+// for wide units or weights packed for another kernel
+static const KernelDesc& conv_kernel(const FmtParams& fx, const Operand& w) {
+    if (!(fx.int8_units() && w.int8())) return kernel_at(0);
+    const KernelDesc& k = current_kernel();
+    return w.kern == &k ? k : kernel_at(0);
+}
+
+// The key of conv2d_impl's activation operand (sub: a strided 1x1 conv quantizing only the
+// pixels it reads)
+static ConvActs::Key acts_key(const float* x, const ConvGeom& g, bool sub, const Operand& w, const KernelDesc& k,
+                              bool int8, bool nhwc, const FmtParams& fx, uint64_t seed) {
+    ConvActs::Key key;
+    key.x = x;
+    key.N = g.N;
+    key.C = g.C;
+    key.H = g.H;
+    key.W = g.W;
+    key.sh = sub ? g.sh : 1;
+    key.sw = sub ? g.sw : 1;
+    key.G = g.groups;
+    key.pt = g.pt;
+    key.pl = g.pl;
+    key.pb = g.pb;
+    key.pr = g.pr;
+    key.nbc = w.nbt;
+    key.Bp = w.Bp;
+    key.k = &k;
+    key.cur = &current_kernel();
+    key.int8 = int8;
+    key.nhwc = nhwc;
+    key.seed = seed;
+    key.f = fx;
+    return key;
+}
+
+// conv2d_impl quantizes its input with the kernel's row quantizer (channels-last, deterministic
+// rounding, int8 units in blocks of at most 128)
+static bool uses_row_quantizer(const FmtParams& fx, const Operand& w, const KernelDesc& k, bool nhwc) {
+    return fx.int8_units() && w.int8() && fast_quant_ok(fx) && nhwc && k.quantize_rows && !k.rows16 &&
+           w.Bp <= 128 && fx.kind == kInt;
+}
+
 ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
                  const float* bias, float* out, bool nhwc, const VecEpilogue* epi, ConvActs* share) {
     const int G = g.groups;
@@ -815,16 +858,14 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     const int64_t P = g.OH * g.OW, NG = g.N * G;
     const int nbc = w.nbt, Bp = w.Bp, B = fx.block, taps = w.taps;
     const bool int8 = fx.int8_units() && w.int8();
-    const KernelDesc* kp = int8 ? &current_kernel() : &kernel_at(0);
-    if (int8 && w.kern != kp) kp = &kernel_at(0);  // weights were packed for another kernel
-    const KernelDesc& k = *kp;
+    const KernelDesc& k = conv_kernel(fx, w);
     if (!int8) w.ensure_u64();
     if (P == 0 || O == 0 || g.N == 0) return kConvGemm;
     if (nhwc && !share && !bias && try_stem_conv(x, fx, w, g, out, epi)) return kConvStem;
     const bool rows16 = k.rows16;  // e.g. the AVX2 kernel broadcasts int16 units
     const bool simd = k.simd();
     const bool fast = int8 && fast_quant_ok(fx);
-    const bool row_quant = fast && nhwc && k.quantize_rows && !rows16 && Bp <= 128 && fx.kind == kInt;
+    const bool row_quant = uses_row_quantizer(fx, w, k, nhwc);
     // A strided 1x1 conv without padding (a ResNet's downsampling shortcut and conv1) reads
     // only every sh-th row and sw-th column of its input: those pixels alone are quantized,
     // as the input of a stride-1 conv of OH x OW pixels (the same blocks, a quarter of the work)
@@ -837,27 +878,7 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     const int64_t npix = Hp * Wp, plen = int64_t(nbc) * Bp;
     const size_t nunits = size_t(NG * npix * plen), nblocks = size_t(NG * npix * nbc);
     // The operand is a pure function of this key: another conv's (share) is used when it matches.
-    ConvActs::Key key;
-    key.x = x;
-    key.N = g.N;
-    key.C = C;
-    key.H = g.H;
-    key.W = g.W;
-    key.sh = sub ? g.sh : 1;
-    key.sw = sub ? g.sw : 1;
-    key.G = G;
-    key.pt = g.pt;
-    key.pl = g.pl;
-    key.pb = g.pb;
-    key.pr = g.pr;
-    key.nbc = nbc;
-    key.Bp = Bp;
-    key.k = &k;
-    key.cur = &current_kernel();
-    key.int8 = int8;
-    key.nhwc = nhwc;
-    key.seed = seed;
-    key.f = fx;
+    const ConvActs::Key key = acts_key(x, g, sub, w, k, int8, nhwc, fx, seed);
     const bool reuse = share && share->valid && share->key == key;
     // without a shared slot: this thread's own operand buffers, kept across calls (allocated
     // per call, every MB-sized buffer came back from the OS as fresh pages: page faults and
@@ -1122,6 +1143,29 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
         }
     }
     return reuse ? kConvReused : kConvGemm;
+}
+
+bool begin_pointwise_acts(ConvActs& A, const float* x, int64_t N, int64_t H, int64_t W, const FmtParams& fx,
+                          uint64_t seed, const Operand& w, QuantRowsArgs* qa, void (**fn)(const QuantRowsArgs&)) {
+    const KernelDesc& k = conv_kernel(fx, w);
+    if (!uses_row_quantizer(fx, w, k, true) || !k.simd() || w.taps != 1 || w.groups != 1 || N < 1 || H < 1 || W < 1)
+        return false;
+    const int64_t C = w.K, npix = N * H * W, nbc = w.nbt, plen = nbc * w.Bp;
+    const ConvGeom g{N, C, H, W, 1, 1, 1, 0, 0, 0, 0, 1, 1, H, W};
+    A.valid = false;
+    A.key = acts_key(x, g, false, w, k, true, true, fx, seed);
+    // as conv2d_impl sizes them for this key (no padding ring)
+    A.a8.size_to(size_t(npix * plen));
+    A.a16.size_to(0);
+    A.ae.size_to(size_t(npix * nbc));
+    A.as.size_to(size_t(npix * nbc));
+    A.ac.size_to(size_t(npix * nbc));
+    A.amin.assign(size_t(npix), INT32_MAX);
+    A.amax.assign(size_t(npix), INT32_MIN);
+    *qa = QuantRowsArgs{nullptr, 0, C, int(C), &fx, w.Bp, A.a8.data(), plen, A.ae.data(), A.as.data(), A.ac.data(),
+                        A.amin.data(), A.amax.data()};
+    *fn = k.quantize_rows;
+    return true;
 }
 
 bool PointwiseRows::make(const float* x, int64_t npix, const FmtParams& fx, uint64_t seed, Operand& w) {

@@ -224,6 +224,17 @@ bool conv2d_stem_nchw(const float* x, const FmtParams& fx, Operand& w, const Con
 ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
                  const float* bias, float* out, bool nhwc, const VecEpilogue* epi = nullptr,
                  ConvActs* share = nullptr);
+// The activation operand of a 1x1 conv (stride 1, no padding, one group; weights w) over
+// x [N][H][W][C], made by the op that produces x instead of by that conv (a depthwise conv's
+// ConvParams::quantize_output): A gets the key conv2d_impl computes for that conv, its buffers
+// sized and every pixel's exponent range reset; *qa becomes the row quantizer's arguments for
+// pixel 0 (x and n left for the caller: each run of pixels p0.. is quantized with x, n set and
+// u, E, scale, corr, emin, emax advanced by p0 pixels, see rows_at) and *fn the kernel's row
+// quantizer. Once every pixel is quantized, the caller sets A.valid. False (A untouched): that
+// conv would not quantize its input with the row quantizer (its format, weights or kernel), so
+// the producer writes x as usual.
+bool begin_pointwise_acts(ConvActs& A, const float* x, int64_t N, int64_t H, int64_t W, const FmtParams& fx,
+                          uint64_t seed, const Operand& w, QuantRowsArgs* qa, void (**fn)(const QuantRowsArgs&));
 
 // A 1x1 convolution (stride 1, no padding, no groups) over NHWC pixels, computed in pieces on
 // the calling thread: an expansion conv fused into the depthwise conv that reads it (its output

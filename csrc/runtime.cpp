@@ -139,8 +139,21 @@ void Program::add_op(Op op) {
     if (!impl) c.fail("unknown op kind " + std::to_string(op.kind()));
     impl->validate(*this, op, c);
     if (op.kind() == kOpConv) {
-        const int64_t slot = op.get<ConvParams>().share_input;
+        const ConvParams& q = op.get<ConvParams>();
+        const int64_t slot = std::max(q.share_input, q.quantize_output);
         while (slot > 0 && shared_.size() < size_t(slot)) shared_.push_back(std::make_unique<ConvActs>());
+        // a BFP conv reading the output of the last op that quantizes its output into this
+        // conv's slot (ConvParams::quantize_output): the two are linked
+        if (q.share_input && op.w && !op.in.empty())
+            for (size_t j = ops_.size(); j-- > 0;) {
+                Op& pr = ops_[j];
+                if (pr.kind() != kOpConv || pr.get<ConvParams>().quantize_output != q.share_input) continue;
+                if (!pr.reader_w && slot_[size_t(pr.out[0])] == slot_[size_t(op.in[0])]) {
+                    pr.reader_w = op.w;
+                    op.input_from_producer = true;
+                }
+                break;
+            }
     }
     ops_.push_back(std::move(op));
     impls_.push_back(impl);
@@ -172,10 +185,14 @@ void Program::run(const std::vector<std::pair<int, const float*>>& inputs) {
         } else {
             impls_[i]->exec(*this, ops_[i]);
         }
-        for (auto& a : shared_)
-            if (a->valid)
+        // (except the slot the op has just filled from its own output: quantize_output)
+        const int64_t made = ops_[i].kind() == kOpConv ? ops_[i].get<ConvParams>().quantize_output : 0;
+        for (size_t s = 0; s < shared_.size(); ++s) {
+            ConvActs& a = *shared_[s];
+            if (a.valid && int64_t(s) + 1 != made)
                 for (int id : ops_[i].out)
-                    if (a->key.x == data(id)) a->valid = false;
+                    if (a.key.x == data(id)) a.valid = false;
+        }
     }
 }
 

@@ -31,6 +31,11 @@ struct Op {
     int wf = -1;                 // conv: constant buffer of fp32 weights [G][taps][Cg][Og] (depthwise [taps][C])
     int bias = -1, res = -1;     // conv: bias constant, residual input buffer
     std::string name;            // the ONNX node, for errors and profiles
+    // ConvParams::quantize_output, linked by Program::add_op when the reading conv is added: the
+    // producer holds that conv's weights (the operand's layout), the reader knows its input may
+    // exist only as the operand in its share_input slot
+    std::shared_ptr<Operand> reader_w;
+    bool input_from_producer = false;
 
     int kind() const { return int(params.index()) - 1; }  // an OpKind; -1: no parameters
     template <class P>

@@ -25,6 +25,7 @@
 #include <stdexcept>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "../bfp.h"
 #include "../pool.h"
@@ -109,7 +110,7 @@ static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy,
             }
         }
     }
-    float* d = a.out + ((n * a.OH + oy) * a.OW + ox0) * C + c0;
+    float* d = a.out + ((n * a.OH + oy - a.orow0) * a.OW + ox0) * C + c0;
 #pragma GCC unroll 8
     for (int j = 0; j < NP; ++j) store_lanes(d + j * C, acc[j], nl);
 }
@@ -141,7 +142,7 @@ static void row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t oy, i
     }
     // the epilogue on the row's outputs, still in L1: one call a row, not one a strip
     if (!a.epi) return;
-    float* d = a.out + (n * a.OH + oy) * a.OW * a.C + c0;
+    float* d = a.out + (n * a.OH + oy - a.orow0) * a.OW * a.C + c0;
     epi_rows(*a.epi, d, a.OW, nl, a.C);
 }
 
@@ -245,6 +246,8 @@ void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* o
 void dwconv(const DwArgs& a) {
     if (a.fq && !a.fq->simd_elements()) throw std::invalid_argument("dwconv: the input's format is not an int(p) format");
     if (a.produce && !a.fq) throw std::invalid_argument("dwconv: a produced input needs its format");
+    if (a.oq && (!a.fq || !a.oq_fn || a.oq->C != a.C || (a.epi && a.epi->res)))
+        throw std::invalid_argument("dwconv: a quantized output needs fq, a quantizer, C channels and no residual");
     const int64_t ncb = (a.C + 15) / 16, taps = int64_t(a.kh) * a.kw;
     const int nt = num_threads();
     if (!a.fq) {
@@ -284,11 +287,25 @@ void dwconv(const DwArgs& a) {
     const int64_t budget = int64_t(512) << 10;
     int64_t R = a.OH < 8 ? a.OH : 8, cg = ncb;
     while (R > 1 && tile_of(R, cg) > budget) --R;
-    while (cg > 1 && tile_of(R, cg) > budget) cg = (cg + 1) / 2;
     auto n_items = [&](int64_t R_, int64_t cg_) { return a.N * ((a.OH + R_ - 1) / R_) * ((ncb + cg_ - 1) / cg_); };
-    if (nt > 1) {
-        while (cg > 1 && n_items(R, cg) < 4 * int64_t(nt)) cg = (cg + 1) / 2;
-        while (R > 1 && n_items(R, cg) < 2 * int64_t(nt)) R = (R + 1) / 2;
+    if (a.oq) {
+        // an item quantizes whole pixels (every channel block: the exponent range is per pixel),
+        // so only the rows are split: R from the largest that fits down to half of it, the one
+        // whose busiest thread computes the fewest input rows (the tile's halo included)
+        if (nt > 1) {
+            int64_t best = R, best_cost = INT64_MAX;
+            for (int64_t r = R; r >= 1 && 2 * r >= R; --r) {
+                const int64_t cost = (n_items(r, cg) + nt - 1) / nt * rows_in(r);
+                if (cost < best_cost) best_cost = cost, best = r;
+            }
+            R = best;
+        }
+    } else {
+        while (cg > 1 && tile_of(R, cg) > budget) cg = (cg + 1) / 2;
+        if (nt > 1) {
+            while (cg > 1 && n_items(R, cg) < 4 * int64_t(nt)) cg = (cg + 1) / 2;
+            while (R > 1 && n_items(R, cg) < 2 * int64_t(nt)) R = (R + 1) / 2;
+        }
     }
     const int64_t tile_rows = rows_in(R) < a.H ? rows_in(R) : a.H;
     const int64_t nrb = (a.OH + R - 1) / R, ncg = (ncb + cg - 1) / cg, items = a.N * nrb * ncg;
@@ -314,15 +331,34 @@ void dwconv(const DwArgs& a) {
         if (hi > a.H - 1) hi = a.H - 1;
         if (lo <= hi && a.produce) a.produce(a.produce_ctx, n, lo, hi, cb0, cb1, plane, tile);
         else if (lo <= hi) with_path(q, [&](auto p) { quantize_tile<decltype(p)::value>(a, q, n, lo, hi, cb0, cb1, plane, tile); });
+        // a quantized output: the item's rows go to this thread's buffer (its epilogue re-based
+        // there: the bias by channel), then through the row quantizer while they are in L2
+        static thread_local std::vector<float> obuf;
+        DwArgs b;
+        VecEpilogue eb;
+        if (a.oq) {
+            const size_t need = size_t((oy1 - oy0) * a.OW * a.C);
+            if (obuf.size() < need) obuf.resize(need);
+            b = a;
+            b.out = obuf.data();
+            b.orow0 = n * a.OH + oy0;
+            if (a.epi) {
+                eb = *a.epi;
+                eb.y = b.out;
+                b.epi = &eb;
+            }
+        }
+        const DwArgs& d = a.oq ? b : a;
         for (int64_t cb = cb0; cb < cb1; ++cb) {
             const int64_t c0 = cb * 16;
             const int nl = int(a.C - c0 < 16 ? a.C - c0 : 16);
             const XView X{tile + (cb - cb0) * plane, lo, a.W * 16, 16};
             for (int64_t oy = oy0; oy < oy1; ++oy) {
-                if (nl == 16) tile_row_strips<true>(a, X, n, oy, c0, nl);
-                else tile_row_strips<false>(a, X, n, oy, c0, nl);
+                if (nl == 16) tile_row_strips<true>(d, X, n, oy, c0, nl);
+                else tile_row_strips<false>(d, X, n, oy, c0, nl);
             }
         }
+        if (a.oq) a.oq_fn(a.oq->rows_at(b.out, (n * a.OH + oy0) * a.OW, (oy1 - oy0) * a.OW, a.C));
     });
 }
 

@@ -111,6 +111,13 @@ void check_window(const ConvGeometry& g, OpCheck& c) {
         if (v < 0 || v > kBig) c.fail("padding out of range");
 }
 
+static void check_quantize_output(const Op& op, OpCheck& c) {
+    const ConvParams& q = op.get<ConvParams>();
+    c.range(q.quantize_output, 0, 256, "quantize_output");
+    if (q.quantize_output && (!q.depthwise || !q.quantize_input || op.res >= 0 || op.out.size() != 1))
+        c.fail("quantize_output is for depthwise convs with quantize_input, one output and no residual");
+}
+
 // A depthwise conv with a fused 1x1 expansion (ConvParams::expand_channels): the expansion's
 // input, BFP weights (Op::w) and bias (a second input) in place of the depthwise conv's input.
 static void validate_expand_dw(const Program& p, const Op& op, OpCheck& c) {
@@ -120,6 +127,7 @@ static void validate_expand_dw(const Program& p, const Op& op, OpCheck& c) {
     if (!p.has_format()) c.fail("a fused expansion in a program without format");
     c.range(q.expand_channels, 1, int64_t(1) << 30, "expand_channels");
     if (q.share_input) c.fail("share_input is for convs with BFP weights");
+    check_quantize_output(op, c);
     if (op.res >= 0) c.fail("a depthwise conv with a fused expansion takes no residual");
     if (q.activation < 0 || q.activation >= kActCount || q.expand_activation < 0 || q.expand_activation >= kActCount)
         c.fail("unknown conv activation");
@@ -150,6 +158,7 @@ static void validate_conv(const Program& p, const Op& op, OpCheck& c) {
     if (op.w && !p.has_format()) c.fail("BFP conv in a program without format");
     c.range(q.share_input, 0, 256, "share_input");
     if (q.share_input && (!op.w || q.depthwise)) c.fail("share_input is for convs with BFP weights");
+    check_quantize_output(op, c);
     if (q.input_nchw && (!op.w || q.depthwise || q.share_input || g.groups != 1 || g.channels > 4))
         c.fail("input_nchw is for BFP convs of at most 4 channels without groups or a shared input");
     if (q.activation < 0 || q.activation >= kActCount)
@@ -254,6 +263,24 @@ static void epilogue_pass(const VecEpilogue& ve, float* y, int64_t n, int64_t O)
     for (int64_t i = 0; i < n; ++i) ve.rows(y + i * O, 1, int(O), O);
 }
 
+// The kernel's depthwise loop; with ConvParams::quantize_output (linked to its reader) and a
+// path that quantizes its input, the reading 1x1 conv's operand is made into that conv's slot
+// instead of the output (a format, weights or kernel its row quantizer does not take: the output)
+static void run_dwconv(Program& p, const Op& op, const KernelDesc& k, DwArgs& da) {
+    const ConvParams& q = op.get<ConvParams>();
+    QuantRowsArgs oq{};
+    ConvActs* slot = nullptr;
+    if (q.quantize_output && op.reader_w && da.fq && !(da.epi && da.epi->res)) {
+        ConvActs* A = p.shared_acts(q.quantize_output);
+        if (begin_pointwise_acts(*A, da.out, da.N, da.OH, da.OW, p.format(), p.seed(), *op.reader_w, &oq, &da.oq_fn)) {
+            da.oq = &oq;
+            slot = A;
+        }
+    }
+    k.dwconv(da);
+    if (slot) slot->valid = true;
+}
+
 static void exec_conv(Program& p, const Op& op) {
     const ConvParams& q = op.get<ConvParams>();
     const ConvGeom g = q.geometry.geom();
@@ -262,6 +289,9 @@ static void exec_conv(Program& p, const Op& op) {
     float* y = p.buf(op.out[0]);
     const float* x = p.buf(op.in[0]);
     const KernelDesc& k = current_kernel();
+    // quantize_output: the slot holds this conv's output after it only if run_dwconv makes it
+    // now (else it may hold an operand of an earlier reader, made from the same buffer)
+    if (q.quantize_output) p.shared_acts(q.quantize_output)->valid = false;
     // bias, residual and activation, each rounded as the separate vector ops would be: applied
     // in registers by kernels that can, else by a pass over the output below
     // Clip is min(max(x, lo), hi) (ONNX, and the unary op): hi everywhere when lo > hi, which the
@@ -311,7 +341,7 @@ static void exec_conv(Program& p, const Op& op) {
                       g.dh, g.dw, epi ? &ve : nullptr, &f, fix_element, nullptr};
             da.produce = produce_expanded;
             da.produce_ctx = &et;
-            k.dwconv(da);
+            run_dwconv(p, op, k, da);
             return;
         }
         // elsewhere (a kernel without that path, a weight packed for another): the expansion
@@ -338,18 +368,22 @@ static void exec_conv(Program& p, const Op& op) {
         }
         if (k.dwconv) {  // the kernel's depthwise loop, epilogue applied in registers
             const ElemFix fix{x, &p.format(), p.seed(), 0};
-            const DwArgs da{xin, p.buf(op.wf), y, g.N, g.C, g.H, g.W, g.OH, g.OW, kh, kw,
-                            g.sh, g.sw, g.pt, g.pl, g.dh, g.dw, epi ? &ve : nullptr,
-                            kq ? &p.format() : nullptr, fix_element, &fix};
-            k.dwconv(da);
+            DwArgs da{xin, p.buf(op.wf), y, g.N, g.C, g.H, g.W, g.OH, g.OW, kh, kw,
+                      g.sh, g.sw, g.pt, g.pl, g.dh, g.dw, epi ? &ve : nullptr,
+                      kq ? &p.format() : nullptr, fix_element, &fix};
+            run_dwconv(p, op, k, da);
             return;
         }
         dwconv_nhwc(xin, p.buf(op.wf), g, kh, kw, y);
     } else if (op.w) {
         // an input read by several convs alike: quantized by the first, reused by the others
         ConvActs* share = q.share_input ? p.shared_acts(q.share_input) : nullptr;
+        // the input's producer may have written only this conv's operand (quantize_output)
+        const bool produced = op.input_from_producer && share && share->valid;
         const bool fused = k.fused_epilogue && epi;  // applied to each tile in registers
         const ConvRun run = conv2d_impl(x, p.format(), p.seed(), *op.w, g, nullptr, y, true, fused ? &ve : nullptr, share);
+        if (produced && run != kConvReused)
+            throw std::logic_error("op " + op.name + ": the operand its input's producer made does not fit it");
         if (run == kConvReused) p.note_reused();
         if (run == kConvStem) p.note_stem();
         if (fused) return;

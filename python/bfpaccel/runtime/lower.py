@@ -197,6 +197,9 @@ class Lowering:
     #: fuse a 1x1 expansion conv into the depthwise conv that is its only reader
     #: (:meth:`fuse_expansions`); False runs them as two ops (the same bits)
     fuse_expansion_convs: bool = True
+    #: a depthwise conv whose only reader is a 1x1 BFP conv quantizes its output for that conv
+    #: (:meth:`quantize_outputs`); False stores the output and the conv quantizes it (the same bits)
+    quantize_conv_outputs: bool = True
 
     def __init__(self, plan: Plan, shapes: Dict[str, Tuple[int, ...]]):
         self.plan = plan
@@ -405,8 +408,8 @@ class Lowering:
         self.fuse()
         if self.fuse_expansion_convs:
             self.fuse_expansions()
-        if self.share_quantized_inputs:
-            self.share_inputs()
+        self.assign_slots(self.share_inputs() if self.share_quantized_inputs else [],
+                          self.quantize_outputs() if self.quantize_conv_outputs else [])
         return self.build(outputs, out_vids)
 
     # ------------------------------------------------------------ fusion
@@ -550,14 +553,14 @@ class Lowering:
         self.ops = [op for i, op in enumerate(self.ops) if i not in drop]
 
     # ------------------------------------------------------------ shared input quantization
-    def share_inputs(self) -> None:
+    def share_inputs(self) -> List[List[int]]:
         """Convs and dense layers on the BFP core that read the same value with the same input
-        geometry (attention's query, key and value projections) quantize it once per run: each
-        group gets a ``ConvParams.share_input`` slot (1, 2, ...; a slot is reused once its group's
-        last op has run); the first op of a run quantizes the input into it, the others reuse it.
-        The quantized operand is a pure function of the input, the format, the seed, the geometry
-        and the kernel (the executor checks all of them, and drops it when its buffer is written),
-        so the bits are those of quantizing it again."""
+        geometry (attention's query, key and value projections) quantize it once per run: the
+        groups of such ops (indices, in order), each to get a ``ConvParams.share_input`` slot
+        (:meth:`assign_slots`); the first op of a run quantizes the input into it, the others
+        reuse it. The quantized operand is a pure function of the input, the format, the seed,
+        the geometry and the kernel (the executor checks all of them, and drops it when its
+        buffer is written), so the bits are those of quantizing it again."""
         groups: Dict[Tuple[int, ...], List[int]] = {}
         for i, op in enumerate(self.ops):
             p = op.params
@@ -567,8 +570,49 @@ class Lowering:
             key = (self.vroot[op.ins[0]], g.batch, g.channels, g.height, g.width, g.groups, g.pad_top, g.pad_left,
                    g.pad_bottom, g.pad_right)
             groups.setdefault(key, []).append(i)
+        return [v for v in groups.values() if len(v) > 1]
+
+    def quantize_outputs(self) -> List[Tuple[int, int]]:
+        """A depthwise conv that quantizes its input (one-element blocks) and whose only reader
+        is a 1x1 BFP conv (stride 1, no padding or groups; an MBConv block's projection) writes
+        that conv's quantized input instead of its own output: each of its work items quantizes
+        its output rows with the row quantizer while they are in cache, and the 1x1 conv reuses
+        the operand as a shared input (``ConvParams.quantize_output`` and ``share_input``, one
+        slot). The same operand -- the quantizer's, of the same floats -- so the same bits;
+        where the kernel, format or weights do not take that path the output is written and the
+        1x1 conv quantizes it. Returns the (depthwise conv, reader) index pairs."""
+        if not self.plan.format.is_block:
+            return []
+        readers = self._readers()
+        pairs: List[Tuple[int, int]] = []
+        for i, op in enumerate(self.ops):
+            p = op.params
+            if not isinstance(p, _core.ConvParams) or not p.depthwise or not p.quantize_input or op.res >= 0 \
+                    or len(op.outs) != 1:
+                continue
+            root = self.vroot[op.outs[0]]
+            rd = readers.get(root, [])
+            if root in self._final_roots or len(rd) != 1:
+                continue
+            c = self.ops[rd[0]]
+            q = c.params
+            if not isinstance(q, _core.ConvParams) or q.depthwise or c.w is None or q.input_nchw \
+                    or q.expand_channels or self.vroot[c.ins[0]] != root:
+                continue
+            g = q.geometry
+            if (g.kernel_h, g.kernel_w, g.stride_h, g.stride_w, g.dilation_h, g.dilation_w, g.groups) \
+                    != (1, 1, 1, 1, 1, 1, 1) or (g.pad_top, g.pad_left, g.pad_bottom, g.pad_right) != (0, 0, 0, 0):
+                continue
+            pairs.append((i, rd[0]))
+        return pairs
+
+    def assign_slots(self, groups: List[List[int]], pairs: List[Tuple[int, int]]) -> None:
+        """Gives each group of :meth:`share_inputs` and each pair of :meth:`quantize_outputs` a
+        slot (1, 2, ...; the executor keeps at most 256): a slot is reused once the ops holding
+        it have run. Groups and pairs past the last slot keep none (quantized per op)."""
+        spans = [(v, None) for v in groups] + [([i, j], (i, j)) for i, j in pairs]
         ends: List[int] = []  # per slot: the last op of the group holding it
-        for idxs in sorted((v for v in groups.values() if len(v) > 1), key=lambda v: v[0]):
+        for idxs, pair in sorted(spans, key=lambda t: t[0][0]):
             slot = next((s for s, end in enumerate(ends) if end < idxs[0]), None)
             if slot is None:
                 if len(ends) >= _MAX_SHARED_SLOTS:
@@ -576,8 +620,12 @@ class Lowering:
                 ends.append(-1)
                 slot = len(ends) - 1
             ends[slot] = idxs[-1]
-            for i in idxs:
-                self.ops[i].params.share_input = slot + 1
+            if pair is not None:
+                self.ops[pair[0]].params.quantize_output = slot + 1
+                self.ops[pair[1]].params.share_input = slot + 1
+            else:
+                for i in idxs:
+                    self.ops[i].params.share_input = slot + 1
 
     # ------------------------------------------------------------ build
     def residual_in_place(self, prog: Any, op: Any, i: int, cpp: Dict[int, int], keep: Set[int],
