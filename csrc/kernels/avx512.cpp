@@ -333,8 +333,40 @@ static inline void store_i16(int16_t* p, __m512i v, int n) {
 // Rows r < 16 of a group: the per-block extras of blocks [b0, b0 + n), kept block by block in
 // buf[slot][16 rows], written row by row (E, scale, corr at row r * nbc + b0) after one 16 x 16
 // transpose each, instead of 16 scalar stores per block and array.
+// Row r's n <= 4 extras at r * n + j (rows of every block, n == nbc): the 16 x n entries are
+// contiguous, vector k holding entries [16k, 16k + 16) -- entry e is block e % n of row e / n,
+// buf[16 * (e % n) + e / n]: one or two two-source permutes per vector.
+struct SmallIdx {
+    alignas(64) int32_t v[5][4][16];  // [n][k][lane]: the source of entry 16k + lane
+};
+static constexpr SmallIdx small_idx() {
+    SmallIdx t{};
+    for (int n = 1; n <= 4; ++n)
+        for (int k = 0; k < n; ++k)
+            for (int i = 0; i < 16; ++i) t.v[n][k][i] = 16 * ((16 * k + i) % n) + (16 * k + i) / n;
+    return t;
+}
+static constexpr SmallIdx kSmallIdx = small_idx();
+
+static inline __m512i gather_small(const int32_t* buf, int n, int k) {
+    const __m512i id = _mm512_load_si512(kSmallIdx.v[n][k]);
+    const __m512i lo = _mm512_permutex2var_epi32(_mm512_load_si512(buf), id, _mm512_load_si512(buf + 16));
+    if (n <= 2) return lo;
+    const __m512i hi = _mm512_permutex2var_epi32(_mm512_load_si512(buf + 32), id,
+                                                 n > 3 ? _mm512_load_si512(buf + 48) : _mm512_setzero_si512());
+    return _mm512_mask_mov_epi32(lo, _mm512_cmpge_epi32_mask(id, _mm512_set1_epi32(32)), hi);
+}
+
 static inline void flush_extras(const int32_t* Eb, const int32_t* sb, const int32_t* cb, int n, int16_t* E0,
                                 float* sc0, int32_t* corr0, int nbc, int b0) {
+    if (n <= 4 && n == nbc) {  // every block of the 16 rows: contiguous extras, built in registers
+        for (int k = 0; k < n; ++k) {
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(E0 + 16 * k), _mm512_cvtsepi32_epi16(gather_small(Eb, n, k)));
+            _mm512_storeu_si512(sc0 + 16 * k, gather_small(sb, n, k));
+            if (corr0) _mm512_storeu_si512(corr0 + 16 * k, gather_small(cb, n, k));
+        }
+        return;
+    }
     if (n <= 4) {  // short rows (a few blocks): element copies cost less than three transposes
         for (int r = 0; r < 16; ++r)
             for (int j = 0; j < n; ++j) {
@@ -500,10 +532,14 @@ static bool quantize_rows16_t(const QuantRowsArgs& a, int64_t i0, int nr_in, con
         vmn = _mm512_mask_min_epi32(vmn, nzm, vmn, ee);
         vmx = _mm512_mask_max_epi32(vmx, nzm, vmx, ee);
     }
+    if constexpr (FULL) {  // the 16 rows' ranges are contiguous
+        _mm512_storeu_si512(a.emin + i0, _mm512_min_epi32(_mm512_loadu_si512(a.emin + i0), vmn));
+        _mm512_storeu_si512(a.emax + i0, _mm512_max_epi32(_mm512_loadu_si512(a.emax + i0), vmx));
+        return true;
+    }
     alignas(64) int32_t mn[16], mx[16];
     _mm512_store_si512(mn, vmn);
     _mm512_store_si512(mx, vmx);
-    #pragma GCC unroll 16
     for (int r = 0; r < nr; ++r) {
         if (mn[r] < a.emin[i0 + r]) a.emin[i0 + r] = mn[r];
         if (mx[r] > a.emax[i0 + r]) a.emax[i0 + r] = mx[r];
