@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <utility>
 
 #include "../bfp.h"
@@ -462,30 +463,42 @@ static bool quantize_rows16_t(const QuantRowsArgs& a, int64_t i0, int nr_in, con
         // sum from 4-unit partial sums (vpdpbusd with ones) and a short shuffle tree
         int8_t* ub = u0 + b * Bp;
         __m512i D[4];
-        for (int g = 0; g < 4; ++g) {
-            __m512i q[4];
-            for (int j = 0; j < 4; ++j) {
-                const int r = 4 * g + j;
-                const __m512 xv = len == 16 ? _mm512_loadu_ps(xb + xoff[r]) : load_lanes(xb + xoff[r], len);
-                __m512 y = _mm512_mul_ps(xv, _mm512_set1_ps(s1v[r]));
-                if (two) y = _mm512_mul_ps(y, _mm512_set1_ps(s2v[r]));
-                if (clamp) y = _mm512_min_ps(_mm512_max_ps(y, minu), maxu);
-                q[j] = round_signed16<RM>(y);
+        // the units, with the rare cases (a partial block, a second scaling step, the clamp)
+        // decided once per block: the common loop is a load, a multiply and a conversion a row
+        auto units = [&](auto l16, auto two_c, auto clamp_c) {
+#pragma GCC unroll 4
+            for (int g = 0; g < 4; ++g) {
+                __m512i q[4];
+#pragma GCC unroll 4
+                for (int j = 0; j < 4; ++j) {
+                    const int r = 4 * g + j;
+                    const __m512 xv = l16 ? _mm512_loadu_ps(xb + xoff[r]) : load_lanes(xb + xoff[r], len);
+                    __m512 y = _mm512_mul_ps(xv, _mm512_set1_ps(s1v[r]));
+                    if constexpr (decltype(two_c)::value) y = _mm512_mul_ps(y, _mm512_set1_ps(s2v[r]));
+                    if constexpr (decltype(clamp_c)::value) y = _mm512_min_ps(_mm512_max_ps(y, minu), maxu);
+                    q[j] = round_signed16<RM>(y);
+                }
+                const __m512i bq = _mm512_permutexvar_epi32(
+                    tr4, _mm512_packs_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3])));
+                D[g] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), bq);
+                if (Bp == 16) {
+                    if (FULL || 4 * g + 0 < nr) _mm_storeu_si128(reinterpret_cast<__m128i*>(ub + (4 * g + 0) * us), _mm512_castsi512_si128(bq));
+                    if (FULL || 4 * g + 1 < nr) _mm_storeu_si128(reinterpret_cast<__m128i*>(ub + (4 * g + 1) * us), _mm512_extracti32x4_epi32(bq, 1));
+                    if (FULL || 4 * g + 2 < nr) _mm_storeu_si128(reinterpret_cast<__m128i*>(ub + (4 * g + 2) * us), _mm512_extracti32x4_epi32(bq, 2));
+                    if (FULL || 4 * g + 3 < nr) _mm_storeu_si128(reinterpret_cast<__m128i*>(ub + (4 * g + 3) * us), _mm512_extracti32x4_epi32(bq, 3));
+                } else {
+                    alignas(64) int8_t tmp[64];
+                    _mm512_store_si512(tmp, bq);
+                    for (int j = 0; j < 4 && 4 * g + j < nr; ++j) std::memcpy(ub + (4 * g + j) * us, tmp + 16 * j, size_t(Bp));
+                }
             }
-            const __m512i bq = _mm512_permutexvar_epi32(
-                tr4, _mm512_packs_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3])));
-            D[g] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), bq);
-            if (Bp == 16) {
-                if (4 * g + 0 < nr) _mm_storeu_si128(reinterpret_cast<__m128i*>(ub + (4 * g + 0) * us), _mm512_castsi512_si128(bq));
-                if (4 * g + 1 < nr) _mm_storeu_si128(reinterpret_cast<__m128i*>(ub + (4 * g + 1) * us), _mm512_extracti32x4_epi32(bq, 1));
-                if (4 * g + 2 < nr) _mm_storeu_si128(reinterpret_cast<__m128i*>(ub + (4 * g + 2) * us), _mm512_extracti32x4_epi32(bq, 2));
-                if (4 * g + 3 < nr) _mm_storeu_si128(reinterpret_cast<__m128i*>(ub + (4 * g + 3) * us), _mm512_extracti32x4_epi32(bq, 3));
-            } else {
-                alignas(64) int8_t tmp[64];
-                _mm512_store_si512(tmp, bq);
-                for (int j = 0; j < 4 && 4 * g + j < nr; ++j) std::memcpy(ub + (4 * g + j) * us, tmp + 16 * j, size_t(Bp));
-            }
-        }
+        };
+        using T_ = std::true_type;
+        using F_ = std::false_type;
+        if (len == 16 && !two && !clamp) units(T_(), F_(), F_());
+        else if (len == 16 && !two) units(T_(), F_(), T_());
+        else if (two) units(F_(), T_(), T_());  // (a clamp with no effect where none is needed)
+        else units(F_(), F_(), T_());
         // lane j of D[g]: row 4g + j's partial sums; after two levels lane 4j + m holds row 4m + j
         const __m512i X = _mm512_add_epi32(_mm512_unpacklo_epi32(D[0], D[1]), _mm512_unpackhi_epi32(D[0], D[1]));
         const __m512i Y = _mm512_add_epi32(_mm512_unpacklo_epi32(D[2], D[3]), _mm512_unpackhi_epi32(D[2], D[3]));
