@@ -143,16 +143,19 @@ void Program::add_op(Op op) {
         const int64_t slot = std::max(q.share_input, q.quantize_output);
         while (slot > 0 && shared_.size() < size_t(slot)) shared_.push_back(std::make_unique<ConvActs>());
         // a BFP conv reading the output of the last op that quantizes its output into this
-        // conv's slot (ConvParams::quantize_output): the two are linked
+        // conv's slot (ConvParams::quantize_output), no op between them using the slot: the two
+        // are linked (unlinked, the producer writes its output as usual)
         if (q.share_input && op.w && !op.in.empty())
             for (size_t j = ops_.size(); j-- > 0;) {
                 Op& pr = ops_[j];
-                if (pr.kind() != kOpConv || pr.get<ConvParams>().quantize_output != q.share_input) continue;
-                if (!pr.reader_w && slot_[size_t(pr.out[0])] == slot_[size_t(op.in[0])]) {
+                if (pr.kind() != kOpConv) continue;
+                const ConvParams& pq = pr.get<ConvParams>();
+                if (pq.quantize_output == q.share_input && !pr.reader_w &&
+                    slot_[size_t(pr.out[0])] == slot_[size_t(op.in[0])]) {
                     pr.reader_w = op.w;
                     op.input_from_producer = true;
                 }
-                break;
+                if (pq.quantize_output == q.share_input || pq.share_input == q.share_input) break;
             }
     }
     ops_.push_back(std::move(op));

@@ -228,3 +228,48 @@ def test_pairs_sharing_a_slot_keep_the_bits(kernel, threads):
     assert lw.program.last_reused == (2 if kernel in PATH_KERNELS else 0)
     for g_, w_ in zip(got, want):
         assert_bits_equal(g_, w_)
+
+
+def test_a_slot_used_between_producer_and_reader_unlinks_them(monkeypatch):
+    """A program in which another conv takes the pair's slot between the depthwise conv and its
+    reader (never made by the lowering): the two are not linked, the depthwise conv writes its
+    output, and the bits are those of the plain program -- not an error, nor a stale operand."""
+    c, h = 32, 8
+    inits = {"wd": RNG.standard_normal((c, 1, 3, 3)).astype(np.float32) * 0.3,
+             "wp": (RNG.standard_normal((c, c, 1, 1)) / np.sqrt(c)).astype(np.float32),
+             "ws": (RNG.standard_normal((c, c, 1, 1)) / np.sqrt(c)).astype(np.float32)}
+    nodes = [N_("Conv", ["x", "wd"], ["d"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=c, name="dw"),
+             N_("Conv", ["x", "ws"], ["s"], kernel_shape=[1, 1], name="side"),
+             N_("Conv", ["d", "wp"], ["p"], kernel_shape=[1, 1], name="project")]
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", F, [1, c, h, h])],
+                          [helper.make_empty_tensor_value_info("p"), helper.make_empty_tensor_value_info("s")],
+                          [numpy_helper.from_array(v, name) for name, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    plan = bfpaccel.compile(m, format="msfp16", seed=SEED)
+    x = _x(1, c, h, h, False)
+
+    def run(on: bool):
+        low = lower_mod.Lowering(plan, {"x": x.shape})
+        low.quantize_conv_outputs = on
+        lw = low.run()
+        with bfpaccel.Session(plan, num_threads=1).options():
+            return lw.run({"x": x}, ["p", "s"]), low, lw
+
+    want, _, _ = run(False)
+    orig = lower_mod.Lowering.assign_slots
+
+    def forged(self, groups, pairs):
+        orig(self, groups, pairs)
+        side = next(op for op in self.ops if op.name.startswith("side") and isinstance(op.params, _core.ConvParams))
+        side.params.share_input = 1
+
+    monkeypatch.setattr(lower_mod.Lowering, "assign_slots", forged)
+    got, low, lw = run(True)
+    convs = [op for op in low.ops if isinstance(op.params, _core.ConvParams)]
+    assert [op.name for op in convs] == ["dw", "side", "project"]
+    assert [op.params.quantize_output for op in convs] == [1, 0, 0]
+    assert [op.params.share_input for op in convs] == [0, 1, 1]
+    assert lw.program.last_reused == 0
+    for name in ("p", "s"):
+        assert_bits_equal(got[name], want[name], name)
