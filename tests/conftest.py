@@ -58,6 +58,32 @@ def assert_bits_equal(actual, expected, what: str = "result") -> None:
         )
 
 
+def conv_test_input(rng: np.random.Generator, n: int, c: int, h: int, w: int, specials: bool) -> np.ndarray:
+    """An NCHW input of the fused-conv tests (at least 4 x 4 pixels): normal values, and with
+    `specials` pixels past the format's range and below it, a NaN, an Inf and an all-zero pixel."""
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32) * 2.0
+    if specials:
+        x[0, :, 0, 1] *= 1e30   # values past the format's range
+        x[0, :, 1, 2] *= 1e-33  # and below it (subnormal and zero units)
+        x[0, 0, 2, 3] = np.nan
+        x[-1, -1, -1, -1] = np.inf
+        x[0, :, 3, 0] = 0.0     # an all-zero pixel
+    return x
+
+
+def onnx_graph_model(nodes, x_shape, outputs, inits):
+    """An opset-17 ONNX model of `nodes` with one float input "x" of x_shape, the named outputs
+    (shapes left to inference) and the initializers `inits` (name -> array)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                          [helper.make_empty_tensor_value_info(o) for o in outputs],
+                          [numpy_helper.from_array(v, name) for name, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    return m
+
+
 def assert_array_exact(actual, expected, what: str = "array") -> None:
     """Integer arrays (codes, exponents): same dtype, shape and values."""
     a = np.asarray(actual)
@@ -94,6 +120,15 @@ def restore_threads() -> Iterator[int]:
         yield n
     finally:
         bfpaccel.set_num_threads(n)
+
+
+@pytest.fixture
+def fuse_every_size(monkeypatch):
+    """Fuse 1x1 expansions into their depthwise convs at any size (the lowering's default fuses
+    only those past the caches)."""
+    from bfpaccel.runtime import lower
+
+    monkeypatch.setattr(lower, "_FUSE_EXPANSION_BYTES", 0)
 
 
 @pytest.fixture

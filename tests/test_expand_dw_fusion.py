@@ -15,12 +15,11 @@ import pytest
 import bfpaccel
 from bfpaccel import _core
 from bfpaccel.runtime import lower as lower_mod
-from conftest import assert_bits_equal
+from conftest import assert_bits_equal, conv_test_input, onnx_graph_model
 
 onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import helper  # noqa: E402
 
-F = TensorProto.FLOAT
 N_ = helper.make_node
 RNG = np.random.default_rng(31)
 SEED = 7
@@ -61,23 +60,11 @@ def _mbconv(n: int, cin: int, c: int, h: int, w: int, k: int, s: int, act: str, 
                  name="dw"),
               N_("Clip", ["d", "lo", "hi"], ["da"], name="dw_act"),
               N_("Conv", ["da", "wp"], ["y"], kernel_shape=[1, 1], name="project")]
-    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", F, [n, cin, h, w])],
-                          [helper.make_empty_tensor_value_info("y")],
-                          [numpy_helper.from_array(v, name) for name, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    return m
+    return onnx_graph_model(nodes, (n, cin, h, w), ["y"], inits)
 
 
 def _x(n: int, cin: int, h: int, w: int, specials: bool) -> np.ndarray:
-    x = RNG.standard_normal((n, cin, h, w)).astype(np.float32) * 2.0
-    if specials:
-        x[0, :, 0, 1] *= 1e30   # expanded values past the format's range
-        x[0, :, 1, 2] *= 1e-33  # and below it (subnormal and zero units)
-        x[0, 0, 2, 3] = np.nan
-        x[-1, -1, -1, -1] = np.inf
-        x[0, :, 3, 0] = 0.0     # an all-zero pixel
-    return x
+    return conv_test_input(RNG, n, cin, h, w, specials)
 
 
 def _run(plan, shape, x: np.ndarray, fuse: bool, threads: int) -> tuple:
@@ -87,12 +74,6 @@ def _run(plan, shape, x: np.ndarray, fuse: bool, threads: int) -> tuple:
     with bfpaccel.Session(plan, num_threads=threads).options():
         y = lw.run({"x": x}, ["y"])["y"]
     return y, low, lw
-
-
-@pytest.fixture
-def fuse_every_size(monkeypatch):
-    """Fuse expansions of any size (the default fuses only those past the caches)."""
-    monkeypatch.setattr(lower_mod, "_FUSE_EXPANSION_BYTES", 0)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

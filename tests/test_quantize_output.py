@@ -16,12 +16,11 @@ import pytest
 import bfpaccel
 from bfpaccel import _core
 from bfpaccel.runtime import lower as lower_mod
-from conftest import assert_bits_equal
+from conftest import assert_bits_equal, conv_test_input, onnx_graph_model
 
 onnx = pytest.importorskip("onnx")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+from onnx import helper, numpy_helper  # noqa: E402
 
-F = TensorProto.FLOAT
 N_ = helper.make_node
 RNG = np.random.default_rng(47)
 SEED = 11
@@ -68,23 +67,11 @@ def _model(n: int, cin: int, c: int, h: int, w: int, k: int, s: int, expand: boo
         nodes.append(N_("Add", ["pr", "x"], ["y"], name="add"))
     else:
         nodes.append(N_("Identity", ["pr"], ["y"], name="out"))
-    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", F, [n, cin, h, w])],
-                          [helper.make_empty_tensor_value_info("y")],
-                          [numpy_helper.from_array(v, name) for name, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    return m
+    return onnx_graph_model(nodes, (n, cin, h, w), ["y"], inits)
 
 
 def _x(n: int, cin: int, h: int, w: int, specials: bool) -> np.ndarray:
-    x = RNG.standard_normal((n, cin, h, w)).astype(np.float32) * 2.0
-    if specials:
-        x[0, :, 0, 1] *= 1e30   # values past the format's range
-        x[0, :, 1, 2] *= 1e-33  # and below it
-        x[0, 0, 2, 3] = np.nan
-        x[-1, -1, -1, -1] = np.inf
-        x[0, :, 3, 0] = 0.0     # an all-zero pixel
-    return x
+    return conv_test_input(RNG, n, cin, h, w, specials)
 
 
 def _run(plan, x: np.ndarray, on: bool, threads: int, runs: int = 1, expand: bool = True):
@@ -97,11 +84,6 @@ def _run(plan, x: np.ndarray, on: bool, threads: int, runs: int = 1, expand: boo
         for r in range(runs):
             outs.append(lw.run({"x": x * (0.5 ** r)}, ["y"])["y"])
     return outs, low, lw
-
-
-@pytest.fixture
-def fuse_every_size(monkeypatch):
-    monkeypatch.setattr(lower_mod, "_FUSE_EXPANSION_BYTES", 0)
 
 
 def _takes_path(kernel: str, fmt: str, rounding: str) -> bool:
@@ -167,27 +149,17 @@ def test_session_runs_use_the_quantized_output(restore_threads):
         assert_bits_equal(s.run(None, {"x": x})["y"], want[0])
 
 
-@pytest.mark.parametrize("slot", [-1, 257])
-def test_quantize_output_slot_out_of_range_is_rejected(slot):
+@pytest.mark.parametrize("slot,quantize_input", [(-1, True), (257, True), (1, False)])
+def test_a_bad_quantize_output_is_rejected(slot, quantize_input):
+    """A slot out of [0, 256], or a depthwise conv that does not quantize its input."""
     p = _core.Program(_core.VecPrec.FP32, bfpaccel.get_format("msfp16").kernel_params())
     x, w, y = p.add_buffer(4 * 16), p.add_const(np.ones(9 * 16, np.float32)), p.add_buffer(4 * 16)
     geom = _core.ConvGeometry(batch=1, channels=16, height=2, width=2, out_channels=16, kernel_h=3, kernel_w=3,
                               stride_h=1, stride_w=1, pad_top=1, pad_left=1, pad_bottom=1, pad_right=1,
                               dilation_h=1, dilation_w=1, groups=16, out_h=2, out_w=2)
     with pytest.raises(ValueError, match="quantize_output"):
-        p.add_op(_core.ConvParams(geometry=geom, depthwise=True, quantize_input=True, quantize_output=slot),
-                 [x], [y], None, w)
-
-
-def test_quantize_output_is_for_depthwise_convs_that_quantize_their_input():
-    p = _core.Program(_core.VecPrec.FP32, bfpaccel.get_format("msfp16").kernel_params())
-    x, w, y = p.add_buffer(4 * 16), p.add_const(np.ones(9 * 16, np.float32)), p.add_buffer(4 * 16)
-    geom = _core.ConvGeometry(batch=1, channels=16, height=2, width=2, out_channels=16, kernel_h=3, kernel_w=3,
-                              stride_h=1, stride_w=1, pad_top=1, pad_left=1, pad_bottom=1, pad_right=1,
-                              dilation_h=1, dilation_w=1, groups=16, out_h=2, out_w=2)
-    with pytest.raises(ValueError, match="quantize_output"):
-        p.add_op(_core.ConvParams(geometry=geom, depthwise=True, quantize_input=False, quantize_output=1),
-                 [x], [y], None, w)
+        p.add_op(_core.ConvParams(geometry=geom, depthwise=True, quantize_input=quantize_input,
+                                  quantize_output=slot), [x], [y], None, w)
 
 
 def _two_blocks(c: int, h: int):
@@ -205,12 +177,7 @@ def _two_blocks(c: int, h: int):
                   N_("Conv", [f"a{b}", f"wp{b}"], [f"p{b}"], kernel_shape=[1, 1], name=f"project{b}")]
         src = f"p{b}"
     nodes.append(N_("Identity", [src], ["y"], name="out"))
-    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", F, [1, c, h, h])],
-                          [helper.make_empty_tensor_value_info("y")],
-                          [numpy_helper.from_array(v, name) for name, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    return m
+    return onnx_graph_model(nodes, (1, c, h, h), ["y"], inits)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -241,12 +208,7 @@ def test_a_slot_used_between_producer_and_reader_unlinks_them(monkeypatch):
     nodes = [N_("Conv", ["x", "wd"], ["d"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=c, name="dw"),
              N_("Conv", ["x", "ws"], ["s"], kernel_shape=[1, 1], name="side"),
              N_("Conv", ["d", "wp"], ["p"], kernel_shape=[1, 1], name="project")]
-    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", F, [1, c, h, h])],
-                          [helper.make_empty_tensor_value_info("p"), helper.make_empty_tensor_value_info("s")],
-                          [numpy_helper.from_array(v, name) for name, v in inits.items()])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 9
-    plan = bfpaccel.compile(m, format="msfp16", seed=SEED)
+    plan = bfpaccel.compile(onnx_graph_model(nodes, (1, c, h, h), ["p", "s"], inits), format="msfp16", seed=SEED)
     x = _x(1, c, h, h, False)
 
     def run(on: bool):
