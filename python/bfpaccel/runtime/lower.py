@@ -111,11 +111,13 @@ _BOOL_OUT = {"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And",
 _INT_INPUTS = _SAME_DTYPE | _BOOL_OUT | {"Cast", "Where", "Shape", "Size"}
 _FLOAT = "float32"
 #: the smallest expanded activation (bytes) whose 1x1 expansion is fused into its depthwise conv
-#: (:meth:`Lowering.fuse_expansions`). Measured on EfficientNet-Lite0 (Zen 5, 1 thread): at
-#: 112^2 x 96 (4.8 MB) the fused op takes ~0.93 ms against 1.16-1.39 ms for the two; at 56^2 x 144
-#: (1.8 MB) and below the tensor stays in L2/L3 between the ops, and the fused op's recomputed
-#: halo rows and tile copies made it no faster, or slower.
-_FUSE_EXPANSION_BYTES = 4 << 20
+#: (:meth:`Lowering.fuse_expansions`). Measured on EfficientNet-Lite0 (Zen 5, interleaved): at
+#: 112^2 x 96 (4.8 MB) the fused op takes ~0.93 ms against 1.16-1.39 ms for the two; fusing the
+#: 56^2 x 144 blocks (1.8 MB) too, once their depthwise convs quantize their outputs
+#: (:meth:`Lowering.quantize_outputs`), measured 0.95-1.00x the model's time at 1 thread (0.95x
+#: with a memory-bound process on the other core: the expanded tensor is neither written to nor
+#: read from L3) and 0.99-1.00x at 2; the 28^2 x 240 ones (0.75 MB) stay in L2.
+_FUSE_EXPANSION_BYTES = 1 << 20
 
 #: ConvParams.share_input's slots (the executor's limit)
 _MAX_SHARED_SLOTS = 256
