@@ -851,6 +851,21 @@ static bool uses_row_quantizer(const FmtParams& fx, const Operand& w, const Kern
            w.Bp <= 128 && fx.kind == kInt;
 }
 
+// An operand's buffers sized for nunits units in nblocks blocks over npix padded pixels (the
+// exponent ranges reset; the rest is written by the quantization, wide units zero-filled)
+static void size_acts(ConvActs& A, size_t nunits, size_t nblocks, size_t npix, bool int8, bool rows16, bool simd) {
+    A.a8.size_to(int8 && !rows16 ? nunits : 0);
+    A.a16.size_to(int8 && rows16 ? nunits : 0);
+    if (!int8) A.a64.assign(nunits, 0);
+    A.ae.size_to(nblocks);
+    A.as.size_to(simd ? nblocks : 0);
+    A.ac.size_to(simd ? nblocks : 0);
+    if (simd) {
+        A.amin.assign(npix, INT32_MAX);
+        A.amax.assign(npix, INT32_MIN);
+    }
+}
+
 ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand& w, const ConvGeom& g,
                  const float* bias, float* out, bool nhwc, const VecEpilogue* epi, ConvActs* share) {
     const int G = g.groups;
@@ -897,16 +912,7 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     A.valid = false;  // until the quantization below completes
     // Interior pixels are written in full by the quantization below; only the zero padding
     // ring needs filling (the buffers are not value-initialized: they are MBs per conv).
-    a8.size_to(int8 && !rows16 ? nunits : 0);
-    a16.size_to(int8 && rows16 ? nunits : 0);
-    if (!int8) a64.assign(nunits, 0);
-    ae.size_to(nblocks);
-    as.size_to(simd ? nblocks : 0);
-    ac.size_to(simd ? nblocks : 0);
-    if (simd) {
-        amin.assign(size_t(NG * npix), INT32_MAX);
-        amax.assign(size_t(NG * npix), INT32_MIN);
-    }
+    size_acts(A, nunits, nblocks, size_t(NG * npix), int8, rows16, simd);
     if (!int8) {  // wide units: every block's exponent starts at exp_min (a64 is zero-filled)
         std::fill(ae.data(), ae.data() + nblocks, int16_t(fx.exp_min));
     } else if (g.pt || g.pl || g.pb || g.pr) {
@@ -1148,20 +1154,13 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
 bool begin_pointwise_acts(ConvActs& A, const float* x, int64_t N, int64_t H, int64_t W, const FmtParams& fx,
                           uint64_t seed, const Operand& w, QuantRowsArgs* qa, void (**fn)(const QuantRowsArgs&)) {
     const KernelDesc& k = conv_kernel(fx, w);
-    if (!uses_row_quantizer(fx, w, k, true) || !k.simd() || w.taps != 1 || w.groups != 1 || N < 1 || H < 1 || W < 1)
-        return false;
+    // (a kernel with a row quantizer is a SIMD kernel with int8 units)
+    if (!uses_row_quantizer(fx, w, k, true) || w.taps != 1 || w.groups != 1 || N < 1 || H < 1 || W < 1) return false;
     const int64_t C = w.K, npix = N * H * W, nbc = w.nbt, plen = nbc * w.Bp;
     const ConvGeom g{N, C, H, W, 1, 1, 1, 0, 0, 0, 0, 1, 1, H, W};
     A.valid = false;
     A.key = acts_key(x, g, false, w, k, true, true, fx, seed);
-    // as conv2d_impl sizes them for this key (no padding ring)
-    A.a8.size_to(size_t(npix * plen));
-    A.a16.size_to(0);
-    A.ae.size_to(size_t(npix * nbc));
-    A.as.size_to(size_t(npix * nbc));
-    A.ac.size_to(size_t(npix * nbc));
-    A.amin.assign(size_t(npix), INT32_MAX);
-    A.amax.assign(size_t(npix), INT32_MIN);
+    size_acts(A, size_t(npix * plen), size_t(npix * nbc), size_t(npix), true, false, true);  // as conv2d_impl (no padding)
     *qa = QuantRowsArgs{nullptr, 0, C, int(C), &fx, w.Bp, A.a8.data(), plen, A.ae.data(), A.as.data(), A.ac.data(),
                         A.amin.data(), A.amax.data()};
     *fn = k.quantize_rows;
@@ -1170,11 +1169,9 @@ bool begin_pointwise_acts(ConvActs& A, const float* x, int64_t N, int64_t H, int
 
 bool PointwiseRows::make(const float* x, int64_t npix, const FmtParams& fx, uint64_t seed, Operand& w) {
     (void)seed;  // deterministic rounding only (fast_quant_ok)
-    const KernelDesc& k = current_kernel();
+    const KernelDesc& k = conv_kernel(fx, w);  // (the scalar one, without a row quantizer, for another's weights)
     const int B = fx.block, Bp = w.Bp, nbc = w.nbt;
-    if (!(fx.int8_units() && w.int8() && w.kern == &k && w.taps == 1 && w.groups == 1 && fast_quant_ok(fx) &&
-          k.quantize_rows && !k.rows16 && Bp <= 128 && fx.kind == kInt && B == w.f.block))
-        return false;
+    if (!uses_row_quantizer(fx, w, k, true) || w.taps != 1 || w.groups != 1 || B != w.f.block) return false;
     const int64_t C = w.K, plen = int64_t(nbc) * Bp;
     a8_.size_to(size_t(npix * plen));
     ae_.size_to(size_t(npix * nbc));

@@ -270,7 +270,7 @@ static void run_dwconv(Program& p, const Op& op, const KernelDesc& k, DwArgs& da
     const ConvParams& q = op.get<ConvParams>();
     QuantRowsArgs oq{};
     ConvActs* slot = nullptr;
-    if (q.quantize_output && op.reader_w && da.fq && !(da.epi && da.epi->res)) {
+    if (q.quantize_output && op.reader_w && da.fq) {  // (validated: no residual)
         ConvActs* A = p.shared_acts(q.quantize_output);
         if (begin_pointwise_acts(*A, da.out, da.N, da.OH, da.OW, p.format(), p.seed(), *op.reader_w, &oq, &da.oq_fn)) {
             da.oq = &oq;
