@@ -883,8 +883,10 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     const bool row_quant = uses_row_quantizer(fx, w, k, nhwc);
     // A strided 1x1 conv without padding (a ResNet's downsampling shortcut and conv1) reads
     // only every sh-th row and sw-th column of its input: those pixels alone are quantized,
-    // as the input of a stride-1 conv of OH x OW pixels (the same blocks, a quarter of the work)
-    const bool sub = row_quant && taps == 1 && G == 1 && !(g.pt || g.pl || g.pb || g.pr) && (g.sh > 1 || g.sw > 1);
+    // as the input of a stride-1 conv of OH x OW pixels (the same blocks, a quarter of the work;
+    // every quantization path below but the 8-pixel NCHW one, which reads runs of pixels)
+    const bool sub = !(fast && !nhwc) && taps == 1 && G == 1 && !(g.pt || g.pl || g.pb || g.pr) &&
+                     (g.sh > 1 || g.sw > 1);
     const int64_t H = sub ? g.OH : g.H, W = sub ? g.OW : g.W;  // the pixels quantized
     const int64_t sh = sub ? 1 : g.sh, sw = sub ? 1 : g.sw;    // the GEMM's strides over them
     const int64_t Hp = H + g.pt + g.pb, Wp = W + g.pl + g.pr;
@@ -1022,13 +1024,14 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
         for (int64_t pix = lo; pix < hi; ++pix) {
             const int64_t xw = pix % W, xh = (pix / W) % H, ng = pix / HW, n = ng / G, gi = ng % G;
             const int64_t ppix = ng * npix + (xh + g.pt) * Wp + (xw + g.pl);
+            const int64_t ih = sub ? xh * g.sh : xh, iw = sub ? xw * g.sw : xw;  // its pixel in x
             int64_t units[4096];
             alignas(64) int8_t u8[4096 + 64];
             for (int cb = 0; cb < nbc; ++cb) {
                 const int64_t c0 = gi * Cg + int64_t(cb) * B;
                 const int len = int(std::min<int64_t>(B, Cg - int64_t(cb) * B));
-                const int64_t off = nhwc ? ((n * H + xh) * W + xw) * C + c0 : ((n * C + c0) * H + xh) * W + xw;
-                const int64_t xs = nhwc ? 1 : HW;
+                const int64_t off = nhwc ? ((n * g.H + ih) * g.W + iw) * C + c0 : ((n * C + c0) * g.H + ih) * g.W + iw;
+                const int64_t xs = nhwc ? 1 : g.H * g.W;
                 if (fast) {  // NHWC: the block's channels are contiguous
                     std::memset(u8, 0, size_t(Bp));
                     const int16_t e = avx2::quantize_block_i8(x + off, len, fx, u8);

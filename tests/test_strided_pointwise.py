@@ -11,6 +11,8 @@ import pytest
 import bfpaccel
 from bfpaccel import reference
 
+from conftest import assert_bits_equal
+
 onnx = pytest.importorskip("onnx")
 from onnx import helper, numpy_helper  # noqa: E402
 
@@ -82,4 +84,42 @@ def test_strided_pointwise_formats_threads_and_specials(kernel, fmt):
     x[0, 3, 3, 7] = np.inf   # skipped
     x[0, 5, 6, 70] = -np.inf  # skipped
     ws = [(rng.standard_normal((O, 96, 1, 1)) * 0.2).astype(np.float32) for O in (64, 33)]
+    _run(x, ws, [(2, 2), (2, 2)], fmt=fmt, threads=2)
+
+
+# the other quantization paths: the per-block one (kernels without a row quantizer: avx2, scalar;
+# formats it does not take: stochastic rounding, fp elements, wide units of e5m2), NHWC and NCHW
+_GENERIC_FORMATS = [bfpaccel.get_format("msfp12", rounding="stochastic"), "mxfp8_e4m3",
+                    "mxfp8_e5m2", "msfp16"]
+
+
+def _strided_input(rng, N, C, H, W):
+    x = (rng.standard_normal((N, C, H, W)) * np.exp(rng.uniform(-3, 3, (N, 1, H, W)))).astype(np.float32)
+    x[0, :, 0, 0] = 0.0      # an all-zero block on a sampled pixel
+    x[0, 3, 2, 2] = 1e-40    # a subnormal on a sampled pixel
+    x[0, 5, 1, 1] = np.nan   # skipped by every stride below but 1 in that direction
+    x[-1, 7, 4, 2] = -np.inf  # sampled by (2, 2) and (2, 1)
+    return x
+
+
+@pytest.mark.parametrize("fmt", _GENERIC_FORMATS, ids=str)
+@pytest.mark.parametrize("stride", [(2, 2), (2, 3), (1, 2)])
+def test_strided_pointwise_nchw_every_path(kernel, fmt, stride):
+    """bfpaccel.conv2d on NCHW input (msfp16: the 8-pixel NCHW quantizer, which reads every pixel;
+    the others: the per-block path, now on the sampled pixels only) against the oracle."""
+    rng = np.random.default_rng(11)
+    x = _strided_input(rng, 2, 40, 9, 11)
+    w = (rng.standard_normal((24, 40, 1, 1)) * 0.3).astype(np.float32)
+    got = bfpaccel.conv2d(x, w, fmt, stride=stride, seed=5)
+    want = reference.conv2d(x, w, fmt, stride=stride, seed=5).astype(np.float32)
+    assert_bits_equal(got, want, f"{fmt} stride {stride}")
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp8_e5m2"], ids=str)
+def test_strided_pointwise_graph_wide_and_fp_elements(kernel, fmt):
+    """The runtime's NHWC convs on formats outside the row quantizer: per-block quantization of
+    the sampled pixels, two threads, two convs sharing the operand."""
+    rng = np.random.default_rng(12)
+    x = _strided_input(rng, 1, 48, 10, 13).transpose(0, 2, 3, 1).copy()
+    ws = [(rng.standard_normal((O, 48, 1, 1)) * 0.2).astype(np.float32) for O in (32, 17)]
     _run(x, ws, [(2, 2), (2, 2)], fmt=fmt, threads=2)
