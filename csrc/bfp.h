@@ -374,6 +374,9 @@ void gemm(const GemmArgs& a);
 // Quantizes n contiguous floats into int8 units (formats with max_units <= 127, rounding
 // other than stochastic); returns the block exponent. Same results as quantize_block.
 int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* units);
+// One block's n int8 units copied to dst, as int16 (wide) or int8; *sum: their sum; returns
+// whether any is nonzero.
+bool store_units(const int8_t* u, int n, bool wide, void* dst, int32_t* sum);
 // One block (len <= 128 channels) of np <= 8 consecutive pixels of a channels-first plane
 // (channel c of pixel j at x[c*HW + j]): units[j*ustride + c] and E[j].
 // False (nothing written) when a pixel needs the exact scalar path.

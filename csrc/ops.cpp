@@ -385,14 +385,9 @@ static void index_rows(Operand& op) {
 }
 
 // Scale, VNNI correction and the exponent range of one block of int8 units (see RowsView).
-static inline void block_extras(const int8_t* u, int Bp, int16_t e, int unit_shift, float* scale, int32_t* corr,
+// sum: the units' sum, any: a unit is nonzero
+static inline void block_extras(int32_t sum, bool any, int16_t e, int unit_shift, float* scale, int32_t* corr,
                                 int32_t* emin, int32_t* emax) {
-    int32_t sum = 0;
-    bool any = false;
-    for (int k = 0; k < Bp; ++k) {
-        sum += u[k];
-        any |= u[k] != 0;
-    }
     *corr = kVnniSumStart - 128 * sum;
     *scale = block_scale(e, unit_shift, !any);
     if (e != kNanExp && any) {
@@ -414,9 +409,17 @@ static void prepare_rows(Operand& op, const KernelDesc& k) {
     op.emin.assign(size_t(R), INT32_MAX);
     op.emax.assign(size_t(R), INT32_MIN);
     for (int64_t r = 0; r < R; ++r)
-        for (int b = 0; b < nbk; ++b)
-            block_extras(op.u8.data() + (r * nbk + b) * op.Bp, op.Bp, op.exp[r * nbk + b], op.f.unit_shift,
-                         &op.scale[r * nbk + b], &op.corr[r * nbk + b], &op.emin[r], &op.emax[r]);
+        for (int b = 0; b < nbk; ++b) {
+            const int8_t* u = op.u8.data() + (r * nbk + b) * op.Bp;
+            int32_t sum = 0;
+            bool any = false;
+            for (int k = 0; k < op.Bp; ++k) {
+                sum += u[k];
+                any |= u[k] != 0;
+            }
+            block_extras(sum, any, op.exp[r * nbk + b], op.f.unit_shift, &op.scale[r * nbk + b], &op.corr[r * nbk + b],
+                         &op.emin[r], &op.emax[r]);
+        }
     if (k.rows16) op.u16.assign(op.u8.begin(), op.u8.end());
 }
 
@@ -949,9 +952,14 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     auto store_pixel = [&](int64_t ppix, int cb, const int8_t* u8, int16_t e) {
         const int64_t blk = ppix * nbc + cb, dst = ppix * plen + int64_t(cb) * Bp;
         ae[blk] = e;
+        if (simd) {  // (every SIMD kernel's CPU has AVX2) the copy, sum and test in vectors
+            int32_t sum;
+            const bool any = avx2::store_units(u8, Bp, rows16, rows16 ? static_cast<void*>(&a16[dst]) : &a8[dst], &sum);
+            block_extras(sum, any, e, fx.unit_shift, &as[blk], &ac[blk], &amin[ppix], &amax[ppix]);
+            return;
+        }
         if (rows16) for (int k = 0; k < Bp; ++k) a16[dst + k] = u8[k];
         else for (int k = 0; k < Bp; ++k) a8[dst + k] = u8[k];
-        if (simd) block_extras(u8, Bp, e, fx.unit_shift, &as[blk], &ac[blk], &amin[ppix], &amax[ppix]);
     };
     const int64_t HW = H * W;
     if (fast_nchw) {

@@ -97,6 +97,32 @@ int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* out
     return int16_t(E);
 }
 
+bool store_units(const int8_t* u, int n, bool wide, void* dst, int32_t* sum) {
+    __m256i acc = _mm256_setzero_si256(), nz = _mm256_setzero_si256();
+    int k = 0;
+    for (; k + 16 <= n; k += 16) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + k));
+        const __m256i w = _mm256_cvtepi8_epi16(v);
+        if (wide) _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<int16_t*>(dst) + k), w);
+        else _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<int8_t*>(dst) + k), v);
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_set1_epi16(1)));
+        nz = _mm256_or_si256(nz, w);
+    }
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    int32_t total = _mm_cvtsi128_si32(s4);
+    bool any = !_mm256_testz_si256(nz, nz);
+    for (; k < n; ++k) {
+        if (wide) static_cast<int16_t*>(dst)[k] = u[k];
+        else static_cast<int8_t*>(dst)[k] = u[k];
+        total += u[k];
+        any |= u[k] != 0;
+    }
+    *sum = total;
+    return any;
+}
+
 // Eight one-element blocks (int(p) elements, deterministic rounding): each x is quantized on
 // its own and written back as its value. Lanes whose exponent leaves the format's range
 // (or zero-free subnormals, NaN/Inf) are left out of the returned mask (bit j set: lane j
