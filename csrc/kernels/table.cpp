@@ -44,8 +44,10 @@ static const KernelDesc kTable[] = {
     {"avx2", false, has_avx2, avx2::NR, true, avx2::panel_bytes, avx2::pack_panel, avx2::gemm, nullptr, false,
      nullptr, nullptr, avx2::fn_row, avx2::softmax_row, nullptr, nullptr},
     // amx before avx512: selectable, not the default -- on whole models (ResNet-50,
-    // EfficientNet-Lite0, msfp16) it measured ~5-10% slower than avx512 on a Sapphire-Rapids-class
-    // CPU: its tile loop streams A and B from L2, and its panels take 2.6x the weight bytes.
+    // EfficientNet-Lite0, msfp16) it measured 5-10% slower than avx512 on a Sapphire-Rapids-class
+    // CPU, 1.35-1.7x the time on a busier host of the same class: its tile loop streams A and B
+    // from L2, its panels take 2.6x the weight bytes, and 16-element blocks keep the tiles a
+    // quarter busy behind the per-block epilogue.
     {"amx", false, has_amx, amx::NR, false, amx::panel_bytes, amx::pack_panel, amx::gemm, avx512::quantize_rows, true,
      avx512::dwconv, avx512::fake_quantize_elems, avx512::fn_row, avx512::softmax_row, avx512::stem_conv, avx512::max_window},
     {"avx512", false, has_avx512, avx512::NR, false, avx512::panel_bytes, avx512::pack_panel, avx512::gemm,
