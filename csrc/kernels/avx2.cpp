@@ -1,6 +1,6 @@
 // AVX2 kernel: int16 units, vpmaddwd (exact: |units| <= 127 so pair sums never saturate).
 // Compiled with -mavx2 -mfma. Rows are broadcast 2 units (int16) at a time; columns are
-// packed into panels of NR=8. Per block: t = float(S) * col_scale, acc = fma(t, row_scale, acc)
+// packed into panels of NR=16. Per block: t = float(S) * col_scale, acc = fma(t, row_scale, acc)
 // -- exact under the driver's per-tile range check, as in the AVX-512 kernel.
 #include <immintrin.h>
 
