@@ -883,12 +883,13 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     const bool rows16 = k.rows16;  // e.g. the AVX2 kernel broadcasts int16 units
     const bool simd = k.simd();
     const bool fast = int8 && fast_quant_ok(fx);
+    const bool fast_nchw = fast && !nhwc;  // the 8-pixel NCHW quantizer (below)
     const bool row_quant = uses_row_quantizer(fx, w, k, nhwc);
     // A strided 1x1 conv without padding (a ResNet's downsampling shortcut and conv1) reads
     // only every sh-th row and sw-th column of its input: those pixels alone are quantized,
     // as the input of a stride-1 conv of OH x OW pixels (the same blocks, a quarter of the work;
     // every quantization path below but the 8-pixel NCHW one, which reads runs of pixels)
-    const bool sub = !(fast && !nhwc) && taps == 1 && G == 1 && !(g.pt || g.pl || g.pb || g.pr) &&
+    const bool sub = !fast_nchw && taps == 1 && G == 1 && !(g.pt || g.pl || g.pb || g.pr) &&
                      (g.sh > 1 || g.sw > 1);
     const int64_t H = sub ? g.OH : g.H, W = sub ? g.OW : g.W;  // the pixels quantized
     const int64_t sh = sub ? 1 : g.sh, sw = sub ? 1 : g.sw;    // the GEMM's strides over them
@@ -947,7 +948,6 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
             if (g.pr) clear(pp + g.pl + W, g.pr);
         }
     }
-    const bool fast_nchw = fast && !nhwc;
     // one pixel's blocks: units (int8 scratch) -> buffer, plus the kernels' per-block extras
     auto store_pixel = [&](int64_t ppix, int cb, const int8_t* u8, int16_t e) {
         const int64_t blk = ppix * nbc + cb, dst = ppix * plen + int64_t(cb) * Bp;
