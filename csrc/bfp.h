@@ -131,6 +131,13 @@ float quantize_element(float v, const FmtParams& f);
 // fq (null: none; a format with simd_elements()): last, every output is quantized as a
 // one-element block of fq (fqc: its constants), as the depthwise conv reading this output
 // quantizes its input (an expansion fused into it, ConvParams::expand_channels).
+// cbs (0: none) splits each output row into blocks of 16 columns cbs floats apart: column c of
+// a row at (c / 16) * cbs + c % 16 from the row's column 0 (a depthwise tile's channel-block
+// planes, 16 floats a pixel, written by the GEMM directly); element p then sits in column
+// ((p - y) / cbs) * 16 + (p - y) % 16 (rows a multiple of 16 floats apart, each row's offset
+// (p - y) % cbs below cbs). Only with
+// kernels that apply the epilogue (KernelDesc::fused_epilogue), never with a residual, a
+// transposed output or the rows() pass.
 struct VecEpilogue {
     const float* y;
     int64_t ldo;
@@ -141,7 +148,14 @@ struct VecEpilogue {
     void (*row)(float* d, const float* b, const float* r, int64_t n, int vp, int act, float lo, float hi);
     const FmtParams* fq = nullptr;
     ElemQuant fqc{};
+    int64_t cbs = 0;
     bool any() const { return bias || res || act || fq; }  // anything to apply
+    // the offset of column c (a multiple of 16) from a row's column 0
+    int64_t col(int64_t c) const { return cbs ? (c >> 4) * cbs : c; }
+    // the bias of the output row segment starting at d (its first column's entry)
+    const float* bias_at(const float* d) const {
+        return cbs ? bias + ((d - y) / cbs) * 16 + (d - y) % 16 : bias + (d - y) % ldo;
+    }
     void rows(float* o, int nr, int nc, int64_t ld) const {  // nr rows of nc at o, ld apart
         for (int i = 0; i < nr; ++i) {
             float* d = o + i * ld;
@@ -157,10 +171,15 @@ struct VecEpilogue {
         for (int i = 0; i < nr; ++i) {
             float* s = src + i * lds;
             float* d = o + i * ld;
-            row(s, bias ? bias + (d - y) % ldo : nullptr, res ? res + (d - y) : nullptr, nc, vp, act, lo, hi);
+            row(s, bias ? bias_at(d) : nullptr, res ? res + (d - y) : nullptr, nc, vp, act, lo, hi);
             if (fq)
                 for (int j = 0; j < nc; ++j) s[j] = quantize_element(s[j], *fq);
-            std::memcpy(d, s, sizeof(float) * size_t(nc));
+            if (!cbs) {
+                std::memcpy(d, s, sizeof(float) * size_t(nc));
+                continue;
+            }
+            for (int j = 0; j < nc; j += 16)  // (a tile's columns start at a multiple of 16)
+                std::memcpy(d + col(j), s + j, sizeof(float) * size_t(nc - j < 16 ? nc - j : 16));
         }
     }
 };

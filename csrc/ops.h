@@ -244,12 +244,15 @@ bool begin_pointwise_acts(ConvActs& A, const float* x, int64_t N, int64_t H, int
 // another kernel, a format without int8 units or deterministic rounding, a kernel without a
 // row quantizer -- the caller then runs the conv whole. run() is the GEMM of pixels
 // [p0, p0 + n) and output channels [c0, c0 + nc) (c0 a multiple of the kernel's NR) written to
-// out (ldo apart) through epi (its y, ldo and bias re-based to out; null: none).
+// out (ldo apart) through epi (its y, ldo and bias re-based to out; null: none; its cbs, the
+// columns split into blocks of 16, kept: with a kernel that applies the epilogue only, see
+// applies_epilogue()).
 class PointwiseRows {
   public:
     bool make(const float* x, int64_t npix, const FmtParams& fx, uint64_t seed, Operand& w);
     void run(int64_t p0, int64_t n, int64_t c0, int64_t nc, float* out, int64_t ldo, const VecEpilogue* epi) const;
     int nr() const { return nr_; }
+    bool applies_epilogue() const { return k_ && k_->fused_epilogue; }  // (KernelDesc::fused_epilogue)
 
   private:
     const FmtParams* fx_ = nullptr;

@@ -127,3 +127,22 @@ def test_an_expansion_with_another_reader_is_not_fused(fuse_every_size):
     low = lower_mod.Lowering(plan, {"x": (1, 16, 12, 12)})
     low.run()
     assert not any(isinstance(op.params, _core.ConvParams) and op.params.expand_channels for op in low.ops)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("fmt", ["msfp16", "mxint8"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=["c0", "c2"])
+def test_fused_expansion_tiles_past_the_fast_range(kernel, fuse_every_size, case, fmt, threads):
+    """Pixels near fp32's largest exponent put the expansion's tiles that hold them past the SIMD
+    kernels' exact range: the exact path computes them, and its epilogue writes their columns
+    into the depthwise tile's channel-block planes as the fast tiles' does (the GEMM writes the
+    tile directly: VecEpilogue.cbs) -- the bits of the two convs run one after the other."""
+    n, cin, c, h, w, k, s, act, bias = case
+    plan = bfpaccel.compile(_mbconv(*case), format=fmt, seed=SEED)
+    x = _x(n, cin, h, w, False)
+    x[0, :, 2, 2] = np.float32(1.5e38) * np.sign(x[0, :, 2, 2])  # 2^126.8: sums past 2^127
+    x[0, :, h - 1, 1] = np.float32(2.0 ** -120)                   # products below 2^-149
+    want, _, _ = _run(plan, x.shape, x, False, threads)
+    got, low, _ = _run(plan, x.shape, x, True, threads)
+    assert any(isinstance(op.params, _core.ConvParams) and op.params.expand_channels for op in low.ops)
+    assert_bits_equal(got, want)

@@ -218,7 +218,8 @@ static void epilogue_row(float* d, const float* b, const float* r,
 // The depthwise conv of a fused expansion (ConvParams::expand_channels): each work item of the
 // kernel's depthwise loop gets the expansion's output for its input rows and channel blocks
 // from the expansion's GEMM (PointwiseRows), epilogue and element quantization applied in
-// registers, copied into its tile -- the expanded activation (4.8 MB at 112^2 x 96 channels in
+// registers, written into its tile (through a buffer where the tile's channel blocks do not
+// start at a GEMM panel or pass the channels) -- the expanded activation (4.8 MB at 112^2 x 96 channels in
 // EfficientNet-Lite0) is never stored whole, nor read back.
 struct ExpandTile {
     const PointwiseRows* pw;
@@ -230,6 +231,15 @@ static void produce_expanded(const void* ctx, int64_t n, int64_t lo, int64_t hi,
                              int64_t plane, float* tile) {
     const ExpandTile& e = *static_cast<const ExpandTile*>(ctx);
     const int64_t NR = e.pw->nr();
+    // Channel blocks from a panel boundary on, none past the channels: the GEMM's epilogue
+    // writes the tile itself, each 16 columns into their block's plane (VecEpilogue::cbs), in
+    // one call for all the rows
+    if (cb0 * 16 % NR == 0 && cb1 * 16 <= e.C && !e.epi->res && e.pw->applies_epilogue()) {
+        VecEpilogue ve = *e.epi;
+        ve.cbs = plane;
+        e.pw->run((n * e.H + lo) * e.W, (hi + 1 - lo) * e.W, cb0 * 16, (cb1 - cb0) * 16, tile, 16, &ve);
+        return;
+    }
     // the GEMM's columns: whole panels around the tile's channel blocks
     const int64_t c0 = cb0 * 16 / NR * NR, c1 = std::min<int64_t>(e.C, (cb1 * 16 + NR - 1) / NR * NR), nc = c1 - c0;
     const int64_t rows = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, e.W * nc));  // <= 64 KB a GEMM
