@@ -13,10 +13,11 @@
 // masked loads and stores.
 // With DwArgs::fq an item is (image, block of output rows, group of 16-channel blocks): it first
 // quantizes the input rows under its output rows, for its channels, into a tile (L2), reading
-// each pixel's channels in one run; the strips then read the tile: the input is read once and
-// no fake-quantized copy of it goes through memory. With DwArgs::produce the tile comes from
-// the producer (a fused expansion conv computes those rows' channels into it) and the input
-// never exists in memory at all.
+// each pixel's channels in one run, with the padding columns as zeros; the strips then read the
+// tile, never testing a column: the input is read once and no fake-quantized copy of it goes
+// through memory. With DwArgs::produce the tile comes from the producer (a fused expansion
+// conv computes those rows' channels into it, W pixels a row: the edge strips test columns)
+// and the input never exists in memory at all.
 #include "isa512.h"  // native or emulated (avx512-emu) build
 
 #include <cstdlib>
@@ -52,10 +53,13 @@ static inline void with_path(const Quant16& q, F&& f) {
     }
 }
 
-// The input the strips read: pixel ix of input row iy at base + (iy - iy0) * rs + ix * xs.
+// The input the strips read: pixel ix of input row iy at base + (iy - iy0) * rs + ix * xs, for
+// ix in [xlo, xhi): columns [xlo, 0) and [W, xhi) hold +0 (a quantized tile's padding columns,
+// so that every strip of a row reads its windows without column tests; +0 * w there is the
+// padded tap's 0 * w).
 struct XView {
     const float* base;
-    int64_t iy0, rs, xs;
+    int64_t iy0, rs, xs, xlo, xhi;
 };
 
 // One strip: output pixels [ox0, ox0 + NP) of row oy of image n, channels [c0, c0 + nl).
@@ -120,7 +124,7 @@ template <int NP, bool FX, bool FW, int SW, int KW>
 static inline void strip_any(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t ox0, int64_t c0, int nl) {
     const int64_t sw = SW ? SW : a.sw, dw = SW ? 1 : a.dw, kw = KW ? KW : a.kw;
     const int64_t ixs = ox0 * sw - a.pl;
-    if (ixs >= 0 && ixs + int64_t(NP - 1) * sw + (kw - 1) * dw < a.W)
+    if (ixs >= X.xlo && ixs + int64_t(NP - 1) * sw + (kw - 1) * dw < X.xhi)
         strip<NP, FX, FW, SW, KW, true>(a, X, n, oy, ox0, c0, nl);
     else
         strip<NP, FX, FW, SW, KW, false>(a, X, n, oy, ox0, c0, nl);
@@ -161,12 +165,13 @@ static void tile_row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t 
 }
 
 // Input rows [lo, hi] of image n, channel blocks [cb0, cb1), quantized into tile: block cb's
-// rows at tile + (cb - cb0) * plane, 16 floats a pixel, W pixels a row (lanes past C hold +0).
+// rows at tile + (cb - cb0) * plane, 16 floats a pixel, padl + W + padr pixels a row, input
+// column ix at pixel padl + ix; the padding pixels and the lanes past C hold +0.
 // Each pixel's channels are read in one run. The lanes that need the scalar path are rare: a
 // row's vectors only gather them (one mask OR a vector), and a row that has any is walked again.
 template <int P>
 static void quantize_tile(const DwArgs& a, const Quant16& qa, int64_t n, int64_t lo, int64_t hi, int64_t cb0,
-                          int64_t cb1, int64_t plane, float* tile) {
+                          int64_t cb1, int64_t plane, int64_t padl, int64_t padr, float* tile) {
     const Quant16 q = qa;  // a local copy: no tile store can alias its constants
     const int64_t C = a.C, W = a.W;
     const int tail = int(C - (cb1 - 1) * 16 < 16 ? C - (cb1 - 1) * 16 : 16);  // lanes of the last block
@@ -174,7 +179,10 @@ static void quantize_tile(const DwArgs& a, const Quant16& qa, int64_t n, int64_t
     for (int64_t iy = lo; iy <= hi; ++iy) {
         const int64_t s0 = ((n * a.H + iy) * W) * C + cb0 * 16;  // element index of the row's first channel
         const float* srow = a.x + s0;
-        float* drow = tile + (iy - lo) * W * 16;
+        float* drow = tile + ((iy - lo) * (padl + W + padr) + padl) * 16;
+        // the padding pixels (the blocks inner: a vector store each, not a memset call per run)
+        for (int64_t ix = padl ? -padl : W; ix < W + padr; ix = ix == -1 ? W : ix + 1)
+            for (int64_t k = 0; k < cb1 - cb0; ++k) _mm512_store_ps(drow + k * plane + ix * 16, _mm512_setzero_ps());
         __mmask16 any = 0;
         for (int64_t ix = 0; ix < W; ++ix) {
             const float* s = srow + ix * C;
@@ -266,7 +274,7 @@ void dwconv(const DwArgs& a) {
                 const int64_t cb = it % ncb, r = it / ncb, oy = r % a.OH, n = r / a.OH;
                 const int64_t c0 = cb * 16;
                 const int nl = int(a.C - c0 < 16 ? a.C - c0 : 16);
-                const XView X{a.x + n * a.H * a.W * a.C + c0, 0, a.W * a.C, a.C};
+                const XView X{a.x + n * a.H * a.W * a.C + c0, 0, a.W * a.C, a.C, 0, a.W};
                 if (nl == 16) row_strips<true, true>(a, X, n, oy, c0, nl);
                 else row_strips<false, false>(a, X, n, oy, c0, nl);
             }
@@ -279,10 +287,15 @@ void dwconv(const DwArgs& a) {
     // every pixel, which the memory system streams far worse), then runs its strips from there.
     // Tile <= 512 KiB; R as large as fits (the rows under two neighbouring blocks overlap and are
     // quantized twice), channel groups split first when there are too few items for the threads.
+    // A tile this kernel quantizes carries the row's padding columns (zeros; see XView): every
+    // strip then takes the loop without column tests. A produced tile has W pixels a row.
+    const int64_t last_ix = (a.OW - 1) * a.sw - a.pl + int64_t(a.kw - 1) * a.dw;  // the rightmost column read
+    const int64_t padl = a.produce ? 0 : a.pl, padr = a.produce || last_ix < a.W ? 0 : last_ix + 1 - a.W;
+    const int64_t Wp = padl + a.W + padr;
     auto rows_in = [&](int64_t R) { return (R - 1) * a.sh + int64_t(a.kh - 1) * a.dh + 1; };
     auto tile_of = [&](int64_t R, int64_t cg) {
         const int64_t r = rows_in(R) < a.H ? rows_in(R) : a.H;
-        return r * a.W * 64 * cg;
+        return r * Wp * 64 * cg;
     };
     const int64_t budget = int64_t(512) << 10;
     int64_t R = a.OH < 8 ? a.OH : 8, cg = ncb;
@@ -309,7 +322,7 @@ void dwconv(const DwArgs& a) {
     }
     const int64_t tile_rows = rows_in(R) < a.H ? rows_in(R) : a.H;
     const int64_t nrb = (a.OH + R - 1) / R, ncg = (ncb + cg - 1) / cg, items = a.N * nrb * ncg;
-    const int64_t plane = tile_rows * a.W * 16;  // floats of one channel block's rows in the tile
+    const int64_t plane = tile_rows * Wp * 16;  // floats of one channel block's rows in the tile
     const size_t tile_bytes = (size_t(plane * cg) * 4 + 63) / 64 * 64;
     const Quant16 q(elem_quant(*a.fq));
     const bool par = nt > 1 && items > 1 && a.N * a.OH * ncb * a.OW * taps * 16 > 32768;
@@ -330,7 +343,7 @@ void dwconv(const DwArgs& a) {
         if (lo < 0) lo = 0;
         if (hi > a.H - 1) hi = a.H - 1;
         if (lo <= hi && a.produce) a.produce(a.produce_ctx, n, lo, hi, cb0, cb1, plane, tile);
-        else if (lo <= hi) with_path(q, [&](auto p) { quantize_tile<decltype(p)::value>(a, q, n, lo, hi, cb0, cb1, plane, tile); });
+        else if (lo <= hi) with_path(q, [&](auto p) { quantize_tile<decltype(p)::value>(a, q, n, lo, hi, cb0, cb1, plane, padl, padr, tile); });
         // a quantized output: the item's rows go to this thread's buffer (its epilogue re-based
         // there: the bias by channel), then through the row quantizer while they are in L2
         static thread_local std::vector<float> obuf;
@@ -352,7 +365,7 @@ void dwconv(const DwArgs& a) {
         for (int64_t cb = cb0; cb < cb1; ++cb) {
             const int64_t c0 = cb * 16;
             const int nl = int(a.C - c0 < 16 ? a.C - c0 : 16);
-            const XView X{tile + (cb - cb0) * plane, lo, a.W * 16, 16};
+            const XView X{tile + (cb - cb0) * plane + padl * 16, lo, Wp * 16, 16, -padl, a.W + padr};
             for (int64_t oy = oy0; oy < oy1; ++oy) {
                 if (nl == 16) tile_row_strips<true>(d, X, n, oy, c0, nl);
                 else tile_row_strips<false>(d, X, n, oy, c0, nl);
