@@ -76,3 +76,46 @@ def test_depthwise_padded_tile_bit_exact(kernel, restore_threads, threads, speci
     if special == "nonfinite":
         assert np.isnan(want).any()  # the case does reach the poisoned taps
     assert_bits_equal(got, want, f"depthwise {case} ({special}, {threads} threads)")
+
+
+# The strips of a tile the kernel quantizes fuse each product and its addition into one FMA
+# where every product x * w is exact in fp32 (the same bits). Two taps whose second product
+# is not exact -- it overflows, or it has a bit below 2^-149 -- make different bits when fused:
+# the kernel must see that and keep the product rounded.
+def _dw_1x2_model(C, W, w):
+    g = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], group=C, kernel_shape=[1, 2])], "dw",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, 3, W])],
+                          [helper.make_empty_tensor_value_info("y")], [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 15)])
+    m.ir_version = 8
+    return m
+
+
+_EDGE_PRODUCTS = {
+    # x0 * w0 = -1.5 * 2^126, x1 * w1 = 2^128: rounded, Inf; fused, 1.25 * 2^127
+    "overflow": ((-1.5 * 2.0 ** 100, 2.0 ** 102), (2.0 ** 26, 2.0 ** 26)),
+    # x0 * w0 = 2^-149, x1 * w1 = 1.5 * 2^-149: rounded (to even), 2^-148 + 2^-149; fused, 2^-148
+    "underflow": ((2.0 ** -75, 1.5 * 2.0 ** -75), (2.0 ** -74, 2.0 ** -74)),
+    # both products exact: the fused path, the same bits
+    "exact": ((1.5 * 2.0 ** 10, -1.25 * 2.0 ** 3), (1.75 * 2.0 ** -3, 2.0 ** -5)),
+}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("W", [2, 40])  # the edge pair alone, or at the end of a row of ordinary values
+@pytest.mark.parametrize("edge", list(_EDGE_PRODUCTS))
+def test_depthwise_fused_multiply_add_only_where_exact(kernel, restore_threads, threads, W, edge):
+    bfpaccel.set_num_threads(threads)
+    (x0, x1), (w0, w1) = _EDGE_PRODUCTS[edge]
+    C = 16
+    rng = np.random.default_rng(W)
+    x = (rng.standard_normal((1, C, 3, W)) * 4).astype(f32)
+    x[:, :, :, W - 2], x[:, :, :, W - 1] = f32(x0), f32(x1)
+    w = np.empty((C, 1, 1, 2), f32)
+    w[..., 0], w[..., 1] = f32(w0), f32(w1)
+    plan = bfpaccel.compile(_dw_1x2_model(C, W, w), format="msfp16", vector_precision="fp32")
+    got = bfpaccel.Session(plan).run(None, {"x": x})["y"]
+    want = reference.conv2d(x, w, bfpaccel.get_format("msfp16"), groups=C).astype(f32)
+    last = want[0, 0, 0, W - 2]
+    assert last == {"overflow": np.inf, "underflow": f32(3 * 2.0 ** -149), "exact": f32(x0 * w0 + x1 * w1)}[edge]
+    assert_bits_equal(got, want, f"depthwise 1x2 ({edge}, W={W}, {threads} threads)")

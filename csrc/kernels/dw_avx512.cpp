@@ -2,10 +2,11 @@
 //
 // Numerics (the same as dwconv_nhwc in runtime.cpp, bit for bit): every output is the sum
 // (((0 + x_t0*w_t0) + x_t1*w_t1) + ...) over the taps in order, each product rounded to fp32
-// and then added (vmulps + vaddps, never an FMA: -ffp-contract=off); a padded tap adds 0 * w
-// (a NaN/Inf weight still makes NaN). The epilogue (bias, residual, activation, each rounded
-// to the vector precision) is applied to each stored row of 16 channels while it is in L1
-// (epi_tile).
+// and then added (vmulps + vaddps: -ffp-contract=off), or fused into one FMA where every
+// product is exact in fp32 (the strips of a tile this kernel quantizes: fma_exact), which is
+// the same sum bit for bit; a padded tap adds 0 * w (a NaN/Inf weight still makes NaN). The
+// epilogue (bias, residual, activation, each rounded to the vector precision) is applied to
+// each stored row of 16 channels while it is in L1 (epi_tile).
 //
 // Blocking: one work item is (image, output row(s), 16 channels); it walks each row in strips
 // of up to 8 output pixels: 8 accumulators, taps in order, the tap's 16 weights loaded once
@@ -67,7 +68,16 @@ struct XView {
 // SW > 0: the geometry is known here -- stride SW, KW taps a row, no dilation, 16 floats a
 // pixel (the quantized tile) -- so every load's offset is a constant (no pixel pointers to keep
 // in registers) and the tap loop unrolls; SW == 0: any geometry.
-template <int NP, bool FX, bool FW, int SW, int KW, bool IN>
+// FMA: each product and its addition as one fused multiply-add -- the same bits as vmulps +
+// vaddps wherever every product x * w is exact in fp32, which the caller guarantees (see
+// fma_exact); half the arithmetic.
+template <bool FMA>
+static inline __m512 madd(__m512 acc, __m512 x, __m512 w) {
+    if constexpr (FMA) return _mm512_fmadd_ps(x, w, acc);
+    else return _mm512_add_ps(acc, _mm512_mul_ps(x, w));
+}
+
+template <int NP, bool FX, bool FW, int SW, int KW, bool IN, bool FMA>
 static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t ox0, int64_t c0, int nl) {
     static_assert((SW == 0) == (KW == 0), "SW and KW are given together");
     const int64_t C = a.C, W = a.W, xs = SW ? 16 : X.xs, sw = SW ? SW : a.sw, sC = sw * xs;
@@ -98,7 +108,7 @@ static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy,
                 const __m512 wv = ld<FW>(wt + kx * C, nl);
                 const float* bk = b + int64_t(kx) * dw * xs;
 #pragma GCC unroll 8
-                for (int j = 0; j < NP; ++j) acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(ld<FX>(bk + j * sC, nl), wv));
+                for (int j = 0; j < NP; ++j) acc[j] = madd<FMA>(acc[j], ld<FX>(bk + j * sC, nl), wv);
             }
         } else {
 #pragma GCC unroll 8
@@ -109,7 +119,7 @@ static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy,
                 for (int j = 0; j < NP; ++j) {
                     const int64_t ix = ix0 + int64_t(j) * sw;
                     const __m512 xv = (ix >= 0 && ix < W) ? ld<FX>(row + ix * xs, nl) : zero;
-                    acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(xv, wv));
+                    acc[j] = madd<FMA>(acc[j], xv, wv);
                 }
             }
         }
@@ -120,28 +130,28 @@ static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy,
 }
 
 // A strip whose windows stay inside the input's columns takes the loop without column tests
-template <int NP, bool FX, bool FW, int SW, int KW>
+template <int NP, bool FX, bool FW, int SW, int KW, bool FMA>
 static inline void strip_any(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t ox0, int64_t c0, int nl) {
     const int64_t sw = SW ? SW : a.sw, dw = SW ? 1 : a.dw, kw = KW ? KW : a.kw;
     const int64_t ixs = ox0 * sw - a.pl;
     if (ixs >= X.xlo && ixs + int64_t(NP - 1) * sw + (kw - 1) * dw < X.xhi)
-        strip<NP, FX, FW, SW, KW, true>(a, X, n, oy, ox0, c0, nl);
+        strip<NP, FX, FW, SW, KW, true, FMA>(a, X, n, oy, ox0, c0, nl);
     else
-        strip<NP, FX, FW, SW, KW, false>(a, X, n, oy, ox0, c0, nl);
+        strip<NP, FX, FW, SW, KW, false, FMA>(a, X, n, oy, ox0, c0, nl);
 }
 
-template <bool FX, bool FW, int SW = 0, int KW = 0>
+template <bool FX, bool FW, int SW = 0, int KW = 0, bool FMA = false>
 static void row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t c0, int nl) {
     int64_t ox0 = 0;
-    for (; ox0 + 8 <= a.OW; ox0 += 8) strip_any<8, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl);
+    for (; ox0 + 8 <= a.OW; ox0 += 8) strip_any<8, FX, FW, SW, KW, FMA>(a, X, n, oy, ox0, c0, nl);
     switch (int(a.OW - ox0)) {
-        case 7: strip_any<7, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
-        case 6: strip_any<6, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
-        case 5: strip_any<5, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
-        case 4: strip_any<4, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
-        case 3: strip_any<3, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
-        case 2: strip_any<2, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
-        case 1: strip_any<1, FX, FW, SW, KW>(a, X, n, oy, ox0, c0, nl); break;
+        case 7: strip_any<7, FX, FW, SW, KW, FMA>(a, X, n, oy, ox0, c0, nl); break;
+        case 6: strip_any<6, FX, FW, SW, KW, FMA>(a, X, n, oy, ox0, c0, nl); break;
+        case 5: strip_any<5, FX, FW, SW, KW, FMA>(a, X, n, oy, ox0, c0, nl); break;
+        case 4: strip_any<4, FX, FW, SW, KW, FMA>(a, X, n, oy, ox0, c0, nl); break;
+        case 3: strip_any<3, FX, FW, SW, KW, FMA>(a, X, n, oy, ox0, c0, nl); break;
+        case 2: strip_any<2, FX, FW, SW, KW, FMA>(a, X, n, oy, ox0, c0, nl); break;
+        case 1: strip_any<1, FX, FW, SW, KW, FMA>(a, X, n, oy, ox0, c0, nl); break;
         default: break;
     }
     // the epilogue on the row's outputs, still in L1: one call a row, not one a strip
@@ -152,15 +162,15 @@ static void row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t oy, i
 
 // One output row's strips from the quantized tile: the common geometries (3x3 and 5x5, stride
 // 1 or 2, no dilation) with every offset a constant, any other through the generic strips.
-template <bool FW>
+template <bool FW, bool FMA>
 static void tile_row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t c0, int nl) {
     const int g = a.dw != 1 ? 0 : a.sw * 8 + a.kw;
     switch (g) {
-        case 1 * 8 + 3: row_strips<true, FW, 1, 3>(a, X, n, oy, c0, nl); break;
-        case 2 * 8 + 3: row_strips<true, FW, 2, 3>(a, X, n, oy, c0, nl); break;
-        case 1 * 8 + 5: row_strips<true, FW, 1, 5>(a, X, n, oy, c0, nl); break;
-        case 2 * 8 + 5: row_strips<true, FW, 2, 5>(a, X, n, oy, c0, nl); break;
-        default: row_strips<true, FW>(a, X, n, oy, c0, nl); break;
+        case 1 * 8 + 3: row_strips<true, FW, 1, 3, FMA>(a, X, n, oy, c0, nl); break;
+        case 2 * 8 + 3: row_strips<true, FW, 2, 3, FMA>(a, X, n, oy, c0, nl); break;
+        case 1 * 8 + 5: row_strips<true, FW, 1, 5, FMA>(a, X, n, oy, c0, nl); break;
+        case 2 * 8 + 5: row_strips<true, FW, 2, 5, FMA>(a, X, n, oy, c0, nl); break;
+        default: row_strips<true, FW, 0, 0, FMA>(a, X, n, oy, c0, nl); break;
     }
 }
 
@@ -169,10 +179,28 @@ static void tile_row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t 
 // column ix at pixel padl + ix; the padding pixels and the lanes past C hold +0.
 // Each pixel's channels are read in one run. The lanes that need the scalar path are rare: a
 // row's vectors only gather them (one mask OR a vector), and a row that has any is walked again.
-template <int P>
-static void quantize_tile(const DwArgs& a, const Quant16& qa, int64_t n, int64_t lo, int64_t hi, int64_t cb0,
-                          int64_t cb1, int64_t plane, int64_t padl, int64_t padr, float* tile) {
+// RANGE: also returns the range of the input's non-zero values as their bits doubled (sign
+// out; the exponent field in the top byte): a value on the vector path keeps its exponent (a
+// carry into the next binade is clamped), so that is the range of the tile's values, unless
+// `scalar` (a lane took the scalar path: no range is claimed).
+struct TileRange {
+    uint32_t a2min = UINT32_MAX, a2max = 0;
+    bool scalar = false;
+};
+template <int P, bool RANGE>
+static TileRange quantize_tile(const DwArgs& a, const Quant16& qa, int64_t n, int64_t lo, int64_t hi, int64_t cb0,
+                               int64_t cb1, int64_t plane, int64_t padl, int64_t padr, float* tile) {
     const Quant16 q = qa;  // a local copy: no tile store can alias its constants
+    __m512i vmin = _mm512_set1_epi32(-1), vmax = _mm512_setzero_si512();
+    TileRange r;
+    // the doubled bits' range of xv's non-zero lanes (lanes past C are +0)
+    auto track = [&](__m512 xv) {
+        if constexpr (RANGE) {
+            const __m512i a2 = _mm512_add_epi32(_mm512_castps_si512(xv), _mm512_castps_si512(xv));
+            vmax = _mm512_max_epu32(vmax, a2);
+            vmin = _mm512_mask_min_epu32(vmin, _mm512_test_epi32_mask(a2, a2), vmin, a2);
+        }
+    };
     const int64_t C = a.C, W = a.W;
     const int tail = int(C - (cb1 - 1) * 16 < 16 ? C - (cb1 - 1) * 16 : 16);  // lanes of the last block
     const int64_t nfull = tail == 16 ? cb1 - cb0 : cb1 - cb0 - 1;
@@ -189,16 +217,21 @@ static void quantize_tile(const DwArgs& a, const Quant16& qa, int64_t n, int64_t
             float* d = drow + ix * 16;
             for (int64_t k = 0; k < nfull; ++k) {
                 __mmask16 bad;
-                _mm512_store_ps(d + k * plane, q.quant<P>(_mm512_loadu_ps(s + k * 16), bad));
+                const __m512 xv = _mm512_loadu_ps(s + k * 16);
+                _mm512_store_ps(d + k * plane, q.quant<P>(xv, bad));
+                track(xv);
                 any |= bad;
             }
             if (tail != 16) {
                 __mmask16 bad;
-                _mm512_store_ps(d + nfull * plane, q.quant<P>(load_lanes(s + nfull * 16, tail), bad));
+                const __m512 xv = load_lanes(s + nfull * 16, tail);
+                _mm512_store_ps(d + nfull * plane, q.quant<P>(xv, bad));
+                track(xv);
                 any |= bad & lanes(tail);
             }
         }
         if (__builtin_expect(any == 0, 1)) continue;
+        r.scalar = true;
         for (int64_t ix = 0; ix < W; ++ix)
             for (int64_t k = 0; k <= nfull && k < cb1 - cb0; ++k) {
                 const int nl = k < nfull ? 16 : tail;
@@ -209,6 +242,73 @@ static void quantize_tile(const DwArgs& a, const Quant16& qa, int64_t n, int64_t
                     if (bad >> j & 1) drow[k * plane + ix * 16 + j] = a.fq_fix(a.fq_ctx, s0 + ix * C + k * 16 + j);
             }
     }
+    if constexpr (RANGE) {
+        alignas(64) uint32_t mn[16], mx[16];
+        _mm512_store_si512(mn, vmin);
+        _mm512_store_si512(mx, vmax);
+        for (int l = 0; l < 16; ++l) {
+            if (mn[l] < r.a2min) r.a2min = mn[l];
+            if (mx[l] > r.a2max) r.a2max = mx[l];
+        }
+    }
+    return r;
+}
+
+// When every product x * w of a depthwise conv is exact in fp32, x * w + acc fused (one
+// rounding) is the datapath's fp32(fp32(x * w) + acc) (two): the strips may use FMAs. With x a
+// one-element value of unit_shift ux (at most ux fraction bits) and w one with at most fw
+// fraction bits, x * w has at most ux + fw + 2 significant bits and its lowest at exponent
+// ex + ew - ux - fw (ex, ew: their exponents): exact when ux + fw <= 22, every ex + ew >=
+// ux + fw - 149 (no bit below 2^-149) and every ex + ew <= 126 (below 2^128: finite). Zero
+// products are exact, and an Inf or NaN factor makes the same Inf or NaN either way (a NaN's
+// payload aside); a subnormal weight (rare) is not claimed.
+struct WeightRange {
+    bool ok = true;       // no subnormal weight
+    bool any = false;     // a non-zero finite weight exists
+    int elo = 0, ehi = 0;  // the exponents of the non-zero finite weights
+    int fw = 0;           // their fraction bits (the most any has)
+};
+static WeightRange weight_range(const float* w, int64_t n) {
+    __m512i vmin = _mm512_set1_epi32(-1), vmax = _mm512_setzero_si512(), vor = _mm512_setzero_si512();
+    __mmask16 sub = 0;
+    const __m512i absm = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+    for (int64_t i = 0; i < n; i += 16) {
+        const int nl = int(n - i < 16 ? n - i : 16);
+        const __m512i b = _mm512_and_si512(_mm512_castps_si512(load_lanes(w + i, nl)), absm);
+        const __mmask16 nzf = _mm512_test_epi32_mask(b, b) & _mm512_cmpgt_epi32_mask(inf, b);  // (b < 2^31: signed)
+        vmin = _mm512_mask_min_epu32(vmin, nzf, vmin, b);
+        vmax = _mm512_mask_max_epu32(vmax, nzf, vmax, b);
+        vor = _mm512_mask_or_epi32(vor, nzf, vor, b);
+        sub |= nzf & _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(0x00800000), b);
+    }
+    alignas(64) uint32_t mn[16], mx[16], orv[16];
+    _mm512_store_si512(mn, vmin);
+    _mm512_store_si512(mx, vmax);
+    _mm512_store_si512(orv, vor);
+    uint32_t lo = UINT32_MAX, hi = 0, o = 0;
+    for (int l = 0; l < 16; ++l) {
+        lo = mn[l] < lo ? mn[l] : lo;
+        hi = mx[l] > hi ? mx[l] : hi;
+        o |= orv[l];
+    }
+    WeightRange r;
+    r.ok = sub == 0;
+    r.any = hi != 0;
+    if (r.any) {
+        r.elo = int(lo >> 23) - 127;
+        r.ehi = int(hi >> 23) - 127;
+        const uint32_t m = o & 0x7fffff;
+        r.fw = m ? 23 - __builtin_ctz(m) : 0;
+    }
+    return r;
+}
+
+// The strips of a tile may fuse (see WeightRange): weights wr, the tile's values t (RANGE), x's unit_shift ux
+static bool fma_exact(const WeightRange& wr, const TileRange& t, int ux) {
+    if (!wr.ok || t.scalar) return false;
+    if (!wr.any || t.a2max == 0) return true;  // every product is +-0 (or Inf / NaN)
+    const int exlo = int(t.a2min >> 24) - 127, exhi = int(t.a2max >> 24) - 127;
+    return ux + wr.fw <= 22 && exlo + wr.elo >= ux + wr.fw - 149 && exhi + wr.ehi <= 126;
 }
 
 }  // namespace
@@ -326,6 +426,10 @@ void dwconv(const DwArgs& a) {
     const size_t tile_bytes = (size_t(plane * cg) * 4 + 63) / 64 * 64;
     const Quant16 q(elem_quant(*a.fq));
     const bool par = nt > 1 && items > 1 && a.N * a.OH * ncb * a.OW * taps * 16 > 32768;
+    // the strips fuse their multiply-adds where every product is exact (fma_exact): the weights'
+    // range once a call, the tile's as it is quantized (a produced tile: not claimed)
+    const WeightRange wr = a.produce ? WeightRange{false} : weight_range(a.w, taps * a.C);
+    const bool try_fma = wr.ok;
     // items from the pool (pool.h); each thread keeps its tile across calls (<= 512 KiB + a line)
     parallel_for(par ? nt : 1, items, [&](int64_t it) {
         static thread_local float* tile = nullptr;
@@ -342,8 +446,19 @@ void dwconv(const DwArgs& a) {
         int64_t lo = oy0 * a.sh - a.pt, hi = (oy1 - 1) * a.sh - a.pt + int64_t(a.kh - 1) * a.dh;
         if (lo < 0) lo = 0;
         if (hi > a.H - 1) hi = a.H - 1;
-        if (lo <= hi && a.produce) a.produce(a.produce_ctx, n, lo, hi, cb0, cb1, plane, tile);
-        else if (lo <= hi) with_path(q, [&](auto p) { quantize_tile<decltype(p)::value>(a, q, n, lo, hi, cb0, cb1, plane, padl, padr, tile); });
+        bool fma = false;
+        if (lo <= hi && a.produce) {
+            a.produce(a.produce_ctx, n, lo, hi, cb0, cb1, plane, tile);
+        } else if (lo <= hi) {
+            with_path(q, [&](auto p) {
+                constexpr int P = decltype(p)::value;
+                if (try_fma)
+                    fma = fma_exact(wr, quantize_tile<P, true>(a, q, n, lo, hi, cb0, cb1, plane, padl, padr, tile),
+                                    a.fq->unit_shift);
+                else
+                    quantize_tile<P, false>(a, q, n, lo, hi, cb0, cb1, plane, padl, padr, tile);
+            });
+        }
         // a quantized output: the item's rows go to this thread's buffer (its epilogue re-based
         // there: the bias by channel), then through the row quantizer while they are in L2
         static thread_local std::vector<float> obuf;
@@ -367,8 +482,13 @@ void dwconv(const DwArgs& a) {
             const int nl = int(a.C - c0 < 16 ? a.C - c0 : 16);
             const XView X{tile + (cb - cb0) * plane + padl * 16, lo, Wp * 16, 16, -padl, a.W + padr};
             for (int64_t oy = oy0; oy < oy1; ++oy) {
-                if (nl == 16) tile_row_strips<true>(d, X, n, oy, c0, nl);
-                else tile_row_strips<false>(d, X, n, oy, c0, nl);
+                if (fma) {
+                    if (nl == 16) tile_row_strips<true, true>(d, X, n, oy, c0, nl);
+                    else tile_row_strips<false, true>(d, X, n, oy, c0, nl);
+                } else {
+                    if (nl == 16) tile_row_strips<true, false>(d, X, n, oy, c0, nl);
+                    else tile_row_strips<false, false>(d, X, n, oy, c0, nl);
+                }
             }
         }
         if (a.oq) a.oq_fn(a.oq->rows_at(b.out, (n * a.OH + oy0) * a.OW, (oy1 - oy0) * a.OW, a.C));
