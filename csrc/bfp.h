@@ -135,9 +135,9 @@ float quantize_element(float v, const FmtParams& f);
 // a row at (c / 16) * cbs + c % 16 from the row's column 0 (a depthwise tile's channel-block
 // planes, 16 floats a pixel, written by the GEMM directly); element p then sits in column
 // ((p - y) / cbs) * 16 + (p - y) % 16 (rows a multiple of 16 floats apart, each row's offset
-// (p - y) % cbs below cbs). Only with
-// kernels that apply the epilogue (KernelDesc::fused_epilogue), never with a residual, a
-// transposed output or the rows() pass.
+// (p - y) % cbs below cbs). Only with kernels that apply the epilogue
+// (KernelDesc::fused_epilogue), never with a residual, a transposed output or the rows() pass;
+// out_col() places a tile's columns.
 struct VecEpilogue {
     const float* y;
     int64_t ldo;
@@ -183,6 +183,10 @@ struct VecEpilogue {
         }
     }
 };
+
+// The offset of output column c (a tile's first, a multiple of 16) from its row's column 0,
+// through epi's column blocks (VecEpilogue::cbs) where it has them
+inline int64_t out_col(const VecEpilogue* epi, int64_t c) { return epi ? epi->col(c) : c; }
 
 // Tile (r0, c0) of nr x nc by the exact path, written to o (ldo apart), then the epilogue if
 // there is one: the raw values wait in tmp (room for nr x nc floats) and rows_from writes o,

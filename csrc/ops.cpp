@@ -584,7 +584,7 @@ static void exact_gemm(const ExactCtx& c, int64_t R, int64_t N, float* out, int6
 #pragma omp parallel for num_threads(num_threads()) schedule(dynamic)
     for (int64_t it = 0; it < nrt * nct; ++it) {
         const int64_t r0 = (it / nct) * RT, c0 = (it % nct) * CT;
-        float* o = c.trans ? out + c0 * ldo + r0 : out + r0 * ldo + (epi ? epi->col(c0) : c0);
+        float* o = c.trans ? out + c0 * ldo + r0 : out + r0 * ldo + out_col(epi, c0);
         float tmp[RT * CT];
         exact_tile_epi(ExactTile{&c, exact_tile}, epi, r0, int(std::min(RT, R - r0)), c0, int(std::min(CT, N - c0)),
                        o, ldo, tmp);

@@ -354,7 +354,7 @@ static void vnni_by_panel(const GemmArgs& a, int nt) {
         g.cols.prepacked = C.prepacked + p * pstride;
         g.cols.pmin = C.pmin + p;
         g.cols.pmax = C.pmax + p;
-        g.out = a.trans ? a.out + c0 * a.ldo + r0 : a.out + r0 * a.ldo + (a.epi ? a.epi->col(c0) : c0);
+        g.out = a.trans ? a.out + c0 * a.ldo + r0 : a.out + r0 * a.ldo + out_col(a.epi, c0);
         g.exact = ExactTile{&xs, exact_shifted};
         g.nthreads = 1;
         vnni::gemm(g);
@@ -449,7 +449,7 @@ void gemm(const GemmArgs& a) {
                     const int64_t r0 = rt * MT;
                     const int mr = int((R.R - r0) < MT ? (R.R - r0) : MT);
                     const int64_t cc = c0 + h * HT;
-                    float* o = a.trans ? a.out + cc * a.ldo + r0 : a.out + r0 * a.ldo + (a.epi ? a.epi->col(cc) : cc);
+                    float* o = a.trans ? a.out + cc * a.ldo + r0 : a.out + r0 * a.ldo + out_col(a.epi, cc);
                     if (!tile_is_exact_bf16(rrange[rt], rrange[nrt + rt], pmin[p], pmax[p], a.bits_s)) {
                         float tmp[MT * HT];
                         exact_tile_epi(a.exact, a.epi, r0, mr, cc, nch, o, a.ldo, tmp);

@@ -183,6 +183,29 @@ static void tile_row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t 
 // out; the exponent field in the top byte): a value on the vector path keeps its exponent (a
 // carry into the next binade is clamped), so that is the range of the tile's values, unless
 // `scalar` (a lane took the scalar path: no range is claimed).
+// Lane reductions of the range trackers below
+static inline uint32_t hmin_u32(__m512i v) {
+    alignas(64) uint32_t t[16];
+    _mm512_store_si512(t, v);
+    uint32_t m = t[0];
+    for (int l = 1; l < 16; ++l) m = t[l] < m ? t[l] : m;
+    return m;
+}
+static inline uint32_t hmax_u32(__m512i v) {
+    alignas(64) uint32_t t[16];
+    _mm512_store_si512(t, v);
+    uint32_t m = t[0];
+    for (int l = 1; l < 16; ++l) m = t[l] > m ? t[l] : m;
+    return m;
+}
+static inline uint32_t hor_u32(__m512i v) {
+    alignas(64) uint32_t t[16];
+    _mm512_store_si512(t, v);
+    uint32_t m = 0;
+    for (int l = 0; l < 16; ++l) m |= t[l];
+    return m;
+}
+
 struct TileRange {
     uint32_t a2min = UINT32_MAX, a2max = 0;
     bool scalar = false;
@@ -243,13 +266,8 @@ static TileRange quantize_tile(const DwArgs& a, const Quant16& qa, int64_t n, in
             }
     }
     if constexpr (RANGE) {
-        alignas(64) uint32_t mn[16], mx[16];
-        _mm512_store_si512(mn, vmin);
-        _mm512_store_si512(mx, vmax);
-        for (int l = 0; l < 16; ++l) {
-            if (mn[l] < r.a2min) r.a2min = mn[l];
-            if (mx[l] > r.a2max) r.a2max = mx[l];
-        }
+        r.a2min = hmin_u32(vmin);
+        r.a2max = hmax_u32(vmax);
     }
     return r;
 }
@@ -281,16 +299,7 @@ static WeightRange weight_range(const float* w, int64_t n) {
         vor = _mm512_mask_or_epi32(vor, nzf, vor, b);
         sub |= nzf & _mm512_cmpgt_epi32_mask(_mm512_set1_epi32(0x00800000), b);
     }
-    alignas(64) uint32_t mn[16], mx[16], orv[16];
-    _mm512_store_si512(mn, vmin);
-    _mm512_store_si512(mx, vmax);
-    _mm512_store_si512(orv, vor);
-    uint32_t lo = UINT32_MAX, hi = 0, o = 0;
-    for (int l = 0; l < 16; ++l) {
-        lo = mn[l] < lo ? mn[l] : lo;
-        hi = mx[l] > hi ? mx[l] : hi;
-        o |= orv[l];
-    }
+    const uint32_t lo = hmin_u32(vmin), hi = hmax_u32(vmax), o = hor_u32(vor);
     WeightRange r;
     r.ok = sub == 0;
     r.any = hi != 0;
@@ -429,7 +438,6 @@ void dwconv(const DwArgs& a) {
     // the strips fuse their multiply-adds where every product is exact (fma_exact): the weights'
     // range once a call, the tile's as it is quantized (a produced tile: not claimed)
     const WeightRange wr = a.produce ? WeightRange{false} : weight_range(a.w, taps * a.C);
-    const bool try_fma = wr.ok;
     // items from the pool (pool.h); each thread keeps its tile across calls (<= 512 KiB + a line)
     parallel_for(par ? nt : 1, items, [&](int64_t it) {
         static thread_local float* tile = nullptr;
@@ -452,7 +460,7 @@ void dwconv(const DwArgs& a) {
         } else if (lo <= hi) {
             with_path(q, [&](auto p) {
                 constexpr int P = decltype(p)::value;
-                if (try_fma)
+                if (wr.ok)
                     fma = fma_exact(wr, quantize_tile<P, true>(a, q, n, lo, hi, cb0, cb1, plane, padl, padr, tile),
                                     a.fq->unit_shift);
                 else

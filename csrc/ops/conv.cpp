@@ -219,8 +219,8 @@ static void epilogue_row(float* d, const float* b, const float* r,
 // kernel's depthwise loop gets the expansion's output for its input rows and channel blocks
 // from the expansion's GEMM (PointwiseRows), epilogue and element quantization applied in
 // registers, written into its tile (through a buffer where the tile's channel blocks do not
-// start at a GEMM panel or pass the channels) -- the expanded activation (4.8 MB at 112^2 x 96 channels in
-// EfficientNet-Lite0) is never stored whole, nor read back.
+// start at a GEMM panel or pass the channels) -- the expanded activation (4.8 MB at 112^2 x 96
+// channels in EfficientNet-Lite0) is never stored whole, nor read back.
 struct ExpandTile {
     const PointwiseRows* pw;
     const VecEpilogue* epi;  // the expansion's, with the element quantization (fq)
