@@ -69,6 +69,9 @@ struct RowsView {
     const int64_t* toff;  // [taps]
     const int32_t* emin;  // [R]
     const int32_t* emax;  // [R]
+    // Kernels with rows_u8 (KernelDesc): the same units as unsigned bytes in u's layout, given
+    // only when none is negative (after a ReLU); null: use u.
+    const uint8_t* u8 = nullptr;
 };
 
 // The columns operand (vectorised by the kernels, packed into panels of NR columns): column
@@ -333,6 +336,8 @@ struct KernelDesc {
     // A max pool's output pixel: d[c] = the NaN-propagating max over src[0..nt)[c] in tap order,
     // c in [0, C) (unrounded); null: the portable per-tap loop (ops/pooling.cpp)
     void (*max_window)(float* d, const float* const* src, int nt, int64_t C);
+    // rows16 kernels: the GEMM also takes RowsView::u8 (conv2d_impl then writes both copies)
+    bool rows_u8 = false;
     bool simd() const { return gemm != nullptr; }   // every SIMD kernel's CPU has AVX2 + FMA + F16C
 };
 int kernel_count();
@@ -400,6 +405,8 @@ int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* uni
 // One block's n int8 units copied to dst, as int16 (wide) or int8; *sum: their sum; returns
 // whether any is nonzero.
 bool store_units(const int8_t* u, int n, bool wide, void* dst, int32_t* sum);
+// store_units to both layouts: as int16 at d16 and int8 at d8; *neg |= whether any is negative.
+bool store_units16_8(const int8_t* u, int n, int16_t* d16, int8_t* d8, int32_t* sum, bool* neg);
 // One block (len <= 128 channels) of np <= 8 consecutive pixels of a channels-first plane
 // (channel c of pixel j at x[c*HW + j]): units[j*ustride + c] and E[j].
 // False (nothing written) when a pixel needs the exact scalar path.

@@ -858,8 +858,9 @@ static bool uses_row_quantizer(const FmtParams& fx, const Operand& w, const Kern
 
 // An operand's buffers sized for nunits units in nblocks blocks over npix padded pixels (the
 // exponent ranges reset; the rest is written by the quantization, wide units zero-filled)
-static void size_acts(ConvActs& A, size_t nunits, size_t nblocks, size_t npix, bool int8, bool rows16, bool simd) {
-    A.a8.size_to(int8 && !rows16 ? nunits : 0);
+static void size_acts(ConvActs& A, size_t nunits, size_t nblocks, size_t npix, bool int8, bool rows16, bool simd,
+                      bool both = false) {
+    A.a8.size_to(int8 && (!rows16 || both) ? nunits : 0);
     A.a16.size_to(int8 && rows16 ? nunits : 0);
     if (!int8) A.a64.assign(nunits, 0);
     A.ae.size_to(nblocks);
@@ -884,6 +885,10 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     if (nhwc && !share && !bias && try_stem_conv(x, fx, w, g, out, epi)) return kConvStem;
     const bool rows16 = k.rows16;  // e.g. the AVX2 kernel broadcasts int16 units
     const bool simd = k.simd();
+    // the AVX2 kernel also takes the units as bytes when none is negative: both copies are
+    // written, and whether any unit is negative is noted on the way
+    const bool both = int8 && rows16 && simd && k.rows_u8;
+    std::atomic<bool> negative{false};
     const bool fast = int8 && fast_quant_ok(fx);
     const bool fast_nchw = fast && !nhwc;  // the 8-pixel NCHW quantizer (below)
     const bool row_quant = uses_row_quantizer(fx, w, k, nhwc);
@@ -920,7 +925,7 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     A.valid = false;  // until the quantization below completes
     // Interior pixels are written in full by the quantization below; only the zero padding
     // ring needs filling (the buffers are not value-initialized: they are MBs per conv).
-    size_acts(A, nunits, nblocks, size_t(NG * npix), int8, rows16, simd);
+    size_acts(A, nunits, nblocks, size_t(NG * npix), int8, rows16, simd, both);
     if (!int8) {  // wide units: every block's exponent starts at exp_min (a64 is zero-filled)
         std::fill(ae.data(), ae.data() + nblocks, int16_t(fx.exp_min));
     } else if (g.pt || g.pl || g.pb || g.pr) {
@@ -936,7 +941,7 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
                     }
                 }
             if (rows16) std::memset(&a16[pp * plen], 0, sizeof(int16_t) * size_t(n * plen));
-            else std::memset(&a8[pp * plen], 0, size_t(n * plen));
+            if (!rows16 || both) std::memset(&a8[pp * plen], 0, size_t(n * plen));
         };
         const int64_t nrows = NG * Hp, ring = NG * npix - NG * H * W;
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (ring * plen > 65536)
@@ -956,7 +961,10 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
         ae[blk] = e;
         if (simd) {  // (every SIMD kernel's CPU has AVX2) the copy, sum and test in vectors
             int32_t sum;
-            const bool any = avx2::store_units(u8, Bp, rows16, rows16 ? static_cast<void*>(&a16[dst]) : &a8[dst], &sum);
+            bool neg = false;
+            const bool any = both ? avx2::store_units16_8(u8, Bp, &a16[dst], &a8[dst], &sum, &neg)
+                                  : avx2::store_units(u8, Bp, rows16, rows16 ? static_cast<void*>(&a16[dst]) : &a8[dst], &sum);
+            if (neg && !negative.load(std::memory_order_relaxed)) negative.store(true, std::memory_order_relaxed);
             block_extras(sum, any, e, fx.unit_shift, &as[blk], &ac[blk], &amin[ppix], &amax[ppix]);
             return;
         }
@@ -1062,6 +1070,7 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
                         });
     }
     A.key = key;
+    A.nonneg = both && !negative.load();
     A.valid = true;
     }  // !reuse
 
@@ -1136,7 +1145,9 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
         }
         const ExactCtx ex{ubase, ae.data(), roff.data(), toff.data(), cu.data(), ce.data(), taps, nbc, Bp,
                           fx.unit_shift, w.f.unit_shift, exact_kind(int8, rows16, fx, w.f), !nhwc};
-        const RowsView rv{RB, taps, nbc, Bp, ubase, as.data(), ac.data(), roff.data(), toff.data(), rmin.data(), rmax.data()};
+        const RowsView rv{RB,          taps,        nbc,         Bp,          ubase,       as.data(),
+                          ac.data(),   roff.data(), toff.data(), rmin.data(), rmax.data(),
+                          A.nonneg ? reinterpret_cast<const uint8_t*>(a8.data()) : nullptr};
         const ColsView cv{Og, 1, w.nb(), Bp, reinterpret_cast<const int8_t* const*>(cu.data()), ce.data(), w.f.unit_shift,
                           simd ? w.panels->p + gi * npg * pbytes : nullptr, simd ? w.pmin.data() + gi * npg : nullptr,
                           simd ? w.pmax.data() + gi * npg : nullptr};

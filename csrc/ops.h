@@ -199,6 +199,7 @@ struct ConvActs {
     };
     Key key;
     bool valid = false;  // the buffers hold key's operand
+    bool nonneg = false;  // a8 also holds the units (kernels with rows_u8) and none is negative
     GrowBuf<int8_t> a8;
     GrowBuf<int16_t> a16, ae;
     std::vector<int64_t> a64;

@@ -2,6 +2,10 @@
 // Compiled with -mavx2 -mfma. Rows are broadcast 2 units (int16) at a time; columns are
 // packed into panels of NR=16. Per block: t = float(S) * col_scale, acc = fma(t, row_scale, acc)
 // -- exact under the driver's per-tile range check, as in the AVX-512 kernel.
+// Rows without a negative unit (RowsView::u8: a ReLU's output) take a byte path instead: 4
+// units at a time, vpmaddubsw (unsigned row units x signed column units: a pair sum is at most
+// 2 * 127 * 128 < 2^15, never saturated) then vpmaddwd by ones into the int32 sums -- the same
+// block sums S, ~1.4x the multiply-adds per cycle of the int16 path on the same core.
 #include <immintrin.h>
 
 #include <climits>
@@ -21,25 +25,31 @@ static constexpr int MR = 3;
 static constexpr int KSTEP = 2;  // k values per int32 lane of a panel
 
 // Panel layout, per block b: [Bp/2][NR][2] int8 (2 units of one column; sign-extended to int16
-// on load, which halves the bytes a memory-bound batch-1 layer streams), then [NR] float scales.
-size_t panel_bytes(int nb, int Bp) { return size_t(nb) * (size_t(Bp) * NR + NR * 4); }
+// on load, which halves the bytes a memory-bound batch-1 layer streams), then [NR] float scales;
+// after the nb blocks, the byte path's copy of the units: per block [Bp/4][NR][4] int8. A tile
+// reads one of the two sections.
+size_t panel_bytes(int nb, int Bp) { return size_t(nb) * (size_t(Bp) * NR + NR * 4) + size_t(nb) * Bp * NR; }
 
 void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax) {
-    const int Bp = c.Bp, B2 = Bp / 2;
+    const int Bp = c.Bp, B2 = Bp / 2, B4 = Bp / 4;
     const size_t bstride = size_t(Bp) * NR + NR * 4;
+    int8_t* const q4base = reinterpret_cast<int8_t*>(dst + size_t(c.taps) * c.nbt * bstride);
     int32_t mn = INT32_MAX, mx = INT32_MIN;
     for (int t = 0; t < c.taps; ++t) {
         for (int bt = 0; bt < c.nbt; ++bt) {
             const int b = t * c.nbt + bt;
             int8_t* q = reinterpret_cast<int8_t*>(dst + b * bstride);
             float* sc = reinterpret_cast<float*>(dst + b * bstride + size_t(Bp) * NR);
+            int8_t* q4 = q4base + size_t(b) * Bp * NR;
             for (int j = 0; j < NR; ++j) {
                 if (j >= ncols) {
                     for (int k2 = 0; k2 < B2; ++k2) q[(k2 * NR + j) * 2] = q[(k2 * NR + j) * 2 + 1] = 0;
+                    for (int k4 = 0; k4 < B4; ++k4) std::memset(q4 + (k4 * NR + j) * 4, 0, 4);
                     sc[j] = 1.0f;
                     continue;
                 }
                 const int8_t* src = c.u[(col0 + j) * c.taps + t] + bt * Bp;
+                for (int k4 = 0; k4 < B4; ++k4) std::memcpy(q4 + (k4 * NR + j) * 4, src + 4 * k4, 4);
                 int any = 0;
     #pragma GCC unroll 16
             for (int k2 = 0; k2 < B2; ++k2) {
@@ -61,10 +71,82 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
     *emax = mx;
 }
 
+// The tile's mr x NR results (acc0: columns 0-7, acc1: 8-15) to out.
+template <int mr>
+static inline void store_acc(const __m256 (&acc0)[mr], const __m256 (&acc1)[mr], float* out, int64_t ldo, int nc,
+                             bool trans) {
+    if (nc == NR && !trans) {
+        for (int i = 0; i < mr; ++i) {
+            _mm256_storeu_ps(out + i * ldo, acc0[i]);
+            _mm256_storeu_ps(out + i * ldo + 8, acc1[i]);
+        }
+        return;
+    }
+    alignas(32) float tmp[mr][NR];
+    for (int i = 0; i < mr; ++i) {
+        _mm256_store_ps(tmp[i], acc0[i]);
+        _mm256_store_ps(tmp[i] + 8, acc1[i]);
+    }
+    store_tile(tmp, nc, out, ldo, trans);
+}
+
+// The byte path (rows without a negative unit): K4 > 0 the block's 4-unit steps known at
+// compile time; 0: any block.
+template <int mr, int K4>
+static inline void run_tile_u8(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
+                               int nc, bool trans) {
+    const int Bp = R.Bp, B4 = K4 > 0 ? K4 : Bp / 4, nbt = R.nbt;
+    const size_t bstride = size_t(Bp) * NR + NR * 4;
+    const uint8_t* const p4 = panel + size_t(R.taps) * nbt * bstride;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc0[mr], acc1[mr];
+    for (int i = 0; i < mr; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
+    for (int t = 0; t < R.taps; ++t) {
+        const uint8_t* ap[mr];
+        const float* sp[mr];
+        for (int i = 0; i < mr; ++i) {
+            const int64_t pix = R.roff[r0 + i] + R.toff[t];
+            ap[i] = R.u8 + pix * nbt * Bp;
+            sp[i] = R.scale + pix * nbt;
+        }
+        for (int bt = 0; bt < nbt; ++bt) {
+            const size_t b = size_t(t) * nbt + bt;
+            const uint8_t* pb = p4 + b * Bp * NR;
+            __m256i s0[mr], s1[mr];
+            for (int i = 0; i < mr; ++i) s0[i] = s1[i] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+            for (int k4 = 0; k4 < B4; ++k4) {
+                const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb + k4 * 64));
+                const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pb + k4 * 64 + 32));
+                for (int i = 0; i < mr; ++i) {
+                    int32_t w;
+                    std::memcpy(&w, ap[i] + bt * Bp + 4 * k4, 4);
+                    const __m256i av = _mm256_set1_epi32(w);
+                    s0[i] = _mm256_add_epi32(s0[i], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones));
+                    s1[i] = _mm256_add_epi32(s1[i], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones));
+                    __asm__("" : "+x"(s0[i]), "+x"(s1[i]));  // running sums (see run_tile_k)
+                }
+            }
+            const float* cs = reinterpret_cast<const float*>(panel + b * bstride + size_t(Bp) * NR);
+            const __m256 c0 = _mm256_load_ps(cs), c1 = _mm256_load_ps(cs + 8);
+            for (int i = 0; i < mr; ++i) {
+                const __m256 ra = _mm256_set1_ps(sp[i][bt]);
+                acc0[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s0[i]), c0), ra, acc0[i]);
+                acc1[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s1[i]), c1), ra, acc1[i]);
+            }
+        }
+    }
+    store_acc<mr>(acc0, acc1, out, ldo, nc, trans);
+}
+
 // KS > 0: the block's k-steps known at compile time (fully unrolled); 0: any block.
 template <int mr, int KS>
 static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
                             int nc, bool trans, const VecEpilogue*) {  // no fused epilogue (KernelDesc)
+    if (R.u8) {
+        run_tile_u8<mr, KS / 2>(R, r0, panel, out, ldo, nc, trans);
+        return;
+    }
     const int Bp = R.Bp, B2 = KS > 0 ? KS : Bp / 2, nbt = R.nbt;
     const size_t bstride = size_t(Bp) * NR + NR * 4;
     __m256 acc0[mr], acc1[mr];
@@ -105,19 +187,7 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
             }
         }
     }
-    if (nc == NR && !trans) {
-        for (int i = 0; i < mr; ++i) {
-            _mm256_storeu_ps(out + i * ldo, acc0[i]);
-            _mm256_storeu_ps(out + i * ldo + 8, acc1[i]);
-        }
-        return;
-    }
-    alignas(32) float tmp[mr][NR];
-    for (int i = 0; i < mr; ++i) {
-        _mm256_store_ps(tmp[i], acc0[i]);
-        _mm256_store_ps(tmp[i] + 8, acc1[i]);
-    }
-    store_tile(tmp, nc, out, ldo, trans);
+    store_acc<mr>(acc0, acc1, out, ldo, nc, trans);
 }
 
 

@@ -123,6 +123,37 @@ bool store_units(const int8_t* u, int n, bool wide, void* dst, int32_t* sum) {
     return any;
 }
 
+bool store_units16_8(const int8_t* u, int n, int16_t* d16, int8_t* d8, int32_t* sum, bool* neg) {
+    __m256i acc = _mm256_setzero_si256(), nz = _mm256_setzero_si256();
+    __m128i sg = _mm_setzero_si128();
+    int k = 0;
+    for (; k + 16 <= n; k += 16) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + k));
+        const __m256i w = _mm256_cvtepi8_epi16(v);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d16 + k), w);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(d8 + k), v);
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_set1_epi16(1)));
+        nz = _mm256_or_si256(nz, w);
+        sg = _mm_or_si128(sg, v);
+    }
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    int32_t total = _mm_cvtsi128_si32(s4);
+    bool any = !_mm256_testz_si256(nz, nz);
+    bool negative = _mm_movemask_epi8(sg) != 0;
+    for (; k < n; ++k) {
+        d16[k] = u[k];
+        d8[k] = u[k];
+        total += u[k];
+        any |= u[k] != 0;
+        negative |= u[k] < 0;
+    }
+    *sum = total;
+    if (negative) *neg = true;
+    return any;
+}
+
 // Eight one-element blocks (int(p) elements, deterministic rounding): each x is quantized on
 // its own and written back as its value. Lanes whose exponent leaves the format's range
 // (or zero-free subnormals, NaN/Inf) are left out of the returned mask (bit j set: lane j
