@@ -405,6 +405,12 @@ int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* uni
 // One block's n int8 units copied to dst, as int16 (wide) or int8; *sum: their sum; returns
 // whether any is nonzero.
 bool store_units(const int8_t* u, int n, bool wide, void* dst, int32_t* sum);
+// quantize_block_i8 and store_units in one pass, straight into a rows operand: the units of
+// n <= Bp floats as int16 at d16 and/or bytes at d8 (either may be null), zero from n to Bp (a
+// multiple of 4); a NaN/Inf block gives kNanExp and zero units. *sum, *any as store_units;
+// *neg = true when a unit is negative.
+int16_t quantize_store_block(const float* x, int n, int Bp, const FmtParams& f, int16_t* d16, int8_t* d8,
+                             int32_t* sum, bool* any, bool* neg);
 // store_units to both layouts: as int16 at d16 and int8 at d8; *neg |= whether any is negative.
 bool store_units16_8(const int8_t* u, int n, int16_t* d16, int8_t* d8, int32_t* sum, bool* neg);
 // One block (len <= 128 channels) of np <= 8 consecutive pixels of a channels-first plane

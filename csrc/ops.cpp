@@ -1039,8 +1039,17 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     } else {
         parallel_ranges(num_threads(), NG * HW, std::max<int64_t>(1, 4096 / std::max<int64_t>(Cg, 1)),
                         [&](int64_t lo, int64_t hi) {
-        for (int64_t pix = lo; pix < hi; ++pix) {
-            const int64_t xw = pix % W, xh = (pix / W) % H, ng = pix / HW, n = ng / G, gi = ng % G;
+        // (image-group, row, column) of pixel lo, then stepped along: no divisions per pixel
+        int64_t xw = lo % W, xh = (lo / W) % H, ng = lo / HW;
+        for (int64_t pix = lo; pix < hi; ++pix, ++xw) {
+            if (xw == W) {
+                xw = 0;
+                if (++xh == H) {
+                    xh = 0;
+                    ++ng;
+                }
+            }
+            const int64_t n = ng / G, gi = ng % G;
             const int64_t ppix = ng * npix + (xh + g.pt) * Wp + (xw + g.pl);
             const int64_t ih = sub ? xh * g.sh : xh, iw = sub ? xw * g.sw : xw;  // its pixel in x
             int64_t units[4096];
@@ -1050,7 +1059,18 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
                 const int len = int(std::min<int64_t>(B, Cg - int64_t(cb) * B));
                 const int64_t off = nhwc ? ((n * g.H + ih) * g.W + iw) * C + c0 : ((n * C + c0) * g.H + ih) * g.W + iw;
                 const int64_t xs = nhwc ? 1 : g.H * g.W;
-                if (fast) {  // NHWC: the block's channels are contiguous
+                if (fast && simd) {  // NHWC: the block's channels are contiguous; into the operand
+                    const int64_t blk = ppix * nbc + cb, dst = ppix * plen + int64_t(cb) * Bp;
+                    int32_t sum;
+                    bool any, neg = false;
+                    const int16_t e = avx2::quantize_store_block(x + off, len, Bp, fx, rows16 ? &a16[dst] : nullptr,
+                                                                 !rows16 || both ? &a8[dst] : nullptr, &sum, &any, &neg);
+                    ae[blk] = e;
+                    block_extras(sum, any, e, fx.unit_shift, &as[blk], &ac[blk], &amin[ppix], &amax[ppix]);
+                    if (neg && !negative.load(std::memory_order_relaxed)) negative.store(true, std::memory_order_relaxed);
+                    continue;
+                }
+                if (fast) {
                     std::memset(u8, 0, size_t(Bp));
                     const int16_t e = avx2::quantize_block_i8(x + off, len, fx, u8);
                     store_pixel(ppix, cb, u8, e);

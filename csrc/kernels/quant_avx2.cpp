@@ -44,7 +44,9 @@ static inline __m256 round_units(__m256 v, const FmtParams& f) {
     return _mm256_mul_ps(round_mode(_mm256_mul_ps(v, down), f.rounding), up);
 }
 
-int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* out) {
+// A block's exponent from its n floats (kNanExp when one is NaN/Inf) and the two exact steps
+// that scale a magnitude to units: int(p) v = |x| * 2^(unit_shift - E), fp v = |x| * 2^-E.
+static inline int block_setup(const float* x, int n, const FmtParams& f, __m256* s1, __m256* s2) {
     const __m256i absm = _mm256_set1_epi32(0x7fffffff), expm = _mm256_set1_epi32(0x7f800000);
     __m256i vmax = _mm256_setzero_si256(), bad = _mm256_setzero_si256();
     for (int k = 0; k < n; k += 8) {
@@ -54,39 +56,45 @@ int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* out
         bad = _mm256_or_si256(bad, _mm256_cmpeq_epi32(_mm256_and_si256(a, expm), expm));
         vmax = _mm256_max_epi32(vmax, a);  // |x| bit patterns order like the values
     }
-    if (_mm256_movemask_epi8(bad)) {
-        std::memset(out, 0, size_t(n));
-        return kNanExp;
-    }
+    if (_mm256_movemask_epi8(bad)) return kNanExp;
     __m128i m4 = _mm_max_epi32(_mm256_castsi256_si128(vmax), _mm256_extracti128_si256(vmax, 1));
     m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0x4E));
     m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0xB1));
-    const int32_t amax_bits = _mm_cvtsi128_si32(m4);
-    const int E = block_exponent(amax_bits, f);
-    const __m256 maxu = _mm256_set1_ps(float(f.max_units));
-    const __m256 fabsm = _mm256_castsi256_ps(absm);
-    // int(p): v = |x| * 2^(unit_shift - E), in up to two exact steps; fp: v = |x| * 2^-E
+    const int E = block_exponent(_mm_cvtsi128_si32(m4), f);
     int k1 = f.kind == kInt ? f.unit_shift - E : -E, k2 = 0;
     if (k1 > 127) {
         k2 = k1 - 127;
         k1 = 127;
     }
-    const __m256 s1 = k1 >= -126 ? pow2(k1) : _mm256_set1_ps(std::ldexp(1.0f, k1));
-    const __m256 s2 = pow2(k2);
+    *s1 = k1 >= -126 ? pow2(k1) : _mm256_set1_ps(std::ldexp(1.0f, k1));
+    *s2 = pow2(k2);
+    return E;
+}
+
+// The signed units (int32 lanes) of the floats x[k, k + 8), lanes past n zero.
+static inline __m256i units8(const float* x, int k, int n, const FmtParams& f, __m256 s1, __m256 s2, __m256 maxu) {
+    const __m256 xv = k + 8 <= n ? _mm256_loadu_ps(x + k) : _mm256_maskload_ps(x + k, tail_mask(n - k));
+    const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_and_ps(xv, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))), s1), s2);
+    const __m256i qi = _mm256_cvttps_epi32(_mm256_min_ps(round_units(v, f), maxu));
+    const __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(xv, _mm256_setzero_ps(), _CMP_LT_OQ));
+    return _mm256_sub_epi32(_mm256_xor_si256(qi, neg), neg);
+}
+
+int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* out) {
+    __m256 s1, s2;
+    const int E = block_setup(x, n, f, &s1, &s2);
+    if (E == kNanExp) {
+        std::memset(out, 0, size_t(n));
+        return kNanExp;
+    }
+    const __m256 maxu = _mm256_set1_ps(float(f.max_units));
     for (int k = 0; k < n; k += 8) {
-        const bool full = k + 8 <= n;
-        const __m256 xv = full ? _mm256_loadu_ps(x + k) : _mm256_maskload_ps(x + k, tail_mask(n - k));
-        const __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_and_ps(xv, fabsm), s1), s2);
-        __m256 q = round_units(v, f);
-        q = _mm256_min_ps(q, maxu);
-        __m256i qi = _mm256_cvttps_epi32(q);
-        const __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(xv, _mm256_setzero_ps(), _CMP_LT_OQ));
-        qi = _mm256_sub_epi32(_mm256_xor_si256(qi, neg), neg);
+        const __m256i qi = units8(x, k, n, f, s1, s2, maxu);
         const __m256i w16 = _mm256_packs_epi32(qi, qi);
         const __m256i w8 = _mm256_packs_epi16(w16, w16);
         const __m128i lo = _mm256_castsi256_si128(w8), hi = _mm256_extracti128_si256(w8, 1);
         const __m128i b8 = _mm_unpacklo_epi32(lo, hi);
-        if (full) {
+        if (k + 8 <= n) {
             _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), b8);
         } else {
             alignas(16) int8_t tmp[16];
@@ -94,6 +102,42 @@ int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* out
             std::memcpy(out + k, tmp, size_t(n - k));
         }
     }
+    return int16_t(E);
+}
+
+int16_t quantize_store_block(const float* x, int n, int Bp, const FmtParams& f, int16_t* d16, int8_t* d8,
+                             int32_t* sum, bool* any, bool* neg) {
+    __m256 s1, s2;
+    const int E = block_setup(x, n, f, &s1, &s2);
+    const bool nan = E == kNanExp;
+    const __m256 maxu = _mm256_set1_ps(float(f.max_units));
+    __m256i acc = _mm256_setzero_si256(), nz = _mm256_setzero_si256();
+    for (int k = 0; k < Bp; k += 16) {
+        __m256i q0 = _mm256_setzero_si256(), q1 = _mm256_setzero_si256();
+        if (!nan && k < n) q0 = units8(x, k, n, f, s1, s2, maxu);
+        if (!nan && k + 8 < n) q1 = units8(x, k + 8, n, f, s1, s2, maxu);
+        acc = _mm256_add_epi32(acc, _mm256_add_epi32(q0, q1));
+        nz = _mm256_or_si256(nz, _mm256_or_si256(q0, q1));
+        const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);  // units k..k+15
+        const __m128i b8 = _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
+        if (k + 16 <= Bp) {
+            if (d16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(d16 + k), w16);
+            if (d8) _mm_storeu_si128(reinterpret_cast<__m128i*>(d8 + k), b8);
+        } else {  // Bp is a multiple of 4: the last 4, 8 or 12 units
+            alignas(32) int16_t t16[16];
+            alignas(16) int8_t t8[16];
+            _mm256_store_si256(reinterpret_cast<__m256i*>(t16), w16);
+            _mm_store_si128(reinterpret_cast<__m128i*>(t8), b8);
+            if (d16) std::memcpy(d16 + k, t16, sizeof(int16_t) * size_t(Bp - k));
+            if (d8) std::memcpy(d8 + k, t8, size_t(Bp - k));
+        }
+    }
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    *sum = _mm_cvtsi128_si32(s4);
+    *any = !_mm256_testz_si256(nz, nz);
+    if (_mm256_movemask_ps(_mm256_castsi256_ps(nz))) *neg = true;  // a lane's sign bit: a negative unit
     return int16_t(E);
 }
 
