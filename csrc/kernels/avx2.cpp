@@ -1,11 +1,12 @@
 // AVX2 kernel: int16 units, vpmaddwd (exact: |units| <= 127 so pair sums never saturate).
-// Compiled with -mavx2 -mfma. Rows are broadcast 2 units (int16) at a time; columns are
+// Compiled with -mavx2 -mfma -mf16c. Rows are broadcast 2 units (int16) at a time; columns are
 // packed into panels of NR=16. Per block: t = float(S) * col_scale, acc = fma(t, row_scale, acc)
 // -- exact under the driver's per-tile range check, as in the AVX-512 kernel.
 // Rows without a negative unit (RowsView::u8: a ReLU's output) take a byte path instead: 4
 // units at a time, vpmaddubsw (unsigned row units x signed column units: a pair sum is at most
 // 2 * 127 * 128 < 2^15, never saturated) then vpmaddwd by ones into the int32 sums -- the same
 // block sums S, ~1.4x the multiply-adds per cycle of the int16 path on the same core.
+// The conv epilogue (bias, residual, activation) is applied to each tile in registers.
 #include <immintrin.h>
 
 #include <climits>
@@ -19,6 +20,7 @@ namespace bfp {
 namespace avx2 {
 
 #include "tile.inc"
+#include "epi_avx2.inc"
 
 #define MR_MAX 4
 static constexpr int MR = 3;
@@ -71,11 +73,38 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
     *emax = mx;
 }
 
-// The tile's mr x NR results (acc0: columns 0-7, acc1: 8-15) to out.
+// A full tile's rows (columns 0-7 in acc0, 8-15 in acc1) with the epilogue applied, written
+// to out (each row's residual read first: it may be the output itself). The tile's columns
+// have the same bias in every row.
+template <int VP, int mr>
+__attribute__((always_inline)) static inline void store_rows_epi(const __m256 (&acc0)[mr], const __m256 (&acc1)[mr],
+                                                                 float* out, int64_t ldo, const VecEpilogue& ve) {
+    const float* b = ve.bias ? ve.bias_at(out) : nullptr;
+    const float* r = ve.res ? ve.res + (out - ve.y) : nullptr;
+    const __m256 vlo = _mm256_set1_ps(ve.lo), vhi = _mm256_set1_ps(ve.hi);
+    for (int i = 0; i < mr; ++i) {
+        const float* ri = r ? r + i * ldo : nullptr;
+        const __m256 a0 = epi8<VP>(acc0[i], b, ri, ve.act, vlo, vhi);
+        const __m256 a1 = epi8<VP>(acc1[i], b ? b + 8 : nullptr, ri ? ri + 8 : nullptr, ve.act, vlo, vhi);
+        _mm256_storeu_ps(out + i * ldo, a0);
+        _mm256_storeu_ps(out + i * ldo + 8, a1);
+    }
+}
+
+// The tile's mr x NR results (acc0: columns 0-7, acc1: 8-15) to out, through the epilogue ve
+// when given (never with trans: run_gemm). A tile's 16 columns are contiguous in the output
+// (VecEpilogue::cbs splits columns at multiples of 16).
 template <int mr>
-static inline void store_acc(const __m256 (&acc0)[mr], const __m256 (&acc1)[mr], float* out, int64_t ldo, int nc,
-                             bool trans) {
-    if (nc == NR && !trans) {
+__attribute__((always_inline)) static inline void store_acc(const __m256 (&acc0)[mr], const __m256 (&acc1)[mr],
+                                                            float* out, int64_t ldo, int nc, bool trans,
+                                                            const VecEpilogue* ve) {
+    if (ve && nc == NR && !ve->fq) {
+        if (ve->vp == 1) store_rows_epi<1>(acc0, acc1, out, ldo, *ve);
+        else if (ve->vp == 2) store_rows_epi<2>(acc0, acc1, out, ldo, *ve);
+        else store_rows_epi<0>(acc0, acc1, out, ldo, *ve);
+        return;
+    }
+    if (nc == NR && !trans && !ve) {
         for (int i = 0; i < mr; ++i) {
             _mm256_storeu_ps(out + i * ldo, acc0[i]);
             _mm256_storeu_ps(out + i * ldo + 8, acc1[i]);
@@ -87,6 +116,10 @@ static inline void store_acc(const __m256 (&acc0)[mr], const __m256 (&acc1)[mr],
         _mm256_store_ps(tmp[i], acc0[i]);
         _mm256_store_ps(tmp[i] + 8, acc1[i]);
     }
+    if (ve) {  // a partial tile, or element quantization: the generic rows
+        ve->rows_from(&tmp[0][0], NR, out, mr, nc, ldo);
+        return;
+    }
     store_tile(tmp, nc, out, ldo, trans);
 }
 
@@ -94,7 +127,7 @@ static inline void store_acc(const __m256 (&acc0)[mr], const __m256 (&acc1)[mr],
 // compile time; 0: any block.
 template <int mr, int K4>
 static inline void run_tile_u8(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
-                               int nc, bool trans) {
+                               int nc, bool trans, const VecEpilogue* ve) {
     const int Bp = R.Bp, B4 = K4 > 0 ? K4 : Bp / 4, nbt = R.nbt;
     const size_t bstride = size_t(Bp) * NR + NR * 4;
     const uint8_t* const p4 = panel + size_t(R.taps) * nbt * bstride;
@@ -136,15 +169,15 @@ static inline void run_tile_u8(const RowsView& R, int64_t r0, const uint8_t* pan
             }
         }
     }
-    store_acc<mr>(acc0, acc1, out, ldo, nc, trans);
+    store_acc<mr>(acc0, acc1, out, ldo, nc, trans, ve);
 }
 
 // KS > 0: the block's k-steps known at compile time (fully unrolled); 0: any block.
 template <int mr, int KS>
 static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
-                            int nc, bool trans, const VecEpilogue*) {  // no fused epilogue (KernelDesc)
+                            int nc, bool trans, const VecEpilogue* ve) {
     if (R.u8) {
-        run_tile_u8<mr, KS / 2>(R, r0, panel, out, ldo, nc, trans);
+        run_tile_u8<mr, KS / 2>(R, r0, panel, out, ldo, nc, trans, ve);
         return;
     }
     const int Bp = R.Bp, B2 = KS > 0 ? KS : Bp / 2, nbt = R.nbt;
@@ -187,7 +220,7 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
             }
         }
     }
-    store_acc<mr>(acc0, acc1, out, ldo, nc, trans);
+    store_acc<mr>(acc0, acc1, out, ldo, nc, trans, ve);
 }
 
 

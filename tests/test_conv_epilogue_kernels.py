@@ -1,0 +1,77 @@
+"""A conv's epilogue (bias, residual, activation, each rounded to the vector precision) on every
+kernel, bit for bit: applied in the GEMM tile's registers by kernels that fuse it (full and
+partial tiles, the residual in place), by a pass over the output by the others."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import bfpaccel
+from bfpaccel import reference
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+f32 = np.float32
+
+
+def _round(v: np.ndarray, vp: str) -> np.ndarray:
+    v = v.astype(f32)
+    if vp == "fp16":
+        with np.errstate(over="ignore"):
+            return v.astype(np.float16).astype(f32)
+    if vp == "bf16":
+        u = v.view(np.uint32).astype(np.uint64)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32).view(f32).copy()
+        r[np.isnan(v)] = np.nan
+        return r
+    return v
+
+
+def _model(O: int, C: int, act: str, w: np.ndarray, b: np.ndarray):
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["r_in"], ["r"]),  # an intermediate that dies at the Add
+             helper.make_node("Add", ["c", "r"], ["s"])]
+    if act == "relu":
+        nodes.append(helper.make_node("Relu", ["s"], ["y"]))
+    elif act == "clip":
+        nodes.append(helper.make_node("Clip", ["s", "lo", "hi"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["s"], ["y"]))
+    inits = {"w": w, "b": b, "lo": np.array(-0.5, f32), "hi": np.array(0.75, f32)}
+    g = helper.make_graph(
+        nodes, "epi",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, 7, 9]),
+         helper.make_tensor_value_info("r_in", TensorProto.FLOAT, [1, O, 7, 9])],
+        [helper.make_empty_tensor_value_info("y")],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("O", [32, 20])  # full tiles; a partial last tile
+@pytest.mark.parametrize("act", ["none", "relu", "clip"])
+@pytest.mark.parametrize("vp", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("nonneg", [False, True])  # signed input; a ReLU's (the byte path)
+def test_conv_epilogue_bits(kernel, vp, act, O, nonneg):
+    rng = np.random.default_rng(O * 7 + len(act) + len(vp))
+    C = 24
+    w = (rng.standard_normal((O, C, 3, 3)) * 0.2).astype(f32)
+    b = (rng.standard_normal(O) * 3).astype(f32)
+    x = (rng.standard_normal((1, C, 7, 9)) * np.exp(rng.uniform(-6, 6, (1, C, 7, 9)))).astype(f32)
+    if nonneg:
+        x = np.abs(x)
+    r_in = (rng.standard_normal((1, O, 7, 9)) * 4).astype(f32)
+    r_in[0, 0, 0, :3] = [65519.0, 70000.0, 1e-30]  # fp16 rounding edges
+    plan = bfpaccel.compile(_model(O, C, act, w, b), format="msfp16", vector_precision=vp)
+    got = bfpaccel.Session(plan, kernel=kernel).run(None, {"x": x, "r_in": r_in})["y"]
+    acc = reference.conv2d(x, w, bfpaccel.get_format("msfp16"), padding=1)
+    r = _round(np.maximum(r_in, 0), vp)  # the Relu is a vector op of its own
+    s = _round(_round(acc + b.reshape(1, -1, 1, 1), vp) + r, vp)
+    if act == "relu":
+        s = _round(np.maximum(s, 0), vp)
+    elif act == "clip":
+        s = _round(np.clip(s, -0.5, 0.75), vp)
+    np.testing.assert_array_equal(got.view(np.uint32), s.view(np.uint32))
