@@ -411,8 +411,11 @@ bool store_units(const int8_t* u, int n, bool wide, void* dst, int32_t* sum);
 // *neg = true when a unit is negative.
 int16_t quantize_store_block(const float* x, int n, int Bp, const FmtParams& f, int16_t* d16, int8_t* d8,
                              int32_t* sum, bool* any, bool* neg);
-// store_units to both layouts: as int16 at d16 and int8 at d8; *neg |= whether any is negative.
+// store_units to both layouts: as int16 at d16 (unless null) and int8 at d8; *neg = true when
+// a unit is negative.
 bool store_units16_8(const int8_t* u, int n, int16_t* d16, int8_t* d8, int32_t* sum, bool* neg);
+// dst[i] = src[i] as int16, i in [0, n)
+void widen_units(const int8_t* src, int16_t* dst, int64_t n);
 // One block (len <= 128 channels) of np <= 8 consecutive pixels of a channels-first plane
 // (channel c of pixel j at x[c*HW + j]): units[j*ustride + c] and E[j].
 // False (nothing written) when a pixel needs the exact scalar path.

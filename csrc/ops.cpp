@@ -885,8 +885,9 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     if (nhwc && !share && !bias && try_stem_conv(x, fx, w, g, out, epi)) return kConvStem;
     const bool rows16 = k.rows16;  // e.g. the AVX2 kernel broadcasts int16 units
     const bool simd = k.simd();
-    // the AVX2 kernel also takes the units as bytes when none is negative: both copies are
-    // written, and whether any unit is negative is noted on the way
+    // the AVX2 kernel also takes the units as bytes when none is negative (a ReLU's output):
+    // the quantization writes bytes and notes whether a unit is negative; only then are the
+    // bytes widened to the int16 units (below)
     const bool both = int8 && rows16 && simd && k.rows_u8;
     std::atomic<bool> negative{false};
     const bool fast = int8 && fast_quant_ok(fx);
@@ -940,7 +941,7 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
                         ac[q * nbc + b] = kVnniSumStart;
                     }
                 }
-            if (rows16) std::memset(&a16[pp * plen], 0, sizeof(int16_t) * size_t(n * plen));
+            if (rows16 && !both) std::memset(&a16[pp * plen], 0, sizeof(int16_t) * size_t(n * plen));
             if (!rows16 || both) std::memset(&a8[pp * plen], 0, size_t(n * plen));
         };
         const int64_t nrows = NG * Hp, ring = NG * npix - NG * H * W;
@@ -962,7 +963,7 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
         if (simd) {  // (every SIMD kernel's CPU has AVX2) the copy, sum and test in vectors
             int32_t sum;
             bool neg = false;
-            const bool any = both ? avx2::store_units16_8(u8, Bp, &a16[dst], &a8[dst], &sum, &neg)
+            const bool any = both ? avx2::store_units16_8(u8, Bp, nullptr, &a8[dst], &sum, &neg)
                                   : avx2::store_units(u8, Bp, rows16, rows16 ? static_cast<void*>(&a16[dst]) : &a8[dst], &sum);
             if (neg && !negative.load(std::memory_order_relaxed)) negative.store(true, std::memory_order_relaxed);
             block_extras(sum, any, e, fx.unit_shift, &as[blk], &ac[blk], &amin[ppix], &amax[ppix]);
@@ -1063,7 +1064,7 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
                     const int64_t blk = ppix * nbc + cb, dst = ppix * plen + int64_t(cb) * Bp;
                     int32_t sum;
                     bool any, neg = false;
-                    const int16_t e = avx2::quantize_store_block(x + off, len, Bp, fx, rows16 ? &a16[dst] : nullptr,
+                    const int16_t e = avx2::quantize_store_block(x + off, len, Bp, fx, rows16 && !both ? &a16[dst] : nullptr,
                                                                  !rows16 || both ? &a8[dst] : nullptr, &sum, &any, &neg);
                     ae[blk] = e;
                     block_extras(sum, any, e, fx.unit_shift, &as[blk], &ac[blk], &amin[ppix], &amax[ppix]);
@@ -1091,6 +1092,13 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     }
     A.key = key;
     A.nonneg = both && !negative.load();
+    if (both && !A.nonneg) {  // a signed operand: the int16 units (padding included)
+        const int64_t chunk = 1 << 16, nch = int64_t((nunits + chunk - 1) / chunk);
+        parallel_for(nunits > size_t(chunk) ? num_threads() : 1, nch, [&](int64_t c) {
+            const int64_t lo = c * chunk, n = std::min<int64_t>(chunk, int64_t(nunits) - lo);
+            avx2::widen_units(&a8[lo], &a16[lo], n);
+        });
+    }
     A.valid = true;
     }  // !reuse
 
@@ -1116,8 +1124,9 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     const int NR = simd ? k.nr : 1;
     const int64_t npg = (Og + NR - 1) / NR;
     const size_t pbytes = simd ? k.panel_bytes(w.nb(), Bp) : 0;
+    const bool wide = rows16 && !A.nonneg;  // the int16 units (else bytes)
     const void* ubase = !int8 ? static_cast<const void*>(a64.data())
-                        : rows16 ? static_cast<const void*>(a16.data()) : static_cast<const void*>(a8.data());
+                        : wide ? static_cast<const void*>(a16.data()) : static_cast<const void*>(a8.data());
     for (int64_t ng = 0; ng < ngemm; ++ng) {
         const int64_t n = ng / G, gi = ng % G;
         // one output row (OW pixels) at a time: offsets by increments; a pixel's exponent range
@@ -1164,7 +1173,7 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
             ce[o] = w.exp.data() + oo * w.nb();
         }
         const ExactCtx ex{ubase, ae.data(), roff.data(), toff.data(), cu.data(), ce.data(), taps, nbc, Bp,
-                          fx.unit_shift, w.f.unit_shift, exact_kind(int8, rows16, fx, w.f), !nhwc};
+                          fx.unit_shift, w.f.unit_shift, exact_kind(int8, wide, fx, w.f), !nhwc};
         const RowsView rv{RB,          taps,        nbc,         Bp,          ubase,       as.data(),
                           ac.data(),   roff.data(), toff.data(), rmin.data(), rmax.data(),
                           A.nonneg ? reinterpret_cast<const uint8_t*>(a8.data()) : nullptr};

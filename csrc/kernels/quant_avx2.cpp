@@ -174,7 +174,7 @@ bool store_units16_8(const int8_t* u, int n, int16_t* d16, int8_t* d8, int32_t* 
     for (; k + 16 <= n; k += 16) {
         const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + k));
         const __m256i w = _mm256_cvtepi8_epi16(v);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(d16 + k), w);
+        if (d16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(d16 + k), w);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(d8 + k), v);
         acc = _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_set1_epi16(1)));
         nz = _mm256_or_si256(nz, w);
@@ -187,7 +187,7 @@ bool store_units16_8(const int8_t* u, int n, int16_t* d16, int8_t* d8, int32_t* 
     bool any = !_mm256_testz_si256(nz, nz);
     bool negative = _mm_movemask_epi8(sg) != 0;
     for (; k < n; ++k) {
-        d16[k] = u[k];
+        if (d16) d16[k] = u[k];
         d8[k] = u[k];
         total += u[k];
         any |= u[k] != 0;
@@ -196,6 +196,14 @@ bool store_units16_8(const int8_t* u, int n, int16_t* d16, int8_t* d8, int32_t* 
     *sum = total;
     if (negative) *neg = true;
     return any;
+}
+
+void widen_units(const int8_t* src, int16_t* dst, int64_t n) {
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
+                            _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
+    for (; k < n; ++k) dst[k] = src[k];
 }
 
 // Eight one-element blocks (int(p) elements, deterministic rounding): each x is quantized on
