@@ -405,12 +405,12 @@ int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* uni
 // One block's n int8 units copied to dst, as int16 (wide) or int8; *sum: their sum; returns
 // whether any is nonzero.
 bool store_units(const int8_t* u, int n, bool wide, void* dst, int32_t* sum);
-// quantize_block_i8 and store_units in one pass, straight into a rows operand: the units of
-// n <= Bp floats as int16 at d16 and/or bytes at d8 (either may be null), zero from n to Bp (a
-// multiple of 4); a NaN/Inf block gives kNanExp and zero units. *sum, *any as store_units;
-// *neg = true when a unit is negative.
-int16_t quantize_store_block(const float* x, int n, int Bp, const FmtParams& f, int16_t* d16, int8_t* d8,
-                             int32_t* sum, bool* any, bool* neg);
+// The per-block quantizer over a run of rows (pixels), straight into a rows operand: a's rows of
+// C floats (xs apart; blocks of f->block channels, int(p) with int8 units or E2M1/E2M3,
+// deterministic rounding) into int8 units (Bp per block, zero padded), E, scale and, when corr
+// is not null, the VNNI corrections; emin/emax narrowed (they hold the rows' ranges so far).
+// *neg = true when a unit is negative. Same results as quantize_block_i8 + store_units.
+void quantize_rows_blocks(const QuantRowsArgs& a, bool* neg);
 // store_units to both layouts: as int16 at d16 (unless null) and int8 at d8; *neg = true when
 // a unit is negative.
 bool store_units16_8(const int8_t* u, int n, int16_t* d16, int8_t* d8, int32_t* sum, bool* neg);

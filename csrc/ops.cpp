@@ -1042,6 +1042,30 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
                         [&](int64_t lo, int64_t hi) {
         // (image-group, row, column) of pixel lo, then stepped along: no divisions per pixel
         int64_t xw = lo % W, xh = (lo / W) % H, ng = lo / HW;
+        if (fast && simd && (!rows16 || both)) {  // NHWC: runs of pixels along a row, one call each
+            bool neg = false;
+            for (int64_t pix = lo; pix < hi;) {
+                const int64_t cnt = std::min(hi - pix, W - xw);
+                const int64_t n = ng / G, gi = ng % G;
+                const int64_t ppix = ng * npix + (xh + g.pt) * Wp + (xw + g.pl);
+                const int64_t ih = sub ? xh * g.sh : xh, iw = sub ? xw * g.sw : xw;  // its pixel in x
+                const QuantRowsArgs qa{x + ((n * g.H + ih) * g.W + iw) * C + gi * Cg, cnt, (sub ? g.sw : 1) * C,
+                                       int(Cg), &fx, Bp, &a8[ppix * plen], plen, &ae[ppix * nbc], &as[ppix * nbc],
+                                       rows16 ? nullptr : &ac[ppix * nbc], &amin[ppix], &amax[ppix]};
+                avx2::quantize_rows_blocks(qa, &neg);  // (the AVX2 kernel reads no corrections)
+                pix += cnt;
+                xw += cnt;
+                if (xw == W) {
+                    xw = 0;
+                    if (++xh == H) {
+                        xh = 0;
+                        ++ng;
+                    }
+                }
+            }
+            if (neg && !negative.load(std::memory_order_relaxed)) negative.store(true, std::memory_order_relaxed);
+            return;
+        }
         for (int64_t pix = lo; pix < hi; ++pix, ++xw) {
             if (xw == W) {
                 xw = 0;
@@ -1060,18 +1084,7 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
                 const int len = int(std::min<int64_t>(B, Cg - int64_t(cb) * B));
                 const int64_t off = nhwc ? ((n * g.H + ih) * g.W + iw) * C + c0 : ((n * C + c0) * g.H + ih) * g.W + iw;
                 const int64_t xs = nhwc ? 1 : g.H * g.W;
-                if (fast && simd) {  // NHWC: the block's channels are contiguous; into the operand
-                    const int64_t blk = ppix * nbc + cb, dst = ppix * plen + int64_t(cb) * Bp;
-                    int32_t sum;
-                    bool any, neg = false;
-                    const int16_t e = avx2::quantize_store_block(x + off, len, Bp, fx, rows16 && !both ? &a16[dst] : nullptr,
-                                                                 !rows16 || both ? &a8[dst] : nullptr, &sum, &any, &neg);
-                    ae[blk] = e;
-                    block_extras(sum, any, e, fx.unit_shift, &as[blk], &ac[blk], &amin[ppix], &amax[ppix]);
-                    if (neg && !negative.load(std::memory_order_relaxed)) negative.store(true, std::memory_order_relaxed);
-                    continue;
-                }
-                if (fast) {
+                if (fast) {  // NHWC: the block's channels are contiguous
                     std::memset(u8, 0, size_t(Bp));
                     const int16_t e = avx2::quantize_block_i8(x + off, len, fx, u8);
                     store_pixel(ppix, cb, u8, e);

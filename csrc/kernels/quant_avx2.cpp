@@ -105,40 +105,77 @@ int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* out
     return int16_t(E);
 }
 
-int16_t quantize_store_block(const float* x, int n, int Bp, const FmtParams& f, int16_t* d16, int8_t* d8,
-                             int32_t* sum, bool* any, bool* neg) {
+// One block of n <= Bp floats into Bp int8 units at d8 (zero from n on; a NaN/Inf block: kNanExp
+// and zero units); *sum (when wanted), *any: their sum and whether one is nonzero; *neg = true
+// when one is negative.
+template <bool SUM>
+static inline int quantize_one_block(const float* x, int n, int Bp, const FmtParams& f, __m256 maxu, int8_t* d8,
+                                     int32_t* sum, bool* any, bool* neg) {
     __m256 s1, s2;
     const int E = block_setup(x, n, f, &s1, &s2);
     const bool nan = E == kNanExp;
-    const __m256 maxu = _mm256_set1_ps(float(f.max_units));
     __m256i acc = _mm256_setzero_si256(), nz = _mm256_setzero_si256();
     for (int k = 0; k < Bp; k += 16) {
         __m256i q0 = _mm256_setzero_si256(), q1 = _mm256_setzero_si256();
         if (!nan && k < n) q0 = units8(x, k, n, f, s1, s2, maxu);
         if (!nan && k + 8 < n) q1 = units8(x, k + 8, n, f, s1, s2, maxu);
-        acc = _mm256_add_epi32(acc, _mm256_add_epi32(q0, q1));
+        if (SUM) acc = _mm256_add_epi32(acc, _mm256_add_epi32(q0, q1));
         nz = _mm256_or_si256(nz, _mm256_or_si256(q0, q1));
         const __m256i w16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8);  // units k..k+15
         const __m128i b8 = _mm_packs_epi16(_mm256_castsi256_si128(w16), _mm256_extracti128_si256(w16, 1));
         if (k + 16 <= Bp) {
-            if (d16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(d16 + k), w16);
-            if (d8) _mm_storeu_si128(reinterpret_cast<__m128i*>(d8 + k), b8);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(d8 + k), b8);
         } else {  // Bp is a multiple of 4: the last 4, 8 or 12 units
-            alignas(32) int16_t t16[16];
             alignas(16) int8_t t8[16];
-            _mm256_store_si256(reinterpret_cast<__m256i*>(t16), w16);
             _mm_store_si128(reinterpret_cast<__m128i*>(t8), b8);
-            if (d16) std::memcpy(d16 + k, t16, sizeof(int16_t) * size_t(Bp - k));
-            if (d8) std::memcpy(d8 + k, t8, size_t(Bp - k));
+            std::memcpy(d8 + k, t8, size_t(Bp - k));
         }
     }
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-    *sum = _mm_cvtsi128_si32(s4);
+    if (SUM) {
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        *sum = _mm_cvtsi128_si32(s4);
+    }
     *any = !_mm256_testz_si256(nz, nz);
     if (_mm256_movemask_ps(_mm256_castsi256_ps(nz))) *neg = true;  // a lane's sign bit: a negative unit
-    return int16_t(E);
+    return E;
+}
+
+template <bool SUM>
+static void quantize_rows_blocks_t(const QuantRowsArgs& a, bool* neg) {
+    const FmtParams& f = *a.f;
+    const int B = f.block, nbc = (a.C + B - 1) / B;
+    const __m256 maxu = _mm256_set1_ps(float(f.max_units));
+    bool negative = false;
+    for (int64_t i = 0; i < a.n; ++i) {
+        const float* xr = a.x + i * a.xs;
+        int32_t mn = a.emin[i], mx = a.emax[i];
+        for (int cb = 0; cb < nbc; ++cb) {
+            const int len = a.C - cb * B < B ? a.C - cb * B : B;
+            const int64_t blk = i * nbc + cb;
+            int32_t sum = 0;
+            bool any;
+            const int E = quantize_one_block<SUM>(xr + cb * B, len, a.Bp, f, maxu, a.u + i * a.us + int64_t(cb) * a.Bp,
+                                                  &sum, &any, &negative);
+            a.E[blk] = int16_t(E);
+            a.scale[blk] = block_scale(int16_t(E), f.unit_shift, !any);
+            if (SUM) a.corr[blk] = kVnniSumStart - 128 * sum;
+            if (E != kNanExp && any) {
+                const int32_t ee = E - f.unit_shift;
+                mn = ee < mn ? ee : mn;
+                mx = ee > mx ? ee : mx;
+            }
+        }
+        a.emin[i] = mn;
+        a.emax[i] = mx;
+    }
+    if (negative) *neg = true;
+}
+
+void quantize_rows_blocks(const QuantRowsArgs& a, bool* neg) {
+    if (a.corr) quantize_rows_blocks_t<true>(a, neg);
+    else quantize_rows_blocks_t<false>(a, neg);
 }
 
 bool store_units(const int8_t* u, int n, bool wide, void* dst, int32_t* sum) {
