@@ -50,6 +50,18 @@ def test_masked_process_sees_no_avx512(tmp_path: Path) -> None:
         assert "avx2" in kernels
 
 
+def test_bench_records_the_mask(tmp_path: Path) -> None:
+    code = ("import json; from bfpaccel.bench.harness import environment\n"
+            "print(json.dumps(environment(1)['cpu']))\n")
+    r = _run(code, tmp_path)
+    assert r.returncode == 0, r.stderr
+    cpu = __import__("json").loads(r.stdout.strip().splitlines()[-1])
+    assert cpu["isa_mask"] == "avx2-only"
+    assert not [f for f in cpu["simd"] if f.startswith(("avx512", "amx", "avx_vnni"))]
+    from bfpaccel.bench.harness import environment
+    assert environment(1)["cpu"]["isa_mask"] is None
+
+
 def test_real_fault_still_crashes(tmp_path: Path) -> None:
     r = _run("import ctypes; ctypes.string_at(0)", tmp_path)
     assert r.returncode == -11, (r.returncode, r.stderr)

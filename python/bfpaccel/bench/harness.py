@@ -82,10 +82,16 @@ def _version(module: str) -> Optional[str]:
     return str(getattr(m, "__version__", "?"))
 
 
+# Set by bench/isa_mask/run.py in the processes it runs (CPUID answers without these features)
+ISA_MASK_ENV = "BFPACCEL_ISA_MASK"
+_MASKED_PREFIXES = {"avx2-only": ("avx512", "amx", "avx_vnni")}
+
+
 def environment(threads: int, kernel: Optional[str] = None) -> Dict[str, Any]:
     """Where and with what a run happened: CPU model and flags, threads, library versions,
     the bfpaccel kernel in use (``kernel``, else the process default), load average and the
-    date (UTC).
+    date (UTC). Under ``bench/isa_mask`` (``$BFPACCEL_ISA_MASK``) "simd" lists what the process
+    sees and "isa_mask" names the mask ("flags" stay /proc/cpuinfo's).
 
     Example:
         >>> environment(2)["threads"]
@@ -109,9 +115,12 @@ def environment(threads: int, kernel: Optional[str] = None) -> Dict[str, Any]:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:
         cpus = os.cpu_count() or 1
+    mask = os.environ.get(ISA_MASK_ENV) or None
+    hidden = _MASKED_PREFIXES.get(mask or "", ())
     return {
         "cpu": {"model": model, "logical_cpus": os.cpu_count(), "usable_cpus": cpus,
-                "simd": [f for f in SIMD_FLAGS if f in flags], "flags": flags},
+                "simd": [f for f in SIMD_FLAGS if f in flags and not f.startswith(hidden)], "flags": flags,
+                "isa_mask": mask},
         "threads": threads,
         "kernel": kernel or bfpaccel.get_kernel(),
         "kernels_available": list(bfpaccel.available_kernels()),

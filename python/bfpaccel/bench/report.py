@@ -52,6 +52,8 @@ def describe_run(r: Dict[str, Any]) -> List[str]:
     libs = ", ".join(f"{k} {v}" for k, v in env.get("libraries", {}).items() if k != "python")
     shape = ["N" if not isinstance(d, int) or d <= 0 else d for d in m.get("input_shape") or []]
     simd = " ".join(env.get("cpu", {}).get("simd", []))
+    if env.get("cpu", {}).get("isa_mask"):
+        simd += f"; emulated {env['cpu']['isa_mask']} (bench/isa_mask)"
     return [
         f"model {m['name']} ({m.get('weights', '')}), input {m.get('input_name')} {shape}",
         f"{env.get('cpu', {}).get('model', '?')} [{simd}], {env.get('threads')} threads, bfpaccel kernel "
