@@ -403,17 +403,14 @@ void gemm(const GemmArgs& a);
 // other than stochastic); returns the block exponent. Same results as quantize_block.
 int16_t quantize_block_i8(const float* x, int n, const FmtParams& f, int8_t* units);
 // One block's n int8 units copied to dst, as int16 (wide) or int8; *sum: their sum; returns
-// whether any is nonzero.
-bool store_units(const int8_t* u, int n, bool wide, void* dst, int32_t* sum);
+// whether any is nonzero; *neg = true when one is negative (neg not null).
+bool store_units(const int8_t* u, int n, bool wide, void* dst, int32_t* sum, bool* neg = nullptr);
 // The per-block quantizer over a run of rows (pixels), straight into a rows operand: a's rows of
 // C floats (xs apart; blocks of f->block channels, int(p) with int8 units or E2M1/E2M3,
 // deterministic rounding) into int8 units (Bp per block, zero padded), E, scale and, when corr
 // is not null, the VNNI corrections; emin/emax narrowed (they hold the rows' ranges so far).
 // *neg = true when a unit is negative. Same results as quantize_block_i8 + store_units.
 void quantize_rows_blocks(const QuantRowsArgs& a, bool* neg);
-// store_units to both layouts: as int16 at d16 (unless null) and int8 at d8; *neg = true when
-// a unit is negative.
-bool store_units16_8(const int8_t* u, int n, int16_t* d16, int8_t* d8, int32_t* sum, bool* neg);
 // dst[i] = src[i] as int16, i in [0, n)
 void widen_units(const int8_t* src, int16_t* dst, int64_t n);
 // One block (len <= 128 channels) of np <= 8 consecutive pixels of a channels-first plane

@@ -963,8 +963,8 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
         if (simd) {  // (every SIMD kernel's CPU has AVX2) the copy, sum and test in vectors
             int32_t sum;
             bool neg = false;
-            const bool any = both ? avx2::store_units16_8(u8, Bp, nullptr, &a8[dst], &sum, &neg)
-                                  : avx2::store_units(u8, Bp, rows16, rows16 ? static_cast<void*>(&a16[dst]) : &a8[dst], &sum);
+            const bool wide = rows16 && !both;  // (both: bytes now, widened after if need be)
+            const bool any = avx2::store_units(u8, Bp, wide, wide ? static_cast<void*>(&a16[dst]) : &a8[dst], &sum, &neg);
             if (neg && !negative.load(std::memory_order_relaxed)) negative.store(true, std::memory_order_relaxed);
             block_extras(sum, any, e, fx.unit_shift, &as[blk], &ac[blk], &amin[ppix], &amax[ppix]);
             return;

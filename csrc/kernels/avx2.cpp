@@ -123,6 +123,20 @@ __attribute__((always_inline)) static inline void store_acc(const __m256 (&acc0)
     store_tile(tmp, nc, out, ldo, trans);
 }
 
+// acc += float(S) * column scale * row scale for one block's sums (columns 0-7 in s0, 8-15 in s1;
+// cs: the panel's column scales; sp[i][bt]: row i's scale)
+template <int mr>
+__attribute__((always_inline)) static inline void add_block(const __m256i (&s0)[mr], const __m256i (&s1)[mr],
+                                                            const float* cs, const float* const (&sp)[mr], int bt,
+                                                            __m256 (&acc0)[mr], __m256 (&acc1)[mr]) {
+    const __m256 c0 = _mm256_load_ps(cs), c1 = _mm256_load_ps(cs + 8);
+    for (int i = 0; i < mr; ++i) {
+        const __m256 ra = _mm256_set1_ps(sp[i][bt]);
+        acc0[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s0[i]), c0), ra, acc0[i]);
+        acc1[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s1[i]), c1), ra, acc1[i]);
+    }
+}
+
 // The byte path (rows without a negative unit): K4 > 0 the block's 4-unit steps known at
 // compile time; 0: any block.
 template <int mr, int K4>
@@ -160,13 +174,8 @@ static inline void run_tile_u8(const RowsView& R, int64_t r0, const uint8_t* pan
                     __asm__("" : "+x"(s0[i]), "+x"(s1[i]));  // running sums (see run_tile_k)
                 }
             }
-            const float* cs = reinterpret_cast<const float*>(panel + b * bstride + size_t(Bp) * NR);
-            const __m256 c0 = _mm256_load_ps(cs), c1 = _mm256_load_ps(cs + 8);
-            for (int i = 0; i < mr; ++i) {
-                const __m256 ra = _mm256_set1_ps(sp[i][bt]);
-                acc0[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s0[i]), c0), ra, acc0[i]);
-                acc1[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s1[i]), c1), ra, acc1[i]);
-            }
+            add_block<mr>(s0, s1, reinterpret_cast<const float*>(panel + b * bstride + size_t(Bp) * NR), sp, bt, acc0,
+                          acc1);
         }
     }
     store_acc<mr>(acc0, acc1, out, ldo, nc, trans, ve);
@@ -211,13 +220,7 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
                     __asm__("" : "+x"(s0[i]), "+x"(s1[i]));
                 }
             }
-            const float* cs = reinterpret_cast<const float*>(pb + size_t(Bp) * NR);
-            const __m256 c0 = _mm256_load_ps(cs), c1 = _mm256_load_ps(cs + 8);
-            for (int i = 0; i < mr; ++i) {
-                const __m256 ra = _mm256_set1_ps(sp[i][bt]);
-                acc0[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s0[i]), c0), ra, acc0[i]);
-                acc1[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s1[i]), c1), ra, acc1[i]);
-            }
+            add_block<mr>(s0, s1, reinterpret_cast<const float*>(pb + size_t(Bp) * NR), sp, bt, acc0, acc1);
         }
     }
     store_acc<mr>(acc0, acc1, out, ldo, nc, trans, ve);

@@ -44,6 +44,13 @@ static inline __m256 round_units(__m256 v, const FmtParams& f) {
     return _mm256_mul_ps(round_mode(_mm256_mul_ps(v, down), f.rounding), up);
 }
 
+static inline int32_t hsum_epi32(__m256i v) {  // the sum of the 8 lanes
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    return _mm_cvtsi128_si32(s4);
+}
+
 // A block's exponent from its n floats (kNanExp when one is NaN/Inf) and the two exact steps
 // that scale a magnitude to units: int(p) v = |x| * 2^(unit_shift - E), fp v = |x| * 2^-E.
 static inline int block_setup(const float* x, int n, const FmtParams& f, __m256* s1, __m256* s2) {
@@ -131,12 +138,7 @@ static inline int quantize_one_block(const float* x, int n, int Bp, const FmtPar
             std::memcpy(d8 + k, t8, size_t(Bp - k));
         }
     }
-    if (SUM) {
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-        *sum = _mm_cvtsi128_si32(s4);
-    }
+    if (SUM) *sum = hsum_epi32(acc);
     *any = !_mm256_testz_si256(nz, nz);
     if (_mm256_movemask_ps(_mm256_castsi256_ps(nz))) *neg = true;  // a lane's sign bit: a negative unit
     return E;
@@ -178,7 +180,7 @@ void quantize_rows_blocks(const QuantRowsArgs& a, bool* neg) {
     else quantize_rows_blocks_t<false>(a, neg);
 }
 
-bool store_units(const int8_t* u, int n, bool wide, void* dst, int32_t* sum) {
+bool store_units(const int8_t* u, int n, bool wide, void* dst, int32_t* sum, bool* neg) {
     __m256i acc = _mm256_setzero_si256(), nz = _mm256_setzero_si256();
     int k = 0;
     for (; k + 16 <= n; k += 16) {
@@ -189,49 +191,18 @@ bool store_units(const int8_t* u, int n, bool wide, void* dst, int32_t* sum) {
         acc = _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_set1_epi16(1)));
         nz = _mm256_or_si256(nz, w);
     }
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-    int32_t total = _mm_cvtsi128_si32(s4);
+    int32_t total = hsum_epi32(acc);
     bool any = !_mm256_testz_si256(nz, nz);
+    bool negative = (_mm256_movemask_epi8(nz) & 0xAAAAAAAA) != 0;  // an int16 lane's sign bit
     for (; k < n; ++k) {
         if (wide) static_cast<int16_t*>(dst)[k] = u[k];
         else static_cast<int8_t*>(dst)[k] = u[k];
         total += u[k];
         any |= u[k] != 0;
-    }
-    *sum = total;
-    return any;
-}
-
-bool store_units16_8(const int8_t* u, int n, int16_t* d16, int8_t* d8, int32_t* sum, bool* neg) {
-    __m256i acc = _mm256_setzero_si256(), nz = _mm256_setzero_si256();
-    __m128i sg = _mm_setzero_si128();
-    int k = 0;
-    for (; k + 16 <= n; k += 16) {
-        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u + k));
-        const __m256i w = _mm256_cvtepi8_epi16(v);
-        if (d16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(d16 + k), w);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(d8 + k), v);
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(w, _mm256_set1_epi16(1)));
-        nz = _mm256_or_si256(nz, w);
-        sg = _mm_or_si128(sg, v);
-    }
-    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
-    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-    int32_t total = _mm_cvtsi128_si32(s4);
-    bool any = !_mm256_testz_si256(nz, nz);
-    bool negative = _mm_movemask_epi8(sg) != 0;
-    for (; k < n; ++k) {
-        if (d16) d16[k] = u[k];
-        d8[k] = u[k];
-        total += u[k];
-        any |= u[k] != 0;
         negative |= u[k] < 0;
     }
     *sum = total;
-    if (negative) *neg = true;
+    if (neg && negative) *neg = true;
     return any;
 }
 
