@@ -144,6 +144,178 @@ static inline int quantize_one_block(const float* x, int n, int Bp, const FmtPar
     return E;
 }
 
+// The signed units of y = x * 2^(unit_shift - E), already clamped to [-max_units, max_units]
+// where a clamp can matter: rounding is odd-symmetric in every deterministic mode and commutes
+// with the clamp, so this is sign(x) * min(round(|y|), max_units), as units8 computes it.
+template <int RM>
+static inline __m256i round_signed8(__m256 y) {
+    if constexpr (RM == kNearestEven) {
+        return _mm256_cvttps_epi32(_mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    } else if constexpr (RM == kTowardZero) {
+        return _mm256_cvttps_epi32(y);
+    } else {  // ties away from zero: truncate, then one step away where |fraction| >= 1/2
+        const __m256i t = _mm256_cvttps_epi32(y);
+        const __m256 fr = _mm256_sub_ps(y, _mm256_cvtepi32_ps(t));  // exact
+        const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(fr, _mm256_set1_ps(0.5f), _CMP_GE_OQ));
+        const __m256i dn = _mm256_castps_si256(_mm256_cmp_ps(fr, _mm256_set1_ps(-0.5f), _CMP_LE_OQ));
+        return _mm256_add_epi32(_mm256_sub_epi32(t, up), dn);
+    }
+}
+
+// Lane r: the largest of v[r]'s 8 lanes (a reduction tree over the 8 rows together)
+static inline __m256i hmax8(const __m256i (&v)[8]) {
+    __m256i t[4], u[2];
+    for (int j = 0; j < 4; ++j)
+        t[j] = _mm256_max_epi32(_mm256_unpacklo_epi32(v[2 * j], v[2 * j + 1]), _mm256_unpackhi_epi32(v[2 * j], v[2 * j + 1]));
+    for (int j = 0; j < 2; ++j)
+        u[j] = _mm256_max_epi32(_mm256_unpacklo_epi64(t[2 * j], t[2 * j + 1]), _mm256_unpackhi_epi64(t[2 * j], t[2 * j + 1]));
+    return _mm256_max_epi32(_mm256_permute2x128_si256(u[0], u[1], 0x20), _mm256_permute2x128_si256(u[0], u[1], 0x31));
+}
+
+// One block (len <= 16 channels, Bp == 16) of 8 rows (rows past nr repeat row nr - 1 and are
+// never stored): the block maxima and exponents of the 8 rows in vectors, then each row's units
+// with one multiply and one rounding per vector, two rows packed to bytes per store. Int(p)
+// formats with unit_shift - exp_max >= -126 and no VNNI corrections. Returns false, writing
+// nothing, where a row needs the per-block path: NaN/Inf, a subnormal maximum, or a scale
+// needing two steps. Otherwise the same results as quantize_one_block.
+template <int RM, bool L16>
+static bool quantize_block8(const float* const* xr, int len, int nr, const FmtParams& f, int8_t* const* ur,
+                            int16_t* const* Er, float* const* sr, int32_t* emin, int32_t* emax, __m256i* negacc) {
+    const __m256i absm = _mm256_set1_epi32(0x7fffffff);
+    const __m256i m0 = L16 ? absm : tail_mask(len < 8 ? len : 7);
+    const __m256i m1 = L16 ? absm : len > 8 ? tail_mask(len - 8) : _mm256_setzero_si256();
+    __m256 x[8][2];
+    __m256i ab[8];
+    for (int r = 0; r < 8; ++r) {
+        const float* p = xr[r];
+        if (L16) {
+            x[r][0] = _mm256_loadu_ps(p);
+            x[r][1] = _mm256_loadu_ps(p + 8);
+        } else {
+            x[r][0] = len >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m0);
+            x[r][1] = _mm256_maskload_ps(p + 8, m1);
+        }
+        ab[r] = _mm256_max_epi32(_mm256_and_si256(_mm256_castps_si256(x[r][0]), absm),
+                                 _mm256_and_si256(_mm256_castps_si256(x[r][1]), absm));
+    }
+    const __m256i amax = hmax8(ab);  // lane r: row r's max |x| bits
+    const __m256i zero = _mm256_cmpeq_epi32(amax, _mm256_setzero_si256());
+    // NaN/Inf (>= 0x7f800000) or a subnormal maximum (nonzero, < 2^-126): the per-block path
+    const __m256i odd = _mm256_or_si256(_mm256_cmpgt_epi32(amax, _mm256_set1_epi32(0x7f7fffff)),
+                                        _mm256_andnot_si256(zero, _mm256_cmpgt_epi32(_mm256_set1_epi32(0x00800000), amax)));
+    __m256i E = _mm256_sub_epi32(_mm256_srli_epi32(amax, 23), _mm256_set1_epi32(127 + f.emax_elem));
+    E = _mm256_min_epi32(_mm256_max_epi32(E, _mm256_set1_epi32(f.exp_min)), _mm256_set1_epi32(f.exp_max));
+    E = _mm256_blendv_epi8(E, _mm256_set1_epi32(f.exp_min), zero);
+    // y = x * 2^k, k = unit_shift - E: one exact step where k <= 127 (zero rows: k = 0, any scale will do)
+    const __m256i k = _mm256_andnot_si256(zero, _mm256_sub_epi32(_mm256_set1_epi32(f.unit_shift), E));
+    const __m256i two = _mm256_cmpgt_epi32(k, _mm256_set1_epi32(127));
+    if (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(odd, two))) & ((1 << nr) - 1)) return false;
+    const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
+    // a row has a nonzero unit iff the unit of its largest magnitude is nonzero; the clamp is
+    // needed only where that unit passes max_units
+    const __m256 maxu = _mm256_set1_ps(float(f.max_units));
+    const __m256i qm = round_signed8<RM>(_mm256_min_ps(_mm256_mul_ps(_mm256_castsi256_ps(amax), s),
+                                                       _mm256_set1_ps(float(f.max_units + 1))));
+    const __m256i nz = _mm256_cmpgt_epi32(qm, _mm256_setzero_si256());
+    const bool clamp = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(qm, _mm256_set1_epi32(int32_t(f.max_units))))) != 0;
+    const __m256 minu = _mm256_set1_ps(-float(f.max_units));
+    alignas(32) float sv[8];
+    _mm256_store_ps(sv, s);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i negv = *negacc;
+    for (int r = 0; r < 8; r += 2) {
+        __m256i q[4];
+        for (int j = 0; j < 2; ++j) {
+            const __m256 sc = _mm256_broadcast_ss(&sv[r + j]);
+            for (int h = 0; h < 2; ++h) {
+                __m256 y = _mm256_mul_ps(x[r + j][h], sc);
+                if (clamp) y = _mm256_min_ps(_mm256_max_ps(y, minu), maxu);
+                q[2 * j + h] = round_signed8<RM>(y);
+            }
+        }
+        // bytes: dword lanes [r 0-3, r 8-11, r+1 0-3, r+1 8-11 | r 4-7, r 12-15, r+1 4-7, r+1 12-15]
+        const __m256i b = _mm256_permutevar8x32_epi32(
+            _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
+        negv = _mm256_or_si256(negv, b);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(ur[r]), _mm256_castsi256_si128(b));
+        if (r + 1 < nr) _mm_storeu_si128(reinterpret_cast<__m128i*>(ur[r + 1]), _mm256_extracti128_si256(b, 1));
+        if (r + 2 >= nr) break;
+    }
+    *negacc = negv;
+    // block_scale: 2^(E - unit_shift) (normal or subnormal), 1.0 for an all-zero block
+    const __m256i kk = _mm256_sub_epi32(E, _mm256_set1_epi32(f.unit_shift));
+    const __m256i nrm = _mm256_slli_epi32(_mm256_add_epi32(kk, _mm256_set1_epi32(127)), 23);
+    const __m256i sbn = _mm256_sllv_epi32(_mm256_set1_epi32(1), _mm256_add_epi32(kk, _mm256_set1_epi32(149)));
+    __m256i sc = _mm256_blendv_epi8(sbn, nrm, _mm256_cmpgt_epi32(kk, _mm256_set1_epi32(-127)));
+    sc = _mm256_blendv_epi8(_mm256_castps_si256(_mm256_set1_ps(1.0f)), sc, nz);
+    alignas(32) int32_t Ev[8], kv[8], nzv[8];
+    alignas(32) float scv[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(Ev), E);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(kv), kk);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(nzv), nz);
+    _mm256_store_ps(scv, _mm256_castsi256_ps(sc));
+    for (int r = 0; r < nr; ++r) {
+        *Er[r] = int16_t(Ev[r]);
+        *sr[r] = scv[r];
+        if (nzv[r]) {
+            emin[r] = kv[r] < emin[r] ? kv[r] : emin[r];
+            emax[r] = kv[r] > emax[r] ? kv[r] : emax[r];
+        }
+    }
+    return true;
+}
+
+// quantize_rows_blocks for int(p) formats with blocks of 16 units: 8 rows at a time per block
+// (quantize_block8), the per-block path for the blocks it declines.
+template <int RM>
+static void quantize_rows8(const QuantRowsArgs& a, bool* neg) {
+    const FmtParams& f = *a.f;
+    const int B = f.block, nbc = (a.C + B - 1) / B;
+    const __m256 maxu = _mm256_set1_ps(float(f.max_units));
+    __m256i negacc = _mm256_setzero_si256();
+    bool negative = false;
+    for (int64_t i0 = 0; i0 < a.n; i0 += 8) {
+        const int nr = int(a.n - i0 < 8 ? a.n - i0 : 8);
+        const float* xr[8];
+        int8_t* ur[8];
+        int16_t* Er[8];
+        float* sr[8];
+        for (int r = 0; r < 8; ++r) {
+            const int64_t i = i0 + (r < nr ? r : nr - 1);
+            xr[r] = a.x + i * a.xs;
+            ur[r] = a.u + i * a.us;
+            Er[r] = a.E + i * nbc;
+            sr[r] = a.scale + i * nbc;
+        }
+        for (int cb = 0; cb < nbc; ++cb) {
+            const int len = a.C - cb * B < B ? a.C - cb * B : B;
+            const bool done = len == 16 ? quantize_block8<RM, true>(xr, len, nr, f, ur, Er, sr, a.emin + i0, a.emax + i0, &negacc)
+                                        : quantize_block8<RM, false>(xr, len, nr, f, ur, Er, sr, a.emin + i0, a.emax + i0, &negacc);
+            if (!done) {
+                for (int r = 0; r < nr; ++r) {
+                    int32_t sum = 0;
+                    bool any;
+                    const int E = quantize_one_block<false>(xr[r], len, 16, f, maxu, ur[r], &sum, &any, &negative);
+                    *Er[r] = int16_t(E);
+                    *sr[r] = block_scale(int16_t(E), f.unit_shift, !any);
+                    if (E != kNanExp && any) {
+                        const int32_t ee = E - f.unit_shift;
+                        a.emin[i0 + r] = ee < a.emin[i0 + r] ? ee : a.emin[i0 + r];
+                        a.emax[i0 + r] = ee > a.emax[i0 + r] ? ee : a.emax[i0 + r];
+                    }
+                }
+            }
+            for (int r = 0; r < 8; ++r) {
+                xr[r] += B;
+                ur[r] += 16;
+                ++Er[r];
+                ++sr[r];
+            }
+        }
+    }
+    if (negative || _mm256_movemask_epi8(negacc)) *neg = true;
+}
+
 template <bool SUM>
 static void quantize_rows_blocks_t(const QuantRowsArgs& a, bool* neg) {
     const FmtParams& f = *a.f;
@@ -176,6 +348,13 @@ static void quantize_rows_blocks_t(const QuantRowsArgs& a, bool* neg) {
 }
 
 void quantize_rows_blocks(const QuantRowsArgs& a, bool* neg) {
+    const FmtParams& f = *a.f;
+    if (!a.corr && f.kind == kInt && a.Bp == 16 && f.block <= 16 && f.block > 8 && a.cs == 1 &&
+        f.unit_shift - f.exp_max >= -126) {
+        if (f.rounding == kNearestEven) return quantize_rows8<kNearestEven>(a, neg);
+        if (f.rounding == kTowardZero) return quantize_rows8<kTowardZero>(a, neg);
+        if (f.rounding == kNearestAway) return quantize_rows8<kNearestAway>(a, neg);
+    }
     if (a.corr) quantize_rows_blocks_t<true>(a, neg);
     else quantize_rows_blocks_t<false>(a, neg);
 }
