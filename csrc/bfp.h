@@ -317,7 +317,9 @@ struct KernelDesc {
     size_t (*panel_bytes)(int nb, int Bp);
     void (*pack_panel)(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_t* emin, int32_t* emax);
     void (*gemm)(const GemmArgs& a);
-    void (*quantize_rows)(const QuantRowsArgs& a);  // null: the per-block quantizer
+    // the row quantizer (null: the per-block quantizer); a rows16 kernel's serves its stem path
+    // only (its GEMM operands come from the per-block quantizer, avx2::quantize_rows_blocks)
+    void (*quantize_rows)(const QuantRowsArgs& a);
     bool fused_epilogue;  // gemm applies GemmArgs::epi (else the runtime makes a pass of its own)
     void (*dwconv)(const DwArgs& a);  // null: the runtime's portable depthwise loop + epilogue pass
     // One-element blocks (fake_quantize_elements) of an int(p) format with emax_elem == 0 and
@@ -413,6 +415,10 @@ bool store_units(const int8_t* u, int n, bool wide, void* dst, int32_t* sum, boo
 void quantize_rows_blocks(const QuantRowsArgs& a, bool* neg);
 // dst[i] = src[i] as int16, i in [0, n)
 void widen_units(const int8_t* src, int16_t* dst, int64_t n);
+// QuantRowsArgs' row quantizer (deterministic rounding; planar rows: cs): rows of at most 4
+// channels (a stem's pixels) 8 at a time, others by quantize_rows_blocks
+void quantize_rows(const QuantRowsArgs& a);
+void stem_conv(const StemArgs& a);  // stem_avx2.cpp
 // One block (len <= 128 channels) of np <= 8 consecutive pixels of a channels-first plane
 // (channel c of pixel j at x[c*HW + j]): units[j*ustride + c] and E[j].
 // False (nothing written) when a pixel needs the exact scalar path.

@@ -670,7 +670,7 @@ static bool try_stem_conv(const float* x, const FmtParams& fx, Operand& w, const
                           const VecEpilogue* epi, bool nchw = false) {
     const KernelDesc& k = current_kernel();
     const int64_t C = g.C, O = w.R;
-    if (!k.stem_conv || !k.quantize_rows || k.rows16 || g.groups != 1 || C < 1 || C > 4 || C > fx.block ||
+    if (!k.stem_conv || !k.quantize_rows || g.groups != 1 || C < 1 || C > 4 || C > fx.block ||
         padded_block(fx.block, C) != 4 ||
         w.nbt != 1 || w.taps != w.kh * w.kw || !w.int8() || w.u8.empty() || !fx.int8_units() || fx.kind != kInt ||
         !fast_quant_ok(fx) || w.f.kind != kInt || O < 1)

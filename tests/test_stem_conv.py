@@ -115,6 +115,30 @@ def test_stem_conv_formats_and_threads(kernel, fmt, nchw):
 
 
 @pytest.mark.parametrize("nchw", [False, True], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("rounding", ["nearest_even", "nearest_away", "toward_zero"])
+@pytest.mark.parametrize("data", ["ties", "clamp"])
+def test_stem_conv_roundings_ties_and_the_clamp(kernel, rounding, data, nchw):
+    """The stem input's quantizer (8 pixels a step on AVX2) in every deterministic rounding, on
+    pixels whose units have a fraction of exactly 1/2 and pixels whose largest unit rounds past
+    the format's largest (the clamp); 7 x 9 pixels: a partial group of 8 at the end."""
+    f = bfpaccel.get_format("msfp16", rounding=rounding)
+    rng = np.random.default_rng(21)
+    q = np.float32(2.0 ** -f.unit_shift)  # a unit of a pixel whose exponent is 0 (max in [1, 2))
+    if data == "ties":
+        x = (rng.integers(-100, 100, (1, 7, 9, 3)).astype(np.float32) + np.float32(0.5)) * q
+        x[..., 0] = np.where(rng.random((1, 7, 9)) < 0.5, np.float32(-1.5), np.float32(1.5))
+    else:
+        x = rng.uniform(-1.5, 1.5, (1, 7, 9, 3)).astype(np.float32)
+        x[..., 1] = (np.float32(2) - q * rng.uniform(0.0, 0.5, (1, 7, 9)).astype(np.float32)) * np.where(
+            rng.random((1, 7, 9)) < 0.5, np.float32(-1), np.float32(1))
+    w = (rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    got, want, stems = _run(x, w, b, f, 1, (1, 1, 1, 1), 1, None, vp="fp32", nchw=nchw)
+    assert _same(got, want) == 0
+    assert stems == (1 if bfpaccel._core.kernel_has_stem_path() else 0)
+
+
+@pytest.mark.parametrize("nchw", [False, True], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("case", ["nan", "inf", "tiny", "huge", "subnormal_product", "nan_weight"])
 def test_stem_conv_outside_its_range_takes_the_gemm_path(kernel, case, nchw):
     """Inputs whose products or sums would not be exact in fp32 (or NaN/Inf blocks) go to the

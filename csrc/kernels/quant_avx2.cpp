@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 
 #include "../bfp.h"
 
@@ -172,12 +173,59 @@ static inline __m256i hmax8(const __m256i (&v)[8]) {
     return _mm256_max_epi32(_mm256_permute2x128_si256(u[0], u[1], 0x20), _mm256_permute2x128_si256(u[0], u[1], 0x31));
 }
 
+// The exponents and scaling of 8 blocks from their maxima (lane r: block r's max |x| bits):
+// E, the exact scale s = 2^(unit_shift - E) (1 for an all-zero block), nz: the block has a
+// nonzero unit (the unit of its largest magnitude is nonzero), clamp: a unit may pass
+// max_units. False where a block in `live` (a lane mask) needs the per-block path: NaN/Inf, a
+// subnormal maximum, or a scale needing two steps (unit_shift - E > 127).
+struct Scale8 {
+    __m256i E, nz;
+    __m256 s;
+    bool clamp;
+};
+template <int RM>
+static inline bool scale8(__m256i amax, const FmtParams& f, int live, Scale8* o) {
+    const __m256i zero = _mm256_cmpeq_epi32(amax, _mm256_setzero_si256());
+    const __m256i odd = _mm256_or_si256(_mm256_cmpgt_epi32(amax, _mm256_set1_epi32(0x7f7fffff)),
+                                        _mm256_andnot_si256(zero, _mm256_cmpgt_epi32(_mm256_set1_epi32(0x00800000), amax)));
+    __m256i E = _mm256_sub_epi32(_mm256_srli_epi32(amax, 23), _mm256_set1_epi32(127 + f.emax_elem));
+    E = _mm256_min_epi32(_mm256_max_epi32(E, _mm256_set1_epi32(f.exp_min)), _mm256_set1_epi32(f.exp_max));
+    E = _mm256_blendv_epi8(E, _mm256_set1_epi32(f.exp_min), zero);
+    const __m256i k = _mm256_andnot_si256(zero, _mm256_sub_epi32(_mm256_set1_epi32(f.unit_shift), E));
+    const __m256i two = _mm256_cmpgt_epi32(k, _mm256_set1_epi32(127));
+    if (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(odd, two))) & live) return false;
+    o->E = E;
+    o->s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
+    const __m256i qm = round_signed8<RM>(_mm256_min_ps(_mm256_mul_ps(_mm256_castsi256_ps(amax), o->s),
+                                                       _mm256_set1_ps(float(f.max_units + 1))));
+    o->nz = _mm256_cmpgt_epi32(qm, _mm256_setzero_si256());
+    o->clamp = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(qm, _mm256_set1_epi32(int32_t(f.max_units))))) != 0;
+    return true;
+}
+
+// The units of x * s (the clamp applied where it can matter)
+template <int RM>
+static inline __m256i units_of(__m256 x, __m256 s, bool clamp, float maxu) {
+    __m256 y = _mm256_mul_ps(x, s);
+    if (clamp) y = _mm256_min_ps(_mm256_max_ps(y, _mm256_set1_ps(-maxu)), _mm256_set1_ps(maxu));
+    return round_signed8<RM>(y);
+}
+
+// block_scale of the 8 blocks: 2^(E - unit_shift) (normal or subnormal), 1.0 without a nonzero
+// unit; kk: E - unit_shift
+static inline __m256 scales8(const Scale8& q, int unit_shift, __m256i* kk) {
+    *kk = _mm256_sub_epi32(q.E, _mm256_set1_epi32(unit_shift));
+    const __m256i nrm = _mm256_slli_epi32(_mm256_add_epi32(*kk, _mm256_set1_epi32(127)), 23);
+    const __m256i sbn = _mm256_sllv_epi32(_mm256_set1_epi32(1), _mm256_add_epi32(*kk, _mm256_set1_epi32(149)));
+    const __m256i sc = _mm256_blendv_epi8(sbn, nrm, _mm256_cmpgt_epi32(*kk, _mm256_set1_epi32(-127)));
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(_mm256_castps_si256(_mm256_set1_ps(1.0f)), sc, q.nz));
+}
+
 // One block (len <= 16 channels, Bp == 16) of 8 rows (rows past nr repeat row nr - 1 and are
-// never stored): the block maxima and exponents of the 8 rows in vectors, then each row's units
-// with one multiply and one rounding per vector, two rows packed to bytes per store. Int(p)
-// formats with unit_shift - exp_max >= -126 and no VNNI corrections. Returns false, writing
-// nothing, where a row needs the per-block path: NaN/Inf, a subnormal maximum, or a scale
-// needing two steps. Otherwise the same results as quantize_one_block.
+// never stored): the block maxima and exponents of the 8 rows in vectors (scale8), then each
+// row's units with one multiply and one rounding per vector, two rows packed to bytes per
+// store. Int(p) formats with unit_shift - exp_max >= -126 and no VNNI corrections. Returns
+// false, writing nothing, where scale8 declines. Otherwise the same results as quantize_one_block.
 template <int RM, bool L16>
 static bool quantize_block8(const float* const* xr, int len, int nr, const FmtParams& f, int8_t* const* ur,
                             int16_t* const* Er, float* const* sr, int32_t* emin, int32_t* emax, __m256i* negacc) {
@@ -198,62 +246,36 @@ static bool quantize_block8(const float* const* xr, int len, int nr, const FmtPa
         ab[r] = _mm256_max_epi32(_mm256_and_si256(_mm256_castps_si256(x[r][0]), absm),
                                  _mm256_and_si256(_mm256_castps_si256(x[r][1]), absm));
     }
-    const __m256i amax = hmax8(ab);  // lane r: row r's max |x| bits
-    const __m256i zero = _mm256_cmpeq_epi32(amax, _mm256_setzero_si256());
-    // NaN/Inf (>= 0x7f800000) or a subnormal maximum (nonzero, < 2^-126): the per-block path
-    const __m256i odd = _mm256_or_si256(_mm256_cmpgt_epi32(amax, _mm256_set1_epi32(0x7f7fffff)),
-                                        _mm256_andnot_si256(zero, _mm256_cmpgt_epi32(_mm256_set1_epi32(0x00800000), amax)));
-    __m256i E = _mm256_sub_epi32(_mm256_srli_epi32(amax, 23), _mm256_set1_epi32(127 + f.emax_elem));
-    E = _mm256_min_epi32(_mm256_max_epi32(E, _mm256_set1_epi32(f.exp_min)), _mm256_set1_epi32(f.exp_max));
-    E = _mm256_blendv_epi8(E, _mm256_set1_epi32(f.exp_min), zero);
-    // y = x * 2^k, k = unit_shift - E: one exact step where k <= 127 (zero rows: k = 0, any scale will do)
-    const __m256i k = _mm256_andnot_si256(zero, _mm256_sub_epi32(_mm256_set1_epi32(f.unit_shift), E));
-    const __m256i two = _mm256_cmpgt_epi32(k, _mm256_set1_epi32(127));
-    if (_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(odd, two))) & ((1 << nr) - 1)) return false;
-    const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(k, _mm256_set1_epi32(127)), 23));
-    // a row has a nonzero unit iff the unit of its largest magnitude is nonzero; the clamp is
-    // needed only where that unit passes max_units
-    const __m256 maxu = _mm256_set1_ps(float(f.max_units));
-    const __m256i qm = round_signed8<RM>(_mm256_min_ps(_mm256_mul_ps(_mm256_castsi256_ps(amax), s),
-                                                       _mm256_set1_ps(float(f.max_units + 1))));
-    const __m256i nz = _mm256_cmpgt_epi32(qm, _mm256_setzero_si256());
-    const bool clamp = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(qm, _mm256_set1_epi32(int32_t(f.max_units))))) != 0;
-    const __m256 minu = _mm256_set1_ps(-float(f.max_units));
+    Scale8 q;
+    if (!scale8<RM>(hmax8(ab), f, (1 << nr) - 1, &q)) return false;
     alignas(32) float sv[8];
-    _mm256_store_ps(sv, s);
+    _mm256_store_ps(sv, q.s);
+    const float maxu = float(f.max_units);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     __m256i negv = *negacc;
-    for (int r = 0; r < 8; r += 2) {
-        __m256i q[4];
+    for (int r = 0; r < nr; r += 2) {
+        __m256i u[4];
         for (int j = 0; j < 2; ++j) {
             const __m256 sc = _mm256_broadcast_ss(&sv[r + j]);
-            for (int h = 0; h < 2; ++h) {
-                __m256 y = _mm256_mul_ps(x[r + j][h], sc);
-                if (clamp) y = _mm256_min_ps(_mm256_max_ps(y, minu), maxu);
-                q[2 * j + h] = round_signed8<RM>(y);
-            }
+            u[2 * j] = units_of<RM>(x[r + j][0], sc, q.clamp, maxu);
+            u[2 * j + 1] = units_of<RM>(x[r + j][1], sc, q.clamp, maxu);
         }
         // bytes: dword lanes [r 0-3, r 8-11, r+1 0-3, r+1 8-11 | r 4-7, r 12-15, r+1 4-7, r+1 12-15]
         const __m256i b = _mm256_permutevar8x32_epi32(
-            _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
+            _mm256_packs_epi16(_mm256_packs_epi32(u[0], u[1]), _mm256_packs_epi32(u[2], u[3])), order);
         negv = _mm256_or_si256(negv, b);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(ur[r]), _mm256_castsi256_si128(b));
         if (r + 1 < nr) _mm_storeu_si128(reinterpret_cast<__m128i*>(ur[r + 1]), _mm256_extracti128_si256(b, 1));
-        if (r + 2 >= nr) break;
     }
     *negacc = negv;
-    // block_scale: 2^(E - unit_shift) (normal or subnormal), 1.0 for an all-zero block
-    const __m256i kk = _mm256_sub_epi32(E, _mm256_set1_epi32(f.unit_shift));
-    const __m256i nrm = _mm256_slli_epi32(_mm256_add_epi32(kk, _mm256_set1_epi32(127)), 23);
-    const __m256i sbn = _mm256_sllv_epi32(_mm256_set1_epi32(1), _mm256_add_epi32(kk, _mm256_set1_epi32(149)));
-    __m256i sc = _mm256_blendv_epi8(sbn, nrm, _mm256_cmpgt_epi32(kk, _mm256_set1_epi32(-127)));
-    sc = _mm256_blendv_epi8(_mm256_castps_si256(_mm256_set1_ps(1.0f)), sc, nz);
+    __m256i kk;
+    const __m256 sc = scales8(q, f.unit_shift, &kk);
     alignas(32) int32_t Ev[8], kv[8], nzv[8];
     alignas(32) float scv[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(Ev), E);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(Ev), q.E);
     _mm256_store_si256(reinterpret_cast<__m256i*>(kv), kk);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(nzv), nz);
-    _mm256_store_ps(scv, _mm256_castsi256_ps(sc));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(nzv), q.nz);
+    _mm256_store_ps(scv, sc);
     for (int r = 0; r < nr; ++r) {
         *Er[r] = int16_t(Ev[r]);
         *sr[r] = scv[r];
@@ -357,6 +379,94 @@ void quantize_rows_blocks(const QuantRowsArgs& a, bool* neg) {
     }
     if (a.corr) quantize_rows_blocks_t<true>(a, neg);
     else quantize_rows_blocks_t<false>(a, neg);
+}
+
+// Rows of at most 4 channels, one block each (a stem's pixels: Bp == us == 4), 8 rows at a
+// time with lanes = rows: channel c of row i is x[c * cs + i] (PLANAR, QuantRowsArgs::cs) or
+// x[i * C + c]. The units of a row are one dword of the 32-byte store; scales, corrections and
+// ranges are vector stores (nbc == 1). Returns false, writing nothing, where scale8 declines.
+template <int RM, bool PLANAR>
+static bool quantize_tiny8(const QuantRowsArgs& a, int64_t i0) {
+    const FmtParams& f = *a.f;
+    const int C = a.C;
+    const __m256i absm = _mm256_set1_epi32(0x7fffffff);
+    __m256 ch[4];
+    if constexpr (PLANAR) {
+        for (int c = 0; c < C; ++c) ch[c] = _mm256_loadu_ps(a.x + c * a.cs + i0);
+    } else {
+        alignas(32) float t[4][8];
+        const float* x = a.x + i0 * C;
+        for (int j = 0; j < 8; ++j)
+            for (int c = 0; c < C; ++c) t[c][j] = x[j * C + c];
+        for (int c = 0; c < C; ++c) ch[c] = _mm256_load_ps(t[c]);
+    }
+    __m256i amax = _mm256_setzero_si256();
+    for (int c = 0; c < C; ++c) amax = _mm256_max_epi32(amax, _mm256_and_si256(_mm256_castps_si256(ch[c]), absm));
+    Scale8 q;
+    if (!scale8<RM>(amax, f, 0xff, &q)) return false;
+    __m256i packed = _mm256_setzero_si256(), usum = _mm256_setzero_si256();
+    for (int c = 0; c < C; ++c) {
+        const __m256i u = units_of<RM>(ch[c], q.s, q.clamp, float(f.max_units));
+        usum = _mm256_add_epi32(usum, u);
+        packed = _mm256_or_si256(packed, _mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0xff)), 8 * c));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.u + i0 * 4), packed);
+    __m256i kk;
+    _mm256_storeu_ps(a.scale + i0, scales8(q, f.unit_shift, &kk));
+    if (a.corr)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.corr + i0),
+                            _mm256_sub_epi32(_mm256_set1_epi32(kVnniSumStart), _mm256_slli_epi32(usum, 7)));
+    const __m256i E16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q.E, q.E), 0xD8);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a.E + i0), _mm256_castsi256_si128(E16));
+    __m256i* mnp = reinterpret_cast<__m256i*>(a.emin + i0);
+    __m256i* mxp = reinterpret_cast<__m256i*>(a.emax + i0);
+    const __m256i mn = _mm256_loadu_si256(mnp), mx = _mm256_loadu_si256(mxp);
+    _mm256_storeu_si256(mnp, _mm256_blendv_epi8(mn, _mm256_min_epi32(mn, kk), q.nz));
+    _mm256_storeu_si256(mxp, _mm256_blendv_epi8(mx, _mm256_max_epi32(mx, kk), q.nz));
+    return true;
+}
+
+// Rows [i0, i0 + count) on the per-block path (planar rows gathered into a contiguous copy first)
+static void rows_generic(const QuantRowsArgs& a, int64_t i0, int64_t count) {
+    bool neg = false;
+    if (a.cs == 1) {
+        quantize_rows_blocks(a.rows_at(a.x + i0 * a.xs, i0, count, a.xs), &neg);
+        return;
+    }
+    for (int64_t i = i0; i < i0 + count; i += 16) {
+        const int r = int(i0 + count - i < 16 ? i0 + count - i : 16);
+        alignas(32) float g[64];
+        for (int j = 0; j < r; ++j)
+            for (int c = 0; c < a.C; ++c) g[j * a.C + c] = a.x[c * a.cs + i + j];
+        QuantRowsArgs b = a.rows_at(g, i, r, a.C);
+        b.cs = 1;
+        quantize_rows_blocks(b, &neg);
+    }
+}
+
+template <int RM>
+static void quantize_rows_t(const QuantRowsArgs& a) {
+    const FmtParams& f = *a.f;
+    int64_t i = 0;
+    if (a.C <= f.block && a.Bp == 4 && a.us == 4 && f.kind == kInt && f.unit_shift - f.exp_max >= -126) {
+        for (; i + 8 <= a.n; i += 8) {
+            const bool done = a.cs != 1 ? quantize_tiny8<RM, true>(a, i) : quantize_tiny8<RM, false>(a, i);
+            if (!done) rows_generic(a, i, 8);
+        }
+    }
+    if (i < a.n) rows_generic(a, i, a.n - i);
+}
+
+void quantize_rows(const QuantRowsArgs& a) {
+    if (a.cs != 1 && (a.C < 1 || a.C > 4 || a.xs != 1))
+        throw std::invalid_argument("quantize_rows: planar rows take 1 to 4 channels");
+    if (a.cs == 1 && a.C >= 1 && a.C <= 4 && a.xs != a.C)  // (the tiny path reads rows of C floats)
+        return rows_generic(a, 0, a.n);
+    const int rm = a.f->rounding;
+    if (rm == kNearestEven) quantize_rows_t<kNearestEven>(a);
+    else if (rm == kTowardZero) quantize_rows_t<kTowardZero>(a);
+    else if (rm == kNearestAway) quantize_rows_t<kNearestAway>(a);
+    else throw std::invalid_argument("quantize_rows: deterministic rounding only");
 }
 
 bool store_units(const int8_t* u, int n, bool wide, void* dst, int32_t* sum, bool* neg) {
