@@ -325,7 +325,7 @@ struct KernelDesc {
     // One-element blocks (fake_quantize_elements) of an int(p) format with emax_elem == 0 and
     // deterministic rounding: out[i] = x[i] quantized alone, i in [0, n); each element that
     // needs the exact scalar path (exponent out of range, subnormal, NaN/Inf) is fix(ctx, i).
-    // null: avx2::fake_quantize8_i.
+    // null: the portable quantizer.
     void (*fake_quantize_elems)(const float* x, int64_t n, const FmtParams& f, float* out,
                                 float (*fix)(const void* ctx, int64_t i), const void* ctx);
     // The vector unit's exp/erf/tanh loops (ops/vmath.h) compiled for this kernel's ISA, the same
@@ -419,6 +419,10 @@ void widen_units(const int8_t* src, int16_t* dst, int64_t n);
 // channels (a stem's pixels) 8 at a time, others by quantize_rows_blocks
 void quantize_rows(const QuantRowsArgs& a);
 void stem_conv(const StemArgs& a);  // stem_avx2.cpp
+void dwconv(const DwArgs& a);  // dw_avx2.cpp: no DwArgs::produce or oq (its operands are not the row quantizer's)
+// KernelDesc::fake_quantize_elems by fake_quantize8_i
+void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
+                         float (*fix)(const void* ctx, int64_t i), const void* ctx);
 // One block (len <= 128 channels) of np <= 8 consecutive pixels of a channels-first plane
 // (channel c of pixel j at x[c*HW + j]): units[j*ustride + c] and E[j].
 // False (nothing written) when a pixel needs the exact scalar path.

@@ -228,22 +228,7 @@ void fake_quantize_elements(const float* x, int64_t n, const FmtParams& f, uint6
         });
         return;
     }
-    if (!current_kernel().simd() || !f.simd_elements()) {
-        fake_quantize_tensor(x, n, 1, 1, f, seed, out);
-        return;
-    }
-    const int64_t n8 = n / 8;
-    parallel_ranges(n > 32768 ? num_threads() : 1, n8 + 1, 1024, [&](int64_t lo, int64_t hi) {
-        for (int64_t c = lo; c < hi; ++c) {
-            const int64_t i0 = c * 8, len = std::min<int64_t>(8, n - i0);
-            if (len <= 0) continue;
-            int m = 0;
-            if (len == 8) m = avx2::fake_quantize8_i(x + i0, f, out + i0);
-            const ElemFix ctx{x, &f, seed, i0};
-            for (int j = 0; j < len; ++j)
-                if (!(m >> j & 1)) out[i0 + j] = fix_element(&ctx, j);
-        }
-    });
+    fake_quantize_tensor(x, n, 1, 1, f, seed, out);
 }
 
 void dequantize_tensor(const int8_t* codes, const int16_t* exps, int64_t outer, int64_t K, int64_t inner,

@@ -543,6 +543,23 @@ int fake_quantize8_i(const float* x, const FmtParams& f, float* out) {
     return m;
 }
 
+void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
+                         float (*fix)(const void* ctx, int64_t i), const void* ctx) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const int m = fake_quantize8_i(x + i, f, out + i);
+        if (m != 0xff)
+            for (int j = 0; j < 8; ++j)
+                if (!(m >> j & 1)) out[i + j] = fix(ctx, i + j);
+    }
+    if (i == n) return;
+    alignas(32) float t[8] = {}, q[8];  // the tail through the vector path too (zeros past it)
+    const int r = int(n - i);
+    std::memcpy(t, x + i, sizeof(float) * size_t(r));
+    const int m = fake_quantize8_i(t, f, q);
+    for (int j = 0; j < r; ++j) out[i + j] = (m >> j & 1) ? q[j] : fix(ctx, i + j);
+}
+
 // Quantizes one channel block (len <= 128 channels) of np <= 8 consecutive pixels of a
 // channels-first plane: channel c of pixel j is x[c*HW + j]. Lanes are pixels, so every load
 // is contiguous. Writes units[j*ustride + c] (int8) and E[j].

@@ -1,0 +1,152 @@
+// AVX2 depthwise convolution (see DwArgs in bfp.h): NHWC, weights [taps][C], the input's
+// element quantization (DwArgs::fq) and the epilogue fused.
+//
+// Numerics (the same as dwconv_nhwc in ops/conv.cpp, bit for bit): every output is the sum
+// (((0 + x_t0*w_t0) + x_t1*w_t1) + ...) over the taps in order, each product rounded to fp32
+// and then added (vmulps + vaddps); a padded tap adds 0 * w (a NaN/Inf weight still makes NaN).
+//
+// Blocking: a work item is (image, band of output rows, group of up to 64 channels). It first
+// writes the input rows under its band, for its channels, into a tile of its own (quantized as
+// one-element blocks with fq, else copied), with zeros for the padding rows and columns and the
+// lanes past its channels, so that the strips read every window without tests. A strip is 8
+// output pixels x 8 channels: 8 accumulators, the tap's weights loaded once for the 8 pixels.
+// The epilogue (bias, residual, activation at the vector precision) then runs over each output
+// row's channels while they are in L1.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "../bfp.h"
+#include "../pool.h"
+
+namespace bfp {
+namespace avx2 {
+namespace {
+
+constexpr int kGroup = 64;  // channels an item takes (8 vectors)
+
+struct Tile {
+    const float* t;  // tile row r, pixel p, channel lane c at t[(r * wp + p) * cg + c]
+    int64_t wp;
+    int cg;  // channels a pixel (a multiple of 8)
+};
+
+// Fix up the elements of a quantized run that need the scalar path: element i of the run is
+// element base + i of the input
+struct RunFix {
+    const DwArgs* a;
+    int64_t base;
+};
+static float run_fix(const void* ctx, int64_t i) {
+    const RunFix* r = static_cast<const RunFix*>(ctx);
+    return r->a->fq_fix(r->a->fq_ctx, r->base + i);
+}
+
+// Output pixels [ox0, ox0 + NP) of output row oy (the band's row ry), channels [c, c + 8) of
+// the group (tile lanes), the first nl stored to d (pixel ox0's channel c0 + c).
+template <int NP>
+static inline void strip(const DwArgs& a, const Tile& T, int64_t ry, int64_t ox0, const float* w, int c, int nl,
+                         float* d) {
+    __m256 acc[NP];
+#pragma GCC unroll 8
+    for (int j = 0; j < NP; ++j) acc[j] = _mm256_setzero_ps();
+    const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(nl), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    for (int ky = 0; ky < a.kh; ++ky) {
+        const float* xr = T.t + ((ry * a.sh + int64_t(ky) * a.dh) * T.wp + ox0 * a.sw) * T.cg + c;
+        for (int kx = 0; kx < a.kw; ++kx) {
+            const float* wt = w + int64_t(ky * a.kw + kx) * a.C;
+            const __m256 wv = nl == 8 ? _mm256_loadu_ps(wt) : _mm256_maskload_ps(wt, m);
+            const float* xp = xr + int64_t(kx) * a.dw * T.cg;
+#pragma GCC unroll 8
+            for (int j = 0; j < NP; ++j)
+                acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(_mm256_loadu_ps(xp + j * a.sw * T.cg), wv));
+        }
+    }
+    if (nl == 8) {
+#pragma GCC unroll 8
+        for (int j = 0; j < NP; ++j) _mm256_storeu_ps(d + j * a.C, acc[j]);
+    } else {
+#pragma GCC unroll 8
+        for (int j = 0; j < NP; ++j) _mm256_maskstore_ps(d + j * a.C, m, acc[j]);  // (unrolled: acc in registers)
+    }
+}
+
+// The tile of image n's input rows under output rows [oy0, oy1), channels [c0, c0 + nc)
+static void fill_tile(const DwArgs& a, int64_t n, int64_t oy0, int64_t oy1, int64_t c0, int nc, std::vector<float>& buf,
+                      Tile* T) {
+    const int cg = (nc + 7) / 8 * 8;
+    const int64_t rows = (oy1 - oy0 - 1) * a.sh + int64_t(a.kh - 1) * a.dh + 1;
+    const int64_t wp = (a.OW - 1) * a.sw + int64_t(a.kw - 1) * a.dw + 1;
+    buf.resize(size_t(rows * wp * cg));
+    float* t = buf.data();
+    for (int64_t r = 0; r < rows; ++r) {
+        float* tr = t + r * wp * cg;
+        const int64_t iy = oy0 * a.sh - a.pt + r;
+        if (iy < 0 || iy >= a.H) {
+            std::memset(tr, 0, sizeof(float) * size_t(wp * cg));
+            continue;
+        }
+        for (int64_t p = 0; p < wp; ++p) {
+            float* tp = tr + p * cg;
+            const int64_t ix = p - a.pl;
+            if (ix < 0 || ix >= a.W) {
+                std::memset(tp, 0, sizeof(float) * size_t(cg));
+                continue;
+            }
+            const int64_t off = ((n * a.H + iy) * a.W + ix) * a.C + c0;
+            if (a.fq) {
+                const RunFix rf{&a, off};
+                fake_quantize_elems(a.x + off, nc, *a.fq, tp, run_fix, &rf);
+            } else {
+                std::memcpy(tp, a.x + off, sizeof(float) * size_t(nc));
+            }
+            if (cg > nc) std::memset(tp + nc, 0, sizeof(float) * size_t(cg - nc));
+        }
+    }
+    *T = Tile{t, wp, cg};
+}
+
+}  // namespace
+
+void dwconv(const DwArgs& a) {
+    if (a.produce || a.oq) throw std::logic_error("avx2 dwconv: no fused producer or output quantization");
+    if (a.N == 0 || a.OH == 0 || a.OW == 0 || a.C == 0) return;
+    const int64_t groups = (a.C + kGroup - 1) / kGroup;
+    const int nt = num_threads() > 1 && a.N * a.OH * a.OW * a.C * a.kh * a.kw > 32768 ? num_threads() : 1;
+    // bands of output rows: whole images where (image, group) items already keep the threads busy
+    const int64_t want = 4 * nt, have = a.N * groups;
+    const int64_t band = have >= want ? a.OH : std::max<int64_t>(2, a.OH * have / want);
+    const int64_t nband = (a.OH + band - 1) / band;
+    parallel_for(nt, a.N * groups * nband, [&](int64_t it) {
+        const int64_t b = it % nband, gi = (it / nband) % groups, n = it / (nband * groups);
+        const int64_t oy0 = b * band, oy1 = std::min(a.OH, oy0 + band);
+        const int64_t c0 = gi * kGroup;
+        const int nc = int(std::min<int64_t>(kGroup, a.C - c0));
+        thread_local std::vector<float> buf;  // this worker's tile
+        Tile T;
+        fill_tile(a, n, oy0, oy1, c0, nc, buf, &T);
+        for (int64_t oy = oy0; oy < oy1; ++oy) {
+            float* orow = a.out + ((n * a.OH + oy) * a.OW) * a.C + c0;
+            for (int c = 0; c < nc; c += 8) {
+                const int nl = nc - c < 8 ? nc - c : 8;
+                const float* w = a.w + c0 + c;
+                if (a.OW < 8) {
+                    for (int64_t ox = 0; ox < a.OW; ++ox) strip<1>(a, T, oy - oy0, ox, w, c, nl, orow + ox * a.C + c);
+                    continue;
+                }
+                for (int64_t ox = 0;; ox += 8) {  // the last strip ends at the row's end (recomputing a few)
+                    if (ox + 8 > a.OW) ox = a.OW - 8;
+                    strip<8>(a, T, oy - oy0, ox, w, c, nl, orow + ox * a.C + c);
+                    if (ox + 8 == a.OW) break;
+                }
+            }
+            if (a.epi) a.epi->rows(orow, int(a.OW), nc, a.C);
+        }
+    });
+}
+
+}  // namespace avx2
+}  // namespace bfp
