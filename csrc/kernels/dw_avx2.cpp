@@ -89,6 +89,22 @@ static void fill_tile(const DwArgs& a, int64_t n, int64_t oy0, int64_t oy1, int6
             std::memset(tr, 0, sizeof(float) * size_t(wp * cg));
             continue;
         }
+        if (cg == a.C) {  // the group is every channel: the row's W pixels are one run in x and in the tile
+            const int64_t lo = std::min<int64_t>(a.pl, wp), hi = std::min<int64_t>(a.pl + a.W, wp);
+            std::memset(tr, 0, sizeof(float) * size_t(lo * cg));
+            std::memset(tr + hi * cg, 0, sizeof(float) * size_t((wp - hi) * cg));
+            if (hi > lo) {
+                const int64_t off = ((n * a.H + iy) * a.W + (lo - a.pl)) * a.C;
+                const int64_t len = (hi - lo) * a.C;
+                if (a.fq) {
+                    const RunFix rf{&a, off};
+                    fake_quantize_elems(a.x + off, len, *a.fq, tr + lo * cg, run_fix, &rf);
+                } else {
+                    std::memcpy(tr + lo * cg, a.x + off, sizeof(float) * size_t(len));
+                }
+            }
+            continue;
+        }
         for (int64_t p = 0; p < wp; ++p) {
             float* tp = tr + p * cg;
             const int64_t ix = p - a.pl;
