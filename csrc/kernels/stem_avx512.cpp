@@ -103,22 +103,9 @@ static void row(const StemArgs& a, int64_t n, int64_t oy) {
         epi_rows(*a.epi, drow, a.OW, int(a.O), a.O);
 }
 
-// Padded input row r (of N * Hp) of xq: zeros in the padding ring, else each pixel's values,
-// units * scale (exact), 4 pixels a vector
+// One input row's W pixels at o: each pixel's values, units * scale (exact), 4 pixels a vector
 template <int CP>
-static void expand_row(const StemArgs& a, int64_t r) {
-    float* d = a.xq + r * a.Wp * CP;
-    const int64_t img = r / a.Hp, y = r % a.Hp - a.pt;
-    if (y < 0 || y >= a.H) {
-        std::memset(d, 0, sizeof(float) * size_t(a.Wp * CP));
-        return;
-    }
-    std::memset(d, 0, sizeof(float) * size_t(a.pl * CP));
-    std::memset(d + (a.pl + a.W) * CP, 0, sizeof(float) * size_t((a.Wp - a.pl - a.W) * CP));
-    float* o = d + a.pl * CP;
-    const int64_t i0 = (img * a.H + y) * a.W;
-    const int8_t* u = a.u + i0 * 4;
-    const float* s = a.scale + i0;
+static void expand_values(const StemArgs& a, const int8_t* u, const float* s, float* o) {
     const __m512i rep = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     // the lanes of channels < C (units past C are not read)
     const __mmask16 ch = __mmask16(0x1111 * ((1 << a.C) - 1));
@@ -135,36 +122,9 @@ static void expand_row(const StemArgs& a, int64_t r) {
         for (int c = 0; c < CP; ++c) o[p * CP + c] = c < a.C ? float(u[p * 4 + c]) * s[p] : 0.0f;
 }
 
-template <int CP>
-static void row_sw(const StemArgs& a, int64_t n, int64_t oy) {
-    if (a.sw == 1) row<CP, 1>(a, n, oy);
-    else if (a.sw == 2) row<CP, 2>(a, n, oy);
-    else row<CP, 0>(a, n, oy);
-}
-
 }  // namespace
 
-void stem_conv(const StemArgs& a) {
-    const int64_t prow = a.N * a.Hp, pchunk = 8;  // padded rows, 8 an item
-    parallel_for(num_threads() > 1 && prow * a.Wp > 16384 ? num_threads() : 1, (prow + pchunk - 1) / pchunk,
-                 [&](int64_t ci) {
-                     for (int64_t r = ci * pchunk; r < prow && r < (ci + 1) * pchunk; ++r) {
-                         if (a.cp == 3) expand_row<3>(a, r);
-                         else expand_row<4>(a, r);
-                     }
-                 });
-    const int64_t rows = a.N * a.OH;
-    const bool par = num_threads() > 1 && rows > 1 && rows * a.OW * a.O * a.kh * a.kw > 65536;
-    // rows from the pool (pool.h), a few per step
-    const int64_t chunk = rows >= 64 ? 2 : 1, nchunks = (rows + chunk - 1) / chunk;
-    parallel_for(par ? num_threads() : 1, nchunks, [&](int64_t ci) {
-        const int64_t r1 = (ci + 1) * chunk < rows ? (ci + 1) * chunk : rows;
-        for (int64_t r = ci * chunk; r < r1; ++r) {
-            if (a.cp == 3) row_sw<3>(a, r / a.OH, r % a.OH);
-            else row_sw<4>(a, r / a.OH, r % a.OH);
-        }
-    });
-}
+#include "stem_driver.inc"
 
 }  // namespace BFP_AVX512_NS
 }  // namespace bfp
