@@ -10,8 +10,8 @@
 // one-element blocks with fq, else copied), with zeros for the padding rows and columns and the
 // lanes past its channels, so that the strips read every window without tests. A strip is 8
 // output pixels x 8 channels: 8 accumulators, the tap's weights loaded once for the 8 pixels.
-// The epilogue (bias, residual, activation at the vector precision) then runs over each output
-// row's channels while they are in L1.
+// The epilogue (bias, residual, activation at the vector precision) is applied in registers
+// before each store (epi_avx2.inc); a partial vector's channels get it over the row, in L1.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -25,6 +25,8 @@
 namespace bfp {
 namespace avx2 {
 namespace {
+
+#include "epi_avx2.inc"
 
 constexpr int kGroup = 64;  // channels an item takes (8 vectors)
 
@@ -46,8 +48,9 @@ static float run_fix(const void* ctx, int64_t i) {
 }
 
 // Output pixels [ox0, ox0 + NP) of output row oy (the band's row ry), channels [c, c + 8) of
-// the group (tile lanes), the first nl stored to d (pixel ox0's channel c0 + c).
-template <int NP>
+// the group (tile lanes), the first nl stored to d (pixel ox0's channel c0 + c). VP >= 0 (nl == 8):
+// the epilogue a.epi applied in registers at vector precision VP before the store.
+template <int NP, int VP>
 static inline void strip(const DwArgs& a, const Tile& T, int64_t ry, int64_t ox0, const float* w, int c, int nl,
                          float* d) {
     __m256 acc[NP];
@@ -65,12 +68,37 @@ static inline void strip(const DwArgs& a, const Tile& T, int64_t ry, int64_t ox0
                 acc[j] = _mm256_add_ps(acc[j], _mm256_mul_ps(_mm256_loadu_ps(xp + j * a.sw * T.cg), wv));
         }
     }
+    if constexpr (VP >= 0) {
+        const VecEpilogue& e = *a.epi;  // (no element quantization or channel planes: see dwconv)
+        const float* b = e.bias ? e.bias + (d - e.y) % e.ldo : nullptr;
+        const float* r = e.res ? e.res + (d - e.y) : nullptr;
+        const __m256 vlo = _mm256_set1_ps(e.lo), vhi = _mm256_set1_ps(e.hi);
+#pragma GCC unroll 8
+        for (int j = 0; j < NP; ++j) acc[j] = epi8<VP>(acc[j], b, r ? r + j * a.C : nullptr, e.act, vlo, vhi);
+    }
     if (nl == 8) {
 #pragma GCC unroll 8
         for (int j = 0; j < NP; ++j) _mm256_storeu_ps(d + j * a.C, acc[j]);
     } else {
 #pragma GCC unroll 8
         for (int j = 0; j < NP; ++j) _mm256_maskstore_ps(d + j * a.C, m, acc[j]);  // (unrolled: acc in registers)
+    }
+}
+
+// Output row ry of the band (its floats at orow, channel c0 at orow[0]), channels [c, c + nl) of
+// the group: strips of 8 pixels, the last one ending at the row's end (recomputing a few), a row
+// shorter than 8 one pixel at a time
+template <int VP>
+static void row_strips(const DwArgs& a, const Tile& T, int64_t ry, int64_t c0, int c, int nl, float* orow) {
+    const float* w = a.w + c0 + c;
+    if (a.OW < 8) {
+        for (int64_t ox = 0; ox < a.OW; ++ox) strip<1, VP>(a, T, ry, ox, w, c, nl, orow + ox * a.C + c);
+        return;
+    }
+    for (int64_t ox = 0;; ox += 8) {
+        if (ox + 8 > a.OW) ox = a.OW - 8;
+        strip<8, VP>(a, T, ry, ox, w, c, nl, orow + ox * a.C + c);
+        if (ox + 8 == a.OW) break;
     }
 }
 
@@ -136,6 +164,8 @@ void dwconv(const DwArgs& a) {
     const int64_t want = 4 * nt, have = a.N * groups;
     const int64_t band = have >= want ? a.OH : std::max<int64_t>(2, a.OH * have / want);
     const int64_t nband = (a.OH + band - 1) / band;
+    // the epilogue in registers (whole vectors): its vector precision; -1: none, or the generic rows
+    const int epi_vp = a.epi && a.epi->any() && !a.epi->fq && !a.epi->cbs ? a.epi->vp : -1;
     parallel_for(nt, a.N * groups * nband, [&](int64_t it) {
         const int64_t b = it % nband, gi = (it / nband) % groups, n = it / (nband * groups);
         const int64_t oy0 = b * band, oy1 = std::min(a.OH, oy0 + band);
@@ -148,18 +178,14 @@ void dwconv(const DwArgs& a) {
             float* orow = a.out + ((n * a.OH + oy) * a.OW) * a.C + c0;
             for (int c = 0; c < nc; c += 8) {
                 const int nl = nc - c < 8 ? nc - c : 8;
-                const float* w = a.w + c0 + c;
-                if (a.OW < 8) {
-                    for (int64_t ox = 0; ox < a.OW; ++ox) strip<1>(a, T, oy - oy0, ox, w, c, nl, orow + ox * a.C + c);
-                    continue;
-                }
-                for (int64_t ox = 0;; ox += 8) {  // the last strip ends at the row's end (recomputing a few)
-                    if (ox + 8 > a.OW) ox = a.OW - 8;
-                    strip<8>(a, T, oy - oy0, ox, w, c, nl, orow + ox * a.C + c);
-                    if (ox + 8 == a.OW) break;
-                }
+                const int vp = nl == 8 ? epi_vp : -1;
+                if (vp == 1) row_strips<1>(a, T, oy - oy0, c0, c, nl, orow);
+                else if (vp == 2) row_strips<2>(a, T, oy - oy0, c0, c, nl, orow);
+                else if (vp == 0) row_strips<0>(a, T, oy - oy0, c0, c, nl, orow);
+                else row_strips<-1>(a, T, oy - oy0, c0, c, nl, orow);
+                // the epilogue not applied in registers: over these channels of the row, in L1
+                if (a.epi && vp < 0) a.epi->rows(orow + c, int(a.OW), nl, a.C);
             }
-            if (a.epi) a.epi->rows(orow, int(a.OW), nc, a.C);
         }
     });
 }
