@@ -423,9 +423,6 @@ void dwconv(const DwArgs& a);  // dw_avx2.cpp: no DwArgs::produce or oq (its ope
 // KernelDesc::fake_quantize_elems by fake_quantize8_i
 void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
                          float (*fix)(const void* ctx, int64_t i), const void* ctx);
-// One block (len <= 128 channels) of np <= 8 consecutive pixels of a channels-first plane
-// (channel c of pixel j at x[c*HW + j]): units[j*ustride + c] and E[j].
-// False (nothing written) when a pixel needs the exact scalar path.
 // One row of a conv's output in the runtime: + bias, rounded; + residual, rounded;
 // activation (1 ReLU, 2 clip to [lo, hi]), rounded -- vp: 0 fp32, 1 fp16, 2 bf16 (F16C).
 void epilogue_row(float* d, const float* b, const float* r, int64_t n, int vp, int act, float lo, float hi);
@@ -435,6 +432,9 @@ void softmax_row(int vp, const float* s, float* d, int64_t L);
 // Eight one-element blocks of an int(p) format (deterministic rounding) -> their values;
 // returns the mask of lanes written (others need the scalar path).
 int fake_quantize8_i(const float* x, const FmtParams& f, float* out);
+// One block (len <= 128 channels) of np <= 8 consecutive pixels of a channels-first plane
+// (channel c of pixel j at x[c*HW + j]): units[j*ustride + c] and E[j].
+// False (nothing written) when a pixel needs the exact scalar path.
 bool quantize_pixels8(const float* x, int64_t HW, int np, int len, const FmtParams& f, int8_t* units,
                       int ustride, int16_t* E);
 }  // namespace avx2

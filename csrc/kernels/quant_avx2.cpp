@@ -148,9 +148,16 @@ static inline int quantize_one_block(const float* x, int n, int Bp, const FmtPar
 // The signed units of y = x * 2^(unit_shift - E), already clamped to [-max_units, max_units]
 // where a clamp can matter: rounding is odd-symmetric in every deterministic mode and commutes
 // with the clamp, so this is sign(x) * min(round(|y|), max_units), as units8 computes it.
+// RM kEvenByCsr: nearest even by the conversion's own rounding (MXCSR in its default mode,
+// round to nearest even: checked per call, see quantize_rows_blocks), one instruction
+constexpr int kEvenByCsr = -1;
+static inline bool csr_rounds_to_nearest() { return (_mm_getcsr() & 0x6000u) == 0; }
+
 template <int RM>
 static inline __m256i round_signed8(__m256 y) {
-    if constexpr (RM == kNearestEven) {
+    if constexpr (RM == kEvenByCsr) {
+        return _mm256_cvtps_epi32(y);
+    } else if constexpr (RM == kNearestEven) {
         return _mm256_cvttps_epi32(_mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     } else if constexpr (RM == kTowardZero) {
         return _mm256_cvttps_epi32(y);
@@ -373,7 +380,8 @@ void quantize_rows_blocks(const QuantRowsArgs& a, bool* neg) {
     const FmtParams& f = *a.f;
     if (!a.corr && f.kind == kInt && a.Bp == 16 && f.block <= 16 && f.block > 8 && a.cs == 1 &&
         f.unit_shift - f.exp_max >= -126) {
-        if (f.rounding == kNearestEven) return quantize_rows8<kNearestEven>(a, neg);
+        if (f.rounding == kNearestEven)
+            return csr_rounds_to_nearest() ? quantize_rows8<kEvenByCsr>(a, neg) : quantize_rows8<kNearestEven>(a, neg);
         if (f.rounding == kTowardZero) return quantize_rows8<kTowardZero>(a, neg);
         if (f.rounding == kNearestAway) return quantize_rows8<kNearestAway>(a, neg);
     }
@@ -463,7 +471,8 @@ void quantize_rows(const QuantRowsArgs& a) {
     if (a.cs == 1 && a.C >= 1 && a.C <= 4 && a.xs != a.C)  // (the tiny path reads rows of C floats)
         return rows_generic(a, 0, a.n);
     const int rm = a.f->rounding;
-    if (rm == kNearestEven) quantize_rows_t<kNearestEven>(a);
+    if (rm == kNearestEven && csr_rounds_to_nearest()) quantize_rows_t<kEvenByCsr>(a);
+    else if (rm == kNearestEven) quantize_rows_t<kNearestEven>(a);
     else if (rm == kTowardZero) quantize_rows_t<kTowardZero>(a);
     else if (rm == kNearestAway) quantize_rows_t<kNearestAway>(a);
     else throw std::invalid_argument("quantize_rows: deterministic rounding only");
