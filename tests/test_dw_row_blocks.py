@@ -1,4 +1,4 @@
-"""Depthwise convs whose output rows the AVX-512 kernel splits into blocks of rows
+"""Depthwise convs whose output rows the SIMD kernels split into blocks of rows
 (several blocks per image, a shorter last block, 1 and 2 threads): bit for bit against
 reference.conv2d on every kernel, with the fused Clip epilogue."""
 
@@ -33,6 +33,7 @@ def _dw_model(C, H, W, k, stride, pad):
     (96, 40, 23, 3, 1, 1),   # 40 rows: blocks of 16, 16, 8
     (100, 37, 9, 5, 1, 2),   # 5x5, channel tail, 37 rows
     (64, 70, 17, 3, 2, 1),   # stride 2: 35 output rows
+    (256, 20, 830, 3, 2, 1),  # wide rows: the avx2 kernel caps its tile at ~4 MiB (bands of 9 and 1 rows)
 ])
 def test_depthwise_row_blocks_bit_exact(kernel, restore_threads, threads, C, H, W, k, stride, pad):
     bfpaccel.set_num_threads(threads)

@@ -162,7 +162,10 @@ void dwconv(const DwArgs& a) {
     const int nt = num_threads() > 1 && a.N * a.OH * a.OW * a.C * a.kh * a.kw > 32768 ? num_threads() : 1;
     // bands of output rows: whole images where (image, group) items already keep the threads busy
     const int64_t want = 4 * nt, have = a.N * groups;
-    const int64_t band = have >= want ? a.OH : std::max<int64_t>(2, a.OH * have / want);
+    int64_t band = have >= want ? a.OH : std::max<int64_t>(2, a.OH * have / want);
+    // and a tile of at most ~4 MiB (large images): rows of (OW - 1) * sw + kw pixels x 64 channels
+    const int64_t row_floats = ((a.OW - 1) * a.sw + int64_t(a.kw - 1) * a.dw + 1) * kGroup * a.sh;
+    band = std::max<int64_t>(1, std::min(band, (int64_t(1) << 20) / std::max<int64_t>(1, row_floats)));
     const int64_t nband = (a.OH + band - 1) / band;
     // the epilogue in registers (whole vectors): its vector precision; -1: none, or the generic rows
     const int epi_vp = a.epi && a.epi->any() && !a.epi->fq && !a.epi->cbs ? a.epi->vp : -1;
