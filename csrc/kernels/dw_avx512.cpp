@@ -206,6 +206,13 @@ static inline uint32_t hor_u32(__m512i v) {
     return m;
 }
 
+// vmin / vmax: the unsigned min of the non-zero lanes / max of every lane of x's bits doubled
+static inline void track_range(__m512i& vmin, __m512i& vmax, __m512 x) {
+    const __m512i a2 = _mm512_add_epi32(_mm512_castps_si512(x), _mm512_castps_si512(x));
+    vmax = _mm512_max_epu32(vmax, a2);
+    vmin = _mm512_mask_min_epu32(vmin, _mm512_test_epi32_mask(a2, a2), vmin, a2);
+}
+
 struct TileRange {
     uint32_t a2min = UINT32_MAX, a2max = 0;
     bool scalar = false;
@@ -214,16 +221,12 @@ template <int P, bool RANGE>
 static TileRange quantize_tile(const DwArgs& a, const Quant16& qa, int64_t n, int64_t lo, int64_t hi, int64_t cb0,
                                int64_t cb1, int64_t plane, int64_t padl, int64_t padr, float* tile) {
     const Quant16 q = qa;  // a local copy: no tile store can alias its constants
+    // the doubled bits' range of the non-zero lanes (lanes past C are +0): a row's in registers
+    // (rmin / rmax), merged into the whole tile's once a row (vmin / vmax are live across the
+    // scalar path's calls, so they live on the stack: tracking them a vector was a store-to-load
+    // chain per vector)
     __m512i vmin = _mm512_set1_epi32(-1), vmax = _mm512_setzero_si512();
     TileRange r;
-    // the doubled bits' range of xv's non-zero lanes (lanes past C are +0)
-    auto track = [&](__m512 xv) {
-        if constexpr (RANGE) {
-            const __m512i a2 = _mm512_add_epi32(_mm512_castps_si512(xv), _mm512_castps_si512(xv));
-            vmax = _mm512_max_epu32(vmax, a2);
-            vmin = _mm512_mask_min_epu32(vmin, _mm512_test_epi32_mask(a2, a2), vmin, a2);
-        }
-    };
     const int64_t C = a.C, W = a.W;
     const int tail = int(C - (cb1 - 1) * 16 < 16 ? C - (cb1 - 1) * 16 : 16);  // lanes of the last block
     const int64_t nfull = tail == 16 ? cb1 - cb0 : cb1 - cb0 - 1;
@@ -235,6 +238,7 @@ static TileRange quantize_tile(const DwArgs& a, const Quant16& qa, int64_t n, in
         for (int64_t ix = padl ? -padl : W; ix < W + padr; ix = ix == -1 ? W : ix + 1)
             for (int64_t k = 0; k < cb1 - cb0; ++k) _mm512_store_ps(drow + k * plane + ix * 16, _mm512_setzero_ps());
         __mmask16 any = 0;
+        __m512i rmin = _mm512_set1_epi32(-1), rmax = _mm512_setzero_si512();
         for (int64_t ix = 0; ix < W; ++ix) {
             const float* s = srow + ix * C;
             float* d = drow + ix * 16;
@@ -242,16 +246,20 @@ static TileRange quantize_tile(const DwArgs& a, const Quant16& qa, int64_t n, in
                 __mmask16 bad;
                 const __m512 xv = _mm512_loadu_ps(s + k * 16);
                 _mm512_store_ps(d + k * plane, q.quant<P>(xv, bad));
-                track(xv);
+                if constexpr (RANGE) track_range(rmin, rmax, xv);
                 any |= bad;
             }
             if (tail != 16) {
                 __mmask16 bad;
                 const __m512 xv = load_lanes(s + nfull * 16, tail);
                 _mm512_store_ps(d + nfull * plane, q.quant<P>(xv, bad));
-                track(xv);
+                if constexpr (RANGE) track_range(rmin, rmax, xv);
                 any |= bad & lanes(tail);
             }
+        }
+        if constexpr (RANGE) {
+            vmin = _mm512_min_epu32(vmin, rmin);
+            vmax = _mm512_max_epu32(vmax, rmax);
         }
         if (__builtin_expect(any == 0, 1)) continue;
         r.scalar = true;
