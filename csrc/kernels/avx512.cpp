@@ -752,6 +752,7 @@ void quantize_rows(const QuantRowsArgs& a) {
 
 #define BFP_KCHUNK 1     // run_tile_k takes block ranges (driver.inc)
 #define BFP_SUM_MAGIC 1  // the tiles read block sums as floats (kVnniSumStart; driver.inc's range check)
+#define BFP_EPI_BATCH 1  // epi_tile takes any width: short-K rows get one epilogue call a row tile (driver.inc)
 #include "driver.inc"
 
 }  // namespace BFP_AVX512_NS
