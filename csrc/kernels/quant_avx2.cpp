@@ -145,14 +145,14 @@ static inline int quantize_one_block(const float* x, int n, int Bp, const FmtPar
     return E;
 }
 
-// The signed units of y = x * 2^(unit_shift - E), already clamped to [-max_units, max_units]
-// where a clamp can matter: rounding is odd-symmetric in every deterministic mode and commutes
-// with the clamp, so this is sign(x) * min(round(|y|), max_units), as units8 computes it.
 // RM kEvenByCsr: nearest even by the conversion's own rounding (MXCSR in its default mode,
 // round to nearest even: checked per call, see quantize_rows_blocks), one instruction
 constexpr int kEvenByCsr = -1;
 static inline bool csr_rounds_to_nearest() { return (_mm_getcsr() & 0x6000u) == 0; }
 
+// The signed units of y = x * 2^(unit_shift - E), already clamped to [-max_units, max_units]
+// where a clamp can matter: rounding is odd-symmetric in every deterministic mode and commutes
+// with the clamp, so this is sign(x) * min(round(|y|), max_units), as units8 computes it.
 template <int RM>
 static inline __m256i round_signed8(__m256 y) {
     if constexpr (RM == kEvenByCsr) {
