@@ -13,6 +13,8 @@
 namespace bfp {
 namespace avx2 {
 
+#include "epi_avx2.inc"
+
 static inline __m256 pow2(int e) {  // 2^e for e in [-126, 127]
     return _mm256_castsi256_ps(_mm256_set1_epi32((e + 127) << 23));
 }
@@ -512,61 +514,40 @@ void widen_units(const int8_t* src, int16_t* dst, int64_t n) {
     for (; k < n; ++k) dst[k] = src[k];
 }
 
-// Eight one-element blocks (int(p) elements, deterministic rounding): each x is quantized on
-// its own and written back as its value. Lanes whose exponent leaves the format's range
-// (or zero-free subnormals, NaN/Inf) are left out of the returned mask (bit j set: lane j
-// written) for the caller's scalar path. Same arithmetic as quantize_block: the element's
-// mantissa is moved to the binade [2^us, 2^(us+1)) by replacing its exponent bits (exact),
-// rounded, saturated, and scaled back by two exact power-of-two multiplies.
-int fake_quantize8_i(const float* x, const FmtParams& f, float* out) {
-    const __m256 xv = _mm256_loadu_ps(x);
-    const __m256i bits = _mm256_castps_si256(xv);
-    const __m256i a = _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff));
-    const __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(a, 23), _mm256_set1_epi32(127));
-    const __m256i E = _mm256_sub_epi32(e, _mm256_set1_epi32(f.emax_elem));
-    const __m256i zero = _mm256_cmpeq_epi32(a, _mm256_setzero_si256());
-    const __m256i normal = _mm256_and_si256(_mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x007fffff)),
-                                            _mm256_cmpgt_epi32(_mm256_set1_epi32(0x7f800000), a));
-    const __m256i inrange = _mm256_and_si256(_mm256_cmpgt_epi32(E, _mm256_set1_epi32(f.exp_min - 1)),
-                                             _mm256_cmpgt_epi32(_mm256_set1_epi32(f.exp_max + 1), E));
-    const __m256i ok = _mm256_or_si256(zero, _mm256_and_si256(normal, inrange));
-    // v = |x| * 2^(unit_shift - E): the mantissa bits under exponent (unit_shift + emax_elem)
-    const int ve = f.unit_shift + f.emax_elem;
-    const __m256 v = _mm256_castsi256_ps(
-        _mm256_or_si256(_mm256_and_si256(a, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32((ve + 127) << 23)));
-    __m256 q = _mm256_min_ps(round_units(v, f), _mm256_set1_ps(float(f.max_units)));
-    // value = q * 2^(E - unit_shift) = (q * 2^-unit_shift) * 2^E  (both exact; 2^E from bits)
-    const __m256 pE = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(E, _mm256_set1_epi32(127)), 23));
-    __m256 val = _mm256_mul_ps(_mm256_mul_ps(q, pow2(-f.unit_shift)), pE);
-    val = _mm256_or_ps(val, _mm256_and_ps(xv, _mm256_castsi256_ps(_mm256_set1_epi32(int(0x80000000u)))));
-    val = _mm256_andnot_ps(_mm256_castsi256_ps(zero), val);  // zero block: +0
-    const int m = _mm256_movemask_ps(_mm256_castsi256_ps(ok));
-    if (m == 0xff) {
-        _mm256_storeu_ps(out, val);
-    } else {
-        alignas(32) float tmp[8];
-        _mm256_store_ps(tmp, val);
-        for (int j = 0; j < 8; ++j)
-            if (m >> j & 1) out[j] = tmp[j];
+// One-element blocks of f (f.simd_elements()), 8 at a time by Quant8 (epi_avx2.inc); the lanes it
+// leaves out take fix. out may be x itself: a lane's fix reads only that element, before it is written.
+template <int P>
+static void fake_quantize_elems_t(const float* x, int64_t n, const Quant8& q, float* out,
+                                  float (*fix)(const void* ctx, int64_t i), const void* ctx) {
+    auto put = [&](int64_t i, __m256 v, int bad, int len) {
+        if (bad == 0 && len == 8) {
+            _mm256_storeu_ps(out + i, v);
+            return;
+        }
+        alignas(32) float t[8];
+        _mm256_store_ps(t, v);
+        for (int j = 0; j < len; ++j) out[i + j] = (bad >> j & 1) ? fix(ctx, i + j) : t[j];
+    };
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        int bad;
+        const __m256 v = q.quant<P>(_mm256_loadu_ps(x + i), bad);
+        put(i, v, bad, 8);
     }
-    return m;
+    if (i == n) return;
+    alignas(32) float t[8] = {};  // the tail through the vector path too (zeros past it)
+    std::memcpy(t, x + i, sizeof(float) * size_t(n - i));
+    int bad;
+    const __m256 v = q.quant<P>(_mm256_load_ps(t), bad);
+    put(i, v, bad, int(n - i));
 }
 
 void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
                          float (*fix)(const void* ctx, int64_t i), const void* ctx) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const int m = fake_quantize8_i(x + i, f, out + i);
-        if (m != 0xff)
-            for (int j = 0; j < 8; ++j)
-                if (!(m >> j & 1)) out[i + j] = fix(ctx, i + j);
-    }
-    if (i == n) return;
-    alignas(32) float t[8] = {}, q[8];  // the tail through the vector path too (zeros past it)
-    const int r = int(n - i);
-    std::memcpy(t, x + i, sizeof(float) * size_t(r));
-    const int m = fake_quantize8_i(t, f, q);
-    for (int j = 0; j < r; ++j) out[i + j] = (m >> j & 1) ? q[j] : fix(ctx, i + j);
+    const Quant8 q(elem_quant(f));
+    if (q.path == kElemEven) fake_quantize_elems_t<kElemEven>(x, n, q, out, fix, ctx);
+    else if (q.path == kElemAway) fake_quantize_elems_t<kElemAway>(x, n, q, out, fix, ctx);
+    else fake_quantize_elems_t<kElemZero>(x, n, q, out, fix, ctx);
 }
 
 // Quantizes one channel block (len <= 128 channels) of np <= 8 consecutive pixels of a
