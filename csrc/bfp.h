@@ -419,8 +419,8 @@ void widen_units(const int8_t* src, int16_t* dst, int64_t n);
 // channels (a stem's pixels) 8 at a time, others by quantize_rows_blocks
 void quantize_rows(const QuantRowsArgs& a);
 void stem_conv(const StemArgs& a);  // stem_avx2.cpp
-void dwconv(const DwArgs& a);  // dw_avx2.cpp: no DwArgs::produce or oq (its operands are not the row quantizer's)
-// KernelDesc::fake_quantize_elems by fake_quantize8_i
+void dwconv(const DwArgs& a);  // dw_avx2.cpp: no DwArgs::oq (its operands are not the row quantizer's)
+// KernelDesc::fake_quantize_elems: 8 elements at a time (Quant8, epi_avx2.inc)
 void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
                          float (*fix)(const void* ctx, int64_t i), const void* ctx);
 // One row of a conv's output in the runtime: + bias, rounded; + residual, rounded;

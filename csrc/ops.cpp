@@ -1222,23 +1222,41 @@ bool PointwiseRows::make(const float* x, int64_t npix, const FmtParams& fx, uint
     (void)seed;  // deterministic rounding only (fast_quant_ok)
     const KernelDesc& k = conv_kernel(fx, w);  // (the scalar one, without a row quantizer, for another's weights)
     const int B = fx.block, Bp = w.Bp, nbc = w.nbt;
-    if (!uses_row_quantizer(fx, w, k, true) || w.taps != 1 || w.groups != 1 || B != w.f.block) return false;
+    // a kernel with int16 rows (AVX2): the units as bytes (its byte path after a ReLU), widened
+    // when one is negative -- as conv2d_impl's operand for it
+    const bool rows16 = k.rows16 && k.rows_u8 && fx.int8_units() && w.int8() && fast_quant_ok(fx) && Bp <= 128 &&
+                        fx.kind == kInt;
+    if (!(rows16 || uses_row_quantizer(fx, w, k, true)) || w.taps != 1 || w.groups != 1 || B != w.f.block) return false;
     const int64_t C = w.K, plen = int64_t(nbc) * Bp;
     a8_.size_to(size_t(npix * plen));
     ae_.size_to(size_t(npix * nbc));
     as_.size_to(size_t(npix * nbc));
-    ac_.size_to(size_t(npix * nbc));
+    ac_.size_to(rows16 ? 0 : size_t(npix * nbc));
     amin_.size_to(size_t(npix));
     amax_.size_to(size_t(npix));
     std::fill(amin_.data(), amin_.data() + npix, INT32_MAX);
     std::fill(amax_.data(), amax_.data() + npix, INT32_MIN);
     const int nthr = npix * C > 16384 ? num_threads() : 1;
+    std::atomic<bool> negative{false};
     for_pixel_runs(nthr, 1, npix, [&](int64_t, int64_t p0, int64_t p1) {
         const QuantRowsArgs qa{x + p0 * C, p1 - p0, C, int(C), &fx, Bp, a8_.data() + p0 * plen, plen,
-                               ae_.data() + p0 * nbc, as_.data() + p0 * nbc, ac_.data() + p0 * nbc,
+                               ae_.data() + p0 * nbc, as_.data() + p0 * nbc, rows16 ? nullptr : ac_.data() + p0 * nbc,
                                amin_.data() + p0, amax_.data() + p0};
-        k.quantize_rows(qa);
+        if (!rows16) return k.quantize_rows(qa);
+        bool neg = false;
+        avx2::quantize_rows_blocks(qa, &neg);  // (the AVX2 kernel reads no corrections)
+        if (neg) negative.store(true, std::memory_order_relaxed);
     });
+    wide_ = rows16 && negative.load();
+    a16_.size_to(wide_ ? size_t(npix * plen) : 0);
+    if (wide_) {
+        const int64_t n = npix * plen, chunk = 1 << 16, nch = (n + chunk - 1) / chunk;
+        parallel_for(n > chunk ? num_threads() : 1, nch, [&](int64_t c) {
+            const int64_t lo = c * chunk;
+            avx2::widen_units(a8_.data() + lo, a16_.data() + lo, std::min<int64_t>(chunk, n - lo));
+        });
+    }
+    bytes_ = rows16 && !wide_;
     if (int64_t(roff_.size()) < npix) {
         const size_t old = roff_.size();
         roff_.resize(size_t(npix));
@@ -1268,8 +1286,9 @@ void PointwiseRows::run(int64_t p0, int64_t n, int64_t c0, int64_t nc, float* ou
     const int64_t* roff = roff_.data() + p0;
     const ExactCtx ex{a8_.data(), ae_.data(), roff, toff, cu_.data() + c0, ce_.data() + c0, 1, nbc_, Bp_,
                       fx_->unit_shift, w.f.unit_shift, exact_kind(true, false, *fx_, w.f), false};
-    const RowsView rv{n, 1, nbc_, Bp_, a8_.data(), as_.data(), ac_.data(), roff, toff, amin_.data() + p0,
-                      amax_.data() + p0};
+    const void* u = wide_ ? static_cast<const void*>(a16_.data()) : static_cast<const void*>(a8_.data());
+    const RowsView rv{n, 1, nbc_, Bp_, u, as_.data(), ac_.data(), roff, toff, amin_.data() + p0, amax_.data() + p0,
+                      bytes_ ? reinterpret_cast<const uint8_t*>(a8_.data()) : nullptr};
     const int64_t pan = c0 / nr_;
     const ColsView cv{nc, 1, w.nb(), Bp_, reinterpret_cast<const int8_t* const*>(cu_.data() + c0), ce_.data() + c0,
                       w.f.unit_shift, w.panels->p + pan * pbytes_, w.pmin.data() + pan, w.pmax.data() + pan};

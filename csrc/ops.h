@@ -261,7 +261,9 @@ class PointwiseRows {
     const KernelDesc* k_ = nullptr;
     int nbc_ = 0, Bp_ = 0, nr_ = 1;
     size_t pbytes_ = 0;
+    bool wide_ = false, bytes_ = false;  // a rows16 kernel's rows: int16 units (a16_), or bytes (a8_ unsigned)
     GrowBuf<int8_t> a8_;
+    GrowBuf<int16_t> a16_;
     GrowBuf<int16_t> ae_;
     GrowBuf<float> as_;
     GrowBuf<int32_t> ac_, amin_, amax_;

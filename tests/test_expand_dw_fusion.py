@@ -18,7 +18,7 @@ from bfpaccel.runtime import lower as lower_mod
 from conftest import assert_bits_equal, conv_test_input, onnx_graph_model
 
 onnx = pytest.importorskip("onnx")
-from onnx import helper  # noqa: E402
+from onnx import helper, numpy_helper  # noqa: E402,F401
 
 N_ = helper.make_node
 RNG = np.random.default_rng(31)
@@ -145,4 +145,30 @@ def test_fused_expansion_tiles_past_the_fast_range(kernel, fuse_every_size, case
     want, _, _ = _run(plan, x.shape, x, False, threads)
     got, low, _ = _run(plan, x.shape, x, True, threads)
     assert any(isinstance(op.params, _core.ConvParams) and op.params.expand_channels for op in low.ops)
+    assert_bits_equal(got, want)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=["c0", "c1"])
+def test_fused_expansion_outputs_for_the_scalar_path(kernel, fuse_every_size, case, threads):
+    """Expansion outputs that the element quantizers leave to the exact scalar path while every
+    GEMM tile stays in the kernels' exact range: channels whose weights are zero and whose bias
+    is subnormal (fp32 vector precision keeps it), +Inf, NaN or -Inf. The epilogues quantizing
+    in registers take the scalar path for those lanes -- the bits of the two convs run one
+    after the other."""
+    n, cin, c, h, w, k, s, act, bias = case
+    model = _mbconv(*case)
+    inits = {t.name: t for t in model.graph.initializer}
+    we, be = numpy_helper.to_array(inits["we"]).copy(), numpy_helper.to_array(inits["be"]).copy()
+    chans = [0, 5, 6, 9, 17]
+    we[chans] = 0.0
+    be[chans] = [np.inf, np.float32(3e-39), np.float32(1.5e-41), np.nan, -np.inf]
+    inits["we"].CopyFrom(numpy_helper.from_array(we, "we"))
+    inits["be"].CopyFrom(numpy_helper.from_array(be, "be"))
+    plan = bfpaccel.compile(model, format="msfp16", vector_precision="fp32", seed=SEED)
+    x = _x(n, cin, h, w, False)
+    want, _, _ = _run(plan, x.shape, x, False, threads)
+    got, low, _ = _run(plan, x.shape, x, True, threads)
+    assert any(isinstance(op.params, _core.ConvParams) and op.params.expand_channels for op in low.ops)
+    assert np.isnan(want).any()
     assert_bits_equal(got, want)

@@ -73,19 +73,43 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
     *emax = mx;
 }
 
+// The lanes of r (v quantized) that Quant8 left out (bad), by the exact scalar path (rare: out of
+// the format's exponent range, subnormal, NaN/Inf)
+__attribute__((noinline, cold)) static __m256 fix_lanes(__m256 r, __m256 v, int bad, const FmtParams& f) {
+    alignas(32) float t[8], raw[8];
+    _mm256_store_ps(t, r);
+    _mm256_store_ps(raw, v);
+    for (int j = 0; j < 8; ++j)
+        if (bad >> j & 1) t[j] = quantize_element(raw[j], f);
+    return _mm256_load_ps(t);
+}
+
+// v's lanes as one-element blocks of f (q: its constants)
+__attribute__((always_inline)) static inline __m256 quantize8(const Quant8& q, __m256 v, const FmtParams& f) {
+    int bad;
+    const __m256 r = q.quant_any(v, bad);
+    return __builtin_expect(bad == 0, 1) ? r : fix_lanes(r, v, bad, f);
+}
+
 // A full tile's rows (columns 0-7 in acc0, 8-15 in acc1) with the epilogue applied, written
 // to out (each row's residual read first: it may be the output itself). The tile's columns
-// have the same bias in every row.
-template <int VP, int mr>
+// have the same bias in every row; FQ: each value quantized last as a one-element block of
+// ve.fq (the input of a depthwise conv; VecEpilogue::fq).
+template <int VP, bool FQ, int mr>
 __attribute__((always_inline)) static inline void store_rows_epi(const __m256 (&acc0)[mr], const __m256 (&acc1)[mr],
                                                                  float* out, int64_t ldo, const VecEpilogue& ve) {
     const float* b = ve.bias ? ve.bias_at(out) : nullptr;
     const float* r = ve.res ? ve.res + (out - ve.y) : nullptr;
     const __m256 vlo = _mm256_set1_ps(ve.lo), vhi = _mm256_set1_ps(ve.hi);
+    const Quant8 q(FQ ? ve.fqc : ElemQuant{});
     for (int i = 0; i < mr; ++i) {
         const float* ri = r ? r + i * ldo : nullptr;
-        const __m256 a0 = epi8<VP>(acc0[i], b, ri, ve.act, vlo, vhi);
-        const __m256 a1 = epi8<VP>(acc1[i], b ? b + 8 : nullptr, ri ? ri + 8 : nullptr, ve.act, vlo, vhi);
+        __m256 a0 = epi8<VP>(acc0[i], b, ri, ve.act, vlo, vhi);
+        __m256 a1 = epi8<VP>(acc1[i], b ? b + 8 : nullptr, ri ? ri + 8 : nullptr, ve.act, vlo, vhi);
+        if constexpr (FQ) {
+            a0 = quantize8(q, a0, *ve.fq);
+            a1 = quantize8(q, a1, *ve.fq);
+        }
         _mm256_storeu_ps(out + i * ldo, a0);
         _mm256_storeu_ps(out + i * ldo + 8, a1);
     }
@@ -98,10 +122,16 @@ template <int mr>
 __attribute__((always_inline)) static inline void store_acc(const __m256 (&acc0)[mr], const __m256 (&acc1)[mr],
                                                             float* out, int64_t ldo, int nc, bool trans,
                                                             const VecEpilogue* ve) {
-    if (ve && nc == NR && !ve->fq) {
-        if (ve->vp == 1) store_rows_epi<1>(acc0, acc1, out, ldo, *ve);
-        else if (ve->vp == 2) store_rows_epi<2>(acc0, acc1, out, ldo, *ve);
-        else store_rows_epi<0>(acc0, acc1, out, ldo, *ve);
+    if (ve && nc == NR && ve->fq) {
+        if (ve->vp == 1) store_rows_epi<1, true>(acc0, acc1, out, ldo, *ve);
+        else if (ve->vp == 2) store_rows_epi<2, true>(acc0, acc1, out, ldo, *ve);
+        else store_rows_epi<0, true>(acc0, acc1, out, ldo, *ve);
+        return;
+    }
+    if (ve && nc == NR) {
+        if (ve->vp == 1) store_rows_epi<1, false>(acc0, acc1, out, ldo, *ve);
+        else if (ve->vp == 2) store_rows_epi<2, false>(acc0, acc1, out, ldo, *ve);
+        else store_rows_epi<0, false>(acc0, acc1, out, ldo, *ve);
         return;
     }
     if (nc == NR && !trans && !ve) {
@@ -116,7 +146,7 @@ __attribute__((always_inline)) static inline void store_acc(const __m256 (&acc0)
         _mm256_store_ps(tmp[i], acc0[i]);
         _mm256_store_ps(tmp[i] + 8, acc1[i]);
     }
-    if (ve) {  // a partial tile, or element quantization: the generic rows
+    if (ve) {  // a partial tile: the generic rows
         ve->rows_from(&tmp[0][0], NR, out, mr, nc, ldo);
         return;
     }

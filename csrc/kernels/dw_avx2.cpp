@@ -8,7 +8,10 @@
 // Blocking: a work item is (image, band of output rows, group of up to 64 channels). It first
 // writes the input rows under its band, for its channels, into a tile of its own (quantized as
 // one-element blocks with fq, else copied), with zeros for the padding rows and columns and the
-// lanes past its channels, so that the strips read every window without tests. A strip is 8
+// lanes past its channels, so that the strips read every window without tests; with
+// DwArgs::produce the rows come from the producer (a fused expansion conv computes them into
+// planes of 16 channels, copied into the tile): the expanded input never goes through memory
+// whole. A strip is 8
 // output pixels x 8 channels: 8 accumulators, the tap's weights loaded once for the 8 pixels.
 // The epilogue (bias, residual, activation at the vector precision) is applied in registers
 // before each store (epi_avx2.inc); a partial vector's channels get it over the row, in L1.
@@ -102,6 +105,43 @@ static void row_strips(const DwArgs& a, const Tile& T, int64_t ry, int64_t c0, i
     }
 }
 
+// The tile of a produced input (DwArgs::produce): the producer writes rows [lo, hi] of channel
+// blocks [c0 / 16, ...) as planes of 16 floats a pixel, W pixels a row (lanes past C +0); they
+// are copied into the tile's rows under the padding columns
+static void fill_produced(const DwArgs& a, int64_t n, int64_t iy0, int64_t rows, int64_t wp, int64_t c0, int nc, int cg,
+                          float* t) {
+    const int64_t lo = std::max<int64_t>(iy0, 0), hi = std::min<int64_t>(iy0 + rows, a.H) - 1;
+    const int64_t cb0 = c0 / 16, cb1 = (c0 + nc + 15) / 16, plane = (hi + 1 - lo) * a.W * 16;
+    thread_local std::vector<float> planes;
+    if (hi >= lo) {
+        planes.resize(size_t(plane * (cb1 - cb0)));
+        a.produce(a.produce_ctx, n, lo, hi, cb0, cb1, plane, planes.data());
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+        float* tr = t + r * wp * cg;
+        const int64_t iy = iy0 + r;
+        if (iy < lo || iy > hi) {
+            std::memset(tr, 0, sizeof(float) * size_t(wp * cg));
+            continue;
+        }
+        for (int64_t p = 0; p < wp; ++p) {
+            float* tp = tr + p * cg;
+            const int64_t ix = p - a.pl;
+            if (ix < 0 || ix >= a.W) {
+                std::memset(tp, 0, sizeof(float) * size_t(cg));
+                continue;
+            }
+            const float* src = planes.data() + ((iy - lo) * a.W + ix) * 16;
+            for (int64_t cb = cb0; cb < cb1; ++cb) {  // (a block's lanes past C are +0 as produced)
+                const int off = int(cb - cb0) * 16, len = cg - off < 16 ? cg - off : 16;
+                const float* sc = src + (cb - cb0) * plane;
+                _mm256_storeu_ps(tp + off, _mm256_loadu_ps(sc));
+                if (len == 16) _mm256_storeu_ps(tp + off + 8, _mm256_loadu_ps(sc + 8));
+            }
+        }
+    }
+}
+
 // The tile of image n's input rows under output rows [oy0, oy1), channels [c0, c0 + nc)
 static void fill_tile(const DwArgs& a, int64_t n, int64_t oy0, int64_t oy1, int64_t c0, int nc, std::vector<float>& buf,
                       Tile* T) {
@@ -110,6 +150,8 @@ static void fill_tile(const DwArgs& a, int64_t n, int64_t oy0, int64_t oy1, int6
     const int64_t wp = (a.OW - 1) * a.sw + int64_t(a.kw - 1) * a.dw + 1;
     buf.resize(size_t(rows * wp * cg));
     float* t = buf.data();
+    *T = Tile{t, wp, cg};
+    if (a.produce) return fill_produced(a, n, oy0 * a.sh - a.pt, rows, wp, c0, nc, cg, t);
     for (int64_t r = 0; r < rows; ++r) {
         float* tr = t + r * wp * cg;
         const int64_t iy = oy0 * a.sh - a.pt + r;
@@ -150,13 +192,13 @@ static void fill_tile(const DwArgs& a, int64_t n, int64_t oy0, int64_t oy1, int6
             if (cg > nc) std::memset(tp + nc, 0, sizeof(float) * size_t(cg - nc));
         }
     }
-    *T = Tile{t, wp, cg};
 }
 
 }  // namespace
 
 void dwconv(const DwArgs& a) {
-    if (a.produce || a.oq) throw std::logic_error("avx2 dwconv: no fused producer or output quantization");
+    if (a.oq) throw std::logic_error("avx2 dwconv: no output quantization");
+    if (a.produce && !a.fq) throw std::invalid_argument("dwconv: a produced input needs its format");
     if (a.N == 0 || a.OH == 0 || a.OW == 0 || a.C == 0) return;
     const int64_t groups = (a.C + kGroup - 1) / kGroup;
     const int nt = num_threads() > 1 && a.N * a.OH * a.OW * a.C * a.kh * a.kw > 32768 ? num_threads() : 1;
@@ -165,7 +207,10 @@ void dwconv(const DwArgs& a) {
     int64_t band = have >= want ? a.OH : std::max<int64_t>(2, a.OH * have / want);
     // and a tile of at most ~4 MiB (large images): rows of (OW - 1) * sw + kw pixels x 64 channels
     const int64_t row_floats = ((a.OW - 1) * a.sw + int64_t(a.kw - 1) * a.dw + 1) * kGroup * a.sh;
-    band = std::max<int64_t>(1, std::min(band, (int64_t(1) << 20) / std::max<int64_t>(1, row_floats)));
+    // (a produced tile: ~512 KiB, in L2 with the producer's planes -- the rows under two bands
+    // overlap and are computed twice, (kh - 1) * dh rows a band)
+    const int64_t cap = a.produce ? int64_t(1) << 17 : int64_t(1) << 20;
+    band = std::max<int64_t>(1, std::min(band, cap / std::max<int64_t>(1, row_floats)));
     const int64_t nband = (a.OH + band - 1) / band;
     // the epilogue in registers (whole vectors): its vector precision; -1: none, or the generic rows
     const int epi_vp = a.epi && a.epi->any() && !a.epi->fq && !a.epi->cbs ? a.epi->vp : -1;

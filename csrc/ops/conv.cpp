@@ -336,6 +336,7 @@ static void exec_conv(Program& p, const Op& op) {
                 for (int64_t i = 0; i < HW; ++i) t_nhwc[size_t((n * HW + i) * g.C + c)] = x[(n * g.C + c) * HW + i];
         x = t_nhwc.data();
     }
+    bool input_quantized = false;  // the depthwise conv's input comes quantized (a fused expansion's epilogue)
     if (q.depthwise && q.expand_channels) {  // a fused expansion: its output made where it is read
         const FmtParams& f = p.format();
         const int64_t npix = g.N * g.H * g.W;
@@ -355,11 +356,17 @@ static void exec_conv(Program& p, const Op& op) {
             return;
         }
         // elsewhere (a kernel without that path, a weight packed for another): the expansion
-        // whole into a buffer, then the depthwise conv on it below -- the same bits
+        // whole into a buffer, then the depthwise conv on it below -- the same bits. A kernel
+        // that applies the epilogue in registers quantizes the depthwise conv's input there too.
         thread_local FloatVec t_expanded;
         if (t_expanded.size() < size_t(npix * O)) t_expanded.resize(size_t(npix * O));
         float* t = t_expanded.data();  // (this thread's buffer: the OpenMP team below gets the pointer)
         ve1.y = t;
+        if (k.fused_epilogue && p.has_format() && q.quantize_input && kernel_quantizes_elements(f)) {
+            ve1.fq = &f;
+            ve1.fqc = elem_quant(f);
+            input_quantized = true;
+        }
         const ConvGeom ge{g.N, q.expand_channels, g.H, g.W, 1, 1, 1, 0, 0, 0, 0, 1, 1, g.H, g.W};
         const bool fused1 = k.fused_epilogue && ve1.any();
         conv2d_impl(x, f, p.seed(), *op.w, ge, nullptr, t, true, fused1 ? &ve1 : nullptr);
@@ -367,7 +374,7 @@ static void exec_conv(Program& p, const Op& op) {
         x = t;
     }
     if (q.depthwise) {  // one-element blocks (see dwconv_nhwc)
-        const bool quant = p.has_format() && q.quantize_input;
+        const bool quant = p.has_format() && q.quantize_input && !input_quantized;
         const bool kq = quant && k.dwconv && kernel_quantizes_elements(p.format());  // the kernel quantizes x itself
         const float* xin = x;
         if (quant && !kq) {
