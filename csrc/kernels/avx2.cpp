@@ -12,6 +12,7 @@
 #include <climits>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "../bfp.h"
 #include "../pool.h"
@@ -84,10 +85,11 @@ __attribute__((noinline, cold)) static __m256 fix_lanes(__m256 r, __m256 v, int 
     return _mm256_load_ps(t);
 }
 
-// v's lanes as one-element blocks of f (q: its constants)
+// v's lanes as one-element blocks of f (q: its constants; P: its rounding path, or -1: q.path's)
+template <int P>
 __attribute__((always_inline)) static inline __m256 quantize8(const Quant8& q, __m256 v, const FmtParams& f) {
     int bad;
-    const __m256 r = q.quant_any(v, bad);
+    const __m256 r = P < 0 ? q.quant_any(v, bad) : q.quant<P < 0 ? 0 : P>(v, bad);
     return __builtin_expect(bad == 0, 1) ? r : fix_lanes(r, v, bad, f);
 }
 
@@ -102,13 +104,37 @@ __attribute__((always_inline)) static inline void store_rows_epi(const __m256 (&
     const float* r = ve.res ? ve.res + (out - ve.y) : nullptr;
     const __m256 vlo = _mm256_set1_ps(ve.lo), vhi = _mm256_set1_ps(ve.hi);
     const Quant8 q(FQ ? ve.fqc : ElemQuant{});
+    // bias, then a clip with lo <= hi (ReLU6; an expansion conv's epilogue): round(v + b), then
+    // min(round(hi), max(round(lo), .)) -- rounding is monotonic and keeps representable values,
+    // and max/min return the second operand for a NaN and for equal zeros, as the comparisons
+    // keep v: no second rounding, no blends (as the AVX-512 epilogue's fast clip)
+    if (b && !r && ve.act == 2 && ve.lo <= ve.hi) {
+        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+        const __m256 lo = rnd<VP>(vlo), hi = rnd<VP>(vhi);
+        auto rows = [&](auto path) __attribute__((always_inline)) {
+            constexpr int P = decltype(path)::value;
+            for (int i = 0; i < mr; ++i) {
+                __m256 a0 = _mm256_min_ps(hi, _mm256_max_ps(lo, rnd<VP>(_mm256_add_ps(acc0[i], b0))));
+                __m256 a1 = _mm256_min_ps(hi, _mm256_max_ps(lo, rnd<VP>(_mm256_add_ps(acc1[i], b1))));
+                if constexpr (FQ) {
+                    a0 = quantize8<P>(q, a0, *ve.fq);
+                    a1 = quantize8<P>(q, a1, *ve.fq);
+                }
+                _mm256_storeu_ps(out + i * ldo, a0);
+                _mm256_storeu_ps(out + i * ldo + 8, a1);
+            }
+        };
+        if (FQ && q.path == kElemEven) rows(std::integral_constant<int, kElemEven>{});
+        else rows(std::integral_constant<int, -1>{});
+        return;
+    }
     for (int i = 0; i < mr; ++i) {
         const float* ri = r ? r + i * ldo : nullptr;
         __m256 a0 = epi8<VP>(acc0[i], b, ri, ve.act, vlo, vhi);
         __m256 a1 = epi8<VP>(acc1[i], b ? b + 8 : nullptr, ri ? ri + 8 : nullptr, ve.act, vlo, vhi);
         if constexpr (FQ) {
-            a0 = quantize8(q, a0, *ve.fq);
-            a1 = quantize8(q, a1, *ve.fq);
+            a0 = quantize8<-1>(q, a0, *ve.fq);
+            a1 = quantize8<-1>(q, a1, *ve.fq);
         }
         _mm256_storeu_ps(out + i * ldo, a0);
         _mm256_storeu_ps(out + i * ldo + 8, a1);
