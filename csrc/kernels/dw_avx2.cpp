@@ -105,6 +105,31 @@ static void row_strips(const DwArgs& a, const Tile& T, int64_t ry, int64_t c0, i
     }
 }
 
+// Walks a tile of `rows` input rows from row iy0, wp pixels of cg floats a row, at t: rows and
+// columns outside the image become zeros; row(tr, iy) may fill a whole row itself (true), else
+// px(tp, iy, ix) fills each pixel of it in the image
+template <class Row, class Px>
+static void walk_tile(const DwArgs& a, int64_t iy0, int64_t rows, int64_t wp, int cg, float* t, Row&& row, Px&& px) {
+    for (int64_t r = 0; r < rows; ++r) {
+        float* tr = t + r * wp * cg;
+        const int64_t iy = iy0 + r;
+        if (iy < 0 || iy >= a.H) {
+            std::memset(tr, 0, sizeof(float) * size_t(wp * cg));
+            continue;
+        }
+        if (row(tr, iy)) continue;
+        for (int64_t p = 0; p < wp; ++p) {
+            float* tp = tr + p * cg;
+            const int64_t ix = p - a.pl;
+            if (ix < 0 || ix >= a.W) {
+                std::memset(tp, 0, sizeof(float) * size_t(cg));
+                continue;
+            }
+            px(tp, iy, ix);
+        }
+    }
+}
+
 // The tile of a produced input (DwArgs::produce): the producer writes rows [lo, hi] of channel
 // blocks [c0 / 16, ...) as planes of 16 floats a pixel, W pixels a row (lanes past C +0); they
 // are copied into the tile's rows under the padding columns
@@ -117,29 +142,15 @@ static void fill_produced(const DwArgs& a, int64_t n, int64_t iy0, int64_t rows,
         planes.resize(size_t(plane * (cb1 - cb0)));
         a.produce(a.produce_ctx, n, lo, hi, cb0, cb1, plane, planes.data());
     }
-    for (int64_t r = 0; r < rows; ++r) {
-        float* tr = t + r * wp * cg;
-        const int64_t iy = iy0 + r;
-        if (iy < lo || iy > hi) {
-            std::memset(tr, 0, sizeof(float) * size_t(wp * cg));
-            continue;
+    walk_tile(a, iy0, rows, wp, cg, t, [](float*, int64_t) { return false; }, [&](float* tp, int64_t iy, int64_t ix) {
+        const float* src = planes.data() + ((iy - lo) * a.W + ix) * 16;
+        for (int64_t cb = cb0; cb < cb1; ++cb) {  // (a block's lanes past C are +0 as produced)
+            const int off = int(cb - cb0) * 16, len = cg - off < 16 ? cg - off : 16;
+            const float* sc = src + (cb - cb0) * plane;
+            _mm256_storeu_ps(tp + off, _mm256_loadu_ps(sc));
+            if (len == 16) _mm256_storeu_ps(tp + off + 8, _mm256_loadu_ps(sc + 8));
         }
-        for (int64_t p = 0; p < wp; ++p) {
-            float* tp = tr + p * cg;
-            const int64_t ix = p - a.pl;
-            if (ix < 0 || ix >= a.W) {
-                std::memset(tp, 0, sizeof(float) * size_t(cg));
-                continue;
-            }
-            const float* src = planes.data() + ((iy - lo) * a.W + ix) * 16;
-            for (int64_t cb = cb0; cb < cb1; ++cb) {  // (a block's lanes past C are +0 as produced)
-                const int off = int(cb - cb0) * 16, len = cg - off < 16 ? cg - off : 16;
-                const float* sc = src + (cb - cb0) * plane;
-                _mm256_storeu_ps(tp + off, _mm256_loadu_ps(sc));
-                if (len == 16) _mm256_storeu_ps(tp + off + 8, _mm256_loadu_ps(sc + 8));
-            }
-        }
-    }
+    });
 }
 
 // The tile of image n's input rows under output rows [oy0, oy1), channels [c0, c0 + nc)
@@ -151,47 +162,30 @@ static void fill_tile(const DwArgs& a, int64_t n, int64_t oy0, int64_t oy1, int6
     buf.resize(size_t(rows * wp * cg));
     float* t = buf.data();
     *T = Tile{t, wp, cg};
-    if (a.produce) return fill_produced(a, n, oy0 * a.sh - a.pt, rows, wp, c0, nc, cg, t);
-    for (int64_t r = 0; r < rows; ++r) {
-        float* tr = t + r * wp * cg;
-        const int64_t iy = oy0 * a.sh - a.pt + r;
-        if (iy < 0 || iy >= a.H) {
-            std::memset(tr, 0, sizeof(float) * size_t(wp * cg));
-            continue;
+    const int64_t iy0 = oy0 * a.sh - a.pt;
+    if (a.produce) return fill_produced(a, n, iy0, rows, wp, c0, nc, cg, t);
+    // n elements of x from off into d: quantized with fq, else copied
+    auto put = [&](const int64_t off, int64_t len, float* d) {
+        if (a.fq) {
+            const RunFix rf{&a, off};
+            fake_quantize_elems(a.x + off, len, *a.fq, d, run_fix, &rf);
+        } else {
+            std::memcpy(d, a.x + off, sizeof(float) * size_t(len));
         }
-        if (cg == a.C) {  // the group is every channel: the row's W pixels are one run in x and in the tile
-            const int64_t lo = std::min<int64_t>(a.pl, wp), hi = std::min<int64_t>(a.pl + a.W, wp);
-            std::memset(tr, 0, sizeof(float) * size_t(lo * cg));
-            std::memset(tr + hi * cg, 0, sizeof(float) * size_t((wp - hi) * cg));
-            if (hi > lo) {
-                const int64_t off = ((n * a.H + iy) * a.W + (lo - a.pl)) * a.C;
-                const int64_t len = (hi - lo) * a.C;
-                if (a.fq) {
-                    const RunFix rf{&a, off};
-                    fake_quantize_elems(a.x + off, len, *a.fq, tr + lo * cg, run_fix, &rf);
-                } else {
-                    std::memcpy(tr + lo * cg, a.x + off, sizeof(float) * size_t(len));
-                }
-            }
-            continue;
-        }
-        for (int64_t p = 0; p < wp; ++p) {
-            float* tp = tr + p * cg;
-            const int64_t ix = p - a.pl;
-            if (ix < 0 || ix >= a.W) {
-                std::memset(tp, 0, sizeof(float) * size_t(cg));
-                continue;
-            }
-            const int64_t off = ((n * a.H + iy) * a.W + ix) * a.C + c0;
-            if (a.fq) {
-                const RunFix rf{&a, off};
-                fake_quantize_elems(a.x + off, nc, *a.fq, tp, run_fix, &rf);
-            } else {
-                std::memcpy(tp, a.x + off, sizeof(float) * size_t(nc));
-            }
-            if (cg > nc) std::memset(tp + nc, 0, sizeof(float) * size_t(cg - nc));
-        }
-    }
+    };
+    // the group is every channel: the row's W pixels are one run in x and in the tile
+    auto whole_row = [&](float* tr, int64_t iy) {
+        if (cg != a.C) return false;
+        const int64_t lo = std::min<int64_t>(a.pl, wp), hi = std::min<int64_t>(a.pl + a.W, wp);
+        std::memset(tr, 0, sizeof(float) * size_t(lo * cg));
+        std::memset(tr + hi * cg, 0, sizeof(float) * size_t((wp - hi) * cg));
+        if (hi > lo) put(((n * a.H + iy) * a.W + (lo - a.pl)) * a.C, (hi - lo) * a.C, tr + lo * cg);
+        return true;
+    };
+    walk_tile(a, iy0, rows, wp, cg, t, whole_row, [&](float* tp, int64_t iy, int64_t ix) {
+        put(((n * a.H + iy) * a.W + ix) * a.C + c0, nc, tp);
+        if (cg > nc) std::memset(tp + nc, 0, sizeof(float) * size_t(cg - nc));
+    });
 }
 
 }  // namespace
