@@ -834,11 +834,23 @@ static ConvActs::Key acts_key(const float* x, const ConvGeom& g, bool sub, const
     return key;
 }
 
-// conv2d_impl quantizes its input with the kernel's row quantizer (channels-last, deterministic
-// rounding, int8 units in blocks of at most 128)
+// An operand a row quantizer makes: deterministic rounding, int8 units in blocks of at most 128
+static bool row_quantizable(const FmtParams& fx, const Operand& w) {
+    return fx.int8_units() && w.int8() && fast_quant_ok(fx) && w.Bp <= 128 && fx.kind == kInt;
+}
+
+// conv2d_impl quantizes its input with the kernel's row quantizer (channels-last)
 static bool uses_row_quantizer(const FmtParams& fx, const Operand& w, const KernelDesc& k, bool nhwc) {
-    return fx.int8_units() && w.int8() && fast_quant_ok(fx) && nhwc && k.quantize_rows && !k.rows16 &&
-           w.Bp <= 128 && fx.kind == kInt;
+    return row_quantizable(fx, w) && nhwc && k.quantize_rows && !k.rows16;
+}
+
+// dst[i] = src[i] as int16 for i in [0, n): a signed operand's units for an int16-row kernel
+static void widen_all(const int8_t* src, int16_t* dst, int64_t n) {
+    const int64_t chunk = 1 << 16, nch = (n + chunk - 1) / chunk;
+    parallel_for(n > chunk ? num_threads() : 1, nch, [&](int64_t c) {
+        const int64_t lo = c * chunk;
+        avx2::widen_units(src + lo, dst + lo, std::min<int64_t>(chunk, n - lo));
+    });
 }
 
 // An operand's buffers sized for nunits units in nblocks blocks over npix padded pixels (the
@@ -1090,13 +1102,7 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
     }
     A.key = key;
     A.nonneg = both && !negative.load();
-    if (both && !A.nonneg) {  // a signed operand: the int16 units (padding included)
-        const int64_t chunk = 1 << 16, nch = int64_t((nunits + chunk - 1) / chunk);
-        parallel_for(nunits > size_t(chunk) ? num_threads() : 1, nch, [&](int64_t c) {
-            const int64_t lo = c * chunk, n = std::min<int64_t>(chunk, int64_t(nunits) - lo);
-            avx2::widen_units(&a8[lo], &a16[lo], n);
-        });
-    }
+    if (both && !A.nonneg) widen_all(a8.data(), a16.data(), int64_t(nunits));  // (padding included)
     A.valid = true;
     }  // !reuse
 
@@ -1224,8 +1230,7 @@ bool PointwiseRows::make(const float* x, int64_t npix, const FmtParams& fx, uint
     const int B = fx.block, Bp = w.Bp, nbc = w.nbt;
     // a kernel with int16 rows (AVX2): the units as bytes (its byte path after a ReLU), widened
     // when one is negative -- as conv2d_impl's operand for it
-    const bool rows16 = k.rows16 && k.rows_u8 && fx.int8_units() && w.int8() && fast_quant_ok(fx) && Bp <= 128 &&
-                        fx.kind == kInt;
+    const bool rows16 = k.rows16 && k.rows_u8 && row_quantizable(fx, w);
     if (!(rows16 || uses_row_quantizer(fx, w, k, true)) || w.taps != 1 || w.groups != 1 || B != w.f.block) return false;
     const int64_t C = w.K, plen = int64_t(nbc) * Bp;
     a8_.size_to(size_t(npix * plen));
@@ -1249,13 +1254,7 @@ bool PointwiseRows::make(const float* x, int64_t npix, const FmtParams& fx, uint
     });
     wide_ = rows16 && negative.load();
     a16_.size_to(wide_ ? size_t(npix * plen) : 0);
-    if (wide_) {
-        const int64_t n = npix * plen, chunk = 1 << 16, nch = (n + chunk - 1) / chunk;
-        parallel_for(n > chunk ? num_threads() : 1, nch, [&](int64_t c) {
-            const int64_t lo = c * chunk;
-            avx2::widen_units(a8_.data() + lo, a16_.data() + lo, std::min<int64_t>(chunk, n - lo));
-        });
-    }
+    if (wide_) widen_all(a8_.data(), a16_.data(), npix * plen);
     bytes_ = rows16 && !wide_;
     if (int64_t(roff_.size()) < npix) {
         const size_t old = roff_.size();
