@@ -5,6 +5,7 @@
 // could pick for the generic code (it would then run AVX instructions on any CPU).
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -280,6 +281,10 @@ struct DwArgs {
     // conv reading this output (ConvParams::quantize_output). epi must not have a residual.
     const QuantRowsArgs* oq = nullptr;
     void (*oq_fn)(const QuantRowsArgs& a) = nullptr;
+    // with oq, for an int16-row kernel (KernelDesc::rows16, which quantizes with its per-block
+    // quantizer into bytes instead of oq_fn): set when a unit is negative (the runtime then
+    // widens the bytes to the int16 units, end_pointwise_acts)
+    std::atomic<bool>* oq_neg = nullptr;
     // the image row (n * OH + oy) that out's first row is (an item's own buffer); 0 otherwise
     int64_t orow0 = 0;
 };
@@ -419,7 +424,7 @@ void widen_units(const int8_t* src, int16_t* dst, int64_t n);
 // channels (a stem's pixels) 8 at a time, others by quantize_rows_blocks
 void quantize_rows(const QuantRowsArgs& a);
 void stem_conv(const StemArgs& a);  // stem_avx2.cpp
-void dwconv(const DwArgs& a);  // dw_avx2.cpp: no DwArgs::oq (its operands are not the row quantizer's)
+void dwconv(const DwArgs& a);  // dw_avx2.cpp (DwArgs::oq through quantize_rows_blocks, with oq_neg)
 // KernelDesc::fake_quantize_elems: 8 elements at a time (Quant8, epi_avx2.inc)
 void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
                          float (*fix)(const void* ctx, int64_t i), const void* ctx);

@@ -1211,17 +1211,30 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
 bool begin_pointwise_acts(ConvActs& A, const float* x, int64_t N, int64_t H, int64_t W, const FmtParams& fx,
                           uint64_t seed, const Operand& w, QuantRowsArgs* qa, void (**fn)(const QuantRowsArgs&)) {
     const KernelDesc& k = conv_kernel(fx, w);
-    // (a kernel with a row quantizer is a SIMD kernel with int8 units)
-    if (!uses_row_quantizer(fx, w, k, true) || w.taps != 1 || w.groups != 1 || N < 1 || H < 1 || W < 1) return false;
+    // (a kernel with a row quantizer is a SIMD kernel with int8 units; an int16-row kernel takes
+    // the bytes of its per-block quantizer, widened at the end if a unit is negative)
+    const bool rows16 = k.rows16 && k.rows_u8 && row_quantizable(fx, w);
+    if (!(rows16 || uses_row_quantizer(fx, w, k, true)) || w.taps != 1 || w.groups != 1 || N < 1 || H < 1 || W < 1)
+        return false;
     const int64_t C = w.K, npix = N * H * W, nbc = w.nbt, plen = nbc * w.Bp;
     const ConvGeom g{N, C, H, W, 1, 1, 1, 0, 0, 0, 0, 1, 1, H, W};
     A.valid = false;
+    A.nonneg = false;
     A.key = acts_key(x, g, false, w, k, true, true, fx, seed);
-    size_acts(A, size_t(npix * plen), size_t(npix * nbc), size_t(npix), true, false, true);  // as conv2d_impl (no padding)
-    *qa = QuantRowsArgs{nullptr, 0, C, int(C), &fx, w.Bp, A.a8.data(), plen, A.ae.data(), A.as.data(), A.ac.data(),
-                        A.amin.data(), A.amax.data()};
-    *fn = k.quantize_rows;
+    // as conv2d_impl (no padding)
+    size_acts(A, size_t(npix * plen), size_t(npix * nbc), size_t(npix), true, rows16, true, rows16);
+    *qa = QuantRowsArgs{nullptr, 0, C, int(C), &fx, w.Bp, A.a8.data(), plen, A.ae.data(), A.as.data(),
+                        rows16 ? nullptr : A.ac.data(), A.amin.data(), A.amax.data()};
+    *fn = rows16 ? nullptr : k.quantize_rows;
     return true;
+}
+
+void end_pointwise_acts(ConvActs& A, bool negative) {
+    if (A.key.k->rows16) {  // the bytes are the operand unless a unit is negative (as conv2d_impl)
+        A.nonneg = !negative;
+        if (negative) widen_all(A.a8.data(), A.a16.data(), A.key.N * A.key.H * A.key.W * A.key.nbc * A.key.Bp);
+    }
+    A.valid = true;
 }
 
 bool PointwiseRows::make(const float* x, int64_t npix, const FmtParams& fx, uint64_t seed, Operand& w) {

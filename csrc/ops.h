@@ -231,11 +231,16 @@ ConvRun conv2d_impl(const float* x, const FmtParams& fx, uint64_t seed, Operand&
 // sized and every pixel's exponent range reset; *qa becomes the row quantizer's arguments for
 // pixel 0 (x and n left for the caller: each run of pixels p0.. is quantized with x, n set and
 // u, E, scale, corr, emin, emax advanced by p0 pixels, see rows_at) and *fn the kernel's row
-// quantizer. Once every pixel is quantized, the caller sets A.valid. False (A untouched): that
-// conv would not quantize its input with the row quantizer (its format, weights or kernel), so
-// the producer writes x as usual.
+// quantizer -- null for an int16-row kernel (KernelDesc::rows16): the producer quantizes with
+// that kernel's per-block quantizer into bytes (u = A.a8, no corrections) and notes whether a
+// unit is negative (DwArgs::oq_neg). Once every pixel is quantized, the caller completes A with
+// end_pointwise_acts. False (A untouched): that conv would not quantize its input this way (its
+// format, weights or kernel), so the producer writes x as usual.
 bool begin_pointwise_acts(ConvActs& A, const float* x, int64_t N, int64_t H, int64_t W, const FmtParams& fx,
                           uint64_t seed, const Operand& w, QuantRowsArgs* qa, void (**fn)(const QuantRowsArgs&));
+// A made by begin_pointwise_acts, every pixel quantized (negative: a unit of an int16-row
+// kernel's bytes is negative -- they are widened): valid for its conv
+void end_pointwise_acts(ConvActs& A, bool negative);
 
 // A 1x1 convolution (stride 1, no padding, no groups) over NHWC pixels, computed in pieces on
 // the calling thread: an expansion conv fused into the depthwise conv that reads it (its output

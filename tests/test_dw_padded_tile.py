@@ -45,6 +45,12 @@ _CASES = [
     (16, 12, 12, 3, 3, (1, 1), (2, 2), (2, 2, 2, 2)),      # dilation 2 (the generic strips)
     (16, 10, 11, 3, 2, (2, 1), (1, 3), (1, 2, 0, 3)),      # dilation across only, 3x2
     (33, 9, 30, 5, 5, (1, 1), (1, 1), (2, 2, 2, 2)),       # several 8-pixel strips and a tail
+    # wide rows: several bands of output rows, each band's tile taking the rows it shares with
+    # the previous band from that band's tile (the AVX2 kernel), or none (kh < sh)
+    (64, 24, 200, 3, 3, (1, 1), (1, 1), (1, 1, 1, 1)),
+    (40, 23, 150, 5, 5, (2, 2), (1, 1), (2, 2, 2, 2)),
+    (16, 30, 130, 3, 3, (1, 1), (2, 2), (2, 2, 2, 2)),
+    (16, 40, 300, 1, 3, (3, 1), (1, 1), (0, 1, 0, 1)),
 ]
 
 

@@ -31,6 +31,8 @@ CASES = [
     (1, 40, 144, 8, 8, 5, 1, "none", False),    # 9 channel blocks: with 2 threads groups of one block
     (1, 3, 20, 7, 9, 3, 2, "clip", True),       # a stem-sized expansion input (one block of 3; kernels
                                                 # with a stem path run it there on the NCHW input)
+    (1, 16, 96, 30, 100, 3, 1, "clip", True),   # wide rows: several bands of output rows (the rows two
+    (1, 16, 40, 33, 140, 5, 2, "relu", True),   # bands share moved, not made again), stride 1 and 2
 ]
 FORMATS = [("msfp16", "nearest_even"), ("msfp12", "nearest_away"), ("mxint8", "toward_zero"),
            ("mxfp8_e4m3", "nearest_even"), ("msfp16", "stochastic")]

@@ -25,8 +25,8 @@ N_ = helper.make_node
 RNG = np.random.default_rng(47)
 SEED = 11
 #: the kernels whose depthwise conv quantizes its output for the reader (the AVX-512 one, native
-#: or emulated, which the AMX kernels share)
-PATH_KERNELS = {"avx512", "avx512-emu", "amx", "amx-emu"}
+#: or emulated, which the AMX kernels share, and the AVX2 one)
+PATH_KERNELS = {"avx2", "avx512", "avx512-emu", "amx", "amx-emu"}
 
 # (batch, input channels, depthwise channels, H, W, kernel, stride, expansion in front, residual after)
 CASES = [
@@ -35,13 +35,16 @@ CASES = [
     (1, 24, 144, 9, 9, 5, 2, False, False),    # 9 channel blocks, kernel 5, stride 2
     (1, 16, 96, 12, 12, 3, 2, True, False),    # block 1: an expansion fused in front, stride 2
     (1, 8, 8, 7, 7, 3, 1, False, True),        # one partial block
+    (1, 16, 96, 24, 100, 3, 1, False, False),  # wide rows: several bands of output rows
+    (1, 8, 48, 26, 120, 5, 2, True, False),    # the same with an expansion in front, kernel 5, stride 2
 ]
 FORMATS = [("msfp16", "nearest_even"), ("msfp12", "nearest_away"), ("mxint8", "toward_zero"),
            ("mxfp8_e4m3", "nearest_even"), ("msfp16", "stochastic")]
 
 
-def _model(n: int, cin: int, c: int, h: int, w: int, k: int, s: int, expand: bool, residual: bool):
-    """x -> 1x1 expansion [+ Clip] -> depthwise k x k (stride s, 'same', bias, Clip) -> 1x1
+def _model(n: int, cin: int, c: int, h: int, w: int, k: int, s: int, expand: bool, residual: bool,
+           dw_act: bool = True):
+    """x -> 1x1 expansion [+ Clip] -> depthwise k x k (stride s, 'same', bias[, Clip]) -> 1x1
     projection to cin channels (bias) [+ x] -> y (the tests fuse the expansion into the
     depthwise conv only where `expand` says so)."""
     inits = {"wd": RNG.standard_normal((c, 1, k, k)).astype(np.float32) * 0.3,
@@ -60,7 +63,7 @@ def _model(n: int, cin: int, c: int, h: int, w: int, k: int, s: int, expand: boo
     p = k // 2
     nodes += [N_("Conv", [e, "wd", "bd"], ["d"], kernel_shape=[k, k], strides=[s, s], pads=[p, p, p, p], group=c,
                  name="dw"),
-              N_("Clip", ["d", "lo", "hi"], ["da"], name="dw_act"),
+              N_("Clip", ["d", "lo", "hi"], ["da"], name="dw_act") if dw_act else N_("Identity", ["d"], ["da"]),
               N_("Conv", ["da", "wp", "bp"], ["pr"], kernel_shape=[1, 1], name="project")]
     if residual:
         assert s == 1
@@ -112,6 +115,21 @@ def test_quantized_output_keeps_the_bits(kernel, fuse_every_size, case, fmt, rou
         assert_bits_equal(g_, w_)
     if specials:
         assert np.isnan(want[0]).any()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=["tail", "expand"])
+def test_a_signed_quantized_output_keeps_the_bits(kernel, fuse_every_size, case, threads):
+    """No activation after the depthwise conv: its output has negative values, which an int16-row
+    kernel's operand (bytes while no unit is negative) takes widened."""
+    n, cin, c, h, w, k, s, expand, residual = case
+    plan = bfpaccel.compile(_model(*case, dw_act=False), format="msfp16", seed=SEED)
+    x = _x(n, cin, h, w, False)
+    want, _, _ = _run(plan, x, False, threads, runs=2, expand=expand)
+    got, _, lw = _run(plan, x, True, threads, runs=2, expand=expand)
+    assert lw.program.last_reused == (1 if kernel in PATH_KERNELS else 0)
+    for g_, w_ in zip(got, want):
+        assert_bits_equal(g_, w_)
 
 
 def test_a_depthwise_output_with_another_reader_is_written():

@@ -153,17 +153,18 @@ static void fill_produced(const DwArgs& a, int64_t n, int64_t iy0, int64_t rows,
     });
 }
 
-// The tile of image n's input rows under output rows [oy0, oy1), channels [c0, c0 + nc)
-static void fill_tile(const DwArgs& a, int64_t n, int64_t oy0, int64_t oy1, int64_t c0, int nc, std::vector<float>& buf,
-                      Tile* T) {
+// The tile of image n's input rows under output rows [oy0, oy1), channels [c0, c0 + nc), whose
+// first `kept` rows are in place already (the previous band's last rows, moved up)
+static void fill_tile(const DwArgs& a, int64_t n, int64_t oy0, int64_t oy1, int64_t c0, int nc, int64_t kept,
+                      std::vector<float>& buf, Tile* T) {
     const int cg = (nc + 7) / 8 * 8;
     const int64_t rows = (oy1 - oy0 - 1) * a.sh + int64_t(a.kh - 1) * a.dh + 1;
     const int64_t wp = (a.OW - 1) * a.sw + int64_t(a.kw - 1) * a.dw + 1;
-    buf.resize(size_t(rows * wp * cg));
-    float* t = buf.data();
-    *T = Tile{t, wp, cg};
-    const int64_t iy0 = oy0 * a.sh - a.pt;
-    if (a.produce) return fill_produced(a, n, iy0, rows, wp, c0, nc, cg, t);
+    if (buf.size() < size_t(rows * wp * cg)) buf.resize(size_t(rows * wp * cg));  // (keeps the kept rows)
+    *T = Tile{buf.data(), wp, cg};
+    float* t = buf.data() + kept * wp * cg;
+    const int64_t iy0 = oy0 * a.sh - a.pt + kept, nrows = rows - kept;
+    if (a.produce) return fill_produced(a, n, iy0, nrows, wp, c0, nc, cg, t);
     // n elements of x from off into d: quantized with fq, else copied
     auto put = [&](const int64_t off, int64_t len, float* d) {
         if (a.fq) {
@@ -182,7 +183,7 @@ static void fill_tile(const DwArgs& a, int64_t n, int64_t oy0, int64_t oy1, int6
         if (hi > lo) put(((n * a.H + iy) * a.W + (lo - a.pl)) * a.C, (hi - lo) * a.C, tr + lo * cg);
         return true;
     };
-    walk_tile(a, iy0, rows, wp, cg, t, whole_row, [&](float* tp, int64_t iy, int64_t ix) {
+    walk_tile(a, iy0, nrows, wp, cg, t, whole_row, [&](float* tp, int64_t iy, int64_t ix) {
         put(((n * a.H + iy) * a.W + ix) * a.C + c0, nc, tp);
         if (cg > nc) std::memset(tp + nc, 0, sizeof(float) * size_t(cg - nc));
     });
@@ -191,44 +192,75 @@ static void fill_tile(const DwArgs& a, int64_t n, int64_t oy0, int64_t oy1, int6
 }  // namespace
 
 void dwconv(const DwArgs& a) {
-    if (a.oq) throw std::logic_error("avx2 dwconv: no output quantization");
     if (a.produce && !a.fq) throw std::invalid_argument("dwconv: a produced input needs its format");
+    if (a.oq && (!a.fq || !a.oq_neg || a.oq->C != a.C || (a.epi && a.epi->res)))
+        throw std::invalid_argument("dwconv: a quantized output needs fq, oq_neg, C channels and no residual");
     if (a.N == 0 || a.OH == 0 || a.OW == 0 || a.C == 0) return;
-    const int64_t groups = (a.C + kGroup - 1) / kGroup;
+    // a quantized output (DwArgs::oq): an item takes every channel (one group), as the quantizer
+    // takes whole pixels (a pixel's exponent range spans its blocks)
+    const int group = a.oq ? int((a.C + 7) / 8 * 8) : kGroup;
+    const int64_t groups = (a.C + group - 1) / group;
     const int nt = num_threads() > 1 && a.N * a.OH * a.OW * a.C * a.kh * a.kw > 32768 ? num_threads() : 1;
-    // bands of output rows: whole images where (image, group) items already keep the threads busy
-    const int64_t want = 4 * nt, have = a.N * groups;
-    int64_t band = have >= want ? a.OH : std::max<int64_t>(2, a.OH * have / want);
-    // and a tile of at most ~4 MiB (large images): rows of (OW - 1) * sw + kw pixels x 64 channels
-    const int64_t row_floats = ((a.OW - 1) * a.sw + int64_t(a.kw - 1) * a.dw + 1) * kGroup * a.sh;
-    // (a produced tile: ~512 KiB, in L2 with the producer's planes -- the rows under two bands
-    // overlap and are computed twice, (kh - 1) * dh rows a band)
-    const int64_t cap = a.produce ? int64_t(1) << 17 : int64_t(1) << 20;
-    band = std::max<int64_t>(1, std::min(band, cap / std::max<int64_t>(1, row_floats)));
-    const int64_t nband = (a.OH + band - 1) / band;
+    // Bands of output rows whose tile stays in L2 (<= 256 KiB): rows of (OW - 1) * sw + kw
+    // pixels x the group's channels. An item is a run of consecutive bands of one (image,
+    // group), which moves the rows two bands share ((kh - 1) * dh + 1 - sh) from the bottom of
+    // its tile to the top instead of making them again; (image, group) pairs split into runs
+    // only as far as the threads need items (each run makes its first band's shared rows anew).
+    const int64_t row_floats = ((a.OW - 1) * a.sw + int64_t(a.kw - 1) * a.dw + 1) * group * a.sh;
+    const int64_t band = std::max<int64_t>(1, std::min<int64_t>(a.OH, (int64_t(1) << 16) / std::max<int64_t>(1, row_floats)));
+    const int64_t nband = (a.OH + band - 1) / band, have = a.N * groups;
+    const int64_t runs = nt == 1 || have >= 2 * nt ? 1 : std::min(nband, (2 * nt + have - 1) / have);
+    const int64_t per_run = (nband + runs - 1) / runs;
     // the epilogue in registers (whole vectors): its vector precision; -1: none, or the generic rows
     const int epi_vp = a.epi && a.epi->any() && !a.epi->fq && !a.epi->cbs ? a.epi->vp : -1;
-    parallel_for(nt, a.N * groups * nband, [&](int64_t it) {
-        const int64_t b = it % nband, gi = (it / nband) % groups, n = it / (nband * groups);
-        const int64_t oy0 = b * band, oy1 = std::min(a.OH, oy0 + band);
-        const int64_t c0 = gi * kGroup;
-        const int nc = int(std::min<int64_t>(kGroup, a.C - c0));
+    const int64_t shared_rows = int64_t(a.kh - 1) * a.dh + 1 - a.sh;  // (< 0: rows between bands skipped)
+    const int64_t wp = (a.OW - 1) * a.sw + int64_t(a.kw - 1) * a.dw + 1;
+    parallel_for(nt, have * runs, [&](int64_t it) {
+        const int64_t run = it % runs, gi = (it / runs) % groups, n = it / (runs * groups);
+        const int64_t c0 = gi * group;
+        const int nc = int(std::min<int64_t>(group, a.C - c0)), cg = (nc + 7) / 8 * 8;
         thread_local std::vector<float> buf;  // this worker's tile
-        Tile T;
-        fill_tile(a, n, oy0, oy1, c0, nc, buf, &T);
-        for (int64_t oy = oy0; oy < oy1; ++oy) {
-            float* orow = a.out + ((n * a.OH + oy) * a.OW) * a.C + c0;
-            for (int c = 0; c < nc; c += 8) {
-                const int nl = nc - c < 8 ? nc - c : 8;
-                const int vp = nl == 8 ? epi_vp : -1;
-                if (vp == 1) row_strips<1>(a, T, oy - oy0, c0, c, nl, orow);
-                else if (vp == 2) row_strips<2>(a, T, oy - oy0, c0, c, nl, orow);
-                else if (vp == 0) row_strips<0>(a, T, oy - oy0, c0, c, nl, orow);
-                else row_strips<-1>(a, T, oy - oy0, c0, c, nl, orow);
-                // the epilogue not applied in registers: over these channels of the row, in L1
-                if (a.epi && vp < 0) a.epi->rows(orow + c, int(a.OW), nl, a.C);
+        // a quantized output: each row to this worker's row buffer (the epilogue re-based there:
+        // the bias by channel), then through the quantizer into the operand while it is in L1
+        thread_local std::vector<float> obuf;
+        DwArgs ab;
+        VecEpilogue eb;
+        if (a.oq) {
+            obuf.resize(size_t(a.OW * a.C));
+            ab = a;
+            ab.out = obuf.data();
+            if (a.epi) {
+                eb = *a.epi;
+                eb.y = ab.out;
+                ab.epi = &eb;
             }
         }
+        const DwArgs& d = a.oq ? ab : a;
+        bool neg = false;
+        const int64_t b0 = run * per_run, b1 = std::min(nband, b0 + per_run);
+        for (int64_t b = b0; b < b1; ++b) {
+            const int64_t oy0 = b * band, oy1 = std::min(a.OH, oy0 + band);
+            // the previous band's last rows (its tile: band * sh + shared_rows rows) to the top
+            const int64_t kept = b > b0 && shared_rows > 0 ? shared_rows : 0;
+            if (kept) std::memmove(buf.data(), buf.data() + band * a.sh * wp * cg, sizeof(float) * size_t(kept * wp * cg));
+            Tile T;
+            fill_tile(a, n, oy0, oy1, c0, nc, kept, buf, &T);
+            for (int64_t oy = oy0; oy < oy1; ++oy) {
+                float* orow = a.oq ? obuf.data() : a.out + ((n * a.OH + oy) * a.OW) * a.C + c0;
+                for (int c = 0; c < nc; c += 8) {
+                    const int nl = nc - c < 8 ? nc - c : 8;
+                    const int vp = nl == 8 ? epi_vp : -1;
+                    if (vp == 1) row_strips<1>(d, T, oy - oy0, c0, c, nl, orow);
+                    else if (vp == 2) row_strips<2>(d, T, oy - oy0, c0, c, nl, orow);
+                    else if (vp == 0) row_strips<0>(d, T, oy - oy0, c0, c, nl, orow);
+                    else row_strips<-1>(d, T, oy - oy0, c0, c, nl, orow);
+                    // the epilogue not applied in registers: over these channels of the row, in L1
+                    if (d.epi && vp < 0) d.epi->rows(orow + c, int(a.OW), nl, a.C);
+                }
+                if (a.oq) quantize_rows_blocks(a.oq->rows_at(orow, (n * a.OH + oy) * a.OW, a.OW, a.C), &neg);
+            }
+        }
+        if (neg) a.oq_neg->store(true, std::memory_order_relaxed);
     });
 }
 

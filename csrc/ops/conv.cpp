@@ -2,6 +2,7 @@
 // convolutions on one-element blocks, each with its bias, residual Add and ReLU / Clip fused
 // into the epilogue (rounded as the separate vector ops would be).
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
 
@@ -280,15 +281,17 @@ static void run_dwconv(Program& p, const Op& op, const KernelDesc& k, DwArgs& da
     const ConvParams& q = op.get<ConvParams>();
     QuantRowsArgs oq{};
     ConvActs* slot = nullptr;
+    std::atomic<bool> negative{false};
     if (q.quantize_output && op.reader_w && da.fq) {  // (validated: no residual)
         ConvActs* A = p.shared_acts(q.quantize_output);
         if (begin_pointwise_acts(*A, da.out, da.N, da.OH, da.OW, p.format(), p.seed(), *op.reader_w, &oq, &da.oq_fn)) {
             da.oq = &oq;
+            if (k.rows16) da.oq_neg = &negative;
             slot = A;
         }
     }
     k.dwconv(da);
-    if (slot) slot->valid = true;
+    if (slot) end_pointwise_acts(*slot, negative.load());
 }
 
 static void exec_conv(Program& p, const Op& op) {
