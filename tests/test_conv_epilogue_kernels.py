@@ -75,3 +75,53 @@ def test_conv_epilogue_bits(kernel, vp, act, O, nonneg):
     elif act == "clip":
         s = _round(np.clip(s, -0.5, 0.75), vp)
     np.testing.assert_array_equal(got.view(np.uint32), s.view(np.uint32))
+
+
+def _dw_model(C: int, H: int, W: int, act: str, lo: float, hi: float, w: np.ndarray, b: np.ndarray):
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], group=C, kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    if act == "relu":
+        nodes.append(helper.make_node("Relu", ["c"], ["y"]))
+    elif act == "clip":
+        nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Identity", ["c"], ["y"]))
+    inits = {"w": w, "b": b, "lo": np.array(lo, f32), "hi": np.array(hi, f32)}
+    g = helper.make_graph(nodes, "dwepi", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, H, W])],
+                          [helper.make_empty_tensor_value_info("y")],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("W", [5, 11])  # rows shorter than a strip of 8 pixels; strips and a tail
+@pytest.mark.parametrize("act,lo,hi", [("none", 0, 0), ("relu", 0, 0), ("clip", -0.5, 0.75), ("clip", 0.0, 6.0),
+                                       ("clip", -0.3, 0.7),  # bounds the vector precision rounds
+                                       ("clip", 0.5, -0.5)])  # lo > hi: hi everywhere
+@pytest.mark.parametrize("vp", ["fp32", "fp16", "bf16"])
+def test_depthwise_epilogue_bits(kernel, vp, act, lo, hi, W):
+    """A depthwise conv's epilogue (bias, activation, each rounded to the vector precision) in
+    the kernels' strips: bias + clip with lo <= hi as the clip of the rounded sum against the
+    rounded bounds, the rest the general way -- bit for bit with NaN/Inf, fp16 overflow and
+    values between the bounds' roundings."""
+    rng = np.random.default_rng(W * 13 + len(act) + len(vp) + int(4 * lo))
+    C, H = 40, 6
+    w = (rng.standard_normal((C, 1, 3, 3)) * 0.5).astype(f32)
+    b = (rng.standard_normal(C) * 2).astype(f32)
+    b[:3] = [np.nan, 7e4, -np.inf]
+    x = (rng.standard_normal((1, C, H, W)) * np.exp(rng.uniform(-4, 4, (1, C, H, W)))).astype(f32)
+    x[0, 5, 2, :3] = [np.inf, np.nan, 6e4]
+    b[8:14] = [0.74999, 0.7500001, -0.50001, 6.0001, 0.7001, -0.30001]  # sums near the bounds
+    plan = bfpaccel.compile(_dw_model(C, H, W, act, lo, hi, w, b), format="msfp16", vector_precision=vp)
+    got = bfpaccel.Session(plan, kernel=kernel).run(None, {"x": x})["y"]
+    acc = reference.conv2d(x, w, bfpaccel.get_format("msfp16"), padding=1, groups=C)
+    with np.errstate(invalid="ignore"):
+        s = _round(acc.astype(f32) + b.reshape(1, -1, 1, 1), vp)
+        if act == "relu":
+            s = _round(np.where(np.isnan(s), s, np.maximum(s, 0)), vp)
+        elif act == "clip":
+            c = np.where(s < lo, f32(lo), s).astype(f32)  # ONNX: min(max(s, lo), hi)
+            c = np.where(c > hi, f32(hi), c).astype(f32)
+            s = np.where(np.isnan(s), s, _round(c, vp)).astype(f32)
+    assert np.isnan(s).any() and np.isfinite(s).any()
+    np.testing.assert_array_equal(got.view(np.uint32), s.view(np.uint32))

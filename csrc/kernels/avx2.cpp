@@ -105,17 +105,15 @@ __attribute__((always_inline)) static inline void store_rows_epi(const __m256 (&
     const __m256 vlo = _mm256_set1_ps(ve.lo), vhi = _mm256_set1_ps(ve.hi);
     const Quant8 q(FQ ? ve.fqc : ElemQuant{});
     // bias, then a clip with lo <= hi (ReLU6; an expansion conv's epilogue): round(v + b), then
-    // min(round(hi), max(round(lo), .)) -- rounding is monotonic and keeps representable values,
-    // and max/min return the second operand for a NaN and for equal zeros, as the comparisons
-    // keep v: no second rounding, no blends (as the AVX-512 epilogue's fast clip)
+    // clip8 against the rounded bounds (as the AVX-512 epilogue's fast clip)
     if (b && !r && ve.act == 2 && ve.lo <= ve.hi) {
         const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
         const __m256 lo = rnd<VP>(vlo), hi = rnd<VP>(vhi);
         auto rows = [&](auto path) __attribute__((always_inline)) {
             constexpr int P = decltype(path)::value;
             for (int i = 0; i < mr; ++i) {
-                __m256 a0 = _mm256_min_ps(hi, _mm256_max_ps(lo, rnd<VP>(_mm256_add_ps(acc0[i], b0))));
-                __m256 a1 = _mm256_min_ps(hi, _mm256_max_ps(lo, rnd<VP>(_mm256_add_ps(acc1[i], b1))));
+                __m256 a0 = clip8(rnd<VP>(_mm256_add_ps(acc0[i], b0)), lo, hi);
+                __m256 a1 = clip8(rnd<VP>(_mm256_add_ps(acc1[i], b1)), lo, hi);
                 if constexpr (FQ) {
                     a0 = quantize8<P>(q, a0, *ve.fq);
                     a1 = quantize8<P>(q, a1, *ve.fq);

@@ -52,10 +52,11 @@ static float run_fix(const void* ctx, int64_t i) {
 
 // Output pixels [ox0, ox0 + NP) of output row oy (the band's row ry), channels [c, c + 8) of
 // the group (tile lanes), the first nl stored to d (pixel ox0's channel c0 + c). VP >= 0 (nl == 8):
-// the epilogue a.epi applied in registers at vector precision VP before the store.
+// the epilogue a.epi applied in registers at vector precision VP before the store, with b the
+// bias of these channels (null: none).
 template <int NP, int VP>
 static inline void strip(const DwArgs& a, const Tile& T, int64_t ry, int64_t ox0, const float* w, int c, int nl,
-                         float* d) {
+                         float* d, const float* b) {
     __m256 acc[NP];
 #pragma GCC unroll 8
     for (int j = 0; j < NP; ++j) acc[j] = _mm256_setzero_ps();
@@ -73,11 +74,16 @@ static inline void strip(const DwArgs& a, const Tile& T, int64_t ry, int64_t ox0
     }
     if constexpr (VP >= 0) {
         const VecEpilogue& e = *a.epi;  // (no element quantization or channel planes: see dwconv)
-        const float* b = e.bias ? e.bias + (d - e.y) % e.ldo : nullptr;
         const float* r = e.res ? e.res + (d - e.y) : nullptr;
         const __m256 vlo = _mm256_set1_ps(e.lo), vhi = _mm256_set1_ps(e.hi);
+        if (b && !r && e.act == 2 && e.lo <= e.hi) {  // bias + clip: the GEMM epilogue's fast clip
+            const __m256 bv = _mm256_loadu_ps(b), lo = rnd<VP>(vlo), hi = rnd<VP>(vhi);
 #pragma GCC unroll 8
-        for (int j = 0; j < NP; ++j) acc[j] = epi8<VP>(acc[j], b, r ? r + j * a.C : nullptr, e.act, vlo, vhi);
+            for (int j = 0; j < NP; ++j) acc[j] = clip8(rnd<VP>(_mm256_add_ps(acc[j], bv)), lo, hi);
+        } else {
+#pragma GCC unroll 8
+            for (int j = 0; j < NP; ++j) acc[j] = epi8<VP>(acc[j], b, r ? r + j * a.C : nullptr, e.act, vlo, vhi);
+        }
     }
     if (nl == 8) {
 #pragma GCC unroll 8
@@ -89,18 +95,26 @@ static inline void strip(const DwArgs& a, const Tile& T, int64_t ry, int64_t ox0
 }
 
 // Output row ry of the band (its floats at orow, channel c0 at orow[0]), channels [c, c + nl) of
-// the group: strips of 8 pixels, the last one ending at the row's end (recomputing a few), a row
-// shorter than 8 one pixel at a time
+// the group: strips of 8 pixels, the last one ending at the row's end (recomputing a few); a row
+// shorter than 8 is one strip of its OW pixels (independent sums, not one chain a pixel)
 template <int VP>
 static void row_strips(const DwArgs& a, const Tile& T, int64_t ry, int64_t c0, int c, int nl, float* orow) {
     const float* w = a.w + c0 + c;
-    if (a.OW < 8) {
-        for (int64_t ox = 0; ox < a.OW; ++ox) strip<1, VP>(a, T, ry, ox, w, c, nl, orow + ox * a.C + c);
-        return;
+    const float* b = VP >= 0 && a.epi->bias ? a.epi->bias + (orow + c - a.epi->y) % a.epi->ldo : nullptr;
+    float* d = orow + c;
+    switch (a.OW < 8 ? a.OW : 8) {
+        case 1: return strip<1, VP>(a, T, ry, 0, w, c, nl, d, b);
+        case 2: return strip<2, VP>(a, T, ry, 0, w, c, nl, d, b);
+        case 3: return strip<3, VP>(a, T, ry, 0, w, c, nl, d, b);
+        case 4: return strip<4, VP>(a, T, ry, 0, w, c, nl, d, b);
+        case 5: return strip<5, VP>(a, T, ry, 0, w, c, nl, d, b);
+        case 6: return strip<6, VP>(a, T, ry, 0, w, c, nl, d, b);
+        case 7: return strip<7, VP>(a, T, ry, 0, w, c, nl, d, b);
+        default: break;
     }
     for (int64_t ox = 0;; ox += 8) {
         if (ox + 8 > a.OW) ox = a.OW - 8;
-        strip<8, VP>(a, T, ry, ox, w, c, nl, orow + ox * a.C + c);
+        strip<8, VP>(a, T, ry, ox, w, c, nl, d + ox * a.C, b);
         if (ox + 8 == a.OW) break;
     }
 }
