@@ -431,6 +431,9 @@ void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* o
 // One row of a conv's output in the runtime: + bias, rounded; + residual, rounded;
 // activation (1 ReLU, 2 clip to [lo, hi]), rounded -- vp: 0 fp32, 1 fp16, 2 bf16 (F16C).
 void epilogue_row(float* d, const float* b, const float* r, int64_t n, int vp, int act, float lo, float hi);
+// the unary Relu (act 1) / Clip (act 2: min(max(x, lo), hi), a NaN passes) of x[0, n) into y,
+// rounded to the vector precision vp (vec_avx2.cpp)
+void activation_row(const float* x, float* y, int64_t n, int vp, int act, float lo, float hi);
 // ops/vmath.h's row loops compiled for AVX2 (kernels/vec_avx2.cpp)
 void fn_row(int fn, int vp, const float* x, float* y, int64_t n);
 void softmax_row(int vp, const float* s, float* d, int64_t L);

@@ -185,6 +185,17 @@ static void exec_unary(Program& p, const Op& op) {
                      [&](int64_t c) { row(fn, vp, x + c * chunk, y + c * chunk, std::min(chunk, n - c * chunk)); });
         return;
     }
+    const KernelDesc& kd = current_kernel();
+    if ((k == kRelu || k == kClip) && kd.simd()) {
+        // in AVX2 registers (every SIMD kernel's CPU has AVX2): the loop below, bit for bit
+        const int vp = p.vec_prec();
+        const int64_t chunk = 16384, nc = (n + chunk - 1) / chunk;
+        parallel_for(par_pool(n) ? num_threads() : 1, nc, [&](int64_t c) {
+            const int64_t o = c * chunk;
+            avx2::activation_row(x + o, y + o, std::min(chunk, n - o), vp, k == kRelu ? 1 : 2, q.lo, q.hi);
+        });
+        return;
+    }
     with_vp(p.vec_prec(), [&](auto V) {
         constexpr int vp = decltype(V)::value;
         if (k == kRelu) {
