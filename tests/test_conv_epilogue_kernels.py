@@ -29,16 +29,19 @@ def _round(v: np.ndarray, vp: str) -> np.ndarray:
     return v
 
 
+def _act_node(act: str, src: str):
+    """src -> y through act ('relu', 'clip' to [lo, hi], anything else: none)."""
+    if act == "relu":
+        return helper.make_node("Relu", [src], ["y"])
+    if act == "clip":
+        return helper.make_node("Clip", [src, "lo", "hi"], ["y"])
+    return helper.make_node("Identity", [src], ["y"])
+
+
 def _model(O: int, C: int, act: str, w: np.ndarray, b: np.ndarray):
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["r_in"], ["r"]),  # an intermediate that dies at the Add
-             helper.make_node("Add", ["c", "r"], ["s"])]
-    if act == "relu":
-        nodes.append(helper.make_node("Relu", ["s"], ["y"]))
-    elif act == "clip":
-        nodes.append(helper.make_node("Clip", ["s", "lo", "hi"], ["y"]))
-    else:
-        nodes.append(helper.make_node("Identity", ["s"], ["y"]))
+             helper.make_node("Add", ["c", "r"], ["s"]), _act_node(act, "s")]
     inits = {"w": w, "b": b, "lo": np.array(-0.5, f32), "hi": np.array(0.75, f32)}
     g = helper.make_graph(
         nodes, "epi",
@@ -78,13 +81,8 @@ def test_conv_epilogue_bits(kernel, vp, act, O, nonneg):
 
 
 def _dw_model(C: int, H: int, W: int, act: str, lo: float, hi: float, w: np.ndarray, b: np.ndarray):
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], group=C, kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
-    if act == "relu":
-        nodes.append(helper.make_node("Relu", ["c"], ["y"]))
-    elif act == "clip":
-        nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["y"]))
-    else:
-        nodes.append(helper.make_node("Identity", ["c"], ["y"]))
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], group=C, kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             _act_node(act, "c")]
     inits = {"w": w, "b": b, "lo": np.array(lo, f32), "hi": np.array(hi, f32)}
     g = helper.make_graph(nodes, "dwepi", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, H, W])],
                           [helper.make_empty_tensor_value_info("y")],
