@@ -167,14 +167,16 @@ static void fill_produced(const DwArgs& a, int64_t n, int64_t iy0, int64_t rows,
     });
 }
 
-// The tile of image n's input rows under output rows [oy0, oy1), channels [c0, c0 + nc), whose
-// first `kept` rows are in place already (the previous band's last rows, moved up)
+// The tile of image n's input rows under output rows [oy0, oy1), channels [c0, c0 + nc), in buf
+// (this worker's), which holds the previous band's tile when kept > 0: its last `kept` rows, from
+// row `from` on, are this tile's first ones -- moved up, not made again
 static void fill_tile(const DwArgs& a, int64_t n, int64_t oy0, int64_t oy1, int64_t c0, int nc, int64_t kept,
-                      std::vector<float>& buf, Tile* T) {
+                      int64_t from, std::vector<float>& buf, Tile* T) {
     const int cg = (nc + 7) / 8 * 8;
     const int64_t rows = (oy1 - oy0 - 1) * a.sh + int64_t(a.kh - 1) * a.dh + 1;
     const int64_t wp = (a.OW - 1) * a.sw + int64_t(a.kw - 1) * a.dw + 1;
     if (buf.size() < size_t(rows * wp * cg)) buf.resize(size_t(rows * wp * cg));  // (keeps the kept rows)
+    if (kept) std::memmove(buf.data(), buf.data() + from * wp * cg, sizeof(float) * size_t(kept * wp * cg));
     *T = Tile{buf.data(), wp, cg};
     float* t = buf.data() + kept * wp * cg;
     const int64_t iy0 = oy0 * a.sh - a.pt + kept, nrows = rows - kept;
@@ -228,11 +230,10 @@ void dwconv(const DwArgs& a) {
     // the epilogue in registers (whole vectors): its vector precision; -1: none, or the generic rows
     const int epi_vp = a.epi && a.epi->any() && !a.epi->fq && !a.epi->cbs ? a.epi->vp : -1;
     const int64_t shared_rows = int64_t(a.kh - 1) * a.dh + 1 - a.sh;  // (< 0: rows between bands skipped)
-    const int64_t wp = (a.OW - 1) * a.sw + int64_t(a.kw - 1) * a.dw + 1;
     parallel_for(nt, have * runs, [&](int64_t it) {
         const int64_t run = it % runs, gi = (it / runs) % groups, n = it / (runs * groups);
         const int64_t c0 = gi * group;
-        const int nc = int(std::min<int64_t>(group, a.C - c0)), cg = (nc + 7) / 8 * 8;
+        const int nc = int(std::min<int64_t>(group, a.C - c0));
         thread_local std::vector<float> buf;  // this worker's tile
         // a quantized output: each row to this worker's row buffer (the epilogue re-based there:
         // the bias by channel), then through the quantizer into the operand while it is in L1
@@ -254,11 +255,10 @@ void dwconv(const DwArgs& a) {
         const int64_t b0 = run * per_run, b1 = std::min(nband, b0 + per_run);
         for (int64_t b = b0; b < b1; ++b) {
             const int64_t oy0 = b * band, oy1 = std::min(a.OH, oy0 + band);
-            // the previous band's last rows (its tile: band * sh + shared_rows rows) to the top
+            // the previous band's tile (band * sh + shared_rows rows) ends with this one's first rows
             const int64_t kept = b > b0 && shared_rows > 0 ? shared_rows : 0;
-            if (kept) std::memmove(buf.data(), buf.data() + band * a.sh * wp * cg, sizeof(float) * size_t(kept * wp * cg));
             Tile T;
-            fill_tile(a, n, oy0, oy1, c0, nc, kept, buf, &T);
+            fill_tile(a, n, oy0, oy1, c0, nc, kept, band * a.sh, buf, &T);
             for (int64_t oy = oy0; oy < oy1; ++oy) {
                 float* orow = a.oq ? obuf.data() : a.out + ((n * a.OH + oy) * a.OW) * a.C + c0;
                 for (int c = 0; c < nc; c += 8) {

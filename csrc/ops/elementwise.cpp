@@ -176,27 +176,23 @@ static void exec_unary(Program& p, const Op& op) {
     float* y = p.buf(op.out[0]);
     const int k = q.op;
     const int fn = vec_fn(k);
-    if (fn >= 0) {  // exp, erf, tanh and the functions built on them: the kernel's vector loop
-        const KernelDesc& kd = current_kernel();
-        const auto row = kd.fn_row ? kd.fn_row : vm::fn_row;
-        const int vp = p.vec_prec();
+    const KernelDesc& kd = current_kernel();
+    const int vprec = p.vec_prec();
+    // row(o, len): the values [o, o + len) by a vector loop, in chunks shared by the threads
+    auto chunked = [&](auto&& row) {
         const int64_t chunk = 16384, nc = (n + chunk - 1) / chunk;
         parallel_for(par_pool(n) ? num_threads() : 1, nc,
-                     [&](int64_t c) { row(fn, vp, x + c * chunk, y + c * chunk, std::min(chunk, n - c * chunk)); });
-        return;
+                     [&](int64_t c) { row(c * chunk, std::min(chunk, n - c * chunk)); });
+    };
+    if (fn >= 0) {  // exp, erf, tanh and the functions built on them: the kernel's vector loop
+        const auto row = kd.fn_row ? kd.fn_row : vm::fn_row;
+        return chunked([&](int64_t o, int64_t len) { row(fn, vprec, x + o, y + o, len); });
     }
-    const KernelDesc& kd = current_kernel();
-    if ((k == kRelu || k == kClip) && kd.simd()) {
-        // in AVX2 registers (every SIMD kernel's CPU has AVX2): the loop below, bit for bit
-        const int vp = p.vec_prec();
-        const int64_t chunk = 16384, nc = (n + chunk - 1) / chunk;
-        parallel_for(par_pool(n) ? num_threads() : 1, nc, [&](int64_t c) {
-            const int64_t o = c * chunk;
-            avx2::activation_row(x + o, y + o, std::min(chunk, n - o), vp, k == kRelu ? 1 : 2, q.lo, q.hi);
-        });
-        return;
+    if ((k == kRelu || k == kClip) && kd.simd()) {  // in AVX2 registers (every SIMD kernel's CPU has
+        const int act = k == kRelu ? 1 : 2;        // AVX2): the loop below, bit for bit
+        return chunked([&](int64_t o, int64_t n_) { avx2::activation_row(x + o, y + o, n_, vprec, act, q.lo, q.hi); });
     }
-    with_vp(p.vec_prec(), [&](auto V) {
+    with_vp(vprec, [&](auto V) {
         constexpr int vp = decltype(V)::value;
         if (k == kRelu) {
 #pragma omp parallel for num_threads(num_threads()) schedule(static) if (par(n))
