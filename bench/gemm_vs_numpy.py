@@ -1,10 +1,12 @@
 """msfp16 GEMM 1024x1024x1024 on each SIMD kernel vs numpy float32, same run.
 
-    python bench/gemm_vs_numpy.py [--size 1024] [--reps 15] [--kernels avx512 amx]
+    python bench/gemm_vs_numpy.py [--size 1024] [--reps 15] [--kernels avx512 amx] [--tile-scaling fma]
 
 The weight is quantized once (as the runtime does); "per call" also quantizes the activation
 inside every call, "prequantized" passes both operands quantized. numpy's BLAS is limited to the
 same thread count (threadpoolctl). Minimum of ``reps`` calls, two rounds; GOP/s = 2*M*N*K / t.
+``--tile-scaling`` picks how the AVX-512 tiles scale block sums (``fma`` or ``add_pipes``, the
+same bits; default: this CPU's choice).
 """
 
 from __future__ import annotations
@@ -35,7 +37,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--kernels", nargs="+", default=[k for k in ("avx2", "avx512", "amx")
                                                      if k in bfpaccel.available_kernels()])
+    ap.add_argument("--tile-scaling", choices=["auto", "fma", "add_pipes"], default="auto")
     args = ap.parse_args()
+    print(f"AVX-512 tile scaling: {bfpaccel._core._tile_scaling(args.tile_scaling)}")
     n = args.size
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n)).astype(np.float32)

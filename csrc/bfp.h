@@ -361,6 +361,10 @@ void stem_conv(const StemArgs& a);  // stem_avx512.cpp
 void max_window(float* d, const float* const* src, int nt, int64_t C);  // pool_avx512.cpp
 void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
                          float (*fix)(const void* ctx, int64_t i), const void* ctx);
+// How the GEMM tiles scale block sums by the row scales (avx512.cpp, TileScaling): 0 FMA,
+// 1 the FP add pipes (scalef); the same bits either way. set_tile_scaling(-1): this CPU's choice.
+int tile_scaling();
+void set_tile_scaling(int mode);
 }  // namespace avx512
 
 namespace avx512 {  // ops/vmath.h's row loops compiled for AVX-512 (kernels/vec_avx512.cpp)
@@ -379,6 +383,8 @@ void stem_conv(const StemArgs& a);
 void max_window(float* d, const float* const* src, int nt, int64_t C);
 void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* out,
                          float (*fix)(const void* ctx, int64_t i), const void* ctx);
+int tile_scaling();
+void set_tile_scaling(int mode);
 }  // namespace avx512emu
 
 // AMX (tile) kernel: bf16 block sums for blocks of 16/32 units, the VNNI kernel otherwise.

@@ -164,6 +164,20 @@ PYBIND11_MODULE(_core, m) {
 #endif
         return false;
     }, py::arg("kernel"));
+    // tests and benchmarks: how the AVX-512 GEMM tiles scale block sums ("fma" or "add_pipes";
+    // the same bits either way), None: this CPU's choice; returns the mode in force
+    m.def("_tile_scaling", [](std::optional<std::string> mode) {
+        if (mode) {
+            if (*mode != "fma" && *mode != "add_pipes" && *mode != "auto")
+                throw py::value_error("tile scaling: 'fma', 'add_pipes' or 'auto', not '" + *mode + "'");
+            const int m = *mode == "fma" ? 0 : *mode == "add_pipes" ? 1 : -1;
+            avx512::set_tile_scaling(m);
+#ifdef BFPACCEL_HAVE_AVX512_EMU
+            avx512emu::set_tile_scaling(m);
+#endif
+        }
+        return std::string(avx512::tile_scaling() == 1 ? "add_pipes" : "fma");
+    }, py::arg("mode") = py::none());
     m.def("kernel_names", []() {
         std::vector<std::string> v;
         for (int i = 0; i < kernel_count(); ++i) v.push_back(kernel_at(i).name);

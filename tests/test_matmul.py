@@ -83,6 +83,14 @@ def _huge_exponent_sums(rng):
     return a, b
 
 
+def _subnormal_col_scales(rng):
+    # column (weight) block scales down to 2^-149 (float32 subnormals) against rows near 2^100:
+    # the products are normal, the column-scaled block sums subnormal on the way
+    a = (rng.normal(size=(9, 70)) * 10.0 ** rng.uniform(28, 31, size=(9, 1))).astype(f32)
+    b = (rng.normal(size=(70, 11)) * 10.0 ** rng.uniform(-44, -38, size=(1, 11))).astype(f32)
+    return a, b
+
+
 def _order_sensitive(rng):
     # K = 4 chunks of 128 columns, each (row, chunk) and (chunk, column) at its own scale in
     # 2^-30..2^30: block results of very different sizes, so the fp32 accumulator rounds at
@@ -121,6 +129,7 @@ CASES: Dict[str, Builder] = {
     "near_max": _near_max,
     "tiny": _tiny,
     "subnormal_inputs": _subnormal_inputs,
+    "subnormal_col_scales": _subnormal_col_scales,
     "huge_everywhere": _huge_everywhere,
     "huge_exponent_sums": _huge_exponent_sums,
     "noncontig": _noncontig,
@@ -153,6 +162,40 @@ def test_matmul_matches_reference(kernel, fmt, rounding, case):
     expected = reference_matmul(case, fmt, rounding)
     assert_bits_equal(out, expected, f"matmul {case} {fmt} {rounding}")
     assert out.shape == (a.shape[0], b.shape[1])
+
+
+VNNI_KERNELS = [k for k in KERNELS if k.startswith(("avx512", "amx"))]
+
+
+@pytest.fixture(params=["fma", "add_pipes"])
+def tile_scaling(request):
+    """The AVX-512 tiles' two ways to scale block sums (each CPU uses one; both run here)."""
+    before = bfpaccel._core._tile_scaling()
+    assert bfpaccel._core._tile_scaling(request.param) == request.param
+    try:
+        yield request.param
+    finally:
+        bfpaccel._core._tile_scaling(before)
+
+
+@pytest.mark.parametrize("kname", VNNI_KERNELS)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("fmt", ["msfp16", "msfp12", "mxint8", "mxfp8_e4m3", "mxfp4_e2m1"])
+def test_tile_scaling_modes_match_reference(kname, case, fmt, tile_scaling, restore_threads):
+    a, b = case_data(case)
+    bfpaccel.set_kernel(kname)
+    try:
+        for nt in (1, 2):
+            bfpaccel.set_num_threads(nt)
+            out = bfpaccel.matmul(a, b, fmt, seed=SEED)
+            assert_bits_equal(out, reference_matmul(case, fmt, "nearest_even"), f"{kname} {tile_scaling} {case} {fmt}")
+    finally:
+        bfpaccel.set_kernel(None)
+
+
+def test_tile_scaling_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="tile scaling"):
+        bfpaccel._core._tile_scaling("fast")
 
 
 @pytest.mark.parametrize("rounding", ROUNDING_MODES)
