@@ -24,7 +24,7 @@ import bfpaccel  # noqa: E402
 from bfpaccel.bench import (BenchArgumentError, check_model, compare_rows, format_markdown, format_table,  # noqa: E402
                             latency_stats, parse_backends, parse_batches, run_benchmark)
 from bfpaccel.bench.backends import (CudaBackend, Unavailable, ort_cuda_session,  # noqa: E402
-                                     tensorflow_gpu_reason)
+                                     tensorflow_gpu_reason, torch_cuda_reason, torch_module_from_onnx)
 from bfpaccel.bench.cli import add_bench_parser  # noqa: E402
 from bfpaccel.bench.harness import _sample_shape  # noqa: E402
 
@@ -120,6 +120,14 @@ def test_run_succeeds_and_prints_a_table(full_run: Dict[str, Any]) -> None:
     assert row.rstrip().endswith("-")  # other rows: "-"
 
 
+def _gpu_runtime_here() -> bool:
+    """Whether the ``cuda`` backend can run here (onnxruntime's CUDA provider, or PyTorch on a GPU
+    with onnx2torch); TensorFlow's GPU rung runs zoo models only, never the tiny ONNX."""
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers() or torch_cuda_reason() is None
+
+
 def test_json_schema(full_run: Dict[str, Any]) -> None:
     r = full_run["result"]
     assert r["schema"] == "bfpaccel.bench/1"
@@ -147,7 +155,7 @@ def test_json_schema(full_run: Dict[str, Any]) -> None:
             assert prof["kernel_ms"] <= prof["total_ms"] and prof["top_ops"]
         else:
             assert e["kernel_share"] is None and "profile" not in e
-        if e["name"] in ("tensorflow", "cuda"):
+        if e["name"] == "tensorflow" or (e["name"] == "cuda" and not _gpu_runtime_here()):
             assert e["status"] == "unavailable" and e["reason"] and e["latency_ms"] is None
             continue
         assert e["status"] == "ok", e
@@ -166,7 +174,10 @@ def test_json_schema(full_run: Dict[str, Any]) -> None:
     # the served plan is the bfp:msfp16 plan: the same bits over gRPC
     assert by[("serving", 2)]["output_rel_err"] == pytest.approx(by[("bfp:msfp16", 2)]["output_rel_err"])
     assert by[("serving", 1)]["info"]["format"] == "msfp16"
-    assert by[("cuda", 1)]["reason"].count("CUDAExecutionProvider") >= 1 or "GPU" in by[("cuda", 1)]["reason"]
+    if not _gpu_runtime_here():
+        assert "CUDAExecutionProvider" in by[("cuda", 1)]["reason"]
+    else:  # the GPU row ran the same model on the same input
+        assert by[("cuda", 1)]["output_rel_err"] < 0.01
 
 
 def test_png_is_written(full_run: Dict[str, Any]) -> None:
@@ -275,12 +286,143 @@ def test_cuda_backend_reason_names_every_runtime(tiny: str) -> None:
     tf_reason = tensorflow_gpu_reason()
     if tf_reason is None:
         pytest.skip("TensorFlow has a GPU here")
+    torch_reason = torch_cuda_reason()
+    if torch_reason is None:  # PyTorch sees a GPU and onnx2torch is there: the last rung runs
+        backend = CudaBackend()
+        backend.prepare(ctx)
+        assert backend.label == "cuda (torch)" and backend.info["runtime"] == "torch"
+        backend.close()
+        return
     with pytest.raises(Unavailable) as ei:
         CudaBackend().prepare(ctx)
     msg = str(ei.value)
-    assert "CUDAExecutionProvider" in msg and tf_reason in msg
+    assert "CUDAExecutionProvider" in msg and tf_reason in msg and torch_reason in msg
     if not had_tf and "tensorflow-cpu" in tf_reason:
         assert "tensorflow" not in sys.modules  # the CPU wheel is recognised without importing it
+
+
+def _onnx2torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip without PyTorch or onnx2torch; where torchvision cannot be imported, stand in for it.
+    (PyPI's torchvision wheel is built for PyPI's CUDA torch and does not load beside the CPU torch
+    CI installs; onnx2torch imports it for its NonMaxSuppression/RoiAlign converters alone, which
+    the graphs here do not have: the stand-in's functions raise if they were ever called.)"""
+    pytest.importorskip("torch")
+    if importlib.util.find_spec("onnx2torch") is None:
+        pytest.skip("onnx2torch is not installed")
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        def absent(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("torchvision cannot be imported here")
+
+        tv, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
+        ops.nms = ops.roi_align = ops.box_convert = absent  # type: ignore[attr-defined]
+        tv.ops = ops  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "torchvision", tv)
+        monkeypatch.setitem(sys.modules, "torchvision.ops", ops)
+
+
+def test_torch_cuda_reason_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnx2torch" else real(n, *a))
+    if real("torch") is None:
+        assert torch_cuda_reason() == "PyTorch is not installed"
+        return
+    assert "onnx2torch is not" in (torch_cuda_reason() or "")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "torch" else real(n, *a))
+    assert torch_cuda_reason() == "PyTorch is not installed"
+
+
+def _has_cuda_torch() -> bool:
+    return importlib.util.find_spec("torch") is not None and __import__("torch").cuda.is_available()
+
+
+@pytest.mark.skipif(_has_cuda_torch(), reason="PyTorch sees a GPU here: the unavailable path does not apply")
+def test_torch_cuda_reason_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    _onnx2torch(monkeypatch)
+    import torch
+
+    reason = torch_cuda_reason()
+    assert reason is not None and torch.__version__ in reason
+    assert ("built without CUDA" in reason) == (torch.version.cuda is None)
+
+
+def test_cuda_backend_torch_rung_runs_the_onnx(tiny: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the whole onnx2torch rung, up to the device: on PyTorch's CPU device, through the harness
+    _onnx2torch(monkeypatch)
+    import onnxruntime as ort
+    import torch
+
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    module = torch_module_from_onnx(tiny, "cpu")
+    with torch.inference_mode():
+        got = module(torch.from_numpy(x)).numpy()
+    want = ort.InferenceSession(tiny, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+    from bfpaccel.bench import backends
+
+    monkeypatch.setattr(backends, "onnxruntime_cuda_reason", lambda: "no CUDAExecutionProvider (test)")
+    monkeypatch.setattr(backends, "tensorflow_gpu_reason", lambda: "no TensorFlow GPU (test)")
+    monkeypatch.setattr(backends, "torch_cuda_reason", lambda: None)
+    monkeypatch.setattr(CudaBackend, "torch_device", "cpu")
+    benchmark = torch.backends.cudnn.benchmark
+    r = run_benchmark(tiny, "onnxruntime,cuda", batches="1,2", runs=2, warmup=1, pause_s=0, threads=1,
+                      progress=False, log=lambda m: None)
+    assert torch.backends.cudnn.benchmark == benchmark  # restored by close()
+    for e in r["backends"]:
+        assert e["status"] == "ok", e
+        if e["name"] == "cuda":
+            assert e["label"] == "cuda (torch)" and e["info"]["runtime"] == "torch" and e["info"]["device"] == "cpu"
+            assert e["info"]["torch"] == torch.__version__ and e["info"]["onnx2torch"]
+            assert e["output_rel_err"] < 1e-4  # the same model as onnxruntime's, same input
+
+
+def test_torch_module_from_onnx_reports_an_unconvertible_graph(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    _onnx2torch(monkeypatch)
+    import onnx
+    from onnx import TensorProto, helper
+
+    def save(node: Any, name: str, *opsets: Any) -> str:
+        graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), *opsets])
+        model.ir_version = 8  # what onnxruntime releases older than this onnx still load
+        onnx.save(model, str(tmp_path / name))
+        return str(tmp_path / name)
+
+    # an op onnxruntime runs and onnx2torch has no converter for
+    with pytest.raises(Unavailable, match="onnx2torch cannot convert hardmax.onnx: .*Hardmax"):
+        torch_module_from_onnx(save(helper.make_node("Hardmax", ["x"], ["y"]), "hardmax.onnx"), "cpu")
+    # an op onnxruntime cannot load
+    custom = save(helper.make_node("NoSuchOp", ["x"], ["y"], domain="example.custom"), "custom.onnx",
+                  helper.make_opsetid("example.custom", 1))
+    with pytest.raises(Unavailable, match="onnxruntime cannot load custom.onnx for its basic rewrites"):
+        torch_module_from_onnx(custom, "cpu")
+
+
+def test_torch_rung_takes_torchscript_exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # PyTorch's TorchScript exporter stands for duplicate initializers (the folded biases of
+    # freshly initialised BatchNorms are all zeros) with Identity nodes, which onnx2torch cannot take
+    # as Conv weights; the basic rewrites turn them into initializers
+    _onnx2torch(monkeypatch)
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU6(),
+                              torch.nn.Conv2d(8, 8, 1, bias=False), torch.nn.BatchNorm2d(8)).eval()
+    path = str(tmp_path / "ts.onnx")
+    with torch.no_grad():
+        torch.onnx.export(net, (torch.zeros(1, 3, 8, 8),), path, dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["y"], do_constant_folding=True)
+    assert "Identity" in [n.op_type for n in onnx.load(path).graph.node]
+    x = np.random.default_rng(2).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    with torch.inference_mode():
+        got = torch_module_from_onnx(path, "cpu")(torch.from_numpy(x)).numpy()
+    want = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 class _FakeEstimate:

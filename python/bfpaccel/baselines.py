@@ -7,9 +7,36 @@ Example:
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import os
+import tempfile
+from typing import Any, Optional, Sequence
 
 import numpy as np
+
+
+def ort_basic_optimized(path: str) -> Any:
+    """The ONNX model at ``path`` after onnxruntime's *basic* graph rewrites, as an
+    ``onnx.ModelProto``: standard-ONNX rewrites only (constant folding, Identity elimination,
+    BatchNormalization and Pad into Conv). Exporters' constant chains (the TorchScript exporter's
+    "same" paddings, its Identity nodes standing for duplicate initializers) become initializers.
+    Raises RuntimeError if the result has ops outside the standard domain.
+
+    Example:
+        >>> proto = ort_basic_optimized("model.onnx")  # doctest: +SKIP
+    """
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    with tempfile.TemporaryDirectory(prefix="bfpaccel-ort-") as d:  # the model's folder may be read-only
+        so.optimized_model_filepath = os.path.join(d, "basic.onnx")
+        ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        proto = onnx.load(so.optimized_model_filepath)
+    domains = {n.domain for n in proto.graph.node} - {"", "ai.onnx"}
+    if domains:
+        raise RuntimeError(f"constant folding left non-standard ops (domains {sorted(domains)})")
+    return proto
 
 
 def ort_conv_session(

@@ -16,7 +16,9 @@ Backend names (``parse_backends``):
                            per-channel weights), calibrated on a few inputs
 ``tensorflow``             the zoo model's Keras 3 model (same seeded weights), ``tf.function``,
                            CPU float32; a PATH.onnx is unavailable (TF cannot run the ONNX)
-``cuda``                   onnxruntime's CUDAExecutionProvider, else TensorFlow on a GPU
+``cuda``                   onnxruntime's CUDAExecutionProvider, else TensorFlow on a GPU (zoo
+                           models), else the ONNX on PyTorch's CUDA device through onnx2torch
+                           (numpy in, numpy out: the host<->device copies are in the time)
 ``fpga-model[:NPU]``       ``bfpaccel.perfmodel.estimate`` (an estimate, not a measurement;
                            default NPU ``brainwave-s10``)
 ``serving[:FORMAT][:jpeg]`` end-to-end gRPC Predict on loopback against an in-process
@@ -44,7 +46,7 @@ import numpy as np
 
 __all__ = ["Unavailable", "BenchArgumentError", "BenchContext", "Backend", "parse_backends", "BACKEND_HELP",
            "DEFAULT_BACKENDS", "REFERENCE_BACKEND", "ort_cuda_session", "onnxruntime_cuda_reason",
-           "tensorflow_gpu_reason", "nvidia_gpu_reason"]
+           "tensorflow_gpu_reason", "nvidia_gpu_reason", "torch_cuda_reason", "torch_module_from_onnx"]
 
 #: Every backend, as ``bfpaccel bench`` runs them by default.
 DEFAULT_BACKENDS = "bfp:msfp16,bfp:msfp12,onnxruntime,onnxruntime-int8,tensorflow,cuda,fpga-model,serving"
@@ -404,13 +406,73 @@ def tensorflow_gpu_reason(import_tensorflow: bool = True) -> Optional[str]:
     return None
 
 
+def torch_cuda_reason() -> Optional[str]:
+    """Why the ONNX cannot run on PyTorch's CUDA device here, or None when it can (PyTorch sees a
+    CUDA device and onnx2torch, which turns the ONNX into a ``torch.nn.Module``, is installed).
+    PyTorch is imported only when onnx2torch is there to use it."""
+    if importlib.util.find_spec("torch") is None:
+        return "PyTorch is not installed"
+    if importlib.util.find_spec("onnx2torch") is None:
+        return ("PyTorch is installed but onnx2torch is not (pip install onnx2torch: it runs the ONNX on "
+                "PyTorch's CUDA device)")
+    import torch
+
+    if torch.version.cuda is None:
+        return f"PyTorch {torch.__version__} is built without CUDA"
+    if not torch.cuda.is_available():
+        return f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU (torch.cuda.is_available() is False)"
+    return None
+
+
+def torch_module_from_onnx(onnx_path: str, device: str = "cuda") -> Any:
+    """The ONNX model at ``onnx_path`` as a ``torch.nn.Module`` (onnx2torch's ``torch.fx``
+    graph of the model after onnxruntime's basic rewrites) in eval mode on ``device``.  Its
+    ``forward`` takes the graph's inputs in order.
+
+    Example:
+        >>> m = torch_module_from_onnx("model.onnx", "cuda")  # doctest: +SKIP
+    """
+    try:
+        from onnx2torch import convert
+    except ImportError as e:  # onnx2torch imports torchvision, whose wheel must match the torch build
+        raise Unavailable(f"onnx2torch cannot be imported: {e}") from None
+    from ..baselines import ort_basic_optimized
+
+    name = os.path.basename(onnx_path)
+    try:
+        # onnxruntime's basic rewrites first (what its own sessions start from): the TorchScript
+        # exporter's Identity nodes for duplicate initializers and constant chains become plain
+        # initializers, which onnx2torch needs for Conv weights
+        proto = ort_basic_optimized(onnx_path)
+    except Exception as e:
+        raise Unavailable(f"onnxruntime cannot load {name} for its basic rewrites: {e}") from None
+    try:
+        module = convert(proto)
+    except Exception as e:  # an op onnx2torch has no converter for, an opset it does not take
+        raise Unavailable(f"onnx2torch cannot convert {name}: {e}") from None
+    return module.eval().to(device)
+
+
+def _graph_io_names(onnx_path: str) -> Tuple[List[str], List[str]]:
+    """The graph's (inputs without initializers, outputs), in order."""
+    import onnx
+
+    model = onnx.load(onnx_path, load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits], [o.name for o in model.graph.output]
+
+
 class CudaBackend(Backend):
+    #: the PyTorch device of the onnx2torch rung (tests run that rung on "cpu")
+    torch_device = "cuda"
+
     def __init__(self) -> None:
         super().__init__("cuda", "cuda")
 
     def prepare(self, ctx: BenchContext) -> None:
         self.sess: Any = None
         self.fn: Any = None
+        self.module: Any = None
         ort_reason = onnxruntime_cuda_reason()
         if ort_reason is None:
             import onnxruntime
@@ -432,13 +494,43 @@ class CudaBackend(Backend):
             return
         if tf_reason is None:
             tf_reason = "TensorFlow has a GPU but runs the zoo models only"
+        torch_reason = torch_cuda_reason()
+        if torch_reason is None:
+            import torch
+
+            self.torch = torch
+            dev = self.torch_device
+            self.module = torch_module_from_onnx(ctx.onnx_path, dev)
+            self.input_names, self.out_names = _graph_io_names(ctx.onnx_path)
+            # as onnxruntime's CUDA provider searches cuDNN's convolution algorithms: pick the fastest
+            # per shape on first use (the warm-up calls); restored in close()
+            self._cudnn_benchmark = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+            self.label = "cuda (torch)"
+            self.info.update(runtime="torch", device=torch.cuda.get_device_name(0) if dev == "cuda" else dev,
+                             torch=torch.__version__,
+                             cuda=torch.version.cuda, onnx2torch=_dist_version("onnx2torch"),
+                             cudnn_benchmark=True, cudnn_allow_tf32=bool(torch.backends.cudnn.allow_tf32),
+                             matmul_allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32),
+                             note="numpy in, numpy out: host<->device copies are in the time")
+            return
         gpu = nvidia_gpu_reason()
-        raise Unavailable("; ".join(r for r in (gpu, ort_reason, tf_reason) if r))
+        raise Unavailable("; ".join(r for r in (gpu, ort_reason, tf_reason, torch_reason) if r))
 
     def bind(self, x: np.ndarray) -> Callable[[], Any]:
         if self.sess is not None:
             sess, feeds = self.sess, _feeds(x, self.input_name)
             return lambda: sess.run(None, feeds)
+        if self.module is not None:
+            torch, module, dev = self.torch, self.module, self.torch_device
+            arrays = [x[n] for n in self.input_names] if isinstance(x, dict) else [x]
+
+            def run_torch() -> Any:
+                with torch.inference_mode():
+                    out = module(*[torch.from_numpy(a).to(dev) for a in arrays])
+                outs = out if isinstance(out, (list, tuple)) else [out]
+                return [o.cpu().numpy() for o in outs]
+            return run_torch
         tf, fn = self.tf, self.fn
         with tf.device("/GPU:0"):
             t = tf.constant(x)
@@ -452,10 +544,15 @@ class CudaBackend(Backend):
         if self.sess is not None:
             name = ctx.output_names[0]
             return np.asarray(result[self.out_names.index(name)] if name in self.out_names else result[0])
+        if self.module is not None:  # onnx2torch returns the graph's outputs in order
+            name = ctx.output_names[0]
+            return np.asarray(result[self.out_names.index(name)] if name in self.out_names else result[0])
         return None if isinstance(result, list) else np.asarray(result)
 
     def close(self) -> None:
-        self.sess = self.fn = None
+        if getattr(self, "module", None) is not None:
+            self.torch.backends.cudnn.benchmark = self._cudnn_benchmark
+        self.sess = self.fn = self.module = None
 
 
 # ----- FPGA performance model ----------------------------------------------------------

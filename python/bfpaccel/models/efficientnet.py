@@ -76,26 +76,6 @@ def preprocess_efficientnet_batch(images: Sequence[Union[bytes, np.ndarray]]) ->
     return np.stack([preprocess_efficientnet(i) for i in images])
 
 
-def _fold_constants(path: str) -> "Any":
-    """The TorchScript exporter leaves each "same" padding as a chain of constant ops
-    (ConstantOfShape, Concat, Slice, Transpose, Cast -> Pad). onnxruntime's *basic* level
-    (standard-ONNX rewrites only: constant folding, Pad into Conv) folds them, leaving
-    Conv/Clip/Add/GlobalAveragePool/Reshape/Gemm; the result must still be plain ONNX."""
-    import onnx
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    so.optimized_model_filepath = path + ".folded"
-    ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    proto = onnx.load(so.optimized_model_filepath)
-    os.remove(so.optimized_model_filepath)
-    domains = {n.domain for n in proto.graph.node} - {"", "ai.onnx"}
-    if domains:
-        raise RuntimeError(f"constant folding left non-standard ops (domains {sorted(domains)})")
-    return proto
-
-
 def export_efficientnet_lite0(path: str, opset: int = 15) -> str:
     """Export ImageNet-trained EfficientNet-Lite0 to ONNX at ``path`` (input ``images``
     float32 ``[N, 3, 224, 224]``, output ``logits`` ``[N, 1000]``, pre-softmax); Conv+BN are
@@ -126,7 +106,11 @@ def export_efficientnet_lite0(path: str, opset: int = 15) -> str:
                           input_names=[EFFICIENTNET_INPUT], output_names=[EFFICIENTNET_OUTPUT],
                           dynamic_axes={EFFICIENTNET_INPUT: {0: "N"}, EFFICIENTNET_OUTPUT: {0: "N"}},
                           do_constant_folding=True, training=torch.onnx.TrainingMode.EVAL)
-    proto = _fold_constants(tmp)
+    # the TorchScript exporter leaves each "same" padding as a chain of constant ops (ConstantOfShape,
+    # Concat, Slice, Transpose, Cast -> Pad); onnxruntime's basic level folds them
+    from ..baselines import ort_basic_optimized
+
+    proto = ort_basic_optimized(tmp)
     if any(n.op_type == "BatchNormalization" for n in proto.graph.node):
         raise RuntimeError("the exported EfficientNet-Lite0 still has BatchNormalization nodes (Conv+BN not folded)")
     meta = {
