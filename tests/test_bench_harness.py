@@ -365,7 +365,7 @@ def test_cuda_backend_torch_rung_runs_the_onnx(tiny: str, monkeypatch: pytest.Mo
     monkeypatch.setattr(backends, "onnxruntime_cuda_reason", lambda: "no CUDAExecutionProvider (test)")
     monkeypatch.setattr(backends, "tensorflow_gpu_reason", lambda: "no TensorFlow GPU (test)")
     monkeypatch.setattr(backends, "torch_cuda_reason", lambda: None)
-    monkeypatch.setattr(CudaBackend, "torch_device", "cpu")
+    monkeypatch.setattr(backends._TorchCuda, "device", "cpu")
     benchmark = torch.backends.cudnn.benchmark
     r = run_benchmark(tiny, "onnxruntime,cuda", batches="1,2", runs=2, warmup=1, pause_s=0, threads=1,
                       progress=False, log=lambda m: None)

@@ -462,75 +462,80 @@ def _graph_io_names(onnx_path: str) -> Tuple[List[str], List[str]]:
     return [i.name for i in model.graph.input if i.name not in inits], [o.name for o in model.graph.output]
 
 
-class CudaBackend(Backend):
-    #: the PyTorch device of the onnx2torch rung (tests run that rung on "cpu")
-    torch_device = "cuda"
+def _first_output(result: List[Any], out_names: List[str], ctx: BenchContext) -> np.ndarray:
+    """The model's first output (ctx.output_names[0]) out of a list in the graph's output order."""
+    name = ctx.output_names[0]
+    return np.asarray(result[out_names.index(name)] if name in out_names else result[0])
 
-    def __init__(self) -> None:
-        super().__init__("cuda", "cuda")
 
-    def prepare(self, ctx: BenchContext) -> None:
-        self.sess: Any = None
-        self.fn: Any = None
-        self.module: Any = None
-        ort_reason = onnxruntime_cuda_reason()
-        if ort_reason is None:
-            import onnxruntime
+class _GpuRuntime:
+    """One way the ``cuda`` backend runs the model on an NVIDIA GPU.  ``reason(ctx)`` says why it
+    cannot run here (None: it can); then ``prepare(ctx)`` returns what the JSON records, and
+    ``bind`` / ``output`` / ``close`` are the backend's."""
 
-            self.sess = ort_cuda_session(ctx.onnx_path, ctx.threads, require_listed=False)
-            self.input_name = self.sess.get_inputs()[0].name
-            self.out_names = [o.name for o in self.sess.get_outputs()]
-            self.label = "cuda (onnxruntime)"
-            self.info.update(runtime="onnxruntime", provider="CUDAExecutionProvider",
-                             onnxruntime=onnxruntime.__version__,
-                             note="numpy in, numpy out: host<->device copies are in the time")
-            return
-        tf_reason = tensorflow_gpu_reason()
-        if tf_reason is None and ctx.zoo_name is not None:
-            self.tf, self.fn = _tf_keras_function(ctx, "/GPU:0")
-            self.label = "cuda (tensorflow)"
-            self.info.update(runtime="tensorflow", device="/GPU:0", tensorflow=self.tf.__version__,
-                             note="numpy out: the device->host copy is in the time")
-            return
-        if tf_reason is None:
-            tf_reason = "TensorFlow has a GPU but runs the zoo models only"
-        torch_reason = torch_cuda_reason()
-        if torch_reason is None:
-            import torch
+    label = "cuda"
 
-            self.torch = torch
-            dev = self.torch_device
-            self.module = torch_module_from_onnx(ctx.onnx_path, dev)
-            self.input_names, self.out_names = _graph_io_names(ctx.onnx_path)
-            # as onnxruntime's CUDA provider searches cuDNN's convolution algorithms: pick the fastest
-            # per shape on first use (the warm-up calls); restored in close()
-            self._cudnn_benchmark = torch.backends.cudnn.benchmark
-            torch.backends.cudnn.benchmark = True
-            self.label = "cuda (torch)"
-            self.info.update(runtime="torch", device=torch.cuda.get_device_name(0) if dev == "cuda" else dev,
-                             torch=torch.__version__,
-                             cuda=torch.version.cuda, onnx2torch=_dist_version("onnx2torch"),
-                             cudnn_benchmark=True, cudnn_allow_tf32=bool(torch.backends.cudnn.allow_tf32),
-                             matmul_allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32),
-                             note="numpy in, numpy out: host<->device copies are in the time")
-            return
-        gpu = nvidia_gpu_reason()
-        raise Unavailable("; ".join(r for r in (gpu, ort_reason, tf_reason, torch_reason) if r))
+    def reason(self, ctx: BenchContext) -> Optional[str]:
+        raise NotImplementedError
 
-    def bind(self, x: np.ndarray) -> Callable[[], Any]:
-        if self.sess is not None:
-            sess, feeds = self.sess, _feeds(x, self.input_name)
-            return lambda: sess.run(None, feeds)
-        if self.module is not None:
-            torch, module, dev = self.torch, self.module, self.torch_device
-            arrays = [x[n] for n in self.input_names] if isinstance(x, dict) else [x]
+    def prepare(self, ctx: BenchContext) -> Dict[str, Any]:
+        raise NotImplementedError
 
-            def run_torch() -> Any:
-                with torch.inference_mode():
-                    out = module(*[torch.from_numpy(a).to(dev) for a in arrays])
-                outs = out if isinstance(out, (list, tuple)) else [out]
-                return [o.cpu().numpy() for o in outs]
-            return run_torch
+    def bind(self, x: Any) -> Callable[[], Any]:
+        raise NotImplementedError
+
+    def output(self, result: Any, ctx: BenchContext) -> Optional[np.ndarray]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class _OrtCuda(_GpuRuntime):
+    """onnxruntime's CUDAExecutionProvider (the onnxruntime-gpu package)."""
+
+    label = "cuda (onnxruntime)"
+
+    def reason(self, ctx: BenchContext) -> Optional[str]:
+        return onnxruntime_cuda_reason()
+
+    def prepare(self, ctx: BenchContext) -> Dict[str, Any]:
+        import onnxruntime
+
+        self.sess = ort_cuda_session(ctx.onnx_path, ctx.threads, require_listed=False)
+        self.input_name = self.sess.get_inputs()[0].name
+        self.out_names = [o.name for o in self.sess.get_outputs()]
+        return dict(runtime="onnxruntime", provider="CUDAExecutionProvider", onnxruntime=onnxruntime.__version__,
+                    note="numpy in, numpy out: host<->device copies are in the time")
+
+    def bind(self, x: Any) -> Callable[[], Any]:
+        sess, feeds = self.sess, _feeds(x, self.input_name)
+        return lambda: sess.run(None, feeds)
+
+    def output(self, result: Any, ctx: BenchContext) -> Optional[np.ndarray]:
+        return _first_output(result, self.out_names, ctx)
+
+    def close(self) -> None:
+        self.sess = None
+
+
+class _TfGpu(_GpuRuntime):
+    """The zoo model's Keras model on TensorFlow's first GPU (TensorFlow cannot run an ONNX)."""
+
+    label = "cuda (tensorflow)"
+
+    def reason(self, ctx: BenchContext) -> Optional[str]:
+        r = tensorflow_gpu_reason()
+        if r is None and ctx.zoo_name is None:
+            return "TensorFlow has a GPU but runs the zoo models only"
+        return r
+
+    def prepare(self, ctx: BenchContext) -> Dict[str, Any]:
+        self.tf, self.fn = _tf_keras_function(ctx, "/GPU:0")
+        return dict(runtime="tensorflow", device="/GPU:0", tensorflow=self.tf.__version__,
+                    note="numpy out: the device->host copy is in the time")
+
+    def bind(self, x: Any) -> Callable[[], Any]:
         tf, fn = self.tf, self.fn
         with tf.device("/GPU:0"):
             t = tf.constant(x)
@@ -541,18 +546,93 @@ class CudaBackend(Backend):
         return run
 
     def output(self, result: Any, ctx: BenchContext) -> Optional[np.ndarray]:
-        if self.sess is not None:
-            name = ctx.output_names[0]
-            return np.asarray(result[self.out_names.index(name)] if name in self.out_names else result[0])
-        if self.module is not None:  # onnx2torch returns the graph's outputs in order
-            name = ctx.output_names[0]
-            return np.asarray(result[self.out_names.index(name)] if name in self.out_names else result[0])
         return None if isinstance(result, list) else np.asarray(result)
 
     def close(self) -> None:
-        if getattr(self, "module", None) is not None:
+        self.fn = None
+
+
+class _TorchCuda(_GpuRuntime):
+    """The ONNX on PyTorch's CUDA device through onnx2torch (after onnxruntime's basic rewrites)."""
+
+    label = "cuda (torch)"
+    #: the PyTorch device (tests run this runtime on "cpu")
+    device = "cuda"
+
+    def reason(self, ctx: BenchContext) -> Optional[str]:
+        return torch_cuda_reason()
+
+    def prepare(self, ctx: BenchContext) -> Dict[str, Any]:
+        import torch
+
+        self.torch, dev = torch, self.device
+        self.module = torch_module_from_onnx(ctx.onnx_path, dev)
+        self.input_names, self.out_names = _graph_io_names(ctx.onnx_path)
+        # as onnxruntime's CUDA provider searches cuDNN's convolution algorithms: pick the fastest
+        # per shape on first use (the warm-up calls); restored in close()
+        self._cudnn_benchmark: Optional[bool] = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        return dict(runtime="torch", device=torch.cuda.get_device_name(0) if dev == "cuda" else dev,
+                    torch=torch.__version__, cuda=torch.version.cuda, onnx2torch=_dist_version("onnx2torch"),
+                    cudnn_benchmark=True, cudnn_allow_tf32=bool(torch.backends.cudnn.allow_tf32),
+                    matmul_allow_tf32=bool(torch.backends.cuda.matmul.allow_tf32),
+                    note="numpy in, numpy out: host<->device copies are in the time")
+
+    def bind(self, x: Any) -> Callable[[], Any]:
+        torch, module, dev = self.torch, self.module, self.device
+        arrays = [x[n] for n in self.input_names] if isinstance(x, dict) else [x]
+
+        def run() -> Any:
+            with torch.inference_mode():
+                out = module(*[torch.from_numpy(a).to(dev) for a in arrays])
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            return [o.cpu().numpy() for o in outs]
+        return run
+
+    def output(self, result: Any, ctx: BenchContext) -> Optional[np.ndarray]:
+        return _first_output(result, self.out_names, ctx)  # onnx2torch: the graph's outputs in order
+
+    def close(self) -> None:
+        if getattr(self, "_cudnn_benchmark", None) is not None:
             self.torch.backends.cudnn.benchmark = self._cudnn_benchmark
-        self.sess = self.fn = self.module = None
+            self._cudnn_benchmark = None
+        self.module = None
+
+
+class CudaBackend(Backend):
+    """The first of :attr:`runtimes` that can run here; unavailable with every one's reason."""
+
+    runtimes: Tuple[type, ...] = (_OrtCuda, _TfGpu, _TorchCuda)
+
+    def __init__(self) -> None:
+        super().__init__("cuda", "cuda")
+        self.rt: Optional[_GpuRuntime] = None
+
+    def prepare(self, ctx: BenchContext) -> None:
+        reasons: List[str] = []
+        for cls in self.runtimes:
+            rt = cls()
+            reason = rt.reason(ctx)
+            if reason:
+                reasons.append(reason)
+                continue
+            self.info.update(rt.prepare(ctx))
+            self.rt, self.label = rt, rt.label
+            return
+        gpu = nvidia_gpu_reason()
+        raise Unavailable("; ".join(([gpu] if gpu else []) + reasons))
+
+    def bind(self, x: np.ndarray) -> Callable[[], Any]:
+        assert self.rt is not None, "prepare() first"
+        return self.rt.bind(x)
+
+    def output(self, result: Any, ctx: BenchContext) -> Optional[np.ndarray]:
+        return self.rt.output(result, ctx) if self.rt is not None else None
+
+    def close(self) -> None:
+        if self.rt is not None:
+            self.rt.close()
+        self.rt = None
 
 
 # ----- FPGA performance model ----------------------------------------------------------
