@@ -354,8 +354,51 @@ def gemm_headlines(rows: List[Row]) -> List[str]:
     return out
 
 
+def mobilenet_section(rows: List[Row]) -> str:
+    """The MobileNetV2 blocks (bench/test_bench_mobilenet.py): per block, then totals weighted by
+    each block's occurrences in the network (17 blocks, the stem and the head)."""
+    groups = groups_of(rows, "mbv2")
+    if not groups:
+        return ""
+
+    def lead(r: Row) -> List[str]:
+        return [f"`{r.shape}`", f"{r.extra.get('out_hw', '?')}²", str(r.count), str(r.threads)]
+
+    lines = [
+        "## MobileNetV2 blocks (batch 1, 224x224): the BFP session vs onnxruntime float32, same model",
+        "",
+        "Block names: b<stage>-t<expansion>[s<stride>]-CinToCout-input size (expansion 1x1 + ReLU6, 3x3 "
+        "depthwise + ReLU6, projection 1x1, residual add where the shape stays); the stem and the head are "
+        "plain convs. `n` = occurrences in MobileNetV2. `vs baseline` = onnxruntime median / this median.",
+        "",
+        _group_table(groups, lead, ["block", "out", "n", "threads"]),
+        "",
+    ]
+    trows = []
+    mb = [r for r in rows if r.op == "mbv2"]
+    for t in sorted({r.threads for r in mb if r.threads is not None}):
+        acc: Dict[str, List] = defaultdict(lambda: [0.0, set(), None])
+        for r in mb:
+            if r.threads == t:
+                acc[r.impl][0] += r.median * r.count
+                acc[r.impl][1].add(r.shape)
+                acc[r.impl][2] = r
+        impls = sorted(acc, key=lambda i: acc[i][2].sort_key())
+        base = next((i for i in impls if acc[i][2].role == "baseline"), None)
+        for impl in impls:
+            partial = base is not None and acc[impl][1] != acc[base][1]
+            ratio = "baseline" if impl == base else (fmt_ratio(acc[base][0] / acc[impl][0]) if base else "–")
+            trows.append([str(t), impl, str(len(acc[impl][1])),
+                          fmt_ms(acc[impl][0]) + (" *partial*" if partial else ""), ratio])
+    lines.append("Totals: every benched block weighted by its occurrences (convolutions, activations and "
+                 "residual adds; no pooling or classifier).")
+    lines.append("")
+    lines.append(table(["threads", "impl", "blocks", "in net ms", "vs ort"], trows, ["l", "l", "r", "r", "r"]))
+    return "\n".join(lines)
+
+
 def other_section(rows: List[Row]) -> str:
-    other = [r for r in rows if r.op not in ("gemm", "conv")]
+    other = [r for r in rows if r.op not in ("gemm", "conv", "mbv2")]
     if not other:
         return ""
     body = [[r.group, r.name, fmt_ms(r.median), fmt_gops(r.gops)] for r in other]
@@ -369,7 +412,7 @@ def report(data: dict, source: str) -> str:
     heads = gemm_headlines(rows) + conv_heads
     if heads:
         parts.append("## Headlines\n\n" + "\n".join(f"- {h}" for h in heads))
-    for sec in (gemm_section(rows), totals, conv_section(rows), other_section(rows)):
+    for sec in (gemm_section(rows), totals, conv_section(rows), mobilenet_section(rows), other_section(rows)):
         if sec:
             parts.append(sec)
     return "\n\n".join(parts) + "\n"
