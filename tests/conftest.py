@@ -112,6 +112,22 @@ def kernel(request) -> Iterator[str]:
         bfpaccel.set_kernel(None)
 
 
+#: the kernels with AVX-512 GEMM tiles (native, emulated, and AMX's VNNI rows)
+VNNI_KERNELS: List[str] = [k for k in KERNELS if k.startswith(("avx512", "amx"))]
+
+
+@pytest.fixture(params=["fma", "add_pipes"])
+def tile_scaling(request) -> Iterator[str]:
+    """The AVX-512 tiles' two ways to scale block sums, each with its tile height (6 rows with
+    fma, 5 with the add pipes): each CPU uses one, both run here."""
+    before = bfpaccel._core._tile_scaling()
+    assert bfpaccel._core._tile_scaling(request.param) == request.param
+    try:
+        yield request.param
+    finally:
+        bfpaccel._core._tile_scaling(before)
+
+
 @pytest.fixture
 def restore_threads() -> Iterator[int]:
     """Give back the thread count a test changed."""

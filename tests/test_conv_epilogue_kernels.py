@@ -9,6 +9,7 @@ import pytest
 
 import bfpaccel
 from bfpaccel import reference
+from conftest import VNNI_KERNELS
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -78,6 +79,16 @@ def test_conv_epilogue_bits(kernel, vp, act, O, nonneg):
     elif act == "clip":
         s = _round(np.clip(s, -0.5, 0.75), vp)
     np.testing.assert_array_equal(got.view(np.uint32), s.view(np.uint32))
+
+
+@pytest.mark.parametrize("kname", VNNI_KERNELS)
+@pytest.mark.parametrize("O", [32, 20])
+@pytest.mark.parametrize("act", ["relu", "clip"])
+def test_conv_epilogue_tile_heights(kname, tile_scaling, act, O):
+    """The epilogue in the AVX-512 tiles of both heights (6 rows with fma scaling, 5 with the add
+    pipes; 63 output pixels: full and partial row tiles), the signed and the byte path."""
+    for nonneg in (False, True):
+        test_conv_epilogue_bits(kname, "fp16", act, O, nonneg)
 
 
 def _dw_model(C: int, H: int, W: int, act: str, lo: float, hi: float, w: np.ndarray, b: np.ndarray):

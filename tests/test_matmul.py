@@ -10,7 +10,7 @@ import pytest
 
 import bfpaccel
 from bfpaccel import reference as ref
-from conftest import BLOCK_FORMATS, KERNELS, ROUNDING_MODES, assert_array_exact, assert_bits_equal
+from conftest import BLOCK_FORMATS, KERNELS, ROUNDING_MODES, VNNI_KERNELS, assert_array_exact, assert_bits_equal
 
 f32 = np.float32
 SEED = 424242
@@ -162,20 +162,6 @@ def test_matmul_matches_reference(kernel, fmt, rounding, case):
     expected = reference_matmul(case, fmt, rounding)
     assert_bits_equal(out, expected, f"matmul {case} {fmt} {rounding}")
     assert out.shape == (a.shape[0], b.shape[1])
-
-
-VNNI_KERNELS = [k for k in KERNELS if k.startswith(("avx512", "amx"))]
-
-
-@pytest.fixture(params=["fma", "add_pipes"])
-def tile_scaling(request):
-    """The AVX-512 tiles' two ways to scale block sums (each CPU uses one; both run here)."""
-    before = bfpaccel._core._tile_scaling()
-    assert bfpaccel._core._tile_scaling(request.param) == request.param
-    try:
-        yield request.param
-    finally:
-        bfpaccel._core._tile_scaling(before)
 
 
 @pytest.mark.parametrize("kname", VNNI_KERNELS)

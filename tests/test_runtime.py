@@ -17,6 +17,7 @@ import pytest
 
 import bfpaccel
 from bfpaccel import reference
+from conftest import VNNI_KERNELS
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -661,6 +662,25 @@ def test_long_k_conv_bit_exact(kernel, restore_threads, threads, C, k, H, W, O):
     and short-K convs whose row tiles run over all the panels in turn, give the datapath's bits: with a fused bias + residual + ReLU epilogue, row tiles whose
     exponents send them to the exact path (extreme input rows), edge panels and short tiles."""
     bfpaccel.set_num_threads(threads)
+    _check_long_k_conv(C, k, H, W, O)
+
+
+@pytest.mark.parametrize("kname", VNNI_KERNELS)
+@pytest.mark.parametrize("C,k,H,W,O", [(160, 3, 5, 7, 37), (40, 1, 9, 11, 70), (512, 3, 5, 7, 256)])
+def test_long_k_conv_tile_heights(kname, tile_scaling, restore_threads, C, k, H, W, O):
+    """The same convs on the AVX-512 tiles of both heights (6 rows with fma scaling, 5 with the add
+    pipes): chunked K, row tiles over all panels with the batched epilogue, one pass over large
+    weights, and the exact path's tiles, at 1 and 2 threads."""
+    bfpaccel.set_kernel(kname)
+    try:
+        for threads in (1, 2):
+            bfpaccel.set_num_threads(threads)
+            _check_long_k_conv(C, k, H, W, O)
+    finally:
+        bfpaccel.set_kernel(None)
+
+
+def _check_long_k_conv(C: int, k: int, H: int, W: int, O: int) -> None:
     rng = np.random.default_rng(C + O)
     w, b = _w(O, C, k, k), (rng.standard_normal(O) * 10).astype(np.float32)
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[k // 2] * 4),

@@ -25,6 +25,7 @@ namespace avx2 {
 
 #define MR_MAX 4
 static constexpr int MR = 3;
+static inline int tile_rows() { return MR; }  // rows per GEMM tile (the driver's; see avx512.cpp)
 static constexpr int KSTEP = 2;  // k values per int32 lane of a panel
 
 // Panel layout, per block b: [Bp/2][NR][2] int8 (2 units of one column; sign-extended to int16
