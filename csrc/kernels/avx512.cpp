@@ -116,7 +116,9 @@ int tile_scaling() { return g_tile_scaling.load(std::memory_order_relaxed); }
 // tiles took 1.03-1.04x the time of 5 x 32 ones (Zen 4, interleaved: GEMM 1024^3 prequantized and
 // per call, ResNet-50 and EfficientNet-Lite0 at 1 and 2 threads; 4 x 32 was faster still on the
 // 1024^3 GEMM but 1.025x on ResNet-50, whose long-K panels then stream from L2 for more tiles).
-// The driver reads it once per GEMM call.
+// With FMA scaling 5 rows were the slower ones there (1.025-1.036x): the FMA reads each row's
+// scale from memory as a broadcast operand, the add-pipes form keeps each row's exponent in a
+// register. The driver reads it once per GEMM call.
 static inline int tile_rows() { return g_tile_scaling.load(std::memory_order_relaxed) == kScaleAddPipes ? 5 : MR; }
 void set_tile_scaling(int mode) {
     g_tile_scaling.store(mode < 0 ? prefer_add_pipes() : mode, std::memory_order_relaxed);
