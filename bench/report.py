@@ -269,11 +269,11 @@ def conv_section(rows: List[Row]) -> str:
     )
 
 
-def _totals(rows: List[Row], threads, pred):
-    """impl -> (sum of medians, count-weighted sum, layers), over conv layers matching pred."""
+def _totals(rows: List[Row], threads, pred, op: str = "conv"):
+    """impl -> (sum of medians, count-weighted sum, layers, a row), over op's rows matching pred."""
     acc: Dict[str, List] = defaultdict(lambda: [0.0, 0.0, set(), None])
     for r in rows:
-        if r.op == "conv" and r.threads == threads and pred(r):
+        if r.op == op and r.threads == threads and pred(r):
             a = acc[r.impl]
             a[0] += r.median
             a[1] += r.median * r.count
@@ -377,19 +377,14 @@ def mobilenet_section(rows: List[Row]) -> str:
     trows = []
     mb = [r for r in rows if r.op == "mbv2"]
     for t in sorted({r.threads for r in mb if r.threads is not None}):
-        acc: Dict[str, List] = defaultdict(lambda: [0.0, set(), None])
-        for r in mb:
-            if r.threads == t:
-                acc[r.impl][0] += r.median * r.count
-                acc[r.impl][1].add(r.shape)
-                acc[r.impl][2] = r
-        impls = sorted(acc, key=lambda i: acc[i][2].sort_key())
-        base = next((i for i in impls if acc[i][2].role == "baseline"), None)
+        acc = _totals(mb, t, lambda r: True, op="mbv2")
+        impls = sorted(acc, key=lambda i: acc[i][3].sort_key())
+        base = next((i for i in impls if acc[i][3].role == "baseline"), None)
         for impl in impls:
-            partial = base is not None and acc[impl][1] != acc[base][1]
-            ratio = "baseline" if impl == base else (fmt_ratio(acc[base][0] / acc[impl][0]) if base else "–")
-            trows.append([str(t), impl, str(len(acc[impl][1])),
-                          fmt_ms(acc[impl][0]) + (" *partial*" if partial else ""), ratio])
+            partial = base is not None and acc[impl][2] != acc[base][2]
+            ratio = "baseline" if impl == base else (fmt_ratio(acc[base][1] / acc[impl][1]) if base else "–")
+            trows.append([str(t), impl, str(len(acc[impl][2])),
+                          fmt_ms(acc[impl][1]) + (" *partial*" if partial else ""), ratio])
     lines.append("Totals: every benched block weighted by its occurrences (convolutions, activations and "
                  "residual adds; no pooling or classifier).")
     lines.append("")

@@ -157,6 +157,12 @@ def _feeds(x: Any, input_name: str) -> Dict[str, np.ndarray]:
     return dict(x) if isinstance(x, dict) else {input_name: x}
 
 
+def _first_output(result: List[Any], out_names: List[str], ctx: BenchContext) -> np.ndarray:
+    """The model's first output (ctx.output_names[0]) out of a list in the graph's output order."""
+    name = ctx.output_names[0]
+    return np.asarray(result[out_names.index(name)] if name in out_names else result[0])
+
+
 def _single_input_only(ctx: BenchContext, what: str) -> None:
     if ctx.seq_len is not None:
         raise Unavailable(f"{what} runs models of one float input; this text encoder takes token ids and a mask")
@@ -186,8 +192,7 @@ class OnnxruntimeBackend(Backend):
         return lambda: sess.run(None, feeds)
 
     def output(self, result: Any, ctx: BenchContext) -> Optional[np.ndarray]:
-        name = ctx.output_names[0]
-        return np.asarray(result[self.out_names.index(name)] if name in self.out_names else result[0])
+        return _first_output(result, self.out_names, ctx)
 
     def close(self) -> None:
         self.sess = None
@@ -460,12 +465,6 @@ def _graph_io_names(onnx_path: str) -> Tuple[List[str], List[str]]:
     model = onnx.load(onnx_path, load_external_data=False)
     inits = {i.name for i in model.graph.initializer}
     return [i.name for i in model.graph.input if i.name not in inits], [o.name for o in model.graph.output]
-
-
-def _first_output(result: List[Any], out_names: List[str], ctx: BenchContext) -> np.ndarray:
-    """The model's first output (ctx.output_names[0]) out of a list in the graph's output order."""
-    name = ctx.output_names[0]
-    return np.asarray(result[out_names.index(name)] if name in out_names else result[0])
 
 
 class _GpuRuntime:
