@@ -168,7 +168,27 @@ def _single_input_only(ctx: BenchContext, what: str) -> None:
         raise Unavailable(f"{what} runs models of one float input; this text encoder takes token ids and a mask")
 
 
-class OnnxruntimeBackend(Backend):
+class _OrtRun:
+    """Runs an onnxruntime session (``use(sess)`` first): bind, the first output, close -- the CPU
+    backends' and the CUDA provider's alike."""
+
+    def use(self, sess: Any) -> None:
+        self.sess = sess
+        self.input_name = sess.get_inputs()[0].name
+        self.out_names = [o.name for o in sess.get_outputs()]
+
+    def bind(self, x: Any) -> Callable[[], Any]:
+        sess, feeds = self.sess, _feeds(x, self.input_name)
+        return lambda: sess.run(None, feeds)
+
+    def output(self, result: Any, ctx: BenchContext) -> Optional[np.ndarray]:
+        return _first_output(result, self.out_names, ctx)
+
+    def close(self) -> None:
+        self.sess = None
+
+
+class OnnxruntimeBackend(_OrtRun, Backend):
     def __init__(self) -> None:
         super().__init__("onnxruntime", "onnxruntime fp32")
 
@@ -182,20 +202,8 @@ class OnnxruntimeBackend(Backend):
 
         from ..baselines import ort_session
 
-        self.sess = ort_session(self._session_path(ctx), ctx.threads)
+        self.use(ort_session(self._session_path(ctx), ctx.threads))
         self.info.update(provider="CPUExecutionProvider", onnxruntime=onnxruntime.__version__)
-        self.input_name = self.sess.get_inputs()[0].name
-        self.out_names = [o.name for o in self.sess.get_outputs()]
-
-    def bind(self, x: Any) -> Callable[[], Any]:
-        sess, feeds = self.sess, _feeds(x, self.input_name)
-        return lambda: sess.run(None, feeds)
-
-    def output(self, result: Any, ctx: BenchContext) -> Optional[np.ndarray]:
-        return _first_output(result, self.out_names, ctx)
-
-    def close(self) -> None:
-        self.sess = None
 
 
 class OnnxruntimeInt8Backend(OnnxruntimeBackend):
@@ -490,7 +498,7 @@ class _GpuRuntime:
         pass
 
 
-class _OrtCuda(_GpuRuntime):
+class _OrtCuda(_OrtRun, _GpuRuntime):
     """onnxruntime's CUDAExecutionProvider (the onnxruntime-gpu package)."""
 
     label = "cuda (onnxruntime)"
@@ -501,21 +509,9 @@ class _OrtCuda(_GpuRuntime):
     def prepare(self, ctx: BenchContext) -> Dict[str, Any]:
         import onnxruntime
 
-        self.sess = ort_cuda_session(ctx.onnx_path, ctx.threads, require_listed=False)
-        self.input_name = self.sess.get_inputs()[0].name
-        self.out_names = [o.name for o in self.sess.get_outputs()]
+        self.use(ort_cuda_session(ctx.onnx_path, ctx.threads, require_listed=False))
         return dict(runtime="onnxruntime", provider="CUDAExecutionProvider", onnxruntime=onnxruntime.__version__,
                     note="numpy in, numpy out: host<->device copies are in the time")
-
-    def bind(self, x: Any) -> Callable[[], Any]:
-        sess, feeds = self.sess, _feeds(x, self.input_name)
-        return lambda: sess.run(None, feeds)
-
-    def output(self, result: Any, ctx: BenchContext) -> Optional[np.ndarray]:
-        return _first_output(result, self.out_names, ctx)
-
-    def close(self) -> None:
-        self.sess = None
 
 
 class _TfGpu(_GpuRuntime):
