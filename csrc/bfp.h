@@ -396,6 +396,7 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
 void gemm(const GemmArgs& a);
 bool os_ready();
 bool load_foreign_config_for_tests();
+bool tiles_in_use_for_tests(int nt);
 }  // namespace amx
 
 namespace amxemu {  // the same kernel on SIMDe + emulated tiles, built only with BFPACCEL_AVX512_EMULATION
@@ -405,6 +406,7 @@ void pack_panel(const ColsView& c, int64_t col0, int ncols, uint8_t* dst, int32_
 void gemm(const GemmArgs& a);
 bool os_ready();
 bool load_foreign_config_for_tests();
+bool tiles_in_use_for_tests(int nt);
 }  // namespace amxemu
 
 namespace avx2 {

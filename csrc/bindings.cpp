@@ -164,6 +164,17 @@ PYBIND11_MODULE(_core, m) {
 #endif
         return false;
     }, py::arg("kernel"));
+    // tests only: whether a thread of the kernel's OpenMP team (up to `threads`, the caller's
+    // included) still holds tile state after a GEMM returned
+    m.def("_amx_tiles_in_use", [](const std::string& kernel, int threads) {
+        const auto names = available_kernels();
+        if (std::find(names.begin(), names.end(), kernel) == names.end()) return false;
+        if (kernel == "amx") return amx::tiles_in_use_for_tests(threads);
+#ifdef BFPACCEL_HAVE_AVX512_EMU
+        if (kernel == "amx-emu") return amxemu::tiles_in_use_for_tests(threads);
+#endif
+        return false;
+    }, py::arg("kernel"), py::arg("threads") = 1);
     // tests and benchmarks: how the AVX-512 GEMM tiles scale block sums ("fma" or "add_pipes";
     // the same bits either way), None: this CPU's choice; returns the mode in force
     m.def("_tile_scaling", [](std::optional<std::string> mode) {

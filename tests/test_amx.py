@@ -128,6 +128,30 @@ def test_tile_configuration_reloaded_after_other_amx_code(amx_kernel, restore_th
     assert_bits_equal(bfpaccel.matmul(a, b, "msfp16"), want, "after another tile configuration")
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_tiles_released_after_each_call(amx_kernel, restore_threads, threads):
+    """No thread keeps tile state once a GEMM has returned (TILERELEASE, as oneDNN does after a
+    primitive): a thread with its tiles in use carries their 8 KB through every context switch and
+    signal frame for the rest of the process. The next call configures them again."""
+    from bfpaccel import _core
+
+    rng = np.random.default_rng(9)
+    a = rng.normal(size=(96, 256)).astype(f32)
+    b = rng.normal(size=(256, 320)).astype(f32)  # 10 panels: the tile path, several items a thread
+    want = ref.matmul(a, b, "msfp16")
+    bfpaccel.set_num_threads(threads)
+    for what in ("first call", "second call"):
+        assert_bits_equal(bfpaccel.matmul(a, b, "msfp16"), want, what)
+        assert not _core._amx_tiles_in_use(amx_kernel, threads), f"tile state left in use after the {what}"
+    # the hook itself sees a configured thread (so the checks above can fail); on one thread the
+    # caller runs the tiles and leaves them released, whoever configured them before
+    assert _core._amx_load_foreign_config(amx_kernel)
+    assert _core._amx_tiles_in_use(amx_kernel, 1)
+    bfpaccel.set_num_threads(1)
+    assert_bits_equal(bfpaccel.matmul(a, b, "msfp16"), want, "after another configuration")
+    assert not _core._amx_tiles_in_use(amx_kernel, 1)
+
+
 CONVS = {
     "3x3_s2_p1": ((1, 32, 17, 15), (140, 32, 3, 3), {"stride": 2, "padding": 1}),
     "3x3_p1_C64": ((2, 64, 9, 9), (170, 64, 3, 3), {"padding": 1}),

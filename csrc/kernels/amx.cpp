@@ -144,9 +144,13 @@ struct alignas(64) TileConfig {
 
 // Tiles: 0-3 C (16 x 16 fp32), 4-5 A (16 rows x Bp bf16), 6-7 B (Bp/2 rows x 16 pairs).
 // The configuration is per thread: each worker loads it before its first tile instruction of
-// each GEMM call. Not cached across calls: other code on the same thread (oneDNN inside PyTorch
-// or onnxruntime, a user's own tiles) may load its own configuration or release the tiles in
-// between, and a stale configuration computes garbage without any fault.
+// each GEMM call and releases the tiles (TILERELEASE) when its share of the call is done, as
+// oneDNN does after each primitive. Not cached across calls: other code on the same thread
+// (oneDNN inside PyTorch or onnxruntime, a user's own tiles) may load its own configuration or
+// release the tiles in between, and a stale configuration computes garbage without any fault.
+// Released: a thread whose tile state is in use carries its 8 KB in every context switch and
+// every signal frame (a signal handler on a small alternate stack cannot even be entered), so
+// no thread -- the caller's included -- keeps it once the GEMM has returned.
 static std::atomic<uint64_t> g_gemm_calls{0};
 static thread_local uint64_t tl_config_call = 0;
 
@@ -171,6 +175,32 @@ static inline void ensure_config(int Bp, uint64_t call) {
     _tile_loadconfig(&cfg);
     BFP_MEM_BARRIER();
     tl_config_call = call;
+}
+
+// The tiles back to their init state on this thread (the next call configures them again)
+static inline void release_tiles() {
+    BFP_MEM_BARRIER();
+    _tile_release();
+    BFP_MEM_BARRIER();
+    tl_config_call = 0;
+}
+
+// Tests: whether this thread's tile state is in use, on each of up to nt OpenMP threads (the
+// team the GEMM uses); XINUSE (XGETBV 1) bits 17-18 on the hardware, the emulation's state here.
+bool tiles_in_use_for_tests(int nt) {
+    if (!os_ready()) return false;
+    bool any = false;
+#pragma omp parallel num_threads(nt < 1 ? 1 : nt) reduction(|| : any)
+    {
+#ifdef BFP_AMX_EMULATED
+        any = ::bfp_amx_emu::state().configured;
+#else
+        uint32_t lo, hi;
+        __asm__ __volatile__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(1));
+        any = (lo >> 17 & 3) != 0;
+#endif
+    }
+    return any;
 }
 
 // Tests: load another tile configuration on the calling thread, as other AMX code sharing the
@@ -431,10 +461,14 @@ void gemm(const GemmArgs& a) {
     const int64_t items = nrg * npg;
     const uint64_t call = g_gemm_calls.fetch_add(1, std::memory_order_relaxed) + 1;  // never 0
 
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+#pragma omp parallel num_threads(nt)
+    {
+    bool used = false;
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t it = 0; it < items; ++it) {
         alignas(64) float cbuf[4 * 256];
         ensure_config(Bp, call);
+        used = true;
         const int64_t g = it / npg, q = it % npg;
         const int64_t rt0 = g * mg, rt1 = (rt0 + mg) < nrt ? rt0 + mg : nrt;
         const int64_t p0 = q * pg, p1 = (p0 + pg) < npanels ? p0 + pg : npanels;
@@ -461,6 +495,8 @@ void gemm(const GemmArgs& a) {
                 }
             }
         }
+    }
+    if (used) release_tiles();  // this thread's share is done (nowait: no barrier before it)
     }
     std::free(abuf);
     std::free(rrange);
