@@ -112,6 +112,25 @@ def _noncontig(rng):
     return a, b
 
 
+def _short_k(M: int, K: int, N: int, special: str = "") -> Builder:
+    """K of one or two blocks with whole 32-column panels: the tiles that address their rows from
+    one base (consecutive rows, one tap), with NaN / Inf, a wide dynamic range, or exponents that
+    send some tiles to the exact fallback."""
+
+    def build(rng):
+        a, b = _normal(M, K, N)(rng)
+        if special == "nan_inf":
+            a[1, 3], a[M - 1, K - 1], b[K // 2, 20], b[0, N - 1] = np.nan, np.inf, -np.inf, np.nan
+        elif special == "dynamic":
+            a = (a * 10.0 ** rng.uniform(-30, 30, size=(M, K))).astype(f32)
+            b = (b * 10.0 ** rng.uniform(-30, 30, size=(K, N))).astype(f32)
+        elif special == "tiny_rows":  # rows 4-8 near 2^-140: their tiles leave the fast path's range
+            a[4:9] *= f32(2.0**-140)
+        return a, b
+
+    return build
+
+
 CASES: Dict[str, Builder] = {
     "N1": _normal(5, 70, 1),
     "odd_7x37x33": _normal(7, 37, 33),
@@ -133,6 +152,12 @@ CASES: Dict[str, Builder] = {
     "huge_everywhere": _huge_everywhere,
     "huge_exponent_sums": _huge_exponent_sums,
     "noncontig": _noncontig,
+    "shortK16_13x16x40": _short_k(13, 16, 40),
+    "shortK24_11x24x70": _short_k(11, 24, 70),
+    "shortK32_7x32x33": _short_k(7, 32, 33),
+    "shortK24_nan_inf": _short_k(9, 24, 40, "nan_inf"),
+    "shortK16_dynamic": _short_k(12, 16, 48, "dynamic"),
+    "shortK32_tiny_rows": _short_k(14, 32, 64, "tiny_rows"),
 }
 
 

@@ -124,10 +124,18 @@ void set_tile_scaling(int mode) {
     g_tile_scaling.store(mode < 0 ? prefer_add_pipes() : mode, std::memory_order_relaxed);
 }
 
-template <int mr, int KS, bool HALF, bool ADDP>
+// NB > 0: K is NB blocks (one tap, nbt = NB <= 4: a 1x1 conv of <= 4 * Bp channels, a short
+// matmul) and the tile's rows are consecutive pixels (roff[r0 + i] == roff[r0] + i), so row i's
+// units, scales and corrections sit at compile-time offsets from row 0's: one base pointer each
+// instead of mr row pointers (which took more registers than there are and went through the
+// stack: at K = 16 the tile's scalar work outweighed its vector work).
+template <int mr, int KS, bool HALF, bool ADDP, int NB = 0>
 static inline void run_tile_kh(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
                                int nc, bool trans, const VecEpilogue* ve, int kb0, int kb1, bool first, bool last) {
-    const int Bp = R.Bp, B4 = KS > 0 ? KS : Bp / 4, nbt = R.nbt;
+    constexpr bool CONTIG = NB > 0;
+    if constexpr (CONTIG) kb0 = 0, kb1 = NB;  // (the caller checked: constants from here on)
+    const int Bp = CONTIG ? 4 * KS : R.Bp, B4 = KS > 0 ? KS : Bp / 4, nbt = CONTIG ? NB : R.nbt;
+    const int taps = CONTIG ? 1 : R.taps;
     const size_t bstride = size_t(Bp) * NR + NR * 4;
     __m512 acc0[mr], acc1[mr];
     if (first) {
@@ -138,30 +146,43 @@ static inline void run_tile_kh(const RowsView& R, int64_t r0, const uint8_t* pan
             acc1[i] = !HALF && nc > 16 ? load_lanes(out + i * ldo + 16, nc - 16) : _mm512_setzero_ps();
         }
     }
-    for (int t = kb0 / nbt; t < R.taps && t * nbt < kb1; ++t) {
+    for (int t = CONTIG ? 0 : kb0 / nbt; t < taps && t * nbt < kb1; ++t) {
         const int bt0 = t * nbt < kb0 ? kb0 - t * nbt : 0;
         const int bt1 = (t + 1) * nbt > kb1 ? kb1 - t * nbt : nbt;
         const int8_t* ap[mr];
         const float* sp[mr];
         const int32_t* cp[mr];
-        BFP_ROWS for (int i = 0; i < mr; ++i) {
-            const int64_t pix = R.roff[r0 + i] + R.toff[t];
-            ap[i] = static_cast<const int8_t*>(R.u) + pix * nbt * Bp;
-            sp[i] = R.scale + pix * nbt;
-            cp[i] = R.corr + pix * nbt;
+        // CONTIG: row i at base + i * NB (units: i * NB * Bp bytes)
+        constexpr int64_t rstride = NB;
+        const int8_t* abase = nullptr;
+        const float* sbase = nullptr;
+        const int32_t* cbase = nullptr;
+        if constexpr (CONTIG) {
+            const int64_t pix0 = R.roff[r0] + R.toff[t];
+            abase = static_cast<const int8_t*>(R.u) + pix0 * nbt * Bp;
+            sbase = R.scale + pix0 * nbt;
+            cbase = R.corr + pix0 * nbt;
+        } else {
+            BFP_ROWS for (int i = 0; i < mr; ++i) {
+                const int64_t pix = R.roff[r0 + i] + R.toff[t];
+                ap[i] = static_cast<const int8_t*>(R.u) + pix * nbt * Bp;
+                sp[i] = R.scale + pix * nbt;
+                cp[i] = R.corr + pix * nbt;
+            }
         }
         for (int bt = bt0; bt < bt1; ++bt) {
             const uint8_t* pb = panel + size_t(t * nbt + bt) * bstride;
             __m512i s0[mr], s1[mr];
             // (each correction includes kVnniSumStart, see RowsView)
-            BFP_ROWS for (int i = 0; i < mr; ++i) s0[i] = s1[i] = _mm512_set1_epi32(cp[i][bt]);
+            BFP_ROWS for (int i = 0; i < mr; ++i)
+                s0[i] = s1[i] = _mm512_set1_epi32(CONTIG ? cbase[i * rstride + bt] : cp[i][bt]);
 #pragma GCC unroll 16
             for (int k4 = 0; k4 < B4; ++k4) {
                 const __m512i b0 = _mm512_load_si512(pb + k4 * 128);
                 const __m512i b1 = HALF ? b0 : _mm512_load_si512(pb + k4 * 128 + 64);
                 BFP_ROWS for (int i = 0; i < mr; ++i) {
                     int32_t w;
-                    std::memcpy(&w, ap[i] + bt * Bp + 4 * k4, 4);
+                    std::memcpy(&w, (CONTIG ? abase + i * rstride * Bp : ap[i]) + bt * Bp + 4 * k4, 4);
                     const __m512i av = _mm512_set1_epi32(w);
                     s0[i] = _mm512_dpbusd_epi32(s0[i], b0, av);
                     if constexpr (!HALF) s1[i] = _mm512_dpbusd_epi32(s1[i], b1, av);
@@ -180,14 +201,14 @@ static inline void run_tile_kh(const RowsView& R, int64_t r0, const uint8_t* pan
                 // scalef(t, getexp(2^k)) = t * 2^k exactly; a NaN scale (a NaN block) gives a NaN
                 // exponent and a NaN product, as the FMA does
                 BFP_ROWS for (int i = 0; i < mr; ++i) {
-                    const __m512 er = bfp_getexp_ps(_mm512_set1_ps(sp[i][bt]));
+                    const __m512 er = bfp_getexp_ps(_mm512_set1_ps(CONTIG ? sbase[i * rstride + bt] : sp[i][bt]));
                     acc0[i] = _mm512_add_ps(acc0[i], bfp_scalef_ps(_mm512_fmadd_ps(_mm512_castsi512_ps(s0[i]), c0, m0), er));
                     if constexpr (!HALF)
                         acc1[i] = _mm512_add_ps(acc1[i], bfp_scalef_ps(_mm512_fmadd_ps(_mm512_castsi512_ps(s1[i]), c1, m1), er));
                 }
             } else {
                 BFP_ROWS for (int i = 0; i < mr; ++i) {
-                    const __m512 ra = _mm512_set1_ps(sp[i][bt]);
+                    const __m512 ra = _mm512_set1_ps(CONTIG ? sbase[i * rstride + bt] : sp[i][bt]);
                     acc0[i] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_castsi512_ps(s0[i]), c0, m0), ra, acc0[i]);
                     if constexpr (!HALF)
                         acc1[i] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_castsi512_ps(s1[i]), c1, m1), ra, acc1[i]);
@@ -804,6 +825,48 @@ void quantize_rows(const QuantRowsArgs& a) {
     }
 }
 
+// Short K (one tap, 1-4 blocks: 1x1 convs of <= 4 * Bp channels, short matmuls): the driver
+// (BFP_SHORT_K) offers each tile of such a GEMM here first; a tile of consecutive rows across a
+// whole panel half or more runs as run_tile_kh's NB form, any other returns false (the usual
+// tile). Decided per GEMM call in the driver, so the tiles of longer K never pass this way.
+template <int mr, int KS>
+static bool short_k_tile(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo, int nc,
+                         bool trans, const VecEpilogue* ve) {
+    for (int i = 1; i < mr; ++i)
+        if (R.roff[r0 + i] != R.roff[r0] + i) return false;
+    const bool addp = g_tile_scaling.load(std::memory_order_relaxed) == kScaleAddPipes;
+    const int nb = R.nbt;
+    auto go = [&](auto nbc) {
+        constexpr int NB = decltype(nbc)::value;
+        if (addp) run_tile_kh<mr, KS, false, true, NB>(R, r0, panel, out, ldo, nc, trans, ve, 0, NB, true, true);
+        else run_tile_kh<mr, KS, false, false, NB>(R, r0, panel, out, ldo, nc, trans, ve, 0, NB, true, true);
+    };
+    if (nb == 1) go(std::integral_constant<int, 1>());
+    else if (nb == 2) go(std::integral_constant<int, 2>());
+    else if (nb == 3) go(std::integral_constant<int, 3>());
+    else go(std::integral_constant<int, 4>());
+    return true;
+}
+template <int KS>
+static bool short_k_tile_mr(int mr, const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
+                            int nc, bool trans, const VecEpilogue* ve) {
+    switch (mr) {
+        case 1: return short_k_tile<1, KS>(R, r0, panel, out, ldo, nc, trans, ve);
+        case 2: return short_k_tile<2, KS>(R, r0, panel, out, ldo, nc, trans, ve);
+        case 3: return short_k_tile<3, KS>(R, r0, panel, out, ldo, nc, trans, ve);
+        case 4: return short_k_tile<4, KS>(R, r0, panel, out, ldo, nc, trans, ve);
+        case 5: return short_k_tile<5, KS>(R, r0, panel, out, ldo, nc, trans, ve);
+        case 6: return short_k_tile<6, KS>(R, r0, panel, out, ldo, nc, trans, ve);
+        default: return false;
+    }
+}
+// Whether a GEMM's tiles may take short_k_tile (checked once a call)
+static inline bool short_k_gemm(const RowsView& R) { return R.taps == 1 && R.nbt >= 1 && R.nbt <= 4 && R.Bp == 16; }
+static inline bool run_short_k_tile(int mr, const RowsView& R, int64_t r0, const uint8_t* panel, float* out,
+                                    int64_t ldo, int nc, bool trans, const VecEpilogue* ve) {
+    return nc > 16 && short_k_tile_mr<4>(mr, R, r0, panel, out, ldo, nc, trans, ve);
+}
+#define BFP_SHORT_K 1    // short_k_gemm / run_short_k_tile (driver.inc)
 #define BFP_KCHUNK 1     // run_tile_k takes block ranges (driver.inc)
 #define BFP_SUM_MAGIC 1  // the tiles read block sums as floats (kVnniSumStart; driver.inc's range check)
 #define BFP_EPI_BATCH 1  // epi_tile takes any width: short-K rows get one epilogue call a row tile (driver.inc)
