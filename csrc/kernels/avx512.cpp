@@ -825,7 +825,7 @@ void quantize_rows(const QuantRowsArgs& a) {
     }
 }
 
-// Short K (one tap, 1-4 blocks: 1x1 convs of <= 4 * Bp channels, short matmuls): the driver
+// Short K (one tap, 1-4 blocks of 16 or 32: 1x1 convs of <= 4 * Bp channels, short matmuls): the driver
 // (BFP_SHORT_K) offers each tile of such a GEMM here first; a tile of consecutive rows across a
 // whole panel half or more runs as run_tile_kh's NB form, any other returns false (the usual
 // tile). Decided per GEMM call in the driver, so the tiles of longer K never pass this way.
@@ -860,11 +860,15 @@ static bool short_k_tile_mr(int mr, const RowsView& R, int64_t r0, const uint8_t
         default: return false;
     }
 }
-// Whether a GEMM's tiles may take short_k_tile (checked once a call)
-static inline bool short_k_gemm(const RowsView& R) { return R.taps == 1 && R.nbt >= 1 && R.nbt <= 4 && R.Bp == 16; }
+// Whether a GEMM's tiles may take short_k_tile (checked once a call): blocks of 16 or 32 units
+static inline bool short_k_gemm(const RowsView& R) {
+    return R.taps == 1 && R.nbt >= 1 && R.nbt <= 4 && (R.Bp == 16 || R.Bp == 32);
+}
 static inline bool run_short_k_tile(int mr, const RowsView& R, int64_t r0, const uint8_t* panel, float* out,
                                     int64_t ldo, int nc, bool trans, const VecEpilogue* ve) {
-    return nc > 16 && short_k_tile_mr<4>(mr, R, r0, panel, out, ldo, nc, trans, ve);
+    if (nc <= 16) return false;
+    return R.Bp == 16 ? short_k_tile_mr<4>(mr, R, r0, panel, out, ldo, nc, trans, ve)
+                      : short_k_tile_mr<8>(mr, R, r0, panel, out, ldo, nc, trans, ve);
 }
 #define BFP_SHORT_K 1    // short_k_gemm / run_short_k_tile (driver.inc)
 #define BFP_KCHUNK 1     // run_tile_k takes block ranges (driver.inc)
