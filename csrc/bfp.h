@@ -142,6 +142,24 @@ float quantize_element(float v, const FmtParams& f);
 // (p - y) % cbs below cbs). Only with kernels that apply the epilogue
 // (KernelDesc::fused_epilogue), never with a residual, a transposed output or the rows() pass;
 // out_col() places a tile's columns.
+// The range of element-quantized values (VecEpilogue::range): the unsigned min of the non-zero
+// values' bits doubled (the sign out; the exponent field in the top byte) and the max of all,
+// unless `untracked` (no range is claimed). Epilogues set untracked with an atomic store: a
+// kernel may run one GEMM's tiles on several threads.
+struct ElemRange {
+    uint32_t a2min = UINT32_MAX, a2max = 0;
+    bool untracked = false;
+    void merge(uint32_t lo, uint32_t hi) {
+        uint32_t cur = __atomic_load_n(&a2min, __ATOMIC_RELAXED);
+        while (lo < cur && !__atomic_compare_exchange_n(&a2min, &cur, lo, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+        }
+        cur = __atomic_load_n(&a2max, __ATOMIC_RELAXED);
+        while (hi > cur && !__atomic_compare_exchange_n(&a2max, &cur, hi, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+        }
+    }
+    void set_untracked() { __atomic_store_n(&untracked, true, __ATOMIC_RELAXED); }
+};
+
 struct VecEpilogue {
     const float* y;
     int64_t ldo;
@@ -153,7 +171,24 @@ struct VecEpilogue {
     const FmtParams* fq = nullptr;
     ElemQuant fqc{};
     int64_t cbs = 0;
+    // non-null (with fq): set untracked where an output took the element quantizer's scalar path
+    // (NaN, Inf, an exponent out of its range) -- the AVX-512 epilogues check that in registers;
+    // every other path sets it always (see fp16_bounds)
+    ElemRange* range = nullptr;
     bool any() const { return bias || res || act || fq; }  // anything to apply
+    // Every output is rounded to fp16 (a bias, residual or activation with fp16 vector
+    // precision: each op rounds, see epi_t in ops/conv.cpp): then each is +-0 or has a
+    // magnitude in [2^-24, 65504] unless it is NaN or +-Inf, and one-element quantization keeps
+    // a finite value's exponent (a carry into the next binade is clamped). So, where no output
+    // took the quantizer's scalar path (range->untracked unset), the outputs' range lies within
+    // fp16_bounds(), without a look at a value.
+    bool fp16_rounded() const { return vp == 1 && (bias || res || act); }
+    static ElemRange fp16_bounds() {
+        ElemRange r;
+        r.a2min = 0x33800000u << 1;  // 2^-24, bits doubled
+        r.a2max = 0x477fe000u << 1;  // 65504
+        return r;
+    }
     // the offset of column c (a multiple of 16) from a row's column 0
     int64_t col(int64_t c) const { return cbs ? (c >> 4) * cbs : c; }
     // the bias of the output row segment starting at d (its first column's entry)
@@ -161,6 +196,7 @@ struct VecEpilogue {
         return cbs ? bias + ((d - y) / cbs) * 16 + (d - y) % 16 : bias + (d - y) % ldo;
     }
     void rows(float* o, int nr, int nc, int64_t ld) const {  // nr rows of nc at o, ld apart
+        if (fq && range) range->set_untracked();
         for (int i = 0; i < nr; ++i) {
             float* d = o + i * ld;
             row(d, bias ? bias + (d - y) % ldo : nullptr, res ? res + (d - y) : nullptr, nc, vp, act, lo, hi);
@@ -172,6 +208,7 @@ struct VecEpilogue {
     // row's residual is read before that row of o is written, so the residual may be the
     // output buffer itself (a residual add in place).
     void rows_from(float* src, int64_t lds, float* o, int nr, int nc, int64_t ld) const {
+        if (fq && range) range->set_untracked();
         for (int i = 0; i < nr; ++i) {
             float* s = src + i * lds;
             float* d = o + i * ld;
@@ -272,8 +309,10 @@ struct DwArgs {
     // channel blocks [cb0, cb1) (block cb's rows at tile + (cb - cb0) * plane, 16 floats a
     // pixel, W pixels a row, lanes past C +0) is made by produce(produce_ctx, ...) instead,
     // already quantized: the depthwise conv of a fused expansion (ConvParams::expand_channels)
+    // range (may be null): the producer merges a range that bounds the values it wrote into
+    // *range (ElemRange), or sets range->untracked where it cannot bound them
     void (*produce)(const void* ctx, int64_t n, int64_t lo, int64_t hi, int64_t cb0, int64_t cb1, int64_t plane,
-                    float* tile) = nullptr;
+                    float* tile, ElemRange* range) = nullptr;
     const void* produce_ctx = nullptr;
     // non-null (with fq): out is not written; each work item keeps its output rows (every channel,
     // epilogue applied) in a buffer of its own and quantizes them with oq_fn into the operand that

@@ -174,3 +174,41 @@ def test_fused_expansion_outputs_for_the_scalar_path(kernel, fuse_every_size, ca
     assert any(isinstance(op.params, _core.ConvParams) and op.params.expand_channels for op in low.ops)
     assert np.isnan(want).any()
     assert_bits_equal(got, want)
+
+
+# (vector precision, scale of the input, scale of the depthwise weights)
+TINY = [("fp32", 2.0 ** -70, 2.0 ** -70),   # fp32 outputs: no bound is claimed for them
+        ("fp16", 2.0 ** -21, 2.0 ** -123),  # fp16 outputs bounded by 2^-24: weights below ~2^-111 refused
+        ("fp16", 1.0, 1.0)]                  # the common case: the fused strips run
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("fmt", ["msfp16", "mxint8"])
+@pytest.mark.parametrize("vp,xs,ws", TINY, ids=["fp32-tiny", "fp16-tiny", "fp16-unit"])
+def test_fused_expansion_products_past_fp32_keep_two_roundings(kernel, fuse_every_size, fmt, vp, xs, ws, threads):
+    """The depthwise strips fuse each multiply and add into one FMA only where every product
+    x * w is exact in fp32; for a fused expansion the range of x is the bound its epilogue
+    gives (fp16 outputs: magnitudes from 2^-24 to 65504). Tiny expansion outputs times tiny
+    weights make products whose low bits fall below 2^-149: those tiles must keep the
+    product's own rounding (mul, then add), and the depthwise output -- the graph's output
+    here, no bias: not rounded again -- shows any difference."""
+    n, cin, c, h, w, k, s = 1, 16, 48, 9, 10, 3, 1
+    we = (RNG.standard_normal((c, cin, 1, 1)) / np.sqrt(cin)).astype(np.float32)
+    wd = RNG.standard_normal((c, 1, k, k))
+    if ws < 1:  # magnitudes in [ws, 2 ws): every weight normal, each with low bits far below 2^-149 in a product
+        wd = np.sign(wd) * (1.0 + RNG.random(wd.shape)) * ws
+    wd = wd.astype(np.float32)
+    nodes = [N_("Conv", ["x", "we"], ["e"], kernel_shape=[1, 1], name="expand"),
+             N_("Relu", ["e"], ["ea"], name="expand_act"),
+             N_("Conv", ["ea", "wd"], ["y"], kernel_shape=[k, k], strides=[s, s], pads=[1, 1, 1, 1], group=c,
+                name="dw")]
+    model = onnx_graph_model(nodes, (n, cin, h, w), ["y"], {"we": we, "wd": wd})
+    plan = bfpaccel.compile(model, format=fmt, vector_precision=vp, seed=SEED)
+    x = (_x(n, cin, h, w, False) * np.float32(xs)).astype(np.float32)
+    want, _, _ = _run(plan, x.shape, x, False, threads)
+    got, low, _ = _run(plan, x.shape, x, True, threads)
+    assert any(isinstance(op.params, _core.ConvParams) and op.params.expand_channels for op in low.ops)
+    if ws < 1:  # subnormal outputs: sums of products that lost bits
+        nz = want[want != 0]
+        assert nz.size and (np.abs(nz) < np.finfo(np.float32).tiny).mean() > 0.5
+    assert_bits_equal(got, want)

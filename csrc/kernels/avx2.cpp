@@ -105,6 +105,7 @@ __attribute__((always_inline)) static inline void store_rows_epi(const __m256 (&
     const float* r = ve.res ? ve.res + (out - ve.y) : nullptr;
     const __m256 vlo = _mm256_set1_ps(ve.lo), vhi = _mm256_set1_ps(ve.hi);
     const Quant8 q(FQ ? ve.fqc : ElemQuant{});
+    if (FQ && ve.range) ve.range->set_untracked();  // (this epilogue does not track it)
     // bias, then a clip with lo <= hi (ReLU6; an expansion conv's epilogue): round(v + b), then
     // clip8 against the rounded bounds (as the AVX-512 epilogue's fast clip)
     if (b && !r && ve.act == 2 && ve.lo <= ve.hi) {

@@ -154,7 +154,7 @@ static void fill_produced(const DwArgs& a, int64_t n, int64_t iy0, int64_t rows,
     thread_local std::vector<float> planes;
     if (hi >= lo) {
         planes.resize(size_t(plane * (cb1 - cb0)));
-        a.produce(a.produce_ctx, n, lo, hi, cb0, cb1, plane, planes.data());
+        a.produce(a.produce_ctx, n, lo, hi, cb0, cb1, plane, planes.data(), nullptr);
     }
     walk_tile(a, iy0, rows, wp, cg, t, [](float*, int64_t) { return false; }, [&](float* tp, int64_t iy, int64_t ix) {
         const float* src = planes.data() + ((iy - lo) * a.W + ix) * 16;

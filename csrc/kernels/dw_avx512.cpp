@@ -182,7 +182,7 @@ static void tile_row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t 
 // RANGE: also returns the range of the input's non-zero values as their bits doubled (sign
 // out; the exponent field in the top byte): a value on the vector path keeps its exponent (a
 // carry into the next binade is clamped), so that is the range of the tile's values, unless
-// `scalar` (a lane took the scalar path: no range is claimed).
+// untracked (a lane took the scalar path: no range is claimed).
 // Lane reductions of the range trackers below
 static inline uint32_t hmin_u32(__m512i v) {
     alignas(64) uint32_t t[16];
@@ -213,12 +213,8 @@ static inline void track_range(__m512i& vmin, __m512i& vmax, __m512 x) {
     vmin = _mm512_mask_min_epu32(vmin, _mm512_test_epi32_mask(a2, a2), vmin, a2);
 }
 
-struct TileRange {
-    uint32_t a2min = UINT32_MAX, a2max = 0;
-    bool scalar = false;
-};
 template <int P, bool RANGE>
-static TileRange quantize_tile(const DwArgs& a, const Quant16& qa, int64_t n, int64_t lo, int64_t hi, int64_t cb0,
+static ElemRange quantize_tile(const DwArgs& a, const Quant16& qa, int64_t n, int64_t lo, int64_t hi, int64_t cb0,
                                int64_t cb1, int64_t plane, int64_t padl, int64_t padr, float* tile) {
     const Quant16 q = qa;  // a local copy: no tile store can alias its constants
     // the doubled bits' range of the non-zero lanes (lanes past C are +0): a row's in registers
@@ -226,7 +222,7 @@ static TileRange quantize_tile(const DwArgs& a, const Quant16& qa, int64_t n, in
     // scalar path's calls, so they live on the stack: tracking them a vector was a store-to-load
     // chain per vector)
     __m512i vmin = _mm512_set1_epi32(-1), vmax = _mm512_setzero_si512();
-    TileRange r;
+    ElemRange r;
     const int64_t C = a.C, W = a.W;
     const int tail = int(C - (cb1 - 1) * 16 < 16 ? C - (cb1 - 1) * 16 : 16);  // lanes of the last block
     const int64_t nfull = tail == 16 ? cb1 - cb0 : cb1 - cb0 - 1;
@@ -262,7 +258,7 @@ static TileRange quantize_tile(const DwArgs& a, const Quant16& qa, int64_t n, in
             vmax = _mm512_max_epu32(vmax, rmax);
         }
         if (__builtin_expect(any == 0, 1)) continue;
-        r.scalar = true;
+        r.untracked = true;
         for (int64_t ix = 0; ix < W; ++ix)
             for (int64_t k = 0; k <= nfull && k < cb1 - cb0; ++k) {
                 const int nl = k < nfull ? 16 : tail;
@@ -321,8 +317,8 @@ static WeightRange weight_range(const float* w, int64_t n) {
 }
 
 // The strips of a tile may fuse (see WeightRange): weights wr, the tile's values t (RANGE), x's unit_shift ux
-static bool fma_exact(const WeightRange& wr, const TileRange& t, int ux) {
-    if (!wr.ok || t.scalar) return false;
+static bool fma_exact(const WeightRange& wr, const ElemRange& t, int ux) {
+    if (!wr.ok || t.untracked) return false;
     if (!wr.any || t.a2max == 0) return true;  // every product is +-0 (or Inf / NaN)
     const int exlo = int(t.a2min >> 24) - 127, exhi = int(t.a2max >> 24) - 127;
     return ux + wr.fw <= 22 && exlo + wr.elo >= ux + wr.fw - 149 && exhi + wr.ehi <= 126;
@@ -444,8 +440,9 @@ void dwconv(const DwArgs& a) {
     const Quant16 q(elem_quant(*a.fq));
     const bool par = nt > 1 && items > 1 && a.N * a.OH * ncb * a.OW * taps * 16 > 32768;
     // the strips fuse their multiply-adds where every product is exact (fma_exact): the weights'
-    // range once a call, the tile's as it is quantized (a produced tile: not claimed)
-    const WeightRange wr = a.produce ? WeightRange{false} : weight_range(a.w, taps * a.C);
+    // range once a call, the tile's as it is quantized (a produced tile: as its producer
+    // bounds it, DwArgs::produce)
+    const WeightRange wr = weight_range(a.w, taps * a.C);
     // items from the pool (pool.h); each thread keeps its tile across calls (<= 512 KiB + a line)
     parallel_for(par ? nt : 1, items, [&](int64_t it) {
         static thread_local float* tile = nullptr;
@@ -464,7 +461,9 @@ void dwconv(const DwArgs& a) {
         if (hi > a.H - 1) hi = a.H - 1;
         bool fma = false;
         if (lo <= hi && a.produce) {
-            a.produce(a.produce_ctx, n, lo, hi, cb0, cb1, plane, tile);
+            ElemRange r;
+            a.produce(a.produce_ctx, n, lo, hi, cb0, cb1, plane, tile, wr.ok ? &r : nullptr);
+            fma = wr.ok && fma_exact(wr, r, a.fq->unit_shift);
         } else if (lo <= hi) {
             with_path(q, [&](auto p) {
                 constexpr int P = decltype(p)::value;

@@ -228,17 +228,18 @@ struct ExpandTile {
     int64_t H, W, C;
 };
 
-static void produce_expanded(const void* ctx, int64_t n, int64_t lo, int64_t hi, int64_t cb0, int64_t cb1,
-                             int64_t plane, float* tile) {
-    const ExpandTile& e = *static_cast<const ExpandTile*>(ctx);
+// The expansion's output rows [lo, hi] of image n, channel blocks [cb0, cb1), into the tile
+// (DwArgs::produce), through the epilogue ve
+static void expand_rows(const ExpandTile& e, const VecEpilogue& ve, int64_t n, int64_t lo, int64_t hi, int64_t cb0,
+                        int64_t cb1, int64_t plane, float* tile) {
     const int64_t NR = e.pw->nr();
     // Channel blocks from a panel boundary on, none past the channels: the GEMM's epilogue
     // writes the tile itself, each 16 columns into their block's plane (VecEpilogue::cbs), in
     // one call for all the rows
-    if (cb0 * 16 % NR == 0 && cb1 * 16 <= e.C && !e.epi->res && e.pw->applies_epilogue()) {
-        VecEpilogue ve = *e.epi;
-        ve.cbs = plane;
-        e.pw->run((n * e.H + lo) * e.W, (hi + 1 - lo) * e.W, cb0 * 16, (cb1 - cb0) * 16, tile, 16, &ve);
+    if (cb0 * 16 % NR == 0 && cb1 * 16 <= e.C && !ve.res && e.pw->applies_epilogue()) {
+        VecEpilogue vt = ve;
+        vt.cbs = plane;
+        e.pw->run((n * e.H + lo) * e.W, (hi + 1 - lo) * e.W, cb0 * 16, (cb1 - cb0) * 16, tile, 16, &vt);
         return;
     }
     // the GEMM's columns: whole panels around the tile's channel blocks
@@ -248,7 +249,7 @@ static void produce_expanded(const void* ctx, int64_t n, int64_t lo, int64_t hi,
     for (int64_t iy = lo; iy <= hi; iy += rows) {
         const int64_t np = std::min<int64_t>(rows, hi + 1 - iy) * e.W;
         buf.resize(size_t(np * nc));
-        e.pw->run((n * e.H + iy) * e.W, np, c0, nc, buf.data(), nc, e.epi);
+        e.pw->run((n * e.H + iy) * e.W, np, c0, nc, buf.data(), nc, &ve);
         for (int64_t j = 0; j < np; ++j) {  // pixel j of these rows -> the tile (W pixels a row, 16 floats each)
             const float* src = buf.data() + j * nc - c0;
             float* dst = tile + ((iy - lo) * e.W + j) * 16;
@@ -265,6 +266,18 @@ static void produce_expanded(const void* ctx, int64_t n, int64_t lo, int64_t hi,
             }
         }
     }
+}
+
+static void produce_expanded(const void* ctx, int64_t n, int64_t lo, int64_t hi, int64_t cb0, int64_t cb1,
+                             int64_t plane, float* tile, ElemRange* range) {
+    const ExpandTile& e = *static_cast<const ExpandTile*>(ctx);
+    VecEpilogue ve = *e.epi;
+    ve.range = range;  // (set untracked by the epilogue where an output took the scalar path)
+    expand_rows(e, ve, n, lo, hi, cb0, cb1, plane, tile);
+    if (!range) return;
+    // the bound of fp16 outputs (VecEpilogue::fp16_rounded); nothing is claimed for the others
+    if (ve.fp16_rounded()) range->merge(VecEpilogue::fp16_bounds().a2min, VecEpilogue::fp16_bounds().a2max);
+    else range->set_untracked();
 }
 
 // The epilogue as a pass over rows already stored (n rows of O at y): kernels that do not
