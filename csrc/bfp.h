@@ -127,6 +127,21 @@ inline ElemQuant elem_quant(const FmtParams& f) {  // f.simd_elements() (the cal
 // scalar quantizer (ops.cpp)
 float quantize_element(float v, const FmtParams& f);
 
+// The range of element-quantized values (VecEpilogue::range): the unsigned min of the non-zero
+// values' bits doubled (the sign out; the exponent field in the top byte) and the max of all,
+// unless `untracked` (no range is claimed). Epilogues set untracked with an atomic store (a
+// kernel may run one GEMM's tiles on several threads); merge() is the owner's, after them.
+struct ElemRange {
+    uint32_t a2min = UINT32_MAX, a2max = 0;
+    bool untracked = false;
+    void merge(const ElemRange& o) {
+        a2min = o.a2min < a2min ? o.a2min : a2min;
+        a2max = o.a2max > a2max ? o.a2max : a2max;
+        untracked = untracked || o.untracked;
+    }
+    void set_untracked() { __atomic_store_n(&untracked, true, __ATOMIC_RELAXED); }
+};
+
 // A conv's epilogue, applied by the GEMM kernels to each output tile while it is still in
 // registers: + bias (per column), rounded to the vector precision vp (0 fp32, 1 fp16, 2 bf16);
 // + residual (laid out as the output), rounded; activation (1 ReLU, 2 clip to [lo, hi]),
@@ -142,24 +157,6 @@ float quantize_element(float v, const FmtParams& f);
 // (p - y) % cbs below cbs). Only with kernels that apply the epilogue
 // (KernelDesc::fused_epilogue), never with a residual, a transposed output or the rows() pass;
 // out_col() places a tile's columns.
-// The range of element-quantized values (VecEpilogue::range): the unsigned min of the non-zero
-// values' bits doubled (the sign out; the exponent field in the top byte) and the max of all,
-// unless `untracked` (no range is claimed). Epilogues set untracked with an atomic store: a
-// kernel may run one GEMM's tiles on several threads.
-struct ElemRange {
-    uint32_t a2min = UINT32_MAX, a2max = 0;
-    bool untracked = false;
-    void merge(uint32_t lo, uint32_t hi) {
-        uint32_t cur = __atomic_load_n(&a2min, __ATOMIC_RELAXED);
-        while (lo < cur && !__atomic_compare_exchange_n(&a2min, &cur, lo, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-        }
-        cur = __atomic_load_n(&a2max, __ATOMIC_RELAXED);
-        while (hi > cur && !__atomic_compare_exchange_n(&a2max, &cur, hi, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
-        }
-    }
-    void set_untracked() { __atomic_store_n(&untracked, true, __ATOMIC_RELAXED); }
-};
-
 struct VecEpilogue {
     const float* y;
     int64_t ldo;
@@ -182,7 +179,7 @@ struct VecEpilogue {
     // a finite value's exponent (a carry into the next binade is clamped). So, where no output
     // took the quantizer's scalar path (range->untracked unset), the outputs' range lies within
     // fp16_bounds(), without a look at a value.
-    bool fp16_rounded() const { return vp == 1 && (bias || res || act); }
+    bool fp16_rounded() const { return vp == 1 && (bias || res || act == 1 || act == 2); }
     static ElemRange fp16_bounds() {
         ElemRange r;
         r.a2min = 0x33800000u << 1;  // 2^-24, bits doubled

@@ -276,7 +276,7 @@ static void produce_expanded(const void* ctx, int64_t n, int64_t lo, int64_t hi,
     expand_rows(e, ve, n, lo, hi, cb0, cb1, plane, tile);
     if (!range) return;
     // the bound of fp16 outputs (VecEpilogue::fp16_rounded); nothing is claimed for the others
-    if (ve.fp16_rounded()) range->merge(VecEpilogue::fp16_bounds().a2min, VecEpilogue::fp16_bounds().a2max);
+    if (ve.fp16_rounded()) range->merge(VecEpilogue::fp16_bounds());
     else range->set_untracked();
 }
 
