@@ -22,10 +22,10 @@ pytestmark = [
 ]
 
 
-def _run(code: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def _run(code: str, tmp_path: Path, *py_opts: str) -> subprocess.CompletedProcess[str]:
     env = isa_mask.masked_env()
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                          cwd=tmp_path)
+    return subprocess.run([sys.executable, *py_opts, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
 
 
 def test_masked_process_sees_no_avx512(tmp_path: Path) -> None:
@@ -71,3 +71,22 @@ def test_cli_passes_status_and_needs_a_command() -> None:
     assert isa_mask.main(["--", sys.executable, "-c", "raise SystemExit(5)"]) == 5
     with pytest.raises(SystemExit):
         isa_mask.main([])
+
+
+def test_a_later_segv_handler_keeps_the_mask(tmp_path: Path) -> None:
+    """A program that installs its own SIGSEGV handler after the shim (Python's faulthandler,
+    which pytest enables: `pytest bench` under the mask) still sees its CPUIDs answered, and a
+    real fault reaches its handler: the traceback, then the crash."""
+    code = ("import faulthandler, signal, json; assert faulthandler.is_enabled()\n"
+            "try:\n    from numpy._core._multiarray_umath import __cpu_features__ as f\n"
+            "except ImportError:\n    from numpy.core._multiarray_umath import __cpu_features__ as f\n"
+            "import bfpaccel\n"
+            "print(json.dumps([bfpaccel.available_kernels(), f['AVX512F']]))\n")
+    r = _run(code, tmp_path, "-X", "faulthandler")
+    assert r.returncode == 0, r.stderr
+    import json
+    kernels, avx512f = json.loads(r.stdout.strip().splitlines()[-1])
+    assert not avx512f and "avx512" not in kernels
+    r = _run("import ctypes; ctypes.string_at(0)", tmp_path, "-X", "faulthandler")
+    assert r.returncode == -11, (r.returncode, r.stderr)
+    assert "Fatal Python error: Segmentation fault" in r.stderr

@@ -6,10 +6,16 @@
  * speed. The setting is per thread and inherited by the threads created later; glibc's own
  * string functions (chosen before this runs) keep their wider variants.
  *
- * Build: cc -O2 -shared -fPIC -o isa_mask.so isa_mask.c (bench/isa_mask/run.py does it).
+ * The SIGSEGV handler must stay installed: a program that installs its own later (Python's
+ * faulthandler, which pytest enables) would turn the next CPUID into a crash. So sigaction() for
+ * SIGSEGV is interposed here: the program's handler is kept as the one a real fault is passed
+ * to, and the program reads back what it set.
+ *
+ * Build: cc -O2 -shared -fPIC -o isa_mask.so isa_mask.c -ldl (bench/isa_mask/run.py does it).
  * A process where CPUID faulting cannot be turned on exits with status 3 and a message. */
 #define _GNU_SOURCE
 #include <cpuid.h>
+#include <dlfcn.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -21,15 +27,42 @@
 #define ARCH_SET_CPUID 0x1012
 #endif
 
-static struct sigaction previous;
+static struct sigaction previous; /* the program's SIGSEGV handler: real faults go there */
+static int (*real_sigaction)(int, const struct sigaction*, struct sigaction*);
+
+static int call_real_sigaction(int sig, const struct sigaction* act, struct sigaction* old) {
+    if (!real_sigaction) real_sigaction = (int (*)(int, const struct sigaction*, struct sigaction*))dlsym(RTLD_NEXT, "sigaction");
+    return real_sigaction(sig, act, old);
+}
+
+static void on_segv(int sig, siginfo_t* si, void* ctx);
+
+/* The program's sigaction: SIGSEGV's handler is recorded as `previous` (this file's stays) */
+int sigaction(int sig, const struct sigaction* act, struct sigaction* old) {
+    if (sig != SIGSEGV) return call_real_sigaction(sig, act, old);
+    struct sigaction cur;
+    if (call_real_sigaction(SIGSEGV, NULL, &cur) != 0) return -1;
+    if (cur.sa_sigaction != on_segv) return call_real_sigaction(sig, act, old); /* not installed */
+    if (old) *old = previous;
+    if (act) previous = *act;
+    return 0;
+}
 
 static void on_segv(int sig, siginfo_t* si, void* ctx) {
     ucontext_t* uc = (ucontext_t*)ctx;
     greg_t* g = uc->uc_mcontext.gregs;
     const unsigned char* ip = (const unsigned char*)g[REG_RIP];
-    if (ip[0] != 0x0f || ip[1] != 0xa2) { /* not a CPUID: a real fault */
-        sigaction(SIGSEGV, &previous, NULL);
-        return; /* the instruction faults again, now under the previous handler */
+    if (ip[0] != 0x0f || ip[1] != 0xa2) { /* not a CPUID: a real fault, for the program's handler */
+        if ((previous.sa_flags & SA_SIGINFO) && previous.sa_sigaction) {
+            previous.sa_sigaction(sig, si, ctx);
+            return;
+        }
+        if (previous.sa_handler != SIG_DFL && previous.sa_handler != SIG_IGN && previous.sa_handler) {
+            previous.sa_handler(sig);
+            return;
+        }
+        call_real_sigaction(SIGSEGV, &previous, NULL);
+        return; /* the instruction faults again, now under the default action */
     }
     unsigned leaf = (unsigned)g[REG_RAX], sub = (unsigned)g[REG_RCX], a, b, c, d;
     syscall(SYS_arch_prctl, ARCH_SET_CPUID, 1);
@@ -59,7 +92,7 @@ __attribute__((constructor)) static void isa_mask_init(void) {
     memset(&sa, 0, sizeof sa);
     sa.sa_sigaction = on_segv;
     sa.sa_flags = SA_SIGINFO;
-    sigaction(SIGSEGV, &sa, &previous);
+    call_real_sigaction(SIGSEGV, &sa, &previous);
     if (syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0) != 0) {
         perror("isa_mask: CPUID faulting (arch_prctl ARCH_SET_CPUID) is not available here");
         _exit(3);

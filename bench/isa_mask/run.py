@@ -33,7 +33,7 @@ def build(out_dir: Path = HERE / "build") -> Path:
     if not cc:
         raise SystemExit("isa_mask: no C compiler (set CC)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(so), str(SOURCE)], check=True)
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(so), str(SOURCE), "-ldl"], check=True)
     return so
 
 
