@@ -77,8 +77,19 @@ static inline __m512 madd(__m512 acc, __m512 x, __m512 w) {
     else return _mm512_add_ps(acc, _mm512_mul_ps(x, w));
 }
 
-template <int NP, bool FX, bool FW, int SW, int KW, bool IN, bool FMA>
-static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t ox0, int64_t c0, int nl) {
+// The depthwise epilogue of the common form, applied to the accumulators before the store:
+// + bias, rounded to fp16, then a clip with lo <= hi (ReLU6) -- epi_tile_t's fast clip with a
+// bias, bit for bit. Other epilogues run over the stored row (epi_rows).
+struct DwEpi {
+    __m512 b, lo, hi;  // the bias of the strip's channels; the rounded bounds
+};
+static inline bool dw_epi_in_registers(const VecEpilogue* e) {
+    return e && e->vp == 1 && e->act == 2 && e->lo <= e->hi && e->bias && !e->res && !e->fq && !e->cbs;
+}
+
+template <int NP, bool FX, bool FW, int SW, int KW, bool IN, bool FMA, bool EPI>
+static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t ox0, int64_t c0, int nl,
+                         const DwEpi& ep) {
     static_assert((SW == 0) == (KW == 0), "SW and KW are given together");
     const int64_t C = a.C, W = a.W, xs = SW ? 16 : X.xs, sw = SW ? SW : a.sw, sC = sw * xs;
     const int kw = KW ? KW : a.kw, dw = SW ? 1 : a.dw;
@@ -125,39 +136,56 @@ static inline void strip(const DwArgs& a, const XView& X, int64_t n, int64_t oy,
         }
     }
     float* d = a.out + ((n * a.OH + oy - a.orow0) * a.OW + ox0) * C + c0;
+    if constexpr (EPI) {
+#pragma GCC unroll 8
+        for (int j = 0; j < NP; ++j) acc[j] = _mm512_min_ps(ep.hi, _mm512_max_ps(ep.lo, vround512(_mm512_add_ps(acc[j], ep.b), 1)));
+    }
 #pragma GCC unroll 8
     for (int j = 0; j < NP; ++j) store_lanes(d + j * C, acc[j], nl);
 }
 
 // A strip whose windows stay inside the input's columns takes the loop without column tests
-template <int NP, bool FX, bool FW, int SW, int KW, bool FMA>
-static inline void strip_any(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t ox0, int64_t c0, int nl) {
+template <int NP, bool FX, bool FW, int SW, int KW, bool FMA, bool EPI>
+static inline void strip_any(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t ox0, int64_t c0, int nl,
+                             const DwEpi& ep) {
     const int64_t sw = SW ? SW : a.sw, dw = SW ? 1 : a.dw, kw = KW ? KW : a.kw;
     const int64_t ixs = ox0 * sw - a.pl;
     if (ixs >= X.xlo && ixs + int64_t(NP - 1) * sw + (kw - 1) * dw < X.xhi)
-        strip<NP, FX, FW, SW, KW, true, FMA>(a, X, n, oy, ox0, c0, nl);
+        strip<NP, FX, FW, SW, KW, true, FMA, EPI>(a, X, n, oy, ox0, c0, nl, ep);
     else
-        strip<NP, FX, FW, SW, KW, false, FMA>(a, X, n, oy, ox0, c0, nl);
+        strip<NP, FX, FW, SW, KW, false, FMA, EPI>(a, X, n, oy, ox0, c0, nl, ep);
 }
 
-template <bool FX, bool FW, int SW = 0, int KW = 0, bool FMA = false>
-static void row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t c0, int nl) {
+template <bool FX, bool FW, int SW, int KW, bool FMA, bool EPI>
+static void row_strips_t(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t c0, int nl, const DwEpi& ep) {
     int64_t ox0 = 0;
-    for (; ox0 + 8 <= a.OW; ox0 += 8) strip_any<8, FX, FW, SW, KW, FMA>(a, X, n, oy, ox0, c0, nl);
+    for (; ox0 + 8 <= a.OW; ox0 += 8) strip_any<8, FX, FW, SW, KW, FMA, EPI>(a, X, n, oy, ox0, c0, nl, ep);
     switch (int(a.OW - ox0)) {
-        case 7: strip_any<7, FX, FW, SW, KW, FMA>(a, X, n, oy, ox0, c0, nl); break;
-        case 6: strip_any<6, FX, FW, SW, KW, FMA>(a, X, n, oy, ox0, c0, nl); break;
-        case 5: strip_any<5, FX, FW, SW, KW, FMA>(a, X, n, oy, ox0, c0, nl); break;
-        case 4: strip_any<4, FX, FW, SW, KW, FMA>(a, X, n, oy, ox0, c0, nl); break;
-        case 3: strip_any<3, FX, FW, SW, KW, FMA>(a, X, n, oy, ox0, c0, nl); break;
-        case 2: strip_any<2, FX, FW, SW, KW, FMA>(a, X, n, oy, ox0, c0, nl); break;
-        case 1: strip_any<1, FX, FW, SW, KW, FMA>(a, X, n, oy, ox0, c0, nl); break;
+        case 7: strip_any<7, FX, FW, SW, KW, FMA, EPI>(a, X, n, oy, ox0, c0, nl, ep); break;
+        case 6: strip_any<6, FX, FW, SW, KW, FMA, EPI>(a, X, n, oy, ox0, c0, nl, ep); break;
+        case 5: strip_any<5, FX, FW, SW, KW, FMA, EPI>(a, X, n, oy, ox0, c0, nl, ep); break;
+        case 4: strip_any<4, FX, FW, SW, KW, FMA, EPI>(a, X, n, oy, ox0, c0, nl, ep); break;
+        case 3: strip_any<3, FX, FW, SW, KW, FMA, EPI>(a, X, n, oy, ox0, c0, nl, ep); break;
+        case 2: strip_any<2, FX, FW, SW, KW, FMA, EPI>(a, X, n, oy, ox0, c0, nl, ep); break;
+        case 1: strip_any<1, FX, FW, SW, KW, FMA, EPI>(a, X, n, oy, ox0, c0, nl, ep); break;
         default: break;
     }
-    // the epilogue on the row's outputs, still in L1: one call a row, not one a strip
-    if (!a.epi) return;
+}
+
+// One output row's strips, channels [c0, c0 + nl), and its epilogue: the common form in the
+// strips' registers (DwEpi), any other over the row's outputs, still in L1 (one call a row)
+template <bool FX, bool FW, int SW = 0, int KW = 0, bool FMA = false>
+static void row_strips(const DwArgs& a, const XView& X, int64_t n, int64_t oy, int64_t c0, int nl) {
     float* d = a.out + (n * a.OH + oy - a.orow0) * a.OW * a.C + c0;
-    epi_rows(*a.epi, d, a.OW, nl, a.C);
+    if (dw_epi_in_registers(a.epi)) {
+        const VecEpilogue& e = *a.epi;
+        const DwEpi ep{load_lanes(epi_bias(e, d), nl), vround512(_mm512_set1_ps(e.lo), 1),
+                       vround512(_mm512_set1_ps(e.hi), 1)};
+        row_strips_t<FX, FW, SW, KW, FMA, true>(a, X, n, oy, c0, nl, ep);
+        return;
+    }
+    row_strips_t<FX, FW, SW, KW, FMA, false>(a, X, n, oy, c0, nl, DwEpi{});
+    if (a.epi) epi_rows(*a.epi, d, a.OW, nl, a.C);
 }
 
 // One output row's strips from the quantized tile: the common geometries (3x3 and 5x5, stride
