@@ -212,3 +212,41 @@ def test_fused_expansion_products_past_fp32_keep_two_roundings(kernel, fuse_ever
         nz = want[want != 0]
         assert nz.size and (np.abs(nz) < np.finfo(np.float32).tiny).mean() > 0.5
     assert_bits_equal(got, want)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("fuse", [False, True], ids=["whole", "fused"])
+def test_expansion_nan_bias_signs_match_the_scalar_kernel(kernel, fuse_every_size, fuse, threads):
+    """fp16 vector precision and a clip after the expansion bound every output, so the SIMD
+    epilogues quantize them without the per-lane range test -- except a NaN, which must still
+    take the scalar path (a NaN quantized there is the format's NaN, +NaN; the fast arithmetic
+    would keep a -NaN's sign). A -NaN and a +NaN bias reach the depthwise output (the graph's
+    output here, its NaN sign kept by the products and the clip): every kernel, the expansion
+    fused or run whole, gives the scalar kernel's bits, the signs of its NaNs included."""
+    n, cin, c, h, w, k = 1, 16, 48, 7, 9, 3
+    we = (RNG.standard_normal((c, cin, 1, 1)) / np.sqrt(cin)).astype(np.float32)
+    be = RNG.standard_normal(c).astype(np.float32)
+    be[3] = -np.float32(np.nan)
+    be[17] = np.float32(np.nan)
+    be[30] = np.float32(-0.0)
+    wd = (RNG.standard_normal((c, 1, k, k)) * 0.3).astype(np.float32)
+    nodes = [N_("Conv", ["x", "we", "be"], ["e"], kernel_shape=[1, 1], name="expand"),
+             N_("Clip", ["e", "lo", "hi"], ["ea"], name="expand_act"),
+             N_("Conv", ["ea", "wd"], ["y"], kernel_shape=[k, k], pads=[1, 1, 1, 1], group=c, name="dw")]
+    inits = {"we": we, "be": be, "wd": wd, "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)}
+    plan = bfpaccel.compile(onnx_graph_model(nodes, (n, cin, h, w), ["y"], inits), format="msfp16",
+                            vector_precision="fp16", seed=SEED)
+    x = _x(n, cin, h, w, False)
+    got, low, _ = _run(plan, x.shape, x, fuse, threads)
+    bfpaccel.set_kernel("scalar")
+    try:
+        want, _, _ = _run(plan, x.shape, x, False, threads)
+    finally:
+        bfpaccel.set_kernel(kernel)
+    if fuse:
+        assert any(isinstance(op.params, _core.ConvParams) and op.params.expand_channels for op in low.ops)
+    nan = np.isnan(want)
+    assert nan[:, 3].all() and nan[:, 17].all() and nan.sum() == 2 * h * w
+    assert_bits_equal(got, want)
+    assert (np.isnan(got) == nan).all()
+    np.testing.assert_array_equal(np.signbit(got[nan]), np.signbit(want[nan]))

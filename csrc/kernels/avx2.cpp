@@ -10,6 +10,7 @@
 #include <immintrin.h>
 
 #include <climits>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
@@ -282,6 +283,225 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
     store_acc<mr>(acc0, acc1, out, ldo, nc, trans, ve);
 }
 
+// ---- The epilogue of a raw tile in memory (the short-K rows below, BFP_EPI_BATCH) ----
+
+// Whether the element quantization of an epilogue's outputs can skip the scalar path's test:
+// fp16 rounding (vp 1) then a clip to [lo, hi] (lo <= hi, finite) after a bias, no residual,
+// nearest-even elements whose exponent range holds every non-zero fp16 magnitude up to
+// max(|lo|, |hi|): every output then is +-0 or a normal fp32 of an exponent in range, unless
+// it is NaN (an accumulator or bias NaN: epi_tile_t tests for one).
+static bool elem_fast_range(const VecEpilogue& e) {
+    if (!e.fq || e.vp != 1 || !e.bias || e.res || e.act != 2 || !(e.lo <= e.hi) || e.fqc.path != kElemEven) return false;
+    if (!std::isfinite(e.lo) || !std::isfinite(e.hi)) return false;
+    alignas(32) float r[8];
+    _mm256_store_ps(r, rnd<1>(_mm256_setr_ps(e.lo, e.hi, 0, 0, 0, 0, 0, 0)));
+    const float m = std::fabs(r[0]) > std::fabs(r[1]) ? std::fabs(r[0]) : std::fabs(r[1]);
+    uint32_t mb;
+    std::memcpy(&mb, &m, 4);
+    const auto in = [&](uint32_t bits) { return uint32_t((bits << 1) - e.fqc.lo2) < e.fqc.span2; };
+    return (m == 0.0f || (in(mb) && in(0x33800000u))) && std::isfinite(m);  // 2^-24: fp16's least magnitude
+}
+
+// Quant8::quant<kElemEven> for lanes that are +-0 or normal with an exponent in range (see
+// elem_fast_range): no range test; -0 becomes +0 by the add of +0
+__attribute__((always_inline)) static inline __m256 quant_even_in_range(const Quant8& q, __m256 v) {
+    const __m256i bits = _mm256_castps_si256(_mm256_add_ps(v, _mm256_setzero_ps()));
+    __m256i r = _mm256_add_epi32(bits, q.half);
+    r = _mm256_add_epi32(r, _mm256_min_epu32(_mm256_and_si256(bits, q.lsbbit), _mm256_set1_epi32(1)));
+    r = _mm256_min_epu32(r, _mm256_or_si256(bits, q.mantm));  // a carry into the next binade: its largest pattern
+    return _mm256_castsi256_ps(_mm256_and_si256(r, q.keep));
+}
+
+// The epilogue of a raw tile at src (mr rows of nc columns, lds apart) written to out (ldo
+// apart; column blocks through VecEpilogue::cbs): the arithmetic of store_rows_epi, a column
+// vector's bias loaded once for the rows; columns past the last whole vector by rows_from.
+// Each residual vector is read before that vector of out is written.
+template <int VP, bool FQ>
+static void epi_tile_t(const VecEpilogue& e, const float* src, int64_t lds, float* out, int mr, int nc, int64_t ldo) {
+    const float* b = e.bias ? e.bias_at(out) : nullptr;
+    const bool clipb = b && !e.res && e.act == 2 && e.lo <= e.hi;  // store_rows_epi's bias + clip form
+    const bool fast = FQ && clipb && elem_fast_range(e);
+    const __m256 vlo = _mm256_set1_ps(e.lo), vhi = _mm256_set1_ps(e.hi);
+    const __m256 rlo = rnd<VP>(vlo), rhi = rnd<VP>(vhi);
+    const Quant8 q(FQ ? e.fqc : ElemQuant{});
+    if (FQ && e.range) e.range->set_untracked();  // (this epilogue does not track it)
+    const auto at = [&](int64_t j) { return e.cbs ? (j >> 4) * e.cbs + (j & 15) : j; };
+    const int nv = nc / 8 * 8;
+    if constexpr (FQ) {
+        // every vector by quant_even_in_range, NaNs noted on the way: a tile with one (a NaN
+        // accumulator or bias) is done again below by the tested path
+        if (fast) {
+            __m256 nan = _mm256_setzero_ps();
+            for (int j = 0; j < nv; j += 8) {
+                float* const oj = out + at(j);
+                const __m256 bv = _mm256_loadu_ps(b + j);
+                for (int i = 0; i < mr; ++i) {
+                    const __m256 v = clip8(rnd<VP>(_mm256_add_ps(_mm256_loadu_ps(src + i * lds + j), bv)), rlo, rhi);
+                    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+                    _mm256_storeu_ps(oj + i * ldo, quant_even_in_range(q, v));
+                }
+            }
+            if (__builtin_expect(_mm256_movemask_ps(nan) == 0, 1)) {
+                if (nv < nc) e.rows_from(const_cast<float*>(src) + nv, lds, out + at(nv), mr, nc - nv, ldo);
+                return;
+            }
+        }
+    }
+    for (int j = 0; j < nv; j += 8) {
+        float* const oj = out + at(j);
+        if (clipb) {
+            const __m256 bv = _mm256_loadu_ps(b + j);
+            for (int i = 0; i < mr; ++i) {
+                __m256 v = clip8(rnd<VP>(_mm256_add_ps(_mm256_loadu_ps(src + i * lds + j), bv)), rlo, rhi);
+                if constexpr (FQ) v = quantize8<-1>(q, v, *e.fq);
+                _mm256_storeu_ps(oj + i * ldo, v);
+            }
+            continue;
+        }
+        for (int i = 0; i < mr; ++i) {
+            float* d = oj + i * ldo;
+            __m256 v = epi8<VP>(_mm256_loadu_ps(src + i * lds + j), b ? b + j : nullptr, e.res ? e.res + (d - e.y) : nullptr,
+                                e.act, vlo, vhi);
+            if constexpr (FQ) v = quantize8<-1>(q, v, *e.fq);
+            _mm256_storeu_ps(d, v);
+        }
+    }
+    if (nv < nc)  // (src is a raw tile of the caller's: rows_from may overwrite it)
+        e.rows_from(const_cast<float*>(src) + nv, lds, out + at(nv), mr, nc - nv, ldo);
+}
+
+static void epi_tile(const VecEpilogue& e, const float* src, int64_t lds, float* out, int mr, int nc, int64_t ldo) {
+    const int vp = e.vp == 1 || e.vp == 2 ? e.vp : 0;
+    if (e.fq) {
+        if (vp == 1) epi_tile_t<1, true>(e, src, lds, out, mr, nc, ldo);
+        else if (vp == 2) epi_tile_t<2, true>(e, src, lds, out, mr, nc, ldo);
+        else epi_tile_t<0, true>(e, src, lds, out, mr, nc, ldo);
+    } else {
+        if (vp == 1) epi_tile_t<1, false>(e, src, lds, out, mr, nc, ldo);
+        else if (vp == 2) epi_tile_t<2, false>(e, src, lds, out, mr, nc, ldo);
+        else epi_tile_t<0, false>(e, src, lds, out, mr, nc, ldo);
+    }
+}
+
+// ---- Short K (one tap, 1-4 blocks of 16 or 32 units: 1x1 convs of <= 4 * Bp channels, e.g. a
+// MobileNet's expansions of 16-64 channels) ----
+// A tile of up to kShortRows rows (the driver's rows per tile for these GEMMs, BFP_SHORT_K_ROWS):
+// the accumulators of one block at a time in registers (2 x 6 int32 sums), then each block's
+// scaled sums added to the raw tile in memory (L1) by the same fma as add_block, in the same
+// block order: the same bits as run_tile_k. The epilogue then runs over the raw tile in
+// memory (epi_tile), with its constants in registers, not beside 12 accumulators.
+static constexpr int kShortRows = 6;
+
+template <int mr, int KS, bool U8>
+__attribute__((always_inline)) static inline void short_k_raw(const RowsView& R, int64_t r0, const uint8_t* panel,
+                                                              float* buf, int64_t ldb) {
+    const int Bp = R.Bp, nbt = R.nbt;
+    const size_t bstride = size_t(Bp) * NR + NR * 4;
+    const uint8_t* const p4 = panel + size_t(nbt) * bstride;  // the byte section (taps == 1)
+    const __m256i ones = _mm256_set1_epi16(1);
+    const uint8_t* ap[mr];
+    const float* sp[mr];
+    for (int i = 0; i < mr; ++i) {
+        const int64_t pix = R.roff[r0 + i] + R.toff[0];
+        ap[i] = U8 ? R.u8 + pix * nbt * Bp : reinterpret_cast<const uint8_t*>(static_cast<const int16_t*>(R.u) + pix * nbt * Bp);
+        sp[i] = R.scale + pix * nbt;
+    }
+    for (int bt = 0; bt < nbt; ++bt) {
+        const uint8_t* pb = panel + size_t(bt) * bstride;
+        __m256i s0[mr], s1[mr];
+        for (int i = 0; i < mr; ++i) s0[i] = s1[i] = _mm256_setzero_si256();
+        if constexpr (U8) {
+            const uint8_t* pq = p4 + size_t(bt) * Bp * NR;
+#pragma GCC unroll 8
+            for (int k4 = 0; k4 < KS / 2; ++k4) {
+                const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pq + k4 * 64));
+                const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pq + k4 * 64 + 32));
+                for (int i = 0; i < mr; ++i) {
+                    int32_t w;
+                    std::memcpy(&w, ap[i] + bt * Bp + 4 * k4, 4);
+                    const __m256i av = _mm256_set1_epi32(w);
+                    s0[i] = _mm256_add_epi32(s0[i], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones));
+                    s1[i] = _mm256_add_epi32(s1[i], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones));
+                    __asm__("" : "+x"(s0[i]), "+x"(s1[i]));  // running sums (see run_tile_k)
+                }
+            }
+        } else {
+            const int16_t* a16[mr];
+            for (int i = 0; i < mr; ++i) a16[i] = reinterpret_cast<const int16_t*>(ap[i]) + bt * Bp;
+#pragma GCC unroll 16
+            for (int k2 = 0; k2 < KS; ++k2) {
+                const __m256i b0 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(pb + k2 * 32)));
+                const __m256i b1 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(pb + k2 * 32 + 16)));
+                for (int i = 0; i < mr; ++i) {
+                    int32_t w;
+                    std::memcpy(&w, a16[i] + 2 * k2, 4);
+                    const __m256i av = _mm256_set1_epi32(w);
+                    s0[i] = _mm256_add_epi32(s0[i], _mm256_madd_epi16(b0, av));
+                    s1[i] = _mm256_add_epi32(s1[i], _mm256_madd_epi16(b1, av));
+                    __asm__("" : "+x"(s0[i]), "+x"(s1[i]));  // running sums (see run_tile_k)
+                }
+            }
+        }
+        // raw += float(S) * column scale * row scale (add_block's fma; the first block adds to +0)
+        const float* cs = reinterpret_cast<const float*>(pb + size_t(Bp) * NR);
+        const __m256 c0 = _mm256_load_ps(cs), c1 = _mm256_load_ps(cs + 8);
+        for (int i = 0; i < mr; ++i) {
+            const __m256 ra = _mm256_set1_ps(sp[i][bt]);
+            float* d = buf + i * ldb;
+            const __m256 a0 = bt ? _mm256_loadu_ps(d) : _mm256_setzero_ps();
+            const __m256 a1 = bt ? _mm256_loadu_ps(d + 8) : _mm256_setzero_ps();
+            _mm256_storeu_ps(d, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s0[i]), c0), ra, a0));
+            _mm256_storeu_ps(d + 8, _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(s1[i]), c1), ra, a1));
+        }
+    }
+}
+
+template <int KS, bool U8>
+static void short_k_raw_mr(int mr, const RowsView& R, int64_t r0, const uint8_t* panel, float* buf, int64_t ldb) {
+    switch (mr) {
+        case 1: short_k_raw<1, KS, U8>(R, r0, panel, buf, ldb); break;
+        case 2: short_k_raw<2, KS, U8>(R, r0, panel, buf, ldb); break;
+        case 3: short_k_raw<3, KS, U8>(R, r0, panel, buf, ldb); break;
+        case 4: short_k_raw<4, KS, U8>(R, r0, panel, buf, ldb); break;
+        case 5: short_k_raw<5, KS, U8>(R, r0, panel, buf, ldb); break;
+        default: short_k_raw<6, KS, U8>(R, r0, panel, buf, ldb); break;
+    }
+}
+
+// Whether a GEMM takes the short-K tiles (checked once a call; then every tile of it does,
+// with up to kShortRows rows)
+static inline bool short_k_gemm(const RowsView& R) {
+    return R.taps == 1 && R.nbt >= 1 && R.nbt <= 4 && (R.Bp == 16 || R.Bp == 32);
+}
+
+// Tile (r0, mr <= kShortRows rows) x one panel of a short_k_gemm: raw values into out directly
+// (a whole panel, no epilogue, not transposed) or into a stack tile, then the epilogue or the
+// store. Takes every tile (returns true).
+static inline bool run_short_k_tile(int mr, const RowsView& R, int64_t r0, const uint8_t* panel, float* out,
+                                    int64_t ldo, int nc, bool trans, const VecEpilogue* ve) {
+    alignas(32) float tmp[kShortRows][NR];
+    const bool direct = !ve && !trans && nc == NR;
+    float* dst = direct ? out : &tmp[0][0];
+    const int64_t ldd = direct ? ldo : NR;
+    if (R.Bp == 16) {
+        if (R.u8) short_k_raw_mr<8, true>(mr, R, r0, panel, dst, ldd);
+        else short_k_raw_mr<8, false>(mr, R, r0, panel, dst, ldd);
+    } else {
+        if (R.u8) short_k_raw_mr<16, true>(mr, R, r0, panel, dst, ldd);
+        else short_k_raw_mr<16, false>(mr, R, r0, panel, dst, ldd);
+    }
+    if (direct) return true;
+    if (ve) {
+        epi_tile(*ve, &tmp[0][0], NR, out, mr, nc, ldo);
+        return true;
+    }
+    for (int i = 0; i < mr; ++i)
+        for (int j = 0; j < nc; ++j) (trans ? out[j * ldo + i] : out[i * ldo + j]) = tmp[i][j];
+    return true;
+}
+#define BFP_SHORT_K 1                  // short_k_gemm / run_short_k_tile (driver.inc)
+#define BFP_SHORT_K_ROWS kShortRows    // ... whose tiles have up to this many rows
+#define BFP_EPI_BATCH 1                // epi_tile takes any width: short-K rows get one epilogue call a row tile
 
 #include "driver.inc"
 
