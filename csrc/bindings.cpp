@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -13,6 +14,7 @@
 #include <string>
 
 #include "ops.h"
+#include "pool.h"
 #include "runtime.h"
 
 namespace py = pybind11;
@@ -164,6 +166,21 @@ PYBIND11_MODULE(_core, m) {
 #endif
         return false;
     }, py::arg("kernel"));
+    // tests only: the largest num_threads() that the items of a parallel loop of n items on
+    // `threads` threads see (1: nested loops and OpenMP regions in an item stay on its thread)
+    m.def("_threads_in_items", [](int threads, int64_t n) {
+        std::atomic<int> most{0};
+        {
+            ExecScope scope(&current_kernel(), threads);
+            parallel_for(threads, n, [&](int64_t) {
+                const int t = num_threads();
+                int m = most.load();
+                while (t > m && !most.compare_exchange_weak(m, t)) {
+                }
+            });
+        }
+        return most.load();
+    }, py::arg("threads"), py::arg("n"));
     // tests only: whether a thread of the kernel's OpenMP team (up to `threads`, the caller's
     // included) still holds tile state after a GEMM returned
     m.def("_amx_tiles_in_use", [](const std::string& kernel, int threads) {

@@ -92,8 +92,11 @@ static const bool g_atfork_registered = [] { return pthread_atfork(nullptr, null
 
 bool in_forked_child() { return g_forked_child.load(std::memory_order_relaxed); }
 
+// Inside an item of parallel_items (a fused expansion's GEMM in a depthwise conv's item, say)
+// every nested loop runs on the calling thread: 1, so that an OpenMP region there (the amx
+// kernel's teams, a packing loop) does not start a team of its own beside the pool's threads.
 int num_threads() {
-    if (in_forked_child()) return 1;
+    if (in_forked_child() || in_parallel_item()) return 1;
     if (t_threads > 0) return t_threads;
     int n = g_threads.load();
     if (n <= 0) {

@@ -171,6 +171,8 @@ Pool& pool() {
 
 }  // namespace
 
+bool in_parallel_item() { return t_in_item; }
+
 void parallel_items(int nt, int64_t n, void (*fn)(void* ctx, int64_t i), void* ctx) {
     if (n <= 0) return;
     Pool& P = pool();

@@ -20,6 +20,10 @@ namespace bfp {
 // Called from inside an item (nested) or while another call runs: the items run on the caller.
 void parallel_items(int nt, int64_t n, void (*fn)(void* ctx, int64_t i), void* ctx);
 
+// Whether this thread is running an item of parallel_items (a loop it calls runs inline; see
+// num_threads(), which is 1 there)
+bool in_parallel_item();
+
 // The same with a callable: parallel_for(nt, n, [&](int64_t i) { ... }).
 template <class F>
 inline void parallel_for(int nt, int64_t n, F&& f) {

@@ -80,3 +80,15 @@ def test_large_matmul_between_activations_threads_same_bits(tmp_path):
         for t in (1, 2):
             got = bfpaccel.Session(plan, num_threads=t, kernel=k).run(None, {"a": a, "b": b})["y"]
             assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (k, t)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_code_inside_an_item_sees_one_thread(threads):
+    """Inside an item of the pool's loop every nested loop runs on the item's thread, so the
+    thread count that code there reads (an OpenMP team's size, a GEMM's split) is 1: a fused
+    expansion's GEMM inside a depthwise conv's items starts no team of its own (the amx
+    kernel's OpenMP regions would otherwise put nested teams beside the pool's threads)."""
+    from bfpaccel import _core
+
+    assert _core._threads_in_items(threads, 16) == 1
+    assert _core._threads_in_items(threads, 1) == threads  # one item runs on the caller, outside any item
