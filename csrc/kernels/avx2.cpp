@@ -385,61 +385,40 @@ static void epi_tile(const VecEpilogue& e, const float* src, int64_t lds, float*
 
 // ---- Short K (one tap, 1-4 blocks of 16 or 32 units: 1x1 convs of <= 4 * Bp channels, e.g. a
 // MobileNet's expansions of 16-64 channels) ----
-// A tile of up to kShortRows rows (the driver's rows per tile for these GEMMs, BFP_SHORT_K_ROWS):
-// the accumulators of one block at a time in registers (2 x 6 int32 sums), then each block's
-// scaled sums added to the raw tile in memory (L1) by the same fma as add_block, in the same
-// block order: the same bits as run_tile_k. The epilogue then runs over the raw tile in
-// memory (epi_tile), with its constants in registers, not beside 12 accumulators.
+// A tile of up to kShortRows rows of int16 units (the driver's rows per tile for these GEMMs,
+// BFP_SHORT_K_ROWS): the sums of one block at a time in registers (2 x 6 int32), then each
+// block's scaled sums added to the raw tile in memory (L1) by the same fma as add_block, in
+// the same block order: the same bits as run_tile_k. The epilogue then runs over the raw tile
+// in memory (epi_tile), with its constants in registers, not beside 12 accumulators.
 static constexpr int kShortRows = 6;
 
-template <int mr, int KS, bool U8>
+template <int mr, int KS>
 __attribute__((always_inline)) static inline void short_k_raw(const RowsView& R, int64_t r0, const uint8_t* panel,
                                                               float* buf, int64_t ldb) {
     const int Bp = R.Bp, nbt = R.nbt;
     const size_t bstride = size_t(Bp) * NR + NR * 4;
-    const uint8_t* const p4 = panel + size_t(nbt) * bstride;  // the byte section (taps == 1)
-    const __m256i ones = _mm256_set1_epi16(1);
-    const uint8_t* ap[mr];
+    const int16_t* ap[mr];
     const float* sp[mr];
     for (int i = 0; i < mr; ++i) {
         const int64_t pix = R.roff[r0 + i] + R.toff[0];
-        ap[i] = U8 ? R.u8 + pix * nbt * Bp : reinterpret_cast<const uint8_t*>(static_cast<const int16_t*>(R.u) + pix * nbt * Bp);
+        ap[i] = static_cast<const int16_t*>(R.u) + pix * nbt * Bp;
         sp[i] = R.scale + pix * nbt;
     }
     for (int bt = 0; bt < nbt; ++bt) {
         const uint8_t* pb = panel + size_t(bt) * bstride;
         __m256i s0[mr], s1[mr];
         for (int i = 0; i < mr; ++i) s0[i] = s1[i] = _mm256_setzero_si256();
-        if constexpr (U8) {
-            const uint8_t* pq = p4 + size_t(bt) * Bp * NR;
-#pragma GCC unroll 8
-            for (int k4 = 0; k4 < KS / 2; ++k4) {
-                const __m256i b0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pq + k4 * 64));
-                const __m256i b1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(pq + k4 * 64 + 32));
-                for (int i = 0; i < mr; ++i) {
-                    int32_t w;
-                    std::memcpy(&w, ap[i] + bt * Bp + 4 * k4, 4);
-                    const __m256i av = _mm256_set1_epi32(w);
-                    s0[i] = _mm256_add_epi32(s0[i], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b0), ones));
-                    s1[i] = _mm256_add_epi32(s1[i], _mm256_madd_epi16(_mm256_maddubs_epi16(av, b1), ones));
-                    __asm__("" : "+x"(s0[i]), "+x"(s1[i]));  // running sums (see run_tile_k)
-                }
-            }
-        } else {
-            const int16_t* a16[mr];
-            for (int i = 0; i < mr; ++i) a16[i] = reinterpret_cast<const int16_t*>(ap[i]) + bt * Bp;
 #pragma GCC unroll 16
-            for (int k2 = 0; k2 < KS; ++k2) {
-                const __m256i b0 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(pb + k2 * 32)));
-                const __m256i b1 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(pb + k2 * 32 + 16)));
-                for (int i = 0; i < mr; ++i) {
-                    int32_t w;
-                    std::memcpy(&w, a16[i] + 2 * k2, 4);
-                    const __m256i av = _mm256_set1_epi32(w);
-                    s0[i] = _mm256_add_epi32(s0[i], _mm256_madd_epi16(b0, av));
-                    s1[i] = _mm256_add_epi32(s1[i], _mm256_madd_epi16(b1, av));
-                    __asm__("" : "+x"(s0[i]), "+x"(s1[i]));  // running sums (see run_tile_k)
-                }
+        for (int k2 = 0; k2 < KS; ++k2) {
+            const __m256i b0 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(pb + k2 * 32)));
+            const __m256i b1 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(pb + k2 * 32 + 16)));
+            for (int i = 0; i < mr; ++i) {
+                int32_t w;
+                std::memcpy(&w, ap[i] + bt * Bp + 2 * k2, 4);
+                const __m256i av = _mm256_set1_epi32(w);
+                s0[i] = _mm256_add_epi32(s0[i], _mm256_madd_epi16(b0, av));
+                s1[i] = _mm256_add_epi32(s1[i], _mm256_madd_epi16(b1, av));
+                __asm__("" : "+x"(s0[i]), "+x"(s1[i]));  // running sums (see run_tile_k)
             }
         }
         // raw += float(S) * column scale * row scale (add_block's fma; the first block adds to +0)
@@ -456,22 +435,24 @@ __attribute__((always_inline)) static inline void short_k_raw(const RowsView& R,
     }
 }
 
-template <int KS, bool U8>
+template <int KS>
 static void short_k_raw_mr(int mr, const RowsView& R, int64_t r0, const uint8_t* panel, float* buf, int64_t ldb) {
     switch (mr) {
-        case 1: short_k_raw<1, KS, U8>(R, r0, panel, buf, ldb); break;
-        case 2: short_k_raw<2, KS, U8>(R, r0, panel, buf, ldb); break;
-        case 3: short_k_raw<3, KS, U8>(R, r0, panel, buf, ldb); break;
-        case 4: short_k_raw<4, KS, U8>(R, r0, panel, buf, ldb); break;
-        case 5: short_k_raw<5, KS, U8>(R, r0, panel, buf, ldb); break;
-        default: short_k_raw<6, KS, U8>(R, r0, panel, buf, ldb); break;
+        case 1: short_k_raw<1, KS>(R, r0, panel, buf, ldb); break;
+        case 2: short_k_raw<2, KS>(R, r0, panel, buf, ldb); break;
+        case 3: short_k_raw<3, KS>(R, r0, panel, buf, ldb); break;
+        case 4: short_k_raw<4, KS>(R, r0, panel, buf, ldb); break;
+        case 5: short_k_raw<5, KS>(R, r0, panel, buf, ldb); break;
+        default: short_k_raw<6, KS>(R, r0, panel, buf, ldb); break;
     }
 }
 
 // Whether a GEMM takes the short-K tiles (checked once a call; then every tile of it does,
-// with up to kShortRows rows)
+// with up to kShortRows rows). Rows of bytes (RowsView::u8) keep run_tile_u8: with 6 rows
+// its 12 sums, 2 panel vectors, the broadcast and the vector of ones take every register
+// (measured: a 1x1 conv of 64 -> 256 channels at 56^2 ~1.15x the time).
 static inline bool short_k_gemm(const RowsView& R) {
-    return R.taps == 1 && R.nbt >= 1 && R.nbt <= 4 && (R.Bp == 16 || R.Bp == 32);
+    return R.taps == 1 && !R.u8 && R.nbt >= 1 && R.nbt <= 4 && (R.Bp == 16 || R.Bp == 32);
 }
 
 // Tile (r0, mr <= kShortRows rows) x one panel of a short_k_gemm: raw values into out directly
@@ -483,13 +464,8 @@ static inline bool run_short_k_tile(int mr, const RowsView& R, int64_t r0, const
     const bool direct = !ve && !trans && nc == NR;
     float* dst = direct ? out : &tmp[0][0];
     const int64_t ldd = direct ? ldo : NR;
-    if (R.Bp == 16) {
-        if (R.u8) short_k_raw_mr<8, true>(mr, R, r0, panel, dst, ldd);
-        else short_k_raw_mr<8, false>(mr, R, r0, panel, dst, ldd);
-    } else {
-        if (R.u8) short_k_raw_mr<16, true>(mr, R, r0, panel, dst, ldd);
-        else short_k_raw_mr<16, false>(mr, R, r0, panel, dst, ldd);
-    }
+    if (R.Bp == 16) short_k_raw_mr<8>(mr, R, r0, panel, dst, ldd);
+    else short_k_raw_mr<16>(mr, R, r0, panel, dst, ldd);
     if (direct) return true;
     if (ve) {
         epi_tile(*ve, &tmp[0][0], NR, out, mr, nc, ldo);
