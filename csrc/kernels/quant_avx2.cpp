@@ -234,10 +234,14 @@ static inline __m256 scales8(const Scale8& q, int unit_shift, __m256i* kk) {
 // never stored): the block maxima and exponents of the 8 rows in vectors (scale8), then each
 // row's units with one multiply and one rounding per vector, two rows packed to bytes per
 // store. Int(p) formats with unit_shift - exp_max >= -126 and no VNNI corrections. Returns
-// false, writing nothing, where scale8 declines. Otherwise the same results as quantize_one_block.
+// false, writing nothing, where scale8 declines. Otherwise the same results as quantize_one_block;
+// each row's E - unit_shift (blocks with a nonzero unit) is folded into lane r of kmin / kmax,
+// which the caller merges into the row's range once per row group. nbc: the blocks of a row
+// (1 with 8 rows: the exponents and scales of the 8 rows are stored as vectors).
 template <int RM, bool L16>
 static bool quantize_block8(const float* const* xr, int len, int nr, const FmtParams& f, int8_t* const* ur,
-                            int16_t* const* Er, float* const* sr, int32_t* emin, int32_t* emax, __m256i* negacc) {
+                            int16_t* const* Er, float* const* sr, int nbc, __m256i* kmin, __m256i* kmax,
+                            __m256i* negacc) {
     const __m256i absm = _mm256_set1_epi32(0x7fffffff);
     const __m256i m0 = L16 ? absm : tail_mask(len < 8 ? len : 7);
     const __m256i m1 = L16 ? absm : len > 8 ? tail_mask(len - 8) : _mm256_setzero_si256();
@@ -279,19 +283,23 @@ static bool quantize_block8(const float* const* xr, int len, int nr, const FmtPa
     *negacc = negv;
     __m256i kk;
     const __m256 sc = scales8(q, f.unit_shift, &kk);
-    alignas(32) int32_t Ev[8], kv[8], nzv[8];
+    // the rows' exponent ranges, kept in vectors over the row group's blocks (the caller merges
+    // them into emin/emax once); rows past nr repeat row nr - 1 (the same values)
+    *kmin = _mm256_min_epi32(*kmin, _mm256_blendv_epi8(_mm256_set1_epi32(INT32_MAX), kk, q.nz));
+    *kmax = _mm256_max_epi32(*kmax, _mm256_blendv_epi8(_mm256_set1_epi32(INT32_MIN), kk, q.nz));
+    if (nbc == 1 && nr == 8) {  // one block a row: the 8 rows' exponents and scales are contiguous
+        const __m128i e16 = _mm_packs_epi32(_mm256_castsi256_si128(q.E), _mm256_extracti128_si256(q.E, 1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(Er[0]), e16);
+        _mm256_storeu_ps(sr[0], sc);
+        return true;
+    }
+    alignas(32) int32_t Ev[8];
     alignas(32) float scv[8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(Ev), q.E);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(kv), kk);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(nzv), q.nz);
     _mm256_store_ps(scv, sc);
     for (int r = 0; r < nr; ++r) {
         *Er[r] = int16_t(Ev[r]);
         *sr[r] = scv[r];
-        if (nzv[r]) {
-            emin[r] = kv[r] < emin[r] ? kv[r] : emin[r];
-            emax[r] = kv[r] > emax[r] ? kv[r] : emax[r];
-        }
     }
     return true;
 }
@@ -318,10 +326,11 @@ static void quantize_rows8(const QuantRowsArgs& a, bool* neg) {
             Er[r] = a.E + i * nbc;
             sr[r] = a.scale + i * nbc;
         }
+        __m256i kmin = _mm256_set1_epi32(INT32_MAX), kmax = _mm256_set1_epi32(INT32_MIN);
         for (int cb = 0; cb < nbc; ++cb) {
             const int len = a.C - cb * B < B ? a.C - cb * B : B;
-            const bool done = len == 16 ? quantize_block8<RM, true>(xr, len, nr, f, ur, Er, sr, a.emin + i0, a.emax + i0, &negacc)
-                                        : quantize_block8<RM, false>(xr, len, nr, f, ur, Er, sr, a.emin + i0, a.emax + i0, &negacc);
+            const bool done = len == 16 ? quantize_block8<RM, true>(xr, len, nr, f, ur, Er, sr, nbc, &kmin, &kmax, &negacc)
+                                        : quantize_block8<RM, false>(xr, len, nr, f, ur, Er, sr, nbc, &kmin, &kmax, &negacc);
             if (!done) {
                 for (int r = 0; r < nr; ++r) {
                     int32_t sum = 0;
@@ -341,6 +350,20 @@ static void quantize_rows8(const QuantRowsArgs& a, bool* neg) {
                 ur[r] += 16;
                 ++Er[r];
                 ++sr[r];
+            }
+        }
+        if (nr == 8) {
+            __m256i* mn = reinterpret_cast<__m256i*>(a.emin + i0);
+            __m256i* mx = reinterpret_cast<__m256i*>(a.emax + i0);
+            _mm256_storeu_si256(mn, _mm256_min_epi32(_mm256_loadu_si256(mn), kmin));
+            _mm256_storeu_si256(mx, _mm256_max_epi32(_mm256_loadu_si256(mx), kmax));
+        } else {
+            alignas(32) int32_t kn[8], kx[8];
+            _mm256_store_si256(reinterpret_cast<__m256i*>(kn), kmin);
+            _mm256_store_si256(reinterpret_cast<__m256i*>(kx), kmax);
+            for (int r = 0; r < nr; ++r) {
+                a.emin[i0 + r] = kn[r] < a.emin[i0 + r] ? kn[r] : a.emin[i0 + r];
+                a.emax[i0 + r] = kx[r] > a.emax[i0 + r] ? kx[r] : a.emax[i0 + r];
             }
         }
     }
