@@ -238,6 +238,30 @@ static inline void run_tile_u8(const RowsView& R, int64_t r0, const uint8_t* pan
     store_acc<mr>(acc0, acc1, out, ldo, nc, trans, ve);
 }
 
+// One block's int32 sums S of rows i (int16 units from ap[i] + off) x the panel block at pb
+// ([B2][NR][2] int8, sign-extended on load): columns 0-7 into s0[i], 8-15 into s1[i]. KS > 0:
+// the block's k-steps known at compile time (fully unrolled), B2 then unused.
+template <int mr, int KS>
+__attribute__((always_inline)) static inline void block_sums16(const int16_t* const (&ap)[mr], int64_t off, int B2,
+                                                               const uint8_t* pb, __m256i (&s0)[mr], __m256i (&s1)[mr]) {
+    for (int i = 0; i < mr; ++i) s0[i] = s1[i] = _mm256_setzero_si256();
+#pragma GCC unroll 16
+    for (int k2 = 0; k2 < (KS > 0 ? KS : B2); ++k2) {
+        const __m256i b0 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(pb + k2 * 32)));
+        const __m256i b1 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(pb + k2 * 32 + 16)));
+        for (int i = 0; i < mr; ++i) {
+            int32_t w;
+            std::memcpy(&w, ap[i] + off + 2 * k2, 4);
+            const __m256i av = _mm256_set1_epi32(w);
+            s0[i] = _mm256_add_epi32(s0[i], _mm256_madd_epi16(b0, av));
+            s1[i] = _mm256_add_epi32(s1[i], _mm256_madd_epi16(b1, av));
+            // keep each accumulator a running sum in one register: without this GCC
+            // reassociates the unrolled adds into a tree and spills every product
+            __asm__("" : "+x"(s0[i]), "+x"(s1[i]));
+        }
+    }
+}
+
 // KS > 0: the block's k-steps known at compile time (fully unrolled); 0: any block.
 template <int mr, int KS>
 static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* panel, float* out, int64_t ldo,
@@ -261,22 +285,7 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
         for (int bt = 0; bt < nbt; ++bt) {
             const uint8_t* pb = panel + size_t(t * nbt + bt) * bstride;
             __m256i s0[mr], s1[mr];
-            for (int i = 0; i < mr; ++i) s0[i] = s1[i] = _mm256_setzero_si256();
-#pragma GCC unroll 16
-            for (int k2 = 0; k2 < B2; ++k2) {
-                const __m256i b0 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(pb + k2 * 32)));
-                const __m256i b1 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(pb + k2 * 32 + 16)));
-                for (int i = 0; i < mr; ++i) {
-                    int32_t w;
-                    std::memcpy(&w, ap[i] + bt * Bp + 2 * k2, 4);
-                    const __m256i av = _mm256_set1_epi32(w);
-                    s0[i] = _mm256_add_epi32(s0[i], _mm256_madd_epi16(b0, av));
-                    s1[i] = _mm256_add_epi32(s1[i], _mm256_madd_epi16(b1, av));
-                    // keep each accumulator a running sum in one register: without this GCC
-                    // reassociates the unrolled adds into a tree and spills every product
-                    __asm__("" : "+x"(s0[i]), "+x"(s1[i]));
-                }
-            }
+            block_sums16<mr, KS>(ap, bt * Bp, B2, pb, s0, s1);
             add_block<mr>(s0, s1, reinterpret_cast<const float*>(pb + size_t(Bp) * NR), sp, bt, acc0, acc1);
         }
     }
@@ -407,20 +416,7 @@ __attribute__((always_inline)) static inline void short_k_raw(const RowsView& R,
     for (int bt = 0; bt < nbt; ++bt) {
         const uint8_t* pb = panel + size_t(bt) * bstride;
         __m256i s0[mr], s1[mr];
-        for (int i = 0; i < mr; ++i) s0[i] = s1[i] = _mm256_setzero_si256();
-#pragma GCC unroll 16
-        for (int k2 = 0; k2 < KS; ++k2) {
-            const __m256i b0 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(pb + k2 * 32)));
-            const __m256i b1 = _mm256_cvtepi8_epi16(_mm_load_si128(reinterpret_cast<const __m128i*>(pb + k2 * 32 + 16)));
-            for (int i = 0; i < mr; ++i) {
-                int32_t w;
-                std::memcpy(&w, ap[i] + bt * Bp + 2 * k2, 4);
-                const __m256i av = _mm256_set1_epi32(w);
-                s0[i] = _mm256_add_epi32(s0[i], _mm256_madd_epi16(b0, av));
-                s1[i] = _mm256_add_epi32(s1[i], _mm256_madd_epi16(b1, av));
-                __asm__("" : "+x"(s0[i]), "+x"(s1[i]));  // running sums (see run_tile_k)
-            }
-        }
+        block_sums16<mr, KS>(ap, bt * Bp, KS, pb, s0, s1);
         // raw += float(S) * column scale * row scale (add_block's fma; the first block adds to +0)
         const float* cs = reinterpret_cast<const float*>(pb + size_t(Bp) * NR);
         const __m256 c0 = _mm256_load_ps(cs), c1 = _mm256_load_ps(cs + 8);
