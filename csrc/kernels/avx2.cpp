@@ -392,6 +392,15 @@ static void epi_tile(const VecEpilogue& e, const float* src, int64_t lds, float*
     }
 }
 
+// The epilogue in place over rows already stored (rows x nc at out, ldo apart; the stem's output
+// rows, pixels x channels): epi_tile a run of rows at a time, each column vector's bias loaded
+// once for the run; widths that are not a multiple of 8 take VecEpilogue::rows.
+void epi_rows(const VecEpilogue& e, float* out, int64_t rows, int nc, int64_t ldo) {
+    if (nc % 8 || e.cbs) return e.rows(out, int(rows), nc, ldo);
+    for (int64_t r = 0; r < rows; r += 4096)
+        epi_tile(e, out + r * ldo, ldo, out + r * ldo, int(rows - r < 4096 ? rows - r : 4096), nc, ldo);
+}
+
 // ---- Short K (one tap, 1-4 blocks of 16 or 32 units: 1x1 convs of <= 4 * Bp channels, e.g. a
 // MobileNet's expansions of 16-64 channels) ----
 // A tile of up to kShortRows rows of int16 units (the driver's rows per tile for these GEMMs,

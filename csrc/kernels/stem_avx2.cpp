@@ -19,6 +19,9 @@
 
 namespace bfp {
 namespace avx2 {
+
+void epi_rows(const VecEpilogue& e, float* out, int64_t rows, int nc, int64_t ldo);  // (avx2.cpp)
+
 namespace {
 
 // Output pixels [ox0, ox0 + NP) of the output row whose tap (0, 0) row of input starts at xr,
@@ -61,7 +64,7 @@ static inline void strip(const StemArgs& a, const float* xr, int64_t ox0, const 
 
 // One output row: for each 8 output channels, strips of NP pixels; the last strip ends at the
 // row's end (it may recompute pixels of the one before: the same raw values), a row shorter
-// than NP one pixel at a time. Then the epilogue on the row, still in L1.
+// than NP one pixel at a time. Then the epilogue on the row, still in L1 (epi_rows).
 template <int CP, int SW>
 static void row(const StemArgs& a, int64_t n, int64_t oy) {
     constexpr int NP = 8;
@@ -81,7 +84,7 @@ static void row(const StemArgs& a, int64_t n, int64_t oy) {
             if (ox + NP == a.OW) break;
         }
     }
-    if (a.epi) a.epi->rows(drow, int(a.OW), int(a.O), a.O);
+    if (a.epi) epi_rows(*a.epi, drow, a.OW, int(a.O), a.O);
 }
 
 // One input row's W pixels at o: each pixel's values, units * scale (exact)
