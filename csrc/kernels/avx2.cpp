@@ -476,8 +476,7 @@ static inline bool run_short_k_tile(int mr, const RowsView& R, int64_t r0, const
         epi_tile(*ve, &tmp[0][0], NR, out, mr, nc, ldo);
         return true;
     }
-    for (int i = 0; i < mr; ++i)
-        for (int j = 0; j < nc; ++j) (trans ? out[j * ldo + i] : out[i * ldo + j]) = tmp[i][j];
+    store_tile(&tmp[0][0], NR, mr, nc, out, ldo, trans);
     return true;
 }
 #define BFP_SHORT_K 1                  // short_k_gemm / run_short_k_tile (driver.inc)
