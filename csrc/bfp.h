@@ -167,6 +167,12 @@ struct VecEpilogue {
     void (*row)(float* d, const float* b, const float* r, int64_t n, int vp, int act, float lo, float hi);
     const FmtParams* fq = nullptr;
     ElemQuant fqc{};
+    // with fq (set_elem_quant): every output that reaches the element quantizer is +-0, NaN or
+    // a normal fp32 whose exponent is in fqc's range -- fp16 rounding (vp 1) then a finite clip
+    // [lo, hi] after a bias, no residual, nearest-even elements whose range holds 2^-24 (fp16's
+    // least magnitude) up to max(|lo|, |hi|) rounded: a kernel may skip the range test, doing
+    // a tile with a NaN again on the tested path
+    bool fq_fast = false;
     int64_t cbs = 0;
     // non-null (with fq): set untracked where an output took the element quantizer's scalar path
     // (NaN, Inf, an exponent out of its range) -- the AVX-512 epilogues check that in registers;
@@ -221,6 +227,9 @@ struct VecEpilogue {
         }
     }
 };
+// Sets e.fq, e.fqc and e.fq_fast for one-element blocks of f (f.simd_elements()), after the
+// rest of e (bias, residual, activation, bounds, vector precision) is set (ops/conv.cpp)
+void set_elem_quant(VecEpilogue& e, const FmtParams& f);
 
 // The offset of output column c (a tile's first, a multiple of 16) from its row's column 0,
 // through epi's column blocks (VecEpilogue::cbs) where it has them
@@ -302,6 +311,9 @@ struct DwArgs {
     const FmtParams* fq;
     float (*fq_fix)(const void* ctx, int64_t i);
     const void* fq_ctx;
+    // with fq (kernels with KernelDesc::dw_quantized_input): x already holds its one-element
+    // blocks of *fq (the producer's epilogue made them), read as they are
+    bool x_quantized = false;
     // non-null (with fq): x is not read; the kernel's tile of input rows [lo, hi] of image n,
     // channel blocks [cb0, cb1) (block cb's rows at tile + (cb - cb0) * plane, 16 floats a
     // pixel, W pixels a row, lanes past C +0) is made by produce(produce_ctx, ...) instead,
@@ -381,6 +393,10 @@ struct KernelDesc {
     void (*max_window)(float* d, const float* const* src, int nt, int64_t C);
     // rows16 kernels: the GEMM also takes RowsView::u8 (conv2d_impl then writes both copies)
     bool rows_u8 = false;
+    // dwconv takes an input its producer's epilogue has quantized (DwArgs::x_quantized): the
+    // runtime then moves a depthwise conv's element quantization into the epilogue of the conv
+    // that makes its input (ConvParams::quantize_output_elements)
+    bool dw_quantized_input = false;
     bool simd() const { return gemm != nullptr; }   // every SIMD kernel's CPU has AVX2 + FMA + F16C
 };
 int kernel_count();

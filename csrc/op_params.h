@@ -61,7 +61,11 @@ struct ConvGeometry {
       "[N][C][H][W] as the network gives it, read on the kernel's stem path without a channels-last copy") \
     F(int64_t, quantize_output, "depthwise with quantize_input: 0, or the share_input slot of the BFP 1x1 " \
       "conv (stride 1, no padding or groups) that is this conv's only reader: where the kernel can, the " \
-      "conv writes that conv's quantized input into the slot instead of writing its own output")
+      "conv writes that conv's quantized input into the slot instead of writing its own output")        \
+    F(bool, quantize_output_elements, "BFP convs without residual whose output's only reader is the "    \
+      "depthwise conv with quantize_input that runs on it next: where the kernel takes that path "      \
+      "(KernelDesc::dw_quantized_input), the epilogue quantizes every output last, as one-element "     \
+      "blocks of the format, and that conv reads them as they are (the same bits)")
 // kOpMatMul: Y[j] = A[a(j)] x B[b(j)] for every index j of batch_shape (row-major Y [batch][m][n]);
 // a(j) = sum j_d * a_strides[d] picks one of A's a_count matrices [m][k] (0 strides: broadcast), b(j)
 // one of B's b_count matrices, stored [k][n] or, b_transposed, [n][k]. Both operands are quantized

@@ -157,6 +157,21 @@ void Program::add_op(Op op) {
                 }
                 if (pq.quantize_output == q.share_input || pq.share_input == q.share_input) break;
             }
+        // a depthwise conv that quantizes its input, made by the last op writing that buffer: a
+        // BFP conv with quantize_output_elements (no residual) quantizes it for this conv
+        if (q.depthwise && q.quantize_input && !q.expand_channels && !op.in.empty())
+            for (size_t j = ops_.size(); j-- > 0;) {
+                Op& pr = ops_[j];
+                if (std::find_if(pr.out.begin(), pr.out.end(), [&](int o) { return slot_[size_t(o)] == slot_[size_t(op.in[0])]; }) ==
+                    pr.out.end())
+                    continue;  // (not the writer of the input)
+                if (pr.kind() == kOpConv && pr.out.size() == 1 && pr.w && pr.res < 0 && !pr.elems_to_reader) {
+                    const ConvParams& pq = pr.get<ConvParams>();
+                    if (pq.quantize_output_elements && !pq.depthwise && !pq.expand_channels)
+                        pr.elems_to_reader = op.elems_from_producer = true;
+                }
+                break;
+            }
     }
     ops_.push_back(std::move(op));
     impls_.push_back(impl);

@@ -36,6 +36,12 @@ struct Op {
     // exist only as the operand in its share_input slot
     std::shared_ptr<Operand> reader_w;
     bool input_from_producer = false;
+    // ConvParams::quantize_output_elements, linked by Program::add_op when the depthwise conv
+    // reading the output is added: the producer quantizes its output's elements for that conv
+    // (elems_to_reader), which reads them as they are (elems_from_producer) -- both only where
+    // the kernel takes the path (elems_in_producer, ops/conv.cpp)
+    bool elems_to_reader = false;
+    bool elems_from_producer = false;
 
     int kind() const { return int(params.index()) - 1; }  // an OpKind; -1: no parameters
     template <class P>

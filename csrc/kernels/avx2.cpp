@@ -95,6 +95,16 @@ __attribute__((always_inline)) static inline __m256 quantize8(const Quant8& q, _
     return __builtin_expect(bad == 0, 1) ? r : fix_lanes(r, v, bad, f);
 }
 
+// Quant8::quant<kElemEven> for lanes that are +-0 or normal with an exponent in range (see
+// VecEpilogue::fq_fast): no range test; -0 becomes +0 by the add of +0
+__attribute__((always_inline)) static inline __m256 quant_even_in_range(const Quant8& q, __m256 v) {
+    const __m256i bits = _mm256_castps_si256(_mm256_add_ps(v, _mm256_setzero_ps()));
+    __m256i r = _mm256_add_epi32(bits, q.half);
+    r = _mm256_add_epi32(r, _mm256_min_epu32(_mm256_and_si256(bits, q.lsbbit), _mm256_set1_epi32(1)));
+    r = _mm256_min_epu32(r, _mm256_or_si256(bits, q.mantm));  // a carry into the next binade: its largest pattern
+    return _mm256_castsi256_ps(_mm256_and_si256(r, q.keep));
+}
+
 // A full tile's rows (columns 0-7 in acc0, 8-15 in acc1) with the epilogue applied, written
 // to out (each row's residual read first: it may be the output itself). The tile's columns
 // have the same bias in every row; FQ: each value quantized last as a one-element block of
@@ -112,6 +122,17 @@ __attribute__((always_inline)) static inline void store_rows_epi(const __m256 (&
     if (b && !r && ve.act == 2 && ve.lo <= ve.hi) {
         const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
         const __m256 lo = rnd<VP>(vlo), hi = rnd<VP>(vhi);
+        if (FQ && ve.fq_fast) {  // no range test (VecEpilogue::fq_fast); a tile with a NaN: below
+            __m256 nan = _mm256_setzero_ps();
+            for (int i = 0; i < mr; ++i) {
+                const __m256 a0 = clip8(rnd<VP>(_mm256_add_ps(acc0[i], b0)), lo, hi);
+                const __m256 a1 = clip8(rnd<VP>(_mm256_add_ps(acc1[i], b1)), lo, hi);
+                nan = _mm256_or_ps(nan, _mm256_cmp_ps(a0, a1, _CMP_UNORD_Q));
+                _mm256_storeu_ps(out + i * ldo, quant_even_in_range(q, a0));
+                _mm256_storeu_ps(out + i * ldo + 8, quant_even_in_range(q, a1));
+            }
+            if (__builtin_expect(_mm256_movemask_ps(nan) == 0, 1)) return;
+        }
         auto rows = [&](auto path) __attribute__((always_inline)) {
             constexpr int P = decltype(path)::value;
             for (int i = 0; i < mr; ++i) {
@@ -294,32 +315,6 @@ static inline void run_tile_k(const RowsView& R, int64_t r0, const uint8_t* pane
 
 // ---- The epilogue of a raw tile in memory (the short-K rows below, BFP_EPI_BATCH) ----
 
-// Whether the element quantization of an epilogue's outputs can skip the scalar path's test:
-// fp16 rounding (vp 1) then a clip to [lo, hi] (lo <= hi, finite) after a bias, no residual,
-// nearest-even elements whose exponent range holds every non-zero fp16 magnitude up to
-// max(|lo|, |hi|): every output then is +-0 or a normal fp32 of an exponent in range, unless
-// it is NaN (an accumulator or bias NaN: epi_tile_t tests for one).
-static bool elem_fast_range(const VecEpilogue& e) {
-    if (!e.fq || e.vp != 1 || !e.bias || e.res || e.act != 2 || !(e.lo <= e.hi) || e.fqc.path != kElemEven) return false;
-    if (!std::isfinite(e.lo) || !std::isfinite(e.hi)) return false;
-    alignas(32) float r[8];
-    _mm256_store_ps(r, rnd<1>(_mm256_setr_ps(e.lo, e.hi, 0, 0, 0, 0, 0, 0)));
-    const float m = std::fabs(r[0]) > std::fabs(r[1]) ? std::fabs(r[0]) : std::fabs(r[1]);
-    uint32_t mb;
-    std::memcpy(&mb, &m, 4);
-    const auto in = [&](uint32_t bits) { return uint32_t((bits << 1) - e.fqc.lo2) < e.fqc.span2; };
-    return (m == 0.0f || (in(mb) && in(0x33800000u))) && std::isfinite(m);  // 2^-24: fp16's least magnitude
-}
-
-// Quant8::quant<kElemEven> for lanes that are +-0 or normal with an exponent in range (see
-// elem_fast_range): no range test; -0 becomes +0 by the add of +0
-__attribute__((always_inline)) static inline __m256 quant_even_in_range(const Quant8& q, __m256 v) {
-    const __m256i bits = _mm256_castps_si256(_mm256_add_ps(v, _mm256_setzero_ps()));
-    __m256i r = _mm256_add_epi32(bits, q.half);
-    r = _mm256_add_epi32(r, _mm256_min_epu32(_mm256_and_si256(bits, q.lsbbit), _mm256_set1_epi32(1)));
-    r = _mm256_min_epu32(r, _mm256_or_si256(bits, q.mantm));  // a carry into the next binade: its largest pattern
-    return _mm256_castsi256_ps(_mm256_and_si256(r, q.keep));
-}
 
 // The epilogue of a raw tile at src (mr rows of nc columns, lds apart) written to out (ldo
 // apart; column blocks through VecEpilogue::cbs): the arithmetic of store_rows_epi, a column
@@ -329,7 +324,7 @@ template <int VP, bool FQ>
 static void epi_tile_t(const VecEpilogue& e, const float* src, int64_t lds, float* out, int mr, int nc, int64_t ldo) {
     const float* b = e.bias ? e.bias_at(out) : nullptr;
     const bool clipb = b && !e.res && e.act == 2 && e.lo <= e.hi;  // store_rows_epi's bias + clip form
-    const bool fast = FQ && clipb && elem_fast_range(e);
+    const bool fast = FQ && clipb && e.fq_fast;
     const __m256 vlo = _mm256_set1_ps(e.lo), vhi = _mm256_set1_ps(e.hi);
     const __m256 rlo = rnd<VP>(vlo), rhi = rnd<VP>(vhi);
     const Quant8 q(FQ ? e.fqc : ElemQuant{});

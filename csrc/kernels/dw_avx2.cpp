@@ -7,7 +7,7 @@
 //
 // Blocking: a work item is (image, band of output rows, group of up to 64 channels). It first
 // writes the input rows under its band, for its channels, into a tile of its own (quantized as
-// one-element blocks with fq, else copied), with zeros for the padding rows and columns and the
+// one-element blocks with fq, else -- or with DwArgs::x_quantized -- copied), with zeros for the padding rows and columns and the
 // lanes past its channels, so that the strips read every window without tests; with
 // DwArgs::produce the rows come from the producer (a fused expansion conv computes them into
 // planes of 16 channels, copied into the tile): the expanded input never goes through memory
@@ -181,9 +181,9 @@ static void fill_tile(const DwArgs& a, int64_t n, int64_t oy0, int64_t oy1, int6
     float* t = buf.data() + kept * wp * cg;
     const int64_t iy0 = oy0 * a.sh - a.pt + kept, nrows = rows - kept;
     if (a.produce) return fill_produced(a, n, iy0, nrows, wp, c0, nc, cg, t);
-    // n elements of x from off into d: quantized with fq, else copied
+    // n elements of x from off into d: quantized with fq, else (or already quantized) copied
     auto put = [&](const int64_t off, int64_t len, float* d) {
-        if (a.fq) {
+        if (a.fq && !a.x_quantized) {
             const RunFix rf{&a, off};
             fake_quantize_elems(a.x + off, len, *a.fq, d, run_fix, &rf);
         } else {
@@ -208,7 +208,7 @@ static void fill_tile(const DwArgs& a, int64_t n, int64_t oy0, int64_t oy1, int6
 }  // namespace
 
 void dwconv(const DwArgs& a) {
-    if (a.produce && !a.fq) throw std::invalid_argument("dwconv: a produced input needs its format");
+    if ((a.produce || a.x_quantized) && !a.fq) throw std::invalid_argument("dwconv: a produced input needs its format");
     if (a.oq && (!a.fq || !a.oq_neg || a.oq->C != a.C || (a.epi && a.epi->res)))
         throw std::invalid_argument("dwconv: a quantized output needs fq, oq_neg, C channels and no residual");
     if (a.N == 0 || a.OH == 0 || a.OW == 0 || a.C == 0) return;

@@ -395,6 +395,7 @@ void fake_quantize_elems(const float* x, int64_t n, const FmtParams& f, float* o
 void dwconv(const DwArgs& a) {
     if (a.fq && !a.fq->simd_elements()) throw std::invalid_argument("dwconv: the input's format is not an int(p) format");
     if (a.produce && !a.fq) throw std::invalid_argument("dwconv: a produced input needs its format");
+    if (a.x_quantized) throw std::invalid_argument("dwconv: this kernel quantizes its input itself");
     if (a.oq && (!a.fq || !a.oq_fn || a.oq->C != a.C || (a.epi && a.epi->res)))
         throw std::invalid_argument("dwconv: a quantized output needs fq, a quantizer, C channels and no residual");
     const int64_t ncb = (a.C + 15) / 16, taps = int64_t(a.kh) * a.kw;

@@ -43,7 +43,7 @@ static const KernelDesc kTable[] = {
 #endif
     {"avx2", false, has_avx2, avx2::NR, true, avx2::panel_bytes, avx2::pack_panel, avx2::gemm, avx2::quantize_rows,
      true, avx2::dwconv, avx2::fake_quantize_elems, avx2::fn_row, avx2::softmax_row, avx2::stem_conv, nullptr,
-     true},
+     true, true},
     // amx before avx512: selectable, not the default -- on whole models (ResNet-50,
     // EfficientNet-Lite0, msfp16) it measured 5-10% slower than avx512 on a Sapphire-Rapids-class
     // CPU, 1.35-1.7x the time on a busier host of the same class: its tile loop streams A and B

@@ -3,6 +3,7 @@
 // into the epilogue (rounded as the separate vector ops would be).
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 
@@ -117,6 +118,8 @@ static void check_quantize_output(const Op& op, OpCheck& c) {
     c.range(q.quantize_output, 0, 256, "quantize_output");
     if (q.quantize_output && (!q.depthwise || !q.quantize_input || op.res >= 0 || op.out.size() != 1))
         c.fail("quantize_output is for depthwise convs with quantize_input, one output and no residual");
+    if (q.quantize_output_elements && (!op.w || q.depthwise || q.expand_channels || op.res >= 0 || op.out.size() != 1))
+        c.fail("quantize_output_elements is for BFP convs with one output and no residual");
 }
 
 // A depthwise conv with a fused 1x1 expansion (ConvParams::expand_channels): the expansion's
@@ -206,6 +209,21 @@ __attribute__((always_inline)) static inline void epi_t(float* d, const float* b
     }
 }
 
+void set_elem_quant(VecEpilogue& e, const FmtParams& f) {
+    e.fq = &f;
+    e.fqc = elem_quant(f);
+    e.fq_fast = false;
+    if (e.vp != kVecFp16 || !e.bias || e.res || e.act != 2 || !(e.lo <= e.hi) || e.fqc.path != kElemEven) return;
+    if (!std::isfinite(e.lo) || !std::isfinite(e.hi)) return;
+    const float lo = R<kVecFp16>(e.lo), hi = R<kVecFp16>(e.hi);  // the bounds as the clip rounds them
+    const float m = std::fabs(lo) > std::fabs(hi) ? std::fabs(lo) : std::fabs(hi);
+    if (!std::isfinite(m)) return;
+    uint32_t mb;
+    std::memcpy(&mb, &m, 4);
+    const auto in = [&](uint32_t bits) { return uint32_t((bits << 1) - e.fqc.lo2) < e.fqc.span2; };
+    e.fq_fast = m == 0.0f || (in(mb) && in(0x33800000u));  // 2^-24: fp16's least magnitude
+}
+
 // bias, residual and activation of one row of a conv's output, each rounded to the vector
 // precision as the separate ops would be
 static void epilogue_row(float* d, const float* b, const float* r,
@@ -287,6 +305,14 @@ static void epilogue_pass(const VecEpilogue& ve, float* y, int64_t n, int64_t O)
     for (int64_t i = 0; i < n; ++i) ve.rows(y + i * O, 1, int(O), O);
 }
 
+// Whether a linked pair (ConvParams::quantize_output_elements, Op::elems_to_reader and
+// elems_from_producer) moves the depthwise conv's element quantization into its producer's
+// epilogue: kernels whose depthwise loop takes a quantized input, with a format their element
+// quantizer takes. Both ops ask it in the same run (one kernel), so they agree.
+static bool elems_in_producer(const Program& p, const KernelDesc& k) {
+    return k.dw_quantized_input && k.dwconv && p.has_format() && kernel_quantizes_elements(p.format());
+}
+
 // The kernel's depthwise loop; with ConvParams::quantize_output (linked to its reader) and a
 // path that quantizes its input, the reading 1x1 conv's operand is made into that conv's slot
 // instead of the output (a format, weights or kernel its row quantizer does not take: the output)
@@ -326,6 +352,9 @@ static void exec_conv(Program& p, const Op& op) {
     VecEpilogue ve{y, O, op.bias >= 0 ? p.buf(op.bias) : nullptr, op.res >= 0 ? p.buf(op.res) : nullptr,
                    p.vec_prec(), int(q.activation), clip_lo, q.clip_hi,
                    k.simd() ? avx2::epilogue_row : epilogue_row};  // every SIMD kernel's CPU has AVX2 + F16C
+    // the depthwise conv reading the output quantizes it as one-element blocks: here, last in
+    // the epilogue (in registers on kernels that fuse it; VecEpilogue::rows elsewhere)
+    if (op.elems_to_reader && elems_in_producer(p, k)) set_elem_quant(ve, p.format());
     const bool epi = ve.any();
     // A residual add in place (the lowering gives the output the residual's buffer when this op
     // is the residual's last reader): the BFP GEMM's fused epilogue reads each residual value
@@ -361,8 +390,7 @@ static void exec_conv(Program& p, const Op& op) {
                         int(q.expand_activation), elo, q.expand_clip_hi, ve.row};
         thread_local PointwiseRows pw;  // the expansion's quantized input, kept across calls
         if (k.dwconv && k.fused_epilogue && kernel_quantizes_elements(f) && pw.make(x, npix, f, p.seed(), *op.w)) {
-            ve1.fq = &f;
-            ve1.fqc = elem_quant(f);
+            set_elem_quant(ve1, f);
             const ExpandTile et{&pw, &ve1, g.H, g.W, g.C};
             DwArgs da{nullptr, p.buf(op.wf), y, g.N, g.C, g.H, g.W, g.OH, g.OW, kh, kw, g.sh, g.sw, g.pt, g.pl,
                       g.dh, g.dw, epi ? &ve : nullptr, &f, fix_element, nullptr};
@@ -379,8 +407,7 @@ static void exec_conv(Program& p, const Op& op) {
         float* t = t_expanded.data();  // (this thread's buffer: the OpenMP team below gets the pointer)
         ve1.y = t;
         if (k.fused_epilogue && p.has_format() && q.quantize_input && kernel_quantizes_elements(f)) {
-            ve1.fq = &f;
-            ve1.fqc = elem_quant(f);
+            set_elem_quant(ve1, f);
             input_quantized = true;
         }
         const ConvGeom ge{g.N, q.expand_channels, g.H, g.W, 1, 1, 1, 0, 0, 0, 0, 1, 1, g.H, g.W};
@@ -392,6 +419,8 @@ static void exec_conv(Program& p, const Op& op) {
     if (q.depthwise) {  // one-element blocks (see dwconv_nhwc)
         const bool quant = p.has_format() && q.quantize_input && !input_quantized;
         const bool kq = quant && k.dwconv && kernel_quantizes_elements(p.format());  // the kernel quantizes x itself
+        // ... or its producer's epilogue has (Op::elems_from_producer): the kernel reads it as it is
+        const bool pre = kq && op.elems_from_producer && elems_in_producer(p, k);
         const float* xin = x;
         if (quant && !kq) {
             const int64_t n = g.N * g.H * g.W * g.C;
@@ -404,6 +433,7 @@ static void exec_conv(Program& p, const Op& op) {
             DwArgs da{xin, p.buf(op.wf), y, g.N, g.C, g.H, g.W, g.OH, g.OW, kh, kw,
                       g.sh, g.sw, g.pt, g.pl, g.dh, g.dw, epi ? &ve : nullptr,
                       kq ? &p.format() : nullptr, fix_element, &fix};
+            da.x_quantized = pre;
             run_dwconv(p, op, k, da);
             return;
         }

@@ -202,6 +202,10 @@ class Lowering:
     #: a depthwise conv whose only reader is a 1x1 BFP conv quantizes its output for that conv
     #: (:meth:`quantize_outputs`); False stores the output and the conv quantizes it (the same bits)
     quantize_conv_outputs: bool = True
+    #: a BFP conv whose only reader is a depthwise conv quantizes its output's elements for that
+    #: conv where the kernel can (:meth:`elements_in_producers`); False leaves it to the
+    #: depthwise conv (the same bits)
+    quantize_elements_in_producers: bool = True
 
     def __init__(self, plan: Plan, shapes: Dict[str, Tuple[int, ...]]):
         self.plan = plan
@@ -410,6 +414,8 @@ class Lowering:
         self.fuse()
         if self.fuse_expansion_convs:
             self.fuse_expansions()
+        if self.quantize_elements_in_producers:
+            self.elements_in_producers()
         self.assign_slots(self.share_inputs() if self.share_quantized_inputs else [],
                           self.quantize_outputs() if self.quantize_conv_outputs else [])
         return self.build(outputs, out_vids)
@@ -553,6 +559,32 @@ class Lowering:
             op.name = ex.name + "+" + op.name
             drop.add(j)
         self.ops = [op for i, op in enumerate(self.ops) if i not in drop]
+
+    def elements_in_producers(self) -> None:
+        """A depthwise conv that quantizes its input (one-element blocks), made by a BFP conv
+        without residual (an MBConv block's expansion, a stem) and read by nothing else: the
+        producer gets ``ConvParams.quantize_output_elements``. On kernels whose depthwise loop
+        takes a quantized input (``KernelDesc::dw_quantized_input``) the producer's epilogue
+        then quantizes each output last, in registers, and the depthwise conv copies its input
+        instead of quantizing it -- one pass over the activation less; elsewhere the flag does
+        nothing (the same bits either way; the program links the pair, ``Program::add_op``)."""
+        if not self.plan.format.is_block:
+            return
+        readers = self._readers()
+        producer = {self.vroot[op.outs[0]]: i for i, op in enumerate(self.ops) if len(op.outs) == 1}
+        for i, op in enumerate(self.ops):
+            p = op.params
+            if not isinstance(p, _core.ConvParams) or not p.depthwise or not p.quantize_input or p.expand_channels:
+                continue
+            root = self.vroot[op.ins[0]]
+            j = producer.get(root)
+            if j is None or j >= i or readers.get(root) != [i] or root in self._final_roots:
+                continue
+            ex = self.ops[j]
+            e = ex.params
+            if not isinstance(e, _core.ConvParams) or e.depthwise or ex.w is None or ex.res >= 0 or e.expand_channels:
+                continue
+            e.quantize_output_elements = True
 
     # ------------------------------------------------------------ shared input quantization
     def share_inputs(self) -> List[List[int]]:
