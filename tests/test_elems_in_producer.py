@@ -16,14 +16,13 @@ import pytest
 import bfpaccel
 from bfpaccel import _core
 from bfpaccel.runtime import lower as lower_mod
-from conftest import assert_bits_equal, conv_test_input, onnx_graph_model
+from conftest import assert_bits_equal, conv_test_input
 
 onnx = pytest.importorskip("onnx")
 from onnx import helper  # noqa: E402
 
-from test_expand_dw_fusion import FORMATS, _mbconv  # noqa: E402
+from test_expand_dw_fusion import FORMATS, _mbconv, nan_bias_plan  # noqa: E402
 
-N_ = helper.make_node
 RNG = np.random.default_rng(41)
 SEED = 11
 
@@ -95,19 +94,8 @@ def test_nan_bias_signs_match_the_scalar_kernel(kernel, cin, c, threads):
     its own): every kernel gives the scalar kernel's bits, its NaN signs included, with the
     expansion's reduction short with few channels (the epilogue over a row of raw tiles) or long
     with many (the epilogue in registers)."""
-    n, h, w, k = 1, 7, 9, 3
-    we = (RNG.standard_normal((c, cin, 1, 1)) / np.sqrt(cin)).astype(np.float32)
-    be = RNG.standard_normal(c).astype(np.float32)
-    be[3] = -np.float32(np.nan)
-    be[17] = np.float32(np.nan)
-    be[30] = np.float32(-0.0)
-    wd = (RNG.standard_normal((c, 1, k, k)) * 0.3).astype(np.float32)
-    nodes = [N_("Conv", ["x", "we", "be"], ["e"], kernel_shape=[1, 1], name="expand"),
-             N_("Clip", ["e", "lo", "hi"], ["ea"], name="expand_act"),
-             N_("Conv", ["ea", "wd"], ["y"], kernel_shape=[k, k], pads=[1, 1, 1, 1], group=c, name="dw")]
-    inits = {"we": we, "be": be, "wd": wd, "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)}
-    plan = bfpaccel.compile(onnx_graph_model(nodes, (n, cin, h, w), ["y"], inits), format="msfp16",
-                            vector_precision="fp16", seed=SEED)
+    n, h, w = 1, 7, 9
+    plan = nan_bias_plan(cin, c, h, w, SEED, RNG)
     x = conv_test_input(RNG, n, cin, h, w, False)
     got, low = _run(plan, x, True, threads)
     assert len(_marked(low)) == 1

@@ -214,6 +214,24 @@ def test_fused_expansion_products_past_fp32_keep_two_roundings(kernel, fuse_ever
     assert_bits_equal(got, want)
 
 
+def nan_bias_plan(cin: int, c: int, h: int, w: int, seed: int, rng: np.random.Generator = RNG):
+    """x [1, cin, h, w] -> 1x1 expansion to c channels with a bias (-NaN at channel 3, +NaN at
+    17, -0 at 30) -> Clip(0, 6) -> 3x3 depthwise conv, no bias: y. msfp16, fp16 vector precision:
+    the plan."""
+    we = (rng.standard_normal((c, cin, 1, 1)) / np.sqrt(cin)).astype(np.float32)
+    be = rng.standard_normal(c).astype(np.float32)
+    be[3] = -np.float32(np.nan)
+    be[17] = np.float32(np.nan)
+    be[30] = np.float32(-0.0)
+    wd = (rng.standard_normal((c, 1, 3, 3)) * 0.3).astype(np.float32)
+    nodes = [N_("Conv", ["x", "we", "be"], ["e"], kernel_shape=[1, 1], name="expand"),
+             N_("Clip", ["e", "lo", "hi"], ["ea"], name="expand_act"),
+             N_("Conv", ["ea", "wd"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=c, name="dw")]
+    inits = {"we": we, "be": be, "wd": wd, "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)}
+    return bfpaccel.compile(onnx_graph_model(nodes, (1, cin, h, w), ["y"], inits), format="msfp16",
+                            vector_precision="fp16", seed=seed)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("fuse", [False, True], ids=["whole", "fused"])
 def test_expansion_nan_bias_signs_match_the_scalar_kernel(kernel, fuse_every_size, fuse, threads):
@@ -223,19 +241,8 @@ def test_expansion_nan_bias_signs_match_the_scalar_kernel(kernel, fuse_every_siz
     would keep a -NaN's sign). A -NaN and a +NaN bias reach the depthwise output (the graph's
     output here, its NaN sign kept by the products and the clip): every kernel, the expansion
     fused or run whole, gives the scalar kernel's bits, the signs of its NaNs included."""
-    n, cin, c, h, w, k = 1, 16, 48, 7, 9, 3
-    we = (RNG.standard_normal((c, cin, 1, 1)) / np.sqrt(cin)).astype(np.float32)
-    be = RNG.standard_normal(c).astype(np.float32)
-    be[3] = -np.float32(np.nan)
-    be[17] = np.float32(np.nan)
-    be[30] = np.float32(-0.0)
-    wd = (RNG.standard_normal((c, 1, k, k)) * 0.3).astype(np.float32)
-    nodes = [N_("Conv", ["x", "we", "be"], ["e"], kernel_shape=[1, 1], name="expand"),
-             N_("Clip", ["e", "lo", "hi"], ["ea"], name="expand_act"),
-             N_("Conv", ["ea", "wd"], ["y"], kernel_shape=[k, k], pads=[1, 1, 1, 1], group=c, name="dw")]
-    inits = {"we": we, "be": be, "wd": wd, "lo": np.array(0.0, np.float32), "hi": np.array(6.0, np.float32)}
-    plan = bfpaccel.compile(onnx_graph_model(nodes, (n, cin, h, w), ["y"], inits), format="msfp16",
-                            vector_precision="fp16", seed=SEED)
+    n, cin, c, h, w = 1, 16, 48, 7, 9
+    plan = nan_bias_plan(cin, c, h, w, SEED)
     x = _x(n, cin, h, w, False)
     got, low, _ = _run(plan, x.shape, x, fuse, threads)
     bfpaccel.set_kernel("scalar")
