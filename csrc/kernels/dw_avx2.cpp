@@ -7,12 +7,12 @@
 //
 // Blocking: a work item is (image, band of output rows, group of up to 64 channels). It first
 // writes the input rows under its band, for its channels, into a tile of its own (quantized as
-// one-element blocks with fq, else -- or with DwArgs::x_quantized -- copied), with zeros for the padding rows and columns and the
-// lanes past its channels, so that the strips read every window without tests; with
-// DwArgs::produce the rows come from the producer (a fused expansion conv computes them into
-// planes of 16 channels, copied into the tile): the expanded input never goes through memory
-// whole. A strip is 8
-// output pixels x 8 channels: 8 accumulators, the tap's weights loaded once for the 8 pixels.
+// one-element blocks with fq, else -- or with DwArgs::x_quantized -- copied), with zeros for the
+// padding rows and columns and the lanes past its channels, so that the strips read every window
+// without tests; with DwArgs::produce the rows come from the producer (a fused expansion conv
+// computes them into planes of 16 channels, copied into the tile): the expanded input never goes
+// through memory whole. A strip is 8 output pixels x 8 channels: 8 accumulators, the tap's
+// weights loaded once for the 8 pixels.
 // The epilogue (bias, residual, activation at the vector precision) is applied in registers
 // before each store (epi_avx2.inc); a partial vector's channels get it over the row, in L1.
 #include <immintrin.h>
@@ -208,7 +208,8 @@ static void fill_tile(const DwArgs& a, int64_t n, int64_t oy0, int64_t oy1, int6
 }  // namespace
 
 void dwconv(const DwArgs& a) {
-    if ((a.produce || a.x_quantized) && !a.fq) throw std::invalid_argument("dwconv: a produced input needs its format");
+    if ((a.produce || a.x_quantized) && !a.fq)
+        throw std::invalid_argument("dwconv: a produced or already quantized input needs its format");
     if (a.oq && (!a.fq || !a.oq_neg || a.oq->C != a.C || (a.epi && a.epi->res)))
         throw std::invalid_argument("dwconv: a quantized output needs fq, oq_neg, C channels and no residual");
     if (a.N == 0 || a.OH == 0 || a.OW == 0 || a.C == 0) return;
